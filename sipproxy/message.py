@@ -1,0 +1,813 @@
+"""SIP requests and responses: parse, inspect, change, serialize (RFC 3261 section 7).
+
+Parsing validates what a proxy relies on (start line, Via, CSeq, Call-ID, From, To,
+Max-Forwards, Content-Length, Contact) and keeps every byte of the rest, so an unchanged message
+serializes byte-identical and a change touches only the line it changes. Typed views (``vias``,
+``cseq``, ``from_`` ...) are parsed once and cached until their header changes.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from dataclasses import dataclass
+from typing import Self
+
+from sipproxy.errors import ParseError
+from sipproxy.headers import Field, Headers, parse_header_lines
+from sipproxy.uri import (
+    URI,
+    NameAddr,
+    Params,
+    check_name_addr,
+    format_host,
+    parse_name_addr,
+    parse_params,
+    parse_uri,
+    split_header_values,
+)
+
+__all__ = [
+    "MAGIC_COOKIE",
+    "CSeq",
+    "Headers",
+    "KeepAlive",
+    "Limits",
+    "Message",
+    "ParseError",
+    "Request",
+    "Response",
+    "Source",
+    "StreamFramer",
+    "Via",
+    "new_branch",
+    "new_tag",
+    "parse_message",
+]
+
+MAGIC_COOKIE = "z9hG4bK"
+SIP_VERSION = "SIP/2.0"
+MAX_UINT32 = 2**32 - 1
+
+REASONS: dict[int, str] = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
+    183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
+    301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    413: "Request Entity Too Large", 414: "Request-URI Too Long", 415: "Unsupported Media Type",
+    416: "Unsupported URI Scheme", 420: "Bad Extension", 421: "Extension Required",
+    423: "Interval Too Brief", 429: "Too Many Requests", 430: "Flow Failed",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist", 482: "Loop Detected",
+    483: "Too Many Hops", 484: "Address Incomplete", 485: "Ambiguous", 486: "Busy Here",
+    487: "Request Terminated", 488: "Not Acceptable Here", 491: "Request Pending",
+    493: "Undecipherable", 500: "Server Internal Error", 501: "Not Implemented",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Server Time-out",
+    505: "Version Not Supported", 513: "Message Too Large", 600: "Busy Everywhere",
+    603: "Decline", 604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch: the magic cookie and 64 random bits."""
+    return MAGIC_COOKIE + os.urandom(8).hex()
+
+
+def new_tag() -> str:
+    return os.urandom(6).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on the work hostile input can cause."""
+
+    max_message: int = 65535
+    max_headers: int = 256
+    max_line: int = 8192
+    max_body: int = 60000
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a message came from: set by the transport that received it."""
+
+    transport: str  # "UDP" | "TCP" | "TLS"
+    host: str
+    port: int
+    local_host: str = ""
+    local_port: int = 0
+    side: str = ""  # the listener's side ("inside"/"outside"), when the transport knows it
+
+
+# --------------------------------------------------------------------------------------------
+# Via
+# --------------------------------------------------------------------------------------------
+_VIA_FAST = re.compile(
+    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) "
+    r"([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:]+)?)*)\Z"
+)
+_VIA_SLOW = re.compile(
+    r"([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*"
+    r"([A-Za-z0-9\-.!%*_+`'~]+)\s+([^\s;:\[]+|\[[^\]]*\])\s*(?::\s*([0-9]+))?\s*(;.*)?\Z",
+    re.S,
+)
+
+
+class Via:
+    """One via-parm (a Via header may hold several, comma-separated)."""
+
+    __slots__ = ("_raw", "host", "params", "port", "protocol", "transport")
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: Params | None = None,
+        protocol: str = SIP_VERSION,
+    ) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.host = host[1:-1] if host.startswith("[") else host
+        self.port = port
+        self.params = params if params is not None else Params()
+        self._raw: str | None = None
+
+    @classmethod
+    def build(
+        cls, transport: str, host: str, port: int | None, branch: str, rport: bool = False
+    ) -> Via:
+        items: list[tuple[str, str | None]] = [("branch", branch)]
+        if rport:
+            items.append(("rport", None))
+        via = cls(transport.upper(), host, port, Params(items))
+        hostport = format_host(via.host) if port is None else f"{format_host(via.host)}:{port}"
+        via._raw = f"SIP/2.0/{via.transport} {hostport};branch={branch}{';rport' if rport else ''}"
+        return via
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        r = self.params.get("received")
+        return r[1:-1] if r and r.startswith("[") else r
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def rport(self) -> int | bool | None:
+        """None when absent, True when present without a value, else the port."""
+        if "rport" not in self.params:
+            return None
+        value = self.params.get("rport")
+        return int(value) if value else True
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def set_param(self, name: str, value: str | None) -> None:
+        self.params.set(name, value)
+        self._raw = None
+
+    def remove_param(self, name: str) -> None:
+        self.params.remove(name)
+        self._raw = None
+
+    def touch(self) -> None:
+        self._raw = None
+
+    def __str__(self) -> str:
+        raw = self._raw
+        if raw is not None:
+            return raw
+        host = format_host(self.host)
+        port = "" if self.port is None else f":{self.port}"
+        text = f"{self.protocol}/{self.transport} {host}{port}{self.params}"
+        self._raw = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"Via({self!s})"
+
+    def copy(self) -> Via:
+        new = Via(self.transport, self.host, self.port, self.params.copy(), self.protocol)
+        new._raw = self._raw
+        return new
+
+
+def parse_via(text: str) -> Via:
+    """Parse one via-parm, tolerating the LWS RFC 3261 allows around '/', ';' and '='."""
+    m = _VIA_FAST.match(text)
+    if m is not None:
+        transport, host, port_text, ptext = m.groups()
+        params = _fast_params(ptext) if ptext else Params()
+        protocol = SIP_VERSION
+    else:
+        m = _VIA_SLOW.match(text)
+        if m is None:
+            raise ParseError("malformed Via")
+        name, version, transport, host, port_text, ptext = m.groups()
+        if name.upper() != "SIP":
+            raise ParseError("malformed Via")
+        if version != "2.0":
+            raise ParseError("SIP version not supported", 505)
+        protocol = f"{name}/{version}"
+        params = parse_params(ptext or "", "Via")
+    if host.startswith("["):
+        from sipproxy.uri import _check_host
+
+        host = _check_host(host, "Via")
+    port: int | None = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise ParseError("bad port in Via")
+    _check_via_params(params)
+    via = Via(transport.upper() if not transport.isupper() else transport, host, port, params,
+              protocol)
+    via._raw = text
+    return via
+
+
+def _fast_params(ptext: str) -> Params:
+    items: list[tuple[str, str | None]] = []
+    for part in ptext[1:].split(";"):
+        name, eq, value = part.partition("=")
+        items.append((name, value if eq else None))
+    return Params(items)
+
+
+def _check_via_params(params: Params) -> None:
+    for name, value in params:
+        lname = name.lower()
+        if lname == "rport":
+            if value is not None and (not value.isdigit() or int(value) > 65535):
+                raise ParseError("bad rport in Via")
+        elif lname == "ttl":
+            if value is None or not value.isdigit() or int(value) > 255:
+                raise ParseError("bad ttl in Via")
+        elif lname in ("branch", "received", "maddr") and value is None:
+            raise ParseError(f"Via {lname} without a value")
+
+
+# --------------------------------------------------------------------------------------------
+# CSeq
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class CSeq:
+    number: int
+    method: str
+
+    def __str__(self) -> str:
+        return f"{self.number} {self.method}"
+
+
+_CSEQ_FAST = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
+
+
+def _parse_cseq(value: str) -> CSeq:
+    m = _CSEQ_FAST.match(value)
+    if m is not None:
+        number = int(m.group(1))
+        if number <= MAX_UINT32:
+            return CSeq(number, m.group(2))
+    parts = value.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
+        raise ParseError("malformed CSeq")
+    number = int(parts[0])
+    if number > MAX_UINT32:
+        raise ParseError("CSeq number too large")
+    if not _is_method(parts[1]):
+        raise ParseError("malformed CSeq method")
+    return CSeq(number, parts[1])
+
+
+_METHOD = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+
+
+def _is_method(text: str) -> bool:
+    return _METHOD.match(text) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------
+class KeepAlive(enum.Enum):
+    """CRLF keepalives seen between messages on a stream (RFC 5626 section 3.5.1)."""
+
+    PING = b"\r\n\r\n"
+    PONG = b"\r\n"
+
+
+_SINGLE = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
+_REQUIRED = ("call-id", "cseq", "from", "to")
+
+
+class Message:
+    """What requests and responses share: headers, body, typed views, serialization."""
+
+    __slots__ = ("_body", "_body_changed", "_eol", "_start", "headers", "source")
+
+    def __init__(self, headers: Headers | None = None, body: bytes = b"") -> None:
+        self.headers = headers if headers is not None else Headers()
+        self._body = body
+        self._body_changed = False
+        self._eol = "\r\n"
+        self._start: str | None = None
+        self.source: Source | None = None
+
+    # -- body ------------------------------------------------------------------------------------
+    @property
+    def body(self) -> bytes:
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._body = value
+        self._body_changed = True
+
+    # -- typed views -----------------------------------------------------------------------------
+    @property
+    def vias(self) -> list[Via]:
+        cached = self.headers.cached("via")
+        if cached is None:
+            cached = [parse_via(v) for v in self.headers.get_all("via")]
+            self.headers.store("via", cached)
+        return cached  # type: ignore[return-value]
+
+    @property
+    def top_via(self) -> Via | None:
+        vias = self.vias
+        return vias[0] if vias else None
+
+    def push_via(self, via: Via) -> None:
+        """Add a new top Via, as its own header line above the others."""
+        cached = self.headers.cached("via")
+        self.headers.add("Via", str(via), first=True)
+        if cached is not None:
+            self.headers.store("via", [via, *cached])  # type: ignore[misc]
+
+    def pop_via(self) -> Via:
+        """Remove and return the top Via value (also when it shares a line with others)."""
+        vias = self.vias
+        if not vias:
+            raise ParseError("no Via")
+        top = vias[0]
+        self.headers.remove_first_value("via")
+        self.headers.store("via", vias[1:])
+        return top
+
+    def update_top_via(self, via: Via) -> None:
+        """Write back a changed top Via (e.g. received/rport added) in place."""
+        for f in self.headers.fields:
+            if f.key == "via":
+                values = split_header_values(f.value)
+                values[0] = str(via)
+                f.value = ", ".join(values)
+                f.raw = None
+                break
+        vias = self.vias
+        vias[0] = via
+        self.headers.store("via", vias)
+
+    @property
+    def call_id(self) -> str:
+        return self.headers.get("call-id") or ""
+
+    @property
+    def cseq(self) -> CSeq:
+        cached = self.headers.cached("cseq")
+        if cached is None:
+            value = self.headers.get("cseq")
+            if value is None:
+                raise ParseError("missing CSeq")
+            cached = _parse_cseq(value)
+            self.headers.store("cseq", cached)
+        return cached  # type: ignore[return-value]
+
+    def _name_addr(self, key: str) -> NameAddr:
+        cached = self.headers.cached(key)
+        if cached is None:
+            value = self.headers.get(key)
+            if value is None:
+                raise ParseError(f"missing {key.title()}")
+            cached = parse_name_addr(value)
+            self.headers.store(key, cached)
+        return cached  # type: ignore[return-value]
+
+    @property
+    def from_(self) -> NameAddr:
+        return self._name_addr("from")
+
+    @property
+    def to(self) -> NameAddr:
+        return self._name_addr("to")
+
+    def set_name_addr(self, name: str, value: NameAddr) -> None:
+        """Store a changed From/To back into its header line."""
+        self.headers.set(name, str(value))
+        self.headers.store(name.lower(), value)
+
+    @property
+    def contacts(self) -> list[NameAddr]:
+        cached = self.headers.cached("contact")
+        if cached is None:
+            cached = [parse_name_addr(v, allow_star=True) for v in self.headers.get_all("contact")]
+            self.headers.store("contact", cached)
+        return cached  # type: ignore[return-value]
+
+    def set_contacts(self, contacts: list[NameAddr]) -> None:
+        self.headers.set("Contact", ", ".join(str(c) for c in contacts))
+        self.headers.store("contact", contacts)
+
+    def name_addrs(self, name: str) -> list[NameAddr]:
+        """Route, Record-Route, Path ...: every value parsed."""
+        return [parse_name_addr(v) for v in self.headers.get_all(name)]
+
+    @property
+    def max_forwards(self) -> int | None:
+        value = self.headers.get("max-forwards")
+        if value is None:
+            return None
+        if not value.isdigit() or not value.isascii():
+            raise ParseError("malformed Max-Forwards")
+        n = int(value)
+        if n > 255:
+            raise ParseError("Max-Forwards too large")
+        return n
+
+    @max_forwards.setter
+    def max_forwards(self, value: int) -> None:
+        self.headers.set("Max-Forwards", str(value))
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        if value is None:
+            return None
+        if not value.isdigit() or not value.isascii():
+            raise ParseError("malformed Content-Length")
+        return int(value)
+
+    # -- serialization ---------------------------------------------------------------------------
+    def start_line(self) -> str:
+        raise TypeError("a Message is a Request or a Response")
+
+    def to_bytes(self) -> bytes:
+        """Serialize; an unchanged message gives back exactly the bytes it was parsed from."""
+        body = self._body
+        if self._body_changed:
+            cl = self.headers.get("content-length")
+            if cl is None:
+                if body:
+                    self.headers.add("Content-Length", str(len(body)))
+            elif cl != str(len(body)):
+                self.headers.set("Content-Length", str(len(body)))
+            self._body_changed = False
+        start = self._start if self._start is not None else self.start_line()
+        eol = self._eol
+        head = self.headers.render(eol)
+        text = f"{start}{eol}{head}{eol}{eol}" if head else f"{start}{eol}{eol}"
+        return text.encode("utf-8", "surrogateescape") + body
+
+    def ensure_content_length(self) -> None:
+        """Streams need Content-Length (RFC 3261 18.3); add it where a datagram did without."""
+        if "content-length" not in self.headers:
+            self.headers.add("Content-Length", str(len(self._body)))
+
+    def _copy_into(self, new: Message) -> None:
+        new.headers = self.headers.copy()
+        new._body = self._body
+        new._body_changed = self._body_changed
+        new._eol = self._eol
+        new.source = self.source
+
+    def validate(self) -> dict[str, str]:
+        """Check the headers a proxy relies on; raise ParseError with the status to answer.
+
+        Via and CSeq are parsed (the proxy needs them at once); From, To and Contact are only
+        checked here and parsed when somebody asks for them. Returns the single-valued headers.
+        """
+        first: dict[str, str] = {}
+        contacts: list[str] = []
+        for f in self.headers.fields:
+            key = f.key
+            if key in _SINGLE:
+                if key in first:
+                    raise ParseError(f"more than one {f.name} header")
+                first[key] = f.value
+            elif key == "contact":
+                contacts.append(f.value)
+        for key in _REQUIRED:
+            if key not in first:
+                raise ParseError(f"missing {key.title()} header")
+        if not first["call-id"]:
+            raise ParseError("empty Call-ID")
+        self.cseq  # noqa: B018 - parse to validate
+        if not self.vias:
+            raise ParseError("missing Via header")
+        check_name_addr(first["from"])
+        check_name_addr(first["to"])
+        mf = first.get("max-forwards")
+        if mf is not None and (not mf.isdigit() or not mf.isascii() or int(mf) > 255):
+            raise ParseError("bad Max-Forwards")
+        for value in contacts:
+            if value == "*":
+                continue
+            for one in split_header_values(value) if "," in value else (value,):
+                check_name_addr(one)
+        return first
+
+
+class Request(Message):
+    __slots__ = ("_uri", "_uri_text", "method", "version")
+
+    def __init__(
+        self,
+        method: str,
+        uri: URI | str,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
+        super().__init__(headers, body)
+        self.method = method
+        self.version = version
+        if isinstance(uri, str):
+            self._uri: URI | None = None
+            self._uri_text = uri
+        else:
+            self._uri = uri
+            self._uri_text = str(uri)
+
+    @property
+    def uri(self) -> URI:
+        uri = self._uri
+        if uri is None:
+            uri = self._uri = parse_uri(self._uri_text)
+        return uri
+
+    @uri.setter
+    def uri(self, value: URI) -> None:
+        self._uri = value
+        self._start = None
+
+    def start_line(self) -> str:
+        uri = self._uri_text if self._uri is None else str(self._uri)
+        return f"{self.method} {uri} {self.version}"
+
+    def touch_uri(self) -> None:
+        """Call after changing ``uri`` in place so the start line is rendered anew."""
+        self._start = None
+
+    def copy(self) -> Self:
+        new = type(self).__new__(type(self))
+        self._copy_into(new)
+        new.method = self.method
+        new.version = self.version
+        new._uri = self._uri.copy() if self._uri is not None else None
+        new._uri_text = self._uri_text
+        new._start = self._start
+        return new
+
+    def make_response(self, status: int, reason: str | None = None) -> Response:
+        """A response per RFC 3261 8.2.6: Via, From, To, Call-ID and CSeq copied as they are."""
+        fields = [
+            Field(f.name, f.key, f.value, f.raw)
+            for f in self.headers.fields
+            if f.key in ("via", "from", "to", "call-id", "cseq")
+        ]
+        response = Response(status, reason, Headers(fields))
+        response.headers.add("Content-Length", "0")
+        return response
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self._uri_text}>"
+
+
+class Response(Message):
+    __slots__ = ("reason", "status", "version")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None = None,
+        headers: Headers | None = None,
+        body: bytes = b"",
+        version: str = SIP_VERSION,
+    ) -> None:
+        super().__init__(headers, body)
+        self.status = status
+        self.reason = reason if reason is not None else REASONS.get(status, "Unknown")
+        self.version = version
+
+    def start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def set_status(self, status: int, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason if reason is not None else REASONS.get(status, "Unknown")
+        self._start = None
+
+    def copy(self) -> Self:
+        new = type(self).__new__(type(self))
+        self._copy_into(new)
+        new.status = self.status
+        new.reason = self.reason
+        new.version = self.version
+        new._start = self._start
+        return new
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+_VERSION = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.I)
+
+
+def _check_version(text: str, is_response: bool) -> None:
+    if text == SIP_VERSION:
+        return
+    m = _VERSION.match(text)
+    if m is None:
+        raise ParseError("bad SIP version", is_response=is_response)
+    if (int(m.group(1)), int(m.group(2))) != (2, 0):
+        raise ParseError("SIP version not supported", 505, is_response=is_response)
+
+
+def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Response:
+    """Parse one message from a datagram (or one framed by ``StreamFramer``).
+
+    Octets after Content-Length are ignored; with no Content-Length the body is the rest of the
+    datagram (RFC 3261 18.3). Raises ParseError; ``is_response`` tells the caller to drop it.
+    """
+    is_response = data[:4] == b"SIP/"
+    if len(data) > limits.max_message:
+        raise ParseError("message too large", 513, is_response=is_response)
+    end = data.find(b"\r\n\r\n")
+    eol = "\r\n"
+    if end < 0:
+        end = data.find(b"\n\n")
+        if end >= 0:
+            eol = "\n"
+            body_start = end + 2
+        elif data.endswith(b"\r\n"):
+            end = body_start = len(data) - 2  # the datagram ends where the blank line should be
+        else:
+            raise ParseError("no empty line after the headers", is_response=is_response)
+    else:
+        body_start = end + 4
+    head = data[:end].decode("utf-8", "surrogateescape")
+    lines = head.split(eol)
+    if len(lines) > limits.max_headers + 1:
+        raise ParseError("too many header lines", 513, is_response=is_response)
+    if max(map(len, lines)) > limits.max_line:
+        raise ParseError("header line too long", 513, is_response=is_response)
+    try:
+        msg = _parse_start_line(lines[0], is_response)
+        headers = parse_header_lines(lines[1:], eol)
+        msg.headers = headers
+        msg._eol = eol
+        single = msg.validate()
+        cl_text = single.get("content-length")
+        if cl_text is None:
+            body = data[body_start:]
+        else:
+            if not cl_text.isdigit() or not cl_text.isascii():
+                raise ParseError("malformed Content-Length")
+            cl = int(cl_text)
+            if cl > limits.max_body:
+                raise ParseError("body too large", 413)
+            body = data[body_start : body_start + cl]
+            if len(body) < cl:
+                raise ParseError("body shorter than Content-Length")
+        msg._body = body
+        if isinstance(msg, Request):
+            if msg.cseq.method != msg.method:
+                raise ParseError("CSeq method does not match the request method")
+            uri = msg.uri  # a Request-URI that does not parse is refused here
+            if uri.is_sip and uri.headers is not None:
+                raise ParseError("headers in a SIP Request-URI")
+    except ParseError as e:
+        e.is_response = is_response
+        raise
+    except (ValueError, IndexError, UnicodeError) as e:  # defensive: never leak another type
+        raise ParseError(f"malformed message ({type(e).__name__})", is_response=is_response) from e
+    return msg
+
+
+def _parse_start_line(line: str, is_response: bool) -> Request | Response:
+    if is_response:
+        parts = line.split(" ", 2)
+        if len(parts) < 3:
+            if len(parts) == 2 and parts[1]:
+                parts.append("")  # tolerate a missing SP before an empty reason phrase
+            else:
+                raise ParseError("malformed status line", is_response=True)
+        version, code, reason = parts
+        _check_version(version, True)
+        if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] not in "123456":
+            raise ParseError("bad status code", is_response=True)
+        resp = Response(int(code), reason, version=version)
+        resp._start = line
+        return resp
+    parts = line.split(" ")
+    if len(parts) != 3:
+        if len(parts) > 3 and parts[-1].upper().startswith("SIP/"):
+            raise ParseError("whitespace in the Request-URI or between request-line parts")
+        raise ParseError("malformed request line")
+    method, uri, version = parts
+    if not _is_method(method):
+        raise ParseError("bad method")
+    _check_version(version, False)
+    if not uri:
+        raise ParseError("empty Request-URI")
+    req = Request(method, uri, version=version)
+    if uri.startswith("<"):
+        raise ParseError("Request-URI in angle brackets")
+    req._start = line
+    return req
+
+
+# --------------------------------------------------------------------------------------------
+# Stream framing
+# --------------------------------------------------------------------------------------------
+_CL_LINE = re.compile(rb"\r\n(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.I)
+
+
+class StreamFramer:
+    """Cut a TCP/TLS byte stream into messages by Content-Length (RFC 3261 18.3).
+
+    ``feed`` returns whole messages (as bytes, for ``parse_message``) and keepalives; a framing
+    error raises ParseError and the connection must be closed (the stream cannot be resynced).
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._buf = bytearray()
+        self._need: int | None = None  # total length of the message being received, once known
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes | KeepAlive]:
+        buf = self._buf
+        buf += data
+        out: list[bytes | KeepAlive] = []
+        while buf:
+            if self._need is None:
+                if buf[:1] == b"\r" or buf[:1] == b"\n":
+                    if buf[:4] == b"\r\n\r\n":
+                        out.append(KeepAlive.PING)
+                        del buf[:4]
+                        continue
+                    if buf[:2] == b"\r\n" and buf[2:3] != b"\r":
+                        out.append(KeepAlive.PONG)
+                        del buf[:2]
+                        continue
+                    if buf[:1] == b"\n":
+                        del buf[:1]
+                        continue
+                    if len(buf) < 4:
+                        break
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buf) > self.limits.max_message:
+                        raise ParseError("header section too large", 513)
+                    break
+                if end > self.limits.max_message:
+                    raise ParseError("header section too large", 513)
+                found = _CL_LINE.findall(bytes(buf[: end + 2]))
+                if not found:
+                    raise ParseError("no Content-Length on a stream")
+                if len(found) > 1:
+                    raise ParseError("more than one Content-Length")
+                text = found[0].strip()
+                if not text.isdigit():
+                    raise ParseError("malformed Content-Length")
+                length = int(text)
+                if length > self.limits.max_body:
+                    raise ParseError("body too large", 413)
+                self._need = end + 4 + length
+            need = self._need
+            if len(buf) < need:
+                break
+            out.append(bytes(buf[:need]))
+            del buf[:need]
+            self._need = None
+        return out

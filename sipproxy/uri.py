@@ -1,0 +1,714 @@
+"""SIP, SIPS, TEL and other URIs, and name-addr values (From, To, Contact, Route, ...).
+
+Parsed values remember the text they came from: an object nobody changed serializes to exactly
+that text, so a proxy that only inspects a header never alters its bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from typing import Self
+from urllib.parse import unquote_to_bytes
+
+from sipproxy.errors import ParseError
+
+__all__ = [
+    "URI",
+    "NameAddr",
+    "Params",
+    "ParseError",
+    "format_host",
+    "parse_name_addr",
+    "parse_params",
+    "parse_uri",
+    "split_header_values",
+    "unescape",
+]
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*\Z")
+_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_HOSTNAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.?\Z")
+# user = 1*( unreserved / escaped / user-unreserved ); password adds ':' handling separately
+_USER = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})+\Z")
+_PASSWORD = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*\Z")
+_PARAMCHARS = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+\Z")
+_HEADERCHARS = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*\Z")
+_WS = re.compile(r"[ \t\r\n]")
+_TOKEN_RE = r"[A-Za-z0-9\-.!%*_+`'~]+"
+# name-addr in its usual shape: optional quoted or token display name, <uri>, token params
+_NA_FAST = re.compile(
+    rf'((?:"[^"\\]*"|{_TOKEN_RE}(?:[ \t]+{_TOKEN_RE})*)[ \t]*)?<([^<>"\s]+)>'
+    rf"((?:;{_TOKEN_RE}(?:={_TOKEN_RE})?)*)\Z"
+)
+_PARAMS_FAST = re.compile(rf"(?:;{_TOKEN_RE}(?:=(?:{_TOKEN_RE}|\[[0-9A-Fa-f:.]+\]))?)+\Z")
+
+
+def unescape(text: str) -> str:
+    """Decode %HEX escapes once (``value%2541`` -> ``value%41``, never ``valueA``)."""
+    if "%" not in text:
+        return text
+    return unquote_to_bytes(text).decode("utf-8", "surrogateescape")
+
+
+def format_host(host: str) -> str:
+    """Put brackets around an IPv6 literal, as URIs and Via sent-by need."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _check_host(host: str, what: str) -> str:
+    """Validate a host and return it without IPv6 brackets."""
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ParseError(f"bad IPv6 reference in {what}")
+        inner = host[1:-1]
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ParseError(f"bad IPv6 address in {what}") from None
+        return inner
+    if not _HOSTNAME.match(host):
+        raise ParseError(f"bad host in {what}")
+    return host
+
+
+def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ParseError(f"bad IPv6 reference in {what}")
+        host, rest = text[: end + 1], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ParseError(f"bad host in {what}")
+        port_text = rest[1:] if rest else None
+    else:
+        host, sep, port_text_ = text.partition(":")
+        port_text = port_text_ if sep else None
+    port: int | None = None
+    if port_text is not None:
+        if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
+            raise ParseError(f"bad port in {what}")
+        port = int(port_text)
+        if port > 65535:
+            raise ParseError(f"bad port in {what}")
+    return _check_host(host, what), port
+
+
+class Params:
+    """Ordered ``;name=value`` parameters; names compare case-insensitively, keep their case."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: list[tuple[str, str | None]] | None = None) -> None:
+        self._items: list[tuple[str, str | None]] = items if items is not None else []
+
+    def _index(self, name: str) -> int:
+        lname = name.lower()
+        for i, (n, _) in enumerate(self._items):
+            if n.lower() == lname:
+                return i
+        return -1
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        i = self._index(name)
+        return self._items[i][1] if i >= 0 else default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._index(name) >= 0
+
+    def __getitem__(self, name: str) -> str | None:
+        i = self._index(name)
+        if i < 0:
+            raise KeyError(name)
+        return self._items[i][1]
+
+    def set(self, name: str, value: str | None) -> None:
+        i = self._index(name)
+        if i >= 0:
+            self._items[i] = (self._items[i][0], value)
+        else:
+            self._items.append((name, value))
+
+    def remove(self, name: str) -> None:
+        lname = name.lower()
+        self._items = [(n, v) for n, v in self._items if n.lower() != lname]
+
+    def __iter__(self) -> Iterator[tuple[str, str | None]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Params) and self._items == other._items
+
+    def copy(self) -> Params:
+        return Params(list(self._items))
+
+    def __str__(self) -> str:
+        return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in self._items)
+
+    def __repr__(self) -> str:
+        return f"Params({self._items!r})"
+
+
+def parse_params(text: str, what: str, *, uri_chars: bool = False) -> Params:
+    """Parse ``;a=b;c`` (leading ';' included); LWS around ';' and '=' is allowed in headers."""
+    items: list[tuple[str, str | None]] = []
+    if not text.strip():
+        return Params(items)
+    if not uri_chars and _PARAMS_FAST.match(text):
+        for part in text[1:].split(";"):
+            name, eq, value = part.partition("=")
+            items.append((name, value if eq else None))
+        return Params(items)
+    parts = _split_outside_quotes(text, ";")
+    if parts[0].strip():
+        raise ParseError(f"bad parameters in {what}")
+    for part in parts[1:]:
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if uri_chars:
+            if not name or not _PARAMCHARS.match(name):
+                raise ParseError(f"bad parameter in {what}")
+            if eq and (not value or not _PARAMCHARS.match(value)):
+                raise ParseError(f"bad parameter value in {what}")
+            items.append((name, value if eq else None))
+            continue
+        if not name or not _TOKEN.match(name):
+            raise ParseError(f"bad parameter in {what}")
+        if eq:
+            value = value.strip()
+            if not value:
+                raise ParseError(f"empty parameter value in {what}")
+            if value.startswith('"'):
+                if len(value) < 2 or not value.endswith('"'):
+                    raise ParseError(f"unterminated quoted parameter in {what}")
+            elif value.startswith("["):
+                if not value.endswith("]"):
+                    raise ParseError(f"bad parameter value in {what}")
+            elif _WS.search(value):
+                raise ParseError(f"bad parameter value in {what}")
+            items.append((name, value))
+        else:
+            items.append((name, None))
+    return Params(items)
+
+
+def _split_outside_quotes(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside double quotes (backslash escapes honoured inside quotes)."""
+    if '"' not in text:
+        return text.split(sep)
+    out: list[str] = []
+    start = 0
+    quoted = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == sep:
+            out.append(text[start:i])
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError("unterminated quoted string")
+    out.append(text[start:])
+    return out
+
+
+def split_header_values(text: str) -> list[str]:
+    """Split a list header on commas that are not inside quotes or ``<>``.
+
+    Empty elements (``a,,b``) are kept so that a validator can refuse them.
+    """
+    if "," not in text:
+        return [text.strip()]
+    if '"' not in text and "<" not in text:
+        return [p.strip() for p in text.split(",")]
+    out: list[str] = []
+    start = 0
+    quoted = False
+    angle = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif angle:
+            if ch == ">":
+                angle = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            angle = True
+        elif ch == ",":
+            out.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError("unterminated quoted string")
+    if angle:
+        raise ParseError("unbalanced '<'")
+    out.append(text[start:].strip())
+    return out
+
+
+class URI:
+    """A URI. ``sip:``/``sips:`` are parsed into parts; other schemes keep their text opaque.
+
+    Setting any part re-renders the URI; an unchanged URI renders as the exact text it came from.
+    """
+
+    __slots__ = ("_headers", "_host", "_opaque", "_params", "_password", "_port", "_raw",
+                 "_user", "scheme")
+
+    def __init__(
+        self,
+        scheme: str = "sip",
+        user: str | None = None,
+        host: str = "",
+        port: int | None = None,
+        params: Params | None = None,
+        headers: str | None = None,
+        password: str | None = None,
+        opaque: str | None = None,
+    ) -> None:
+        self.scheme = scheme
+        self._user = user
+        self._password = password
+        self._host = host[1:-1] if host.startswith("[") else host
+        self._port = port
+        self._params = params if params is not None else Params()
+        self._headers = headers
+        self._opaque = opaque
+        self._raw: str | None = None
+
+    # -- parts ---------------------------------------------------------------------------------
+    @property
+    def is_sip(self) -> bool:
+        """True for sip: and sips: URIs (the ones a proxy can route)."""
+        return self.scheme.lower() in ("sip", "sips")
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme.lower() == "sips"
+
+    @property
+    def user(self) -> str | None:
+        """The user part as written (escapes kept); see ``unescape`` for the decoded value."""
+        return self._user
+
+    @user.setter
+    def user(self, value: str | None) -> None:
+        self._user = value
+        self._raw = None
+
+    @property
+    def password(self) -> str | None:
+        return self._password
+
+    @property
+    def host(self) -> str:
+        """The host, IPv6 without brackets."""
+        return self._host
+
+    @host.setter
+    def host(self, value: str) -> None:
+        self._host = value[1:-1] if value.startswith("[") else value
+        self._raw = None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @port.setter
+    def port(self, value: int | None) -> None:
+        self._port = value
+        self._raw = None
+
+    @property
+    def params(self) -> Params:
+        """The uri-parameters; after changing them in place call ``touch()``."""
+        return self._params
+
+    @property
+    def headers(self) -> str | None:
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: str | None) -> None:
+        self._headers = value
+        self._raw = None
+
+    @property
+    def opaque(self) -> str | None:
+        """For non-SIP schemes: everything after ``scheme:``."""
+        return self._opaque
+
+    def get_param(self, name: str) -> str | None:
+        return self._params.get(name)
+
+    def set_param(self, name: str, value: str | None) -> None:
+        self._params.set(name, value)
+        self._raw = None
+
+    def remove_param(self, name: str) -> None:
+        self._params.remove(name)
+        self._raw = None
+
+    def has_param(self, name: str) -> bool:
+        return name in self._params
+
+    def touch(self) -> None:
+        """Forget the original text after an in-place change to ``params``."""
+        self._raw = None
+
+    @property
+    def transport(self) -> str | None:
+        """The ``transport`` parameter, upper-cased (``UDP``, ``TCP``, ``TLS``...)."""
+        t = self._params.get("transport")
+        return t.upper() if t else None
+
+    @property
+    def loose_route(self) -> bool:
+        return "lr" in self._params
+
+    def hostport(self) -> str:
+        host = format_host(self._host)
+        return host if self._port is None else f"{host}:{self._port}"
+
+    # -- rendering -----------------------------------------------------------------------------
+    def __str__(self) -> str:
+        if self._raw is not None:
+            return self._raw
+        if self._opaque is not None:
+            text = f"{self.scheme}:{self._opaque}"
+        else:
+            userinfo = ""
+            if self._user is not None:
+                userinfo = self._user
+                if self._password is not None:
+                    userinfo += ":" + self._password
+                userinfo += "@"
+            text = f"{self.scheme}:{userinfo}{self.hostport()}{self._params}"
+            if self._headers is not None:
+                text += "?" + self._headers
+        self._raw = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"URI({self!s})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, URI) and str(self) == str(other)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def copy(self) -> Self:
+        new = type(self).__new__(type(self))
+        new.scheme = self.scheme
+        new._user = self._user
+        new._password = self._password
+        new._host = self._host
+        new._port = self._port
+        new._params = self._params.copy()
+        new._headers = self._headers
+        new._opaque = self._opaque
+        new._raw = self._raw
+        return new
+
+    def aor(self) -> str:
+        """The address-of-record key: ``scheme:user@host`` with the host lower-cased."""
+        if self._opaque is not None:
+            return f"{self.scheme.lower()}:{self._opaque}"
+        user = f"{unescape(self._user)}@" if self._user is not None else ""
+        return f"{self.scheme.lower()}:{user}{format_host(self._host.lower())}"
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
+_PCHARS = r"[A-Za-z0-9\-_.!~*'()\[\]/:&+$]+"
+# The common shape (no escapes, password, IPv6 or headers), checked in one step.
+_URI_FAST = re.compile(
+    r"([sS][iI][pP][sS]?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)@)?"
+    rf"((?:{_LABEL}\.)*{_LABEL}\.?)(?::([0-9]{{1,5}}))?"
+    rf"((?:;{_PCHARS}(?:={_PCHARS})?)*)\Z"
+)
+
+
+_PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_SIP_URI_BASE = (
+    r"[sS][iI][pP][sS]?:(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]+@)?"
+    rf"(?:{_LABEL}\.)*{_LABEL}\.?(?::{_PORT})?"
+)
+_NA_CHECK = re.compile(
+    rf'(?:(?:(?:"[^"\\]*"|{_TOKEN_RE}(?:[ \t]+{_TOKEN_RE})*)[ \t]*)?'
+    rf"<{_SIP_URI_BASE}(?:;{_PCHARS}(?:={_PCHARS})?)*>|{_SIP_URI_BASE})"
+    rf"(?:;{_TOKEN_RE}(?:={_TOKEN_RE})?)*\Z"
+)
+
+
+def check_name_addr(text: str) -> None:
+    """Raise ParseError unless ``text`` is a valid name-addr; cheap for the usual shapes."""
+    if _NA_CHECK.match(text) is None:
+        parse_name_addr(text, allow_star=True)
+
+
+def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
+    """Parse a URI; raise ``ParseError`` (400) when a sip/sips URI is malformed."""
+    m = _URI_FAST.match(text)
+    if m is not None:
+        scheme, user, host, port_text, ptext = m.groups()
+        port = int(port_text) if port_text is not None else None
+        if port is None or port <= 65535:
+            params = Params(
+                [(n, v if eq else None) for n, eq, v in
+                 (p.partition("=") for p in ptext[1:].split(";"))]
+            ) if ptext else Params()
+            uri = URI(scheme, user, host, port, params)
+            uri._raw = text
+            return uri
+    scheme, colon, rest = text.partition(":")
+    if not colon or not _SCHEME.match(scheme):
+        raise ParseError("bad URI scheme")
+    if _WS.search(text):
+        raise ParseError("whitespace in URI")
+    lscheme = scheme.lower()
+    if lscheme not in ("sip", "sips"):
+        if not rest:
+            raise ParseError("empty URI")
+        uri = URI(scheme, opaque=rest)
+        uri._raw = text
+        return uri
+    user: str | None = None
+    password: str | None = None
+    at = rest.find("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        user, pcolon, pw = userinfo.partition(":")
+        if not user or not _USER.match(user):
+            raise ParseError("bad user part in URI")
+        if pcolon:
+            if not _PASSWORD.match(pw):
+                raise ParseError("bad password in URI")
+            password = pw
+    headers: str | None = None
+    q = rest.find("?")
+    if q >= 0:
+        rest, headers = rest[:q], rest[q + 1 :]
+        if not allow_headers:
+            raise ParseError("headers not allowed in this URI")
+        if not _HEADERCHARS.match(headers.replace("&", "").replace("=", "")):
+            raise ParseError("bad URI headers")
+    if rest.startswith("["):
+        end = rest.find("]")
+        semi = rest.find(";", end if end >= 0 else 0)
+    else:
+        semi = rest.find(";")
+    if semi >= 0:
+        hostport, ptext = rest[:semi], rest[semi:]
+        params = parse_params(ptext, "URI", uri_chars=True)
+    else:
+        hostport, params = rest, Params()
+    if not hostport:
+        raise ParseError("URI without host")
+    host, port = _split_hostport(hostport, "URI")
+    uri = URI(scheme, user, host, port, params, headers, password)
+    uri._raw = text
+    return uri
+
+
+def _parse_display_name(text: str) -> str | None:
+    """Validate a display-name (quoted-string or tokens separated by LWS)."""
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith('"'):
+        i = 1
+        n = len(text)
+        while i < n:
+            ch = text[i]
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == '"':
+                break
+            i += 1
+        else:
+            raise ParseError("unterminated quoted display name")
+        if text[i + 1 :].strip():
+            raise ParseError("text after quoted display name")
+        return text
+    for word in text.split():
+        if not _TOKEN.match(word):
+            raise ParseError("bad display name")
+    return text
+
+
+class NameAddr:
+    """``"Display" <uri>;params`` or ``uri;params``: From, To, Contact, Route and friends."""
+
+    __slots__ = ("_display", "_params", "_raw", "_uri", "angle")
+
+    def __init__(
+        self,
+        uri: URI,
+        display: str | None = None,
+        params: Params | None = None,
+        angle: bool = True,
+    ) -> None:
+        self._uri = uri
+        self._display = display
+        self._params = params if params is not None else Params()
+        self.angle = angle
+        self._raw: str | None = None
+
+    @property
+    def uri(self) -> URI:
+        """The URI; after changing it in place call ``touch()`` (or assign a new one)."""
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: URI) -> None:
+        self._uri = value
+        self._raw = None
+
+    @property
+    def display(self) -> str | None:
+        """The display name as written (quotes kept)."""
+        return self._display
+
+    @property
+    def params(self) -> Params:
+        return self._params
+
+    @property
+    def tag(self) -> str | None:
+        return self._params.get("tag")
+
+    @tag.setter
+    def tag(self, value: str | None) -> None:
+        if value is None:
+            self._params.remove("tag")
+        else:
+            self._params.set("tag", value)
+        self._raw = None
+
+    def get_param(self, name: str) -> str | None:
+        return self._params.get(name)
+
+    def set_param(self, name: str, value: str | None) -> None:
+        self._params.set(name, value)
+        self._raw = None
+
+    def remove_param(self, name: str) -> None:
+        self._params.remove(name)
+        self._raw = None
+
+    def touch(self) -> None:
+        self._raw = None
+
+    def __str__(self) -> str:
+        if self._raw is not None and self._uri._raw is not None:
+            return self._raw
+        uri = str(self._uri)
+        if self.angle or self._display or any(c in uri for c in ",;?"):
+            text = f"{self._display} <{uri}>" if self._display else f"<{uri}>"
+        else:
+            text = uri
+        text += str(self._params)
+        self._raw = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"NameAddr({self!s})"
+
+    def copy(self) -> NameAddr:
+        new = NameAddr(self._uri.copy(), self._display, self._params.copy(), self.angle)
+        new._raw = self._raw
+        return new
+
+
+def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
+    """Parse one name-addr or addr-spec with header parameters.
+
+    In the addr-spec form (no ``<>``) parameters belong to the header, not the URI, and the URI
+    may carry no ``?headers`` (RFC 3261 20.10).
+    """
+    m = _NA_FAST.match(text)
+    if m is not None:
+        display, uri_text, ptext = m.groups()
+        na = NameAddr(
+            parse_uri(uri_text),
+            display.rstrip() if display else None,
+            Params([(n, v if eq else None) for n, eq, v in
+                    (p.partition("=") for p in ptext[1:].split(";"))]) if ptext else Params(),
+            angle=True,
+        )
+        na._raw = text
+        return na
+    raw = text
+    text = text.strip()
+    if not text:
+        raise ParseError("empty address")
+    lt = _find_unquoted(text, "<")
+    if lt >= 0:
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise ParseError("unbalanced '<' in address")
+        display = _parse_display_name(text[:lt])
+        uri = parse_uri(text[lt + 1 : gt])
+        params = parse_params(text[gt + 1 :], "address")
+        na = NameAddr(uri, display, params, angle=True)
+    else:
+        if '"' in text:
+            raise ParseError("quoted display name without <uri>")
+        semi = text.find(";")
+        uri_text, ptext = (text[:semi], text[semi:]) if semi >= 0 else (text, "")
+        uri_text = uri_text.strip()
+        if allow_star and uri_text == "*":
+            uri = URI("*", opaque="")
+            uri._raw = "*"
+        else:
+            if _WS.search(uri_text):
+                raise ParseError("whitespace in address")
+            uri = parse_uri(uri_text, allow_headers=False)
+        na = NameAddr(uri, None, parse_params(ptext, "address"), angle=False)
+    na._raw = raw.strip()
+    return na
+
+
+def _find_unquoted(text: str, ch: str) -> int:
+    if '"' not in text:
+        return text.find(ch)
+    quoted = False
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == ch:
+            return i
+        i += 1
+    if quoted:
+        raise ParseError("unterminated quoted string")
+    return -1
