@@ -1,0 +1,108 @@
+"""The extension points of sipproxy: what a plugin is, what it is given, and when it is called.
+
+A plugin is an object providing :class:`IProxyPlugin`, built by an :class:`IPluginFactory` that
+validates the plugin's own config section. The proxy calls the hooks of the enabled plugins in
+the order of ``[plugins] enabled``. The built-in plugins (NAT, TLS, media, ...) use nothing but
+what is documented here.
+
+Every request hook may:
+
+- return ``None`` to let the request go on to the next plugin (it may have changed it);
+- return a :class:`~sipproxy.message.Response` (built with ``ctx.request.make_response``) to
+  answer the request there and then: no later plugin runs and nothing is forwarded;
+- return a ``Deferred`` that fires with either of the above, to wait for something (a database,
+  a relay) without blocking the reactor.
+
+Response hooks may return ``None`` (go on) or :data:`DROP` (the response goes no further), or a
+``Deferred`` of either. An exception raised by a hook is logged; the request is answered with
+500, a response is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from sipproxy.config import Section
+
+__all__ = ["DROP", "IPluginFactory", "IProxyCore", "IProxyPlugin"]
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+#: Returned by a response hook: forward this response no further.
+DROP: Final = _Drop()
+
+
+class IProxyPlugin(Interface):
+    """One stage of the pipeline. Subclass :class:`sipproxy.pipeline.Plugin` to get no-op hooks
+    and override only the ones you need."""
+
+    name = Attribute("The plugin's name, as written in [plugins] enabled.")
+
+    def request_received(ctx: Any) -> Any:
+        """A new request (``ctx.request``, a :class:`~sipproxy.proxy.RequestContext`) passed
+        validation; routing has not happened yet. Also called for an ACK to a 2xx (then
+        ``ctx.server_transaction`` is None and a returned Response is ignored: ACKs are never
+        answered) and for in-dialog requests (``ctx.dialog`` is set)."""
+
+    def request_forwarding(ctx: Any, branch: Any) -> Any:
+        """``branch.request`` (a copy, with the new Request-URI, Record-Route and the proxy's
+        Via) is about to go to ``branch.target``. Change it here (NAT rewriting, SDP for the
+        media relay); each fork of a request has its own branch."""
+
+    def response_received(ctx: Any, branch: Any, response: Any) -> Any:
+        """``response`` to ``branch`` arrived (the proxy's Via already removed). 100 Trying is
+        not passed on. Return DROP to stop it here."""
+
+    def response_forwarding(ctx: Any, response: Any) -> Any:
+        """``response`` is about to be sent back toward the caller (for a forked request, the
+        one the proxy chose). Return DROP to stop it here."""
+
+    def dialog_established(dialog: Any) -> None:
+        """A 2xx to an INVITE created ``dialog`` (a :class:`~sipproxy.dialogs.Dialog`): per-call
+        state can hang off ``dialog.data``."""
+
+    def dialog_ended(dialog: Any, reason: str) -> None:
+        """``dialog`` ended: ``reason`` is "bye", "timeout" (no BYE within the maximum dialog
+        lifetime) or "shutdown". Free what the call held here."""
+
+
+class IPluginFactory(Interface):
+    """Builds a plugin from its config section. Found by name: an entry point in the
+    ``sipproxy.plugins`` group, or a ``"package.module:attribute"`` path in the config."""
+
+    name = Attribute("The default plugin name (its config section is [name]).")
+
+    def build(core: IProxyCore, section: Section) -> IProxyPlugin:
+        """Validate ``section`` (raise ``ConfigError`` via ``section.error(key, problem)`` for a
+        mistake) and return the plugin. If the plugin also provides
+        ``twisted.application.service.IService`` it is started and stopped with the proxy."""
+
+
+class IProxyCore(Interface):
+    """What the proxy offers its plugins."""
+
+    reactor = Attribute("The reactor (IReactorTime, IReactorUDP, IReactorTCP).")
+    clock = Attribute("The IReactorTime every plugin timer must use.")
+    config = Attribute("The whole sipproxy.config.Config.")
+    location = Attribute("The sipproxy.location.LocationService (bindings of local users).")
+    listeners = Attribute(
+        "The sockets, each with side ('inside'/'outside'), transport, address, port, via_host."
+    )
+    dialogs = Attribute("The sipproxy.dialogs.DialogTracker.")
+
+    def is_local_domain(host: str) -> bool:
+        """True when the proxy is registrar for ``host`` (a configured domain or own address)."""
+
+    def send_request(request: Any, target: Any, on_response: Any) -> Any:
+        """Send a request the plugin made itself (e.g. a keepalive OPTIONS) in a client
+        transaction; ``request`` needs a top Via (``core.make_via(target)``)."""
+
+    def make_via(target: Any) -> Any:
+        """A Via for a request of the proxy's own to ``target``, with a fresh branch."""

@@ -1,0 +1,155 @@
+"""The ordered chain of plugins, and how plugins are found by name."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sipproxy.config import Config, ConfigError
+from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+
+__all__ = ["HOOKS", "Pipeline", "Plugin", "find_factory", "load_plugins", "then"]
+
+ENTRY_POINT_GROUP = "sipproxy.plugins"
+HOOKS = (
+    "request_received",
+    "request_forwarding",
+    "response_received",
+    "response_forwarding",
+    "dialog_established",
+    "dialog_ended",
+)
+
+_log = Logger(namespace="sipproxy.pipeline")
+
+
+@implementer(IProxyPlugin)
+class Plugin:
+    """A base with every hook a no-op: a plugin overrides what it needs, and only overridden
+    hooks are ever called (so an idle hook costs nothing per message)."""
+
+    name = "plugin"
+
+    def request_received(self, ctx: Any) -> Any:
+        return None
+
+    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+        return None
+
+    def response_received(self, ctx: Any, branch: Any, response: Any) -> Any:
+        return None
+
+    def response_forwarding(self, ctx: Any, response: Any) -> Any:
+        return None
+
+    def dialog_established(self, dialog: Any) -> None:
+        return None
+
+    def dialog_ended(self, dialog: Any, reason: str) -> None:
+        return None
+
+
+def _overrides(plugin: object, hook: str) -> bool:
+    base = getattr(Plugin, hook)
+    impl = getattr(type(plugin), hook, None)
+    return impl is not base and callable(getattr(plugin, hook, None))
+
+
+class Pipeline:
+    """Runs one hook across the plugins, stopping at the first that answers.
+
+    ``run`` returns the result directly while every plugin answers synchronously and switches
+    to a Deferred only when one returns a Deferred, so the common path pays nothing for the
+    asynchronous case.
+    """
+
+    def __init__(self, plugins: Sequence[Any] = ()) -> None:
+        self.plugins = list(plugins)
+        self._by_hook: dict[str, list[Callable[..., Any]]] = {
+            hook: [getattr(p, hook) for p in self.plugins if _overrides(p, hook)]
+            for hook in HOOKS
+        }
+
+    def has(self, hook: str) -> bool:
+        return bool(self._by_hook[hook])
+
+    def run(self, hook: str, *args: Any) -> Any:
+        """The first non-None result of the hook, or None; a Deferred if a plugin waits."""
+        return self._run_from(self._by_hook[hook], 0, args)
+
+    def _run_from(self, calls: list[Callable[..., Any]], start: int, args: tuple[Any, ...]) -> Any:
+        for i in range(start, len(calls)):
+            result = calls[i](*args)
+            if isinstance(result, Deferred):
+                return result.addCallback(self._resume, calls, i + 1, args)
+            if result is not None:
+                return result
+        return None
+
+    def _resume(
+        self, result: Any, calls: list[Callable[..., Any]], start: int, args: tuple[Any, ...]
+    ) -> Any:
+        if result is not None:
+            return result
+        return self._run_from(calls, start, args)
+
+    def notify(self, hook: str, *args: Any) -> None:
+        """Call a notification hook (dialog events) on every plugin; errors are only logged."""
+        for call in self._by_hook[hook]:
+            try:
+                result = call(*args)
+                if isinstance(result, Deferred):
+                    result.addErrback(lambda f: _log.failure("plugin hook {hook}", f, hook=hook))
+            except Exception:
+                _log.failure("plugin hook {hook} raised", hook=hook)
+
+
+def then(result: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` to a result that may or may not be a Deferred yet."""
+    if isinstance(result, Deferred):
+        return result.addCallback(fn)
+    return fn(result)
+
+
+def find_factory(name: str) -> Any:
+    """A plugin factory by entry-point name, or by ``"module:attribute"`` path."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            return getattr(module, attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError.for_key("plugins.enabled", f"cannot load plugin {name!r}: {e}") from e
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+        raise ConfigError.for_key(
+            "plugins.enabled",
+            f"no plugin named {name!r} is installed (installed: {', '.join(known) or 'none'})",
+        )
+    try:
+        return found[0].load()
+    except Exception as e:
+        raise ConfigError.for_key("plugins.enabled", f"plugin {name!r} failed to load: {e}") from e
+
+
+def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
+    """Build the enabled plugins in config order; each validates its own section."""
+    plugins = []
+    for name in config.plugins:
+        factory = find_factory(name)
+        if not IPluginFactory.providedBy(factory) and not hasattr(factory, "build"):
+            raise ConfigError.for_key("plugins.enabled", f"{name!r} is not a plugin factory")
+        section_name = name.rpartition(":")[2] if ":" in name else name
+        section_name = getattr(factory, "name", section_name) if ":" in name else section_name
+        plugin = factory.build(core, config.section(section_name))
+        if not IProxyPlugin.providedBy(plugin):
+            raise ConfigError.for_key("plugins.enabled", f"{name!r} built no IProxyPlugin")
+        plugins.append(plugin)
+    return plugins

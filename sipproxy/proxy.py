@@ -1,0 +1,866 @@
+"""The stateful proxy core (RFC 3261 section 16): validate, route, fork, select, forward.
+
+It knows nothing of NAT, TLS or media: those are plugins, called through the pipeline at the
+points :mod:`sipproxy.interfaces` documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sipproxy.dialogs import Dialog, DialogTracker
+from sipproxy.errors import ParseError
+from sipproxy.interfaces import DROP, IProxyCore
+from sipproxy.message import (
+    MAGIC_COOKIE,
+    Message,
+    Request,
+    Response,
+    Via,
+    new_branch,
+    new_tag,
+)
+from sipproxy.pipeline import Pipeline, then
+from sipproxy.transaction import (
+    ClientTransaction,
+    ITransactionUser,
+    ServerTransaction,
+    State,
+    TransactionLayer,
+    build_cancel,
+)
+from sipproxy.uri import URI, parse_name_addr, parse_uri, split_header_values
+
+if TYPE_CHECKING:
+    from sipproxy.config import Config
+    from sipproxy.dns import SipResolver, Target
+    from sipproxy.location import LocationService
+    from sipproxy.registrar import Registrar
+    from sipproxy.transport.manager import Listener, TransportManager
+
+__all__ = ["Branch", "Proxy", "RequestContext"]
+
+_log = Logger(namespace="sipproxy.proxy")
+
+#: Methods whose initial request creates a dialog, so the proxy Record-Routes them.
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
+#: Option tags this proxy supports in Proxy-Require (none: RFC 3261 16.3 step 6).
+SUPPORTED_PROXY_REQUIRE: frozenset[str] = frozenset()
+TIMER_C = 180.0
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+@dataclass(eq=False)
+class Branch:
+    """One outgoing fork of a request."""
+
+    request: Request
+    target: Target | None  # None for a target that could not be resolved
+    listener: Listener | None
+    transaction: ClientTransaction | None = None
+    provisional: bool = False
+    final: Response | None = None
+    cancel_pending: bool = False
+    cancelled: bool = False
+    timer_c: IDelayedCall | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """Everything about one request the proxy handles; ``data`` is for plugins."""
+
+    request: Request
+    server_transaction: ServerTransaction | None
+    dialog: Dialog | None = None
+    branches: list[Branch] = field(default_factory=list)
+    pending_targets: int = 0
+    final_sent: bool = False
+    cancelled: bool = False
+    best_2xx_sent: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> Any:
+        return self.request.source
+
+
+@implementer(ITransactionUser, IProxyCore)
+class Proxy:
+    """The transaction user: every new request, 2xx ACK and stray response comes here."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        transports: TransportManager,
+        location: LocationService,
+        registrar: Registrar,
+        resolver: SipResolver,
+    ) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.transports = transports
+        self.location = location
+        self.registrar = registrar
+        self.resolver = resolver
+        self.pipeline = Pipeline()
+        t = config.timers
+        self.transactions = TransactionLayer(reactor, transports, self, t.t1, t.t2, t.t4)
+        self.dialogs = DialogTracker(reactor, self._dialog_ended)
+        self.domains = frozenset(d.lower() for d in config.proxy.domains)
+        self.upstream: URI | None = parse_uri(config.upstream.uri) if config.upstream else None
+        self._contexts: dict[ServerTransaction, RequestContext] = {}
+        self._local_addr_cache: dict[str, str] = {}
+        self._own_cache: dict[tuple[str, int], bool] = {}
+
+    # -- IProxyCore ------------------------------------------------------------------------------
+    @property
+    def listeners(self) -> list[Listener]:
+        return self.transports.listeners
+
+    def set_plugins(self, plugins: list[Any]) -> None:
+        self.pipeline = Pipeline(plugins)
+
+    def receive(self, message: Message) -> None:
+        """Entry point for the transports."""
+        assert isinstance(message, Request | Response)
+        self.transactions.receive(message)
+
+    def is_local_domain(self, host: str) -> bool:
+        host = host.lower()
+        if host in self.domains:
+            return True
+        return self._is_own_address(host, None)
+
+    def send_request(
+        self, request: Request, target: Target, on_response: Callable[[Response], None]
+    ) -> ClientTransaction:
+        return self.transactions.send_request(request, target, on_response)
+
+    def make_via(self, target: Target) -> Via:
+        listener = self.transports.choose_listener(target)
+        host, port = self._advertised(listener, target.host)
+        return Via.build(target.transport, host, port, new_branch(), rport=True)
+
+    # -- addresses ---------------------------------------------------------------------------------
+    def _local_address_for(self, remote: str) -> str:
+        """The local IP the kernel would use toward ``remote`` (no packet is sent)."""
+        cached = self._local_addr_cache.get(remote)
+        if cached is not None:
+            return cached
+        family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((remote, 9))
+                local = str(s.getsockname()[0])
+        except OSError:
+            local = "127.0.0.1" if family == socket.AF_INET else "::1"
+        if len(self._local_addr_cache) < 10000:
+            self._local_addr_cache[remote] = local
+        return local
+
+    def _advertised(self, listener: Listener | None, remote: str) -> tuple[str, int]:
+        if listener is None:
+            return self._local_address_for(remote), 5060
+        host = listener.via_host
+        if host in _WILDCARDS:
+            host = self._local_address_for(remote)
+        return host, listener.port
+
+    def _is_own_address(self, host: str, port: int | None) -> bool:
+        """Does host[:port] name one of our listeners (configured, advertised or, for wildcard
+        listeners, an address of this machine)?"""
+        key = (host, port or 0)
+        cached = self._own_cache.get(key)
+        if cached is not None:
+            return cached
+        own = False
+        for lst in self.listeners:
+            if port is not None and lst.port != port:
+                continue
+            if port is None and lst.port not in (5060, 5061):
+                # a host without port means the default port; only listeners there match
+                pass
+            if host in (lst.via_host.lower(), lst.address):
+                own = True
+                break
+            if lst.address in _WILDCARDS and _is_ip(host) and self._local_address_for(host) == host:
+                own = True
+                break
+        if len(self._own_cache) < 10000:
+            self._own_cache[key] = own
+        return own
+
+    def _is_own_uri(self, uri: URI) -> bool:
+        if not uri.is_sip:
+            return False
+        port = uri.port if uri.port is not None else (5061 if uri.secure else 5060)
+        return self._is_own_address(uri.host.lower(), port)
+
+    # -- ITransactionUser ------------------------------------------------------------------------
+    def request_received(self, tx: ServerTransaction, request: Request) -> None:
+        try:
+            if request.method == "CANCEL":
+                self._handle_cancel(tx, request)
+                return
+            ctx = RequestContext(request, tx)
+            self._contexts[tx] = ctx
+            tx.when_terminated().addBoth(self._forget_context, tx)
+            error = self._validate(request)
+            if error is not None:
+                self._reply(ctx, error[0], error[1], error[2])
+                return
+            self._find_dialog(ctx)
+            result = then(self.pipeline.run("request_received", ctx),
+                          lambda r: self._after_received(ctx, r))
+            if isinstance(result, Deferred):
+                result.addErrback(self._hook_failed, ctx)
+        except ParseError as e:
+            self._answer(tx, request, e.status, e.reason)
+        except Exception:
+            _log.failure("handling {request!r}", request=request)
+            self._answer(tx, request, 500, "Server Internal Error")
+
+    def _forget_context(self, result: object, tx: ServerTransaction) -> object:
+        self._contexts.pop(tx, None)
+        return None
+
+    def ack_received(self, request: Request) -> None:
+        """An ACK for a 2xx (end to end, RFC 3261 16.7 / 13.2.2.4): forward it statelessly."""
+        try:
+            mf = request.max_forwards
+            if mf is not None and mf <= 0:
+                return
+            ctx = RequestContext(request, None)
+            self._find_dialog(ctx)
+            result = self.pipeline.run("request_received", ctx)
+            then(result, lambda _r: self._route_ack(ctx))
+        except Exception:
+            _log.failure("forwarding {request!r}", request=request)
+
+    def stray_response(self, response: Response) -> None:
+        """Forward 2xx retransmissions to INVITE statelessly by Via; drop everything else."""
+        try:
+            if response.status // 100 != 2 or response.cseq.method != "INVITE":
+                return
+            via = response.top_via
+            if via is None or not self._is_own_via(via):
+                return
+            response.pop_via()
+            if not response.vias:
+                return
+            self.transactions.send_stateless_response(response, None)
+        except ParseError:
+            return
+
+    def server_transaction_failed(self, tx: ServerTransaction, reason: Failure) -> None:
+        ctx = self._contexts.get(tx)
+        if ctx is not None and tx.request.method == "INVITE":
+            self._cancel_branches(ctx)
+
+    # -- validation (16.3) -------------------------------------------------------------------------
+    def _validate(self, request: Request) -> tuple[int, str, dict[str, str]] | None:
+        uri = request.uri
+        if not uri.is_sip and not (uri.scheme.lower() == "tel" and self.upstream is not None):
+            return 416, "Unsupported URI Scheme", {}
+        mf = request.max_forwards
+        if mf is not None and mf <= 0:
+            return 483, "Too Many Hops", {}
+        if self._is_loop(request):
+            return 482, "Loop Detected", {}
+        required = [
+            tag for value in request.headers.get_all("proxy-require")
+            for tag in (t.strip() for t in value.split(",")) if tag
+        ]
+        unsupported = [t for t in required if t.lower() not in SUPPORTED_PROXY_REQUIRE]
+        if unsupported:
+            return 420, "Bad Extension", {"Unsupported": ", ".join(unsupported)}
+        return None
+
+    def _loop_hash(self, request: Request) -> str:
+        """Branch prefix for loop detection (RFC 3261 16.6 step 8): the same request coming
+        back unchanged hashes to the same value; a spiral (new Request-URI) does not."""
+        top = request.top_via
+        parts = (
+            request.start_line(),
+            request.from_.tag or "",
+            request.to.tag or "",
+            request.call_id,
+            str(request.cseq.number),
+            str(top) if top is not None else "",
+            ",".join(request.headers.get_all("proxy-require")),
+        )
+        return hashlib.blake2s("\x00".join(parts).encode("utf-8", "surrogateescape"),
+                               digest_size=8).hexdigest()
+
+    def _is_loop(self, request: Request) -> bool:
+        vias = request.vias
+        if len(vias) < 2:
+            return False
+        ours = [v for v in vias[1:] if v.branch and self._is_own_via(v)]
+        if not ours:
+            return False
+        prefix = f"{MAGIC_COOKIE}{self._loop_hash(request)}."
+        return any(v.branch is not None and v.branch.startswith(prefix) for v in ours)
+
+    def _is_own_via(self, via: Via) -> bool:
+        port = via.port if via.port is not None else 5060
+        return self._is_own_address(via.host.lower(), port)
+
+    # -- routing (16.4, 16.5) ------------------------------------------------------------------
+    def _find_dialog(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        to_tag = request.to.tag
+        if to_tag:
+            ctx.dialog = self.dialogs.find(request.call_id, request.from_.tag, to_tag)
+
+    def _after_received(self, ctx: RequestContext, result: Any) -> None:
+        if isinstance(result, Response):
+            self._send_final(ctx, result)
+            return
+        if ctx.final_sent:
+            return
+        request = ctx.request
+        self._preprocess_routes(request)
+        if request.headers.get("route") is not None:
+            self._forward(ctx, [request.uri], next_hop=None)
+            return
+        uri = request.uri
+        if uri.is_sip and self.is_local_domain(uri.host):
+            self._route_local(ctx)
+            return
+        self._forward(ctx, [uri], next_hop=self.upstream)
+
+    def _preprocess_routes(self, request: Request) -> None:
+        """16.4: undo a strict router's rewrite, and remove the Route entries that name us."""
+        if self._is_own_uri(request.uri) and request.headers.get("route") is not None and (
+            request.uri.has_param("lr") or request.uri.has_param("sipproxy")
+        ):
+            routes = request.headers.get_all("route")
+            last = parse_name_addr(routes[-1])
+            request.uri = last.uri
+            request.headers.remove("route")
+            for route_value in routes[:-1]:
+                request.headers.add("Route", route_value)
+        while True:
+            value = request.headers.get("route")
+            if value is None:
+                break
+            try:
+                first = parse_name_addr(_first_list_value(value))
+            except ParseError:
+                break
+            if not self._is_own_uri(first.uri):
+                break
+            request.headers.remove_first_value("route")
+
+    def _route_local(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        method = request.method
+        if method == "REGISTER":
+            self._send_final(ctx, self.registrar.handle_register(request))
+            return
+        if method == "OPTIONS" and request.uri.user is None:
+            response = request.make_response(200)
+            response.headers.add("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, "
+                                          "UPDATE, INFO, PRACK, SUBSCRIBE, NOTIFY, REFER, MESSAGE")
+            self._send_final(ctx, response)
+            return
+        bindings = self.location.lookup(self.registrar_aor(request.uri))
+        if not bindings:
+            self._reply(ctx, 404, "Not Found")
+            return
+        targets: list[URI] = []
+        routes: list[tuple[str, ...]] = []
+        for binding in bindings:
+            try:
+                targets.append(parse_uri(binding.contact))
+            except ParseError:
+                continue
+            routes.append(binding.path)
+        if not targets:
+            self._reply(ctx, 480, "Temporarily Unavailable")
+            return
+        self._forward(ctx, targets, next_hop=None, paths=routes, bindings=bindings)
+
+    def registrar_aor(self, uri: URI) -> str:
+        from sipproxy.registrar import aor_of
+
+        return aor_of(uri)
+
+    # -- forwarding (16.6) -----------------------------------------------------------------------
+    def _forward(
+        self,
+        ctx: RequestContext,
+        targets: list[URI],
+        next_hop: URI | None,
+        paths: list[tuple[str, ...]] | None = None,
+        bindings: list[Any] | None = None,
+    ) -> None:
+        ctx.pending_targets = len(targets)
+        for i, target_uri in enumerate(targets):
+            out = ctx.request.copy()
+            if target_uri is not ctx.request.uri:
+                out.uri = target_uri.copy()
+            if paths and paths[i]:
+                for value in reversed(paths[i]):
+                    out.headers.add("Route", value, first=True)
+            if bindings:
+                out_data = {"binding": bindings[i]}
+            else:
+                out_data = {}
+            mf = out.max_forwards
+            out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
+            hop = next_hop or self._next_hop_uri(out)
+            d = self._resolve(hop)
+            d.addCallback(self._resolved, ctx, out, out_data)
+            d.addErrback(self._resolve_failed, ctx)
+
+    def _next_hop_uri(self, request: Request) -> URI:
+        route = request.headers.get("route")
+        if route is not None:
+            first = parse_name_addr(_first_list_value(route))
+            if first.uri.loose_route:
+                return first.uri
+            # strict router (RFC 3261 16.6 step 6): it gets the Request-URI slot
+            request.headers.remove_first_value("route")
+            request.headers.add("Route", f"<{request.uri}>")
+            request.uri = first.uri
+            return first.uri
+        return request.uri
+
+    def _resolve(self, uri: URI) -> Deferred[list[Target]]:
+        if not uri.is_sip:
+            raise ParseError("cannot route a non-SIP URI", 416)
+        host = uri.get_param("maddr") or uri.host
+        return self.resolver.resolve(host, uri.port, uri.transport, uri.secure)
+
+    def _resolved(
+        self, targets: list[Target], ctx: RequestContext, out: Request, data: dict[str, Any]
+    ) -> None:
+        if not targets:
+            self._branch_gone(ctx, out.make_response(503, "No Route To Destination"))
+            return
+        if ctx.cancelled or (ctx.final_sent and out.method != "INVITE"):
+            self._branch_gone(ctx, out.make_response(487))
+            return
+        self._start_branch(ctx, out, targets, data)
+
+    def _resolve_failed(self, failure: Failure, ctx: RequestContext) -> None:
+        _log.info("no route for {ctx.request!r}: {f}", ctx=ctx, f=failure.getErrorMessage())
+        self._branch_gone(ctx, ctx.request.make_response(503, "DNS Lookup Failed"))
+
+    def _branch_gone(self, ctx: RequestContext, response: Response) -> None:
+        """A target that never became a branch still counts toward response selection."""
+        branch = Branch(ctx.request, None, None, final=response)
+        ctx.branches.append(branch)
+        ctx.pending_targets -= 1
+        self._check_complete(ctx)
+
+    def _start_branch(
+        self, ctx: RequestContext, out: Request, targets: list[Target], data: dict[str, Any]
+    ) -> None:
+        target = targets[0]
+        listener = self.transports.choose_listener(target)
+        host, port = self._advertised(listener, target.host)
+        if (
+            self.config.proxy.record_route
+            and out.method in DIALOG_CREATING
+            and not out.to.tag
+        ):
+            self._record_route(ctx, out, listener, host, port)
+        branch = Branch(out, target, listener, data=dict(data))
+        branch.data["targets"] = targets[1:]
+        loop = self._loop_hash(ctx.request)
+        n = len(ctx.branches)
+        via_transport = target.transport
+        out.push_via(Via.build(via_transport, host, port, f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}",
+                               rport=True))
+        size = len(out.to_bytes())
+        actual = self.transports.transport_for(size, target)
+        if actual != via_transport:
+            out.pop_via()
+            out.push_via(Via.build(actual, host, port, f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}",
+                                   rport=True))
+        ctx.branches.append(branch)
+        ctx.pending_targets -= 1
+        result = self.pipeline.run("request_forwarding", ctx, branch)
+        then(result, lambda r: self._send_branch(ctx, branch, r))
+
+    def _record_route(
+        self, ctx: RequestContext, out: Request, listener: Listener | None, host: str, port: int
+    ) -> None:
+        transport = listener.transport if listener is not None else "UDP"
+        rr_out = _rr_value(host, port, transport)
+        source = ctx.request.source
+        rr_in = rr_out
+        if source is not None:
+            in_listener = self._listener_of(source)
+            in_host, in_port = self._advertised(in_listener, source.host)
+            in_transport = source.transport.upper()
+            rr_in = _rr_value(in_host, in_port, in_transport)
+        if rr_in != rr_out:
+            out.headers.add("Record-Route", rr_in, first=True)
+        out.headers.add("Record-Route", rr_out, first=True)
+
+    def _listener_of(self, source: Any) -> Listener | None:
+        for lst in self.listeners:
+            if lst.transport == source.transport.upper() and lst.port == source.local_port and (
+                lst.address == source.local_host or lst.address in _WILDCARDS
+            ):
+                return lst
+        return None
+
+    def _send_branch(self, ctx: RequestContext, branch: Branch, result: Any) -> None:
+        if isinstance(result, Response):
+            branch.final = result
+            self._check_complete(ctx)
+            return
+        assert branch.target is not None
+        try:
+            branch.transaction = self.transactions.send_request(
+                branch.request, branch.target, lambda r: self._branch_response(ctx, branch, r)
+            )
+        except Exception:
+            _log.failure("sending {req!r}", req=branch.request)
+            branch.final = branch.request.make_response(500)
+            self._check_complete(ctx)
+            return
+        if branch.request.method == "INVITE":
+            branch.timer_c = self.clock.callLater(TIMER_C, self._timer_c, ctx, branch)
+
+    def _timer_c(self, ctx: RequestContext, branch: Branch) -> None:
+        branch.timer_c = None
+        if branch.final is None:
+            self._cancel_branch(branch)
+
+    # -- responses (16.7) ------------------------------------------------------------------------
+    def _branch_response(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+        try:
+            self._on_branch_response(ctx, branch, response)
+        except Exception:
+            _log.failure("handling {response!r}", response=response)
+
+    def _on_branch_response(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+        status = response.status
+        if status == 503 and not branch.provisional and branch.data.get("targets") \
+                and response.source is None:
+            # our own 503: the target could not be reached; fail over to the next one
+            self._failover(ctx, branch)
+            return
+        if response.source is not None:
+            if not response.vias:
+                return
+            response.pop_via()
+        if status < 200:
+            branch.provisional = True
+            if branch.timer_c is not None and branch.timer_c.active():
+                branch.timer_c.reset(TIMER_C)
+            if branch.cancel_pending:
+                branch.cancel_pending = False
+                self._send_cancel(branch)
+            if status == 100:
+                return
+        else:
+            branch.final = response
+            if branch.timer_c is not None and branch.timer_c.active():
+                branch.timer_c.cancel()
+            branch.timer_c = None
+        result = self.pipeline.run("response_received", ctx, branch, response)
+        then(result, lambda r: self._after_response(ctx, branch, response, r))
+
+    def _failover(self, ctx: RequestContext, branch: Branch) -> None:
+        rest: list[Target] = branch.data["targets"]
+        out = branch.request
+        out.pop_via()
+        if branch.timer_c is not None and branch.timer_c.active():
+            branch.timer_c.cancel()
+        ctx.branches.remove(branch)
+        ctx.pending_targets += 1
+        data = {k: v for k, v in branch.data.items() if k != "targets"}
+        # the Record-Route entries named the failed target's socket; _start_branch adds anew
+        self._start_branch(ctx, _strip_own_rr(out, ctx.request), rest, data)
+
+    def _after_response(
+        self, ctx: RequestContext, branch: Branch, response: Response, result: Any
+    ) -> None:
+        if result is DROP:
+            if response.status >= 200:
+                self._check_complete(ctx)
+            return
+        status = response.status
+        method = ctx.request.method
+        if status < 200:
+            if not ctx.final_sent:
+                self._forward_response(ctx, response)
+            return
+        if 200 <= status < 300:
+            if method == "INVITE":
+                self._dialog_from_2xx(ctx, response)
+                self._forward_response(ctx, response, final=True)
+                self._cancel_branches(ctx, exclude=branch)
+                ctx.best_2xx_sent = True
+            elif not ctx.final_sent:
+                self._forward_response(ctx, response, final=True)
+                self._end_dialog_on_bye(ctx)
+            self._check_complete(ctx)
+            return
+        if status >= 600 and method == "INVITE":
+            self._cancel_branches(ctx, exclude=branch)
+        if method == "BYE":
+            self._end_dialog_on_bye(ctx)
+        self._check_complete(ctx)
+
+    def _check_complete(self, ctx: RequestContext) -> None:
+        if ctx.final_sent or ctx.pending_targets > 0:
+            return
+        if any(b.final is None for b in ctx.branches):
+            return
+        best = _select_best([b.final for b in ctx.branches if b.final is not None])
+        if best is None:
+            best = ctx.request.make_response(408)
+        if best.status == 503:
+            best.set_status(500)  # 16.7 step 6: a 503 is not passed upstream as such
+        self._forward_response(ctx, best, final=True)
+
+    def _forward_response(
+        self, ctx: RequestContext, response: Response, final: bool = False
+    ) -> None:
+        result = self.pipeline.run("response_forwarding", ctx, response)
+        then(result, lambda r: self._send_response(ctx, response, r, final))
+
+    def _send_response(
+        self, ctx: RequestContext, response: Response, result: Any, final: bool
+    ) -> None:
+        if result is DROP:
+            return
+        tx = ctx.server_transaction
+        if tx is None:
+            return
+        if final:
+            if ctx.final_sent and not (response.status // 100 == 2
+                                       and ctx.request.method == "INVITE"):
+                return
+            ctx.final_sent = True
+        elif ctx.final_sent:
+            return
+        if tx.state is State.TERMINATED:
+            # a 2xx after the INVITE transaction ended is forwarded statelessly by Via
+            if response.status // 100 == 2:
+                self.transactions.send_stateless_response(response, ctx.request.source)
+            return
+        try:
+            tx.respond(response)
+        except Exception:
+            _log.failure("responding to {req!r}", req=ctx.request)
+
+    def _send_final(self, ctx: RequestContext, response: Response) -> None:
+        self._add_server(response)
+        self._forward_response(ctx, response, final=True)
+
+    def _reply(
+        self, ctx: RequestContext, status: int, reason: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        response = ctx.request.make_response(status, reason)
+        _ensure_to_tag(response)
+        for name, value in (headers or {}).items():
+            response.headers.add(name, value)
+        self._add_server(response)
+        ctx.final_sent = True
+        if ctx.server_transaction is not None:
+            ctx.server_transaction.respond(response)
+
+    def _answer(self, tx: ServerTransaction, request: Request, status: int, reason: str) -> None:
+        try:
+            response = request.make_response(status, reason)
+            _ensure_to_tag(response)
+            self._add_server(response)
+            tx.respond(response)
+        except Exception:
+            _log.failure("answering {request!r}", request=request)
+
+    def _add_server(self, response: Response) -> None:
+        agent = self.config.proxy.user_agent
+        if agent and "server" not in response.headers:
+            response.headers.add("Server", agent)
+
+    def _hook_failed(self, failure: Failure, ctx: RequestContext) -> None:
+        _log.failure("plugin hook for {req!r}", failure, req=ctx.request)
+        if not ctx.final_sent and ctx.server_transaction is not None:
+            self._reply(ctx, 500, "Server Internal Error")
+
+    # -- CANCEL (16.10) --------------------------------------------------------------------------
+    def _handle_cancel(self, tx: ServerTransaction, cancel: Request) -> None:
+        invite_tx = self.transactions.find_server_transaction_for_cancel(cancel)
+        if invite_tx is None:
+            self._answer(tx, cancel, 481, "Call/Transaction Does Not Exist")
+            return
+        response = cancel.make_response(200)
+        if invite_tx.last_response is not None and invite_tx.last_response.to.tag:
+            response.headers.set("To", str(invite_tx.last_response.to))
+        else:
+            _ensure_to_tag(response)
+        tx.respond(response)
+        ctx = self._contexts.get(invite_tx)
+        if ctx is not None and not ctx.final_sent:
+            ctx.cancelled = True
+            self._cancel_branches(ctx)
+
+    def _cancel_branches(self, ctx: RequestContext, exclude: Branch | None = None) -> None:
+        for branch in ctx.branches:
+            if branch is not exclude and branch.final is None:
+                self._cancel_branch(branch)
+
+    def _cancel_branch(self, branch: Branch) -> None:
+        if branch.cancelled or branch.transaction is None:
+            return
+        if branch.request.method != "INVITE":
+            return
+        if branch.provisional:
+            self._send_cancel(branch)
+        else:
+            branch.cancel_pending = True
+
+    def _send_cancel(self, branch: Branch) -> None:
+        if branch.cancelled or branch.final is not None or branch.target is None:
+            return
+        branch.cancelled = True
+        cancel = build_cancel(branch.request)
+        try:
+            self.transactions.send_request(cancel, branch.target, lambda r: None)
+        except Exception:
+            _log.failure("sending CANCEL for {req!r}", req=branch.request)
+
+    # -- ACK for 2xx ---------------------------------------------------------------------------
+    def _route_ack(self, ctx: RequestContext) -> None:
+        request = ctx.request
+        self._preprocess_routes(request)
+        out = request.copy()
+        mf = out.max_forwards
+        out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
+        if out.headers.get("route") is not None:
+            hop = self._next_hop_uri(out)
+        elif out.uri.is_sip and self.is_local_domain(out.uri.host):
+            bindings = self.location.lookup(self.registrar_aor(out.uri))
+            if not bindings:
+                return
+            out.uri = parse_uri(bindings[0].contact)
+            hop = out.uri
+        else:
+            hop = self.upstream or out.uri
+        d = self._resolve(hop)
+
+        def send(targets: list[Target]) -> None:
+            if not targets:
+                return
+            target = targets[0]
+            listener = self.transports.choose_listener(target)
+            host, port = self._advertised(listener, target.host)
+            out.push_via(Via.build(target.transport, host, port, new_branch(), rport=True))
+            branch = Branch(out, target, listener)
+            result = self.pipeline.run("request_forwarding", ctx, branch)
+            then(result, lambda r: None if isinstance(r, Response) else
+                 self.transactions.send_stateless_request(out, target))
+
+        d.addCallback(send)
+        d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
+
+    # -- dialogs ---------------------------------------------------------------------------------
+    def _dialog_from_2xx(self, ctx: RequestContext, response: Response) -> None:
+        request = ctx.request
+        if request.to.tag:
+            return  # a re-INVITE: the dialog exists already
+        from_tag = request.from_.tag
+        to_tag = response.to.tag
+        if not from_tag or not to_tag:
+            return
+        source = request.source
+        dialog, new = self.dialogs.establish(
+            request.call_id, from_tag, to_tag, source.side if source is not None else ""
+        )
+        if new:
+            ctx.dialog = dialog
+            self.pipeline.notify("dialog_established", dialog)
+
+    def _end_dialog_on_bye(self, ctx: RequestContext) -> None:
+        if ctx.request.method == "BYE" and ctx.dialog is not None:
+            self.dialogs.end(ctx.dialog, "bye")
+
+    def _dialog_ended(self, dialog: Dialog, reason: str) -> None:
+        self.pipeline.notify("dialog_ended", dialog, reason)
+
+    def stop(self) -> None:
+        self.dialogs.end_all("shutdown")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_list_value(value: str) -> str:
+    return split_header_values(value)[0]
+
+
+def _rr_value(host: str, port: int, transport: str) -> str:
+    host = f"[{host}]" if ":" in host else host
+    tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
+    return f"<sip:{host}:{port}{tp};lr>"
+
+
+def _strip_own_rr(out: Request, original: Request) -> Request:
+    """Rebuild a branch request's Record-Route as the original had it (before our entries)."""
+    ours = len(out.headers.get_all("record-route")) - len(original.headers.get_all("record-route"))
+    for _ in range(max(ours, 0)):
+        out.headers.remove_first_value("record-route")
+    return out
+
+
+def _ensure_to_tag(response: Response) -> None:
+    to = response.to
+    if not to.tag and response.status > 100:
+        to = to.copy()
+        to.tag = new_tag()
+        response.set_name_addr("To", to)
+
+
+def _select_best(responses: list[Response]) -> Response | None:
+    """RFC 3261 16.7 step 6: a 6xx wins, else the lowest class, with challenges merged."""
+    if not responses:
+        return None
+    six = [r for r in responses if r.status >= 600]
+    if six:
+        return six[0]
+    best = min(responses, key=lambda r: (r.status // 100, _preference(r.status)))
+    if best.status in (401, 407):
+        for other in responses:
+            if other is best or other.status not in (401, 407):
+                continue
+            for name in ("WWW-Authenticate", "Proxy-Authenticate"):
+                for value in other.headers.get_all(name):
+                    best.headers.add(name, value)
+    return best
+
+
+def _preference(status: int) -> int:
+    # among 4xx, prefer the ones that tell the caller what to do (16.7 step 6)
+    return {401: 0, 407: 0, 415: 1, 420: 1, 484: 1, 487: 2}.get(status, 5)
+

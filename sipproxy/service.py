@@ -1,0 +1,82 @@
+"""``makeService(config)``: the whole proxy as one Twisted service, for twistd or embedding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+
+from sipproxy.config import Config
+from sipproxy.dns import SipResolver
+from sipproxy.location import LocationService
+from sipproxy.pipeline import load_plugins
+from sipproxy.proxy import Proxy
+from sipproxy.registrar import Registrar
+from sipproxy.transport import TransportManager
+
+__all__ = ["SipProxyService", "makeService"]
+
+_log = Logger(namespace="sipproxy.service")
+
+
+class _ProxyLifecycle(Service):
+    """Ends every dialog (so plugins free media and NAT state) when the proxy stops."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def startService(self) -> None:
+        super().startService()
+        for lst in self.proxy.listeners:
+            _log.info(
+                "sipproxy listening on {transport} {address}:{port} ({side}, advertised as "
+                "{via_host})", transport=lst.transport, address=lst.address, port=lst.port,
+                side=lst.side, via_host=lst.via_host,
+            )
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.proxy.stop()
+
+
+class SipProxyService(MultiService):
+    """The proxy's services; ``.proxy`` is the core (plugins, location, transports)."""
+
+    proxy: Proxy
+
+
+def makeService(config: Config, reactor: Any = None) -> SipProxyService:
+    """Build the proxy from a config: attach the result to your own ``MultiService`` to embed
+    sipproxy in an existing Twisted application, or let ``twistd sipproxy`` run it."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = SipProxyService()
+    top.setName("sipproxy")
+    location = LocationService(reactor)
+    registrar = Registrar(
+        location,
+        reactor,
+        list(config.proxy.domains),
+        min_expires=config.registrar.min_expires,
+        max_expires=config.registrar.max_expires,
+        default_expires=config.registrar.default_expires,
+    )
+    receiver: list[Proxy] = []
+    transports = TransportManager(
+        reactor, lambda message: receiver[0].receive(message), config.listen
+    )
+    proxy = Proxy(config, reactor, transports, location, registrar, SipResolver(reactor=reactor))
+    receiver.append(proxy)
+    plugins = load_plugins(config, proxy)
+    proxy.set_plugins(plugins)
+    top.proxy = proxy
+    location.setServiceParent(top)
+    for plugin in plugins:
+        if IService.providedBy(plugin):
+            plugin.setServiceParent(top)
+    transports.setServiceParent(top)
+    _ProxyLifecycle(proxy).setServiceParent(top)
+    return top
