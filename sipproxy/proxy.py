@@ -191,9 +191,6 @@ class Proxy:
         for lst in self.listeners:
             if port is not None and lst.port != port:
                 continue
-            if port is None and lst.port not in (5060, 5061):
-                # a host without port means the default port; only listeners there match
-                pass
             if host in (lst.via_host.lower(), lst.address):
                 own = True
                 break
@@ -203,6 +200,10 @@ class Proxy:
         if len(self._own_cache) < 10000:
             self._own_cache[key] = own
         return own
+
+    def _is_local_uri(self, uri: URI) -> bool:
+        """A Request-URI we route with the location service: our domain, or our own socket."""
+        return uri.is_sip and (uri.host.lower() in self.domains or self._is_own_uri(uri))
 
     def _is_own_uri(self, uri: URI) -> bool:
         if not uri.is_sip:
@@ -339,7 +340,7 @@ class Proxy:
             self._forward(ctx, [request.uri], next_hop=None)
             return
         uri = request.uri
-        if uri.is_sip and self.is_local_domain(uri.host):
+        if self._is_local_uri(uri):
             self._route_local(ctx)
             return
         self._forward(ctx, [uri], next_hop=self.upstream)
@@ -754,7 +755,7 @@ class Proxy:
         out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
         if out.headers.get("route") is not None:
             hop = self._next_hop_uri(out)
-        elif out.uri.is_sip and self.is_local_domain(out.uri.host):
+        elif self._is_local_uri(out.uri):
             bindings = self.location.lookup(self.registrar_aor(out.uri))
             if not bindings:
                 return
