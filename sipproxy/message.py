@@ -53,7 +53,8 @@ MAX_UINT32 = 2**32 - 1
 REASONS: dict[int, str] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
     183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
-    301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy", 380: "Alternative Service",
+    301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy",
+    380: "Alternative Service",
     400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
     407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",

@@ -291,10 +291,12 @@ class Proxy:
             return 420, "Bad Extension", {"Unsupported": ", ".join(unsupported)}
         return None
 
-    def _loop_hash(self, request: Request) -> str:
+    def _loop_hash(self, request: Request, top: Via | None = None) -> str:
         """Branch prefix for loop detection (RFC 3261 16.6 step 8): the same request coming
-        back unchanged hashes to the same value; a spiral (new Request-URI) does not."""
-        top = request.top_via
+        back unchanged hashes to the same value; a spiral (new Request-URI) does not.
+        ``top`` is the Via that was on top when we forwarded it (default: the top one now)."""
+        if top is None:
+            top = request.top_via
         parts = (
             request.start_line(),
             request.from_.tag or "",
@@ -311,11 +313,13 @@ class Proxy:
         vias = request.vias
         if len(vias) < 2:
             return False
-        ours = [v for v in vias[1:] if v.branch and self._is_own_via(v)]
-        if not ours:
-            return False
-        prefix = f"{MAGIC_COOKIE}{self._loop_hash(request)}."
-        return any(v.branch is not None and v.branch.startswith(prefix) for v in ours)
+        # each Via of ours was hashed with the Via just below it (the top one when we got it)
+        for via, below in zip(vias, vias[1:], strict=False):
+            if via.branch and via.branch.startswith(MAGIC_COOKIE) and self._is_own_via(via):
+                prefix = f"{MAGIC_COOKIE}{self._loop_hash(request, below)}."
+                if via.branch.startswith(prefix):
+                    return True
+        return False
 
     def _is_own_via(self, via: Via) -> bool:
         port = via.port if via.port is not None else 5060
@@ -562,10 +566,15 @@ class Proxy:
             # our own 503: the target could not be reached; fail over to the next one
             self._failover(ctx, branch)
             return
-        if response.source is not None:
+        # remove our Via; a response the transaction layer made itself (408, 503) has it too
+        top = response.top_via
+        if top is None:
+            return
+        ours = branch.request.top_via
+        if ours is not None and top.branch == ours.branch:
+            response.pop_via()
             if not response.vias:
                 return
-            response.pop_via()
         if status < 200:
             branch.provisional = True
             if branch.timer_c is not None and branch.timer_c.active():

@@ -471,16 +471,16 @@ def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
     """Parse a URI; raise ``ParseError`` (400) when a sip/sips URI is malformed."""
     m = _URI_FAST.match(text)
     if m is not None:
-        scheme, user, host, port_text, ptext = m.groups()
+        scheme, fuser, host, port_text, ptext = m.groups()
         port = int(port_text) if port_text is not None else None
         if port is None or port <= 65535:
             params = Params(
                 [(n, v if eq else None) for n, eq, v in
                  (p.partition("=") for p in ptext[1:].split(";"))]
             ) if ptext else Params()
-            uri = URI(scheme, user, host, port, params)
-            uri._raw = text
-            return uri
+            fast = URI(scheme, fuser, host, port, params)
+            fast._raw = text
+            return fast
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME.match(scheme):
         raise ParseError("bad URI scheme")

@@ -1,0 +1,50 @@
+"""
+The C{twistd sipproxy} command line: options, and the service built from the config file.
+
+A bad config file ends the command with one line on stderr and exit status 2, never a traceback:
+the operator needs the key to fix, not our stack.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from sipproxy.config import ConfigError, load_config
+
+__all__ = ["EXIT_CONFIG_ERROR", "Options", "makeService"]
+
+EXIT_CONFIG_ERROR = 2
+
+
+class Options(usage.Options):
+    """Options of C{twistd sipproxy}."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the sipproxy SIP edge proxy. Without --config it listens on 0.0.0.0:5060 "
+        "(UDP and TCP) with built-in defaults; see examples/sipproxy.toml for every setting."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: built-in defaults)"],
+    ]
+
+
+def makeService(options: usage.Options) -> IService:
+    """Load the config named by the options and build the proxy's service from it."""
+    path = options["config"]
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        # twistd calls us before it starts logging or daemonizing: stderr is still the terminal.
+        # SystemExit passes through twistd untouched, so Python exits with our status, silently.
+        sys.stderr.write(f"sipproxy: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    # Imported late: `twistd --help` and option parsing must not import the whole proxy.
+    from sipproxy.service import makeService as makeProxyService
+
+    return makeProxyService(config)

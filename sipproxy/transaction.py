@@ -1,0 +1,696 @@
+"""RFC 3261 section 17 transactions for a stateful proxy, with RFC 6026's Accepted state.
+
+The layer sits between the transports and the proxy core (the "TU"). It absorbs
+retransmissions, retransmits over UDP, sends the hop-by-hop ACK for non-2xx finals, turns
+silence into a 408 and send failures into a 503, and forgets each transaction when it
+terminates. Every timer comes from the injected ``IReactorTime``.
+
+Transport errors: ``ITransportSender.send_request``/``send_response`` may raise or return a
+Deferred that fails. Either way the failure reaches the transaction on the next reactor turn
+(``callLater(0)``), never inside the call that sent, so a caller of ``send_request`` always gets
+its transaction object before its ``on_response`` can run.
+
+Lifetimes: every state but two ends on a timer. A server transaction waits for the TU's final
+response as long as the TU takes (RFC 3261 has no timer there), and an INVITE client
+transaction in Proceeding waits for a final response until the proxy's Timer C (RFC 3261 16.6
+step 11) sends a CANCEL through ``send_request``, which gives it 64*T1 more (RFC 3261 9.1).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
+
+from sipproxy.errors import ParseError
+from sipproxy.headers import Headers
+from sipproxy.message import MAGIC_COOKIE, Request, Response, Source
+
+if TYPE_CHECKING:
+    from sipproxy.dns import Target
+
+__all__ = [
+    "ClientTransaction",
+    "ITransactionUser",
+    "ITransportSender",
+    "ServerTransaction",
+    "State",
+    "TransactionLayer",
+    "TransactionTimeout",
+    "build_ack",
+    "build_cancel",
+]
+
+_log = Logger(namespace="sipproxy.transaction")
+
+ResponseCallback = Callable[[Response], None]
+
+
+class ITransportSender(Interface):
+    """What the transaction layer needs from the transports (implemented by sipproxy.transport).
+
+    Both methods may raise or return a Deferred whose failure means the message could not be
+    sent (connection refused, TLS handshake failed, ICMP unreachable...). ``None`` or a
+    Deferred that succeeds means "handed to the network"; nothing more is promised.
+    """
+
+    def send_request(request: Request, target: Target) -> Deferred[Any] | None:
+        """Send ``request`` to ``target`` (a resolved next hop: transport, host, port)."""
+
+    def send_response(response: Response, request_source: Source | None) -> Deferred[Any] | None:
+        """Send ``response`` back the way its request came (RFC 3261 18.2.2, RFC 3581).
+
+        ``request_source`` is where the request arrived from (its connection for TCP/TLS, the
+        address and port for UDP with rport); ``None`` means route by the top Via alone, as a
+        proxy does when it forwards a response statelessly.
+        """
+
+
+class ITransactionUser(Interface):
+    """The proxy core as the transaction layer sees it. Exceptions raised here are logged."""
+
+    def request_received(tx: ServerTransaction, request: Request) -> None:
+        """A new request (not a retransmission, not an ACK) created server transaction ``tx``.
+
+        CANCEL gets its own non-INVITE transaction like any other request; the INVITE it
+        cancels is ``TransactionLayer.find_server_transaction_for_cancel(request)``. For INVITE
+        the layer has already sent 100 Trying. Answer with ``tx.respond()``, now or later.
+        """
+
+    def ack_received(request: Request) -> None:
+        """An ACK that no server transaction absorbs: the ACK for a 2xx, to be sent end to end.
+
+        Also called for an ACK that matches an INVITE transaction in the Accepted state
+        (RFC 6026 section 7.1).
+        """
+
+    def stray_response(response: Response) -> None:
+        """A response that matches no client transaction.
+
+        A proxy forwards a 2xx to INVITE statelessly (retransmissions after the client
+        transaction is gone, RFC 3261 16.7 / RFC 6026) and drops the rest.
+        """
+
+    def server_transaction_failed(tx: ServerTransaction, reason: Failure) -> None:
+        """``tx`` terminated without success: Timer H fired (no ACK came for a non-2xx final;
+        ``reason.value`` is a ``TransactionTimeout``) or a response could not be sent (the
+        transport's exception)."""
+
+
+class TransactionTimeout(Exception):
+    """Timer H fired: the ACK for a non-2xx final response never came."""
+
+
+class State(enum.StrEnum):
+    CALLING = "Calling"
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"
+    TERMINATED = "Terminated"
+
+
+def _reliable(transport: str | None) -> bool:
+    return (transport or "UDP").upper() != "UDP"
+
+
+def build_ack(invite: Request, response: Response) -> Request:
+    """The hop-by-hop ACK for a non-2xx final response (RFC 3261 17.1.1.3).
+
+    Same Request-URI, Call-ID, From and CSeq number as the INVITE; To from the response (with
+    its tag); the INVITE's top Via only; the INVITE's Route headers.
+    """
+    return _build_from(invite, "ACK", response.headers.get("to") or "")
+
+
+def build_cancel(request: Request) -> Request:
+    """The CANCEL for ``request`` (RFC 3261 9.1): it reaches the same server transaction.
+
+    Same Request-URI, Call-ID, To, From and CSeq number; the request's top Via only; its Route
+    headers. Send it with ``TransactionLayer.send_request`` to the request's target, and only
+    after a provisional response (``ClientTransaction.provisional_received``).
+    """
+    return _build_from(request, "CANCEL", request.headers.get("to") or "")
+
+
+def _build_from(request: Request, method: str, to: str) -> Request:
+    headers = Headers()
+    top = request.top_via
+    if top is not None:
+        headers.add("Via", str(top))
+    max_forwards = request.headers.get("max-forwards")
+    headers.add("Max-Forwards", max_forwards if max_forwards is not None else "70")
+    for route in request.headers.get_all("route"):
+        headers.add("Route", route)
+    headers.add("From", request.headers.get("from") or "")
+    headers.add("To", to)
+    headers.add("Call-ID", request.call_id)
+    headers.add("CSeq", f"{request.cseq.number} {method}")
+    headers.add("Content-Length", "0")
+    return Request(method, str(request.uri), headers)
+
+
+# Table keys. A server transaction is found by (outer key, method); the outer key alone finds
+# every transaction a CANCEL could target (RFC 3261 9.2).
+_OuterKey = tuple[object, ...]
+
+
+def _server_key(request: Request) -> tuple[_OuterKey, bool]:
+    """(outer key, is RFC 3261 style) of a received request (RFC 3261 17.2.3)."""
+    via = request.top_via
+    if via is not None and via.branch and via.branch.startswith(MAGIC_COOKIE):
+        return ("3261", via.branch, via.host.lower(), via.port), True
+    # RFC 2543: Request-URI, From tag, Call-ID, CSeq number and top Via; the To tag and the
+    # method are checked separately because an ACK's To tag is the response's.
+    return (
+        "2543",
+        str(request.uri),
+        request.from_.tag,
+        request.call_id,
+        request.cseq.number,
+        str(via) if via is not None else "",
+    ), False
+
+
+class _Transaction:
+    """Timers and termination, shared by both kinds of transaction."""
+
+    state: State
+
+    def __init__(self, layer: TransactionLayer, request: Request, reliable: bool) -> None:
+        self._layer = layer
+        self.request = request
+        self.reliable = reliable
+        self.is_invite = request.method == "INVITE"
+        self.last_response: Response | None = None
+        self._timers: dict[str, IDelayedCall] = {}
+        self._waiters: list[Deferred[None]] = []
+        self._interval = layer.t1
+
+    @property
+    def timers(self) -> frozenset[str]:
+        """The RFC 3261/6026 timer letters now running (for tests and debugging)."""
+        return frozenset(self._timers)
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def when_terminated(self) -> Deferred[None]:
+        """A Deferred that fires (with None) once this transaction has terminated."""
+        d: Deferred[None] = Deferred()
+        if self.state is State.TERMINATED:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def _start_timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` after ``delay``; a zero wait (reliable transports) runs it at once."""
+        self._cancel_timer(name)
+        if delay <= 0:
+            fn()
+            return
+        self._timers[name] = self._layer.clock.callLater(delay, self._fire, name, fn)
+
+    def _fire(self, name: str, fn: Callable[[], None]) -> None:
+        self._timers.pop(name, None)
+        if self.state is not State.TERMINATED:
+            fn()
+
+    def _cancel_timer(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _terminate(self) -> None:
+        if self.state is State.TERMINATED:
+            return
+        self.state = State.TERMINATED
+        for name in list(self._timers):
+            self._cancel_timer(name)
+        self._layer._forget(self)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _guarded(self, send: Callable[[], object]) -> None:
+        """Send, and route any failure to ``_transport_failed`` on the next reactor turn."""
+        try:
+            result = send()
+        except Exception:
+            self._layer.clock.callLater(0, self._transport_failed, Failure())
+            return
+        if isinstance(result, Deferred):
+            result.addErrback(self._later_failed)
+
+    def _later_failed(self, failure: Failure) -> None:
+        self._layer.clock.callLater(0, self._transport_failed, failure)
+
+    def _transport_failed(self, failure: Failure) -> None:
+        raise NotImplementedError
+
+
+class ServerTransaction(_Transaction):
+    """A received request and the responses to it (RFC 3261 17.2, RFC 6026 7.1).
+
+    ``respond()`` is the only thing the TU calls. Retransmitted requests never reach the TU:
+    they are absorbed or answered with ``last_response``.
+    """
+
+    def __init__(self, layer: TransactionLayer, request: Request, key: _OuterKey) -> None:
+        source = request.source
+        via = request.top_via
+        transport = source.transport if source is not None else (via.transport if via else None)
+        super().__init__(layer, request, _reliable(transport))
+        self.state = State.PROCEEDING if self.is_invite else State.TRYING
+        self._key = key
+        self._method = request.method
+
+    def __repr__(self) -> str:
+        return f"<ServerTransaction {self._method} {self.state}>"
+
+    @property
+    def source(self) -> Source | None:
+        return self.request.source
+
+    # -- from the TU -------------------------------------------------------------------------
+    def respond(self, response: Response) -> None:
+        """Send a response. Responses the state does not allow are dropped (and logged).
+
+        After termination a 2xx to INVITE is still sent (statelessly, by its Via): a proxy
+        must forward every 2xx (RFC 3261 16.7 step 10, RFC 6026).
+        """
+        status = response.status
+        state = self.state
+        if state is State.TERMINATED:
+            if self.is_invite and 200 <= status < 300:
+                self._layer.send_stateless_response(response, self.request.source)
+            else:
+                _log.debug("dropped {status} for terminated {tx!r}", status=status, tx=self)
+            return
+        if self.is_invite:
+            if state is State.PROCEEDING:
+                self._send(response)
+                if status >= 300:
+                    self.state = State.COMPLETED
+                    if not self.reliable:
+                        self._interval = self._layer.t1
+                        self._start_timer("G", self._interval, self._timer_g)
+                    self._start_timer("H", 64 * self._layer.t1, self._timer_h)
+                elif status >= 200:
+                    self.state = State.ACCEPTED
+                    self._start_timer("L", 64 * self._layer.t1, self._terminate)
+            elif state is State.ACCEPTED and 200 <= status < 300:
+                self._send(response)
+            else:
+                _log.debug("dropped {status} in {tx!r}", status=status, tx=self)
+            return
+        if state in (State.TRYING, State.PROCEEDING):
+            self._send(response)
+            if status < 200:
+                self.state = State.PROCEEDING
+            else:
+                self.state = State.COMPLETED
+                self._start_timer("J", 0 if self.reliable else 64 * self._layer.t1,
+                                  self._terminate)
+        else:
+            _log.debug("dropped {status} in {tx!r}", status=status, tx=self)
+
+    def _send(self, response: Response) -> None:
+        self.last_response = response
+        self._resend()
+
+    def _resend(self) -> None:
+        response = self.last_response
+        if response is not None:
+            transport = self._layer.transport
+            source = self.request.source
+            self._guarded(lambda: transport.send_response(response, source))
+
+    # -- from the network --------------------------------------------------------------------
+    def _retransmission(self) -> None:
+        state = self.state
+        if state in (State.PROCEEDING, State.COMPLETED):
+            self._resend()
+        # Trying (no response yet), Accepted (RFC 6026: absorb), Confirmed: nothing to do.
+
+    def _ack(self, ack: Request) -> None:
+        if self.state is State.COMPLETED:
+            self.state = State.CONFIRMED
+            self._cancel_timer("G")
+            self._cancel_timer("H")
+            self._start_timer("I", 0 if self.reliable else self._layer.t4, self._terminate)
+        elif self.state is State.ACCEPTED:
+            self._layer._call_tu(self._layer.tu.ack_received, ack)
+
+    # -- timers ------------------------------------------------------------------------------
+    def _timer_g(self) -> None:
+        self._resend()
+        self._interval = min(2 * self._interval, self._layer.t2)
+        self._start_timer("G", self._interval, self._timer_g)
+
+    def _timer_h(self) -> None:
+        self._terminate()
+        self._layer._call_tu(
+            self._layer.tu.server_transaction_failed,
+            self,
+            Failure(TransactionTimeout("Timer H: no ACK for the final response")),
+        )
+
+    def _transport_failed(self, failure: Failure) -> None:
+        if self.state in (State.TRYING, State.PROCEEDING, State.COMPLETED):
+            self._terminate()
+            self._layer._call_tu(self._layer.tu.server_transaction_failed, self, failure)
+        else:
+            _log.debug("send failed in {tx!r}: {f}", tx=self, f=failure.getErrorMessage())
+
+
+class ClientTransaction(_Transaction):
+    """A request the proxy sends and the responses to it (RFC 3261 17.1, RFC 6026 8.4).
+
+    Every response worth the TU's attention goes to ``on_response``: provisionals, the final,
+    and (for INVITE) every 2xx including retransmissions. A timeout arrives as a locally made
+    408 and a transport failure as a 503 (``source`` is None on both), as RFC 3261 16.7 and
+    16.9 tell a proxy to treat them; the transaction has then already terminated.
+    """
+
+    def __init__(
+        self,
+        layer: TransactionLayer,
+        request: Request,
+        target: Target,
+        on_response: ResponseCallback,
+        key: tuple[str, str],
+    ) -> None:
+        super().__init__(layer, request, _reliable(target.transport))
+        self.target = target
+        self.on_response = on_response
+        self.provisional_received = False
+        self.state = State.CALLING if self.is_invite else State.TRYING
+        self._key = key
+        self.ack: Request | None = None
+
+    def __repr__(self) -> str:
+        return f"<ClientTransaction {self.request.method} {self.state}>"
+
+    @property
+    def branch(self) -> str:
+        return self._key[0]
+
+    def _start(self) -> None:
+        t1 = self._layer.t1
+        self._send_request()
+        if self.is_invite:
+            if not self.reliable:
+                self._start_timer("A", t1, self._timer_a)
+            self._start_timer("B", 64 * t1, self._timeout)
+        else:
+            if not self.reliable:
+                self._start_timer("E", t1, self._timer_e)
+            self._start_timer("F", 64 * t1, self._timeout)
+
+    def _send_request(self) -> None:
+        transport, request, target = self._layer.transport, self.request, self.target
+        self._guarded(lambda: transport.send_request(request, target))
+
+    def _deliver(self, response: Response) -> None:
+        self._layer._call_tu(self.on_response, response)
+
+    # -- from the network --------------------------------------------------------------------
+    def _receive(self, response: Response) -> None:
+        status = response.status
+        state = self.state
+        if self.is_invite:
+            if state in (State.CALLING, State.PROCEEDING):
+                self._cancel_timer("A")
+                self._cancel_timer("B")
+                self.last_response = response
+                if status < 200:
+                    self.state = State.PROCEEDING
+                    self.provisional_received = True
+                    self._deliver(response)
+                elif status < 300:
+                    self._cancel_timer("cancel")
+                    self.state = State.ACCEPTED
+                    self._deliver(response)
+                    self._start_timer("M", 64 * self._layer.t1, self._terminate)
+                else:
+                    self._cancel_timer("cancel")
+                    self.state = State.COMPLETED
+                    self.ack = build_ack(self.request, response)
+                    self._send_ack()
+                    self._deliver(response)
+                    self._start_timer("D", 0 if self.reliable else self._layer.timer_d,
+                                      self._terminate)
+            elif state is State.COMPLETED and status >= 300:
+                self._send_ack()
+            elif state is State.ACCEPTED and 200 <= status < 300:
+                self._deliver(response)
+            return
+        if state in (State.TRYING, State.PROCEEDING):
+            self.last_response = response
+            if status < 200:
+                self.state = State.PROCEEDING
+                self.provisional_received = True
+                self._deliver(response)
+            else:
+                self.state = State.COMPLETED
+                self._cancel_timer("E")
+                self._cancel_timer("F")
+                self._deliver(response)
+                self._start_timer("K", 0 if self.reliable else self._layer.t4, self._terminate)
+
+    def _send_ack(self) -> None:
+        ack, transport, target = self.ack, self._layer.transport, self.target
+        if ack is not None:
+            try:
+                result = transport.send_request(ack, target)
+            except Exception as e:
+                _log.info("sending ACK for {tx!r} failed: {e}", tx=self, e=e)
+                return
+            if isinstance(result, Deferred):
+                result.addErrback(lambda f: None)  # a lost ACK is retried on the next final
+
+    # -- timers ------------------------------------------------------------------------------
+    def _timer_a(self) -> None:
+        self._send_request()
+        self._interval *= 2
+        self._start_timer("A", self._interval, self._timer_a)
+
+    def _timer_e(self) -> None:
+        self._send_request()
+        if self.state is State.PROCEEDING:
+            self._interval = self._layer.t2
+        else:
+            self._interval = min(2 * self._interval, self._layer.t2)
+        self._start_timer("E", self._interval, self._timer_e)
+
+    def _timeout(self) -> None:
+        self._fail(408)
+
+    def _cancel_sent(self) -> None:
+        """A CANCEL went out for this INVITE: give up 64*T1 later without a final (RFC 3261 9.1)."""
+        if self.state in (State.CALLING, State.PROCEEDING) and "cancel" not in self._timers:
+            self._start_timer("cancel", 64 * self._layer.t1, self._timeout)
+
+    def _transport_failed(self, failure: Failure) -> None:
+        if self.state in (State.CALLING, State.TRYING) or (
+            self.state is State.PROCEEDING and not self.is_invite
+        ):
+            _log.info("sending {tx!r} to {target} failed: {f}", tx=self, target=self.target,
+                      f=failure.getErrorMessage())
+            self._fail(503)
+
+    def _fail(self, status: int) -> None:
+        self._terminate()
+        response = self.request.make_response(status)
+        self._deliver(response)
+
+
+class TransactionLayer:
+    """Matches messages to transactions, creates them, and forgets them when they terminate.
+
+    ``len(layer)`` is the number of live transactions (``client_count + server_count``); it
+    must come back to zero when traffic stops, or something leaks.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        transport: ITransportSender,
+        tu: ITransactionUser,
+        t1: float = 0.5,
+        t2: float = 4.0,
+        t4: float = 5.0,
+        timer_d: float = 32.0,
+        send_trying: bool = True,
+    ) -> None:
+        self.clock = clock
+        self.transport = transport
+        self.tu = tu
+        self.t1 = t1
+        self.t2 = t2
+        self.t4 = t4
+        self.timer_d = timer_d
+        self.send_trying = send_trying
+        self._server: dict[_OuterKey, dict[str, ServerTransaction]] = {}
+        self._client: dict[tuple[str, str], ClientTransaction] = {}
+        self._live_server: set[ServerTransaction] = set()
+
+    def __len__(self) -> int:
+        return len(self._client) + len(self._live_server)
+
+    def __bool__(self) -> bool:
+        return True  # an idle layer is still a layer
+
+    @property
+    def client_count(self) -> int:
+        return len(self._client)
+
+    @property
+    def server_count(self) -> int:
+        return len(self._live_server)
+
+    # -- from the transports -----------------------------------------------------------------
+    def receive(self, message: Request | Response) -> None:
+        """Every parsed message from the transports comes here."""
+        try:
+            if isinstance(message, Response):
+                self._receive_response(message)
+            else:
+                self._receive_request(message)
+        except ParseError as e:
+            _log.info("dropped {m!r}: {e}", m=message, e=e)
+
+    def _receive_response(self, response: Response) -> None:
+        via = response.top_via
+        tx = None
+        if via is not None and via.branch:
+            tx = self._client.get((via.branch, response.cseq.method))
+        if tx is None:
+            self._call_tu(self.tu.stray_response, response)
+        else:
+            tx._receive(response)
+
+    def _receive_request(self, request: Request) -> None:
+        key, rfc3261 = _server_key(request)
+        method = request.method
+        if method == "ACK":
+            tx = self._server.get(key, {}).get("INVITE")
+            if tx is not None and not rfc3261:
+                response_tag = tx.last_response.to.tag if tx.last_response is not None else None
+                if request.to.tag != response_tag:
+                    tx = None
+            if tx is None:
+                self._call_tu(self.tu.ack_received, request)
+            else:
+                tx._ack(request)
+            return
+        slot = self._server.setdefault(key, {})
+        tx = slot.get(method)
+        if tx is not None and (rfc3261 or request.to.tag == tx.request.to.tag):
+            tx._retransmission()
+            return
+        tx = ServerTransaction(self, request, key)
+        slot[method] = tx
+        self._live_server.add(tx)
+        if tx.is_invite and self.send_trying:
+            trying = request.make_response(100)
+            timestamp = request.headers.get("timestamp")
+            if timestamp is not None:
+                trying.headers.add("Timestamp", timestamp)
+            tx._send(trying)
+        self._call_tu(self.tu.request_received, tx, request)
+
+    def find_server_transaction_for_cancel(self, cancel: Request) -> ServerTransaction | None:
+        """The live server transaction ``cancel`` targets (RFC 3261 9.2), INVITE preferred."""
+        key, rfc3261 = _server_key(cancel)
+        slot = self._server.get(key)
+        if not slot:
+            return None
+        found = None
+        for method, tx in slot.items():
+            if method in ("CANCEL", "ACK") or tx.terminated:
+                continue
+            if not rfc3261 and cancel.to.tag != tx.request.to.tag:
+                continue
+            if method == "INVITE":
+                return tx
+            found = tx
+        return found
+
+    # -- from the proxy ----------------------------------------------------------------------
+    def send_request(
+        self, request: Request, target: Target, on_response: ResponseCallback
+    ) -> ClientTransaction:
+        """Start a client transaction. ``request`` already carries the proxy's top Via with a
+        unique branch (``sipproxy.message.new_branch()``); ACK is not a transaction (use
+        ``send_stateless_request``). A CANCEL whose branch is that of a live INVITE client
+        transaction also arms that INVITE's 64*T1 give-up timer (RFC 3261 9.1)."""
+        if request.method == "ACK":
+            raise ValueError("ACK is not sent in a client transaction")
+        via = request.top_via
+        if via is None or not via.branch:
+            raise ValueError("the request needs a top Via with a branch")
+        key = (via.branch, request.method)
+        if key in self._client:
+            raise ValueError(f"a client transaction for {key} exists already")
+        tx = ClientTransaction(self, request, target, on_response, key)
+        self._client[key] = tx
+        if request.method == "CANCEL":
+            invite = self._client.get((via.branch, "INVITE"))
+            if invite is not None:
+                invite._cancel_sent()
+        tx._start()
+        return tx
+
+    def send_stateless_request(self, request: Request, target: Target) -> None:
+        """Send without a transaction (an ACK for a 2xx); failures are only logged."""
+        self._stateless(lambda: self.transport.send_request(request, target), request)
+
+    def send_stateless_response(
+        self, response: Response, request_source: Source | None = None
+    ) -> None:
+        """Send without a transaction (a stray 2xx, routed by Via); failures only logged."""
+        self._stateless(lambda: self.transport.send_response(response, request_source), response)
+
+    def _stateless(self, send: Callable[[], Deferred[Any] | None], what: object) -> None:
+        try:
+            result = send()
+        except Exception as e:
+            _log.info("sending {what!r} statelessly failed: {e}", what=what, e=e)
+            return
+        if isinstance(result, Deferred):
+            result.addErrback(
+                lambda f: _log.info("sending {what!r} failed: {f}", what=what,
+                                    f=f.getErrorMessage())
+            )
+
+    # -- internals ---------------------------------------------------------------------------
+    def _call_tu(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            _log.failure("transaction user raised in {fn}", fn=getattr(fn, "__name__", fn))
+
+    def _forget(self, tx: _Transaction) -> None:
+        if isinstance(tx, ClientTransaction):
+            if self._client.get(tx._key) is tx:
+                del self._client[tx._key]
+        elif isinstance(tx, ServerTransaction):
+            self._live_server.discard(tx)
+            slot = self._server.get(tx._key)
+            if slot is not None:
+                if slot.get(tx._method) is tx:
+                    del slot[tx._method]
+                if not slot:
+                    del self._server[tx._key]
+

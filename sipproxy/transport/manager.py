@@ -1,0 +1,820 @@
+"""
+The SIP transport layer (RFC 3261 section 18): listeners, connections, and where bytes go.
+
+L{TransportManager} is the service that owns every socket. Inbound, it turns datagrams and framed
+stream messages into L{Message}s stamped with their L{Source} (RFC 3261 18.2.1 / RFC 3581
+received and rport included) and hands them to the receiver; what does not parse is answered
+statelessly when it is a request and dropped when it is a response. Outbound, it implements
+L{ITransportSender}: requests go to a L{Target} (connections reused, RFC 3261 18.1.1 size rule),
+responses follow the Via rules of RFC 3261 18.2.2 and RFC 3581 (L{route_response}).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+)
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sipproxy.message import (
+    DEFAULT_LIMITS,
+    Limits,
+    Message,
+    ParseError,
+    Request,
+    Response,
+    Source,
+    Via,
+    new_tag,
+    parse_message,
+)
+from sipproxy.transaction import ITransportSender
+from sipproxy.transport.tcp import SIPStreamProtocol
+from sipproxy.transport.udp import SIPDatagramProtocol
+
+if TYPE_CHECKING:
+    from sipproxy.dns import Target
+
+__all__ = [
+    "RELIABLE_TRANSPORTS",
+    "UDP_SIZE_LIMIT",
+    "ListenSpec",
+    "Listener",
+    "ResponseRoute",
+    "TransportManager",
+    "route_response",
+    "stamp_via",
+    "stateless_error_response",
+]
+
+RELIABLE_TRANSPORTS = frozenset({"TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS"})
+UDP_SIZE_LIMIT = 1300
+"""RFC 3261 18.1.1: a request larger than this (path MTU unknown) must not go over UDP."""
+
+_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
+_STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
+
+
+class ListenSpec(Protocol):
+    """What the manager reads from a listen entry (L{sipproxy.config.ListenConfig} fits)."""
+
+    @property
+    def side(self) -> str: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def advertise(self) -> str | None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Pure decisions: response routing and stateless error answers
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ResponseRoute:
+    """
+    Where a response goes.
+
+    @ivar transport: upper case, from the top Via (C{"UDP"}, C{"TCP"}, C{"TLS"} ...).
+    @ivar host: IP address (or, rarely, a name) to send to when no connection is reused.
+    @ivar port: port for C{host}.
+    @ivar connection: for a reliable transport, the C{(host, port)} of the peer whose connection
+        the request came on: use it if it is still open (RFC 3261 18.2.2), else C{host}/C{port}.
+    """
+
+    transport: str
+    host: str
+    port: int
+    connection: tuple[str, int] | None = None
+
+
+def route_response(via: Via, source: Source | None) -> ResponseRoute:
+    """
+    RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is C{via}.
+
+    C{source} is where the request came from; it supplies the connection to reuse and, for an
+    C{rport} that was never filled in, the port the request came from.
+    """
+    transport = via.transport.upper()
+    default_port = 5061 if transport in ("TLS", "WSS", "TLS-SCTP") else 5060
+    sent_by_port = via.port if via.port is not None else default_port
+    if transport in RELIABLE_TRANSPORTS:
+        connection = None
+        if source is not None and source.transport.upper() == transport:
+            connection = (source.host, source.port)
+        return ResponseRoute(transport, via.received or via.host, sent_by_port, connection)
+    if via.maddr:
+        return ResponseRoute(transport, via.maddr, sent_by_port)
+    rport = via.rport
+    if rport is True and source is not None:
+        return ResponseRoute(transport, source.host, source.port)
+    host = via.received or via.host
+    if isinstance(rport, int) and not isinstance(rport, bool):
+        return ResponseRoute(transport, host, rport)
+    return ResponseRoute(transport, host, sent_by_port)
+
+
+# Liberal on purpose: LWS inside the Request-URI (RFC 4475 3.1.2.8) still deserves its 400.
+_REQUEST_LINE = re.compile(rb"[A-Za-z0-9.!%*_+`'~-]+ +[^ ].* SIP/[^ ]*[ \t]*\Z", re.I | re.S)
+_COPIED = {"via": "Via", "from": "From", "to": "To", "call-id": "Call-ID", "cseq": "CSeq"}
+_COMPACT = {"v": "via", "f": "from", "t": "to", "i": "call-id"}
+_LINE_END = re.compile(rb"\r?\n")
+
+
+def stateless_error_response(data: bytes, status: int, reason: str) -> bytes | None:
+    """
+    A minimal response to a request that did not parse, or C{None} when it cannot be answered.
+
+    The Via, From, To, Call-ID and CSeq lines are copied raw (unfolded) so the client can match
+    the answer to its transaction; a To without a tag gets one. Nothing is sent for a response,
+    an ACK, or anything without a Via.
+    """
+    data = data.lstrip(b"\r\n")
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[:end]
+    lines = _LINE_END.split(head)
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None or lines[0].split(b" ", 1)[0].upper() == b"ACK":
+        return None
+    found: dict[str, list[bytes]] = {}
+    last: str | None = None
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            if last is not None:
+                found[last][-1] += b" " + line.strip()
+            continue
+        name, colon, value = line.partition(b":")
+        key = name.strip().decode("latin-1").lower()
+        key = _COMPACT.get(key, key)
+        if not colon or key not in _COPIED:
+            last = None
+            continue
+        found.setdefault(key, []).append(value.strip())
+        last = key
+    if not found.get("via"):
+        return None
+    phrase = " ".join(reason.split()) or "Bad Request"
+    out = [f"SIP/2.0 {status} {phrase}".encode("utf-8", "replace")]
+    for key, name in _COPIED.items():
+        for value in found.get(key, []):
+            if key == "to" and b"tag=" not in value.lower():
+                value += b";tag=" + new_tag().encode()
+            out.append(name.encode() + b": " + value)
+    out.append(b"Content-Length: 0")
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
+
+
+def _enlarge_receive_buffer(port: Any) -> None:
+    """Let a burst of datagrams wait in the kernel while the reactor is busy, instead of being
+    dropped (the default buffer holds a few hundred SIP messages). Root may exceed rmem_max."""
+    sock = getattr(port, "socket", None)
+    if sock is None:
+        return
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
+
+
+# Address checks run several times per message: cache them (hosts repeat, the cache is bounded).
+@functools.lru_cache(maxsize=4096)
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return None
+
+
+def _is_ip(host: str) -> bool:
+    return _ip(host) is not None
+
+
+def _family(host: str) -> int | None:
+    """AF_INET/AF_INET6 for an IP literal, None for a name."""
+    ip = _ip(host)
+    if ip is None:
+        return None
+    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_host(host: str) -> str:
+    ip = _ip(host)
+    return str(ip) if ip is not None else host.lower()
+
+
+def _key(host: str, port: int) -> tuple[str, int]:
+    """Connection table key: IP literals in one canonical spelling."""
+    return _canonical_host(host), port
+
+
+@functools.lru_cache(maxsize=4096)
+def _not_unicast(host: str) -> bool:
+    """Addresses a response must never be sent to (RFC 4475 3.3.10: broadcast Via)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_multicast or ip.is_unspecified or str(ip) == "255.255.255.255"
+
+
+_LOCAL_NETS = tuple(
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_local(host: str) -> bool:
+    """RFC 1918 / ULA / loopback / link-local: an address of the inside, for listener choice."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_loopback or ip.is_link_local:
+        return True
+    return any(ip.version == net.version and ip in net for net in _LOCAL_NETS)
+
+
+def _same_host(a: str, b: str) -> bool:
+    return _key(a, 0) == _key(b, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Listeners
+# --------------------------------------------------------------------------------------------
+class Listener:
+    """
+    One listening socket and what the proxy needs to put in Via / Record-Route for it.
+
+    @ivar side: C{"inside"} or C{"outside"}.
+    @ivar transport: C{"UDP"} or C{"TCP"} (upper case, as in a Via).
+    @ivar address: the bound IP (may be a wildcard such as C{0.0.0.0}).
+    @ivar port: the bound port (the real one once started, also when configured as 0).
+    @ivar via_host: the host to advertise (C{advertise} from the config, else C{address}).
+    """
+
+    def __init__(self, spec: ListenSpec) -> None:
+        self.side = spec.side
+        self.transport = spec.transport.upper()
+        if self.transport not in ("UDP", "TCP"):
+            raise ValueError(f"transport {spec.transport!r} is not supported by TransportManager")
+        self.address = spec.address
+        self.port = spec.port
+        self.via_host = spec.advertise or spec.address
+        self.family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        self.listening_port: IListeningPort | None = None
+        self.udp: SIPDatagramProtocol | None = None
+
+    @property
+    def bind_host(self) -> str | None:
+        """The address outgoing connections of this side bind to, None for a wildcard."""
+        return None if self.address in _WILDCARDS else self.address
+
+    def __repr__(self) -> str:
+        where = f"{self.address}:{self.port} via {self.via_host}"
+        return f"<Listener {self.side} {self.transport} {where}>"
+
+
+class _StreamFactory(Factory):
+    def __init__(self, manager: TransportManager, listener: Listener) -> None:
+        self.manager = manager
+        self.listener = listener
+
+    def buildProtocol(self, addr: Any) -> SIPStreamProtocol:
+        return self.manager._new_stream(self.listener.side, outgoing=False)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An outgoing connection being set up, with what waits to be sent on it."""
+
+    queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
+    deferred: defer.Deferred[SIPStreamProtocol] | None = None
+
+
+class _DropLog:
+    """Log dropped input without letting a flood of garbage flood the log."""
+
+    def __init__(self, log: Logger, clock: Any, burst: int = 10, period: float = 60.0) -> None:
+        self.log = log
+        self.clock = clock
+        self.burst = burst
+        self.period = period
+        self._window_start = -period
+        self._count = 0
+        self._suppressed = 0
+
+    def __call__(self, fmt: str, **kw: object) -> None:
+        now = self.clock.seconds()
+        if now - self._window_start >= self.period:
+            if self._suppressed:
+                self.log.info("{n} more dropped messages not logged", n=self._suppressed)
+            self._window_start = now
+            self._count = 0
+            self._suppressed = 0
+        if self._count < self.burst:
+            self._count += 1
+            self.log.info(fmt, **kw)
+        else:
+            self._suppressed += 1
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------------
+@implementer(ITransportSender)
+class TransportManager(Service):
+    """
+    All SIP sockets of the proxy, as one service.
+
+    @param reactor: provides C{IReactorUDP}, C{IReactorTCP} and C{IReactorTime} (every timer,
+        connect and listen goes through it).
+    @param receiver: called with every message that parsed; C{message.source} is a L{Source}
+        whose C{side} is the listener's side. Requests have had RFC 3261 18.2.1 C{received} and
+        RFC 3581 C{rport} added to their top Via already. Exceptions it raises are logged.
+    @param listens: listen entries (L{ListenSpec}; C{sipproxy.config.ListenConfig} objects).
+    @param idle_timeout: seconds without traffic after which a connection is closed (None: never).
+    @param connect_timeout: seconds an outgoing TCP connection may take to establish.
+    @param limits: message size limits for parsing and framing.
+    """
+
+    log = Logger()
+    udp_size_limit = UDP_SIZE_LIMIT
+
+    def __init__(
+        self,
+        reactor: Any,
+        receiver: Callable[[Message], None],
+        listens: Iterable[ListenSpec],
+        *,
+        idle_timeout: float | None = 600.0,
+        connect_timeout: float = 10.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.reactor = reactor
+        self.receiver = receiver
+        self.listeners = [Listener(spec) for spec in listens]
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.limits = limits
+        self._connections: dict[tuple[str, int], SIPStreamProtocol] = {}
+        self._streams: set[SIPStreamProtocol] = set()
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
+        self._drop_log = _DropLog(self.log, reactor)
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        opened: list[Listener] = []
+        try:
+            for listener in self.listeners:
+                self._listen(listener)
+                opened.append(listener)
+        except Exception:
+            for listener in opened:
+                if listener.listening_port is not None:
+                    listener.listening_port.stopListening()
+                    listener.listening_port = None
+            raise
+        super().startService()
+
+    def _listen(self, listener: Listener) -> None:
+        interface = "" if listener.address == "0.0.0.0" else listener.address
+        if listener.transport == "UDP":
+            proto = SIPDatagramProtocol(
+                lambda data, addr: self._datagram_received(listener, data, addr)
+            )
+            port = self.reactor.listenUDP(listener.port, proto, interface=interface)
+            _enlarge_receive_buffer(port)
+            listener.udp = proto
+        else:
+            port = self.reactor.listenTCP(
+                listener.port, _StreamFactory(self, listener), interface=interface
+            )
+        listener.listening_port = port
+        listener.port = port.getHost().port
+        if listener.address in _WILDCARDS and listener.via_host == listener.address:
+            self.log.warn(
+                "{listener} listens on a wildcard address without 'advertise': "
+                "Via and Record-Route will not be reachable",
+                listener=listener,
+            )
+        self.log.info("SIP listening: {listener}", listener=listener)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        waits: list[defer.Deferred[Any]] = []
+        for listener in self.listeners:
+            if listener.listening_port is not None:
+                waits.append(defer.maybeDeferred(listener.listening_port.stopListening))
+                listener.listening_port = None
+                listener.udp = None
+        for pending in list(self._pending.values()):
+            if pending.deferred is not None:
+                pending.deferred.cancel()
+        for proto in list(self._streams):
+            waits.append(self._close_stream(proto))
+        done = defer.DeferredList(waits, consumeErrors=True)
+        return done.addCallback(lambda _: None)
+
+    def _close_stream(self, proto: SIPStreamProtocol) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._lost_waiters.setdefault(proto, []).append(d)
+        proto.close()
+        abort = self.reactor.callLater(_STOP_GRACE, self._abort, proto)
+        d.addBoth(lambda r: abort.cancel() if abort.active() else None)
+        return d
+
+    @staticmethod
+    def _abort(proto: SIPStreamProtocol) -> None:
+        transport = proto.transport
+        if transport is not None and hasattr(transport, "abortConnection"):
+            transport.abortConnection()
+
+    # -- choosing sockets ------------------------------------------------------------------------
+
+    def choose_listener(
+        self, target: Target, side: str | None = None, transport: str | None = None
+    ) -> Listener | None:
+        """
+        The listener a request to C{target} leaves from (its Via/Record-Route address).
+
+        Candidates have C{transport} (default C{target.transport}; a TCP target with no TCP
+        listener falls back to the UDP listener of that side), C{side} when given, and an address
+        family that fits an IP target. Without C{side}, a private/loopback IP target prefers an
+        inside listener, anything else an outside one. The proxy may override this method.
+        """
+        wanted = (transport or target.transport).upper()
+        candidates = [lst for lst in self.listeners if lst.transport == wanted]
+        if not candidates and wanted == "TCP":
+            candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
+        if side is not None:
+            candidates = [lst for lst in candidates if lst.side == side]
+        family = _family(target.host)
+        if family is not None:
+            fitting = [lst for lst in candidates if lst.family == family]
+            candidates = fitting or candidates
+        if not candidates:
+            return None
+        if side is None and family is not None:
+            preferred = "inside" if _is_local(target.host) else "outside"
+            for lst in candidates:
+                if lst.side == preferred:
+                    return lst
+        return candidates[0]
+
+    def transport_for(self, request_bytes_len: int, target: Target) -> str:
+        """
+        The transport a request of that size goes over to C{target} (RFC 3261 18.1.1).
+
+        A UDP target gets C{"TCP"} when the request is larger than L{udp_size_limit} (1300) bytes;
+        the proxy calls this with the size it is about to send (including its own Via) and writes
+        the answer in its Via. L{send_request} then sends over TCP to the same host and port.
+        """
+        wanted = target.transport.upper()
+        if wanted == "UDP" and request_bytes_len > self.udp_size_limit:
+            return "TCP"
+        return wanted
+
+    def listener_for_source(self, source: Source) -> Listener | None:
+        """The listener a message with this source arrived on (UDP), or one of its side."""
+        for lst in self.listeners:
+            if (
+                lst.transport == source.transport.upper() == "UDP"
+                and lst.port == source.local_port
+                and _same_host(lst.address, source.local_host)
+            ):
+                return lst
+        return None
+
+    def _listener_for_request(
+        self, request: Request, transport: str, target: Target
+    ) -> Listener | None:
+        """The listener named by the request's top Via (which the proxy built), else chosen."""
+        via = request.top_via
+        side: str | None = None
+        if via is not None:
+            port = via.port if via.port is not None else 5060
+            named = [
+                lst for lst in self.listeners
+                if lst.port == port and _same_host(lst.via_host, via.host)
+            ]
+            for lst in named:
+                if lst.transport == transport:
+                    return lst
+            if named:
+                side = named[0].side
+        return self.choose_listener(target, side=side, transport=transport)
+
+    # -- ITransportSender ------------------------------------------------------------------------
+
+    def send_request(self, request: Request, target: Target) -> defer.Deferred[None]:
+        """
+        Send C{request} to C{target}.
+
+        Returns a Deferred that fires with None once the bytes are handed to the kernel (UDP: at
+        once; TCP: when written on an established connection) and fails otherwise (no listener,
+        connection refused or timed out, socket error, service stopped). Never raises.
+
+        UDP leaves from the listener the top Via names (else L{choose_listener}); a UDP target
+        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP.
+        TCP reuses any open connection to C{(host, port)}, accepted or opened, else connects
+        (bound to the listener's address) and queues the request until connected.
+        """
+        done: defer.Deferred[None] = defer.Deferred()
+        try:
+            transport = target.transport.upper()
+            via = request.top_via
+            if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
+                transport = "TCP"
+            data = self._serialize(request, transport)
+            listener = self._listener_for_request(request, transport, target)
+            if transport == "UDP":
+                if listener is None or listener.transport != "UDP":
+                    raise ConnectionError(f"no UDP listener to send to {target.host}")
+                self._send_datagram(listener, data, target.host, target.port, done)
+            elif transport == "TCP":
+                side = listener.side if listener is not None else ""
+                bind = listener.bind_host if listener is not None else None
+                self._send_stream(side, bind, data, target.host, target.port, done)
+            else:
+                raise ConnectionError(f"transport {transport} is not supported")
+        except Exception:
+            done.errback()
+        return done
+
+    def send_response(
+        self, response: Response, request_source: Source | None
+    ) -> defer.Deferred[None]:
+        """
+        Send C{response} per its top Via (L{route_response}); the Deferred is as for requests.
+
+        Reliable: over the connection the request came on if still open, else a new TCP
+        connection to received-or-sent-by host and sent-by port. UDP: from the socket the request
+        arrived on (else a UDP listener of the same side) to maddr / received+rport / sent-by.
+        Never to a broadcast, multicast or unspecified address.
+        """
+        done: defer.Deferred[None] = defer.Deferred()
+        try:
+            via = response.top_via
+            if via is None:
+                raise ValueError("response has no Via")
+            route = route_response(via, request_source)
+            data = self._serialize(response, route.transport)
+            side = request_source.side if request_source is not None else ""
+            if route.transport in RELIABLE_TRANSPORTS:
+                if route.connection is not None:
+                    proto = self._connections.get(_key(*route.connection))
+                    if proto is not None and not proto.closing:
+                        proto.write(data)
+                        done.callback(None)
+                        return done
+                if route.transport != "TCP":
+                    raise ConnectionError(f"cannot open a {route.transport} connection")
+                listener = self._side_listener(side, "TCP", route.host)
+                bind = listener.bind_host if listener is not None else None
+                self._send_stream(side, bind, data, route.host, route.port, done)
+                return done
+            if _not_unicast(route.host):
+                raise ValueError(f"refusing to send a response to {route.host}")
+            listener = None
+            if request_source is not None:
+                listener = self.listener_for_source(request_source)
+            if listener is None:
+                listener = self._side_listener(side, "UDP", route.host)
+            if listener is None:
+                raise ConnectionError("no UDP listener")
+            self._send_datagram(listener, data, route.host, route.port, done)
+        except Exception:
+            done.errback()
+        return done
+
+    # -- sending internals -----------------------------------------------------------------------
+
+    @staticmethod
+    def _serialize(message: Message, transport: str) -> bytes:
+        if transport != "UDP":
+            message.ensure_content_length()  # RFC 3261 18.3: mandatory on streams
+        return message.to_bytes()
+
+    def _side_listener(self, side: str, transport: str, host: str) -> Listener | None:
+        family = _family(host)
+        best: Listener | None = None
+        for lst in self.listeners:
+            if lst.transport != transport or (side and lst.side != side):
+                continue
+            if family is None or lst.family == family:
+                return lst
+            best = best or lst
+        return best
+
+    def _send_datagram(
+        self, listener: Listener, data: bytes, host: str, port: int, done: defer.Deferred[None]
+    ) -> None:
+        proto = listener.udp
+        if proto is None:
+            raise ConnectionError(f"{listener} is not listening")
+        if _is_ip(host):
+            address = host
+            if listener.family == socket.AF_INET6 and _family(host) == socket.AF_INET:
+                address = "::ffff:" + host
+            proto.send(data, (address, port))
+            done.callback(None)
+            return
+        resolved: defer.Deferred[str] = self.reactor.resolve(host)
+
+        def send(ip: str) -> None:
+            try:
+                self._send_datagram(listener, data, ip, port, done)
+            except Exception:
+                done.errback()
+
+        resolved.addCallbacks(send, done.errback)
+
+    def _send_stream(
+        self,
+        side: str,
+        bind: str | None,
+        data: bytes,
+        host: str,
+        port: int,
+        done: defer.Deferred[None],
+    ) -> None:
+        key = _key(host, port)
+        proto = self._connections.get(key)
+        if proto is not None and not proto.closing:
+            proto.write(data)
+            done.callback(None)
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.queue.append((data, done))
+            return
+        if not self.running:
+            raise ConnectionError("the transport service is stopped")
+        pending = _Pending([(data, done)])
+        self._pending[key] = pending
+        proto = self._new_stream(side, outgoing=True)
+        connecting = connectProtocol(self._client_endpoint(key[0], port, bind), proto)
+        pending.deferred = connecting
+        connecting.addCallbacks(
+            self._connected, self._connect_failed, callbackArgs=(key,), errbackArgs=(key,)
+        )
+
+    def _client_endpoint(self, host: str, port: int, bind: str | None) -> IStreamClientEndpoint:
+        family = _family(host)
+        bind_address = None
+        if bind is not None and _family(bind) == family:
+            bind_address = (bind, 0)
+        if family == socket.AF_INET:
+            return TCP4ClientEndpoint(
+                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+            )
+        if family == socket.AF_INET6:
+            return TCP6ClientEndpoint(
+                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+            )
+        return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+
+    def _connected(self, proto: SIPStreamProtocol, key: tuple[str, int]) -> None:
+        pending = self._pending.pop(key, None)
+        queue = pending.queue if pending is not None else []
+        if proto.closing:
+            error = ConnectionError(f"connection to {key[0]}:{key[1]} closed at once")
+            for _, done in queue:
+                done.errback(Failure(error))
+            return
+        self._connections[key] = proto
+        for data, done in queue:
+            try:
+                proto.write(data)
+            except Exception:
+                done.errback()
+            else:
+                done.callback(None)
+
+    def _connect_failed(self, reason: Failure, key: tuple[str, int]) -> None:
+        pending = self._pending.pop(key, None)
+        self.log.info(
+            "cannot connect to {host}:{port}: {error}",
+            host=key[0], port=key[1], error=reason.getErrorMessage(),
+        )
+        for _, done in pending.queue if pending is not None else []:
+            done.errback(reason)
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    def _new_stream(self, side: str, *, outgoing: bool) -> SIPStreamProtocol:
+        return SIPStreamProtocol(
+            self, self.reactor, side,
+            outgoing=outgoing, idle_timeout=self.idle_timeout, limits=self.limits,
+        )
+
+    def _datagram_received(self, listener: Listener, data: bytes, addr: tuple[str, int]) -> None:
+        source = Source("UDP", addr[0], addr[1], listener.address, listener.port, listener.side)
+
+        def reply(answer: bytes) -> None:
+            if listener.udp is not None:
+                listener.udp.send(answer, addr)
+
+        self._dispatch(data, source, reply)
+
+    def stream_connected(self, proto: SIPStreamProtocol) -> None:
+        self._streams.add(proto)
+        self._connections[_key(*proto.peer)] = proto
+
+    def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
+        peer, local = proto.peer, proto.local
+        source = Source("TCP", peer[0], peer[1], local[0], local[1], proto.side)
+        self._dispatch(data, source, proto.write)
+
+    def stream_framing_error(
+        self, proto: SIPStreamProtocol, error: ParseError, data: bytes
+    ) -> None:
+        answer = None if error.is_response else stateless_error_response(
+            data, error.status, error.reason
+        )
+        if answer is not None:
+            proto.write(answer)
+
+    def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
+        self._streams.discard(proto)
+        for key in [k for k, p in self._connections.items() if p is proto]:
+            del self._connections[key]
+        for d in self._lost_waiters.pop(proto, []):
+            d.callback(None)
+
+    def _dispatch(self, data: bytes, source: Source, reply: Callable[[bytes], None]) -> None:
+        """Parse, stamp and deliver one message; answer or drop what does not parse."""
+        try:
+            message = parse_message(data, self.limits)
+        except ParseError as e:
+            answer = None if e.is_response else stateless_error_response(data, e.status, e.reason)
+            if answer is None:
+                self._drop_log(
+                    "dropped unparsable {what} from {host}:{port}: {reason}",
+                    what="response" if e.is_response else "message",
+                    host=source.host, port=source.port, reason=e.reason,
+                )
+                return
+            self._drop_log(
+                "answered unparsable request from {host}:{port} with {status}: {reason}",
+                host=source.host, port=source.port, status=e.status, reason=e.reason,
+            )
+            reply(answer)
+            return
+        message.source = source
+        if isinstance(message, Request):
+            stamp_via(message, source)
+        try:
+            self.receiver(message)
+        except Exception:
+            self.log.failure("receiver failed on a message from {host}", host=source.host)
+
+
+def stamp_via(request: Request, source: Source) -> None:
+    """
+    RFC 3261 18.2.1 and RFC 3581: record in the top Via where the request really came from.
+
+    C{received} is added when the sent-by host is not the source address (or when C{rport} asks
+    for it); an C{rport} without value gets the source port.
+    """
+    via = request.top_via
+    if via is None:
+        return
+    changed = False
+    if via.rport is True:
+        via.set_param("rport", str(source.port))
+        changed = True
+    if not _same_host(via.host, source.host) or (changed and via.received is None):
+        if via.received is None or not _same_host(via.received, source.host):
+            via.set_param("received", source.host)
+            changed = True
+    if changed:
+        request.update_top_via(via)

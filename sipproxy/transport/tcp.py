@@ -1,0 +1,169 @@
+"""SIP over TCP: one protocol per connection that frames the byte stream into messages.
+
+The protocol owns what is about the stream itself: framing (L{StreamFramer}), RFC 5626 CRLF
+keepalives (a C{CRLFCRLF} ping is answered with a C{CRLF} pong), the idle timeout and write
+buffering. What a message means is the owner's business (L{StreamOwner}, the transport manager).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sipproxy.message import DEFAULT_LIMITS, KeepAlive, Limits, ParseError, StreamFramer
+
+__all__ = ["PONG", "SIPStreamProtocol", "StreamOwner"]
+
+PONG = b"\r\n"
+
+
+class StreamOwner(TypingProtocol):
+    """What a L{SIPStreamProtocol} reports to (the transport manager)."""
+
+    def stream_connected(self, proto: SIPStreamProtocol) -> None:
+        """The connection is up: register it for reuse."""
+
+    def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
+        """One whole framed SIP message arrived."""
+
+    def stream_framing_error(
+        self, proto: SIPStreamProtocol, error: ParseError, data: bytes
+    ) -> None:
+        """The stream cannot be framed any more; C{data} starts with the message that broke it.
+
+        The protocol closes the connection right after this returns.
+        """
+
+    def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
+        """The connection is gone: forget it."""
+
+
+class SIPStreamProtocol(Protocol):
+    """
+    One SIP connection, accepted or opened by us.
+
+    @ivar side: the listener side (C{"inside"}/C{"outside"}) this connection belongs to.
+    @ivar outgoing: C{True} when we opened it.
+    @ivar peer: C{(host, port)} of the other end, known once connected.
+    @ivar local: C{(host, port)} of our end, known once connected.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        owner: StreamOwner,
+        clock: IReactorTime,
+        side: str,
+        *,
+        outgoing: bool,
+        idle_timeout: float | None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.owner = owner
+        self.clock = clock
+        self.side = side
+        self.outgoing = outgoing
+        self.idle_timeout = idle_timeout
+        self.framer = StreamFramer(limits)
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
+        self.connected_ = False
+        self.closing = False
+        self._idle: IDelayedCall | None = None
+
+    # -- twisted callbacks ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        host = self.transport.getHost()
+        self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.local = (getattr(host, "host", ""), getattr(host, "port", 0))
+        self.connected_ = True
+        self._arm_idle()
+        self.owner.stream_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._arm_idle()
+        try:
+            items = self.framer.feed(data)
+        except ParseError as e:
+            # The framer keeps the unframed rest, which starts with the message that broke it.
+            pending = getattr(self.framer, "_buf", None)
+            self._framing_failed(e, bytes(pending) if pending else data)
+            return
+        for item in items:
+            if self.closing:
+                return
+            if isinstance(item, KeepAlive):
+                if item is KeepAlive.PING:
+                    self.write(PONG)
+                continue
+            try:
+                self.owner.stream_message(self, item)
+            except Exception:
+                self.log.failure("dropped a message from {peer}: handler failed", peer=self.peer)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected_ = False
+        self.closing = True
+        self._cancel_idle()
+        try:
+            self.owner.stream_lost(self, reason)
+        except Exception:
+            self.log.failure("connection bookkeeping failed for {peer}", peer=self.peer)
+
+    # -- API for the owner ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes on the connection; sending counts as activity for the idle timer."""
+        if self.transport is None or self.closing:
+            raise ConnectionError(f"connection to {self.peer[0]}:{self.peer[1]} is closed")
+        self._arm_idle()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Flush what is written, then close."""
+        self.closing = True
+        self._cancel_idle()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _framing_failed(self, error: ParseError, data: bytes) -> None:
+        self.log.info(
+            "closing connection from {peer}: cannot frame the stream ({reason})",
+            peer=self.peer,
+            reason=error.reason,
+        )
+        try:
+            self.owner.stream_framing_error(self, error, data)
+        except Exception:
+            self.log.failure("error answer to {peer} failed", peer=self.peer)
+        self.close()
+
+    def _arm_idle(self) -> None:
+        if self.idle_timeout is None or self.closing:
+            return
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        else:
+            self._idle = self.clock.callLater(self.idle_timeout, self._timed_out)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+
+    def _timed_out(self) -> None:
+        self._idle = None
+        self.log.debug("closing idle connection with {peer}", peer=self.peer)
+        self.close()

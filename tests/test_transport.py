@@ -1,0 +1,561 @@
+"""sipproxy.transport: routing decisions, framing, and real UDP/TCP sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet import reactor as _reactor
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from sipproxy.config import ListenConfig
+from sipproxy.message import (
+    Message,
+    ParseError,
+    Request,
+    Response,
+    Source,
+    Via,
+    parse_message,
+    parse_via,
+)
+from sipproxy.transport import (
+    Listener,
+    ResponseRoute,
+    TransportManager,
+    route_response,
+    stamp_via,
+    stateless_error_response,
+)
+from sipproxy.transport.tcp import SIPStreamProtocol
+
+try:
+    from sipproxy.dns import Target
+except ImportError:  # dns.py is written in parallel; the transports only read these fields
+
+    @dataclass(frozen=True)
+    class Target:  # type: ignore[no-redef]
+        transport: str
+        host: str
+        port: int
+        server_name: str | None = None
+
+
+LOCAL = "127.0.0.1"
+reactor: Any = _reactor
+
+
+def request_bytes(
+    *,
+    method: str = "OPTIONS",
+    via: str = "SIP/2.0/UDP 127.0.0.1:5062;branch=z9hG4bK-1;rport",
+    call_id: str = "call-1",
+    body: bytes = b"",
+) -> bytes:
+    head = (
+        f"{method} sip:bob@127.0.0.1 SIP/2.0\r\n"
+        f"Via: {via}\r\n"
+        "Max-Forwards: 70\r\n"
+        "From: <sip:alice@example.com>;tag=a1\r\n"
+        "To: <sip:bob@example.com>\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def response_bytes(via: str, status: int = 200, call_id: str = "call-1") -> bytes:
+    return (
+        f"SIP/2.0 {status} OK\r\n"
+        f"Via: {via}\r\n"
+        "From: <sip:alice@example.com>;tag=a1\r\n"
+        "To: <sip:bob@example.com>;tag=b1\r\n"
+        f"Call-ID: {call_id}\r\n"
+        "CSeq: 1 OPTIONS\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def parse_request(data: bytes) -> Request:
+    msg = parse_message(data)
+    assert isinstance(msg, Request)
+    return msg
+
+
+def via(text: str) -> Via:
+    return parse_via(text)
+
+
+def udp_source(host: str = "192.0.2.7", port: int = 40000) -> Source:
+    return Source("UDP", host, port, "10.0.0.1", 5060, "inside")
+
+
+# --------------------------------------------------------------------------------------------
+# Response routing: the decision alone
+# --------------------------------------------------------------------------------------------
+class RouteResponseTests(unittest.SynchronousTestCase):
+    def test_udp_rport_and_received(self) -> None:
+        v = via("SIP/2.0/UDP 10.1.1.1:5062;branch=z9hG4bK1;received=192.0.2.7;rport=40000")
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "192.0.2.7", 40000))
+
+    def test_udp_received_without_rport_uses_sent_by_port(self) -> None:
+        v = via("SIP/2.0/UDP 10.1.1.1:5062;branch=z9hG4bK1;received=192.0.2.7")
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "192.0.2.7", 5062))
+
+    def test_udp_sent_by_default_port(self) -> None:
+        v = via("SIP/2.0/UDP 192.0.2.9;branch=z9hG4bK1")
+        self.assertEqual(route_response(v, None), ResponseRoute("UDP", "192.0.2.9", 5060))
+
+    def test_udp_rport_without_value_uses_source(self) -> None:
+        v = via("SIP/2.0/UDP 10.1.1.1:5062;branch=z9hG4bK1;rport")
+        self.assertEqual(
+            route_response(v, udp_source("192.0.2.7", 41000)),
+            ResponseRoute("UDP", "192.0.2.7", 41000),
+        )
+
+    def test_maddr_wins_over_received_and_rport(self) -> None:
+        v = via(
+            "SIP/2.0/UDP 10.1.1.1:5070;branch=z9hG4bK1;maddr=239.1.1.1;received=192.0.2.7;rport=9"
+        )
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "239.1.1.1", 5070))
+
+    def test_tcp_reuses_the_request_connection(self) -> None:
+        v = via("SIP/2.0/TCP 10.1.1.1:5062;branch=z9hG4bK1;received=192.0.2.7;rport=40000")
+        source = Source("TCP", "192.0.2.7", 40000, "10.0.0.1", 5060, "inside")
+        self.assertEqual(
+            route_response(v, source),
+            ResponseRoute("TCP", "192.0.2.7", 5062, connection=("192.0.2.7", 40000)),
+        )
+
+    def test_tls_default_port_and_no_connection_without_source(self) -> None:
+        v = via("SIP/2.0/TLS proxy.example.com;branch=z9hG4bK1")
+        self.assertEqual(route_response(v, None), ResponseRoute("TLS", "proxy.example.com", 5061))
+
+
+class StampViaTests(unittest.SynchronousTestCase):
+    def parse(self, via_text: str) -> Request:
+        msg = parse_message(request_bytes(via=via_text))
+        assert isinstance(msg, Request)
+        return msg
+
+    def test_rport_filled_and_received_added(self) -> None:
+        req = self.parse("SIP/2.0/UDP 10.1.1.1:5062;branch=z9hG4bK1;rport")
+        stamp_via(req, udp_source("192.0.2.7", 40000))
+        top = req.top_via
+        assert top is not None
+        self.assertEqual((top.received, top.rport), ("192.0.2.7", 40000))
+        self.assertIn(b"received=192.0.2.7", req.to_bytes())
+
+    def test_rport_forces_received_even_when_equal(self) -> None:
+        req = self.parse("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1;rport")
+        stamp_via(req, udp_source("192.0.2.7", 5062))
+        top = req.top_via
+        assert top is not None
+        self.assertEqual((top.received, top.rport), ("192.0.2.7", 5062))
+
+    def test_untouched_when_sent_by_is_the_source(self) -> None:
+        data = request_bytes(via="SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1")
+        req = parse_message(data)
+        assert isinstance(req, Request)
+        stamp_via(req, udp_source("192.0.2.7", 5062))
+        self.assertEqual(req.to_bytes(), data)
+
+
+class StatelessErrorResponseTests(unittest.SynchronousTestCase):
+    def test_copies_matching_headers_and_adds_to_tag(self) -> None:
+        data = (
+            b"INVITE sip:bob@example.com SIP/7.0\r\n"
+            b"v: SIP/2.0/UDP 192.0.2.7:5062\r\n ;branch=z9hG4bK-x\r\n"
+            b"Via: SIP/2.0/UDP 192.0.2.8;branch=z9hG4bK-y\r\n"
+            b"f: <sip:a@example.com>;tag=1\r\nt: <sip:b@example.com>\r\n"
+            b"i: abc\r\nCSeq: 8 INVITE\r\nX-Junk: ;;;\r\n\r\n"
+        )
+        answer = stateless_error_response(data, 505, "SIP version not supported")
+        assert answer is not None
+        resp = parse_message(answer)
+        assert isinstance(resp, Response)
+        self.assertEqual((resp.status, resp.reason), (505, "SIP version not supported"))
+        self.assertEqual([v.branch for v in resp.vias], ["z9hG4bK-x", "z9hG4bK-y"])
+        self.assertEqual((resp.call_id, resp.cseq.number, resp.cseq.method), ("abc", 8, "INVITE"))
+        self.assertIsNotNone(resp.to.tag)
+        self.assertNotIn(b"X-Junk", answer)
+
+    def test_nothing_for_responses_acks_or_without_via(self) -> None:
+        self.assertIsNone(stateless_error_response(response_bytes("SIP/2.0/UDP h"), 400, "x"))
+        ack = request_bytes(method="ACK")
+        self.assertIsNone(stateless_error_response(ack, 400, "x"))
+        no_via = b"OPTIONS sip:a SIP/2.0\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n\r\n"
+        self.assertIsNone(stateless_error_response(no_via, 400, "x"))
+        self.assertIsNone(stateless_error_response(b"\x00\x01garbage", 400, "x"))
+
+
+class TortureDatagramTests(unittest.SynchronousTestCase):
+    def test_rfc4475_datagrams_never_escape_and_answers_parse(self) -> None:
+        """Every RFC 4475 message is delivered, answered with an error, or (responses) dropped."""
+        corpus = Path(__file__).parent / "data" / "rfc4475"
+        delivered: list[Message] = []
+        manager = TransportManager(Clock(), delivered.append, [])
+        files = sorted(corpus.glob("*.dat"))
+        self.assertGreater(len(files), 40)
+        for path in files:
+            data = path.read_bytes()
+            answers: list[bytes] = []
+            before = len(delivered)
+            manager._dispatch(data, udp_source(), answers.append)
+            outcome = len(delivered) - before + len(answers)
+            if data.startswith(b"SIP/"):
+                self.assertEqual(answers, [], path.name)
+            else:
+                self.assertEqual(outcome, 1, path.name)
+            for answer in answers:  # From/To are copied raw, so the answer may not parse itself
+                self.assertRegex(answer, rb"\ASIP/2\.0 [45]\d\d [^\r\n]+\r\nVia: ", path.name)
+                self.assertTrue(answer.endswith(b"\r\nContent-Length: 0\r\n\r\n"), path.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Listener choice and the RFC 3261 18.1.1 size rule
+# --------------------------------------------------------------------------------------------
+def listen(side: str, transport: str, address: str = LOCAL, port: int = 0, advertise=None):
+    return ListenConfig(
+        side=side,  # type: ignore[arg-type]
+        transport=transport,  # type: ignore[arg-type]
+        address=address,
+        port=port,
+        advertise=advertise,
+    )
+
+
+class ChooseListenerTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.manager = TransportManager(
+            Clock(),
+            lambda m: None,
+            [
+                listen("inside", "udp", "10.0.0.1", 5060),
+                listen("inside", "tcp", "10.0.0.1", 5060),
+                listen("outside", "udp", "0.0.0.0", 5060, advertise="203.0.113.5"),
+            ],
+        )
+
+    def test_side_and_transport(self) -> None:
+        inside_tcp = self.manager.choose_listener(Target("TCP", "10.0.0.9", 5060, None))
+        assert inside_tcp is not None
+        self.assertEqual((inside_tcp.side, inside_tcp.transport), ("inside", "TCP"))
+        out = self.manager.choose_listener(Target("UDP", "198.51.100.1", 5060, None))
+        assert out is not None
+        self.assertEqual((out.side, out.via_host, out.port), ("outside", "203.0.113.5", 5060))
+        forced = self.manager.choose_listener(
+            Target("UDP", "198.51.100.1", 5060, None), side="inside"
+        )
+        assert forced is not None
+        self.assertEqual(forced.side, "inside")
+        self.assertIsNone(self.manager.choose_listener(Target("TLS", "198.51.100.1", 5061, None)))
+
+    def test_large_udp_requests_go_over_tcp(self) -> None:
+        target = Target("UDP", "198.51.100.1", 5060, None)
+        self.assertEqual(self.manager.transport_for(1300, target), "UDP")
+        self.assertEqual(self.manager.transport_for(1301, target), "TCP")
+        self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, None)), "TCP")
+
+    def test_tls_listener_is_refused(self) -> None:
+        self.assertRaises(ValueError, Listener, listen("outside", "tls"))
+
+
+# --------------------------------------------------------------------------------------------
+# TCP framing on a fake transport
+# --------------------------------------------------------------------------------------------
+class RecordingOwner:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.framing_errors: list[tuple[ParseError, bytes]] = []
+        self.lost = 0
+
+    def stream_connected(self, proto: SIPStreamProtocol) -> None:
+        pass
+
+    def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
+        self.messages.append(data)
+
+    def stream_framing_error(
+        self, proto: SIPStreamProtocol, error: ParseError, data: bytes
+    ) -> None:
+        self.framing_errors.append((error, data))
+        proto.write(b"SIP/2.0 400 Bad Request\r\n\r\n")
+
+    def stream_lost(self, proto: SIPStreamProtocol, reason: object) -> None:
+        self.lost += 1
+
+
+class StreamProtocolTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.owner = RecordingOwner()
+        self.proto = SIPStreamProtocol(
+            self.owner, self.clock, "inside", outgoing=False, idle_timeout=30.0
+        )
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def test_two_messages_in_one_write(self) -> None:
+        one = request_bytes(call_id="one", body=b"v=0\r\n")
+        two = request_bytes(call_id="two")
+        self.proto.dataReceived(one + two)
+        self.assertEqual(self.owner.messages, [one, two])
+
+    def test_one_message_in_three_writes(self) -> None:
+        msg = request_bytes(body=b"hello body")
+        self.proto.dataReceived(msg[:10])
+        self.proto.dataReceived(msg[10:-4])
+        self.assertEqual(self.owner.messages, [])
+        self.proto.dataReceived(msg[-4:])
+        self.assertEqual(self.owner.messages, [msg])
+
+    def test_ping_gets_pong_and_pong_gets_nothing(self) -> None:
+        self.proto.dataReceived(b"\r\n\r\n")
+        self.assertEqual(self.transport.value(), b"\r\n")
+        self.transport.clear()
+        self.proto.dataReceived(b"\r\n")
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.owner.messages, [])
+
+    def test_framing_error_answers_then_closes(self) -> None:
+        bad = request_bytes().replace(b"Content-Length: 0", b"Content-Length: -1")
+        self.proto.dataReceived(bad)
+        self.assertEqual(len(self.owner.framing_errors), 1)
+        self.assertTrue(self.owner.framing_errors[0][1].startswith(b"OPTIONS "))
+        self.assertTrue(self.transport.value().startswith(b"SIP/2.0 400"))
+        self.assertTrue(self.transport.disconnecting)
+        self.proto.dataReceived(request_bytes())  # ignored once closing
+        self.assertEqual(self.owner.messages, [])
+
+    def test_idle_timeout_closes_and_traffic_resets_it(self) -> None:
+        self.clock.advance(20)
+        self.proto.dataReceived(b"\r\n")
+        self.clock.advance(20)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(10.5)
+        self.assertTrue(self.transport.disconnecting)
+
+
+# --------------------------------------------------------------------------------------------
+# Real sockets on 127.0.0.1
+# --------------------------------------------------------------------------------------------
+class UDPClient(DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: defer.DeferredQueue[tuple[bytes, tuple[str, int]]] = defer.DeferredQueue()
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
+        self.received.put((datagram, addr))
+
+    def send(self, data: bytes, port: int) -> None:
+        assert self.transport is not None
+        self.transport.write(data, (LOCAL, port))
+
+
+class TCPClient(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.changed: defer.DeferredQueue[bytes] = defer.DeferredQueue()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        self.changed.put(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost.callback(None)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+
+class SocketTestCase(unittest.TestCase):
+    timeout = 10
+
+    def start_manager(self, *specs: ListenConfig) -> tuple[TransportManager, defer.DeferredQueue]:
+        inbox: defer.DeferredQueue[Message] = defer.DeferredQueue()
+        manager = TransportManager(reactor, inbox.put, list(specs), idle_timeout=30)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        return manager, inbox
+
+    def udp_client(self) -> tuple[UDPClient, int]:
+        client = UDPClient()
+        port = reactor.listenUDP(0, client, interface=LOCAL)
+        self.addCleanup(port.stopListening)
+        return client, port.getHost().port
+
+    @defer.inlineCallbacks
+    def tcp_client(self, port: int):
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+        client = TCPClient()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, LOCAL, port), client)
+        self.addCleanup(client.close)
+        return client
+
+
+class UDPSocketTests(SocketTestCase):
+    @defer.inlineCallbacks
+    def test_receive_sets_source_and_response_goes_to_rport(self):
+        manager, inbox = self.start_manager(listen("inside", "udp"))
+        listener = manager.listeners[0]
+        self.assertNotEqual(listener.port, 0)
+        client, client_port = self.udp_client()
+        # The sent-by port is wrong on purpose: rport must bring the answer to the real port.
+        data = request_bytes(via="SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-u1;rport")
+        client.send(data, listener.port)
+        request = yield inbox.get()
+        self.assertIsInstance(request, Request)
+        self.assertEqual(
+            request.source, Source("UDP", LOCAL, client_port, LOCAL, listener.port, "inside")
+        )
+        self.assertEqual(request.top_via.rport, client_port)
+
+        response = request.make_response(200)
+        yield manager.send_response(response, request.source)
+        answer, addr = yield client.received.get()
+        self.assertEqual(addr, (LOCAL, listener.port))
+        self.assertTrue(answer.startswith(b"SIP/2.0 200 "))
+        self.assertIn(f"rport={client_port}".encode(), answer)
+
+    @defer.inlineCallbacks
+    def test_malformed_request_gets_400_garbage_is_dropped_listener_survives(self):
+        manager, inbox = self.start_manager(listen("inside", "udp"))
+        port = manager.listeners[0].port
+        client, _ = self.udp_client()
+        for garbage in (
+            b"SIP/2.0 999999 Nope\r\nVia: SIP/2.0/UDP 127.0.0.1\r\n\r\n",
+            b"\x00\x01\x00\x00STUN-ish binding request",
+            b"\r\n\r\n",
+            b"",
+        ):
+            client.send(garbage, port)
+        bad = request_bytes(call_id="bad").replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE")
+        client.send(bad, port)
+        answer, _ = yield client.received.get()
+        self.assertTrue(answer.startswith(b"SIP/2.0 400 "), answer)
+        self.assertIn(b"Call-ID: bad", answer)
+        self.assertIn(b"branch=z9hG4bK-1", answer)
+
+        client.send(request_bytes(call_id="good"), port)
+        request = yield inbox.get()
+        self.assertEqual(request.call_id, "good")  # nothing else was delivered before it
+        self.assertEqual(len(inbox.pending), 0)
+        self.assertEqual(len(client.received.pending), 0)  # the garbage got no answer
+
+    @defer.inlineCallbacks
+    def test_send_request_over_udp(self):
+        manager, _ = self.start_manager(listen("outside", "udp"))
+        listener = manager.listeners[0]
+        client, client_port = self.udp_client()
+        req = parse_request(
+            request_bytes(via=f"SIP/2.0/UDP {listener.via_host}:{listener.port};branch=z9hG4bK-s")
+        )
+        yield manager.send_request(req, Target("UDP", LOCAL, client_port, None))
+        data, addr = yield client.received.get()
+        self.assertEqual((data, addr), (req.to_bytes(), (LOCAL, listener.port)))
+
+
+class TCPSocketTests(SocketTestCase):
+    @defer.inlineCallbacks
+    def test_connection_reuse_both_ways(self):
+        """Two requests share one connection; the answer returns on the accepted connection."""
+        a, a_inbox = self.start_manager(listen("outside", "udp"), listen("outside", "tcp"))
+        b, b_inbox = self.start_manager(listen("inside", "tcp"))
+        b_port = b.listeners[0].port
+        a_tcp = a.listeners[1]
+        target = Target("TCP", LOCAL, b_port, None)
+        first = parse_request(
+            request_bytes(via=f"SIP/2.0/TCP {LOCAL}:{a_tcp.port};branch=z9hG4bK-t1", call_id="t1")
+        )
+        second = parse_request(
+            request_bytes(via=f"SIP/2.0/TCP {LOCAL}:{a_tcp.port};branch=z9hG4bK-t2", call_id="t2")
+        )
+        sent = [a.send_request(first, target), a.send_request(second, target)]
+        yield defer.gatherResults(sent)
+        got1 = yield b_inbox.get()
+        got2 = yield b_inbox.get()
+        self.assertEqual((got1.call_id, got2.call_id), ("t1", "t2"))
+        self.assertEqual(got1.source, got2.source)
+        self.assertEqual(got1.source.side, "inside")
+        self.assertEqual(len(b._streams), 1)
+        self.assertEqual(len(a._streams), 1)
+
+        # Via says port a_tcp.port, but the answer must come back over the same connection.
+        yield b.send_response(got1.make_response(200), got1.source)
+        answer = yield a_inbox.get()
+        self.assertIsInstance(answer, Response)
+        self.assertEqual(answer.call_id, "t1")
+        self.assertEqual(answer.source.port, b_port)
+        self.assertEqual(answer.source.side, "outside")
+        self.assertEqual((len(a._streams), len(b._streams)), (1, 1))
+
+        # And a request from b to a's peer address reuses the connection b accepted.
+        back = parse_request(request_bytes(via=f"SIP/2.0/TCP {LOCAL}:{b_port};branch=z9hG4bK-b"))
+        yield b.send_request(back, Target("TCP", got1.source.host, got1.source.port, None))
+        got_back = yield a_inbox.get()
+        self.assertEqual(got_back.source.port, b_port)
+        self.assertEqual((len(a._streams), len(b._streams)), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_large_request_to_udp_target_goes_over_tcp(self):
+        a, _ = self.start_manager(listen("outside", "udp"), listen("outside", "tcp"))
+        b, b_inbox = self.start_manager(listen("inside", "udp"), listen("inside", "tcp"))
+        b_tcp = b.listeners[1]
+        # The same port number for UDP and TCP is what 18.1.1 assumes; test it with b's TCP port.
+        target = Target("UDP", LOCAL, b_tcp.port, None)
+        body = b"x" * 1400
+        transport = a.transport_for(len(request_bytes(body=body)), target)
+        self.assertEqual(transport, "TCP")
+        req = parse_request(
+            request_bytes(
+                via=f"SIP/2.0/{transport} {LOCAL}:{a.listeners[1].port};branch=z9hG4bK-L",
+                body=body,
+            )
+        )
+        yield a.send_request(req, target)
+        got = yield b_inbox.get()
+        self.assertEqual((got.source.transport, got.body), ("TCP", body))
+
+    @defer.inlineCallbacks
+    def test_connect_failure_fails_the_deferred(self):
+        a, _ = self.start_manager(listen("outside", "tcp"))
+        # A port that was just free: bind, note it, close.
+        probe = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface=LOCAL)
+        dead = probe.getHost().port
+        yield probe.stopListening()
+        req = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-f"))
+        d = a.send_request(req, Target("TCP", LOCAL, dead, None))
+        yield self.assertFailure(d, error.ConnectError)
+        self.assertEqual(a._pending, {})
+
+    @defer.inlineCallbacks
+    def test_keepalive_framing_error_and_split_messages_on_a_real_socket(self):
+        b, b_inbox = self.start_manager(listen("inside", "tcp"))
+        client = yield self.tcp_client(b.listeners[0].port)
+        msg = request_bytes(call_id="split")
+        client.write(b"\r\n\r\n" + msg[:7])
+        pong = yield client.changed.get()
+        self.assertEqual(pong, b"\r\n")
+        client.write(msg[7:])
+        got = yield b_inbox.get()
+        self.assertEqual((got.call_id, got.source.transport), ("split", "TCP"))
+
+        bad = request_bytes(call_id="bad").replace(b"Content-Length: 0", b"Content-Length: x")
+        client.write(bad)
+        answer = yield client.changed.get()
+        self.assertTrue(answer.startswith(b"SIP/2.0 400 "), answer)
+        self.assertIn(b"Call-ID: bad", answer)
+        yield client.lost  # the server closes right after answering
