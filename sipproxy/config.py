@@ -68,7 +68,7 @@ class ConfigError(Exception):
 
     @ivar source: the file name (or C{"<string>"}), or C{None} when not known yet.
     @ivar key: the key path, e.g. C{listen[1].port} or C{nat.keepalive}; C{""} for the whole file.
-    @ivar problem: what is wrong, e.g. C{must be an integer from 1 to 65535, got "abc"}.
+    @ivar problem: what is wrong, e.g. C{must be an integer from 0 to 65535, got "abc"}.
     """
 
     def __init__(self, source: str | None, key: str, problem: str) -> None:
@@ -633,7 +633,8 @@ def _listen(s: Section) -> ListenConfig:
         address = ipaddress.ip_address(address).compressed
     except ValueError:
         raise s.error("address", f"must be an IPv4 or IPv6 address, got {_show(address)}") from None
-    port = s.get_int("port", 5061 if transport == "tls" else 5060, min=1, max=65535)
+    # 0 = any free port (tests, embedding); the bound port is on the listener after start
+    port = s.get_int("port", 5061 if transport == "tls" else 5060, min=0, max=65535)
     advertise = s.get_str("advertise", None)
     if advertise is not None and not _is_host(advertise):
         raise s.error("advertise", f"must be a host name or IP address, got {_show(advertise)}")

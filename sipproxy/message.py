@@ -318,9 +318,11 @@ _REQUIRED = ("call-id", "cseq", "from", "to")
 class Message:
     """What requests and responses share: headers, body, typed views, serialization."""
 
-    __slots__ = ("_body", "_body_changed", "_eol", "_start", "headers", "source")
+    __slots__ = ("_body", "_body_changed", "_eol", "_start", "headers", "source", "wire_size")
 
     def __init__(self, headers: Headers | None = None, body: bytes = b"") -> None:
+        #: bytes this message had on the wire when parsed (0 for one built here)
+        self.wire_size = 0
         self.headers = headers if headers is not None else Headers()
         self._body = body
         self._body_changed = False
@@ -337,6 +339,11 @@ class Message:
     def body(self, value: bytes) -> None:
         self._body = value
         self._body_changed = True
+
+    @property
+    def body_changed(self) -> bool:
+        """True once the body was replaced (Content-Length is then rewritten on output)."""
+        return self._body_changed
 
     # -- typed views -----------------------------------------------------------------------------
     @property
@@ -493,6 +500,7 @@ class Message:
         new._body_changed = self._body_changed
         new._eol = self._eol
         new.source = self.source
+        new.wire_size = self.wire_size
 
     def validate(self) -> dict[str, str]:
         """Check the headers a proxy relies on; raise ParseError with the status to answer.
@@ -697,6 +705,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
             if len(body) < cl:
                 raise ParseError("body shorter than Content-Length")
         msg._body = body
+        msg.wire_size = body_start + len(body)
         if isinstance(msg, Request):
             if msg.cseq.method != msg.method:
                 raise ParseError("CSeq method does not match the request method")

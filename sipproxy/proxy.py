@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -314,7 +315,7 @@ class Proxy:
         if len(vias) < 2:
             return False
         # each Via of ours was hashed with the Via just below it (the top one when we got it)
-        for via, below in zip(vias, vias[1:], strict=False):
+        for via, below in itertools.pairwise(vias):
             if via.branch and via.branch.startswith(MAGIC_COOKIE) and self._is_own_via(via):
                 prefix = f"{MAGIC_COOKIE}{self._loop_hash(request, below)}."
                 if via.branch.startswith(prefix):
@@ -347,7 +348,9 @@ class Proxy:
         if self._is_local_uri(uri):
             self._route_local(ctx)
             return
-        self._forward(ctx, [uri], next_hop=self.upstream)
+        # [upstream] is for new requests to other domains; an in-dialog request with no Route
+        # left goes to its remote target (RFC 3261 16.6 step 6), e.g. a phone's Contact
+        self._forward(ctx, [uri], next_hop=None if request.to.tag else self.upstream)
 
     def _preprocess_routes(self, request: Request) -> None:
         """16.4: undo a strict router's rewrite, and remove the Route entries that name us."""
@@ -491,19 +494,24 @@ class Proxy:
         branch.data["targets"] = targets[1:]
         loop = self._loop_hash(ctx.request)
         n = len(ctx.branches)
-        via_transport = target.transport
-        out.push_via(Via.build(via_transport, host, port, f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}",
-                               rport=True))
-        size = len(out.to_bytes())
-        actual = self.transports.transport_for(size, target)
-        if actual != via_transport:
-            out.pop_via()
-            out.push_via(Via.build(actual, host, port, f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}",
-                                   rport=True))
+        out.push_via(Via.build(target.transport, host, port,
+                               f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}", rport=True))
         ctx.branches.append(branch)
         ctx.pending_targets -= 1
-        result = self.pipeline.run("request_forwarding", ctx, branch)
-        then(result, lambda r: self._send_branch(ctx, branch, r))
+        try:
+            result = self.pipeline.run("request_forwarding", ctx, branch)
+        except Exception:
+            result = fail()
+        sent = then(result, lambda r: self._send_branch(ctx, branch, r))
+        if isinstance(sent, Deferred):
+            sent.addErrback(self._forwarding_failed, ctx, branch)
+
+    def _forwarding_failed(self, failure: Failure, ctx: RequestContext, branch: Branch) -> None:
+        """A request_forwarding hook failed: nothing went out, the branch ends with 500."""
+        _log.failure("plugin hook for {req!r}", failure, req=branch.request)
+        if branch.final is None and branch.transaction is None:
+            branch.final = ctx.request.make_response(500)
+            self._check_complete(ctx)
 
     def _record_route(
         self, ctx: RequestContext, out: Request, listener: Listener | None, host: str, port: int
@@ -535,17 +543,35 @@ class Proxy:
             self._check_complete(ctx)
             return
         assert branch.target is not None
+        self._choose_transport(branch.request, branch.target)
         try:
             branch.transaction = self.transactions.send_request(
                 branch.request, branch.target, lambda r: self._branch_response(ctx, branch, r)
             )
         except Exception:
             _log.failure("sending {req!r}", req=branch.request)
-            branch.final = branch.request.make_response(500)
+            branch.final = ctx.request.make_response(500)  # not branch.request: our Via
             self._check_complete(ctx)
             return
         if branch.request.method == "INVITE":
             branch.timer_c = self.clock.callLater(TIMER_C, self._timer_c, ctx, branch)
+
+    def _choose_transport(self, out: Request, target: Target) -> None:
+        """RFC 3261 18.1.1: a request too large for UDP goes over TCP, and its Via says so.
+        Checked after the plugins ran (they may have grown the SDP); serialized only when the
+        size could be near the limit."""
+        if target.transport.upper() != "UDP":
+            return
+        size = out.wire_size + 400 if out.wire_size and not out.body_changed else 0
+        if not size or size > 1300:
+            size = len(out.to_bytes())
+        actual = self.transports.transport_for(size, target)
+        via = out.top_via
+        if via is not None and actual != via.transport:
+            via = via.copy()
+            via.transport = actual
+            via.touch()
+            out.update_top_via(via)
 
     def _timer_c(self, ctx: RequestContext, branch: Branch) -> None:
         branch.timer_c = None
@@ -577,7 +603,8 @@ class Proxy:
                 return
         if status < 200:
             branch.provisional = True
-            if branch.timer_c is not None and branch.timer_c.active():
+            # 16.7 step 2: 101-199 restart Timer C; a hop-by-hop 100 says nothing of the callee
+            if status > 100 and branch.timer_c is not None and branch.timer_c.active():
                 branch.timer_c.reset(TIMER_C)
             if branch.cancel_pending:
                 branch.cancel_pending = False
@@ -589,8 +616,20 @@ class Proxy:
             if branch.timer_c is not None and branch.timer_c.active():
                 branch.timer_c.cancel()
             branch.timer_c = None
-        result = self.pipeline.run("response_received", ctx, branch, response)
-        then(result, lambda r: self._after_response(ctx, branch, response, r))
+        try:
+            result = self.pipeline.run("response_received", ctx, branch, response)
+        except Exception:
+            result = fail()
+        done = then(result, lambda r: self._after_response(ctx, branch, response, r))
+        if isinstance(done, Deferred):
+            done.addErrback(self._response_hook_failed, ctx, branch, response)
+
+    def _response_hook_failed(
+        self, failure: Failure, ctx: RequestContext, branch: Branch, response: Response
+    ) -> None:
+        """A response_received hook failed: the response goes no further, as with DROP."""
+        _log.failure("plugin hook for {response!r}", failure, response=response)
+        self._after_response(ctx, branch, response, DROP)
 
     def _failover(self, ctx: RequestContext, branch: Branch) -> None:
         rest: list[Target] = branch.data["targets"]
@@ -649,8 +688,25 @@ class Proxy:
     def _forward_response(
         self, ctx: RequestContext, response: Response, final: bool = False
     ) -> None:
-        result = self.pipeline.run("response_forwarding", ctx, response)
-        then(result, lambda r: self._send_response(ctx, response, r, final))
+        try:
+            result = self.pipeline.run("response_forwarding", ctx, response)
+        except Exception:
+            result = fail()
+        done = then(result, lambda r: self._send_response(ctx, response, r, final))
+        if isinstance(done, Deferred):
+            done.addErrback(self._forwarding_hook_failed, ctx, response, final)
+
+    def _forwarding_hook_failed(
+        self, failure: Failure, ctx: RequestContext, response: Response, final: bool
+    ) -> None:
+        """A response_forwarding hook failed: the response is dropped; if it was the final
+        one, the caller gets a 500 instead, so the transaction still ends."""
+        _log.failure("plugin hook for {response!r}", failure, response=response)
+        if final:
+            error = ctx.request.make_response(500)
+            _ensure_to_tag(error)
+            self._add_server(error)
+            self._send_response(ctx, error, None, True)
 
     def _send_response(
         self, ctx: RequestContext, response: Response, result: Any, final: bool
@@ -678,6 +734,7 @@ class Proxy:
             _log.failure("responding to {req!r}", req=ctx.request)
 
     def _send_final(self, ctx: RequestContext, response: Response) -> None:
+        _ensure_to_tag(response)
         self._add_server(response)
         self._forward_response(ctx, response, final=True)
 
@@ -771,7 +828,7 @@ class Proxy:
             out.uri = parse_uri(bindings[0].contact)
             hop = out.uri
         else:
-            hop = self.upstream or out.uri
+            hop = out.uri  # an ACK for a 2xx is in-dialog: its remote target, never [upstream]
         d = self._resolve(hop)
 
         def send(targets: list[Target]) -> None:
@@ -814,7 +871,15 @@ class Proxy:
         self.pipeline.notify("dialog_ended", dialog, reason)
 
     def stop(self) -> None:
+        """Leave no call state and no timer behind (dialog plugins free their resources)."""
         self.dialogs.end_all("shutdown")
+        for ctx in list(self._contexts.values()):
+            for branch in ctx.branches:
+                if branch.timer_c is not None and branch.timer_c.active():
+                    branch.timer_c.cancel()
+                branch.timer_c = None
+        self.transactions.stop()
+        self._contexts.clear()
 
 
 # -- helpers -------------------------------------------------------------------------------------

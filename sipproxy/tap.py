@@ -34,17 +34,19 @@ class Options(usage.Options):
 
 def makeService(options: usage.Options) -> IService:
     """Load the config named by the options and build the proxy's service from it."""
+    # Imported late: `twistd --help` and option parsing must not import the whole proxy.
+    from sipproxy.service import makeService as makeProxyService
+    from sipproxy.service import tune_garbage_collector
+
     path = options["config"]
     try:
         config = load_config(path)
+        service = makeProxyService(config)  # plugins validate their own sections here
     except ConfigError as e:
         # twistd calls us before it starts logging or daemonizing: stderr is still the terminal.
         # SystemExit passes through twistd untouched, so Python exits with our status, silently.
         sys.stderr.write(f"sipproxy: {e}\n")
         sys.stderr.flush()
         raise SystemExit(EXIT_CONFIG_ERROR) from None
-
-    # Imported late: `twistd --help` and option parsing must not import the whole proxy.
-    from sipproxy.service import makeService as makeProxyService
-
-    return makeProxyService(config)
+    tune_garbage_collector()
+    return service

@@ -255,7 +255,7 @@ class _Transaction:
         self._layer.clock.callLater(0, self._transport_failed, failure)
 
     def _transport_failed(self, failure: Failure) -> None:
-        raise NotImplementedError
+        raise TypeError("each kind of transaction handles its own transport failures")
 
 
 class ServerTransaction(_Transaction):
@@ -673,6 +673,11 @@ class TransactionLayer:
                 lambda f: _log.info("sending {what!r} failed: {f}", what=what,
                                     f=f.getErrorMessage())
             )
+
+    def stop(self) -> None:
+        """Terminate every live transaction and cancel its timers (the proxy is stopping)."""
+        for tx in [*self._client.values(), *self._live_server]:
+            tx._terminate()
 
     # -- internals ---------------------------------------------------------------------------
     def _call_tu(self, fn: Callable[..., object], *args: object) -> None:

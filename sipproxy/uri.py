@@ -105,9 +105,13 @@ class Params:
         self._items: list[tuple[str, str | None]] = items if items is not None else []
 
     def _index(self, name: str) -> int:
+        items = self._items
+        for i in range(len(items)):
+            if items[i][0] == name:
+                return i
         lname = name.lower()
-        for i, (n, _) in enumerate(self._items):
-            if n.lower() == lname:
+        for i in range(len(items)):
+            if items[i][0].lower() == lname:
                 return i
         return -1
 

@@ -258,11 +258,10 @@ CASES = [
     ('[[listen]]\naddress = ""', "listen[0].address: must not be empty"),
     (
         '[[listen]]\n[[listen]]\nport = "abc"',
-        'listen[1].port: must be an integer from 1 to 65535, got "abc"',
+        'listen[1].port: must be an integer from 0 to 65535, got "abc"',
     ),
-    ("[[listen]]\nport = 0", "listen[0].port: must be an integer from 1 to 65535, got 0"),
-    ("[[listen]]\nport = 65536", "listen[0].port: must be an integer from 1 to 65535, got 65536"),
-    ("[[listen]]\nport = true", "listen[0].port: must be an integer from 1 to 65535, got true"),
+    ("[[listen]]\nport = 65536", "listen[0].port: must be an integer from 0 to 65535, got 65536"),
+    ("[[listen]]\nport = true", "listen[0].port: must be an integer from 0 to 65535, got true"),
     ('[[listen]]\nadvertise = ""', "listen[0].advertise: must not be empty"),
     (
         '[[listen]]\nadvertise = "bad host!"',
@@ -401,10 +400,10 @@ def test_validation_message(text: str, expected: str) -> None:
 
 def test_error_attributes() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config("[[listen]]\nport = 0", SRC)
+        parse_config("[[listen]]\nport = -1", SRC)
     assert info.value.source == SRC
     assert info.value.key == "listen[0].port"
-    assert info.value.problem == "must be an integer from 1 to 65535, got 0"
+    assert info.value.problem == "must be an integer from 0 to 65535, got -1"
 
 
 def test_upstream_host_forms_accepted() -> None:
@@ -455,7 +454,7 @@ def test_load_names_file_in_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value) == (
-        f"{path}: listen[0].port: must be an integer from 1 to 65535, got 70000"
+        f"{path}: listen[0].port: must be an integer from 0 to 65535, got 70000"
     )
 
 

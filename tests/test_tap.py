@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from twisted.application.service import IService, Service
@@ -83,7 +82,7 @@ def test_make_service_bad_config_exits_with_one_line(
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (
-        f'sipproxy: {path}: listen[1].port: must be an integer from 1 to 65535, got "abc"\n'
+        f'sipproxy: {path}: listen[1].port: must be an integer from 0 to 65535, got "abc"\n'
     )
 
 
@@ -101,16 +100,18 @@ def test_make_service_missing_file_exits_with_one_line(
 
 @pytest.fixture
 def fake_service_module(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Stand in for sipproxy.service (the lead's module) to see what tap hands it."""
+    """Record what tap hands sipproxy.service.makeService (no sockets are opened), and keep
+    the test process's garbage collector settings as they are."""
+    import sipproxy.service
+
     received: list[Config] = []
-    module = ModuleType("sipproxy.service")
 
     def makeService(config: Config) -> IService:
         received.append(config)
         return Service()
 
-    module.makeService = makeService  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "sipproxy.service", module)
+    monkeypatch.setattr(sipproxy.service, "makeService", makeService)
+    monkeypatch.setattr(sipproxy.service, "tune_garbage_collector", lambda: None)
     return received
 
 
@@ -152,7 +153,7 @@ def test_twistd_sipproxy_help(tmp_path: Path) -> None:
 BAD_CONFIGS = [
     (
         '[[listen]]\n[[listen]]\nport = "abc"\n',
-        'listen[1].port: must be an integer from 1 to 65535, got "abc"',
+        'listen[1].port: must be an integer from 0 to 65535, got "abc"',
     ),
     ('[upstream]\nuri = "http://x"\n', 'upstream.uri: must be a sip: or sips: URI, got "http://x"'),
     ("[proxy]\nrecord_route = true\nrecord_route = 1\n\n[timers]\n", "line 3, column 17: "),

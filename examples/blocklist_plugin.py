@@ -1,0 +1,192 @@
+"""
+An example sipproxy plugin: refuse calls and messages to blocked number prefixes.
+
+Premium-rate and similar numbers ("0900...", "+1900...") are a classic source of toll fraud
+from a hijacked phone. This plugin answers an INVITE or MESSAGE whose Request-URI dials such a
+number with ``403 Forbidden`` (plus a ``Warning`` and a ``Reason`` saying which prefix matched),
+so the request never reaches the provider. Requests it screened and let through get
+``X-Screened: sipproxy-blocklist``, so the next hop can tell they were checked.
+
+Enable it and configure it in the proxy's TOML file::
+
+    [plugins]
+    enabled = ["examples.blocklist_plugin:factory"]   # its section is [blocklist]
+
+    [blocklist]
+    prefixes = ["0900", "+1900", "+49900", "0049900"]  # required: digits, optional leading "+"
+    methods = ["INVITE", "MESSAGE"]                    # optional; this is the default
+
+``examples`` must be importable (run from the source tree, or ``PYTHONPATH=.``). A plugin that
+lives in its own distribution registers its factory under the ``sipproxy.plugins`` entry-point
+group instead, in that distribution's ``setup.cfg``::
+
+    [options.entry_points]
+    sipproxy.plugins =
+        blocklist = mycompany_sip.blocklist_plugin:factory
+
+and is then enabled by that name, ``enabled = ["blocklist"]``; the entry-point name is also the
+name of its config section.
+
+Matching is on the number as dialed: the user part of a ``sip:``/``sips:`` URI or the number of a
+``tel:`` URI, with %-escapes decoded, parameters (``;isub=``, ``;phone-context=``) and visual
+separators (``-``, ``.``, ``(``, ``)``) removed. No number normalisation is attempted, so list
+every form your phones may dial (``0900``, ``+49900``, ``0049900``). Requests inside a dialog
+(with a To tag) are not screened: the dialog was screened when it was set up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sipproxy.interfaces import IPluginFactory, IProxyCore
+from sipproxy.message import Request, Response, new_tag
+from sipproxy.pipeline import Plugin
+from sipproxy.uri import URI, unescape
+
+if TYPE_CHECKING:
+    from sipproxy.config import Section
+    from sipproxy.proxy import Branch, RequestContext
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "SCREENED_HEADER",
+    "SCREENED_VALUE",
+    "BlocklistFactory",
+    "BlocklistPlugin",
+    "dialed_number",
+    "factory",
+]
+
+#: Methods screened unless ``methods`` says otherwise: the ones that cost money or spam.
+DEFAULT_METHODS: Final = ("INVITE", "MESSAGE")
+SCREENED_HEADER: Final = "X-Screened"
+SCREENED_VALUE: Final = "sipproxy-blocklist"
+#: Warn-agent of the Warning header (RFC 3261 20.43 allows a pseudonym instead of a host).
+WARN_AGENT: Final = "sipproxy-blocklist"
+
+# ACK is never answered and CANCEL never reaches the plugins: screening them could only mislead.
+_UNSCREENABLE: Final = frozenset({"ACK", "CANCEL"})
+_PREFIX = re.compile(r"\+?[0-9]+\Z")
+_METHOD = re.compile(r"[A-Z]+\Z")
+_VISUAL_SEPARATORS = str.maketrans("", "", "-.() ")
+_SCREENED_KEY = "blocklist.screened"
+
+_log = Logger(namespace="sipproxy.examples.blocklist")
+
+
+def dialed_number(uri: URI) -> str | None:
+    """The number a Request-URI dials, as matched against the prefixes, or None if it has none."""
+    scheme = uri.scheme.lower()
+    if uri.is_sip:
+        user = uri.user
+    elif scheme == "tel":
+        user = uri.opaque
+    else:
+        return None
+    if not user:
+        return None
+    number = unescape(user).split(";", 1)[0].translate(_VISUAL_SEPARATORS)
+    return number or None
+
+
+class BlocklistPlugin(Plugin):
+    """Answers 403 to screened requests that dial a blocked prefix; marks the others."""
+
+    name = "blocklist"
+
+    def __init__(self, prefixes: Iterable[str], methods: Iterable[str] = DEFAULT_METHODS) -> None:
+        # Longest first, so the Warning names the most specific entry that matched.
+        self.prefixes = tuple(sorted(set(prefixes), key=len, reverse=True))
+        self.methods = frozenset(methods)
+        self.blocked = 0
+        """How many requests were refused since start (for a status page)."""
+
+    def blocked_prefix(self, number: str) -> str | None:
+        """The configured prefix ``number`` starts with, or None."""
+        for prefix in self.prefixes:
+            if number.startswith(prefix):
+                return prefix
+        return None
+
+    def request_received(self, ctx: RequestContext) -> Response | None:
+        request = ctx.request
+        if request.method not in self.methods or request.to.tag:
+            return None
+        number = dialed_number(request.uri)
+        prefix = self.blocked_prefix(number) if number is not None else None
+        if prefix is None:
+            ctx.data[_SCREENED_KEY] = True
+            return None
+        self.blocked += 1
+        source = request.source
+        _log.info(
+            "blocked {method} to {number} (prefix {prefix}) from {host}",
+            method=request.method,
+            number=number,
+            prefix=prefix,
+            host=f"{source.host}:{source.port}" if source is not None else "?",
+        )
+        return refusal(request, prefix)
+
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> None:
+        # Our header must mean "this proxy screened it": a caller must not be able to forge it.
+        headers = branch.request.headers
+        headers.remove(SCREENED_HEADER)
+        if ctx.data.get(_SCREENED_KEY):
+            headers.add(SCREENED_HEADER, SCREENED_VALUE)
+
+
+def refusal(request: Request, prefix: str) -> Response:
+    """The 403 for a blocked request: it ends the transaction here, so it carries a To tag."""
+    response = request.make_response(403, "Forbidden")
+    to = response.to.copy()
+    to.tag = new_tag()
+    response.set_name_addr("To", to)
+    response.headers.add(
+        "Warning", f'399 {WARN_AGENT} "Numbers starting with {prefix} are blocked"'
+    )
+    response.headers.add("Reason", f'SIP;cause=403;text="Blocked number prefix {prefix}"')
+    return response
+
+
+@implementer(IPluginFactory)
+class BlocklistFactory:
+    """Validates ``[blocklist]`` and builds the plugin."""
+
+    name = "blocklist"
+
+    def build(self, core: IProxyCore, section: Section) -> BlocklistPlugin:
+        section.check_no_unknown({"prefixes", "methods"})
+        prefixes = section.get_list_of_str("prefixes", allow_empty=False, unique=True)
+        for i, prefix in enumerate(prefixes):
+            if not _PREFIX.match(prefix):
+                raise section.item_error(
+                    "prefixes",
+                    i,
+                    f'must be digits with an optional leading "+", got {json.dumps(prefix)}',
+                )
+        methods = section.get_list_of_str(
+            "methods", DEFAULT_METHODS, allow_empty=False, unique=True
+        )
+        for i, method in enumerate(methods):
+            if not _METHOD.match(method):
+                raise section.item_error(
+                    "methods",
+                    i,
+                    f'must be a SIP method in upper case, like "INVITE", got {json.dumps(method)}',
+                )
+            if method in _UNSCREENABLE:
+                raise section.item_error(
+                    "methods", i, f"{method} cannot be refused; screen the INVITE instead"
+                )
+        return BlocklistPlugin(prefixes, methods)
+
+
+#: What ``enabled = ["examples.blocklist_plugin:factory"]`` (or an entry point) names.
+factory: Final = BlocklistFactory()
