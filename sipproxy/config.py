@@ -40,7 +40,9 @@ __all__ = [
 Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
-CORE_SECTIONS: Final = frozenset({"proxy", "listen", "upstream", "registrar", "timers", "plugins"})
+CORE_SECTIONS: Final = frozenset(
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins"}
+)
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
 _SIDES: Final = ("inside", "outside")
@@ -466,6 +468,15 @@ class TimerConfig:
     t4: float = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """C{[dns]}: where RFC 3263 lookups go. C{servers=None}: the system's resolv.conf and
+    /etc/hosts; an empty tuple: no DNS at all (only IP literals and [upstream] are routable)."""
+
+    servers: tuple[tuple[str, int], ...] | None = None
+    timeout: float = 5.0
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -483,6 +494,7 @@ class Config:
     upstream: UpstreamConfig | None = None
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     timers: TimerConfig = field(default_factory=TimerConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
     plugins: tuple[str, ...] = ()
     """Names of the enabled plugins, in pipeline order."""
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_sections, hash=False)
@@ -543,6 +555,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     upstream = _upstream(root)
     registrar = _registrar(_table(root, "registrar"))
     timers = _timers(_table(root, "timers"))
+    dns = _dns(_table(root, "dns"))
     plugins = _plugins(_table(root, "plugins"))
     return Config(
         proxy=proxy,
@@ -550,6 +563,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         upstream=upstream,
         registrar=registrar,
         timers=timers,
+        dns=dns,
         plugins=plugins,
         sections=MappingProxyType(sections),
         source=source,
@@ -721,6 +735,37 @@ def _timers(s: Section) -> TimerConfig:
     if t2 < t1:
         raise s.error("t2", f"must not be less than t1 ({t1}), got {t2}")
     return TimerConfig(t1=t1, t2=t2, t4=t4)
+
+
+def _dns(s: Section) -> DnsConfig:
+    s.check_no_unknown({"servers", "timeout"})
+    timeout = s.get_float("timeout", 5.0, min=0, min_exclusive=True)
+    if "servers" not in s.mapping:
+        return DnsConfig(None, timeout)
+    servers = []
+    for i, text in enumerate(s.get_list_of_str("servers", ())):
+        host, port = text, 53
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    raise s.item_error("servers", i, f"bad port in {_show(text)}")
+                port = int(rest[1:])
+        elif text.count(":") == 1:
+            host, _, port_text = text.partition(":")
+            if not port_text.isdigit():
+                raise s.item_error("servers", i, f"bad port in {_show(text)}")
+            port = int(port_text)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise s.item_error(
+                "servers", i, f"must be an IP address with an optional port, got {_show(text)}"
+            ) from None
+        if not 0 < port < 65536:
+            raise s.item_error("servers", i, f"port must be from 1 to 65535, got {port}")
+        servers.append((host, port))
+    return DnsConfig(tuple(servers), timeout)
 
 
 def _plugins(s: Section) -> tuple[str, ...]:

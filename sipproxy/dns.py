@@ -17,6 +17,8 @@ from twisted.internet.defer import CancelledError, Deferred, FirstError, fail, g
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.names.common import ResolverBase
+from twisted.names.error import DNSNameError
 
 if TYPE_CHECKING:
     from sipproxy.uri import URI
@@ -349,3 +351,26 @@ def _address_text(record: dns.Record_A | dns.Record_AAAA) -> str:
     packed = record.address
     assert packed is not None
     return str(ipaddress.ip_address(packed))
+
+
+class _NoDNS(ResolverBase):
+    """A resolver that knows no names: ``[dns] servers = []`` (only IP literals route)."""
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Deferred[Any]:
+        return fail(DNSNameError(name))
+
+
+def make_resolver(
+    servers: Iterable[tuple[str, int]] | None, timeout: float, reactor: Any
+) -> SipResolver:
+    """The SipResolver a config asks for: the system's DNS (``servers`` None), these
+    servers, or none at all (an empty list)."""
+    if servers is None:
+        return SipResolver(reactor=reactor, timeout=timeout)
+    servers = list(servers)
+    if not servers:
+        return SipResolver(_NoDNS(), reactor=reactor, timeout=timeout)
+    from twisted.names import client
+
+    return SipResolver(client.Resolver(servers=servers, reactor=reactor), reactor=reactor,
+                       timeout=timeout)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Self
 
 from sipproxy.errors import ParseError
-from sipproxy.headers import Field, Headers, parse_header_lines
+from sipproxy.headers import Field, Headers, canonical, parse_header_lines
 from sipproxy.uri import (
     URI,
     NameAddr,
     Params,
+    check_host,
     check_name_addr,
     format_host,
     parse_name_addr,
@@ -108,9 +109,10 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Via
 # --------------------------------------------------------------------------------------------
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _VIA_FAST = re.compile(
     r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) "
-    r"([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
+    rf"((?:{_LABEL}\.)*{_LABEL}\.?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{{1,5}}))?"
     r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:]+)?)*)\Z"
 )
 _VIA_SLOW = re.compile(
@@ -121,9 +123,14 @@ _VIA_SLOW = re.compile(
 
 
 class Via:
-    """One via-parm (a Via header may hold several, comma-separated)."""
+    """One via-parm (a Via header may hold several, comma-separated).
 
-    __slots__ = ("_raw", "host", "params", "port", "protocol", "transport")
+    An unchanged Via renders as the exact text it was parsed from. Assigning ``host``, ``port``,
+    ``transport`` or ``protocol``, or calling ``set_param``/``remove_param``, renders it anew;
+    after changing ``params`` in place call ``touch()``.
+    """
+
+    __slots__ = ("_host", "_port", "_protocol", "_raw", "_transport", "params")
 
     def __init__(
         self,
@@ -133,12 +140,49 @@ class Via:
         params: Params | None = None,
         protocol: str = SIP_VERSION,
     ) -> None:
-        self.protocol = protocol
-        self.transport = transport
-        self.host = host[1:-1] if host.startswith("[") else host
-        self.port = port
+        self._protocol = protocol
+        self._transport = transport
+        self._host = host[1:-1] if host.startswith("[") else host
+        self._port = port
         self.params = params if params is not None else Params()
         self._raw: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, value: str) -> None:
+        self._protocol = value
+        self._raw = None
+
+    @property
+    def transport(self) -> str:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: str) -> None:
+        self._transport = value
+        self._raw = None
+
+    @property
+    def host(self) -> str:
+        """The sent-by host, IPv6 without brackets."""
+        return self._host
+
+    @host.setter
+    def host(self, value: str) -> None:
+        self._host = value[1:-1] if value.startswith("[") else value
+        self._raw = None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @port.setter
+    def port(self, value: int | None) -> None:
+        self._port = value
+        self._raw = None
 
     @classmethod
     def build(
@@ -148,8 +192,9 @@ class Via:
         if rport:
             items.append(("rport", None))
         via = cls(transport.upper(), host, port, Params(items))
-        hostport = format_host(via.host) if port is None else f"{format_host(via.host)}:{port}"
-        via._raw = f"SIP/2.0/{via.transport} {hostport};branch={branch}{';rport' if rport else ''}"
+        host = format_host(via._host)
+        hostport = host if port is None else f"{host}:{port}"
+        via._raw = f"SIP/2.0/{via._transport} {hostport};branch={branch}{';rport' if rport else ''}"
         return via
 
     @property
@@ -175,7 +220,7 @@ class Via:
 
     @property
     def sent_by(self) -> tuple[str, int | None]:
-        return self.host, self.port
+        return self._host, self._port
 
     def set_param(self, name: str, value: str | None) -> None:
         self.params.set(name, value)
@@ -192,9 +237,9 @@ class Via:
         raw = self._raw
         if raw is not None:
             return raw
-        host = format_host(self.host)
-        port = "" if self.port is None else f":{self.port}"
-        text = f"{self.protocol}/{self.transport} {host}{port}{self.params}"
+        host = format_host(self._host)
+        port = "" if self._port is None else f":{self._port}"
+        text = f"{self._protocol}/{self._transport} {host}{port}{self.params}"
         self._raw = text
         return text
 
@@ -202,7 +247,7 @@ class Via:
         return f"Via({self!s})"
 
     def copy(self) -> Via:
-        new = Via(self.transport, self.host, self.port, self.params.copy(), self.protocol)
+        new = Via(self._transport, self._host, self._port, self.params.copy(), self._protocol)
         new._raw = self._raw
         return new
 
@@ -226,9 +271,9 @@ def parse_via(text: str) -> Via:
         protocol = f"{name}/{version}"
         params = parse_params(ptext or "", "Via")
     if host.startswith("["):
-        from sipproxy.uri import _check_host
-
-        host = _check_host(host, "Via")
+        host = check_host(host, "Via")
+    elif m.re is _VIA_SLOW:
+        check_host(host, "Via")
     port: int | None = None
     if port_text is not None:
         port = int(port_text)
@@ -425,7 +470,7 @@ class Message:
     def set_name_addr(self, name: str, value: NameAddr) -> None:
         """Store a changed From/To back into its header line."""
         self.headers.set(name, str(value))
-        self.headers.store(name.lower(), value)
+        self.headers.store(canonical(name), value)
 
     @property
     def contacts(self) -> list[NameAddr]:
@@ -472,6 +517,11 @@ class Message:
     def start_line(self) -> str:
         raise TypeError("a Message is a Request or a Response")
 
+    def _current_start(self) -> str:
+        """The start line as received while it still holds, else rendered anew."""
+        start = self._start
+        return start if start is not None else self.start_line()
+
     def to_bytes(self) -> bytes:
         """Serialize; an unchanged message gives back exactly the bytes it was parsed from."""
         body = self._body
@@ -483,7 +533,7 @@ class Message:
             elif cl != str(len(body)):
                 self.headers.set("Content-Length", str(len(body)))
             self._body_changed = False
-        start = self._start if self._start is not None else self.start_line()
+        start = self._current_start()
         eol = self._eol
         head = self.headers.render(eol)
         text = f"{start}{eol}{head}{eol}{eol}" if head else f"{start}{eol}{eol}"
@@ -533,6 +583,8 @@ class Message:
             raise ParseError("bad Max-Forwards")
         for value in contacts:
             if value == "*":
+                if len(contacts) > 1:
+                    raise ParseError("Contact '*' together with other contacts")
                 continue
             for one in split_header_values(value) if "," in value else (value,):
                 check_name_addr(one)
@@ -576,6 +628,14 @@ class Request(Message):
         uri = self._uri_text if self._uri is None else str(self._uri)
         return f"{self.method} {uri} {self.version}"
 
+    def _current_start(self) -> str:
+        start = self._start
+        uri = self._uri
+        # a Request-URI changed in place (its setters drop its text) invalidates the line
+        if start is None or (uri is not None and uri._raw is not self._uri_text):
+            return self.start_line()
+        return start
+
     def touch_uri(self) -> None:
         """Call after changing ``uri`` in place so the start line is rendered anew."""
         self._start = None
@@ -592,8 +652,9 @@ class Request(Message):
 
     def make_response(self, status: int, reason: str | None = None) -> Response:
         """A response per RFC 3261 8.2.6: Via, From, To, Call-ID and CSeq copied as they are."""
+        crlf = self._eol == "\r\n"  # folded raw lines of an LF-only request are re-rendered
         fields = [
-            Field(f.name, f.key, f.value, f.raw)
+            Field(f.name, f.key, f.value, f.raw if crlf else None)
             for f in self.headers.fields
             if f.key in ("via", "from", "to", "call-id", "cseq")
         ]
@@ -675,7 +736,8 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
             eol = "\n"
             body_start = end + 2
         elif data.endswith(b"\r\n"):
-            end = body_start = len(data) - 2  # the datagram ends where the blank line should be
+            end = len(data) - 2  # the datagram ends where the blank line should be
+            body_start = len(data)
         else:
             raise ParseError("no empty line after the headers", is_response=is_response)
     else:

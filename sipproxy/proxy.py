@@ -587,9 +587,10 @@ class Proxy:
 
     def _on_branch_response(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         status = response.status
-        if status == 503 and not branch.provisional and branch.data.get("targets") \
-                and response.source is None:
-            # our own 503: the target could not be reached; fail over to the next one
+        if status in (408, 503) and response.source is None and not branch.provisional \
+                and branch.data.get("targets") and not (ctx.cancelled or branch.cancelled):
+            # made by our transaction layer: the target was unreachable or silent (RFC 3263
+            # section 4.3): try the next one
             self._failover(ctx, branch)
             return
         # remove our Via; a response the transaction layer made itself (408, 503) has it too
@@ -597,10 +598,18 @@ class Proxy:
         if top is None:
             return
         ours = branch.request.top_via
+        relay = True
         if ours is not None and top.branch == ours.branch:
             response.pop_via()
             if not response.vias:
-                return
+                # 16.7 step 3: not to be forwarded. The branch still moves on, or the caller
+                # would wait forever: a provisional allows the CANCEL (Timer C), a final ends it
+                if branch.final is not None:
+                    return
+                relay = status >= 200
+                if relay:
+                    response = ctx.request.make_response(502, "Bad Gateway")
+                    status = 502
         if status < 200:
             branch.provisional = True
             # 16.7 step 2: 101-199 restart Timer C; a hop-by-hop 100 says nothing of the callee
@@ -609,7 +618,7 @@ class Proxy:
             if branch.cancel_pending:
                 branch.cancel_pending = False
                 self._send_cancel(branch)
-            if status == 100:
+            if status == 100 or not relay:
                 return
         else:
             branch.final = response
@@ -648,6 +657,8 @@ class Proxy:
     ) -> None:
         if result is DROP:
             if response.status >= 200:
+                # the branch still ended: it counts as failed in response selection
+                branch.final = ctx.request.make_response(502, "Bad Gateway")
                 self._check_complete(ctx)
             return
         status = response.status
@@ -682,7 +693,10 @@ class Proxy:
         if best is None:
             best = ctx.request.make_response(408)
         if best.status == 503:
-            best.set_status(500)  # 16.7 step 6: a 503 is not passed upstream as such
+            # 16.7 step 6: a 503 is not passed upstream as such; one we made ourselves keeps
+            # its reason ("No Route To Destination") so the caller learns why
+            best.set_status(500, best.reason if best.source is None else None)
+        _ensure_to_tag(best)  # our own 408/500 need one (8.2.6.2); a callee's has it already
         self._forward_response(ctx, best, final=True)
 
     def _forward_response(
@@ -711,9 +725,14 @@ class Proxy:
     def _send_response(
         self, ctx: RequestContext, response: Response, result: Any, final: bool
     ) -> None:
-        if result is DROP:
-            return
         tx = ctx.server_transaction
+        if result is DROP:
+            if final and not ctx.final_sent and tx is not None:
+                # the caller must still get a final answer, or its transaction hangs
+                _log.info("a plugin dropped the final response to {req!r}; answering 500",
+                          req=ctx.request)
+                self._reply(ctx, 500, "Server Internal Error")
+            return
         if tx is None:
             return
         if final:

@@ -9,7 +9,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 
 from sipproxy.config import Config
-from sipproxy.dns import SipResolver
+from sipproxy.dns import make_resolver
 from sipproxy.location import LocationService
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
@@ -69,7 +69,8 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
     transports = TransportManager(
         reactor, lambda message: receiver[0].receive(message), config.listen
     )
-    proxy = Proxy(config, reactor, transports, location, registrar, SipResolver(reactor=reactor))
+    resolver = make_resolver(config.dns.servers, config.dns.timeout, reactor)
+    proxy = Proxy(config, reactor, transports, location, registrar, resolver)
     receiver.append(proxy)
     plugins = load_plugins(config, proxy)
     proxy.set_plugins(plugins)

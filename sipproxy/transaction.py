@@ -166,7 +166,11 @@ def _server_key(request: Request) -> tuple[_OuterKey, bool]:
     """(outer key, is RFC 3261 style) of a received request (RFC 3261 17.2.3)."""
     via = request.top_via
     if via is not None and via.branch and via.branch.startswith(MAGIC_COOKIE):
-        return ("3261", via.branch, via.host.lower(), via.port), True
+        # The source address joins the RFC's (branch, sent-by): sent-by is only what the
+        # client claims, so a stranger reusing a branch must not hit someone else's transaction.
+        source = request.source
+        where = (source.host, source.port) if source is not None else None
+        return ("3261", via.branch, via.host.lower(), via.port, where), True
     # RFC 2543: Request-URI, From tag, Call-ID, CSeq number and top Via; the To tag and the
     # method are checked separately because an ACK's To tag is the response's.
     return (

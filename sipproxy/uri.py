@@ -19,6 +19,8 @@ __all__ = [
     "NameAddr",
     "Params",
     "ParseError",
+    "check_host",
+    "check_name_addr",
     "format_host",
     "parse_name_addr",
     "parse_params",
@@ -72,6 +74,11 @@ def _check_host(host: str, what: str) -> str:
     if not _HOSTNAME.match(host):
         raise ParseError(f"bad host in {what}")
     return host
+
+
+def check_host(host: str, what: str = "host") -> str:
+    """Validate a hostname, IPv4 or [IPv6] host; return it without brackets (ParseError if bad)."""
+    return _check_host(host, what)
 
 
 def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
@@ -465,10 +472,10 @@ _NA_CHECK = re.compile(
 )
 
 
-def check_name_addr(text: str) -> None:
+def check_name_addr(text: str, *, allow_star: bool = False) -> None:
     """Raise ParseError unless ``text`` is a valid name-addr; cheap for the usual shapes."""
     if _NA_CHECK.match(text) is None:
-        parse_name_addr(text, allow_star=True)
+        parse_name_addr(text, allow_star=allow_star)
 
 
 def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
@@ -565,7 +572,9 @@ def _parse_display_name(text: str) -> str | None:
 class NameAddr:
     """``"Display" <uri>;params`` or ``uri;params``: From, To, Contact, Route and friends."""
 
-    __slots__ = ("_display", "_params", "_raw", "_uri", "angle")
+    # ``_raw`` is valid only while the URI still renders as ``_uri_raw`` (the very string it was
+    # rendered from): a URI changed in place, even one rendered anew since, invalidates it.
+    __slots__ = ("_display", "_params", "_raw", "_uri", "_uri_raw", "angle")
 
     def __init__(
         self,
@@ -579,6 +588,7 @@ class NameAddr:
         self._params = params if params is not None else Params()
         self.angle = angle
         self._raw: str | None = None
+        self._uri_raw: str | None = None
 
     @property
     def uri(self) -> URI:
@@ -626,8 +636,9 @@ class NameAddr:
         self._raw = None
 
     def __str__(self) -> str:
-        if self._raw is not None and self._uri._raw is not None:
-            return self._raw
+        raw = self._raw
+        if raw is not None and self._uri._raw is self._uri_raw is not None:
+            return raw
         uri = str(self._uri)
         if self.angle or self._display or any(c in uri for c in ",;?"):
             text = f"{self._display} <{uri}>" if self._display else f"<{uri}>"
@@ -635,6 +646,7 @@ class NameAddr:
             text = uri
         text += str(self._params)
         self._raw = text
+        self._uri_raw = self._uri._raw
         return text
 
     def __repr__(self) -> str:
@@ -643,6 +655,7 @@ class NameAddr:
     def copy(self) -> NameAddr:
         new = NameAddr(self._uri.copy(), self._display, self._params.copy(), self.angle)
         new._raw = self._raw
+        new._uri_raw = self._uri_raw  # URI.copy keeps the same raw string object
         return new
 
 
@@ -663,6 +676,7 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
             angle=True,
         )
         na._raw = text
+        na._uri_raw = na._uri._raw
         return na
     raw = text
     text = text.strip()
@@ -692,6 +706,7 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
             uri = parse_uri(uri_text, allow_headers=False)
         na = NameAddr(uri, None, parse_params(ptext, "address"), angle=False)
     na._raw = raw.strip()
+    na._uri_raw = uri._raw
     return na
 
 

@@ -115,8 +115,10 @@ def route_response(via: Via, source: Source | None) -> ResponseRoute:
     C{source} is where the request came from; it supplies the connection to reuse and, for an
     C{rport} that was never filled in, the port the request came from.
     """
-    transport = via.transport.upper()
-    default_port = 5061 if transport in ("TLS", "WSS", "TLS-SCTP") else 5060
+    # the transport the request really arrived on wins over what its Via claims (a UDP
+    # datagram whose Via says TLS is still answered over UDP: RFC 4475 3.3.5)
+    transport = source.transport.upper() if source is not None else via.transport.upper()
+    default_port = 5061 if via.transport.upper() in ("TLS", "WSS", "TLS-SCTP") else 5060
     sent_by_port = via.port if via.port is not None else default_port
     if transport in RELIABLE_TRANSPORTS:
         connection = None
