@@ -46,7 +46,8 @@ LIST_HEADERS = frozenset(
 )
 
 _canon_cache: dict[str, str] = {}
-_valid_names: dict[str, str] = {}  # header names already checked to be tokens -> key
+# header names already checked to be tokens -> (that spelling, shared; lookup key)
+_valid_names: dict[str, tuple[str, str]] = {}
 
 
 def canonical(name: str) -> str:
@@ -201,6 +202,10 @@ class Headers:
     def copy(self) -> Headers:
         return Headers([Field(f.name, f.key, f.value, f.raw) for f in self.fields])
 
+    def forget_parsed(self) -> None:
+        """Drop the parsed views (they are rebuilt on demand): for messages kept a while."""
+        self._cache.clear()
+
     def cached(self, key: str) -> object | None:
         return self._cache.get(key)
 
@@ -229,14 +234,15 @@ def parse_header_lines(lines: list[str], eol: str) -> Headers:
         if not colon:
             raise ParseError("header line without ':'")
         name = name.rstrip(" \t")
-        key = _valid_names.get(name)
-        if key is None:
+        known = _valid_names.get(name)
+        if known is None:
             if not name or not _is_token(name):
                 raise ParseError("bad header name")
-            key = canonical(name)
+            known = (name, canonical(name))
             if len(_valid_names) < 4096:
-                _valid_names[name] = key
-        last = Field(name, key, value.strip(" \t"), line)
+                _valid_names[name] = known
+        # the shared spelling: thousands of stored messages need not each keep "Via" again
+        last = Field(known[0], known[1], value.strip(" \t"), line)
         fields.append(last)
     return Headers(fields)
 

@@ -92,4 +92,4 @@ def tune_garbage_collector() -> None:
     too; it only changes thresholds."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+    gc.set_threshold(20_000, 20, 10)

@@ -234,6 +234,13 @@ class _Transaction:
         if call is not None and call.active():
             call.cancel()
 
+    def _compact(self) -> None:
+        """After the final response a transaction mostly waits (up to 64*T1): keep its
+        messages as text, not as parsed views, so thousands of them stay small."""
+        self.request.headers.forget_parsed()
+        if self.last_response is not None:
+            self.last_response.headers.forget_parsed()
+
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
             return
@@ -331,6 +338,8 @@ class ServerTransaction(_Transaction):
     def _send(self, response: Response) -> None:
         self.last_response = response
         self._resend()
+        if response.status >= 200:
+            self._compact()
 
     def _resend(self) -> None:
         response = self.last_response
@@ -445,6 +454,7 @@ class ClientTransaction(_Transaction):
                     self._cancel_timer("cancel")
                     self.state = State.ACCEPTED
                     self._deliver(response)
+                    self._compact()
                     self._start_timer("M", 64 * self._layer.t1, self._terminate)
                 else:
                     self._cancel_timer("cancel")
@@ -452,6 +462,7 @@ class ClientTransaction(_Transaction):
                     self.ack = build_ack(self.request, response)
                     self._send_ack()
                     self._deliver(response)
+                    self._compact()
                     self._start_timer("D", 0 if self.reliable else self._layer.timer_d,
                                       self._terminate)
             elif state is State.COMPLETED and status >= 300:
