@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -75,6 +75,9 @@ class Branch:
     cancel_pending: bool = False
     cancelled: bool = False
     timer_c: IDelayedCall | None = None
+    #: set by a plugin in request_forwarding: send only the proxy's own Via (the ones below it
+    #: name the caller's network); responses get the original Vias back from the proxy
+    hide_vias: bool = False
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,6 +93,9 @@ class RequestContext:
     final_sent: bool = False
     cancelled: bool = False
     best_2xx_sent: bool = False
+    #: set by a plugin in request_received: send the request there (Request-URI as it is),
+    #: skipping the location service, [upstream] and DNS (e.g. NAT: a phone's real address)
+    destination: Target | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -341,6 +347,9 @@ class Proxy:
             return
         request = ctx.request
         self._preprocess_routes(request)
+        if ctx.destination is not None:
+            self._forward(ctx, [request.uri], next_hop=None, destination=ctx.destination)
+            return
         if request.headers.get("route") is not None:
             self._forward(ctx, [request.uri], next_hop=None)
             return
@@ -417,6 +426,7 @@ class Proxy:
         next_hop: URI | None,
         paths: list[tuple[str, ...]] | None = None,
         bindings: list[Any] | None = None,
+        destination: Target | None = None,
     ) -> None:
         ctx.pending_targets = len(targets)
         for i, target_uri in enumerate(targets):
@@ -432,8 +442,10 @@ class Proxy:
                 out_data = {}
             mf = out.max_forwards
             out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
-            hop = next_hop or self._next_hop_uri(out)
-            d = self._resolve(hop)
+            if destination is not None:
+                d: Deferred[list[Target]] = succeed([destination])
+            else:
+                d = self._resolve(next_hop or self._next_hop_uri(out))
             d.addCallback(self._resolved, ctx, out, out_data)
             d.addErrback(self._resolve_failed, ctx)
 
@@ -543,6 +555,8 @@ class Proxy:
             self._check_complete(ctx)
             return
         assert branch.target is not None
+        if branch.hide_vias:
+            _hide_lower_vias(branch.request)
         self._choose_transport(branch.request, branch.target)
         try:
             branch.transaction = self.transactions.send_request(
@@ -601,6 +615,8 @@ class Proxy:
         relay = True
         if ours is not None and top.branch == ours.branch:
             response.pop_via()
+            if branch.hide_vias:
+                _restore_vias(response, ctx.request)
             if not response.vias:
                 # 16.7 step 3: not to be forwarded. The branch still moves on, or the caller
                 # would wait forever: a provisional allows the CANCEL (Timer C), a final ends it
@@ -838,7 +854,10 @@ class Proxy:
         out = request.copy()
         mf = out.max_forwards
         out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
-        if out.headers.get("route") is not None:
+        hop: URI | None = None
+        if ctx.destination is not None:
+            pass
+        elif out.headers.get("route") is not None:
             hop = self._next_hop_uri(out)
         elif self._is_local_uri(out.uri):
             bindings = self.location.lookup(self.registrar_aor(out.uri))
@@ -848,7 +867,9 @@ class Proxy:
             hop = out.uri
         else:
             hop = out.uri  # an ACK for a 2xx is in-dialog: its remote target, never [upstream]
-        d = self._resolve(hop)
+        d = succeed([ctx.destination]) if hop is None and ctx.destination else self._resolve(
+            hop or out.uri
+        )
 
         def send(targets: list[Target]) -> None:
             if not targets:
@@ -858,9 +879,14 @@ class Proxy:
             host, port = self._advertised(listener, target.host)
             out.push_via(Via.build(target.transport, host, port, new_branch(), rport=True))
             branch = Branch(out, target, listener)
-            result = self.pipeline.run("request_forwarding", ctx, branch)
-            then(result, lambda r: None if isinstance(r, Response) else
-                 self.transactions.send_stateless_request(out, target))
+            def forward(result: Any) -> None:
+                if isinstance(result, Response) or branch.target is None:
+                    return
+                if branch.hide_vias:
+                    _hide_lower_vias(out)
+                self.transactions.send_stateless_request(out, branch.target)
+
+            then(self.pipeline.run("request_forwarding", ctx, branch), forward)
 
         d.addCallback(send)
         d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
@@ -912,6 +938,19 @@ def _is_ip(host: str) -> bool:
 
 def _first_list_value(value: str) -> str:
     return split_header_values(value)[0]
+
+
+def _hide_lower_vias(request: Request) -> None:
+    top = request.top_via
+    if top is not None:
+        request.headers.set("Via", str(top))
+
+
+def _restore_vias(response: Response, request: Request) -> None:
+    """Give a response the Vias its request arrived with (the ones ``hide_vias`` removed)."""
+    response.headers.remove("via")
+    for value in request.headers.get_all("via"):
+        response.headers.add("Via", value)
 
 
 def _rr_value(host: str, port: int, transport: str) -> str:

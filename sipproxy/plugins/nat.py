@@ -1,0 +1,512 @@
+"""NAT traversal: phones on a private network reach, and are reached from, the outside.
+
+Firewall mode (the proxy has ``inside`` and ``outside`` listeners): nothing that tells the far
+side where to send something leaves on the outside with an inside address.
+
+- Contact: a phone's Contact is replaced, in requests and responses that leave toward the other
+  side, by ``sip:nat-TOKEN@<proxy address facing that side>``; the token maps back to the
+  phone's Contact and to the address its packets really came from (after NAT, rport). Requests
+  to such a URI (incoming calls, in-dialog requests) are sent to the phone there. Tokens live as
+  long as the registration (from the 2xx's expires) or, for dialogs, ``mapping_ttl`` since their
+  last use.
+- Via: the phone's Vias are hidden on the outside (the proxy keeps them; ``Branch.hide_vias``).
+- Record-Route, Route, Path: the proxy's inside-facing Record-Route is removed from what goes
+  out and put back into what comes in; inside Route/Path values are removed.
+- Requests from the outside addressed to an inside host, or to an unknown token, are refused
+  (403 / 404): nothing reaches the inside that a phone did not ask for.
+
+Public-proxy mode (phones behind someone else's NAT): a binding whose Contact is a private
+address, or differs from where its REGISTER came from, is reached at the address the REGISTER
+came from (the registrar stores it with the binding; no alias parameter is needed), its
+dialogs' Contacts are replaced by tokens as above, and NATed bindings are kept alive with
+keepalive requests (OPTIONS by default) every ``keepalive_interval`` seconds; one that fails
+``keepalive_failures`` times in a row is removed.
+
+SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sipproxy.config import Section
+from sipproxy.dns import Target
+from sipproxy.errors import ParseError
+from sipproxy.headers import Headers
+from sipproxy.interfaces import IPluginFactory, IProxyCore
+from sipproxy.location import ILocationListener
+from sipproxy.message import Request, Response, new_branch, new_tag
+from sipproxy.pipeline import Plugin
+from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
+
+__all__ = ["ContactMap", "NatPlugin", "factory"]
+
+_log = Logger(namespace="sipproxy.plugins.nat")
+
+TOKEN_PREFIX = "nat-"
+DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
+DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY", "UPDATE"})
+
+
+@dataclass(slots=True)
+class ContactMapping:
+    token: str
+    contact: str  # the phone's Contact URI, as it sent it
+    target: Target  # where its packets come from
+    expires_at: float
+
+
+class ContactMap:
+    """Tokens for Contacts: reused for the same Contact and address, forgotten once expired."""
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._by_token: dict[str, ContactMapping] = {}
+        self._by_contact: dict[tuple[str, Target], str] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_token)
+
+    def token_for(self, contact: str, target: Target, ttl: float) -> ContactMapping:
+        now = self.clock.seconds()
+        token = self._by_contact.get((contact, target))
+        mapping = self._by_token.get(token) if token else None
+        if mapping is None:
+            token = TOKEN_PREFIX + os.urandom(8).hex()
+            mapping = ContactMapping(token, contact, target, now + ttl)
+            self._by_token[token] = mapping
+            self._by_contact[(contact, target)] = token
+        else:
+            mapping.expires_at = max(mapping.expires_at, now + ttl)
+        return mapping
+
+    def lookup(self, token: str) -> ContactMapping | None:
+        mapping = self._by_token.get(token)
+        if mapping is None or mapping.expires_at < self.clock.seconds():
+            return None
+        return mapping
+
+    def set_ttl(self, token: str, ttl: float) -> None:
+        mapping = self._by_token.get(token)
+        if mapping is not None:
+            mapping.expires_at = self.clock.seconds() + ttl
+
+    def purge(self) -> int:
+        now = self.clock.seconds()
+        gone = [m for m in self._by_token.values() if m.expires_at < now]
+        for m in gone:
+            del self._by_token[m.token]
+            self._by_contact.pop((m.contact, m.target), None)
+        return len(gone)
+
+
+@dataclass(eq=False)
+class _Watched:
+    binding: Any
+    target: Target
+    failures: int = 0
+    pending: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@implementer(ILocationListener)
+class NatPlugin(Plugin, Service):
+    """The ``nat`` plugin (see the module docstring)."""
+
+    name = "nat"
+
+    def __init__(
+        self,
+        core: IProxyCore,
+        inside_networks: Iterable[str] = DEFAULT_INSIDE,
+        external_address: str | None = None,
+        mapping_ttl: float = 7200.0,
+        keepalive_interval: float = 30.0,
+        keepalive_failures: int = 3,
+        keepalive_method: str = "OPTIONS",
+    ) -> None:
+        self.core = core
+        self.clock: IReactorTime = core.clock
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in inside_networks)
+        self.external_address = external_address
+        self.mapping_ttl = mapping_ttl
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_failures = keepalive_failures
+        self.keepalive_method = keepalive_method
+        self.contacts = ContactMap(self.clock)
+        self.watched: dict[tuple[str, str], _Watched] = {}
+        self._purge: LoopingCall | None = None
+        self._keepalive: LoopingCall | None = None
+        self._is_inside = functools.lru_cache(maxsize=4096)(self._inside_uncached)
+        if external_address:
+            for listener in core.listeners:
+                if listener.side == "outside":
+                    listener.via_host = external_address
+
+    # -- service -------------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self._purge = LoopingCall(self.contacts.purge)
+        self._purge.clock = self.clock
+        self._purge.start(60.0, now=False)
+        self.core.location.add_listener(self)
+        if self.keepalive_interval > 0:
+            self._keepalive = LoopingCall(self.send_keepalives)
+            self._keepalive.clock = self.clock
+            self._keepalive.start(self.keepalive_interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for loop in (self._purge, self._keepalive):
+            if loop is not None and loop.running:
+                loop.stop()
+        self.core.location.remove_listener(self)
+
+    # -- addresses -----------------------------------------------------------------------------
+    def _inside_uncached(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+        except ValueError:
+            return False
+        return any(ip.version == net.version and ip in net for net in self.networks)
+
+    def is_inside(self, host: str) -> bool:
+        """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
+        return bool(self._is_inside(host))
+
+    def _side_of_source(self, message: Request | Response) -> str:
+        source = message.source
+        return source.side if source is not None else ""
+
+    def _natted(self, message: Request | Response) -> bool:
+        """Public-proxy NAT detection: a private Contact or Via, unlike the packet's source."""
+        source = message.source
+        if source is None:
+            return False
+        via = message.top_via
+        if via is not None and via.host != source.host and self.is_inside(via.host):
+            return True
+        try:
+            contacts = message.contacts
+        except ParseError:
+            return False
+        return any(
+            c.uri.is_sip and c.uri.host != source.host and self.is_inside(c.uri.host)
+            for c in contacts
+        )
+
+    @staticmethod
+    def _target_of(message: Request | Response) -> Target | None:
+        source = message.source
+        if source is None:
+            return None
+        return Target(source.transport.upper(), source.host, source.port, source.host)
+
+    # -- requests ------------------------------------------------------------------------------
+    def request_received(self, ctx: Any) -> Any:
+        request: Request = ctx.request
+        uri = request.uri
+        if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
+                self.core.is_local_domain(uri.host):
+            mapping = self.contacts.lookup(uri.user)
+            if mapping is None:
+                return self._refuse(request, 404, "Not Found")
+            request.uri = parse_uri(mapping.contact)
+            ctx.destination = mapping.target
+            self.contacts.set_ttl(mapping.token, max(self.mapping_ttl,
+                                                     mapping.expires_at - self.clock.seconds()))
+            return None
+        if self._side_of_source(request) == "outside" and self._leads_inside(request):
+            return self._refuse(request, 403, "Forbidden")
+        return None
+
+    def _leads_inside(self, request: Request) -> bool:
+        """Would this request from the outside be sent to an inside address by itself?"""
+        uri = request.uri
+        if uri.is_sip and self.is_inside(uri.get_param("maddr") or uri.host):
+            return True
+        for value in request.headers.get_all("route"):
+            try:
+                route = parse_name_addr(value)
+            except ParseError:
+                return True
+            if route.uri.is_sip and self.is_inside(route.uri.host):
+                return True
+        return False
+
+    def _refuse(self, request: Request, status: int, reason: str) -> Response | None:
+        if request.method == "ACK":
+            return None
+        _log.info("refused {method} from {source} to {uri}: {status}", method=request.method,
+                  source=request.source, uri=str(request.uri), status=status)
+        return request.make_response(status, reason)
+
+    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+        request: Request = ctx.request
+        out: Request = branch.request
+        out_side = branch.listener.side if branch.listener is not None else ""
+        binding = branch.data.get("binding")
+        if binding is not None and binding.source is not None:
+            self._route_to_registered_address(branch, binding)
+        from_inside = self._side_of_source(request) == "inside"
+        natted = not from_inside and self._natted(request)
+        if out_side == "outside" and from_inside:
+            branch.hide_vias = True
+            removed = self._remove_inside_values(out, "record-route")
+            if removed:
+                branch.data["nat_rr"] = removed
+            self._remove_inside_values(out, "route")
+            self._remove_inside_values(out, "path")
+        if (from_inside and out_side == "outside") or natted:
+            target = self._target_of(request)
+            if target is not None and branch.listener is not None:
+                self._tokenize_contacts(out, target, branch.listener, self._ttl_of(out))
+        return None
+
+    def _route_to_registered_address(self, branch: Any, binding: Any) -> None:
+        """Public-proxy mode: a NATed phone is reached where its REGISTER came from."""
+        source = binding.source
+        try:
+            contact = parse_uri(binding.contact)
+        except ParseError:
+            return
+        if not contact.is_sip or contact.host == source.host:
+            return
+        if self.is_inside(contact.host) or (contact.port or 5060) != source.port:
+            branch.target = Target(source.transport.upper(), source.host, source.port,
+                                   source.host)
+
+    def _ttl_of(self, message: Request | Response) -> float:
+        if isinstance(message, Request) and message.method == "REGISTER":
+            expires = message.headers.get("expires")
+            if expires is not None and expires.strip().isdigit():
+                return float(expires.strip()) + 60.0
+            return 3600.0 + 60.0
+        return self.mapping_ttl
+
+    def _tokenize_contacts(
+        self, message: Request | Response, target: Target, listener: Any, ttl: float
+    ) -> None:
+        try:
+            contacts = message.contacts
+        except ParseError:
+            return
+        if not contacts or any(not c.uri.is_sip for c in contacts):
+            return
+        host = listener.via_host
+        changed = []
+        for contact in contacts:
+            uri = contact.uri
+            if uri.user and uri.user.startswith(TOKEN_PREFIX):
+                changed.append(contact)
+                continue
+            own_ttl = ttl
+            expires = contact.get_param("expires")
+            if expires is not None and expires.isdigit():
+                own_ttl = float(expires) + 60.0
+            mapping = self.contacts.token_for(str(uri), target, own_ttl)
+            tp = "" if listener.transport == "UDP" else f";transport={listener.transport.lower()}"
+            new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{listener.port}{tp}")
+            changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
+        message.set_contacts(changed)
+
+    def _remove_inside_values(self, message: Request | Response, name: str) -> list[str]:
+        values = message.headers.get_all(name)
+        if not values:
+            return []
+        kept: list[str] = []
+        removed: list[str] = []
+        for value in values:
+            try:
+                uri = parse_name_addr(value).uri
+            except ParseError:
+                removed.append(value)
+                continue
+            (removed if uri.is_sip and self.is_inside(uri.host) else kept).append(value)
+        if removed:
+            message.headers.remove(name)
+            for value in kept:
+                message.headers.add(name.title(), value)
+        return removed
+
+    # -- responses -----------------------------------------------------------------------------
+    def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
+        request: Request = ctx.request
+        to_side = self._side_of_source(request)
+        from_side = branch.listener.side if branch.listener is not None else ""
+        removed = branch.data.get("nat_rr")
+        if removed:
+            self._restore_record_route(response, removed, len(request.headers.get_all(
+                "record-route")))
+        if request.method == "REGISTER" and 200 <= response.status < 300:
+            self._refresh_register_tokens(response)
+        if "contact" not in response.headers:
+            return None
+        if (from_side == "inside" and to_side == "outside") or self._natted(response):
+            target = self._target_of(response) or branch.target
+            listener = self._listener_of(request)
+            if target is not None and listener is not None:
+                self._tokenize_contacts(response, target, listener, self.mapping_ttl)
+        return None
+
+    def _listener_of(self, request: Request) -> Any:
+        """The listener a request arrived on: its response leaves from there."""
+        source = request.source
+        if source is None:
+            return None
+        for listener in self.core.listeners:
+            if listener.port == source.local_port and listener.transport == source.transport \
+                    and listener.side == source.side:
+                return listener
+        return None
+
+    def _restore_record_route(self, response: Response, removed: list[str], theirs: int) -> None:
+        """Put our inside-facing Record-Route back where it was: below our outside one (the
+        request arrived with ``theirs`` entries; everything above them that we added stays)."""
+        values = response.headers.get_all("record-route")
+        if not values:
+            return
+        position = len(values) - theirs
+        if position < 0:
+            return
+        values[position:position] = removed
+        response.headers.remove("record-route")
+        for value in values:
+            response.headers.add("Record-Route", value)
+
+    def _refresh_register_tokens(self, response: Response) -> None:
+        try:
+            contacts = response.contacts
+        except ParseError:
+            return
+        default = response.headers.get("expires")
+        for contact in contacts:
+            user = contact.uri.user
+            if not user or not user.startswith(TOKEN_PREFIX):
+                continue
+            expires = contact.get_param("expires") or default
+            if expires is not None and expires.strip().isdigit():
+                seconds = int(expires.strip())
+                self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+
+    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+        if self._side_of_source(ctx.request) == "outside":
+            self._remove_inside_values(response, "record-route")
+            self._remove_inside_values(response, "path")
+        return None
+
+    # -- keepalives (public-proxy mode) --------------------------------------------------------
+    def binding_added(self, binding: Any, previous: Any) -> None:
+        source = binding.source
+        if source is None:
+            return
+        try:
+            contact = parse_uri(binding.contact)
+        except ParseError:
+            return
+        natted = contact.is_sip and contact.host != source.host and (
+            self.is_inside(contact.host) or (contact.port or 5060) != source.port
+        )
+        key = (binding.aor, binding.contact)
+        if natted:
+            target = Target(source.transport.upper(), source.host, source.port, source.host)
+            self.watched[key] = _Watched(binding, target)
+        else:
+            self.watched.pop(key, None)
+
+    def binding_removed(self, binding: Any, reason: str) -> None:
+        self.watched.pop((binding.aor, binding.contact), None)
+
+    def send_keepalives(self) -> None:
+        for key, watched in list(self.watched.items()):
+            if watched.pending:
+                continue
+            watched.pending = True
+            try:
+                request = self._keepalive_request(watched)
+                self.core.send_request(request, watched.target,
+                                       lambda r, k=key, w=watched: self._keepalive_answer(k, w, r))
+            except Exception:
+                watched.pending = False
+                _log.failure("keepalive to {target}", target=watched.target)
+
+    def _keepalive_request(self, watched: _Watched) -> Request:
+        target = watched.target
+        via = self.core.make_via(target)
+        headers = Headers()
+        headers.add("Via", str(via))
+        headers.add("Max-Forwards", "70")
+        headers.add("From", f"<sip:keepalive@{format_host(via.host)}>;tag={new_tag()}")
+        headers.add("To", f"<{watched.binding.contact}>")
+        headers.add("Call-ID", new_branch()[7:] + "@sipproxy")
+        headers.add("CSeq", f"1 {self.keepalive_method}")
+        headers.add("Content-Length", "0")
+        return Request(self.keepalive_method, watched.binding.contact, headers)
+
+    def _keepalive_answer(
+        self, key: tuple[str, str], watched: _Watched, response: Response
+    ) -> None:
+        watched.pending = False
+        if response.status < 200:
+            return
+        if response.source is not None:  # any answer from the phone: the NAT mapping lives
+            watched.failures = 0
+            return
+        watched.failures += 1  # our own 408/503: no answer
+        if watched.failures >= self.keepalive_failures and self.watched.get(key) is watched:
+            _log.info("binding {contact} of {aor} stopped answering keepalives; removed",
+                      contact=watched.binding.contact, aor=watched.binding.aor)
+            del self.watched[key]
+            self.core.location.remove(watched.binding.aor, watched.binding.contact,
+                                      reason="expired")
+
+
+@implementer(IPluginFactory)
+class NatFactory:
+    name = "nat"
+
+    def build(self, core: IProxyCore, section: Section) -> NatPlugin:
+        section.check_no_unknown({
+            "inside_networks", "external_address", "mapping_ttl", "keepalive_interval",
+            "keepalive_failures", "keepalive_method",
+        })
+        networks = section.get_list_of_str("inside_networks", DEFAULT_INSIDE, allow_empty=False)
+        for i, text in enumerate(networks):
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise section.item_error(
+                    "inside_networks", i, f"must be a network like 192.168.0.0/16, got {text!r}"
+                ) from None
+        external = section.get_str("external_address", None)
+        if external is not None:
+            try:
+                ipaddress.ip_address(external)
+            except ValueError:
+                raise section.error(
+                    "external_address", f"must be an IP address, got {external!r}"
+                ) from None
+        return NatPlugin(
+            core,
+            networks,
+            external,
+            mapping_ttl=section.get_float("mapping_ttl", 7200.0, min=60.0),
+            keepalive_interval=section.get_float("keepalive_interval", 30.0, min=0.0),
+            keepalive_failures=section.get_int("keepalive_failures", 3, min=1, max=100),
+            keepalive_method=section.get_choice("keepalive_method", ("OPTIONS", "NOTIFY"),
+                                                "OPTIONS"),
+        )
+
+
+factory = NatFactory()
