@@ -680,4 +680,38 @@ def test_any_listen_value_is_accepted_or_blamed_on_that_key(key: str, value: str
 
 
 def test_core_section_names() -> None:
-    assert {"proxy", "listen", "upstream", "registrar", "timers", "plugins"} == CORE_SECTIONS
+    assert {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins"} == CORE_SECTIONS
+
+
+def test_dns_defaults_to_the_system_resolver() -> None:
+    config = parse_config("", SRC)
+    assert config.dns.servers is None
+    assert config.dns.timeout == 5.0
+
+
+def test_dns_servers_parsed() -> None:
+    config = parse_config(
+        '[dns]\nservers = ["127.0.0.1", "127.0.0.2:5353", "[::1]:53"]\ntimeout = 2', SRC
+    )
+    assert config.dns.servers == (("127.0.0.1", 53), ("127.0.0.2", 5353), ("::1", 53))
+    assert config.dns.timeout == 2.0
+
+
+def test_dns_empty_servers_means_no_dns() -> None:
+    assert parse_config("[dns]\nservers = []", SRC).dns.servers == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[dns]\nservers = ["dns.example"]',
+         'dns.servers[0]: must be an IP address with an optional port, got "dns.example"'),
+        ('[dns]\nservers = ["127.0.0.1:x"]', 'dns.servers[0]: bad port in "127.0.0.1:x"'),
+        ("[dns]\ntimeout = 0", "dns.timeout: must be a number > 0, got 0"),
+        ("[dns]\nserver = []", "dns.server: unknown key (expected one of: servers, timeout)"),
+    ],
+)
+def test_dns_errors(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    assert str(info.value) == f"{SRC}: {message}"
