@@ -352,8 +352,14 @@ def test_star_with_expires_zero_removes_all(env: Env) -> None:
 )
 def test_star_misuse_is_400(env: Env, contacts: list[str], expires: str | None) -> None:
     env.register(make_register(["<sip:a@192.0.2.1>"], call_id="first"))
-    response = env.register(make_register(contacts, expires=expires))
-    assert response.status == 400
+    try:
+        request = make_register(contacts, expires=expires)
+    except ParseError as e:
+        # the message layer already refuses some misuses ("*" with other contacts or with
+        # parameters); the proxy answers those 400 before the registrar sees them
+        assert e.status == 400
+    else:
+        assert env.register(request).status == 400
     assert env.contacts() == ["sip:a@192.0.2.1"]
 
 
