@@ -48,13 +48,16 @@ class IProxyPlugin(Interface):
     def request_received(ctx: Any) -> Any:
         """A new request (``ctx.request``, a :class:`~sipproxy.proxy.RequestContext`) passed
         validation; routing has not happened yet. Also called for an ACK to a 2xx (then
-        ``ctx.server_transaction`` is None and a returned Response is ignored: ACKs are never
-        answered) and for in-dialog requests (``ctx.dialog`` is set)."""
+        ``ctx.server_transaction`` is None; ACKs are never answered, so a returned Response
+        only means "drop this ACK") and for in-dialog requests (``ctx.dialog`` is set). Setting
+        ``ctx.destination`` (a Target) sends the request there, skipping routing."""
 
     def request_forwarding(ctx: Any, branch: Any) -> Any:
         """``branch.request`` (a copy, with the new Request-URI, Record-Route and the proxy's
         Via) is about to go to ``branch.target``. Change it here (NAT rewriting, SDP for the
-        media relay); each fork of a request has its own branch."""
+        media relay); each fork of a request has its own branch. ``branch.target`` may be
+        changed; ``branch.hide_vias = True`` sends only the proxy's own Via (the others are put
+        back into the responses by the proxy)."""
 
     def response_received(ctx: Any, branch: Any, response: Any) -> Any:
         """``response`` to ``branch`` arrived (the proxy's Via already removed). 100 Trying is

@@ -255,7 +255,8 @@ class Proxy:
             ctx = RequestContext(request, None)
             self._find_dialog(ctx)
             result = self.pipeline.run("request_received", ctx)
-            then(result, lambda _r: self._route_ack(ctx))
+            # an ACK is never answered: a plugin's Response means "do not forward it"
+            then(result, lambda r: None if isinstance(r, Response) else self._route_ack(ctx))
         except Exception:
             _log.failure("forwarding {request!r}", request=request)
 

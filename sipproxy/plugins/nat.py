@@ -245,9 +245,8 @@ class NatPlugin(Plugin, Service):
                 return True
         return False
 
-    def _refuse(self, request: Request, status: int, reason: str) -> Response | None:
-        if request.method == "ACK":
-            return None
+    def _refuse(self, request: Request, status: int, reason: str) -> Response:
+        # for an ACK the core sends nothing back: a Response only means "drop it"
         _log.info("refused {method} from {source} to {uri}: {status}", method=request.method,
                   source=request.source, uri=str(request.uri), status=status)
         return request.make_response(status, reason)
