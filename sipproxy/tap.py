@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from twisted.application.service import IService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from sipproxy.config import ConfigError, load_config
@@ -49,4 +50,24 @@ def makeService(options: usage.Options) -> IService:
         sys.stderr.flush()
         raise SystemExit(EXIT_CONFIG_ERROR) from None
     tune_garbage_collector()
+    _explain_listen_errors(service)
     return service
+
+
+def _explain_listen_errors(service: IService) -> None:
+    """A socket that cannot be opened (port in use, address not on this host, no permission)
+    stops twistd with one line saying which, instead of a traceback."""
+    start = service.startService
+
+    def startService() -> None:
+        try:
+            start()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(
+                f"sipproxy: cannot listen on {e.interface or '*'}:{e.port}: {reason}\n"
+            )
+            sys.stderr.flush()
+            raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+    service.startService = startService  # type: ignore[method-assign]

@@ -257,3 +257,21 @@ def test_good_config_runs_and_stops_cleanly(tmp_path: Path) -> None:
     assert rc in (0, -signal.SIGTERM), logs
     assert "Server Shut Down." in logs
     assert "Traceback" not in logs
+
+
+def test_port_in_use_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(
+            f'[[listen]]\ntransport = "udp"\naddress = "127.0.0.1"\nport = {port}\n'
+        )
+        result = run([*TWISTD, "-n", "--pidfile=", "sipproxy", "--config", str(config)],
+                     tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert f"sipproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in output
+    assert "Traceback" not in output
