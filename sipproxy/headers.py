@@ -139,6 +139,7 @@ class Headers:
 
     def set(self, name: str, value: str) -> None:
         """Replace every field of this name with one (in the first one's place and spelling)."""
+        _check_field(name, value)
         key = canonical(name)
         self._changed(key)
         first: Field | None = None
@@ -159,6 +160,7 @@ class Headers:
 
     def add(self, name: str, value: str, first: bool = False) -> None:
         """Add a field: after the last of its name (or at the end), or before the first one."""
+        _check_field(name, value)
         key = canonical(name)
         self._changed(key)
         field = Field(name, key, value, None)
@@ -220,8 +222,16 @@ class Headers:
 def parse_header_lines(lines: list[str], eol: str) -> Headers:
     """Build fields from header lines, joining folded continuation lines (RFC 3261 7.3.1)."""
     fields: list[Field] = []
+    append = fields.append
+    known = _valid_names
     last: Field | None = None
     for line in lines:
+        prefix, colon, value = line.partition(":")
+        hit = known.get(prefix)
+        if hit is not None:  # a name seen before: a token, not a continuation line
+            last = Field(hit[0], hit[1], value.strip(" \t"), line)
+            append(last)
+            continue
         if not line:
             raise ParseError("empty header line")
         if line[0] in " \t":
@@ -230,26 +240,30 @@ def parse_header_lines(lines: list[str], eol: str) -> Headers:
             last.raw = f"{last.raw}{eol}{line}"
             last.value = f"{last.value} {line.strip()}".strip()
             continue
-        name, colon, value = line.partition(":")
         if not colon:
             raise ParseError("header line without ':'")
-        name = name.rstrip(" \t")
-        known = _valid_names.get(name)
-        if known is None:
-            if not name or not _is_token(name):
-                raise ParseError("bad header name")
-            known = (name, canonical(name))
-            if len(_valid_names) < 4096:
-                _valid_names[name] = known
-        # the shared spelling: thousands of stored messages need not each keep "Via" again
-        last = Field(known[0], known[1], value.strip(" \t"), line)
-        fields.append(last)
+        name = prefix.rstrip(" \t")
+        if not name or not _is_token(name):
+            raise ParseError("bad header name")
+        key = canonical(name)
+        if len(known) < 4096:
+            known[prefix] = (name, key)
+        last = Field(name, key, value.strip(" \t"), line)
+        append(last)
     return Headers(fields)
 
 
 _TOKEN_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 )
+
+
+def _check_field(name: str, value: str) -> None:
+    """Refuse what would let a value written by code inject a line into the message."""
+    if "\r" in value or "\n" in value or (
+        name not in _valid_names and (not name or not _is_token(name))
+    ):
+        raise ValueError(f"bad header field {name!r}: {value!r}")
 
 
 def _is_token(text: str) -> bool:

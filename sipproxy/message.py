@@ -109,10 +109,9 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Via
 # --------------------------------------------------------------------------------------------
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?"
 _VIA_FAST = re.compile(
     r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) "
-    rf"((?:{_LABEL}\.)*{_LABEL}\.?|\[[0-9A-Fa-f:.]+\])(?::([0-9]{{1,5}}))?"
+    r"([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
     r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:]+)?)*)\Z"
 )
 _VIA_SLOW = re.compile(
@@ -270,10 +269,10 @@ def parse_via(text: str) -> Via:
             raise ParseError("SIP version not supported", 505)
         protocol = f"{name}/{version}"
         params = parse_params(ptext or "", "Via")
-    if host.startswith("["):
+    if host[0] == "[":
         host = check_host(host, "Via")
-    elif m.re is _VIA_SLOW:
-        check_host(host, "Via")
+    elif m.re is _VIA_SLOW or "-" in host or ".." in host or host[0] == ".":
+        check_host(host, "Via")  # the fast pattern lets through "-x", "a..b", ".a"
     port: int | None = None
     if port_text is not None:
         port = int(port_text)
@@ -298,10 +297,12 @@ def _check_via_params(params: Params) -> None:
     for name, value in params:
         lname = name.lower()
         if lname == "rport":
-            if value is not None and (not value.isdigit() or int(value) > 65535):
+            if value is not None and (
+                not value.isdigit() or not value.isascii() or int(value) > 65535
+            ):
                 raise ParseError("bad rport in Via")
         elif lname == "ttl":
-            if value is None or not value.isdigit() or int(value) > 255:
+            if value is None or not value.isdigit() or not value.isascii() or int(value) > 255:
                 raise ParseError("bad ttl in Via")
         elif lname in ("branch", "received", "maddr") and value is None:
             raise ParseError(f"Via {lname} without a value")
@@ -384,6 +385,7 @@ class Message:
     def body(self, value: bytes) -> None:
         self._body = value
         self._body_changed = True
+        self.wire_size = 0  # no longer the size it had on the wire
 
     @property
     def body_changed(self) -> bool:
@@ -393,16 +395,18 @@ class Message:
     # -- typed views -----------------------------------------------------------------------------
     @property
     def vias(self) -> list[Via]:
-        cached = self.headers.cached("via")
+        cache = self.headers._cache  # hot path: read the cache directly
+        cached = cache.get("via")
         if cached is None:
-            cached = [parse_via(v) for v in self.headers.get_all("via")]
-            self.headers.store("via", cached)
+            cached = cache["via"] = [parse_via(v) for v in self.headers.get_all("via")]
         return cached  # type: ignore[return-value]
 
     @property
     def top_via(self) -> Via | None:
-        vias = self.vias
-        return vias[0] if vias else None
+        vias = self.headers._cache.get("via")
+        if vias is None:
+            vias = self.vias
+        return vias[0] if vias else None  # type: ignore[index]
 
     def push_via(self, via: Via) -> None:
         """Add a new top Via, as its own header line above the others."""
@@ -440,13 +444,13 @@ class Message:
 
     @property
     def cseq(self) -> CSeq:
-        cached = self.headers.cached("cseq")
+        cache = self.headers._cache
+        cached = cache.get("cseq")
         if cached is None:
             value = self.headers.get("cseq")
             if value is None:
                 raise ParseError("missing CSeq")
-            cached = _parse_cseq(value)
-            self.headers.store("cseq", cached)
+            cached = cache["cseq"] = _parse_cseq(value)
         return cached  # type: ignore[return-value]
 
     def _name_addr(self, key: str) -> NameAddr:
@@ -592,7 +596,10 @@ class Message:
 
 
 class Request(Message):
-    __slots__ = ("_uri", "_uri_text", "method", "version")
+    """A request. Assigning ``method``, ``version`` or ``uri`` (or changing ``uri`` through its
+    setters) renders the request line anew; otherwise it is sent as it was received."""
+
+    __slots__ = ("_method", "_uri", "_uri_text", "_version")
 
     def __init__(
         self,
@@ -603,14 +610,32 @@ class Request(Message):
         version: str = SIP_VERSION,
     ) -> None:
         super().__init__(headers, body)
-        self.method = method
-        self.version = version
+        self._method = method
+        self._version = version
         if isinstance(uri, str):
             self._uri: URI | None = None
             self._uri_text = uri
         else:
             self._uri = uri
             self._uri_text = str(uri)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        self._method = value
+        self._start = None
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
+        self._start = None
 
     @property
     def uri(self) -> URI:
@@ -626,7 +651,7 @@ class Request(Message):
 
     def start_line(self) -> str:
         uri = self._uri_text if self._uri is None else str(self._uri)
-        return f"{self.method} {uri} {self.version}"
+        return f"{self._method} {uri} {self._version}"
 
     def _current_start(self) -> str:
         start = self._start
@@ -643,8 +668,8 @@ class Request(Message):
     def copy(self) -> Self:
         new = type(self).__new__(type(self))
         self._copy_into(new)
-        new.method = self.method
-        new.version = self.version
+        new._method = self._method
+        new._version = self._version
         new._uri = self._uri.copy() if self._uri is not None else None
         new._uri_text = self._uri_text
         new._start = self._start
@@ -667,7 +692,10 @@ class Request(Message):
 
 
 class Response(Message):
-    __slots__ = ("reason", "status", "version")
+    """A response. Assigning ``status``, ``reason`` or ``version`` renders the status line
+    anew; otherwise it is sent as it was received."""
+
+    __slots__ = ("_reason", "_status", "_version")
 
     def __init__(
         self,
@@ -678,24 +706,51 @@ class Response(Message):
         version: str = SIP_VERSION,
     ) -> None:
         super().__init__(headers, body)
-        self.status = status
-        self.reason = reason if reason is not None else REASONS.get(status, "Unknown")
-        self.version = version
+        self._status = status
+        self._reason = reason if reason is not None else REASONS.get(status, "Unknown")
+        self._version = version
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._status = value
+        self._start = None
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self._reason = value
+        self._start = None
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
+        self._start = None
 
     def start_line(self) -> str:
-        return f"{self.version} {self.status} {self.reason}"
+        return f"{self._version} {self._status} {self._reason}"
 
     def set_status(self, status: int, reason: str | None = None) -> None:
-        self.status = status
-        self.reason = reason if reason is not None else REASONS.get(status, "Unknown")
+        self._status = status
+        self._reason = reason if reason is not None else REASONS.get(status, "Unknown")
         self._start = None
 
     def copy(self) -> Self:
         new = type(self).__new__(type(self))
         self._copy_into(new)
-        new.status = self.status
-        new.reason = self.reason
-        new.version = self.version
+        new._status = self._status
+        new._reason = self._reason
+        new._version = self._version
         new._start = self._start
         return new
 
@@ -818,7 +873,10 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
 # --------------------------------------------------------------------------------------------
 # Stream framing
 # --------------------------------------------------------------------------------------------
-_CL_LINE = re.compile(rb"\r\n(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.I)
+# the value may be folded onto continuation lines (RFC 3261 7.3.1)
+_CL_LINE = re.compile(
+    rb"\r\n(?:content-length|l)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.I
+)
 
 
 class StreamFramer:
@@ -869,7 +927,7 @@ class StreamFramer:
                     raise ParseError("no Content-Length on a stream")
                 if len(found) > 1:
                     raise ParseError("more than one Content-Length")
-                text = found[0].strip()
+                text = found[0].strip(b" \t\r\n")
                 if not text.isdigit():
                     raise ParseError("malformed Content-Length")
                 length = int(text)
