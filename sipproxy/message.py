@@ -20,13 +20,16 @@ from sipproxy.uri import (
     URI,
     NameAddr,
     Params,
+    Part,
     check_host,
     check_name_addr,
     format_host,
     parse_name_addr,
     parse_params,
     parse_uri,
+    rendered,
     split_header_values,
+    strip_brackets,
 )
 
 __all__ = [
@@ -146,42 +149,11 @@ class Via:
         self.params = params if params is not None else Params()
         self._raw: str | None = None
 
-    @property
-    def protocol(self) -> str:
-        return self._protocol
-
-    @protocol.setter
-    def protocol(self, value: str) -> None:
-        self._protocol = value
-        self._raw = None
-
-    @property
-    def transport(self) -> str:
-        return self._transport
-
-    @transport.setter
-    def transport(self, value: str) -> None:
-        self._transport = value
-        self._raw = None
-
-    @property
-    def host(self) -> str:
-        """The sent-by host, IPv6 without brackets."""
-        return self._host
-
-    @host.setter
-    def host(self, value: str) -> None:
-        self._host = value[1:-1] if value.startswith("[") else value
-        self._raw = None
-
-    @property
-    def port(self) -> int | None:
-        return self._port
-
-    @port.setter
-    def port(self, value: int | None) -> None:
-        self._port = value
-        self._raw = None
+    #: setting any of these makes the Via render anew; host (sent-by) is IPv6 w/o brackets
+    protocol: Part[str] = rendered("_protocol")
+    transport: Part[str] = rendered("_transport")
+    host: Part[str] = rendered("_host", normalize=strip_brackets)
+    port: Part[int | None] = rendered("_port")
 
     @classmethod
     def build(
@@ -619,23 +591,8 @@ class Request(Message):
             self._uri = uri
             self._uri_text = str(uri)
 
-    @property
-    def method(self) -> str:
-        return self._method
-
-    @method.setter
-    def method(self, value: str) -> None:
-        self._method = value
-        self._start = None
-
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @version.setter
-    def version(self, value: str) -> None:
-        self._version = value
-        self._start = None
+    method: Part[str] = rendered("_method", "_start")
+    version: Part[str] = rendered("_version", "_start")
 
     @property
     def uri(self) -> URI:
@@ -710,32 +667,9 @@ class Response(Message):
         self._reason = reason if reason is not None else REASONS.get(status, "Unknown")
         self._version = version
 
-    @property
-    def status(self) -> int:
-        return self._status
-
-    @status.setter
-    def status(self, value: int) -> None:
-        self._status = value
-        self._start = None
-
-    @property
-    def reason(self) -> str:
-        return self._reason
-
-    @reason.setter
-    def reason(self, value: str) -> None:
-        self._reason = value
-        self._start = None
-
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @version.setter
-    def version(self, value: str) -> None:
-        self._version = value
-        self._start = None
+    status: Part[int] = rendered("_status", "_start")
+    reason: Part[str] = rendered("_reason", "_start")
+    version: Part[str] = rendered("_version", "_start")
 
     def start_line(self) -> str:
         return f"{self._version} {self._status} {self._reason}"

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterator
-from typing import Self
+from collections.abc import Callable, Iterator
+from operator import attrgetter
+from typing import Any, Generic, Self, TypeVar, overload
 from urllib.parse import unquote_to_bytes
 
 from sipproxy.errors import ParseError
@@ -46,6 +47,43 @@ _NA_FAST = re.compile(
     rf"((?:;{_TOKEN_RE}(?:={_TOKEN_RE})?)*)\Z"
 )
 _PARAMS_FAST = re.compile(rf"(?:;{_TOKEN_RE}(?:=(?:{_TOKEN_RE}|\[[0-9A-Fa-f:.]+\]))?)+\Z")
+
+
+def strip_brackets(host: str) -> str:
+    return host[1:-1] if host.startswith("[") else host
+
+
+T = TypeVar("T")
+
+
+class Part(Generic[T]):
+    """How the type checker sees a ``rendered`` attribute (a property at run time)."""
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Part[T]: ...
+
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        raise TypeError("a Part is only a type")  # pragma: no cover
+
+    def __set__(self, obj: object, value: T) -> None:
+        raise TypeError("a Part is only a type")  # pragma: no cover
+
+
+def rendered(
+    slot: str, cache: str = "_raw", normalize: Callable[[Any], Any] | None = None
+) -> Any:
+    """A part of a value that caches its own text (URI, Via, a start line), kept in ``slot``:
+    setting it drops the text in ``cache``, so the value renders anew. Reading is a C-level
+    attribute fetch (these are read on every message)."""
+
+    def set_part(obj: Any, value: Any) -> None:
+        setattr(obj, slot, normalize(value) if normalize is not None else value)
+        setattr(obj, cache, None)
+
+    return property(attrgetter(slot), set_part)
 
 
 def unescape(text: str) -> str:
@@ -317,52 +355,22 @@ class URI:
     def secure(self) -> bool:
         return self.scheme.lower() == "sips"
 
-    @property
-    def user(self) -> str | None:
-        """The user part as written (escapes kept); see ``unescape`` for the decoded value."""
-        return self._user
-
-    @user.setter
-    def user(self, value: str | None) -> None:
-        self._user = value
-        self._raw = None
+    user: Part[str | None] = rendered("_user")
 
     @property
     def password(self) -> str | None:
         return self._password
 
-    @property
-    def host(self) -> str:
-        """The host, IPv6 without brackets."""
-        return self._host
-
-    @host.setter
-    def host(self, value: str) -> None:
-        self._host = value[1:-1] if value.startswith("[") else value
-        self._raw = None
-
-    @property
-    def port(self) -> int | None:
-        return self._port
-
-    @port.setter
-    def port(self, value: int | None) -> None:
-        self._port = value
-        self._raw = None
+    #: setting any of these parts makes the value render anew; host is IPv6 without brackets
+    host: Part[str] = rendered("_host", normalize=strip_brackets)
+    port: Part[int | None] = rendered("_port")
 
     @property
     def params(self) -> Params:
         """The uri-parameters; after changing them in place call ``touch()``."""
         return self._params
 
-    @property
-    def headers(self) -> str | None:
-        return self._headers
-
-    @headers.setter
-    def headers(self, value: str | None) -> None:
-        self._headers = value
-        self._raw = None
+    headers: Part[str | None] = rendered("_headers")
 
     @property
     def opaque(self) -> str | None:
