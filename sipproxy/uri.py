@@ -252,26 +252,32 @@ def _split_outside_quotes(text: str, sep: str) -> list[str]:
         return text.split(sep)
     out: list[str] = []
     start = 0
+    for i in _unquoted(text, sep):
+        out.append(text[start:i])
+        start = i + 1
+    out.append(text[start:])
+    return out
+
+
+def _unquoted(text: str, ch: str) -> Iterator[int]:
+    """Positions of ``ch`` outside double-quoted strings; ParseError if a quote is left open."""
     quoted = False
     i = 0
     n = len(text)
     while i < n:
-        ch = text[i]
+        c = text[i]
         if quoted:
-            if ch == "\\":
+            if c == "\\":
                 i += 1
-            elif ch == '"':
+            elif c == '"':
                 quoted = False
-        elif ch == '"':
+        elif c == '"':
             quoted = True
-        elif ch == sep:
-            out.append(text[start:i])
-            start = i + 1
+        elif c == ch:
+            yield i
         i += 1
     if quoted:
         raise ParseError("unterminated quoted string")
-    out.append(text[start:])
-    return out
 
 
 def split_header_values(text: str) -> list[str]:
@@ -721,21 +727,4 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
 def _find_unquoted(text: str, ch: str) -> int:
     if '"' not in text:
         return text.find(ch)
-    quoted = False
-    i = 0
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == ch:
-            return i
-        i += 1
-    if quoted:
-        raise ParseError("unterminated quoted string")
-    return -1
+    return next(_unquoted(text, ch), -1)
