@@ -107,5 +107,9 @@ class IProxyCore(Interface):
         """Send a request the plugin made itself (e.g. a keepalive OPTIONS) in a client
         transaction; ``request`` needs a top Via (``core.make_via(target)``)."""
 
+    def retarget(ctx: Any, branch: Any, target: Any) -> None:
+        """In request_forwarding: send ``branch`` to ``target`` instead; the proxy's Via and
+        Record-Route are rebuilt for the socket facing ``target``."""
+
     def make_via(target: Any) -> Any:
         """A Via for a request of the proxy's own to ``target``, with a fresh branch."""

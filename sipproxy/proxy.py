@@ -526,6 +526,25 @@ class Proxy:
             branch.final = ctx.request.make_response(500)
             self._check_complete(ctx)
 
+    def retarget(self, ctx: RequestContext, branch: Branch, target: Target) -> None:
+        """Send ``branch`` to ``target`` instead (a plugin, in request_forwarding, e.g. NAT: a
+        phone's real address): the proxy's Via and Record-Route then name the socket the request
+        leaves from toward there, and ``branch.listener`` is that socket."""
+        branch.target = target
+        listener = self.transports.choose_listener(target)
+        out = branch.request
+        host, port = self._advertised(listener, target.host)
+        via = out.top_via
+        if via is not None:
+            via = via.copy()
+            via.transport = target.transport.upper()
+            via.host = host
+            via.port = port
+            out.update_top_via(via)
+        if self.config.proxy.record_route and out.method in DIALOG_CREATING and not out.to.tag:
+            self._record_route(ctx, _strip_own_rr(out, ctx.request), listener, host, port)
+        branch.listener = listener
+
     def _record_route(
         self, ctx: RequestContext, out: Request, listener: Listener | None, host: str, port: int
     ) -> None:

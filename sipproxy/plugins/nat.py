@@ -8,19 +8,21 @@ side where to send something leaves on the outside with an inside address.
   phone's Contact and to the address its packets really came from (after NAT, rport). Requests
   to such a URI (incoming calls, in-dialog requests) are sent to the phone there. Tokens live as
   long as the registration (from the 2xx's expires) or, for dialogs, ``mapping_ttl`` since their
-  last use.
+  last use. The registrar's 2xx shows the phone its own Contact again (the phone looks for it).
 - Via: the phone's Vias are hidden on the outside (the proxy keeps them; ``Branch.hide_vias``).
 - Record-Route, Route, Path: the proxy's inside-facing Record-Route is removed from what goes
   out and put back into what comes in; inside Route/Path values are removed.
 - Requests from the outside addressed to an inside host, or to an unknown token, are refused
-  (403 / 404): nothing reaches the inside that a phone did not ask for.
+  (403 / 404): nothing reaches the inside that a phone did not ask for (a token, or a binding
+  of a local user); a name that resolves to an inside address is refused too.
 
-Public-proxy mode (phones behind someone else's NAT): a binding whose Contact is a private
-address, or differs from where its REGISTER came from, is reached at the address the REGISTER
-came from (the registrar stores it with the binding; no alias parameter is needed), its
-dialogs' Contacts are replaced by tokens as above, and NATed bindings are kept alive with
-keepalive requests (OPTIONS by default) every ``keepalive_interval`` seconds; one that fails
-``keepalive_failures`` times in a row is removed.
+Public-proxy mode (phones behind someone else's NAT; in firewall mode too, for a local user
+registered from the outside): a binding whose Contact is a private address (``inside_networks``
+or any RFC 1918/ULA/link-local one), or differs from where its REGISTER came from, is reached
+at the address the REGISTER came from (the registrar stores it with the binding; no alias
+parameter is needed), its dialogs' Contacts are replaced by tokens as above, and NATed bindings
+are kept alive with keepalive requests (OPTIONS by default) every ``keepalive_interval``
+seconds; one that fails ``keepalive_failures`` times in a row is removed.
 
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
@@ -57,6 +59,18 @@ _log = Logger(namespace="sipproxy.plugins.nat")
 TOKEN_PREFIX = "nat-"
 DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
 DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY", "UPDATE"})
+
+
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in DEFAULT_INSIDE)
+
+
+@functools.lru_cache(maxsize=4096)
+def _private(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return False
+    return any(ip.version == net.version and ip in net for net in _PRIVATE)
 
 
 @dataclass(slots=True)
@@ -185,24 +199,30 @@ class NatPlugin(Plugin, Service):
         """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
         return bool(self._is_inside(host))
 
+    def is_private(self, host: str) -> bool:
+        """NAT detection: an inside address, or any private one (a phone behind someone
+        else's NAT, e.g. a home office, when ``inside_networks`` names only our LAN)."""
+        return bool(self._is_inside(host)) or bool(_private(host))
+
     def _side_of_source(self, message: Request | Response) -> str:
         source = message.source
         return source.side if source is not None else ""
 
     def _natted(self, message: Request | Response) -> bool:
-        """Public-proxy NAT detection: a private Contact or Via, unlike the packet's source."""
+        """Public-proxy NAT detection: a private Contact or Via, unlike the packet's source.
+        A response's Vias name the requesters, not the responder: only its Contact counts."""
         source = message.source
         if source is None:
             return False
-        via = message.top_via
-        if via is not None and via.host != source.host and self.is_inside(via.host):
+        via = message.top_via if isinstance(message, Request) else None
+        if via is not None and via.host != source.host and self.is_private(via.host):
             return True
         try:
             contacts = message.contacts
         except ParseError:
             return False
         return any(
-            c.uri.is_sip and c.uri.host != source.host and self.is_inside(c.uri.host)
+            c.uri.is_sip and c.uri.host != source.host and self.is_private(c.uri.host)
             for c in contacts
         )
 
@@ -224,6 +244,7 @@ class NatPlugin(Plugin, Service):
                 return self._refuse(request, 404, "Not Found")
             request.uri = parse_uri(mapping.contact)
             ctx.destination = mapping.target
+            ctx.data["nat_token"] = mapping.token
             self.contacts.set_ttl(mapping.token, max(self.mapping_ttl,
                                                      mapping.expires_at - self.clock.seconds()))
             return None
@@ -254,11 +275,15 @@ class NatPlugin(Plugin, Service):
     def request_forwarding(self, ctx: Any, branch: Any) -> Any:
         request: Request = ctx.request
         out: Request = branch.request
-        out_side = branch.listener.side if branch.listener is not None else ""
         binding = branch.data.get("binding")
         if binding is not None and binding.source is not None:
-            self._route_to_registered_address(branch, binding)
+            self._route_to_registered_address(ctx, branch, binding)
+        out_side = branch.listener.side if branch.listener is not None else ""
         from_inside = self._side_of_source(request) == "inside"
+        if self._side_of_source(request) == "outside" and binding is None and \
+                "nat_token" not in ctx.data and self._goes_inside(branch, out_side):
+            # e.g. a name that resolves to an inside address: nobody inside asked for this
+            return self._refuse(request, 403, "Forbidden")
         natted = not from_inside and self._natted(request)
         if out_side == "outside" and from_inside:
             branch.hide_vias = True
@@ -269,12 +294,19 @@ class NatPlugin(Plugin, Service):
             self._remove_inside_values(out, "path")
         if (from_inside and out_side == "outside") or natted:
             target = self._target_of(request)
-            if target is not None and branch.listener is not None:
-                self._tokenize_contacts(out, target, branch.listener, self._ttl_of(out))
+            via = out.top_via  # ours: the host and port the core advertises toward there
+            if target is not None and branch.listener is not None and via is not None:
+                self._tokenize_contacts(out, target, via.host, via.port or branch.listener.port,
+                                        branch.listener.transport, self._ttl_of(out))
         return None
 
-    def _route_to_registered_address(self, branch: Any, binding: Any) -> None:
-        """Public-proxy mode: a NATed phone is reached where its REGISTER came from."""
+    def _goes_inside(self, branch: Any, out_side: str) -> bool:
+        target = branch.target
+        return out_side == "inside" or (target is not None and self.is_inside(target.host))
+
+    def _route_to_registered_address(self, ctx: Any, branch: Any, binding: Any) -> None:
+        """Public-proxy mode: a NATed phone is reached where its REGISTER came from (and the
+        request leaves from the socket facing there: its Via and Record-Route say so)."""
         source = binding.source
         try:
             contact = parse_uri(binding.contact)
@@ -282,9 +314,10 @@ class NatPlugin(Plugin, Service):
             return
         if not contact.is_sip or contact.host == source.host:
             return
-        if self.is_inside(contact.host) or (contact.port or 5060) != source.port:
-            branch.target = Target(source.transport.upper(), source.host, source.port,
-                                   source.host)
+        if self.is_private(contact.host) or (contact.port or 5060) != source.port:
+            target = Target(source.transport.upper(), source.host, source.port, source.host)
+            # Proxy.retarget is not declared on IProxyCore (yet): hence the cast
+            self.core.retarget(ctx, branch, target)
 
     def _ttl_of(self, message: Request | Response) -> float:
         if isinstance(message, Request) and message.method == "REGISTER":
@@ -295,15 +328,17 @@ class NatPlugin(Plugin, Service):
         return self.mapping_ttl
 
     def _tokenize_contacts(
-        self, message: Request | Response, target: Target, listener: Any, ttl: float
+        self, message: Request | Response, target: Target, host: str, port: int, transport: str,
+        ttl: float,
     ) -> None:
+        """Replace the Contacts by tokens at ``host:port`` (our socket facing the far side:
+        never a wildcard listener's 0.0.0.0)."""
         try:
             contacts = message.contacts
         except ParseError:
             return
         if not contacts or any(not c.uri.is_sip for c in contacts):
             return
-        host = listener.via_host
         changed = []
         for contact in contacts:
             uri = contact.uri
@@ -315,8 +350,8 @@ class NatPlugin(Plugin, Service):
             if expires is not None and expires.isdigit():
                 own_ttl = float(expires) + 60.0
             mapping = self.contacts.token_for(str(uri), target, own_ttl)
-            tp = "" if listener.transport == "UDP" else f";transport={listener.transport.lower()}"
-            new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{listener.port}{tp}")
+            tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
+            new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
         message.set_contacts(changed)
 
@@ -348,15 +383,23 @@ class NatPlugin(Plugin, Service):
         if removed:
             self._restore_record_route(response, removed, len(request.headers.get_all(
                 "record-route")))
-        if request.method == "REGISTER" and 200 <= response.status < 300:
-            self._refresh_register_tokens(response)
+        if request.method == "REGISTER":
+            # a REGISTER response's Contacts are bindings, not the responder's address
+            if 200 <= response.status < 300:
+                self._refresh_register_tokens(response)
+                self._restore_register_contacts(response)
+            return None
         if "contact" not in response.headers:
             return None
         if (from_side == "inside" and to_side == "outside") or self._natted(response):
             target = self._target_of(response) or branch.target
             listener = self._listener_of(request)
-            if target is not None and listener is not None:
-                self._tokenize_contacts(response, target, listener, self.mapping_ttl)
+            requester = self._target_of(request)
+            if target is not None and listener is not None and requester is not None:
+                # the address the core advertises toward the requester (as in Record-Route)
+                via = self.core.make_via(requester)
+                self._tokenize_contacts(response, target, via.host, via.port or listener.port,
+                                        listener.transport, self.mapping_ttl)
         return None
 
     def _listener_of(self, request: Request) -> Any:
@@ -399,6 +442,38 @@ class NatPlugin(Plugin, Service):
                 seconds = int(expires.strip())
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
 
+    def _restore_register_contacts(self, response: Response) -> None:
+        """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
+        give it back the Contacts our tokens stand for."""
+        try:
+            contacts = response.contacts
+        except ParseError:
+            return
+        restored = []
+        changed = False
+        for contact in contacts:
+            mapping = self._own_mapping(contact.uri)
+            if mapping is None:
+                restored.append(contact)
+                continue
+            try:
+                uri = parse_uri(mapping.contact)
+            except ParseError:
+                restored.append(contact)
+                continue
+            restored.append(NameAddr(uri, contact.display, contact.params.copy(), angle=True))
+            changed = True
+        if changed:
+            response.set_contacts(restored)
+
+    def _own_mapping(self, uri: Any) -> ContactMapping | None:
+        """The mapping behind one of our token URIs (a ``nat-`` user at one of our addresses)."""
+        user = uri.user if uri.is_sip else None
+        if not user or not user.startswith(TOKEN_PREFIX) or \
+                not self.core.is_local_domain(uri.host):
+            return None
+        return self.contacts.lookup(user)
+
     def response_forwarding(self, ctx: Any, response: Response) -> Any:
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
@@ -415,7 +490,7 @@ class NatPlugin(Plugin, Service):
         except ParseError:
             return
         natted = contact.is_sip and contact.host != source.host and (
-            self.is_inside(contact.host) or (contact.port or 5060) != source.port
+            self.is_private(contact.host) or (contact.port or 5060) != source.port
         )
         key = (binding.aor, binding.contact)
         if natted:
