@@ -22,6 +22,7 @@ HOOKS = (
     "request_forwarding",
     "response_received",
     "response_forwarding",
+    "stray_response",
     "dialog_established",
     "dialog_ended",
 )
@@ -46,6 +47,9 @@ class Plugin:
         return None
 
     def response_forwarding(self, ctx: Any, response: Any) -> Any:
+        return None
+
+    def stray_response(self, response: Any) -> Any:
         return None
 
     def dialog_established(self, dialog: Any) -> None:

@@ -271,6 +271,11 @@ class Proxy:
             response.pop_via()
             if not response.vias:
                 return
+            if self.pipeline.has("stray_response"):
+                then(self.pipeline.run("stray_response", response),
+                     lambda r: None if r is DROP else
+                     self.transactions.send_stateless_response(response, None))
+                return
             self.transactions.send_stateless_response(response, None)
         except ParseError:
             return

@@ -1,5 +1,6 @@
 """
-Fixtures for the integration tests: real proxy processes and sipp on loopback.
+Fixtures for the integration tests: real proxy processes and sipp on loopback, and (C{nat_net})
+network namespaces with a real NAT (tests/integration/netns.py).
 
 Without sipp (Debian package sip-tester; scripts/test installs it) every test in this directory
 is skipped with that reason. On a failure the report gets the tails of the proxies' logs.
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.harness import ProxyProcess, Sipp, sipp_available
+from tests.integration.netns import NatNet, delete_leftovers, netns_unavailable
 
 _HERE = Path(__file__).resolve().parent
 _NO_SIPP = "sipp is not installed (Debian package sip-tester; scripts/test installs it)"
@@ -66,6 +68,25 @@ def sipp(tmp_path: Path) -> Iterator[Sipp]:
         yield runner
     finally:
         runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def netns_ready() -> None:
+    """Skip unless namespaces can be made here (root, ip, nft, sipp); clear crashed runs' ones."""
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    delete_leftovers()
+
+
+@pytest.fixture
+def nat_net(netns_ready: None) -> Iterator[NatNet]:
+    """The phone / fw / provider namespaces of netns.NatNet, deleted after the test."""
+    net = NatNet.build()
+    try:
+        yield net
+    finally:
+        net.close()
 
 
 @pytest.hookimpl(wrapper=True)

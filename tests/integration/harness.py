@@ -539,14 +539,22 @@ class Sipp:
 
     Transport: C{u1} (UDP, one socket), C{t1} (TCP, one connection), C{tn} (TCP, one per call).
     C{keys} become C{-key NAME VALUE} (the scenario's [NAME]); C{variables} become
-    C{-set NAME VALUE} (the scenario's global variables).
+    C{-set NAME VALUE} (the scenario's global variables). C{prefix} goes before the command
+    (e.g. C{ip netns exec NAME}).
     """
 
-    def __init__(self, workdir: Path, binary: str = "sipp", host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        binary: str = "sipp",
+        host: str = LOOPBACK,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
         self.host = host
+        self.prefix = list(prefix)
         self.processes: list[SippProcess] = []
         self._counter = 0
 
@@ -567,6 +575,7 @@ class Sipp:
         if not path.is_absolute() and not path.exists():
             path = SCENARIOS / path
         argv = [
+            *self.prefix,
             self.binary,
             "-sf",
             str(path),
@@ -694,7 +703,7 @@ class Sipp:
             ],
         )
         host, port = target
-        argv.insert(1, f"{host}:{port}")
+        argv.insert(len(self.prefix) + 1, f"{host}:{port}")
         process = SippProcess(name, argv, self.workdir, timeout)
         self.processes.append(process)
         return process

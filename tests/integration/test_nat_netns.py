@@ -1,0 +1,420 @@
+"""
+The nat plugin end to end, across a real NAT: network namespaces, veth pairs, nftables
+masquerading, the real proxy process and real sipp (tests/integration/netns.py).
+
+Firewall mode: the proxy runs in ``fw`` (inside 192.168.77.1, outside 203.0.113.1), the phone
+(sipp in ``phone``, 192.168.77.10) registers with the provider (sipp in ``provider``,
+203.0.113.50) through it and calls both ways. Packet captures on both of fw's veths show what
+each side really got.
+
+Public-proxy mode: the proxy runs on the provider's public address, the phone behind fw's
+masquerading registers with its private Contact; keepalives hold the NAT mapping open
+(conntrack's UDP timeout is cut to a few seconds), and a phone that stops answering loses its
+binding.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sipproxy.message import Request, Response
+from sipproxy.plugins.nat import TOKEN_PREFIX
+from tests.integration.harness import SippResult
+from tests.integration.netns import (
+    FW_INSIDE,
+    FW_OUTSIDE,
+    LAN,
+    NAT_PORTS,
+    PHONE_IP,
+    PROVIDER_IP,
+    RTP_PORTS,
+    Capture,
+    NatNet,
+    NsProxyProcess,
+    NsSipp,
+    Packet,
+)
+
+pytestmark = [pytest.mark.netns]
+
+SIP = 5060
+USER, PASSWORD = "alice", "secret"
+PHONE_CONTACT = f"sip:{USER}@{PHONE_IP}:{SIP}"
+#: the headers that tell the far side where to send something (compact forms included)
+ADDRESS_HEADERS = ("via", "contact", "record-route", "route", "path")
+SIPP_TIMEOUT = 20.0
+
+
+def _inside(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")) in LAN
+    except ValueError:
+        return False
+
+
+def inside_addresses(message: Request | Response) -> list[str]:
+    """Every Via, Contact, Record-Route, Route and Path value that names an inside host."""
+    found = []
+    for via in message.vias:
+        if _inside(via.host) or _inside(via.received or "") or _inside(via.maddr or ""):
+            found.append(f"Via: {via}")
+    for name in ADDRESS_HEADERS[1:]:
+        values = message.contacts if name == "contact" else message.name_addrs(name)
+        for addr in values:
+            uri = addr.uri
+            if uri.is_sip and (_inside(uri.host) or _inside(uri.get_param("maddr") or "")):
+                found.append(f"{name}: {addr}")
+    return found
+
+
+def key_of(message: Request | Response) -> tuple[str, int, str]:
+    return (message.call_id, message.cseq.number, message.cseq.method)
+
+
+def describe_packets(packets: list[tuple[Packet, Request | Response]], limit: int = 40) -> str:
+    lines = []
+    for packet, message in packets[-limit:]:
+        first = message.start_line() if hasattr(message, "start_line") else "?"
+        lines.append(f"{packet.interface} {'out' if packet.outgoing else 'in '} "
+                     f"{packet.src}:{packet.sport} -> {packet.dst}:{packet.dport}  {first}")
+    return "\n".join(lines)
+
+
+def firewall_config() -> dict[str, Any]:
+    """examples/firewall.toml, with the provider at 203.0.113.50."""
+    return {
+        "proxy": {"domains": []},
+        "listen": [
+            {"side": "inside", "transport": "udp", "address": FW_INSIDE, "port": SIP},
+            {"side": "outside", "transport": "udp", "address": FW_OUTSIDE, "port": SIP},
+        ],
+        "upstream": {"uri": f"sip:{PROVIDER_IP}:{SIP}"},
+        "plugins": {"enabled": ["nat"]},
+        "nat": {"inside_networks": [str(LAN)]},
+    }
+
+
+@dataclass
+class Site:
+    """One topology with the proxy running and both captures going."""
+
+    net: NatNet
+    proxy: NsProxyProcess
+    capture: Capture
+    phone: NsSipp
+    provider: NsSipp
+    results: dict[str, tuple[SippResult, SippResult]] = field(default_factory=dict)
+
+    def logs(self) -> str:
+        return self.proxy.log_tail(80)
+
+    def outside(self) -> list[tuple[Packet, Request | Response]]:
+        return self.capture.sip_on(self.net.wan_if)
+
+    def lan(self) -> list[tuple[Packet, Request | Response]]:
+        return self.capture.sip_on(self.net.lan_if)
+
+    def stop(self) -> None:
+        self.phone.cleanup()
+        self.provider.cleanup()
+        self.proxy.stop()
+        self.capture.stop()
+
+
+def start_site(net: NatNet, workdir: Path, config: dict[str, Any], proxy_ns: str = "fw") -> Site:
+    capture = Capture(net.fw, [net.lan_if, net.wan_if])
+    ns = net.fw if proxy_ns == "fw" else net.provider
+    proxy = NsProxyProcess(ns, config, workdir / "proxy", name="proxy")
+    try:
+        proxy.start()
+    except BaseException:
+        capture.stop()
+        raise
+    return Site(net, proxy, capture, NsSipp(net.phone, workdir / "phone"),
+                NsSipp(net.provider, workdir / "provider"))
+
+
+def pair(uas: Any, uac: Any) -> tuple[SippResult, SippResult]:
+    """Wait for a client and then its server (bounded); both are dead afterwards."""
+    client = uac.wait()
+    server = uas.wait(10)
+    return server, client
+
+
+# ------------------------------------------------------------------------------------------------
+# firewall mode: one registration and four calls, judged by the tests below
+# ------------------------------------------------------------------------------------------------
+
+REGISTER_KEYS = {"user": USER, "domain": "provider.example", "contact": PHONE_CONTACT,
+                 "expires": "3600"}
+
+
+def register_with_challenge(site: Site) -> tuple[SippResult, SippResult]:
+    uas = site.provider.start_uas("uas_register_auth.xml", SIP, count=1, timeout=SIPP_TIMEOUT)
+    uac = site.phone.start_uac(
+        "register_auth.xml", (FW_INSIDE, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
+        keys=REGISTER_KEYS, variables={"contact": PHONE_CONTACT},
+        extra_args=["-au", USER, "-ap", PASSWORD],
+    )
+    return pair(uas, uac)
+
+
+def token_seen_by_provider(site: Site) -> str:
+    """The phone's Contact as the provider got it in the authorized REGISTER."""
+    site.capture.settle()
+    for packet, message in site.outside():
+        if isinstance(message, Request) and message.method == "REGISTER" and \
+                packet.dst == PROVIDER_IP and "authorization" in message.headers:
+            [contact] = message.contacts
+            assert contact.uri.user and contact.uri.user.startswith(TOKEN_PREFIX), str(contact)
+            return contact.uri.user
+    raise AssertionError(f"no authorized REGISTER reached the provider\n"
+                         f"{describe_packets(site.outside())}\n{site.logs()}")
+
+
+def incoming_call(site: Site, token: str, phone_scenario: str,
+                  provider_scenario: str) -> tuple[SippResult, SippResult]:
+    """The provider calls the phone's token (what it registered); the phone answers."""
+    uas = site.phone.start_uas(phone_scenario, SIP, count=1, timeout=SIPP_TIMEOUT)
+    uac = site.provider.start_uac(
+        provider_scenario, (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
+        keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"},
+        # the provider sees one Via in the phone's BYE: the phone's are hidden (hide_vias)
+        variables={"direct": "1"} if provider_scenario == "uac_waitbye.xml" else None,
+    )
+    return pair(uas, uac)
+
+
+def outgoing_call(site: Site, phone_scenario: str,
+                  provider_scenario: str) -> tuple[SippResult, SippResult]:
+    """The phone calls bob at the provider through its outbound proxy, the firewall."""
+    # the provider sees one Via in the phone's requests (hide_vias): its "came through a proxy"
+    # check counts Vias, so it is off there; Record-Route is checked on the wire instead
+    uas = site.provider.start_uas(provider_scenario, SIP, count=1, timeout=SIPP_TIMEOUT,
+                                  variables={"direct": "1"})
+    uac = site.phone.start_uac(
+        phone_scenario, (FW_INSIDE, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
+        keys={"ruri": "sip:bob@provider.example"},
+    )
+    return pair(uas, uac)
+
+
+CALLS = {
+    # name: (direction, phone's scenario, provider's scenario)
+    "incoming-provider-hangs-up": ("in", "uas_rr.xml", "uac_rr.xml"),
+    "incoming-phone-hangs-up": ("in", "uas_bye.xml", "uac_waitbye.xml"),
+    "outgoing-phone-hangs-up": ("out", "uac_rr.xml", "uas_rr.xml"),
+    "outgoing-provider-hangs-up": ("out", "uac_waitbye.xml", "uas_bye.xml"),
+}
+
+
+@pytest.fixture(scope="module")
+def firewall(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """Registration with a challenge, then the four calls of CALLS, all captured on fw."""
+    net = NatNet.build()
+    try:
+        site = start_site(net, tmp_path_factory.mktemp("firewall"), firewall_config())
+        try:
+            site.results["register"] = register_with_challenge(site)
+            token = token_seen_by_provider(site)
+            for name, (direction, phone, provider) in CALLS.items():
+                if direction == "in":
+                    site.results[name] = incoming_call(site, token, phone, provider)
+                else:
+                    site.results[name] = outgoing_call(site, phone, provider)
+            site.capture.settle()
+            yield site
+        finally:
+            site.stop()
+    finally:
+        net.close()
+
+
+def test_register_through_the_firewall_with_a_challenge(firewall: Site) -> None:
+    """The phone's REGISTER is challenged by the provider (401), registers with its digest,
+    and finds its own Contact in the 200; the provider got the Authorization intact."""
+    server, client = firewall.results["register"]
+    assert client.ok(1), f"{client.describe()}\n{firewall.logs()}"
+    assert server.ok(1), f"{server.describe()}\n{firewall.logs()}"
+    outside = [m for p, m in firewall.outside()
+               if isinstance(m, Request) and m.method == "REGISTER" and p.dst == PROVIDER_IP]
+    assert ["authorization" in m.headers for m in outside] == [False, True]
+    lan_answers = [m.status for p, m in firewall.lan()
+                   if isinstance(m, Response) and m.cseq.method == "REGISTER"
+                   and p.dst == PHONE_IP and m.status >= 200]
+    assert lan_answers == [401, 200]
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_calls_through_the_firewall(firewall: Site, name: str) -> None:
+    """Each call is set up and ended with an in-dialog BYE, on both sides."""
+    server, client = firewall.results[name]
+    assert client.ok(1), f"{client.describe()}\n{firewall.logs()}"
+    assert server.ok(1), f"{server.describe()}\n{firewall.logs()}"
+
+
+def test_no_inside_address_leaves_on_the_outside(firewall: Site) -> None:
+    """On fw's outside veth: no SIP message names an inside host in Via, Contact,
+    Record-Route, Route or Path, and no packet carries an inside IP address."""
+    outside = firewall.outside()
+    methods = {m.method for _, m in outside if isinstance(m, Request)}
+    assert {"REGISTER", "INVITE", "ACK", "BYE"} <= methods, describe_packets(outside)
+    assert sum(1 for _, m in outside if isinstance(m, Request) and m.method == "INVITE") >= 4
+    leaks = [(p, m, inside_addresses(m)) for p, m in outside if inside_addresses(m)]
+    assert not leaks, "\n\n".join(
+        f"{p.src}:{p.sport} -> {p.dst}:{p.dport}: {found}\n{p.payload.decode(errors='replace')}"
+        for p, _m, found in leaks[:3]
+    )
+    for packet in firewall.capture.on(firewall.net.wan_if):
+        assert not _inside(packet.src) and not _inside(packet.dst), packet
+    # what the provider got from the proxy stays in the dialog: our outside Record-Route
+    invites = [m for p, m in outside if isinstance(m, Request) and m.method == "INVITE"
+               and p.dst == PROVIDER_IP]
+    assert invites
+    for invite in invites:
+        assert [str(a.uri) for a in invite.name_addrs("record-route")] == \
+            [f"sip:{FW_OUTSIDE}:{SIP};lr"]
+        assert len(invite.vias) == 1 and invite.vias[0].host == FW_OUTSIDE
+
+
+def test_every_request_from_the_provider_reaches_the_phone(firewall: Site) -> None:
+    """Every request the provider sent (incoming calls' INVITE, ACK, BYE; the BYE of a call
+    the phone made) reached the phone, as did every response to the phone's requests."""
+    outside, lan = firewall.outside(), firewall.lan()
+    from_provider = [m for p, m in outside if p.src == PROVIDER_IP and p.dst == FW_OUTSIDE]
+    at_phone = {(key_of(m), isinstance(m, Request) and m.method, getattr(m, "status", 0))
+                for p, m in lan if p.dst == PHONE_IP}
+    requests = [m for m in from_provider if isinstance(m, Request)]
+    assert {m.method for m in requests} >= {"INVITE", "ACK", "BYE"}
+    # it hung up one incoming and one outgoing call
+    assert sum(1 for m in requests if m.method == "BYE") >= 2
+    assert sum(1 for m in requests if m.method == "INVITE") >= 2
+    missing = [m for m in requests if (key_of(m), m.method, 0) not in at_phone]
+    assert not missing, f"{[str(m.start_line()) for m in missing]}\n{describe_packets(lan)}"
+    responses = [m for m in from_provider if isinstance(m, Response) and m.status > 100
+                 and m.cseq.method != "CANCEL"]
+    missing_responses = [m for m in responses if (key_of(m), False, m.status) not in at_phone]
+    assert not missing_responses, [m.start_line() for m in missing_responses]
+
+
+# ------------------------------------------------------------------------------------------------
+# the outside cannot reach the inside
+# ------------------------------------------------------------------------------------------------
+
+
+def _probe(call_id: str, method: str, uri: str, *, headers: tuple[str, ...] = (),
+           to_tag: str | None = None, port: int = 5099) -> bytes:
+    lines = [
+        f"{method} {uri} SIP/2.0",
+        f"Via: SIP/2.0/UDP {PROVIDER_IP}:{port};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport",
+        "Max-Forwards: 70",
+        f"From: <sip:mallory@{PROVIDER_IP}>;tag=m{call_id[:6]}",
+        f"To: <sip:x@provider.example>{f';tag={to_tag}' if to_tag else ''}",
+        f"Call-ID: {call_id}",
+        f"CSeq: 1 {method}",
+        f"Contact: <sip:mallory@{PROVIDER_IP}:{port}>",
+        *headers,
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_the_outside_cannot_reach_the_inside(nat_net: NatNet, tmp_path: Path) -> None:
+    """Requests from the outside to inside hosts or unknown tokens, stray responses, junk and
+    stray UDP to the firewall: the proxy refuses what it can answer, and not one packet goes to
+    the phone; the phone's real token still reaches it afterwards."""
+    site = start_site(nat_net, tmp_path, firewall_config())
+    try:
+        server, client = register_with_challenge(site)
+        assert client.ok(1) and server.ok(1), f"{client.describe()}\n{site.logs()}"
+        token = token_seen_by_provider(site)
+        phone = site.phone.start_uas("uas_rr.xml", SIP, count=1, timeout=SIPP_TIMEOUT)
+        site.capture.settle()
+        attack_start = time.monotonic()
+
+        unknown = f"{TOKEN_PREFIX}00112233445566ff"
+        refused: dict[str, tuple[bytes, set[int]]] = {
+            "to an inside host": (_probe("a1", "INVITE", f"sip:x@{PHONE_IP}"), {403}),
+            "maddr inside": (
+                _probe("a2", "INVITE", f"sip:x@provider.example;maddr={PHONE_IP}"), {403}),
+            "unknown token": (_probe("a3", "INVITE", f"sip:{unknown}@{FW_OUTSIDE}:{SIP}"), {404}),
+            "Route inside": (_probe("a4", "INVITE", "sip:bob@provider.example",
+                                    headers=(f"Route: <sip:{PHONE_IP};lr>",)), {403}),
+            "our Route, then inside": (_probe(
+                "a5", "INVITE", "sip:bob@provider.example",
+                headers=(f"Route: <sip:{FW_OUTSIDE}:{SIP};lr>, <sip:{FW_INSIDE}:{SIP};lr>",)),
+                {403}),
+            "in-dialog to an inside host": (
+                _probe("a6", "BYE", f"sip:x@{PHONE_IP}:{SIP}", to_tag="t6"), {403}),
+            "OPTIONS to the inside address of the proxy": (
+                _probe("a7", "OPTIONS", f"sip:x@{FW_INSIDE}:{SIP}", to_tag="t7"), {403}),
+            "malformed Via": (
+                _probe("a8", "INVITE", "sip:bob@provider.example").replace(
+                    b"Via: SIP/2.0/UDP", b"Via: SIP/2.0/UDP ,;;", 1), {400}),
+        }
+        silent: dict[str, bytes] = {
+            "stray ACK to an unknown token": _probe("s1", "ACK", f"sip:{unknown}@{FW_OUTSIDE}"),
+            "stray response via the phone": (
+                f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP {FW_OUTSIDE}:{SIP};branch=z9hG4bKnope,"
+                f" SIP/2.0/UDP {PHONE_IP}:{SIP};branch=z9hG4bKx\r\n"
+                "From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: s2\r\n"
+                "CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n").encode(),
+            "junk": b"\x00\x01\x02 not SIP at all \xff\r\n\r\n",
+            "truncated": b"INVITE sip:x@" + PHONE_IP.encode() + b" SIP/2.0\r\nVia: SIP/2.0/UDP",
+            "keepalive CRLF": b"\r\n\r\n",
+        }
+        sock = nat_net.provider.socket()
+        try:
+            sock.bind((PROVIDER_IP, 5099))
+            sock.settimeout(0.2)
+            for data, _ in refused.values():
+                sock.sendto(data, (FW_OUTSIDE, SIP))
+            for data in silent.values():
+                sock.sendto(data, (FW_OUTSIDE, SIP))
+            # stray UDP to the firewall's masqueraded ports and to the RTP range
+            for port in (*range(NAT_PORTS[0], NAT_PORTS[0] + 20), RTP_PORTS[0], 16384):
+                sock.sendto(b"v=0 stray", (FW_OUTSIDE, port))
+            answers: dict[str, int] = {}
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(answers) < len(refused):
+                try:
+                    data = sock.recv(65535)
+                except TimeoutError:
+                    continue
+                if data.startswith(b"SIP/2.0 "):
+                    status = int(data.split(b" ", 2)[1])
+                    call_id = next(line.split(b":", 1)[1].strip().decode() for line in
+                                   data.split(b"\r\n") if line.lower().startswith(b"call-id:"))
+                    if status >= 200:
+                        answers[call_id] = status
+        finally:
+            sock.close()
+        for (name, (_data, statuses)), call_id in zip(refused.items(),
+                                                     [f"a{i}" for i in range(1, 9)],
+                                                     strict=True):
+            assert answers.get(call_id) in statuses, (name, answers, site.logs())
+        site.capture.settle()
+        to_phone = [p for p in site.capture.on(nat_net.lan_if)
+                    if p.dst == PHONE_IP and p.time >= attack_start]
+        assert to_phone == [], to_phone
+
+        # the path to the phone works: its own token still reaches it
+        uac = site.provider.start_uac("uac_rr.xml", (FW_OUTSIDE, SIP), count=1,
+                                      timeout=SIPP_TIMEOUT,
+                                      keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"})
+        server, client = pair(phone, uac)
+        assert client.ok(1) and server.ok(1), f"{server.describe()}\n{site.logs()}"
+        site.capture.settle()
+        assert any(p.dst == PHONE_IP and p.time >= attack_start
+                   for p in site.capture.on(nat_net.lan_if))
+        assert site.proxy.running(), site.logs()
+    finally:
+        site.stop()
