@@ -630,6 +630,18 @@ class MediaDescription(_Block):
     def proto(self) -> str:
         return self._m.proto
 
+    @proto.setter
+    def proto(self, proto: str) -> None:
+        """Change the transport protocol (``RTP/AVP`` ...); the other fields stay as written."""
+        old = self._lines[0].raw
+        spans = _spans(old)
+        s, e = spans[2]
+        line = _make_line(old[:s] + _encode(proto) + old[e:], "media proto")
+        parsed = line.parsed
+        if not isinstance(parsed, _MediaLine) or parsed.proto != proto:
+            raise ValueError(f"invalid media proto {proto!r}")
+        self._replace(0, line)
+
     @property
     def formats(self) -> list[str]:
         return list(self._m.formats)
