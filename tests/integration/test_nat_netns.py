@@ -418,3 +418,143 @@ def test_the_outside_cannot_reach_the_inside(nat_net: NatNet, tmp_path: Path) ->
         assert site.proxy.running(), site.logs()
     finally:
         site.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# public-proxy mode: the proxy on the provider's public address, the phone behind fw's NAT
+# ------------------------------------------------------------------------------------------------
+
+DOMAIN = "lan.example"
+AOR_URI = f"sip:{USER}@{DOMAIN}"
+
+
+def public_config(keepalive_interval: float, failures: int = 2) -> dict[str, Any]:
+    return {
+        "proxy": {"domains": [DOMAIN]},
+        "listen": [{"side": "outside", "transport": "udp", "address": PROVIDER_IP, "port": SIP}],
+        # Timer F = 64 * T1 = 3.2 s: a keepalive nobody answers fails within seconds
+        "timers": {"t1": 0.05},
+        "plugins": {"enabled": ["nat"]},
+        "nat": {"keepalive_interval": keepalive_interval, "keepalive_failures": failures},
+    }
+
+
+def public_register(site: Site) -> None:
+    """The phone registers its private Contact, from behind fw's masquerading; then answers."""
+    result = site.phone.run_uac(
+        "register.xml", (PROVIDER_IP, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
+        keys={"user": USER, "domain": DOMAIN, "contact": PHONE_CONTACT, "expires": "3600"},
+    )
+    assert result.ok(1), f"{result.describe()}\n{site.logs()}"
+    site.capture.settle(quiet=0.1)
+    [(packet, register)] = [(p, m) for p, m in site.outside()
+                            if isinstance(m, Request) and m.method == "REGISTER"]
+    # the NAT is real: the proxy got it from fw's outside address, on a mapped port
+    assert packet.src == FW_OUTSIDE and NAT_PORTS[0] <= packet.sport <= NAT_PORTS[1], packet
+    assert [str(c.uri) for c in register.contacts] == [PHONE_CONTACT]
+
+
+def call_alice(site: Site) -> SippResult:
+    return site.provider.run_uac("uac_rr.xml", (PROVIDER_IP, SIP), count=1,
+                                 timeout=SIPP_TIMEOUT, keys={"ruri": AOR_URI})
+
+
+def invites_at_phone(site: Site) -> list[Packet]:
+    return [p for p, m in site.lan() if isinstance(m, Request) and m.method == "INVITE"
+            and p.dst == PHONE_IP]
+
+
+def test_public_proxy_natted_phone_receives_calls(nat_net: NatNet, tmp_path: Path) -> None:
+    """A phone behind a NAT registers sip:alice@192.168.77.10 (its private address) and still
+    gets the call: the proxy sends it where the REGISTER came from, through the NAT."""
+    site = start_site(nat_net, tmp_path, public_config(keepalive_interval=5), "provider")
+    try:
+        public_register(site)
+        site.phone.start_uas("uas_phone.xml", SIP, timeout=SIPP_TIMEOUT)
+        caller = call_alice(site)
+        assert caller.ok(1), f"{caller.describe()}\n{site.logs()}"
+        site.capture.settle()
+        [at_nat] = [p for p, m in site.outside()
+                    if isinstance(m, Request) and m.method == "INVITE"]
+        assert at_nat.dst == FW_OUTSIDE and NAT_PORTS[0] <= at_nat.dport <= NAT_PORTS[1]
+        [at_phone] = invites_at_phone(site)
+        assert (at_phone.dst, at_phone.dport) == (PHONE_IP, SIP)
+        # the caller's BYE, sent to the Contact it got from the 200, came through the NAT too
+        byes = [p for p, m in site.lan() if isinstance(m, Request) and m.method == "BYE"]
+        assert [(p.dst, p.dport) for p in byes] == [(PHONE_IP, SIP)]
+    finally:
+        site.stop()
+
+
+@pytest.mark.parametrize("keepalives", [True, False], ids=["keepalives", "no-keepalives"])
+def test_public_proxy_keepalives_hold_the_nat_mapping(
+    nat_net: NatNet, tmp_path: Path, keepalives: bool
+) -> None:
+    """fw forgets an idle UDP mapping after 2 s. With keepalives every 0.5 s the phone still
+    gets a call 5 s after it registered; without them (the control) the call cannot reach it."""
+    nat_net.nat_timeout(2)
+    site = start_site(nat_net, tmp_path, public_config(0.5 if keepalives else 0), "provider")
+    try:
+        public_register(site)
+        site.phone.start_uas("uas_phone.xml", SIP, timeout=SIPP_TIMEOUT)
+        time.sleep(5)
+        caller = call_alice(site)
+        site.capture.settle()
+        pings = [m for p, m in site.lan() if isinstance(m, Request) and m.method == "OPTIONS"
+                 and p.dst == PHONE_IP]
+        # either way the proxy sent the INVITE to the phone's mapped address on fw
+        assert any(isinstance(m, Request) and m.method == "INVITE" and p.dst == FW_OUTSIDE
+                   and NAT_PORTS[0] <= p.dport <= NAT_PORTS[1] for p, m in site.outside())
+        if keepalives:
+            assert caller.ok(1), f"{caller.describe()}\n{site.logs()}"
+            assert len(invites_at_phone(site)) >= 1
+            assert len(pings) >= 5, len(pings)
+        else:
+            assert not caller.ok(1), caller.describe()
+            assert invites_at_phone(site) == []
+            assert pings == []
+    finally:
+        site.stop()
+
+
+def _final_status(ns_socket: Any, uri: str, limit: float = 6.0) -> int | None:
+    """Send OPTIONS C{uri} to the proxy from C{ns_socket}; the final status, if one comes."""
+    call_id = uuid.uuid4().hex
+    port = ns_socket.getsockname()[1]
+    ns_socket.sendto(_probe(call_id, "OPTIONS", uri, port=port), (PROVIDER_IP, SIP))
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            data = ns_socket.recv(65535)
+        except TimeoutError:
+            continue
+        if data.startswith(b"SIP/2.0 ") and call_id.encode() in data:
+            status = int(data.split(b" ", 2)[1])
+            if status >= 200:
+                return status
+    return None
+
+
+def test_public_proxy_removes_a_silent_phone(nat_net: NatNet, tmp_path: Path) -> None:
+    """A phone that stops answering the keepalives (switched off) loses its binding: alice,
+    reachable while it answers, is then refused by the proxy itself."""
+    site = start_site(nat_net, tmp_path, public_config(0.5, failures=2), "provider")
+    sock = nat_net.provider.socket()
+    try:
+        sock.bind((PROVIDER_IP, 0))
+        sock.settimeout(0.2)
+        public_register(site)
+        phone = site.phone.start_uas("uas_phone.xml", SIP, timeout=SIPP_TIMEOUT)
+        time.sleep(1.5)
+        assert _final_status(sock, AOR_URI) == 200  # the phone itself answers
+        phone.kill()
+        switched_off = time.monotonic()
+        statuses: list[int | None] = []
+        while time.monotonic() - switched_off < 25 and statuses[-1:] not in ([404], [480]):
+            statuses.append(_final_status(sock, AOR_URI))
+            time.sleep(0.3)
+        assert statuses[-1] in (404, 480), (statuses, site.logs())
+        assert "stopped answering keepalives; removed" in site.proxy.log_text()
+    finally:
+        sock.close()
+        site.stop()
