@@ -27,7 +27,7 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from sipproxy.config import Section
 
-__all__ = ["DROP", "IPluginFactory", "IProxyCore", "IProxyPlugin"]
+__all__ = ["DROP", "IMediaRelay", "IPluginFactory", "IProxyCore", "IProxyPlugin"]
 
 
 class _Drop:
@@ -119,3 +119,44 @@ class IProxyCore(Interface):
 
     def make_via(target: Any) -> Any:
         """A Via for a request of the proxy's own to ``target``, with a fresh branch."""
+
+
+class IMediaRelay(Interface):
+    """A media relay as the ``media`` plugin drives it: the built-in relay in this process
+    (``sipproxy.media.backends.LocalRelay``) or any NG server over UDP, i.e. the built-in relay
+    run by ``twistd sipproxy-relay`` or a real rtpengine (``sipproxy.media.backends.NGRelay``).
+
+    ``options`` are further keys of rtpengine's NG protocol, as rtpengine documents them:
+    ``flags`` (``trust-address``, ``SIP-source-address``, ``symmetric``, ``strict-source``...),
+    ``replace`` (``origin``, ``session-connection``), ``direction`` (two interface names, e.g.
+    ``["inside", "outside"]``), ``received-from`` (``["IP4", address]``), ``ICE``
+    (``remove``), ``rtcp-mux`` (``["demux"]``...), ``transport-protocol``, ``via-branch``.
+    Every method returns a Deferred; a refusal fails it with ``sipproxy.media.ng.NGError``
+    (``.reason`` is rtpengine's ``error-reason``), no answer at all with ``NGTimeout``.
+    """
+
+    def ping() -> Any:
+        """Deferred firing with None when the relay answers."""
+
+    def offer(
+        call_id: str, from_tag: str, sdp: bytes, to_tag: str | None = None, options: Any = None
+    ) -> Any:
+        """Relay the SDP offer of the party ``from_tag``: Deferred of a ``RelayedSdp`` (the SDP
+        to forward, with the relay's addresses and ports, and a warning or None)."""
+
+    def answer(call_id: str, from_tag: str, to_tag: str, sdp: bytes, options: Any = None) -> Any:
+        """Relay the SDP answer of ``to_tag`` to the offer of ``from_tag``: Deferred of a
+        ``RelayedSdp``."""
+
+    def delete(call_id: str, from_tag: str | None = None, options: Any = None) -> Any:
+        """End the call's media (every port closed): Deferred of the final statistics (the
+        ``query`` dict; empty when the relay no longer knew the call)."""
+
+    def query(call_id: str) -> Any:
+        """Deferred of the call's statistics, rtpengine's ``query`` reply: ``created``,
+        ``last signal``, ``tags`` (per party: ``medias`` with ``streams``, each with
+        ``local port``, ``endpoint`` and ``stats`` {packets, bytes, errors}) and ``totals``."""
+
+    def add_end_observer(observer: Any) -> None:
+        """Call ``observer(call_id, reason)`` when the relay ends a call on its own: media
+        silent too long ("timeout"), the relay stopped ("shutdown") or lost it ("gone")."""
