@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from twisted.internet import defer
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -420,7 +421,7 @@ class NGServerProtocol(DatagramProtocol):
             return
         try:
             self.transport.write(data, addr)
-        except OSError as e:
+        except (OSError, MessageLengthError) as e:
             _log.warn("NG: cannot send reply to {addr}: {e}", addr=addr, e=e)
 
 
@@ -485,7 +486,7 @@ class NGClient(DatagramProtocol):
             return
         try:
             self.transport.write(data, self.address)
-        except OSError as e:
+        except (OSError, MessageLengthError) as e:
             _log.warn("NG client: cannot send to {addr}: {e}", addr=self.address, e=e)
 
     def _retransmit(self, cookie: bytes, sent: int) -> None:
