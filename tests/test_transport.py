@@ -255,7 +255,14 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         )
         assert forced is not None
         self.assertEqual(forced.side, "inside")
-        self.assertIsNone(self.manager.choose_listener(Target("TLS", "198.51.100.1", 5061, None)))
+        # no TLS listener: outgoing TLS leaves from (and names) a TCP, else UDP, socket of the
+        # side facing the target
+        tls = self.manager.choose_listener(Target("TLS", "198.51.100.1", 5061, None))
+        assert tls is not None
+        self.assertEqual((tls.side, tls.transport), ("outside", "UDP"))
+        tls_in = self.manager.choose_listener(Target("TLS", "10.0.0.9", 5061, None))
+        assert tls_in is not None
+        self.assertEqual((tls_in.side, tls_in.transport), ("inside", "TCP"))
 
     def test_large_udp_requests_go_over_tcp(self) -> None:
         target = Target("UDP", "198.51.100.1", 5060, None)
@@ -263,8 +270,8 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.manager.transport_for(1301, target), "TCP")
         self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, None)), "TCP")
 
-    def test_tls_listener_is_refused(self) -> None:
-        self.assertRaises(ValueError, Listener, listen("outside", "tls"))
+    def test_unknown_transport_is_refused(self) -> None:
+        self.assertRaises(ValueError, Listener, listen("outside", "sctp"))
 
 
 # --------------------------------------------------------------------------------------------

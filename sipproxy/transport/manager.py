@@ -29,6 +29,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -47,6 +48,13 @@ from sipproxy.message import (
 )
 from sipproxy.transaction import ITransportSender
 from sipproxy.transport.tcp import SIPStreamProtocol
+from sipproxy.transport.tls import (
+    ServerCertificate,
+    SIPTLSStreamProtocol,
+    TLSClientPolicy,
+    TLSConnections,
+    load_server_certificate,
+)
 from sipproxy.transport.udp import SIPDatagramProtocol
 
 if TYPE_CHECKING:
@@ -274,16 +282,18 @@ class Listener:
     One listening socket and what the proxy needs to put in Via / Record-Route for it.
 
     @ivar side: C{"inside"} or C{"outside"}.
-    @ivar transport: C{"UDP"} or C{"TCP"} (upper case, as in a Via).
+    @ivar transport: C{"UDP"}, C{"TCP"} or C{"TLS"} (upper case, as in a Via).
     @ivar address: the bound IP (may be a wildcard such as C{0.0.0.0}).
     @ivar port: the bound port (the real one once started, also when configured as 0).
     @ivar via_host: the host to advertise (C{advertise} from the config, else C{address}).
+    @ivar certificate: TLS only: the certificate and key (C{certificate}/C{key} of the spec).
     """
 
     def __init__(self, spec: ListenSpec) -> None:
         self.side = spec.side
         self.transport = spec.transport.upper()
-        if self.transport not in ("UDP", "TCP"):
+        self.certificate: ServerCertificate | None = None
+        if self.transport not in ("UDP", "TCP", "TLS"):
             raise ValueError(f"transport {spec.transport!r} is not supported by TransportManager")
         self.address = spec.address
         self.port = spec.port
@@ -308,6 +318,8 @@ class _StreamFactory(Factory):
         self.listener = listener
 
     def buildProtocol(self, addr: Any) -> SIPStreamProtocol:
+        if self.listener.transport == "TLS":
+            return self.manager.tls.new_protocol(self.listener.side, outgoing=False)
         return self.manager._new_stream(self.listener.side, outgoing=False)
 
 
@@ -380,7 +392,8 @@ class TransportManager(Service):
     ) -> None:
         self.reactor = reactor
         self.receiver = receiver
-        self.listeners = [Listener(spec) for spec in listens]
+        specs = list(listens)
+        self.listeners = [Listener(spec) for spec in specs]
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.limits = limits
@@ -389,6 +402,20 @@ class TransportManager(Service):
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
+        self.tls = TLSConnections(self)
+        for i, (spec, listener) in enumerate(zip(specs, self.listeners, strict=True)):
+            if listener.transport == "TLS":
+                listener.certificate = _listener_certificate(i, spec)
+
+    @property
+    def tls_client(self) -> TLSClientPolicy | None:
+        """How outgoing TLS connections are made (set by the C{tls} plugin); None: TLS targets
+        fail with "no TLS client configured"."""
+        return self.tls.policy
+
+    @tls_client.setter
+    def tls_client(self, policy: TLSClientPolicy | None) -> None:
+        self.tls.policy = policy
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -415,6 +442,16 @@ class TransportManager(Service):
             port = self.reactor.listenUDP(listener.port, proto, interface=interface)
             _enlarge_receive_buffer(port)
             listener.udp = proto
+        elif listener.transport == "TLS":
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            assert listener.certificate is not None
+            policy = self.tls.policy
+            options = listener.certificate.options(
+                policy.server_minimum if policy is not None else TLSVersion.TLSv1_2
+            )
+            factory = TLSMemoryBIOFactory(options, False, _StreamFactory(self, listener))
+            port = self.reactor.listenTCP(listener.port, factory, interface=interface)
         else:
             port = self.reactor.listenTCP(
                 listener.port, _StreamFactory(self, listener), interface=interface
@@ -431,6 +468,7 @@ class TransportManager(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self.tls.stop()
         waits: list[defer.Deferred[Any]] = []
         for listener in self.listeners:
             if listener.listening_port is not None:
@@ -474,6 +512,10 @@ class TransportManager(Service):
         """
         wanted = (transport or target.transport).upper()
         candidates = [lst for lst in self.listeners if lst.transport == wanted]
+        if not candidates and wanted == "TLS":
+            # outgoing TLS needs no TLS listener: a TCP (else UDP) socket of the side names us
+            candidates = [lst for lst in self.listeners if lst.transport == "TCP"] + [
+                lst for lst in self.listeners if lst.transport == "UDP"]
         if not candidates and wanted == "TCP":
             candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
         if side is not None:
@@ -565,6 +607,11 @@ class TransportManager(Service):
                 side = listener.side if listener is not None else ""
                 bind = listener.bind_host if listener is not None else None
                 self._send_stream(side, bind, data, target.host, target.port, done)
+            elif transport == "TLS":
+                side = listener.side if listener is not None else ""
+                bind = listener.bind_host if listener is not None else None
+                self.tls.send(side, bind, data, target.host, target.port,
+                              target.server_name or target.host, done)
             else:
                 raise ConnectionError(f"transport {transport} is not supported")
         except Exception:
@@ -590,6 +637,9 @@ class TransportManager(Service):
             route = route_response(via, request_source)
             data = self._serialize(response, route.transport)
             side = request_source.side if request_source is not None else ""
+            if route.transport == "TLS":
+                self._send_tls_response(side, data, via, route, done)
+                return done
             if route.transport in RELIABLE_TRANSPORTS:
                 if route.connection is not None:
                     proto = self._connections.get(_key(*route.connection))
@@ -616,6 +666,22 @@ class TransportManager(Service):
         except Exception:
             done.errback()
         return done
+
+    def _send_tls_response(
+        self, side: str, data: bytes, via: Via, route: ResponseRoute, done: defer.Deferred[None]
+    ) -> None:
+        """Over the TLS connection the request came on, else a new one to received/sent-by,
+        verified for the Via's sent-by host (RFC 3261 18.2.2, 26.3.2.1)."""
+        if route.connection is not None:
+            proto = self.tls.connection_to(route.connection)
+            if proto is not None:
+                proto.write(data)
+                done.callback(None)
+                return
+        listener = self._side_listener(side, "TLS", route.host) or self._side_listener(
+            side, "TCP", route.host) or self._side_listener(side, "UDP", route.host)
+        bind = listener.bind_host if listener is not None else None
+        self.tls.send(side, bind, data, route.host, route.port, via.host, done)
 
     # -- sending internals -----------------------------------------------------------------------
 
@@ -749,11 +815,14 @@ class TransportManager(Service):
 
     def stream_connected(self, proto: SIPStreamProtocol) -> None:
         self._streams.add(proto)
+        if isinstance(proto, SIPTLSStreamProtocol):
+            self.tls.connected(proto)  # never in the TCP table: no clear text on a TLS route
+            return
         self._connections[_key(*proto.peer)] = proto
 
     def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
         peer, local = proto.peer, proto.local
-        source = Source("TCP", peer[0], peer[1], local[0], local[1], proto.side)
+        source = Source(proto.kind, peer[0], peer[1], local[0], local[1], proto.side)
         self._dispatch(data, source, proto.write)
 
     def stream_framing_error(
@@ -767,6 +836,8 @@ class TransportManager(Service):
 
     def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
         self._streams.discard(proto)
+        if isinstance(proto, SIPTLSStreamProtocol):
+            self.tls.lost(proto, reason)
         for key in [k for k, p in self._connections.items() if p is proto]:
             del self._connections[key]
         for d in self._lost_waiters.pop(proto, []):
@@ -798,6 +869,22 @@ class TransportManager(Service):
             self.receiver(message)
         except Exception:
             self.log.failure("receiver failed on a message from {host}", host=source.host)
+
+
+def _listener_certificate(index: int, spec: ListenSpec) -> ServerCertificate:
+    """Load a TLS listener's certificate and key now, so a bad file is a config error."""
+    from sipproxy.config import ConfigError
+
+    cert = getattr(spec, "certificate", None)
+    key = getattr(spec, "key", None)
+    if not cert or not key:
+        raise ConfigError.for_key(f"listen[{index}].certificate",
+                                  'a TLS listener needs "certificate" and "key"')
+    try:
+        return load_server_certificate(cert, key)
+    except ValueError as e:
+        which = "key" if "key file" in str(e) and "does not match" not in str(e) else "certificate"
+        raise ConfigError.for_key(f"listen[{index}].{which}", str(e)) from None
 
 
 def stamp_via(request: Request, source: Source) -> None:

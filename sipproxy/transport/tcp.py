@@ -53,6 +53,8 @@ class SIPStreamProtocol(Protocol):
     """
 
     log = Logger()
+    #: the transport name messages of this connection carry in their Source ("TLS" for TLS)
+    kind = "TCP"
 
     def __init__(
         self,

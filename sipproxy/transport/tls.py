@@ -1,0 +1,706 @@
+"""SIP over TLS (RFC 3261 section 26.2, RFC 5922, RFC 5626 keepalives): the transport kind.
+
+TLS is framed like TCP (L{SIPTLSStreamProtocol} is a L{SIPStreamProtocol} under a
+C{TLSMemoryBIOProtocol}); what differs is the setup and what may be reused:
+
+- A connection counts only once its handshake is complete: requests queued for a new connection
+  wait for it, and a handshake that fails fails them with a L{TLSConnectError} that says why
+  (C{TLS to provider.test:5061 (127.0.0.1) failed: certificate verify failed: certificate has
+  expired}). Nothing is ever sent in clear text instead.
+- Outgoing connections are reused per C{(address, port, server name)}: a connection verified for
+  one name is not used for another. An accepted connection (a phone's) is reused for requests to
+  its peer address.
+- Outgoing connections are kept alive with RFC 5626 CRLF pings when idle; one that stops
+  answering, or that the peer closes, is opened again with a growing delay while it carried SIP
+  within the idle timeout.
+
+Which requests go over TLS, and how the server is verified, is policy: the C{tls} plugin
+decides it and hands the transport a L{TLSClientPolicy} (C{core.use_tls_client}). Without one,
+a TLS target fails at once ("no TLS client configured").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from sipproxy.message import DEFAULT_LIMITS, KeepAlive, Limits
+from sipproxy.transport.tcp import SIPStreamProtocol, StreamOwner
+
+if TYPE_CHECKING:
+    from sipproxy.transport.manager import TransportManager
+
+__all__ = [
+    "PING",
+    "TLS_VERSIONS",
+    "SIPTLSStreamProtocol",
+    "ServerCertificate",
+    "TLSClientPolicy",
+    "TLSConnectError",
+    "TLSConnections",
+    "client_creator_factory",
+    "load_server_certificate",
+]
+
+PING = KeepAlive.PING.value
+TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+_log = Logger(namespace="sipproxy.transport.tls")
+
+# X509_V_ERR_* texts (OpenSSL's X509_verify_cert_error_string) for the common verify failures
+_VERIFY_ERRORS = {
+    2: "unable to get issuer certificate",
+    7: "certificate signature failure",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate",
+    19: "self-signed certificate in certificate chain",
+    20: "unable to get local issuer certificate",
+    21: "unable to verify the first certificate",
+    23: "certificate revoked",
+    24: "invalid CA certificate",
+    26: "unsupported certificate purpose",
+}
+
+
+def _verify_error_text(errno: int) -> str:
+    try:
+        from OpenSSL._util import ffi, lib  # the exact OpenSSL text when available
+
+        text = ffi.string(lib.X509_verify_cert_error_string(errno))
+        return bytes(text).decode("ascii", "replace")
+    except Exception:
+        return _VERIFY_ERRORS.get(errno, f"X509 verify error {errno}")
+
+
+class TLSConnectError(ConnectionError):
+    """A TLS connection could not be set up: C{str()} is the one line the log and the
+    caller's C{Warning} get. C{verification} is True when the server's certificate was the
+    reason (name, expiry, unknown CA)."""
+
+    def __init__(
+        self, host: str, port: int, server_name: str, detail: str, *, verification: bool = False
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.server_name = server_name
+        self.detail = detail
+        self.verification = verification
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"{_show_host(self.server_name)}:{self.port}"
+        if self.server_name.lower() != self.host.lower():
+            where += f" ({self.host})"
+        return f"TLS to {where} failed: {self.detail}"
+
+
+def _show_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+@dataclass(frozen=True)
+class TLSClientPolicy:
+    """How outgoing TLS connections are made (the C{tls} plugin builds it).
+
+    @ivar creator: the connection creator for a server name (it checks the certificate against
+        that name and sends it as SNI), e.g. from L{client_creator_factory}.
+    @ivar keepalive_interval: seconds of silence on an outgoing connection before a CRLF ping
+        (RFC 5626 4.4.1); None: no pings.
+    @ivar pong_timeout: seconds a ping may go unanswered before the connection counts as lost.
+    @ivar reconnect: reopen an outgoing connection lost without our closing it.
+    @ivar max_backoff: the longest wait between reconnect attempts (1, 2, 4 ... seconds).
+    @ivar server_minimum: lowest TLS version the TLS listeners accept.
+    @ivar on_failure: called with every L{TLSConnectError} (before the requests waiting for that
+        connection fail), e.g. to tell the caller why.
+    """
+
+    creator: Callable[[str], IOpenSSLClientConnectionCreator]
+    keepalive_interval: float | None = 30.0
+    pong_timeout: float = 10.0
+    reconnect: bool = True
+    max_backoff: float = 60.0
+    server_minimum: Any = TLSVersion.TLSv1_2
+    on_failure: Callable[[TLSConnectError], None] | None = None
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+
+
+def _pem_blocks(data: bytes, label: bytes = b"CERTIFICATE") -> list[bytes]:
+    begin, end = b"-----BEGIN " + label + b"-----", b"-----END " + label + b"-----"
+    blocks = []
+    start = data.find(begin)
+    while start >= 0:
+        stop = data.find(end, start)
+        if stop < 0:
+            break
+        blocks.append(data[start : stop + len(end)] + b"\n")
+        start = data.find(begin, stop)
+    return blocks
+
+
+def load_certificates(path: str, what: str = "certificate file") -> list[Certificate]:
+    """Every PEM certificate in a file (a chain, a CA bundle); ValueError saying what is wrong."""
+    data = _read(path, what)
+    blocks = _pem_blocks(data)
+    if not blocks:
+        raise ValueError(f"{what} {path!r} holds no PEM certificate")
+    try:
+        return [Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise ValueError(f"{what} {path!r} is not a valid PEM certificate: {e}") from None
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """A certificate (with its chain) and its private key, loaded and checked to match."""
+
+    private: PrivateCertificate
+    chain: tuple[Certificate, ...] = ()
+
+    def options(self, minimum: Any = TLSVersion.TLSv1_2) -> CertificateOptions:
+        """Server-side options (also usable as a client certificate)."""
+        return CertificateOptions(
+            privateKey=self.private.privateKey.original,
+            certificate=self.private.original,
+            extraCertChain=[c.original for c in self.chain],
+            raiseMinimumTo=minimum,
+        )
+
+
+def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
+    """Load a PEM certificate chain and its key; ValueError (one line) when they are unusable."""
+    certs = load_certificates(cert_path)
+    key_data = _read(key_path, "key file")
+    try:
+        key = KeyPair.load(key_data, crypto.FILETYPE_PEM)
+    except Exception:
+        raise ValueError(f"key file {key_path!r} is not a valid unencrypted PEM private key"
+                         ) from None
+    try:
+        private = PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
+        # refuses a key that does not belong to the certificate
+        CertificateOptions(privateKey=key.original, certificate=certs[0].original).getContext()
+    except Exception:
+        raise ValueError(
+            f"key file {key_path!r} does not match the certificate in {cert_path!r}"
+        ) from None
+    return ServerCertificate(private, tuple(certs[1:]))
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    """``verify = false``: TLS without checking the server (SNI still sent). Logged loudly."""
+
+    def __init__(self, options: CertificateOptions, server_name: str) -> None:
+        self.options = options
+        self.server_name = server_name
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        connection = SSL.Connection(self.options.getContext(), None)
+        connection.set_app_data(tlsProtocol)
+        if not _is_ip(self.server_name):
+            connection.set_tlsext_host_name(self.server_name.encode("idna"))
+        connection.set_connect_state()
+        return connection
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def client_creator_factory(
+    *,
+    ca_certificates: list[Certificate] | None = None,
+    client_certificate: ServerCertificate | None = None,
+    minimum: Any = TLSVersion.TLSv1_2,
+    verify: bool = True,
+) -> Callable[[str], IOpenSSLClientConnectionCreator]:
+    """Connection creators per server name: C{optionsForClientTLS} (service_identity checks the
+    name against the certificate's subjectAltName, SNI is sent) trusting C{ca_certificates}
+    (default: the system's trust store), presenting C{client_certificate} if given, refusing
+    anything older than C{minimum}."""
+    trust = trustRootFromCertificates(ca_certificates) if ca_certificates else platformTrust()
+    private = client_certificate.private if client_certificate is not None else None
+    extra: dict[str, Any] = {"raiseMinimumTo": minimum}
+    if client_certificate is not None and client_certificate.chain:
+        extra["extraCertChain"] = [c.original for c in client_certificate.chain]
+    unverified: CertificateOptions | None = None
+    if not verify:
+        unverified = CertificateOptions(
+            privateKey=private.privateKey.original if private is not None else None,
+            certificate=private.original if private is not None else None,
+            verify=False,
+            **extra,
+        )
+    cache: dict[str, IOpenSSLClientConnectionCreator] = {}
+
+    def creator(server_name: str) -> IOpenSSLClientConnectionCreator:
+        name = server_name.lower()
+        found = cache.get(name)
+        if found is None:
+            if unverified is not None:
+                found = _UnverifiedCreator(unverified, name)
+            else:
+                found = optionsForClientTLS(
+                    name, trustRoot=trust, clientCertificate=private,
+                    extraCertificateOptions=extra,
+                )
+            if len(cache) < 1000:
+                cache[name] = found
+        return found
+
+    return creator
+
+
+def _verify_result(proto: SIPTLSStreamProtocol | None) -> str:
+    """OpenSSL's verify result of the connection ("certificate has expired"), or ""."""
+    get_handle = getattr(getattr(proto, "transport", None), "getHandle", None)
+    if get_handle is None:
+        return ""
+    try:
+        from OpenSSL._util import lib  # SSL_get_verify_result has no pyOpenSSL wrapper
+
+        code = int(lib.SSL_get_verify_result(get_handle()._ssl))
+    except Exception:
+        return ""
+    return _verify_error_text(code) if code else ""
+
+
+def describe_failure(reason: Failure, proto: SIPTLSStreamProtocol | None) -> tuple[str, bool]:
+    """(what went wrong, whether the certificate was the reason) for a failed TLS setup."""
+    value = reason.value
+    recorded = _verify_result(proto) if proto is not None else ""
+    if proto is not None and recorded:
+        proto.verify_error = recorded
+    if isinstance(value, VerificationError):
+        wanted = proto.server_name if proto is not None else "the server"
+        return f"certificate verify failed: certificate is not for {wanted}", True
+    if isinstance(value, SSL.Error):
+        if recorded:
+            return f"certificate verify failed: {recorded}", True
+        reasons = []
+        for item in value.args[0] if value.args and isinstance(value.args[0], list) else []:
+            if isinstance(item, tuple) and item and item[-1]:
+                reasons.append(str(item[-1]))
+        text = "; ".join(reasons) or str(value) or "TLS error"
+        verification = "certificate" in text
+        return ("TLS handshake failed: " + text), verification
+    if recorded:
+        return f"certificate verify failed: {recorded}", True
+    return f"connection closed during the TLS handshake ({reason.getErrorMessage()})", False
+
+
+@implementer(IHandshakeListener)
+class SIPTLSStreamProtocol(SIPStreamProtocol):
+    """
+    One SIP-over-TLS connection: framed as TCP, but it counts (is registered with the owner)
+    only once the TLS handshake is done.
+
+    @ivar handshake: fires with the protocol when the handshake completes, fails with a
+        L{TLSConnectError} when the connection ends before.
+    @ivar server_name: for an outgoing connection, the name its certificate was checked for.
+    @ivar verify_error: the first certificate verify error OpenSSL reported, if any.
+    @ivar established: True once the handshake completed (it stays True).
+    @ivar closed_by_us: True when the proxy closed it (idle, stop): no reconnect then.
+    """
+
+    kind = "TLS"
+
+    def __init__(
+        self,
+        owner: StreamOwner,
+        clock: IReactorTime,
+        side: str,
+        *,
+        outgoing: bool,
+        idle_timeout: float | None,
+        limits: Limits = DEFAULT_LIMITS,
+        server_name: str = "",
+        target: tuple[str, int] = ("", 0),
+        keepalive_interval: float | None = None,
+        pong_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(owner, clock, side, outgoing=outgoing, idle_timeout=idle_timeout,
+                         limits=limits)
+        self.server_name = server_name
+        self.target = target
+        self.keepalive_interval = keepalive_interval
+        self.pong_timeout = pong_timeout
+        self.handshake: defer.Deferred[SIPTLSStreamProtocol] = defer.Deferred()
+        self.handshake_done = False
+        self.established = False
+        self.verify_error = ""
+        self.closed_by_us = False
+        self.keepalive_failed = False
+        self._ping: IDelayedCall | None = None
+        self._pong: IDelayedCall | None = None
+
+    # -- twisted callbacks ------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        host = self.transport.getHost()
+        self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.local = (getattr(host, "host", ""), getattr(host, "port", 0))
+        self._arm_idle()  # a handshake that never ends is closed by the idle timer too
+        # not registered yet: a connection counts once the handshake is complete
+
+    def handshakeCompleted(self) -> None:
+        if getattr(self.transport, "disconnecting", False):
+            # the certificate's name did not verify (service_identity aborts the connection
+            # from OpenSSL's info callback): connectionLost brings the reason
+            return
+        self.handshake_done = True
+        self.established = True
+        self.connected_ = True
+        self._arm_ping()
+        try:
+            self.owner.stream_connected(self)
+        finally:
+            self.handshake.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._alive()
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_keepalive()
+        if not self.handshake_done:
+            host, port = self.target if self.target[0] else self.peer
+            detail, verification = describe_failure(reason, self)
+            error = TLSConnectError(host, port, self.server_name or host, detail,
+                                    verification=verification)
+            self.handshake_done = True  # no second errback
+            self.handshake.errback(Failure(error))
+        super().connectionLost(reason)
+
+    # -- API --------------------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._arm_ping()
+
+    def close(self) -> None:
+        self.closed_by_us = True
+        self._cancel_keepalive()
+        super().close()
+
+    # -- RFC 5626 keepalive -----------------------------------------------------------------------
+    def _arm_ping(self) -> None:
+        if not self.outgoing or self.keepalive_interval is None or self.closing:
+            return
+        if self._pong is not None:
+            return  # waiting for an answer already
+        if self._ping is not None and self._ping.active():
+            self._ping.reset(self.keepalive_interval)
+        else:
+            self._ping = self.clock.callLater(self.keepalive_interval, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping = None
+        if self.transport is None or self.closing:
+            return
+        self.transport.write(PING)  # not SIP traffic: the idle timer is not re-armed
+        self._pong = self.clock.callLater(self.pong_timeout, self._pong_missing)
+
+    def _alive(self) -> None:
+        """Anything received proves the flow alive (a pong is just the quickest answer)."""
+        if self._pong is not None:
+            if self._pong.active():
+                self._pong.cancel()
+            self._pong = None
+        if self.handshake_done:
+            self._arm_ping()
+
+    def _pong_missing(self) -> None:
+        self._pong = None
+        _log.info("TLS to {name}:{port} ({host}): no answer to a keepalive within {t} s; "
+                  "closing the connection", name=self.server_name, port=self.peer[1],
+                  host=self.peer[0], t=self.pong_timeout)
+        self.keepalive_failed = True
+        transport = self.transport
+        abort = getattr(transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        elif transport is not None:
+            transport.loseConnection()
+
+    def _cancel_keepalive(self) -> None:
+        for call in (self._ping, self._pong):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping = self._pong = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
+    deferred: defer.Deferred[Any] | None = None
+
+
+@dataclass(slots=True)
+class _Reconnect:
+    side: str
+    bind: str | None
+    attempt: int = 0
+    last_used: float = 0.0
+    call: IDelayedCall | None = None
+
+
+class TLSConnections:
+    """The TLS connections of a L{TransportManager}: reuse, setup, failures, reconnects."""
+
+    def __init__(self, manager: TransportManager) -> None:
+        self.manager = manager
+        self.policy: TLSClientPolicy | None = None
+        # outgoing, handshake done, by (address, port, server name)
+        self._out: dict[tuple[str, int, str], SIPTLSStreamProtocol] = {}
+        # every registered TLS connection by its peer (responses; requests to phones)
+        self._by_peer: dict[tuple[str, int], SIPTLSStreamProtocol] = {}
+        self._pending: dict[tuple[str, int, str], _Pending] = {}
+        self._reconnects: dict[tuple[str, int, str], _Reconnect] = {}
+        self._stopped = False
+
+    # -- protocols --------------------------------------------------------------------------------
+    def new_protocol(
+        self, side: str, *, outgoing: bool, server_name: str = "",
+        target: tuple[str, int] = ("", 0),
+    ) -> SIPTLSStreamProtocol:
+        m = self.manager
+        policy = self.policy
+        return SIPTLSStreamProtocol(
+            m, m.reactor, side, outgoing=outgoing, idle_timeout=m.idle_timeout,
+            limits=m.limits, server_name=server_name, target=target,
+            keepalive_interval=policy.keepalive_interval if policy and outgoing else None,
+            pong_timeout=policy.pong_timeout if policy else 10.0,
+        )
+
+    def connected(self, proto: SIPTLSStreamProtocol) -> None:
+        """A handshake completed: the connection may be reused from now on."""
+        self._by_peer[_peer_key(proto.peer)] = proto
+        if proto.outgoing:
+            key = _out_key(proto.target[0], proto.target[1], proto.server_name)
+            self._out[key] = proto
+            state = self._reconnects.get(key)
+            if state is not None:
+                state.attempt = 0
+
+    def lost(self, proto: SIPTLSStreamProtocol, reason: Failure) -> None:
+        for out_key in [k for k, p in self._out.items() if p is proto]:
+            del self._out[out_key]
+        for peer_key in [k for k, p in self._by_peer.items() if p is proto]:
+            del self._by_peer[peer_key]
+        if not proto.outgoing or not proto.established:
+            return  # a failed handshake is handled where the connection was asked for
+        key = _out_key(proto.target[0], proto.target[1], proto.server_name)
+        state = self._reconnects.get(key)
+        if proto.closed_by_us or self._stopped or self.policy is None or \
+                not self.policy.reconnect or state is None:
+            self._reconnects.pop(key, None)
+            return
+        idle = self.manager.idle_timeout
+        if idle is not None and self.manager.reactor.seconds() - state.last_used > idle:
+            self._reconnects.pop(key, None)
+            return
+        _log.info("TLS connection to {name}:{port} ({host}) lost ({why}); reconnecting",
+                  name=proto.server_name, port=key[1], host=key[0],
+                  why="no keepalive answer" if proto.keepalive_failed
+                  else reason.getErrorMessage())
+        self._schedule_reconnect(key, state)
+
+    def _schedule_reconnect(self, key: tuple[str, int, str], state: _Reconnect) -> None:
+        policy = self.policy
+        max_backoff = policy.max_backoff if policy is not None else 60.0
+        delay = min(float(2 ** state.attempt), max_backoff)
+        state.attempt += 1
+        if state.call is not None and state.call.active():
+            state.call.cancel()
+        state.call = self.manager.reactor.callLater(delay, self._reconnect, key)
+
+    def _reconnect(self, key: tuple[str, int, str]) -> None:
+        state = self._reconnects.get(key)
+        if state is None or self._stopped:
+            return
+        state.call = None
+        if key in self._out or key in self._pending:
+            return
+        host, port, name = key
+        try:
+            self._connect(state.side, state.bind, host, port, name, _Pending([]), quiet=True)
+        except Exception:
+            self._reconnect_failed(key)
+
+    def _reconnect_failed(self, key: tuple[str, int, str]) -> None:
+        state = self._reconnects.get(key)
+        if state is None or self._stopped:
+            return
+        idle = self.manager.idle_timeout
+        if idle is not None and self.manager.reactor.seconds() - state.last_used > idle:
+            del self._reconnects[key]
+            return
+        self._schedule_reconnect(key, state)
+
+    # -- sending ----------------------------------------------------------------------------------
+    def connection_to(self, peer: tuple[str, int]) -> SIPTLSStreamProtocol | None:
+        """The open TLS connection with this peer (the one a request came on), if any."""
+        proto = self._by_peer.get(_peer_key(peer))
+        if proto is not None and not proto.closing:
+            return proto
+        return None
+
+    def send(
+        self, side: str, bind: str | None, data: bytes, host: str, port: int,
+        server_name: str, done: defer.Deferred[None],
+    ) -> None:
+        """Write C{data} to C{host:port} over TLS verified for C{server_name}."""
+        name = (server_name or host).lower()
+        key = _out_key(host, port, name)
+        state = self._reconnects.get(key)
+        if state is not None:
+            state.last_used = self.manager.reactor.seconds()
+        proto = self._out.get(key)
+        if proto is None:
+            accepted = self._by_peer.get(_peer_key((host, port)))
+            if accepted is not None and not accepted.outgoing:
+                proto = accepted  # a phone's own connection: requests to it go back on it
+        if proto is not None and not proto.closing:
+            proto.write(data)
+            done.callback(None)
+            return
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.queue.append((data, done))
+            return
+        if not self.manager.running:
+            raise ConnectionError("the transport service is stopped")
+        if self.policy is None:
+            raise TLSConnectError(host, port, name,
+                                  "no TLS client configured (enable the tls plugin)")
+        self._connect(side, bind, host, port, name, _Pending([(data, done)]))
+
+    def _connect(
+        self, side: str, bind: str | None, host: str, port: int, name: str, pending: _Pending,
+        *, quiet: bool = False,
+    ) -> None:
+        from twisted.internet.endpoints import connectProtocol, wrapClientTLS
+
+        assert self.policy is not None
+        key = _out_key(host, port, name)
+        self._pending[key] = pending
+        state = self._reconnects.setdefault(key, _Reconnect(side, bind))
+        if not quiet:
+            state.last_used = self.manager.reactor.seconds()
+        proto = self.new_protocol(side, outgoing=True, server_name=name, target=(key[0], port))
+        creator = self.policy.creator(name)
+        endpoint = wrapClientTLS(creator, self.manager._client_endpoint(key[0], port, bind))
+        connecting: defer.Deferred[Any] = connectProtocol(endpoint, proto)
+        connecting.addCallback(lambda p: p.handshake)
+        pending.deferred = connecting
+        connecting.addCallbacks(self._connected, self._failed, callbackArgs=(key,),
+                                errbackArgs=(key, quiet))
+
+    def _connected(self, proto: SIPTLSStreamProtocol, key: tuple[str, int, str]) -> None:
+        pending = self._pending.pop(key, None)
+        queue = pending.queue if pending is not None else []
+        if proto.closing:
+            error = TLSConnectError(key[0], key[1], key[2], "connection closed at once")
+            for _, done in queue:
+                done.errback(Failure(error))
+            return
+        for data, done in queue:
+            try:
+                proto.write(data)
+            except Exception:
+                done.errback()
+            else:
+                done.callback(None)
+
+    def _failed(self, reason: Failure, key: tuple[str, int, str], quiet: bool) -> None:
+        pending = self._pending.pop(key, None)
+        host, port, name = key
+        error = reason.value
+        if not isinstance(error, TLSConnectError):
+            if isinstance(error, defer.CancelledError):
+                detail = "cancelled (the proxy is stopping)"
+            else:
+                detail = f"cannot connect: {reason.getErrorMessage()}"
+            error = TLSConnectError(host, port, name, detail)
+        if error.verification:
+            self._reconnects.pop(key, None)  # never retried by itself: the name or CA is wrong
+        if quiet:
+            _log.info("{error} (reconnecting)", error=str(error))
+            self._reconnect_failed(key)
+        else:
+            _log.warn("{error}", error=str(error))
+        policy = self.policy
+        if policy is not None and policy.on_failure is not None:
+            try:
+                policy.on_failure(error)
+            except Exception:
+                _log.failure("TLS failure callback raised")
+        failure = Failure(error)
+        for _, done in pending.queue if pending is not None else []:
+            done.errback(failure)
+
+    def stop(self) -> None:
+        self._stopped = True
+        for state in self._reconnects.values():
+            if state.call is not None and state.call.active():
+                state.call.cancel()
+        self._reconnects.clear()
+        for pending in list(self._pending.values()):
+            if pending.deferred is not None:
+                pending.deferred.cancel()
+
+    def start(self) -> None:
+        self._stopped = False
+
+
+def _peer_key(peer: tuple[str, int]) -> tuple[str, int]:
+    host = peer[0]
+    try:
+        host = str(ipaddress.ip_address(host[1:-1] if host.startswith("[") else host))
+    except ValueError:
+        host = host.lower()
+    return host, peer[1]
+
+
+def _out_key(host: str, port: int, name: str) -> tuple[str, int, str]:
+    h, p = _peer_key((host, port))
+    return h, p, name.lower()
