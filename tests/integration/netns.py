@@ -185,7 +185,9 @@ class Namespace:
                     input_text=input_text)
 
     def sysctl(self, key: str, value: str | int) -> None:
-        self.run("sysctl", "-q", "-w", f"{key}={value}")
+        """Set a (per-namespace) sysctl, through /proc/sys: no procps needed."""
+        path = "/proc/sys/" + key.replace(".", "/")
+        self.run("sh", "-c", 'echo "$1" > "$2"', "sysctl", str(value), path)
 
     def nft(self, ruleset: str) -> None:
         self.run("nft", "-f", "-", input_text=ruleset)
