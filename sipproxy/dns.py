@@ -140,30 +140,37 @@ class SipResolver:
 
     # -- public API ------------------------------------------------------------------------------
     def resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        server_name: str | None = None,
     ) -> Deferred[list[Target]]:
         """The targets for ``host``, in failover order; ``[]`` when there is none.
 
         ``transport`` is the URI's transport parameter (any case), ``secure`` True for sips:.
+        ``server_name`` is the name a TLS server must prove (default ``host``): the URI's host
+        when ``host`` is its maddr (RFC 5922 section 4).
         Fires with ``[]`` (never fails) for names that do not resolve and for transports this
         resolver does not support (sips: with transport=udp, an unsupported transport=...).
         """
-        return Deferred.fromCoroutine(self._resolve(host, port, transport, secure))
+        return Deferred.fromCoroutine(self._resolve(host, port, transport, secure, server_name))
 
     def uri_target(self, uri: URI) -> Deferred[list[Target]]:
         """``resolve`` for a sip:/sips: URI; its maddr parameter, if any, replaces the host."""
         if not uri.is_sip:
             return fail(ValueError(f"not a SIP URI: {uri}"))
-        host = uri.get_param("maddr") or uri.host
-        return self.resolve(host, uri.port, uri.transport, uri.secure)
+        maddr = uri.get_param("maddr")
+        return self.resolve(maddr or uri.host, uri.port, uri.transport, uri.secure,
+                            uri.host if maddr else None)
 
     # -- RFC 3263 section 4 ----------------------------------------------------------------------
     async def _resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        name: str | None = None,
     ) -> list[Target]:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        server_name = host.rstrip(".")
+        if name is not None and name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        server_name = (name or host).rstrip(".")
         if not server_name:
             return []
         if transport is not None:

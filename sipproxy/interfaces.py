@@ -120,6 +120,12 @@ class IProxyCore(Interface):
     def make_via(target: Any) -> Any:
         """A Via for a request of the proxy's own to ``target``, with a fresh branch."""
 
+    def use_tls_client(policy: Any) -> None:
+        """Make outgoing TLS connections (targets whose transport is "TLS") as ``policy`` says:
+        a :class:`sipproxy.transport.tls.TLSClientPolicy` (certificate checks, client
+        certificate, keepalives, a callback for failures). Until a plugin calls this, a TLS
+        target fails at once: the core has no TLS policy of its own (the ``tls`` plugin)."""
+
 
 class IMediaRelay(Interface):
     """A media relay as the ``media`` plugin drives it: the built-in relay in this process

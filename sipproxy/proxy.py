@@ -157,6 +157,10 @@ class Proxy:
     ) -> ClientTransaction:
         return self.transactions.send_request(request, target, on_response)
 
+    def use_tls_client(self, policy: Any) -> None:
+        """Outgoing TLS connections follow ``policy`` (a TLSClientPolicy, from the tls plugin)."""
+        self.transports.tls_client = policy
+
     def make_via(self, target: Target) -> Via:
         listener = self.transports.choose_listener(target)
         host, port = self._advertised(listener, target.host)
@@ -471,8 +475,12 @@ class Proxy:
     def _resolve(self, uri: URI) -> Deferred[list[Target]]:
         if not uri.is_sip:
             raise ParseError("cannot route a non-SIP URI", 416)
-        host = uri.get_param("maddr") or uri.host
-        return self.resolver.resolve(host, uri.port, uri.transport, uri.secure)
+        maddr = uri.get_param("maddr")
+        if maddr:
+            # a TLS server must prove the URI's host, not the maddr (RFC 5922 section 4)
+            return self.resolver.resolve(maddr, uri.port, uri.transport, uri.secure,
+                                         server_name=uri.host)
+        return self.resolver.resolve(uri.host, uri.port, uri.transport, uri.secure)
 
     def _resolved(
         self, targets: list[Target], ctx: RequestContext, out: Request, data: dict[str, Any]

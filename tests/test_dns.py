@@ -178,8 +178,13 @@ class NoLookupTests(unittest.TestCase):
 
     def test_uri_target_maddr_overrides_host(self) -> None:
         uri = parse_uri("sip:alice@proxy.example.test;maddr=192.0.2.8;transport=tcp")
+        # the server must still prove the URI's host (RFC 5922 section 4), not the maddr
         self.assertEqual(self.successResultOf(self.resolver.uri_target(uri)),
-                         [Target("TCP", "192.0.2.8", 5060, "192.0.2.8")])
+                         [Target("TCP", "192.0.2.8", 5060, "proxy.example.test")])
+        self.assertEqual(
+            self.successResultOf(self.resolver.resolve("192.0.2.8", 5061, None, True,
+                                                       server_name="provider.test")),
+            [Target("TLS", "192.0.2.8", 5061, "provider.test")])
 
     def test_uri_target_sips_and_port(self) -> None:
         uri = parse_uri("sips:bob@[2001:db8::9]:5071")
