@@ -329,6 +329,7 @@ class KeepAlive(enum.Enum):
     PONG = b"\r\n"
 
 
+_TRANSACTION_KEYS = frozenset(("via", "from", "to", "call-id", "cseq"))
 _SINGLE = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
 _REQUIRED = ("call-id", "cseq", "from", "to")
 
@@ -632,13 +633,24 @@ class Request(Message):
         new._start = self._start
         return new
 
+    def essentials(self) -> Request:
+        """A copy with only what identifies the request's transaction (Via, From, To,
+        Call-ID, CSeq) and its source: for a transaction that outlives its full request."""
+        fields = [Field(f.name, f.key, f.value, f.raw)
+                  for f in self.headers.fields if f.key in _TRANSACTION_KEYS]
+        new = Request(self._method, self._uri_text, Headers(fields), version=self._version)
+        new._eol = self._eol
+        new._start = self._start
+        new.source = self.source
+        return new
+
     def make_response(self, status: int, reason: str | None = None) -> Response:
         """A response per RFC 3261 8.2.6: Via, From, To, Call-ID and CSeq copied as they are."""
         crlf = self._eol == "\r\n"  # folded raw lines of an LF-only request are re-rendered
         fields = [
             Field(f.name, f.key, f.value, f.raw if crlf else None)
             for f in self.headers.fields
-            if f.key in ("via", "from", "to", "call-id", "cseq")
+            if f.key in _TRANSACTION_KEYS
         ]
         response = Response(status, reason, Headers(fields))
         response.headers.add("Content-Length", "0")
@@ -733,6 +745,10 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
         body_start = end + 4
     head = data[:end].decode("utf-8", "surrogateescape")
     lines = head.split(eol)
+    breaks = len(lines) - 1
+    if head.count("\n") != breaks or (eol == "\r\n" and head.count("\r") != breaks):
+        # a lone CR or LF would end a line for some peers and not for others
+        raise ParseError("bare CR or LF in the header section", is_response=is_response)
     if len(lines) > limits.max_headers + 1:
         raise ParseError("too many header lines", 513, is_response=is_response)
     if max(map(len, lines)) > limits.max_line:

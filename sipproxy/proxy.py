@@ -800,6 +800,8 @@ class Proxy:
             tx.respond(response)
         except Exception:
             _log.failure("responding to {req!r}", req=ctx.request)
+        if final:
+            self._release(ctx)
 
     def _send_final(self, ctx: RequestContext, response: Response) -> None:
         _ensure_to_tag(response)
@@ -818,6 +820,20 @@ class Proxy:
         ctx.final_sent = True
         if ctx.server_transaction is not None:
             ctx.server_transaction.respond(response)
+            self._release(ctx)
+
+    def _release(self, ctx: RequestContext) -> None:
+        """Forget a non-INVITE request once it is answered and no branch is left: its
+        transaction may wait 64*T1 for retransmissions, but nothing will need the context
+        (an INVITE's is kept for CANCEL and Timer H until its transaction ends)."""
+        tx = ctx.server_transaction
+        if (
+            tx is not None
+            and not tx.is_invite
+            and ctx.pending_targets <= 0
+            and all(b.final is not None for b in ctx.branches)
+        ):
+            self._contexts.pop(tx, None)
 
     def _answer(self, tx: ServerTransaction, request: Request, status: int, reason: str) -> None:
         try:

@@ -237,9 +237,10 @@ class _Transaction:
     def _compact(self) -> None:
         """After the final response a transaction mostly waits (up to 64*T1): keep its
         messages as text, not as parsed views, so thousands of them stay small."""
-        self.request.headers.forget_parsed()
-        if self.last_response is not None:
-            self.last_response.headers.forget_parsed()
+        for message in (self.request, self.last_response):
+            if message is not None:
+                message.headers.forget_parsed()
+                message.headers.drop_plain_raw()
 
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
@@ -339,6 +340,9 @@ class ServerTransaction(_Transaction):
         self.last_response = response
         self._resend()
         if response.status >= 200:
+            if not self.is_invite:
+                # only retransmissions are left to answer: what matches them is all we keep
+                self.request = self.request.essentials()
             self._compact()
 
     def _resend(self) -> None:

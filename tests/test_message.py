@@ -837,3 +837,29 @@ def test_code_cannot_inject_header_lines() -> None:
         msg.headers.set("Subject", "b\nX: y")
     with pytest.raises(ValueError):
         msg.headers.add("Bad Name", "v")
+
+
+def test_drop_plain_raw_keeps_the_bytes():
+    data = (
+        b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        b"From:  <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 OPTIONS\r\nX-Folded: a\r\n b\r\nContent-Length: 0\r\n\r\n"
+    )
+    msg = parse_message(data)
+    msg.headers.drop_plain_raw()
+    assert msg.to_bytes() == data
+    kept = [f.name for f in msg.headers.fields if f.raw is not None]
+    assert kept == ["From", "X-Folded"]  # only lines that do not render back the same
+
+
+@pytest.mark.parametrize("bad", [b"To: \r<sip:b@example.com>", b"To: <sip:b@example.com>\nX: 1"])
+def test_bare_cr_or_lf_in_a_header_is_refused(bad):
+    # found by hypothesis: a lone CR survived into the To of a response and broke the ACK
+    data = (
+        b"SIP/2.0 404 Not Found\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\n" + bad + b"\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+    )
+    with pytest.raises(ParseError) as info:
+        parse_message(data)
+    assert info.value.status == 400 and info.value.is_response

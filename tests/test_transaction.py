@@ -401,6 +401,22 @@ def test_server_non_invite_states_and_retransmissions(h: Harness) -> None:
     assert [r.status for _, r, _ in h.transport.responses] == [183, 183, 200, 200]  # no Timer G
 
 
+def test_completed_non_invite_keeps_only_what_retransmissions_need(h: Harness) -> None:
+    # thousands of REGISTERs wait 64*T1 in Completed: they must not keep the whole request
+    req = incoming("REGISTER", extra="Contact: <sip:alice@192.0.2.10>\r\nExpires: 3600\r\n")
+    h.layer.receive(req)
+    tx = h.tu.requests[0][0]
+    final = reply(req, 200)
+    final.headers.add("Contact", "<sip:alice@192.0.2.10>;expires=3600")
+    tx.respond(final)
+    sent = h.transport.responses[-1][1].to_bytes()
+    assert [name for name, _ in tx.request.headers] == ["Via", "From", "To", "Call-ID", "CSeq"]
+    assert tx.request.source == req.source and tx.source == req.source
+    h.layer.receive(reparse(req))  # a retransmission still gets the very same bytes
+    assert h.transport.responses[-1][1].to_bytes() == sent
+    assert len(h.tu.requests) == 1
+
+
 def test_server_non_invite_over_tcp_terminates_at_once(h: Harness) -> None:
     h.tu.answer = 200
     h.layer.receive(incoming("REGISTER", transport="TLS"))
