@@ -1,0 +1,255 @@
+"""The tls plugin inside a real Proxy over in-memory transports: its [tls] config, the
+Record-Route / Via it leaves on each side, in-dialog requests across the transport change, and
+the 503 a phone gets when the provider's certificate does not verify."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from sipproxy.config import ConfigError, Section, parse_config
+from sipproxy.dns import Target
+from sipproxy.location import LocationService
+from sipproxy.message import Request, Response, Source, parse_message
+from sipproxy.pipeline import load_plugins
+from sipproxy.plugins.tls import TLSPlugin, factory
+from sipproxy.proxy import Proxy
+from sipproxy.registrar import Registrar
+from sipproxy.transport.tls import TLSClientPolicy, TLSConnectError
+from tests.test_proxy import FakeListener, RecordingTransports, ResolverDouble
+from tests.tls_certs import make_certificates
+
+PROXY_IP = "192.168.1.1"
+PROVIDER_IP = "203.0.113.50"
+PHONE = Source("UDP", "192.168.1.10", 5060, PROXY_IP, 5060, "inside")
+RR_TLS = f"<sip:{PROXY_IP}:5060;transport=tls;lr>"
+RR_UDP = f"<sip:{PROXY_IP}:5060;lr>"
+
+CONFIG = f"""
+[proxy]
+domains = ["lan.example"]
+
+[[listen]]
+side = "inside"
+transport = "udp"
+address = "{PROXY_IP}"
+port = 5060
+
+[upstream]
+uri = "sips:provider.test:5061;maddr={PROVIDER_IP}"
+
+[plugins]
+enabled = ["tls"]
+"""
+
+
+class NamedResolver(ResolverDouble):
+    """IP literals resolve to themselves; sips: and transport=tls give TLS targets."""
+
+    def resolve(self, host: str, port: int | None, transport: str | None, secure: bool,
+                server_name: str | None = None) -> Deferred[list[Target]]:
+        kind = "TLS" if secure or (transport or "").lower() == "tls" else \
+            (transport or "UDP").upper()
+        default = 5061 if kind == "TLS" else 5060
+        return succeed([Target(kind, host, port or default, server_name or host)])
+
+
+class Wire(RecordingTransports):
+    """Fails TLS sends to ``refuse`` as the real transport does (on_failure, then errback)."""
+
+    tls_client: TLSClientPolicy | None = None
+    refuse: str | None = None
+
+    def send_request(self, request: Request, target: Target) -> Any:
+        if target.transport == "TLS" and self.refuse is not None:
+            error = TLSConnectError(target.host, target.port, target.server_name, self.refuse,
+                                    verification=True)
+            assert self.tls_client is not None and self.tls_client.on_failure is not None
+            self.tls_client.on_failure(error)
+            return fail(error)
+        super().send_request(request, target)
+        return succeed(None)
+
+    def send_response(self, response: Response, source: Source | None) -> Any:
+        super().send_response(response, source)
+        return succeed(None)
+
+
+def make(config_text: str = CONFIG) -> tuple[Proxy, Wire, TLSPlugin]:
+    clock = Clock()
+    config = parse_config(config_text)
+    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
+                              lc.advertised_host) for lc in config.listen]
+    wire = Wire(listeners)
+    location = LocationService(clock)
+    registrar = Registrar(location, clock, list(config.proxy.domains))
+    proxy = Proxy(config, clock, wire, location, registrar, NamedResolver({}))  # type: ignore
+    plugins = load_plugins(config, proxy)
+    proxy.set_plugins(plugins)
+    [plugin] = plugins
+    assert isinstance(plugin, TLSPlugin)
+    assert wire.tls_client is plugin.policy  # the plugin configured the transport
+    return proxy, wire, plugin
+
+
+def send(proxy: Proxy, text: str, source: Source = PHONE) -> None:
+    message = parse_message(text.replace("\n", "\r\n").encode())
+    message.source = source
+    proxy.receive(message)
+
+
+INVITE = """INVITE sip:service@provider.test SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-inv1;rport
+Max-Forwards: 70
+From: <sip:alice@lan.example>;tag=a1
+To: <sip:service@provider.test>
+Call-ID: call-tls-1
+CSeq: 1 INVITE
+Contact: <sip:alice@192.168.1.10:5060>
+Content-Length: 0
+
+"""
+
+
+def answer(request: Request, status: int = 200) -> Response:
+    response = request.make_response(status)
+    response.headers.set("To", str(request.to) + ";tag=p1")
+    response.headers.add("Contact", f"<sip:uas@{PROVIDER_IP}:5061;transport=tls>")
+    for value in request.headers.get_all("record-route"):
+        response.headers.add("Record-Route", value)
+    response.source = Source("TLS", PROVIDER_IP, 5061, PROXY_IP, 40000, "inside")
+    return response
+
+
+def test_invite_goes_over_tls_with_a_record_route_per_side() -> None:
+    proxy, wire, _ = make()
+    send(proxy, INVITE)
+    [(out, target)] = wire.requests
+    assert target == Target("TLS", PROVIDER_IP, 5061, "provider.test")  # maddr, name kept
+    assert str(out.top_via).startswith(f"SIP/2.0/TLS {PROXY_IP}:5060;")
+    assert out.headers.get_all("record-route") == [RR_TLS, RR_UDP]
+
+
+def test_in_dialog_requests_cross_the_transport_change_both_ways() -> None:
+    proxy, wire, _ = make()
+    send(proxy, INVITE)
+    [(out, _)] = wire.requests
+    proxy.receive(answer(out))
+    ok = next(r for r, _ in wire.responses if r.status == 200)
+    assert ok.headers.get_all("record-route") == [RR_TLS, RR_UDP]
+    # the phone's BYE: Route = the Record-Route reversed, to the provider's Contact
+    # (an address: the name verified for the dialog is what is checked again)
+    bye = f"""BYE sip:uas@{PROVIDER_IP}:5061 SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-bye1;rport
+Route: {RR_UDP}, {RR_TLS}
+Max-Forwards: 70
+From: <sip:alice@lan.example>;tag=a1
+To: <sip:service@provider.test>;tag=p1
+Call-ID: call-tls-1
+CSeq: 2 BYE
+Content-Length: 0
+
+"""
+    send(proxy, bye)
+    out_bye, target = wire.requests[-1]
+    assert out_bye.method == "BYE"
+    assert target == Target("TLS", PROVIDER_IP, 5061, "provider.test")
+    assert str(out_bye.top_via).startswith("SIP/2.0/TLS ")
+    # the provider's BYE (over its TLS connection): Route = Record-Route, to the phone, by UDP
+    from_provider = f"""BYE sip:alice@192.168.1.10:5060 SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-pbye
+Route: {RR_TLS}, {RR_UDP}
+Max-Forwards: 70
+From: <sip:service@provider.test>;tag=p1
+To: <sip:alice@lan.example>;tag=a1
+Call-ID: call-tls-1
+CSeq: 1 BYE
+Content-Length: 0
+
+"""
+    send(proxy, from_provider, Source("TLS", PROVIDER_IP, 5061, PROXY_IP, 40000, "inside"))
+    out_pbye, target = wire.requests[-1]
+    assert out_pbye.method == "BYE" and out_pbye.from_.tag == "p1"
+    assert target.transport == "UDP" and target.host == "192.168.1.10"
+    assert str(out_pbye.top_via).startswith("SIP/2.0/UDP ")
+
+
+def test_certificate_failure_gives_the_phone_503_with_a_warning() -> None:
+    proxy, wire, _ = make()
+    wire.refuse = "certificate verify failed: certificate has expired"
+    send(proxy, INVITE)
+    proxy.clock.advance(0)  # transport failures reach the transaction on the next turn
+    finals = [r for r, _ in wire.responses if r.status >= 200]
+    assert [r.status for r in finals] == [503]
+    warning = finals[0].headers.get("warning")
+    assert warning == (f'399 {PROXY_IP} "TLS to provider.test:5061 ({PROVIDER_IP}) failed: '
+                       'certificate verify failed: certificate has expired"')
+
+
+def test_a_plain_udp_call_is_left_alone() -> None:
+    proxy, wire, _ = make(CONFIG.replace(f"sips:provider.test:5061;maddr={PROVIDER_IP}",
+                                         f"sip:{PROVIDER_IP}"))
+    send(proxy, INVITE)
+    [(out, target)] = wire.requests
+    assert target.transport == "UDP"
+    assert out.headers.get_all("record-route") == [RR_UDP]
+
+
+# -- config ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def build(section: dict[str, Any]) -> TLSPlugin:
+    proxy, _, _ = make()
+    return factory.build(proxy, Section("tls", section, "sipproxy.toml"))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"verfy": True}, "sipproxy.toml: tls.verfy: unknown key"),
+        ({"ca": "/nonexistent/ca.pem"}, "sipproxy.toml: tls.ca: cannot read CA file"),
+        ({"verify": "yes"}, 'sipproxy.toml: tls.verify: must be true or false, got "yes"'),
+        ({"minimum_version": "1.1"}, "sipproxy.toml: tls.minimum_version: must be"),
+        ({"keepalive_interval": -1}, "sipproxy.toml: tls.keepalive_interval: must be"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key(section: dict[str, Any], message: str
+                                                   ) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build(section)
+    text = str(caught.value)
+    assert text.startswith(message) and "\n" not in text, text
+
+
+def test_certificate_needs_its_key(certs: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build({"certificate": str(certs.client.cert)})
+    assert str(caught.value) == "sipproxy.toml: tls.key: is required when certificate is set"
+    with pytest.raises(ConfigError) as caught:
+        build({"certificate": str(certs.client.cert), "key": str(certs.good.key)})
+    assert str(caught.value).startswith("sipproxy.toml: tls.certificate: key file")
+
+
+def test_good_config_and_verify_false_warns_at_start(certs: Any) -> None:
+    plugin = build({"ca": str(certs.ca), "certificate": str(certs.client.cert),
+                    "key": str(certs.client.key), "minimum_version": "1.3",
+                    "keepalive_interval": 0})
+    assert plugin.policy.keepalive_interval is None
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        plugin.startService()
+        unverified = build({"verify": False})
+        unverified.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e.get("log_namespace") == "sipproxy.plugins.tls"]
+    assert len(warnings) == 1
+    assert "verify = false" in warnings[0]["log_format"]
