@@ -253,3 +253,16 @@ def test_good_config_and_verify_false_warns_at_start(certs: Any) -> None:
     warnings = [e for e in events if e.get("log_namespace") == "sipproxy.plugins.tls"]
     assert len(warnings) == 1
     assert "verify = false" in warnings[0]["log_format"]
+
+
+def test_example_config_builds() -> None:
+    """examples/tls.toml is a config the proxy accepts, with the tls plugin configured."""
+    from pathlib import Path
+
+    from sipproxy.config import load_config
+    from sipproxy.service import makeService
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tls.toml"
+    service = makeService(load_config(str(path)), reactor=Clock())
+    policy = service.proxy.transports.tls_client
+    assert policy is not None and policy.keepalive_interval == 30.0
