@@ -1,0 +1,703 @@
+"""The media plugin inside a real Proxy, with the real relay engine on in-memory UDP ports.
+
+Firewall set-up as in tests/test_nat.py: listeners 192.168.77.1 (inside) and 203.0.113.1
+(outside), [upstream] the provider 203.0.113.50, ``enabled = ["nat", "media"]``. The phone is
+192.168.77.10. What each side receives is recorded as bytes (``Wire``) and its SDP parsed, so
+"the provider sees only the relay's outside address" is about the bytes on the wire. The relay
+opens its ports through ``UdpClock.listenUDP`` (no sockets), so the ports left open after a
+call are counted exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from sipproxy.config import ConfigError, Section, parse_config
+from sipproxy.location import LocationService
+from sipproxy.media.backends import LocalRelay, NGRelay
+from sipproxy.media.ng import NGError, NGTimeout
+from sipproxy.message import Request, Response, Source, parse_message
+from sipproxy.pipeline import load_plugins
+from sipproxy.plugins.media import MediaPlugin, factory
+from sipproxy.proxy import Proxy
+from sipproxy.registrar import Registrar
+from sipproxy.sdp import SessionDescription, parse_sdp
+from tests.test_nat import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP, Wire
+from tests.test_proxy import FakeListener, ResolverDouble
+
+LAN = re.compile(rb"192\.168\.\d+\.\d+")
+MEDIA_FIREWALL = FIREWALL.replace('enabled = ["nat"]', 'enabled = ["nat", "media"]') + """
+[media]
+port_min = 30000
+port_max = 30099
+"""
+PHONE_MEDIA = ("192.168.77.10", 10000)
+PROVIDER_MEDIA = ("203.0.113.50", 20000)
+RR_INSIDE = f"<sip:{INSIDE}:5060;lr>"
+RR_OUTSIDE = f"<sip:{OUTSIDE}:5060;lr>"
+BOB_CONTACT = "sip:bob@203.0.113.50:5060"
+CALLER = "<sip:alice@provider.example>;tag=a1"
+CALLEE = "<sip:bob@provider.example>"
+
+
+# ------------------------------------------------------------------------------------------------
+# harness
+# ------------------------------------------------------------------------------------------------
+class FakePort:
+    def __init__(self, clock: UdpClock, port: int, interface: str, protocol: Any) -> None:
+        self.clock, self.port, self.interface = clock, port, interface
+        self.protocol = protocol
+
+    def stopListening(self) -> None:
+        self.clock.open.discard((self.interface, self.port))
+
+    def write(self, data: bytes, addr: Any) -> None:
+        self.clock.sent.append((self.interface, self.port, data, addr))
+
+    def getHost(self) -> Any:
+        return type("Host", (), {"host": self.interface, "port": self.port})()
+
+
+class UdpClock(Clock):
+    """A Clock that also opens (pretend) UDP ports, for the relay engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: set[tuple[str, int]] = set()
+        self.sent: list[tuple[str, int, bytes, Any]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "",
+                  maxPacketSize: int = 8192) -> FakePort:
+        self.open.add((interface, port))
+        fake = FakePort(self, port, interface, protocol)
+        protocol.makeConnection(fake)
+        return fake
+
+
+class ViaWire(Wire):
+    """A stateless response (no request source) goes where its top Via says."""
+
+    def send_response(self, response: Response, source: Source | None) -> None:
+        if source is None:
+            via = response.top_via
+            assert via is not None
+            host = via.received or via.host
+            rport = via.rport
+            port = rport if type(rport) is int else (via.port or 5060)
+            source = Source("UDP", host, port, OUTSIDE, 5060, "outside")
+        super().send_response(response, source)
+
+
+class RecordingRelay:
+    """An IMediaRelay that records every call and passes it on (or fails it, when told)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.log: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.fail: Exception | None = None
+        self.hold = False
+        self.held: list[defer.Deferred[Any]] = []
+
+    def _do(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        self.log.append((name, args, kwargs))
+        if self.fail is not None and name in ("offer", "answer"):
+            return defer.fail(self.fail)
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    def offer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._do("offer", *args, **kwargs)
+
+    def answer(self, *args: Any, **kwargs: Any) -> Any:
+        return self._do("answer", *args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        return self._do("delete", *args, **kwargs)
+
+    def query(self, call_id: str) -> Any:
+        return self.inner.query(call_id)
+
+    def ping(self) -> Any:
+        return self.inner.ping()
+
+    def add_end_observer(self, observer: Any) -> None:
+        self.inner.add_end_observer(observer)
+
+    def commands(self) -> list[tuple[str, str | None, str | None]]:
+        """(command, from-tag, to-tag) of every offer/answer/delete, in order."""
+        out = []
+        for name, args, kwargs in self.log:
+            if name == "offer":
+                out.append((name, args[1], kwargs.get("to_tag")))
+            elif name == "answer":
+                out.append((name, args[1], args[2]))
+            else:
+                out.append((name, None, None))
+        return out
+
+
+@dataclass
+class Net:
+    clock: UdpClock
+    wire: Wire
+    proxy: Proxy
+    media: MediaPlugin
+    relay: RecordingRelay
+    seen: int = 0
+    stopped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> Any:
+        return self.relay.inner.engine
+
+    def send(self, data: bytes, source: Source) -> None:
+        message = parse_message(data)
+        message.source = source
+        self.proxy.receive(message)
+
+    def new(self) -> list[tuple[bytes, Any, tuple[str, int]]]:
+        fresh = self.wire.datagrams[self.seen:]
+        self.seen = len(self.wire.datagrams)
+        out = []
+        for data, to in fresh:
+            message = parse_message(data)
+            if isinstance(message, Response) and message.status == 100:
+                continue
+            out.append((data, message, to))
+        return out
+
+    def one(self, to_host: str) -> tuple[bytes, Any]:
+        """The one message since the last look (100 Trying aside); it went to ``to_host``."""
+        fresh = self.new()
+        assert len(fresh) == 1, [m for _, m, _ in fresh]
+        data, message, to = fresh[0]
+        assert to[0] == to_host, (to, message)
+        return data, message
+
+    def to(self, host: str) -> list[Any]:
+        """The messages sent to ``host`` since the last look (100 Trying aside)."""
+        return [m for _, m, to in self.new() if to[0] == host]
+
+    def run_out(self) -> None:
+        """Stop everything, run every timer (bounded): no call, port or timer may be left."""
+        self.proxy.stop()
+        for plugin in self.proxy.pipeline.plugins:
+            if getattr(plugin, "running", False):
+                plugin.stopService()
+        self.stopped = True
+        for _ in range(1000):
+            calls = self.clock.getDelayedCalls()
+            if not calls:
+                break
+            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
+        assert self.clock.getDelayedCalls() == []
+        assert self.engine.calls == {}
+        assert self.clock.open == set()
+        assert self.media.calls == {}
+
+
+def make_net(config_text: str = MEDIA_FIREWALL) -> Net:
+    clock = UdpClock()
+    config = parse_config(config_text)
+    listeners = [
+        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
+        for lc in config.listen
+    ]
+    wire = ViaWire(listeners)
+    location = LocationService(clock)
+    registrar = Registrar(location, clock, list(config.proxy.domains))
+    proxy = Proxy(config, clock, wire, location, registrar,  # type: ignore[arg-type]
+                  ResolverDouble({}))
+    plugins = load_plugins(config, proxy)
+    [media] = [p for p in plugins if isinstance(p, MediaPlugin)]
+    recording = RecordingRelay(media.relay)
+    media.relay = recording
+    proxy.set_plugins(plugins)
+    for plugin in plugins:
+        if hasattr(plugin, "startService"):
+            plugin.startService()
+    return Net(clock, wire, proxy, media, recording)
+
+
+@pytest.fixture
+def net() -> Iterator[Net]:
+    n = make_net()
+    yield n
+    if not n.stopped:
+        n.proxy.stop()
+        for plugin in n.proxy.pipeline.plugins:
+            if getattr(plugin, "running", False):
+                plugin.stopService()
+
+
+def sdp(host: str, port: int, *, direction: str | None = None, ice: bool = False,
+        version: int = 1) -> bytes:
+    lines = ["v=0", f"o=- 42 {version} IN IP4 {host}", "s=-", f"c=IN IP4 {host}", "t=0 0",
+             f"m=audio {port} RTP/AVP 0 8", "a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000"]
+    if direction:
+        lines.append(f"a={direction}")
+    if ice:
+        lines += ["a=ice-ufrag:F7gI", "a=ice-pwd:x9cml/YzichV2+XlhiMu8g",
+                  f"a=candidate:1 1 UDP 2130706431 {host} {port} typ host",
+                  "a=candidate:2 1 UDP 1694498815 198.51.100.7 41000 typ srflx"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def request(method: str, uri: str, *, source: Source, branch: str, call_id: str, from_: str,
+            to: str, cseq: int = 1, headers: tuple[str, ...] = (), body: bytes = b"") -> bytes:
+    via = PHONE_VIA + branch if source is PHONE else \
+        f"SIP/2.0/UDP {PROVIDER_IP}:5060;branch={branch}"
+    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
+             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers]
+    if body:
+        lines.append("Content-Type: application/sdp")
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def respond(req: Request, status: int, to_tag: str | None = None, body: bytes = b"",
+            headers: tuple[str, ...] = ()) -> bytes:
+    response = req.make_response(status)
+    if to_tag is not None and not response.to.tag:
+        to = response.to.copy()
+        to.tag = to_tag
+        response.set_name_addr("To", to)
+    for value in req.headers.get_all("record-route"):
+        response.headers.add("Record-Route", value)
+    for line in headers:
+        name, _, value = line.partition(": ")
+        response.headers.add(name, value)
+    if body:
+        response.headers.add("Content-Type", "application/sdp")
+        response.body = body
+    return response.to_bytes()
+
+
+def session(message: Request | Response) -> SessionDescription:
+    return parse_sdp(message.body)
+
+
+def media_address(message: Request | Response) -> tuple[str, int]:
+    s = session(message)
+    conn = s.media[0].effective_connection
+    assert conn is not None
+    return conn.address, s.media[0].port
+
+
+def assert_relayed(message: Request | Response, relay_host: str) -> int:
+    """Its SDP names the relay on that side only (c=, o=, a port of the relay's range)."""
+    s = session(message)
+    assert s.origin is not None and s.origin.address == relay_host, message.body
+    host, port = media_address(message)
+    assert host == relay_host and 30000 <= port <= 30099, message.body
+    assert not LAN.search(message.body) or relay_host == INSIDE, message.body
+    assert PROVIDER_MEDIA[0].encode() not in message.body, message.body
+    return port
+
+
+# ------------------------------------------------------------------------------------------------
+# a call from the phone to the provider
+# ------------------------------------------------------------------------------------------------
+def outgoing_invite(net: Net, body: bytes | None = None, call_id: str = "out-1") -> Request:
+    net.send(request(
+        "INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+        call_id=call_id, from_=CALLER, to=CALLEE,
+        headers=("Contact: <sip:alice@192.168.77.10:5060>",),
+        body=sdp(*PHONE_MEDIA) if body is None else body,
+    ), PHONE)
+    _, invite = net.one(PROVIDER_IP)
+    assert isinstance(invite, Request) and invite.method == "INVITE"
+    return invite
+
+
+def answered_call(net: Net, call_id: str = "out-1") -> tuple[Request, Response]:
+    invite = outgoing_invite(net, call_id=call_id)
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA),
+                     (f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    _, ok = net.one(PHONE.host)
+    assert ok.status == 200
+    net.send(request("ACK", BOB_CONTACT, source=PHONE, branch="z9hG4bKack1", call_id=call_id,
+                     from_=CALLER, to=CALLEE + ";tag=b1",
+                     headers=(f"Route: {RR_INSIDE}", f"Route: {RR_OUTSIDE}")), PHONE)
+    _, ack = net.one(PROVIDER_IP)
+    assert ack.method == "ACK"
+    return invite, ok
+
+
+def phone_in_dialog(net: Net, method: str, cseq: int, branch: str, body: bytes = b"",
+                    call_id: str = "out-1") -> bytes:
+    return request(method, BOB_CONTACT, source=PHONE, branch=branch, call_id=call_id,
+                   from_=CALLER, to=CALLEE + ";tag=b1", cseq=cseq, body=body,
+                   headers=(f"Route: {RR_INSIDE}", f"Route: {RR_OUTSIDE}"))
+
+
+def hang_up(net: Net, cseq: int = 2, call_id: str = "out-1") -> None:
+    net.send(phone_in_dialog(net, "BYE", cseq, f"z9hG4bKbye{cseq}", call_id=call_id), PHONE)
+    _, bye = net.one(PROVIDER_IP)
+    net.send(respond(bye, 200), PROVIDER)
+    _, ok = net.one(PHONE.host)
+    assert ok.status == 200
+
+
+def test_each_side_sees_only_the_relay_and_the_bye_closes_every_port(net: Net) -> None:
+    invite = outgoing_invite(net)
+    port_out = assert_relayed(invite, OUTSIDE)
+    assert LAN.search(invite.body) is None
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    _, ok = net.one(PHONE.host)
+    port_in = assert_relayed(ok, INSIDE)
+    # the relay's ports: the phone's pair on the inside, the provider's on the outside
+    assert {(INSIDE, port_in), (INSIDE, port_in + 1), (OUTSIDE, port_out),
+            (OUTSIDE, port_out + 1)} == net.clock.open
+    [(_, _, kwargs)] = [e for e in net.relay.log if e[0] == "offer"]
+    assert kwargs["options"]["direction"] == ["inside", "outside"]
+    assert kwargs["options"]["received-from"] == ["IP4", PHONE.host]
+    assert "flags" not in kwargs["options"]  # the SDP names the address the SIP came from
+    net.send(request("ACK", BOB_CONTACT, source=PHONE, branch="z9hG4bKack1", call_id="out-1",
+                     from_=CALLER, to=CALLEE + ";tag=b1",
+                     headers=(f"Route: {RR_INSIDE}", f"Route: {RR_OUTSIDE}")), PHONE)
+    net.one(PROVIDER_IP)
+    assert net.relay.commands() == [("offer", "a1", None), ("answer", "a1", "b1")]
+    hang_up(net)
+    assert net.relay.commands()[-1][0] == "delete"
+    assert net.engine.calls == {} and net.clock.open == set() and net.media.calls == {}
+    net.run_out()
+
+
+def test_relayed_packets_go_through_the_relay_ports(net: Net) -> None:
+    """A packet from the phone to the relay's inside port leaves from the outside port to the
+    provider's media address (and back), as the SDPs said."""
+    invite, ok = answered_call(net)
+    _, port_out = media_address(invite)
+    _, port_in = media_address(ok)
+    [call] = net.engine.calls.values()
+    legs = {(leg.rtp.port.interface, leg.rtp.local_port): leg for leg in call.legs()}
+    legs[INSIDE, port_in].rtp.received(b"\x80\x00rtp-from-phone", PHONE_MEDIA)
+    assert net.clock.sent[-1] == (OUTSIDE, port_out, b"\x80\x00rtp-from-phone", PROVIDER_MEDIA)
+    legs[OUTSIDE, port_out].rtp.received(b"\x80\x00rtp-from-bob", PROVIDER_MEDIA)
+    assert net.clock.sent[-1] == (INSIDE, port_in, b"\x80\x00rtp-from-bob", PHONE_MEDIA)
+    hang_up(net)
+    net.run_out()
+
+
+def test_early_media_then_200_with_the_same_answer(net: Net) -> None:
+    invite = outgoing_invite(net)
+    net.send(respond(invite, 183, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    _, early = net.one(PHONE.host)
+    assert early.status == 183
+    early_port = assert_relayed(early, INSIDE)
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    _, ok = net.one(PHONE.host)
+    assert assert_relayed(ok, INSIDE) == early_port
+    # the 200's SDP is the 183's: the relay is not asked again
+    assert net.relay.commands() == [("offer", "a1", None), ("answer", "a1", "b1")]
+    hang_up(net)
+    net.run_out()
+
+
+def test_late_offer_in_the_200_answered_in_the_ack(net: Net) -> None:
+    invite = outgoing_invite(net, body=b"")
+    assert invite.body == b"" and net.relay.log == []
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    _, ok = net.one(PHONE.host)
+    assert_relayed(ok, INSIDE)
+    net.send(phone_in_dialog(net, "ACK", 1, "z9hG4bKack1", sdp(*PHONE_MEDIA)), PHONE)
+    _, ack = net.one(PROVIDER_IP)
+    assert ack.method == "ACK"
+    assert_relayed(ack, OUTSIDE)
+    assert net.relay.commands() == [("offer", "b1", "a1"), ("answer", "b1", "a1")]
+    [(_, _, kwargs)] = [e for e in net.relay.log if e[0] == "offer"]
+    assert kwargs["options"]["direction"] == ["outside", "inside"]
+    hang_up(net)
+    assert net.engine.calls == {}
+    net.run_out()
+
+
+def test_hold_and_resume_by_reinvite_and_update_keep_the_relay_ports(net: Net) -> None:
+    invite, _ = answered_call(net)
+    _, port_out = media_address(invite)
+    # the phone holds: a=sendonly
+    net.send(phone_in_dialog(net, "INVITE", 2, "z9hG4bKre2",
+                             sdp(*PHONE_MEDIA, direction="sendonly", version=2)), PHONE)
+    _, reinvite = net.one(PROVIDER_IP)
+    assert assert_relayed(reinvite, OUTSIDE) == port_out
+    assert session(reinvite).media[0].direction == "sendonly"
+    net.send(respond(reinvite, 200, None, sdp(*PROVIDER_MEDIA, direction="recvonly", version=2),
+                     (f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    _, held = net.one(PHONE.host)
+    assert session(held).media[0].direction == "recvonly"
+    net.send(phone_in_dialog(net, "ACK", 2, "z9hG4bKack2"), PHONE)
+    net.one(PROVIDER_IP)
+    # the provider holds the old way (c=0.0.0.0), by UPDATE: the hold address stays
+    [phone_contact] = invite.contacts  # the nat plugin's token for the phone
+    net.send(request("UPDATE", str(phone_contact.uri), source=PROVIDER,
+                     branch="z9hG4bKup1", call_id="out-1", from_=CALLEE + ";tag=b1",
+                     to=CALLER, cseq=7, headers=(f"Route: {RR_OUTSIDE}",),
+                     body=sdp("0.0.0.0", PROVIDER_MEDIA[1], version=3)), PROVIDER)
+    _, update = net.one(PHONE.host)
+    assert update.method == "UPDATE"
+    assert media_address(update)[0] == "0.0.0.0"
+    assert session(update).origin.address == INSIDE  # type: ignore[union-attr]
+    net.send(respond(update, 200, None, sdp(*PHONE_MEDIA, version=3)), PHONE)
+    _, update_ok = net.one(PROVIDER_IP)
+    assert assert_relayed(update_ok, OUTSIDE) == port_out
+    # and the phone resumes
+    net.send(phone_in_dialog(net, "INVITE", 3, "z9hG4bKre3", sdp(*PHONE_MEDIA, version=4)),
+             PHONE)
+    _, resume = net.one(PROVIDER_IP)
+    assert assert_relayed(resume, OUTSIDE) == port_out
+    assert session(resume).media[0].direction == "sendrecv"
+    assert net.relay.commands()[2:] == [
+        ("offer", "a1", "b1"), ("answer", "a1", "b1"),
+        ("offer", "b1", "a1"), ("answer", "b1", "a1"),
+        ("offer", "a1", "b1"),
+    ]
+    net.send(respond(resume, 200, None, sdp(*PROVIDER_MEDIA, version=4)), PROVIDER)
+    net.one(PHONE.host)
+    assert len(net.clock.open) == 4  # the same four ports all along
+    hang_up(net, cseq=4)
+    net.run_out()
+
+
+def test_ice_is_removed(net: Net) -> None:
+    invite = outgoing_invite(net, body=sdp(*PHONE_MEDIA, ice=True))
+    assert b"candidate" not in invite.body and b"ice-" not in invite.body
+    assert net.relay.log[0][2]["options"]["ICE"] == "remove"
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA, ice=True),
+                     (f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    _, ok = net.one(PHONE.host)
+    assert b"candidate" not in ok.body and b"ice-" not in ok.body
+    hang_up(net)
+    net.run_out()
+
+
+# ------------------------------------------------------------------------------------------------
+# calls that end before they are answered
+# ------------------------------------------------------------------------------------------------
+def test_a_cancelled_call_frees_the_relay(net: Net) -> None:
+    invite = outgoing_invite(net)
+    net.send(respond(invite, 180, "b1", headers=(f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    net.one(PHONE.host)
+    assert len(net.clock.open) == 4
+    net.send(request("CANCEL", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                     call_id="out-1", from_=CALLER, to=CALLEE), PHONE)
+    cancel_ok, cancel = [m for _, m, _ in net.new()]
+    assert cancel_ok.status == 200 and cancel.method == "CANCEL"
+    net.send(respond(cancel, 200, "b1"), PROVIDER)
+    net.send(respond(invite, 487, "b1"), PROVIDER)
+    assert [m.status for _, m, _ in net.new() if isinstance(m, Response)] == [487]
+    assert net.relay.commands()[-1][0] == "delete"
+    assert net.engine.calls == {} and net.clock.open == set() and net.media.calls == {}
+    net.run_out()
+
+
+@pytest.mark.parametrize("status", [404, 486, 603])
+def test_a_failed_call_frees_the_relay(net: Net, status: int) -> None:
+    invite = outgoing_invite(net)
+    net.send(respond(invite, status, "b1"), PROVIDER)
+    [final] = net.to(PHONE.host)
+    assert final.status == status
+    assert net.engine.calls == {} and net.clock.open == set() and net.media.calls == {}
+    net.run_out()
+
+
+def test_a_failed_reinvite_keeps_the_call(net: Net) -> None:
+    answered_call(net)
+    net.send(phone_in_dialog(net, "INVITE", 2, "z9hG4bKre2",
+                             sdp(*PHONE_MEDIA, direction="sendonly", version=2)), PHONE)
+    _, reinvite = net.one(PROVIDER_IP)
+    net.send(respond(reinvite, 488, None), PROVIDER)
+    [final] = net.to(PHONE.host)
+    assert final.status == 488
+    assert len(net.engine.calls) == 1 and len(net.clock.open) == 4
+    hang_up(net, cseq=3)
+    net.run_out()
+
+
+# ------------------------------------------------------------------------------------------------
+# the relay fails
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [NGError("Ran out of ports"), NGTimeout("no reply")])
+def test_a_relay_error_on_the_offer_answers_5xx_and_forwards_nothing(
+    net: Net, error: Exception
+) -> None:
+    net.relay.fail = error
+    net.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                     call_id="out-1", from_=CALLER, to=CALLEE, body=sdp(*PHONE_MEDIA)), PHONE)
+    [(_, final, to)] = net.new()
+    assert to[0] == PHONE.host
+    assert final.status == 500 and final.reason == "Media Relay Unavailable"
+    assert str(error) in (final.headers.get("warning") or "")
+    assert not any(host == PROVIDER_IP for _, (host, _p) in net.wire.datagrams)
+    assert net.media.calls == {} and net.clock.open == set()
+    net.run_out()
+
+
+def test_a_relay_error_on_the_answer_lets_no_unrelayed_sdp_through(net: Net) -> None:
+    invite = outgoing_invite(net)
+    net.relay.fail = NGError("Unknown call-id")
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    to_phone = [m for _, m, to in net.new() if to[0] == PHONE.host]
+    assert [m.status for m in to_phone] == [500]
+    assert all(PROVIDER_MEDIA[0].encode() not in m.body for m in to_phone)
+    net.relay.fail = None
+    net.run_out()
+
+
+def test_bad_sdp_in_an_offer_is_488(net: Net) -> None:
+    net.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                     call_id="out-1", from_=CALLER, to=CALLEE,
+                     body=b"v=0\r\nc=IN IP4\r\nm=audio x\r\n"), PHONE)
+    [(_, final, _)] = net.new()
+    assert final.status == 488 and net.relay.log == []
+    net.run_out()
+
+
+def test_the_relay_ending_a_call_ends_the_dialog(net: Net) -> None:
+    answered_call(net)
+    assert len(net.proxy.dialogs) == 1
+    net.clock.advance(61)  # no RTP for longer than the relay's timeout (60 s)
+    assert net.engine.calls == {} and net.clock.open == set()
+    assert len(net.proxy.dialogs) == 0 and net.media.calls == {}
+    net.run_out()
+
+
+# ------------------------------------------------------------------------------------------------
+# a public proxy: every listener outside
+# ------------------------------------------------------------------------------------------------
+PUBLIC = f"""
+[proxy]
+domains = ["lan.example"]
+
+[[listen]]
+side = "outside"
+transport = "udp"
+address = "{OUTSIDE}"
+port = 5060
+
+[upstream]
+uri = "sip:{PROVIDER_IP}:5060"
+
+[plugins]
+enabled = ["media"]
+
+[media]
+port_min = 30000
+port_max = 30099
+"""
+
+
+def test_a_public_proxy_relays_outside_to_outside_and_latches_natted_phones() -> None:
+    n = make_net(PUBLIC)
+    natted = Source("UDP", "198.51.100.20", 40001, OUTSIDE, 5060, "outside")
+    n.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                   call_id="pub-1", from_=CALLER, to=CALLEE, body=sdp(*PHONE_MEDIA)), natted)
+    _, invite = n.one(PROVIDER_IP)
+    assert_relayed(invite, OUTSIDE)
+    [(_, _, kwargs)] = n.relay.log
+    options = kwargs["options"]
+    assert options["direction"] == ["outside", "outside"]
+    assert options["flags"] == ["SIP-source-address"]  # 192.168.77.10 is not where SIP came from
+    assert options["received-from"] == ["IP4", "198.51.100.20"]
+    n.send(respond(invite, 486, "b1"), PROVIDER)
+    n.run_out()
+
+
+def test_a_2xx_retransmitted_after_the_transaction_gets_the_same_sdp() -> None:
+    n = make_net(PUBLIC)
+    caller = Source("UDP", "198.51.100.20", 5060, OUTSIDE, 5060, "outside")
+    n.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                   call_id="pub-2", from_=CALLER, to=CALLEE,
+                   body=sdp("198.51.100.20", 10000)), caller)
+    _, invite = n.one(PROVIDER_IP)
+    ok_bytes = respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",))
+    n.send(ok_bytes, PROVIDER)
+    [ok] = n.to(caller.host)
+    n.clock.advance(40)  # Timer M: the INVITE client transaction is gone
+    n.send(ok_bytes, PROVIDER)
+    [again] = n.to(PHONE_MEDIA[0])  # statelessly, by the Via (no received= here)
+    assert again.status == 200 and again.body == ok.body
+    assert [c[0] for c in n.relay.commands()] == ["offer", "answer"]
+    # one with an SDP the relay never saw is not let through
+    n.send(respond(invite, 200, "b1", sdp("203.0.113.77", 20002),
+                   (f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    assert n.new() == []
+    n.run_out()
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+def _build(media: dict[str, Any], config_text: str = MEDIA_FIREWALL) -> Any:
+    clock = UdpClock()
+    config = parse_config(config_text)
+    listeners = [
+        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
+        for lc in config.listen
+    ]
+    location = LocationService(clock)
+    proxy = Proxy(config, clock, Wire(listeners), location,  # type: ignore[arg-type]
+                  Registrar(location, clock, []), ResolverDouble({}))
+    return factory.build(proxy, Section("media", media))
+
+
+def test_the_builtin_relay_defaults_to_the_listeners_addresses() -> None:
+    plugin = _build({})
+    assert isinstance(plugin.relay, LocalRelay)
+    interfaces = plugin.relay.engine.interfaces
+    assert {n: (i.address, i.sdp_address) for n, i in interfaces.items()} == {
+        "inside": (INSIDE, INSIDE), "outside": (OUTSIDE, OUTSIDE)}
+    assert plugin.relay_service is not None and plugin.relay_service.parent is plugin
+    assert (plugin.relay.engine.port_min, plugin.relay.engine.port_max) == (30000, 40000)
+
+
+def test_an_ng_relay_and_its_interface_names() -> None:
+    plugin = _build({"relay": "ng:127.0.0.1:2223", "inside_interface": "internal",
+                     "outside_interface": "external"})
+    assert isinstance(plugin.relay, NGRelay)
+    assert plugin.relay.client.address == ("127.0.0.1", 2223)
+    assert plugin.interface_names == {"inside": "internal", "outside": "external"}
+    assert plugin.relay_service is None
+
+
+@pytest.mark.parametrize(("media", "message"), [
+    ({"relay": "rtpengine"}, 'media.relay: must be "builtin" or "ng:ADDRESS:PORT"'),
+    ({"relay": "ng:relay.example:2223"}, "media.relay: must be ADDRESS:PORT with an IP"),
+    ({"relay": "ng:127.0.0.1:99999"}, "media.relay: must be ADDRESS:PORT"),
+    ({"relay": "ng:127.0.0.1:2223", "port_min": 30000}, 'media.port_min: only for relay = '),
+    ({"poll_interval": 5}, 'media.poll_interval: only for relay = "ng:'),
+    ({"port_min": 30000, "port_max": 30001}, "media.port_max: must be at least"),
+    ({"port_min": 80}, "media.port_min:"),
+    ({"inside_address": "lan"}, "media.inside_address: must be ADDRESS"),
+    ({"inside_interface": "a b"}, "media.inside_interface: must be a relay interface name"),
+    ({"listen_ng": "localhost"}, "media.listen_ng: must be ADDRESS:PORT"),
+    ({"timeouts": 5}, "media.timeouts"),
+])
+def test_config_errors_name_the_key(media: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _build(media)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_wildcard_listener_needs_the_relay_address() -> None:
+    wildcard = PUBLIC.replace(f'address = "{OUTSIDE}"', 'address = "0.0.0.0"')
+    with pytest.raises(ConfigError, match=r"media\.outside_address: required"):
+        _build({}, wildcard)
+    plugin = _build({"outside_address": "203.0.113.9!198.51.100.9"}, wildcard)
+    [interface] = plugin.relay.engine.interfaces.values()
+    assert (interface.address, interface.sdp_address) == ("203.0.113.9", "198.51.100.9")
+    with pytest.raises(ConfigError, match=r"media\.inside_address: no listener has side"):
+        _build({"outside_address": "203.0.113.9", "inside_address": "10.0.0.1"}, wildcard)
