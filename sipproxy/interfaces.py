@@ -27,7 +27,15 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from sipproxy.config import Section
 
-__all__ = ["DROP", "IMediaRelay", "IPluginFactory", "IProxyCore", "IProxyPlugin"]
+__all__ = [
+    "AUTHENTICATED_USER",
+    "DROP",
+    "ICredentialStore",
+    "IMediaRelay",
+    "IPluginFactory",
+    "IProxyCore",
+    "IProxyPlugin",
+]
 
 
 class _Drop:
@@ -37,6 +45,11 @@ class _Drop:
 
 #: Returned by a response hook: forward this response no further.
 DROP: Final = _Drop()
+
+#: Key in ``RequestContext.data``: the user name an authentication plugin (``auth``) verified
+#: for this request, e.g. ``"alice"``; absent when nobody authenticated it. Other plugins
+#: (``acl``) read it in ``request_forwarding``, after every ``request_received`` hook ran.
+AUTHENTICATED_USER: Final = "authenticated_user"
 
 
 class IProxyPlugin(Interface):
@@ -166,3 +179,14 @@ class IMediaRelay(Interface):
     def add_end_observer(observer: Any) -> None:
         """Call ``observer(call_id, reason)`` when the relay ends a call on its own: media
         silent too long ("timeout"), the relay stopped ("shutdown") or lost it ("gone")."""
+
+
+class ICredentialStore(Interface):
+    """Where the ``auth`` plugin finds users' Digest secrets. The built-in one reads a file
+    (``sipproxy.credentials.FileCredentialStore``); a database or directory store provides this
+    interface and is passed to ``sipproxy.plugins.auth.AuthPlugin``."""
+
+    def ha1(username: str, realm: str, algorithm: str) -> Any:
+        """HA1 = H(username:realm:password) in hex for ``algorithm`` ("MD5" or "SHA-256"),
+        or None when the user (or that algorithm's secret) is unknown; or a Deferred firing
+        with either. Must not block the reactor."""
