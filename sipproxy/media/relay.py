@@ -31,6 +31,7 @@ SDP rewriting for offers and answers is here too (:meth:`RelayEngine.offer` and
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -64,6 +65,9 @@ _log = Logger(namespace="sipproxy.media.relay")
 DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_SILENT_TIMEOUT: Final = 3600.0
 DEFAULT_OFFER_TIMEOUT: Final = 3600.0
+#: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
+#: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
+RECEIVE_BUFFER: Final = 1 << 20
 
 #: rtpengine's legacy direction names, understood when no interface has that name.
 DIRECTION_ALIASES: Final = {"internal": "inside", "external": "outside"}
@@ -205,6 +209,10 @@ class PortAllocator:
             except CannotListenError:
                 first.stopListening()
                 continue
+            for opened in (first, second):
+                sock = getattr(opened, "socket", None)
+                if sock is not None:  # rides out a scheduling hiccup without dropping media
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             self.in_use.add(port)
             return port, first, second
         raise OutOfPorts("Ran out of ports")
@@ -221,6 +229,8 @@ class PacketStream:
     from here. Counts what arrives."""
 
     __slots__ = (
+        "_now",
+        "_sendto",
         "advertised",
         "bytes",
         "component",
@@ -246,6 +256,11 @@ class PacketStream:
         self.bytes = 0
         self.errors = 0
         self.last_packet: float | None = None
+        # per packet: the engine's clock and the socket itself, not Twisted's Port.write
+        # (whose address checks cost as much as the forwarding)
+        self._now = leg.monologue.call.engine.clock.seconds
+        sock = getattr(port, "socket", None)
+        self._sendto = sock.sendto if sock is not None else port.write  # type: ignore[attr-defined]
 
     @property
     def endpoint(self) -> Address | None:
@@ -270,7 +285,7 @@ class PacketStream:
                 self.learned = source
         self.packets += 1
         self.bytes += len(data)
-        self.last_packet = leg.monologue.call.engine.clock.seconds()
+        self.last_packet = self._now()
         peer = leg.peer()
         if peer is None:
             return
@@ -280,7 +295,7 @@ class PacketStream:
         if dest is None:
             return
         try:
-            out.port.write(data, dest)  # type: ignore[attr-defined]
+            out._sendto(data, dest)
         except OSError:
             out.errors += 1
 
