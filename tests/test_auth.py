@@ -121,13 +121,14 @@ class Net:
     def request(self, method: str, uri: str, source: Source = PHONE, *, from_user: str = "alice",
                 to: str | None = None, call_id: str = "c1", cseq: int = 1,
                 headers: tuple[str, ...] = (), from_domain: str = DOMAIN,
-                to_tag: str | None = None) -> list[Any]:
+                to_tag: str | None = None, from_tag: str | None = None) -> list[Any]:
         to = to or f"<{uri}>"
         if to_tag:
             to += f";tag={to_tag}"
         lines = [f"{method} {uri} SIP/2.0",
                  f"Via: SIP/2.0/UDP {source.host}:{source.port};branch={self.branch()}",
-                 "Max-Forwards: 70", f"From: <sip:{from_user}@{from_domain}>;tag=f{call_id}",
+                 "Max-Forwards: 70",
+                 f"From: <sip:{from_user}@{from_domain}>;tag={from_tag or 'f' + call_id}",
                  f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",
                  f"Contact: <sip:{from_user}@{source.host}:{source.port}>", *headers,
                  "Content-Length: 0"]

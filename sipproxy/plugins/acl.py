@@ -1,0 +1,198 @@
+"""Access control: the proxy is never an open relay (the ``acl`` plugin).
+
+Every request's source is one of:
+
+- *inside*: it arrived on a listener whose side is not ``outside`` and its address is in
+  ``inside_networks`` (default: the RFC 1918, link-local, ULA and loopback ranges). A packet
+  on an outside listener is never inside, whatever its (spoofable) source address says;
+- *trusted*: its address is in ``trusted`` (e.g. the provider's addresses), on any listener;
+- *outside*: everything else.
+
+Inside and trusted sources may send anything (who may call out is the ``auth`` plugin's
+business). A request from the outside may only reach:
+
+- a dialog the proxy is part of (``ctx.dialog``: INVITE dialogs the proxy record-routed);
+- a target the proxy itself resolves: a Request-URI of our domains or own addresses (local
+  users through the location service, which answers 404/480 when there is no binding; ``nat``
+  tokens; the proxy itself, e.g. OPTIONS), with no Route left once the proxy's own Route
+  entries are removed (a strict router's Request-URI is undone as the core does);
+- anywhere, when an authentication plugin verified the sender (``ctx.data[AUTHENTICATED_USER]``,
+  a local user of a public proxy calling out). A request whose From is one of our domains is
+  therefore judged in ``request_forwarding``, after every ``request_received`` hook (``auth``
+  challenges it there); any other request from the outside for an outside target is answered
+  ``403 Relaying denied`` at once.
+
+An ACK that would be relayed is dropped. Limitation: only INVITE dialogs are tracked by the
+core, so an in-dialog request of another dialog (SUBSCRIBE/NOTIFY, REFER) from an untrusted
+outside source to an outside target is refused unless its sender authenticates; list such
+peers in ``trusted``.
+
+Every refusal is counted in ``plugin.counters`` (``acl.relay_denied``, ``acl.ack_dropped``)
+and logged at most once per source address per ``log_interval`` seconds.
+
+Config ``[acl]``: ``inside_networks``, ``trusted`` (CIDRs, default none), ``log_interval``
+(seconds, default 60). Put ``acl`` first in ``[plugins] enabled`` (before ``nat``, which
+rewrites the Request-URIs of its tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+from typing import Any, Final
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from sipproxy.config import Section
+from sipproxy.errors import ParseError
+from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
+from sipproxy.message import Request, Response
+from sipproxy.pipeline import Plugin
+from sipproxy.refusals import RefusalLog
+from sipproxy.uri import URI, parse_name_addr
+
+__all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "factory"]
+
+_log = Logger(namespace="sipproxy.plugins.acl")
+
+DEFAULT_INSIDE: Final = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
+    "fc00::/7", "fe80::/10", "::1/128",
+)
+_NEEDS_AUTH: Final = "acl.needs_auth"
+
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _in(networks: Networks, host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+    except ValueError:
+        return False
+    return any(ip.version == n.version and ip in n for n in networks)
+
+
+class AclPlugin(Plugin):
+    """The ``acl`` plugin (see the module docstring)."""
+
+    name = "acl"
+
+    def __init__(
+        self,
+        core: IProxyCore,
+        inside_networks: Iterable[str] = DEFAULT_INSIDE,
+        trusted: Iterable[str] = (),
+        log_interval: float = 60.0,
+    ) -> None:
+        self.core = core
+        self.inside: Networks = tuple(ipaddress.ip_network(n, strict=False)
+                                      for n in inside_networks)
+        self.trusted: Networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
+        self.refusals = RefusalLog(core.clock, _log, log_interval)
+        #: refusals by reason: "acl.relay_denied", "acl.ack_dropped"
+        self.counters = self.refusals.counters
+        self._classify_host = functools.lru_cache(maxsize=4096)(self._classify_uncached)
+
+    # -- sources ----------------------------------------------------------------------------------
+    def _classify_uncached(self, host: str, side: str) -> str:
+        if _in(self.trusted, host):
+            return "trusted"
+        if side != "outside" and _in(self.inside, host):
+            return "inside"
+        return "outside"
+
+    def classify(self, request: Request) -> str:
+        """"inside", "trusted" or "outside" (see the module docstring)."""
+        source = request.source
+        if source is None:
+            return "inside"  # made in this process
+        return str(self._classify_host(source.host, source.side))
+
+    # -- targets ----------------------------------------------------------------------------------
+    def _ours(self, uri: URI) -> bool:
+        return uri.is_sip and self.core.is_local_domain(uri.host)
+
+    def resolved_here(self, request: Request) -> bool:
+        """Does the proxy itself decide where this request goes (local user, own address, nat
+        token), with no foreign Route left? As the core routes it (RFC 3261 16.4)."""
+        try:
+            routes = [parse_name_addr(v).uri for v in request.headers.get_all("route")]
+        except ParseError:
+            return False
+        uri = request.uri
+        if routes and self._ours(uri) and (uri.has_param("lr") or uri.has_param("sipproxy")):
+            uri = routes.pop()  # a strict router put our Record-Route in the Request-URI
+        while routes and self._ours(routes[0]):
+            routes.pop(0)
+        if routes:
+            return False
+        return self._ours(uri)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def request_received(self, ctx: Any) -> Any:
+        request: Request = ctx.request
+        if ctx.dialog is not None or self.classify(request) != "outside":
+            return None
+        if self.resolved_here(request):
+            return None
+        try:
+            sender = request.from_.uri
+        except ParseError:
+            return self._deny(ctx)
+        if self._ours(sender):
+            ctx.data[_NEEDS_AUTH] = True  # judged in request_forwarding: auth may vouch for it
+            return None
+        return self._deny(ctx)
+
+    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+        if ctx.data.get(_NEEDS_AUTH) and AUTHENTICATED_USER not in ctx.data:
+            return self._deny(ctx)
+        return None
+
+    def _deny(self, ctx: Any) -> Response:
+        request: Request = ctx.request
+        source = request.source
+        host = source.host if source is not None else "?"
+        ack = ctx.server_transaction is None
+        self.refusals.refused(
+            "acl.ack_dropped" if ack else "acl.relay_denied", host,
+            "acl: relaying denied: {method} {uri} from {refused_source}",
+            method=request.method, uri=str(request.uri),
+        )
+        # for an ACK nothing is sent: a Response only means "drop it"
+        return request.make_response(403, "Relaying denied")
+
+
+def _networks(section: Section, key: str, default: Iterable[str]) -> tuple[str, ...]:
+    values = section.get_list_of_str(key, tuple(default))
+    for i, text in enumerate(values):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise section.item_error(
+                key, i, f"must be a network like 192.0.2.0/24 or an address, got {text!r}"
+            ) from None
+    return values
+
+
+@implementer(IPluginFactory)
+class AclFactory:
+    name = "acl"
+
+    def build(self, core: IProxyCore, section: Section) -> AclPlugin:
+        section.check_no_unknown({"inside_networks", "trusted", "log_interval"})
+        inside = _networks(section, "inside_networks", DEFAULT_INSIDE)
+        trusted = _networks(section, "trusted", ())
+        log_interval = section.get_float("log_interval", 60.0, min=0.0)
+        plugins = getattr(core.config, "plugins", ())
+        if "auth" not in plugins and any(
+            getattr(lst, "side", "") == "outside" for lst in core.listeners
+        ):
+            _log.warn("acl: the auth plugin is not enabled: anyone on the outside can register "
+                      "as a local user")
+        return AclPlugin(core, inside, trusted, log_interval)
+
+
+factory: Final = AclFactory()
