@@ -122,6 +122,15 @@ class IProxyCore(Interface):
     def is_local_domain(host: str) -> bool:
         """True when the proxy is registrar for ``host`` (a configured domain or own address)."""
 
+    def is_local_uri(uri: Any) -> bool:
+        """True when routing would send the Request-URI ``uri`` (a ``sipproxy.uri.URI``) to the
+        location service: a URI of our domains or of one of our sockets (host *and* port;
+        ``is_local_domain`` ignores the port)."""
+
+    def is_own_uri(uri: Any) -> bool:
+        """True when ``uri`` names one of our sockets (host and port): a Route entry the proxy
+        removes as its own (RFC 3261 16.4)."""
+
     def send_request(request: Any, target: Any, on_response: Any) -> Any:
         """Send a request the plugin made itself (e.g. a keepalive OPTIONS) in a client
         transaction; ``request`` needs a top Via (``core.make_via(target)``)."""

@@ -152,6 +152,16 @@ class Proxy:
             return True
         return self._is_own_address(host, None)
 
+    def is_local_uri(self, uri: URI) -> bool:
+        """Does routing send ``uri`` (a Request-URI) to the location service: our domain, or
+        one of our sockets (host and port)? (IProxyCore)"""
+        return self._is_local_uri(uri)
+
+    def is_own_uri(self, uri: URI) -> bool:
+        """Does ``uri`` name one of our sockets (host and port), as a Route entry the proxy
+        removes as its own? (IProxyCore)"""
+        return self._is_own_uri(uri)
+
     def send_request(
         self, request: Request, target: Target, on_response: Callable[[Response], None]
     ) -> ClientTransaction:

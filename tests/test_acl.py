@@ -95,9 +95,10 @@ def test_outside_to_the_proxy_itself(net: Net) -> None:
         (f"sip:alice@{DOMAIN}", ("<sip:198.51.100.99;lr>",)),
         (f"sip:{OUTSIDE}:5060;lr", ("<sip:+1900@evil.example>",)),  # strict routing
         ("tel:+19005551234", ()),
+        (f"sip:pbx@{OUTSIDE}:5080", ()),  # our address, another port: not us
     ],
     ids=["foreign-route-after-ours", "our-route-foreign-uri", "foreign-route", "strict",
-         "tel"],
+         "tel", "own-host-other-port"],
 )
 def test_routes_and_uris_that_would_relay(net: Net, uri: str, routes: tuple[str, ...]) -> None:
     register_alice(net)

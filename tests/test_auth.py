@@ -574,6 +574,9 @@ class _FakeCore:
     def is_local_domain(self, host: str) -> bool:
         return host in self.config.proxy.domains
 
+    def is_local_uri(self, uri: Any) -> bool:
+        return bool(uri.is_sip and self.is_local_domain(uri.host))
+
 
 def test_hash_helper(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("s3cret\n"))

@@ -12,7 +12,7 @@ Inside and trusted sources may send anything (who may call out is the ``auth`` p
 business). A request from the outside may only reach:
 
 - a dialog the proxy is part of (``ctx.dialog``: INVITE dialogs the proxy record-routed);
-- a target the proxy itself resolves: a Request-URI of our domains or own addresses (local
+- a target the proxy itself resolves: a Request-URI of our domains or own sockets (local
   users through the location service, which answers 404/480 when there is no binding; ``nat``
   tokens; the proxy itself, e.g. OPTIONS), with no Route left once the proxy's own Route
   entries are removed (a strict router's Request-URI is undone as the core does);
@@ -122,13 +122,14 @@ class AclPlugin(Plugin):
         except ParseError:
             return False
         uri = request.uri
-        if routes and self._ours(uri) and (uri.has_param("lr") or uri.has_param("sipproxy")):
+        core = self.core
+        if routes and core.is_own_uri(uri) and (uri.has_param("lr") or uri.has_param("sipproxy")):
             uri = routes.pop()  # a strict router put our Record-Route in the Request-URI
-        while routes and self._ours(routes[0]):
+        while routes and core.is_own_uri(routes[0]):
             routes.pop(0)
         if routes:
             return False
-        return self._ours(uri)
+        return bool(core.is_local_uri(uri))
 
     # -- hooks ------------------------------------------------------------------------------------
     def request_received(self, ctx: Any) -> Any:

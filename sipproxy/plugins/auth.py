@@ -163,8 +163,7 @@ class AuthPlugin(Plugin):
         if ctx.server_transaction is None or request.method in _NOT_CHALLENGED:
             return None
         if request.method == "REGISTER":
-            uri = request.uri
-            if uri.is_sip and self.core.is_local_domain(uri.host):
+            if self.core.is_local_uri(request.uri):  # the core's registrar answers it
                 return _REGISTRAR
             return None
         if ctx.dialog is not None:
