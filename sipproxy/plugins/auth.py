@@ -18,22 +18,25 @@ REGISTERs for other domains.
 
 Checks, in order: credentials for our ``realm`` (others are ignored and left in the
 request), Digest with ``qop=auth`` (qop-less RFC 2069 responses are refused: no nonce count,
-no replay protection), an offered algorithm, the digest ``uri`` naming the Request-URI (else
-400), the user's HA1 from the credential store (``ICredentialStore``; the built-in one reads
-``users_file``), the response digest; then, for a nonce older than ``nonce_ttl`` or not made
-by this process at all (e.g. before a restart; nonces are a stateless HMAC, see
-:mod:`sipproxy.digest`), a new challenge with ``stale=true``; the authenticated user must be
-the To user (REGISTER) or the From user (other requests), else ``403``; and the nonce count
-must be greater than the last accepted for that nonce, else the request is a replay and gets
-a new challenge (``stale=true``).
+no replay protection), an offered algorithm, the user's HA1 from the credential store
+(``ICredentialStore``; the built-in one reads ``users_file``), the response digest; then, for
+a nonce older than ``nonce_ttl`` or not made by this process at all (e.g. before a restart;
+nonces are a stateless HMAC, see :mod:`sipproxy.digest`), a new challenge with
+``stale=true``; the authenticated user must be the To user (REGISTER) or the From user (other
+requests), else ``403``; and the nonce count must be greater than the last accepted for that
+nonce, else the request is a replay and gets a new challenge (``stale=true``).
 
-Wrong credentials (unknown user, wrong password) get a new challenge
-with a fresh nonce, as RFC 3261 22.3 says: a UA then knows its password is wrong and stops.
-Failures (wrong credentials, replays, user mismatch, malformed credentials) are counted in
-``plugin.counters`` and logged at most once per source per ``log_interval`` seconds; plain
-challenges and stale nonces are counted only. A request that passes carries the user name in
-``ctx.data[AUTHENTICATED_USER]`` and loses its credentials for our realm before it is
-forwarded.
+The digest ``uri`` is not compared with the Request-URI: user agents differ (sipp hashes
+``sip:<proxy address>:<port>``), the response is verified over the uri the client hashed, and
+the nonce count already keeps captured credentials from being used again.
+
+Wrong credentials (unknown user, wrong password) get a new challenge with a fresh nonce, as
+RFC 3261 22.3 says: a UA then knows its password is wrong and stops (the caller cannot tell
+an unknown user from a wrong password). Failures (wrong credentials, replays, user mismatch,
+malformed credentials) are counted in ``plugin.counters`` and logged at most once per source
+per ``log_interval`` seconds; plain challenges and stale nonces are counted only. A request
+that passes carries the user name in ``ctx.data[AUTHENTICATED_USER]`` and loses its
+credentials for our realm before it is forwarded.
 
 Config ``[auth]``: ``users_file`` (required; relative to the config file's directory),
 ``realm`` (default: the first ``[proxy] domains`` entry), ``algorithms`` (default
@@ -78,7 +81,7 @@ from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore, IPluginFac
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.refusals import RefusalLog
-from sipproxy.uri import URI, parse_uri, unescape
+from sipproxy.uri import URI, unescape
 
 __all__ = ["AuthFactory", "AuthPlugin", "factory", "main"]
 
@@ -105,17 +108,6 @@ def _user_of(uri: URI) -> str | None:
     if not uri.is_sip or uri.user is None:
         return None
     return unescape(uri.user)
-
-
-def _same_resource(a: URI, b: URI) -> bool:
-    """The digest ``uri`` names the Request-URI: same scheme, user, host and port (parameters
-    may differ: some UAs drop them)."""
-    if a.scheme.lower() != b.scheme.lower():
-        return False
-    if not a.is_sip:
-        return str(a) == str(b)
-    return (_user_of(a) == _user_of(b) and a.host.lower() == b.host.lower()
-            and a.port == b.port)
 
 
 class AuthPlugin(Plugin):
@@ -237,14 +229,6 @@ class AuthPlugin(Plugin):
         # a nonce that is not ours (e.g. from before a restart) is judged like a stale one:
         # stale=true only if the digest is right, so the UA retries without asking its user
         state = self.nonces.check(nonce, now)
-        try:
-            digest_uri = parse_uri(credentials.params["uri"])
-        except ParseError:
-            digest_uri = None
-        if digest_uri is None or not _same_resource(digest_uri, request.uri):
-            return self._refuse(request, role, "auth.bad_credentials",
-                                "digest uri is not the Request-URI", user, 400,
-                                "Authorization URI Mismatch")
         result = self.store.ha1(user, self.realm, credentials.algorithm)
         if isinstance(result, Deferred):
             return result.addCallback(self._verify, ctx, role, credentials, state)
