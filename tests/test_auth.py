@@ -589,3 +589,30 @@ def test_hash_helper(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
     assert auth_module.main(["hash", "dave"]) == 2
     monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
     assert auth_module.main(["hash", "dave", DOMAIN]) == 1
+
+
+def test_example_public_config(tmp_path: Path) -> None:
+    """examples/public.toml with examples/users.txt: acl, auth and nat build; the sample users
+    log in with the passwords the file names."""
+    from sipproxy.config import load_config
+    from sipproxy.plugins.acl import AclPlugin
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(str(root / "examples" / "public.toml"))
+    clock = Clock()
+    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
+                              lc.advertised_host) for lc in config.listen]
+    location = LocationService(clock)
+    proxy = Proxy(config, clock, Wire(listeners), location,  # type: ignore[arg-type]
+                  Registrar(location, clock, list(config.proxy.domains)), ResolverDouble({}))
+    plugins = load_plugins(config, proxy)
+    assert [type(p) for p in plugins][:2] == [AclPlugin, AuthPlugin]
+    auth = plugins[1]
+    assert auth.realm == "sip.example.com"
+    for user in ("alice", "bob"):
+        for algorithm in ("MD5", "SHA-256"):
+            assert auth.store.ha1(user, "sip.example.com", algorithm) == ha1(
+                algorithm, user, "sip.example.com", f"change-me-{user}")
+    for p in plugins:
+        if hasattr(p, "stopService") and getattr(p, "running", False):
+            p.stopService()
