@@ -177,6 +177,26 @@ def test_wrong_password_refused(proxy_factory: Any, sipp: Sipp, tmp_path: Path) 
     assert "unknown user or wrong password" in proxy.log_path.read_text()
 
 
+def test_invite_with_wrong_password_refused(
+    proxy_factory: Any, sipp: Sipp, tmp_path: Path
+) -> None:
+    """sipp's INVITE with a wrong password gets a second 407 (sipp does not expect it there
+    and waits until its timeout): no call succeeds, and the UAS sees nothing."""
+    proxy = proxy_factory(_config(tmp_path, free_port(), algorithms=("MD5",)))
+    uas_port = free_port()
+    uas = sipp.start_uas("uas_rr.xml", uas_port, count=1, timeout=5)
+    call = sipp.run_uac(
+        "uac_auth.xml", proxy.address(), count=1, timeout=5,
+        keys={"ruri": f"sip:service@{LOOPBACK}:{uas_port}", "user": "alice", "domain": DOMAIN},
+        extra_args=["-au", "alice", "-ap", "guess"],
+    )
+    assert call.successful == 0 and not call.ok(), call.describe()
+    server = uas.wait(10)
+    assert server.successful == 0, server.describe()
+    log = proxy.log_path.read_text()
+    assert log.count("unknown user or wrong password") == 1, log  # logged once
+
+
 def test_replayed_nonce_refused(proxy_factory: Any, tmp_path: Path) -> None:
     """The same Authorization (same nonce and nc) in a new transaction: 401 stale=true."""
     proxy = proxy_factory(_config(tmp_path, free_port()))
