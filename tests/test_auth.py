@@ -16,6 +16,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from sipproxy.config import ConfigError, parse_config
 from sipproxy.credentials import (
@@ -25,7 +26,7 @@ from sipproxy.credentials import (
     parse_credentials_file,
 )
 from sipproxy.digest import authorization, ha1, parse_challenge, parse_credentials
-from sipproxy.interfaces import AUTHENTICATED_USER
+from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore
 from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
@@ -616,3 +617,45 @@ def test_example_public_config(tmp_path: Path) -> None:
     for p in plugins:
         if hasattr(p, "stopService") and getattr(p, "running", False):
             p.stopService()
+
+
+# a custom credential store, loaded by [auth] store = "tests.test_auth:make_store"
+@implementer(ICredentialStore)
+class DictStore:
+    def __init__(self, users: dict[str, str], realm: str) -> None:
+        self.users = users
+        self.realm = realm
+
+    def ha1(self, username: str, realm: str, algorithm: str) -> str | None:
+        password = self.users.get(username)
+        return None if password is None else ha1(algorithm, username, realm, password)
+
+
+def make_store(core: Any, section: Any) -> DictStore:
+    return DictStore({"erin": section.get_str("erin_password")}, DOMAIN)
+
+
+def make_nothing(core: Any, section: Any) -> object:
+    return object()
+
+
+def test_custom_store(tmp_path: Path) -> None:
+    from sipproxy.plugins.auth import factory
+    config = parse_config(config_text(tmp_path / "unused.txt").replace(
+        f'users_file = "{tmp_path / "unused.txt"}"',
+        'store = "tests.test_auth:make_store"\nstore_config = { erin_password = "pw" }'))
+    plugin = factory.build(_FakeCore(config), config.section("auth"))  # type: ignore[arg-type]
+    assert type(plugin.store).__name__ == "DictStore"  # (this module, imported by name)
+    assert plugin.store.ha1("erin", DOMAIN, "MD5") == ha1("MD5", "erin", DOMAIN, "pw")
+    for store, message in (("tests.test_auth:make_nothing", "returned no ICredentialStore"),
+                           ("tests.test_auth:missing", "cannot load"),
+                           ("no_colon", 'must be "package.module:callable"')):
+        bad = parse_config(config_text(tmp_path / "unused.txt").replace(
+            f'users_file = "{tmp_path / "unused.txt"}"', f'store = "{store}"'), "c.toml")
+        with pytest.raises(ConfigError) as e:
+            factory.build(_FakeCore(bad), bad.section("auth"))  # type: ignore[arg-type]
+        assert str(e.value).startswith("c.toml: auth.store: ") and message in str(e.value)
+    both = parse_config(config_text(tmp_path / "x.txt").replace(
+        "[acl]", 'store = "tests.test_auth:make_store"\n[acl]'), "c.toml")
+    with pytest.raises(ConfigError, match=r"auth\.users_file: cannot be combined with store"):
+        factory.build(_FakeCore(both), both.section("auth"))  # type: ignore[arg-type]

@@ -38,10 +38,12 @@ per ``log_interval`` seconds; plain challenges and stale nonces are counted only
 that passes carries the user name in ``ctx.data[AUTHENTICATED_USER]`` and loses its
 credentials for our realm before it is forwarded.
 
-Config ``[auth]``: ``users_file`` (required; relative to the config file's directory),
-``realm`` (default: the first ``[proxy] domains`` entry), ``algorithms`` (default
-``["SHA-256", "MD5"]``), ``nonce_ttl`` (seconds, default 300), ``exempt_networks`` (CIDRs,
-default none), ``log_interval`` (seconds, default 60).
+Config ``[auth]``: ``users_file`` (relative to the config file's directory), or ``store``
+(``"package.module:callable"``, called with the core and the table ``[auth.store_config]`` as
+a ``Section``, returns an ``ICredentialStore``: a database, a directory), ``realm``
+(default: the first ``[proxy] domains`` entry), ``algorithms`` (default ``["SHA-256",
+"MD5"]``), ``nonce_ttl`` (seconds, default 300), ``exempt_networks`` (CIDRs, default none),
+``log_interval`` (seconds, default 60).
 
 ``python3 -m sipproxy.plugins.auth hash USER REALM`` reads a password from stdin and prints a
 line for the users file (see :mod:`sipproxy.credentials`).
@@ -50,6 +52,7 @@ line for the users file (see :mod:`sipproxy.credentials`).
 from __future__ import annotations
 
 import getpass
+import importlib
 import ipaddress
 import os
 import sys
@@ -298,7 +301,8 @@ class AuthFactory:
 
     def build(self, core: IProxyCore, section: Section) -> AuthPlugin:
         section.check_no_unknown({
-            "realm", "users_file", "algorithms", "nonce_ttl", "exempt_networks", "log_interval",
+            "realm", "users_file", "store", "store_config", "algorithms", "nonce_ttl",
+            "exempt_networks", "log_interval",
         })
         realm = section.get_str("realm", None)
         if realm is None:
@@ -329,6 +333,25 @@ class AuthFactory:
                     "exempt_networks", i, f"must be a network like 192.0.2.0/24, got {text!r}"
                 ) from None
         log_interval = section.get_float("log_interval", 60.0, min=0.0)
+        store = self._store(core, section, realm)
+        return AuthPlugin(core, store, realm, algorithms, nonce_ttl, exempt, log_interval)
+
+    def _store(self, core: IProxyCore, section: Section, realm: str) -> Any:
+        if "store" in section:
+            if "users_file" in section:
+                raise section.error("users_file", "cannot be combined with store")
+            name = section.get_str("store")
+            module_name, colon, attribute = name.partition(":")
+            if not colon or not module_name or not attribute:
+                raise section.error("store", f'must be "package.module:callable", got "{name}"')
+            try:
+                make = getattr(importlib.import_module(module_name), attribute)
+            except (ImportError, AttributeError) as e:
+                raise section.error("store", f"cannot load {name!r}: {e}") from None
+            store = make(core, section.get_section("store_config", {}))
+            if not ICredentialStore.providedBy(store):
+                raise section.error("store", f"{name!r} returned no ICredentialStore")
+            return store
         path = _config_relative(section, section.get_str("users_file"))
         try:
             store = FileCredentialStore.from_file(path)
@@ -337,7 +360,7 @@ class AuthFactory:
         if not any(realm == r for (_, r) in store.entries):
             _log.warn("auth: {path} has no user of realm {realm!r}: nobody can log in",
                       path=path, realm=realm)
-        return AuthPlugin(core, store, realm, algorithms, nonce_ttl, exempt, log_interval)
+        return store
 
 
 factory: Final = AuthFactory()
