@@ -13,6 +13,7 @@ from twisted.logger import formatEvent
 from sipproxy.config import ConfigError, Section
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.plugins.acl import AclPlugin, factory
+from sipproxy.uri import parse_uri
 from tests.test_auth import (
     DOMAIN,
     INSIDE,
@@ -256,3 +257,24 @@ def test_warns_without_auth_when_there_is_an_outside_listener(
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert any("auth plugin is not enabled" in formatEvent(e) for e in events)
+
+
+def test_default_wildcard_inside_listener_still_protects(net: Net) -> None:
+    """The default config has one "inside" listener on 0.0.0.0: a public source arriving
+    there is still outside (not in inside_networks)."""
+    plugin = acl_of(net)
+    public_on_inside = Source("UDP", "198.51.100.66", 5060, "0.0.0.0", 5060, "inside")
+    assert plugin.classify(parse_request(public_on_inside)) == "outside"
+    sent = net.request("INVITE", "sip:+1900@evil.example", public_on_inside, from_user="x",
+                       from_domain="evil.example", call_id="wild")
+    assert statuses(sent) == [403]
+
+
+def test_nat_tokens_are_resolved_here(net: Net) -> None:
+    """A nat token URI names our own socket: the nat plugin decides (404 for unknown ones)."""
+    plugin = acl_of(net)
+    request = parse_request(ATTACKER)
+    request.uri = parse_uri(f"sip:nat-0123456789abcdef@{OUTSIDE}:5060")
+    assert plugin.resolved_here(request)
+    request.uri = parse_uri("sip:alice@192.168.77.10:5060")  # an inside address: not ours
+    assert not plugin.resolved_here(request)
