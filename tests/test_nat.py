@@ -113,6 +113,8 @@ class Wire(RecordingTransports):
         ip = ipaddress.ip_address(target.host)
         preferred = "inside" if any(ip in net for net in PRIVATE) else "outside"
         fitting = [lst for lst in self.listeners if lst.transport == target.transport.upper()]
+        if not fitting and target.transport.upper() == "TLS":  # outgoing TLS: no TLS listener
+            fitting = [lst for lst in self.listeners if lst.transport in ("TCP", "UDP")]
         for lst in fitting:
             if lst.side == preferred:
                 return lst
@@ -471,6 +473,28 @@ def test_retransmitted_200_from_the_phone_is_rewritten_too(net: Net) -> None:
         assert_no_inside_address(data)
         assert token_in(response) == token
     net.run_out()
+
+
+def test_incoming_call_over_our_own_outgoing_connection_hides_the_phone(net: Net) -> None:
+    """The provider's INVITE comes over the TLS connection the proxy opened for the REGISTER
+    (its local port is no listener's): the phone's answers still carry a token Contact."""
+    token = register(net)
+    net.new()
+    over_ours = Source("TLS", PROVIDER_IP, 5061, OUTSIDE, 43603, "outside")
+    net.send(sip_request(
+        "INVITE", f"sip:{token}@{OUTSIDE}:5060",
+        via=f"SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bKtls1", call_id="tls-1",
+        from_="<sip:carol@provider.example>;tag=c1", to="<sip:alice@provider.example>",
+        headers=(f"Contact: <sip:carol@{PROVIDER_IP}:5061;transport=tls>",),
+    ), over_ours)
+    [invite] = net.requests_to(PHONE.host, "INVITE", PHONE.port)
+    net.new()
+    net.send(answer(invite, 200, "ph1", (f"Contact: <{PHONE_CONTACT}>",), record_route=True),
+             PHONE)
+    [(data, ok)] = net.new()
+    assert ok.status == 200 and net.last_to == (PROVIDER_IP, 5061)
+    assert_no_inside_address(data)
+    assert token_in(ok) == token
 
 
 # ------------------------------------------------------------------------------------------------

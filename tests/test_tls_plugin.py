@@ -78,6 +78,12 @@ class Wire(RecordingTransports):
         super().send_response(response, source)
         return succeed(None)
 
+    def choose_listener(self, target: Target) -> FakeListener | None:
+        """As the real TransportManager: outgoing TLS leaves from a UDP listener of the side."""
+        if target.transport.upper() != "TLS":
+            return super().choose_listener(target)
+        return super().choose_listener(Target("UDP", target.host, target.port, target.host))
+
 
 def make(config_text: str = CONFIG) -> tuple[Proxy, Wire, TLSPlugin]:
     clock = Clock()
@@ -197,6 +203,106 @@ def test_a_plain_udp_call_is_left_alone() -> None:
     [(out, target)] = wire.requests
     assert target.transport == "UDP"
     assert out.headers.get_all("record-route") == [RR_UDP]
+
+
+OUTSIDE_IP = "203.0.113.1"
+OVER_OURS = Source("TLS", PROVIDER_IP, 5061, OUTSIDE_IP, 40000, "outside")  # our connection
+TWO_SIDES = CONFIG.replace("""[upstream]""", f"""[[listen]]
+side = "outside"
+transport = "udp"
+address = "{OUTSIDE_IP}"
+port = 5060
+
+[upstream]""")
+
+
+def test_a_call_from_the_provider_over_our_connection_keeps_the_dialog_right() -> None:
+    """The provider calls over the connection we opened for the REGISTER (firewall set-up,
+    as with the nat plugin, which leaves the provider only our outside Record-Route entry):
+    its ACK goes to the phone by UDP, the phone's BYE to the provider's address over TLS
+    checked for the name that connection was verified for."""
+    proxy, wire, _ = make(TWO_SIDES)
+    send(proxy, """REGISTER sip:provider.test SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg1;rport
+Max-Forwards: 70
+From: <sip:alice@provider.test>;tag=r1
+To: <sip:alice@provider.test>
+Call-ID: reg-tls-1
+CSeq: 1 REGISTER
+Contact: <sip:alice@192.168.1.10:5060>
+Content-Length: 0
+
+""")
+    [(register, target)] = wire.requests
+    assert target == Target("TLS", PROVIDER_IP, 5061, "provider.test")
+    ok = register.make_response(200)
+    ok.source = OVER_OURS
+    proxy.receive(ok)
+    send(proxy, """REGISTER sip:lan.example SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
+Max-Forwards: 70
+From: <sip:alice@lan.example>;tag=r2
+To: <sip:alice@lan.example>
+Call-ID: reg-tls-2
+CSeq: 1 REGISTER
+Contact: <sip:alice@192.168.1.10:5060>
+Content-Length: 0
+
+""")  # (the nat plugin's token does this in the firewall set-up)
+    send(proxy, f"""INVITE sip:alice@lan.example SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>
+Call-ID: in-tls-1
+CSeq: 1 INVITE
+Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
+Content-Length: 0
+
+""", OVER_OURS)
+    invite, target = wire.requests[-1]
+    assert target.transport == "UDP" and target.host == "192.168.1.10"
+    # (its host is the kernel's address toward the provider: the outside one in a firewall)
+    [rr_in, rr_tls] = invite.headers.get_all("record-route")
+    assert rr_in == RR_UDP and rr_tls.endswith(":5060;transport=tls;lr>"), rr_tls
+    rr_out = f"<sip:{OUTSIDE_IP}:5060;transport=tls;lr>"
+    answer_ = invite.make_response(200)
+    answer_.headers.set("To", str(invite.to) + ";tag=ph1")
+    answer_.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
+    for value in invite.headers.get_all("record-route"):
+        answer_.headers.add("Record-Route", value)
+    answer_.source = PHONE
+    proxy.receive(answer_)
+    assert [r.status for r, _ in wire.responses if r.status >= 200] == [200, 200, 200]
+    # the provider's ACK: only our outside entry in its Route (it faces the provider)
+    send(proxy, f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
+Route: {rr_out}
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>;tag=ph1
+Call-ID: in-tls-1
+CSeq: 1 ACK
+Content-Length: 0
+
+""", OVER_OURS)
+    ack, target = wire.requests[-1]
+    assert ack.method == "ACK"
+    assert (target.transport, target.host, target.port) == ("UDP", "192.168.1.10", 5060)
+    send(proxy, f"""BYE sip:uas@{PROVIDER_IP}:5061;transport=tls SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-bye9;rport
+Route: {RR_UDP}, {rr_out}
+Max-Forwards: 70
+From: <sip:alice@provider.test>;tag=ph1
+To: <sip:carol@provider.test>;tag=c1
+Call-ID: in-tls-1
+CSeq: 1 BYE
+Content-Length: 0
+
+""")
+    bye, target = wire.requests[-1]
+    assert bye.method == "BYE"
+    assert target == Target("TLS", PROVIDER_IP, 5061, "provider.test")
 
 
 # -- config ----------------------------------------------------------------------------------

@@ -408,11 +408,16 @@ class NatPlugin(Plugin, Service):
         source = request.source
         if source is None:
             return None
-        for listener in self.core.listeners:
-            if listener.port == source.local_port and listener.transport == source.transport \
-                    and listener.side == source.side:
+        side = [lst for lst in self.core.listeners if lst.side == source.side]
+        for listener in side:
+            if listener.port == source.local_port and listener.transport == source.transport:
                 return listener
-        return None
+        # over a connection the proxy opened itself (TLS to the provider: a local port no
+        # listener has) the response still leaves on that side: a listener of it names us
+        for listener in side:
+            if listener.transport == source.transport:
+                return listener
+        return side[0] if side else None
 
     def _restore_record_route(self, response: Response, removed: list[str], theirs: int) -> None:
         """Put our inside-facing Record-Route back where it was: below our outside one (the

@@ -13,7 +13,10 @@ policy, through nothing but the plugin API:
   that says either, or an RFC 3263 answer choosing ``SIPS+D2T`` / ``_sips._tcp`` (the resolver
   makes these TLS targets); and every in-dialog request whose next hop is on the TLS side of the
   proxy's Record-Route (the proxy's own Record-Route entry facing it says ``transport=tls``),
-  checked for the name verified when the dialog was set up.
+  checked for the name verified when the dialog was set up (also for a call the provider
+  places over the proxy's own connection to it: the name that connection was verified for).
+  An own Route entry saying ``transport=tls`` counts only toward the side of the listener it
+  names (the nat plugin leaves the outside just the entry facing it).
 - Record-Route and Via: the proxy's Via says TLS on the TLS side; its Record-Route entry facing
   the TLS side says ``transport=tls`` and the one facing the other side UDP/TCP (two entries,
   RFC 5658), so in-dialog requests cross the transport change in both directions.
@@ -81,6 +84,8 @@ class TLSPlugin(Plugin, Service):
             policy.max_backoff, policy.server_minimum, self._connection_failed,
         )
         self._failures: dict[tuple[str, int, str], tuple[str, float]] = {}
+        # the name each provider address was verified for (answers came over that connection)
+        self._verified: dict[tuple[str, int], str] = {}
         core.use_tls_client(self.policy)
 
     def startService(self) -> None:
@@ -122,8 +127,20 @@ class TLSPlugin(Plugin, Service):
             else:
                 continue
             break
+        request: Request = ctx.request
+        source = request.source
+        if source is not None and source.transport.upper() == "TLS" and \
+                request.method in _DIALOG_CREATING and not request.to.tag:
+            # a provider's call over our own connection to it: in-dialog requests toward it
+            # are checked for the name that connection was verified for, not its address
+            name = self._verified.get((source.host, source.port))
+            if name is not None:
+                ctx.data["tls_peer"] = (source.host, source.port, name)
         if last_own is not None and _says_tls(last_own):
-            ctx.data["tls_next_hop"] = True
+            # the side of the listener it names: it speaks for the next hop only if that is
+            # on this side (the nat plugin leaves the outside just the entry facing it)
+            listener = self._own_listener(last_own)
+            ctx.data["tls_next_hop"] = listener.side if listener is not None else ""
         return None
 
     def request_forwarding(self, ctx: Any, branch: Any) -> Any:
@@ -132,7 +149,10 @@ class TLSPlugin(Plugin, Service):
             return None
         out: Request = branch.request
         new = target
-        if ctx.data.get("tls_next_hop") and new.transport.upper() != "TLS":
+        facing = ctx.data.get("tls_next_hop")
+        out_side = branch.listener.side if branch.listener is not None else ""
+        if facing is not None and (not facing or not out_side or facing == out_side) and \
+                new.transport.upper() != "TLS":
             hop = _next_hop(out)
             port = hop.port if hop is not None and hop.port is not None else 5061
             new = Target("TLS", new.host, port, new.server_name or new.host)
@@ -203,18 +223,22 @@ class TLSPlugin(Plugin, Service):
         return None
 
     def _is_own(self, uri: URI) -> bool:
+        return self._own_listener(uri) is not None
+
+    def _own_listener(self, uri: URI) -> Any:
+        """The listener an own Route/Record-Route URI names, None if it is not ours."""
         if not uri.is_sip:
-            return False
+            return None
         port = uri.port if uri.port is not None else (5061 if _says_tls(uri) else 5060)
         host = uri.host.lower()
         for lst in self.core.listeners:
             if lst.port != port:
                 continue
             if host in (lst.via_host.lower(), lst.address):
-                return True
+                return lst
             if lst.address in _WILDCARDS and self.core.is_local_domain(host):
-                return True
-        return False
+                return lst
+        return None
 
     # -- responses -------------------------------------------------------------------------------
     def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
@@ -222,6 +246,10 @@ class TLSPlugin(Plugin, Service):
         if target is None or target.transport.upper() != "TLS":
             return None
         status = response.status
+        if response.source is not None and target.server_name:
+            if len(self._verified) >= 1000:
+                self._verified.clear()
+            self._verified[(target.host, target.port)] = target.server_name
         if 200 <= status < 300 and ctx.request.method == "INVITE" and not ctx.request.to.tag:
             ctx.data["tls_peer"] = (target.host, target.port, target.server_name)
         elif status == 503 and response.source is None:

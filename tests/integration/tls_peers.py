@@ -112,6 +112,7 @@ class TLSProvider:
     key: Path
     answer_sdp: bytes = b""
     port: int = 0
+    host: str = LOOPBACK  # the address it listens on (its socket opens in the caller's netns)
     received: list[tuple[int, bytes]] = field(default_factory=list)
     dialogs: list[Dialog] = field(default_factory=list)
     handshake_errors: list[str] = field(default_factory=list)
@@ -121,7 +122,7 @@ class TLSProvider:
         self._context.load_cert_chain(str(self.cert), str(self.key))
         self._listen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listen.bind((LOOPBACK, self.port))
+        self._listen.bind((self.host, self.port))
         self._listen.listen(8)
         self.port = self._listen.getsockname()[1]
         self._stop = threading.Event()
@@ -175,7 +176,7 @@ class TLSProvider:
             return
         if method == "INVITE":
             tag = uuid.uuid4().hex[:8]
-            contact = f"Contact: <sip:uas@{LOOPBACK}:{self.port};transport=tls>"
+            contact = f"Contact: <sip:uas@{self.host}:{self.port};transport=tls>"
             conn.sendall(response_to(message, 180, "Ringing", to_tag=tag, extra=[contact]))
             sdp = self.answer_sdp or body(message)
             conn.sendall(response_to(message, 200, "OK", to_tag=tag,
@@ -209,7 +210,7 @@ class TLSProvider:
         target = contact.strip("<>").split(">")[0]
         lines = [
             f"BYE {target} SIP/2.0",
-            f"Via: SIP/2.0/TLS {LOOPBACK}:{self.port};branch=z9hG4bK{uuid.uuid4().hex[:12]}",
+            f"Via: SIP/2.0/TLS {self.host}:{self.port};branch=z9hG4bK{uuid.uuid4().hex[:12]}",
             *[f"Route: {v}" for v in headers(invite, "record-route")],
             "Max-Forwards: 70",
             f"From: {header(invite, 'to')};tag={dialog.to_tag}",
@@ -230,14 +231,16 @@ class SipClient:
     """A phone: sends requests, reads messages (UDP datagrams or a TLS stream), bounded."""
 
     def __init__(self, transport: str, proxy: tuple[str, int], *,
-                 context: ssl.SSLContext | None = None, server_name: str | None = None) -> None:
+                 context: ssl.SSLContext | None = None, server_name: str | None = None,
+                 host: str = LOOPBACK) -> None:
         self.transport = transport
+        self.host = host
         self.proxy = proxy
         self.buffer = bytearray()
         self.pending: list[bytes] = []
         if transport == "udp":
             self.sock: socket.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.bind((LOOPBACK, 0))
+            self.sock.bind((host, 0))
         else:
             raw = socket.create_connection(proxy, timeout=5)
             assert context is not None
@@ -245,7 +248,7 @@ class SipClient:
         self.port = self.sock.getsockname()[1]
         self.via_transport = "UDP" if transport == "udp" else "TLS"
         tp = "" if transport == "udp" else ";transport=tls"
-        self.contact = f"<sip:phone@{LOOPBACK}:{self.port}{tp}>"
+        self.contact = f"<sip:phone@{host}:{self.port}{tp}>"
 
     def send(self, data: bytes) -> None:
         if self.transport == "udp":
@@ -289,7 +292,7 @@ class SipClient:
                 content: bytes = b"", branch: str | None = None) -> bytes:
         lines = [
             f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/{self.via_transport} {LOOPBACK}:{self.port};"
+            f"Via: SIP/2.0/{self.via_transport} {self.host}:{self.port};"
             f"branch={branch or 'z9hG4bK' + uuid.uuid4().hex[:12]};rport",
             *[f"Route: {r}" for r in routes],
             "Max-Forwards: 70",
