@@ -659,3 +659,16 @@ def test_custom_store(tmp_path: Path) -> None:
         "[acl]", 'store = "tests.test_auth:make_store"\n[acl]'), "c.toml")
     with pytest.raises(ConfigError, match=r"auth\.users_file: cannot be combined with store"):
         factory.build(_FakeCore(both), both.section("auth"))  # type: ignore[arg-type]
+
+
+def test_interfaces(net: Net) -> None:
+    from zope.interface.verify import verifyObject
+
+    from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+    from sipproxy.plugins import acl as acl_module
+
+    assert verifyObject(ICredentialStore, net.auth.store)
+    assert verifyObject(IProxyPlugin, net.auth)
+    assert verifyObject(IPluginFactory, auth_module.factory)
+    assert verifyObject(IPluginFactory, acl_module.factory)
+    assert verifyObject(IProxyCore, net.proxy)  # is_local_uri / is_own_uri included
