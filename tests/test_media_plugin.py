@@ -109,7 +109,19 @@ class RecordingRelay:
         self.log.append((name, args, kwargs))
         if self.fail is not None and name in ("offer", "answer"):
             return defer.fail(self.fail)
-        return getattr(self.inner, name)(*args, **kwargs)
+        result = getattr(self.inner, name)(*args, **kwargs)
+        if self.hold and name in ("offer", "answer"):
+            later: defer.Deferred[Any] = defer.Deferred()
+            self.held.append(later)
+            later.addCallback(lambda _: result)
+            return later
+        return result
+
+    def release(self) -> None:
+        """Let the held replies arrive (as an NG relay's come: after the hook returned)."""
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(None)
 
     def offer(self, *args: Any, **kwargs: Any) -> Any:
         return self._do("offer", *args, **kwargs)
@@ -553,6 +565,32 @@ def test_a_relay_error_on_the_answer_lets_no_unrelayed_sdp_through(net: Net) -> 
     assert [m.status for m in to_phone] == [500]
     assert all(PROVIDER_MEDIA[0].encode() not in m.body for m in to_phone)
     net.relay.fail = None
+    net.run_out()
+
+
+def test_a_relay_that_answers_later_still_forwards_each_response_once(net: Net) -> None:
+    """With a remote relay the hooks return unfired Deferreds: the INVITE, the 200 and the
+    ACK wait for it, and the 200 reaches the phone once (response selection does not send it a
+    second time meanwhile)."""
+    net.relay.hold = True
+    net.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                     call_id="out-1", from_=CALLER, to=CALLEE, body=sdp(*PHONE_MEDIA)), PHONE)
+    assert net.to(PROVIDER_IP) == []
+    net.relay.release()
+    [invite] = net.to(PROVIDER_IP)
+    assert_relayed(invite, OUTSIDE)
+    net.send(respond(invite, 200, "b1", sdp(*PROVIDER_MEDIA), (f"Contact: <{BOB_CONTACT}>",)),
+             PROVIDER)
+    assert net.to(PHONE.host) == []
+    net.relay.release()
+    net.clock.advance(0)
+    [ok] = net.to(PHONE.host)
+    assert ok.status == 200
+    assert_relayed(ok, INSIDE)
+    net.clock.advance(1)
+    assert net.to(PHONE.host) == []
+    net.relay.hold = False
+    hang_up(net)
     net.run_out()
 
 
