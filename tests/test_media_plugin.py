@@ -739,3 +739,16 @@ def test_a_wildcard_listener_needs_the_relay_address() -> None:
     assert (interface.address, interface.sdp_address) == ("203.0.113.9", "198.51.100.9")
     with pytest.raises(ConfigError, match=r"media\.inside_address: no listener has side"):
         _build({"outside_address": "203.0.113.9", "inside_address": "10.0.0.1"}, wildcard)
+
+
+def test_the_firewall_example_builds_with_the_media_plugin() -> None:
+    """examples/firewall.toml is what a firewall should use: nat and media, relayed per side."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "firewall.toml").read_text()
+    config = parse_config(text)
+    assert list(config.plugins) == ["nat", "media"]
+    n = make_net(text)
+    assert {i.name: i.address for i in n.engine.interfaces.values()} == {
+        "inside": "192.168.77.1", "outside": "203.0.113.1"}
+    n.run_out()
