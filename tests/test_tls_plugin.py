@@ -207,21 +207,29 @@ def test_a_plain_udp_call_is_left_alone() -> None:
 
 OUTSIDE_IP = "203.0.113.1"
 OVER_OURS = Source("TLS", PROVIDER_IP, 5061, OUTSIDE_IP, 40000, "outside")  # our connection
-TWO_SIDES = CONFIG.replace("""[upstream]""", f"""[[listen]]
+EXTERNAL_IP = "198.51.100.7"
+
+
+def two_sides(advertise: str | None) -> str:
+    line = f'advertise = "{advertise}"\n' if advertise else ""
+    return CONFIG.replace("""[upstream]""", f"""[[listen]]
 side = "outside"
 transport = "udp"
 address = "{OUTSIDE_IP}"
 port = 5060
-
+{line}
 [upstream]""")
 
 
-def test_a_call_from_the_provider_over_our_connection_keeps_the_dialog_right() -> None:
+@pytest.mark.parametrize("advertise", [None, EXTERNAL_IP])
+def test_a_call_from_the_provider_over_our_connection_keeps_the_dialog_right(
+    advertise: str | None,
+) -> None:
     """The provider calls over the connection we opened for the REGISTER (firewall set-up,
     as with the nat plugin, which leaves the provider only our outside Record-Route entry):
     its ACK goes to the phone by UDP, the phone's BYE to the provider's address over TLS
     checked for the name that connection was verified for."""
-    proxy, wire, _ = make(TWO_SIDES)
+    proxy, wire, _ = make(two_sides(advertise))
     send(proxy, """REGISTER sip:provider.test SIP/2.0
 Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg1;rport
 Max-Forwards: 70
@@ -262,10 +270,9 @@ Content-Length: 0
 """, OVER_OURS)
     invite, target = wire.requests[-1]
     assert target.transport == "UDP" and target.host == "192.168.1.10"
-    # (its host is the kernel's address toward the provider: the outside one in a firewall)
-    [rr_in, rr_tls] = invite.headers.get_all("record-route")
-    assert rr_in == RR_UDP and rr_tls.endswith(":5060;transport=tls;lr>"), rr_tls
-    rr_out = f"<sip:{OUTSIDE_IP}:5060;transport=tls;lr>"
+    # toward the provider: our outside listener's (advertised) address, not the kernel's
+    rr_out = f"<sip:{advertise or OUTSIDE_IP}:5060;transport=tls;lr>"
+    assert invite.headers.get_all("record-route") == [RR_UDP, rr_out]
     answer_ = invite.make_response(200)
     answer_.headers.set("To", str(invite.to) + ";tag=ph1")
     answer_.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")

@@ -207,7 +207,10 @@ class TLSPlugin(Plugin, Service):
             return value
         host = uri.host
         port = uri.port or 5060
-        if source is not None and not any(lst.port == port for lst in self.core.listeners):
+        if source is not None and not any(lst.port == source.local_port and
+                                          lst.transport == source.transport.upper()
+                                          for lst in self.core.listeners):
+            # (the core named the kernel's address toward the peer there, and port 5060)
             listener = self._side_listener(source.side)
             if listener is not None:
                 port = listener.port
