@@ -436,6 +436,27 @@ def test_late_offer_in_the_200_answered_in_the_ack(net: Net) -> None:
     net.run_out()
 
 
+def test_offer_in_a_reliable_183_answered_in_the_prack(net: Net) -> None:
+    invite = outgoing_invite(net, body=b"")
+    net.send(respond(invite, 183, "b1", sdp(*PROVIDER_MEDIA),
+                     (f"Contact: <{BOB_CONTACT}>", "Require: 100rel", "RSeq: 1")), PROVIDER)
+    [early] = net.to(PHONE.host)
+    assert early.status == 183
+    assert_relayed(early, INSIDE)
+    net.send(phone_in_dialog(net, "PRACK", 2, "z9hG4bKpr1", sdp(*PHONE_MEDIA)), PHONE)
+    [prack] = net.to(PROVIDER_IP)
+    assert prack.method == "PRACK"
+    assert_relayed(prack, OUTSIDE)
+    net.send(respond(prack, 200), PROVIDER)
+    assert [m.status for m in net.to(PHONE.host)] == [200]
+    net.send(respond(invite, 200, "b1", headers=(f"Contact: <{BOB_CONTACT}>",)), PROVIDER)
+    assert [m.status for m in net.to(PHONE.host)] == [200]
+    assert net.relay.commands() == [("offer", "b1", "a1"), ("answer", "b1", "a1")]
+    assert len(net.clock.open) == 4
+    hang_up(net, cseq=3)
+    net.run_out()
+
+
 def test_hold_and_resume_by_reinvite_and_update_keep_the_relay_ports(net: Net) -> None:
     invite, _ = answered_call(net)
     _, port_out = media_address(invite)

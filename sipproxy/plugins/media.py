@@ -159,6 +159,8 @@ class MediaPlugin(Plugin, MultiService):
         self.calls: dict[str, MediaCall] = {}
         #: responses whose SDP is with the relay: id -> (response, Deferreds of repeats)
         self._in_flight: dict[int, tuple[Response, list[defer.Deferred[Any]]]] = {}
+        #: deletes the relay has not confirmed yet (stopService waits for them)
+        self._deleting: set[defer.Deferred[Any]] = set()
         if relay_service is not None:
             relay_service.setServiceParent(self)
         relay.add_end_observer(self.relay_ended)
@@ -172,7 +174,13 @@ class MediaPlugin(Plugin, MultiService):
         super().startService()
 
     def stopService(self) -> Any:
-        waits: list[Any] = [defer.maybeDeferred(super().stopService)]
+        # the proxy ended every dialog first: let their deletes reach the relay (an NG client
+        # gives up by itself after its tries), then stop
+        deleting = defer.DeferredList(list(self._deleting), consumeErrors=True)
+        return deleting.addCallback(self._stop_relay)
+
+    def _stop_relay(self, _: Any) -> Any:
+        waits: list[Any] = [defer.maybeDeferred(MultiService.stopService, self)]
         if isinstance(self.relay, NGRelay):
             self.relay.stop()
         if self.ng_client is not None:
@@ -195,7 +203,14 @@ class MediaPlugin(Plugin, MultiService):
         d = self.relay.delete(call_id)
         d.addErrback(lambda f: _log.warn("media relay: delete {call_id} failed: {e}",
                                          call_id=call_id, e=f.getErrorMessage()))
+        if not d.called:
+            self._deleting.add(d)
+            d.addBoth(self._deleted, d)
         return d
+
+    def _deleted(self, result: Any, d: defer.Deferred[Any]) -> Any:
+        self._deleting.discard(d)
+        return result
 
     def relay_ended(self, call_id: str, reason: str) -> None:
         """The relay ended the call on its own: the SIP side forgets it too."""
