@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from sipproxy.config import ConfigError, Section, parse_config
 from sipproxy.location import LocationService
 from sipproxy.media.backends import LocalRelay, NGRelay
-from sipproxy.media.ng import NGError, NGTimeout
+from sipproxy.media.ng import NGCommands, NGError, NGTimeout, _text
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
 from sipproxy.plugins.media import MediaPlugin, factory
@@ -672,6 +672,41 @@ def test_a_public_proxy_relays_outside_to_outside_and_latches_natted_phones() ->
     assert options["received-from"] == ["IP4", "198.51.100.20"]
     n.send(respond(invite, 486, "b1"), PROVIDER)
     n.run_out()
+
+
+class LoopbackNGClient:
+    """An NGClient stand-in: the commands go straight to an engine's NG command code."""
+
+    def __init__(self, engine: Any, clock: Clock) -> None:
+        self.commands = NGCommands(engine)
+        self.clock = clock
+
+    def command(self, message: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
+        reply = self.commands.handle(_text(message))
+        if reply.get("result") == "error":
+            return defer.fail(NGError(str(reply.get("error-reason"))))
+        return defer.succeed(reply)
+
+
+def test_a_call_an_ng_relay_lost_ends_the_dialog(net: Net) -> None:
+    """Over NG the relay cannot say that it ended a call: the plugin's NGRelay asks every
+    10 s, and a call it no longer knows ("gone") ends the dialog."""
+    engine = net.engine
+    ng_relay = NGRelay(LoopbackNGClient(engine, net.clock), clock=net.clock)  # type: ignore[arg-type]
+    net.relay.inner = ng_relay
+    ng_relay.add_end_observer(net.media.relay_ended)
+    ng_relay.start()
+    answered_call(net)
+    assert len(net.proxy.dialogs) == 1 and ng_relay.calls == {"out-1"}
+    net.clock.advance(10)
+    assert len(net.proxy.dialogs) == 1  # still there
+    [call] = engine.calls.values()
+    engine.end_call(call, "timeout", report=False)  # the remote relay's own timeout, unseen
+    net.clock.advance(10)
+    assert len(net.proxy.dialogs) == 0 and net.media.calls == {}
+    ng_relay.stop()
+    net.relay.inner = LocalRelay(engine)
+    net.run_out()
 
 
 def test_a_2xx_retransmitted_after_the_transaction_gets_the_same_sdp() -> None:
