@@ -39,11 +39,13 @@ from typing import Any, Final, Literal
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from sipproxy.sdp import MediaDescription, SessionDescription
 
 __all__ = [
+    "DEFAULT_KERNEL_POLL",
     "DEFAULT_OFFER_TIMEOUT",
     "DEFAULT_SILENT_TIMEOUT",
     "DEFAULT_TIMEOUT",
@@ -57,6 +59,7 @@ __all__ = [
     "RelayError",
     "RelayInterface",
     "SignalOptions",
+    "StreamOffload",
     "UnknownCall",
 ]
 
@@ -65,6 +68,10 @@ _log = Logger(namespace="sipproxy.media.relay")
 DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_SILENT_TIMEOUT: Final = 3600.0
 DEFAULT_OFFER_TIMEOUT: Final = 3600.0
+#: How often the kernel fast path's counters are read (seconds), for statistics and timeouts.
+DEFAULT_KERNEL_POLL: Final = 2.0
+#: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
+KERNEL_HEADER_BYTES: Final = 28
 #: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
 #: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
 RECEIVE_BUFFER: Final = 1 << 20
@@ -235,10 +242,14 @@ class PacketStream:
         "bytes",
         "component",
         "errors",
+        "kernel_bytes",
+        "kernel_packets",
         "last_packet",
         "learned",
         "leg",
         "local_port",
+        "no_kernel",
+        "offload",
         "packets",
         "port",
     )
@@ -256,6 +267,13 @@ class PacketStream:
         self.bytes = 0
         self.errors = 0
         self.last_packet: float | None = None
+        #: what the kernel fast path forwarded for this stream (IP/UDP headers taken off)
+        self.kernel_packets = 0
+        self.kernel_bytes = 0
+        #: the kernel rules of this stream and its peer, while installed or on their way
+        self.offload: StreamOffload | None = None
+        #: the kernel path failed or was abandoned for this stream: userspace for good
+        self.no_kernel = False
         # per packet: the engine's clock and the socket itself, not Twisted's Port.write
         # (whose address checks cost as much as the forwarding)
         self._now = leg.monologue.call.engine.clock.seconds
@@ -267,22 +285,39 @@ class PacketStream:
         """Where packets for this party go: the learned source, else what the SDP said."""
         return self.learned if self.learned is not None else self.advertised
 
+    @property
+    def engine(self) -> RelayEngine:
+        return self.leg.monologue.call.engine
+
     def set_advertised(self, ep: Address | None) -> None:
         if ep != self.advertised:
             self.advertised = ep
             self.learned = None  # new signalling, new endpoint to learn
+            if self.offload is not None:  # the kernel rules name the old endpoint
+                self.engine.kernel_drop(self.offload, "the endpoints changed")
 
     def received(self, data: bytes, source: Address) -> None:
         leg = self.leg
         if self.learned is None:
             if not leg.asymmetric:
                 self.learned = source
+                if not self.no_kernel and self.engine.kernel is not None:
+                    self.engine.kernel_offer(self)
         elif source != self.learned:
+            if self.offload is not None:
+                self.engine.kernel_drop(self.offload, f"a packet from {source[0]}:{source[1]}"
+                                        " (not the latched source)", for_good=True)
             if leg.strict_source:
                 self.errors += 1
                 return
             if leg.media_handover:
                 self.learned = source
+        elif self.offload is not None and self.offload.active:
+            # queued before the kernel took over: sending it now would clash with the
+            # kernel's conntrack entry (and leave from another port)
+            self.packets += 1
+            self.bytes += len(data)
+            return
         self.packets += 1
         self.bytes += len(data)
         self.last_packet = self._now()
@@ -300,10 +335,14 @@ class PacketStream:
             out.errors += 1
 
     def stats(self) -> dict[str, int]:
-        return {"packets": self.packets, "bytes": self.bytes, "errors": self.errors}
+        """Userspace and kernel together."""
+        return {"packets": self.packets + self.kernel_packets,
+                "bytes": self.bytes + self.kernel_bytes, "errors": self.errors}
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"local port": self.local_port, "flags": [self.component]}
+        if self.offload is not None and self.offload.active:
+            out["flags"].append("kernel")
         if self.endpoint is not None:
             out["endpoint"] = _endpoint_dict(self.endpoint)
             out["flags"].append("filled")
@@ -314,7 +353,21 @@ class PacketStream:
         if self.last_packet is not None:
             out["last packet"] = int(self.last_packet)
         out["stats"] = self.stats()
+        out["userspace stats"] = {"packets": self.packets, "bytes": self.bytes}
+        out["kernel stats"] = {"packets": self.kernel_packets, "bytes": self.kernel_bytes}
         return out
+
+
+class StreamOffload:
+    """A stream pair (same component, both parties) forwarded by the kernel, or about to be."""
+
+    __slots__ = ("active", "dropped", "handle", "streams")
+
+    def __init__(self, streams: tuple[PacketStream, PacketStream]) -> None:
+        self.streams = streams
+        self.handle: Any = None  # the KernelForwarder's Offload once installed
+        self.active = False
+        self.dropped = False
 
 
 class MediaLeg:
@@ -361,7 +414,9 @@ class MediaLeg:
         if self.closed:
             return []
         self.closed = True
-        waits = [s.port.stopListening() for s in self.streams]
+        engine = self.monologue.call.engine
+        kernel = [engine.kernel_drop(s.offload, "") for s in self.streams if s.offload]
+        waits = [s.port.stopListening() for s in self.streams] + kernel
         self.allocator.release(self.rtp.local_port)
         return [w for w in waits if w is not None]
 
@@ -536,6 +591,7 @@ class RelayEngine:
         timeout: float = DEFAULT_TIMEOUT,
         silent_timeout: float = DEFAULT_SILENT_TIMEOUT,
         offer_timeout: float = DEFAULT_OFFER_TIMEOUT,
+        kernel_poll: float = DEFAULT_KERNEL_POLL,
     ) -> None:
         if not interfaces:
             raise ValueError("the relay needs at least one interface")
@@ -553,6 +609,148 @@ class RelayEngine:
         #: Called with (call_id, reason) when the relay ends a call itself ("timeout",
         #: "shutdown"): the proxy ends the SIP call.
         self.timeout_observers: list[Callable[[str, str], None]] = []
+        #: the kernel fast path (a started KernelForwarder), or None: userspace only
+        self.kernel: Any = None
+        self.kernel_poll = kernel_poll
+        self._offloads: set[StreamOffload] = set()
+        self._kernel_poller: LoopingCall | None = None
+        self._kernel_logged: set[str] = set()
+
+    # -- the kernel fast path
+
+    def use_kernel(self, forwarder: Any) -> None:
+        """Forward latched streams with ``forwarder`` (a started KernelForwarder) from now."""
+        self.kernel = forwarder
+
+    def offloads(self) -> list[StreamOffload]:
+        return [o for o in self._offloads if o.active]
+
+    def _kernel_log(self, kind: str, text: str, *, warn: bool = True) -> None:
+        if kind not in self._kernel_logged:
+            self._kernel_logged.add(kind)
+            (_log.warn if warn else _log.info)("media relay: {text} (logged once)", text=text)
+
+    def kernel_offer(self, stream: PacketStream) -> None:
+        """``stream`` just latched: hand the pair to the kernel when its peer has too."""
+        leg = stream.leg
+        peer = leg.peer()
+        if peer is None or self.kernel is None:
+            return
+        if stream.component == "RTP":
+            if leg.rtcp_mux != peer.rtcp_mux:
+                return  # one side muxes: RTCP needs demultiplexing in userspace
+            other = peer.rtp
+        else:
+            if leg.rtcp_mux or peer.rtcp_mux:
+                return
+            other = peer.rtcp
+        if any(x.asymmetric or x.media_handover for x in (leg, peer)):
+            return
+        if other.learned is None or other.offload is not None or other.no_kernel \
+                or stream.offload is not None:
+            return
+        a, b = stream.learned, other.learned
+        if a is None or ":" in a[0] + b[0] + leg.allocator.address + peer.allocator.address:
+            return  # the fast path is IPv4 only
+        offload = StreamOffload((stream, other))
+        stream.offload = other.offload = offload
+        self._offloads.add(offload)
+        d = self.kernel.install((a, (leg.allocator.address, stream.local_port)),
+                                (b, (peer.allocator.address, other.local_port)))
+        d.addCallbacks(self._installed, self._install_failed, callbackArgs=(offload,),
+                       errbackArgs=(offload,))
+
+    def _installed(self, handle: Any, offload: StreamOffload) -> None:
+        offload.handle = handle
+        if offload.dropped or self.kernel is None:  # gone meanwhile (call ended, ...)
+            self._forget(offload)
+            self._kernel_remove(offload)
+            return
+        # userspace stops forwarding the pair first: its next packet would make a conntrack
+        # entry again (relay port -> peer) that the kernel's NATed flow clashes with
+        offload.active = True
+        self.kernel.flush(handle).addErrback(lambda f: self._kernel_log(
+            "flush", f"kernel fast path: conntrack flush failed: {f.getErrorMessage()}"))
+        if self._kernel_poller is None:
+            self._kernel_poller = LoopingCall(self._kernel_poll)
+            self._kernel_poller.clock = self.clock
+            self._kernel_poller.start(self.kernel_poll, now=False).addErrback(
+                lambda f: _log.failure("media relay: kernel counter poll", f))
+
+    def _install_failed(self, failure: Any, offload: StreamOffload) -> None:
+        self._kernel_log("install", f"kernel fast path: installing rules failed, userspace "
+                                    f"relay instead: {failure.getErrorMessage()}")
+        self._forget(offload)
+        for s in offload.streams:
+            s.no_kernel = True
+
+    def _forget(self, offload: StreamOffload) -> None:
+        offload.active = False
+        offload.dropped = True
+        self._offloads.discard(offload)
+        for s in offload.streams:
+            if s.offload is offload:
+                s.offload = None
+        if not self._offloads and self._kernel_poller is not None:
+            poller, self._kernel_poller = self._kernel_poller, None
+            if poller.running:
+                poller.stop()
+
+    def kernel_drop(self, offload: StreamOffload, why: str, *, for_good: bool = False) -> Any:
+        """Back to userspace for the pair (``why`` is logged once when not empty); returns a
+        Deferred that fires (never fails) when the rules are gone."""
+        if why:
+            self._kernel_log(why[:12], f"kernel fast path: back to userspace: {why}",
+                             warn=for_good)
+        if for_good:
+            for s in offload.streams:
+                s.no_kernel = True
+        installed = offload.handle is not None and not offload.dropped
+        self._forget(offload)
+        if installed:
+            return self._kernel_remove(offload)
+        return None
+
+    def _kernel_remove(self, offload: StreamOffload) -> Any:
+        if self.kernel is None:  # stopped: deleting the table takes every rule with it
+            return None
+        d = self.kernel.remove(offload.handle)
+        d.addCallback(lambda final: self._count(offload, final))
+        d.addErrback(lambda f: self._kernel_log(
+            "remove", f"kernel fast path: removing rules failed: {f.getErrorMessage()}"))
+        return d
+
+    def _count(self, offload: StreamOffload, counters: Any) -> None:
+        """Add what the kernel counted since the last look to the streams."""
+        if not counters or offload.handle is None:
+            return
+        now = self.clock.seconds()
+        seen = offload.handle.seen
+        for n, name in enumerate(offload.handle.counters):
+            packets, octets = counters.get(name, seen[n])
+            dp, db = packets - seen[n][0], octets - seen[n][1]
+            if dp <= 0:
+                continue
+            seen[n] = (packets, octets)
+            stream = offload.streams[n]
+            stream.kernel_packets += dp
+            stream.kernel_bytes += max(0, db - KERNEL_HEADER_BYTES * dp)
+            stream.last_packet = now
+
+    def _kernel_poll(self) -> Any:
+        if self.kernel is None:
+            return None
+        d = self.kernel.counters()
+
+        def got(counters: dict[str, tuple[int, int]]) -> None:
+            for offload in list(self._offloads):
+                if offload.active:
+                    self._count(offload, counters)
+
+        d.addCallback(got)
+        d.addErrback(lambda f: self._kernel_log(
+            "poll", f"kernel fast path: reading counters failed: {f.getErrorMessage()}"))
+        return d
 
     def allocator(self, interface: RelayInterface) -> PortAllocator:
         found = self._allocators.get(interface.address)

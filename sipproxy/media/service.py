@@ -10,6 +10,11 @@ In process (what the ``media`` plugin will do)::
 With ``listen_ng`` set it also answers NG commands on UDP (``twistd sipproxy-relay``), so other
 proxies, or a sipproxy on another host, can drive it. Stopping the service ends every call and
 closes every port (the end observers hear "shutdown").
+
+``kernel`` (``"auto"``, ``"on"``, ``"off"``) turns on the kernel fast path
+(:mod:`sipproxy.media.kernel`): checked once at start (nftables and conntrack must work, which
+needs CAP_NET_ADMIN); ``auto`` quietly stays in userspace where they do not, ``on`` logs a
+warning then. Stopping deletes its nftables table.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from sipproxy.media.kernel import KernelForwarder, NftRunner, process_runner
 from sipproxy.media.ng import DEFAULT_CACHE_TTL, NGCommands, NGServerProtocol
 from sipproxy.media.relay import (
+    DEFAULT_KERNEL_POLL,
     DEFAULT_OFFER_TIMEOUT,
     DEFAULT_SILENT_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -48,14 +55,22 @@ class RelayConfig:
     offer_timeout: float = DEFAULT_OFFER_TIMEOUT
     listen_ng: tuple[str, int] | None = None
     cache_ttl: float = DEFAULT_CACHE_TTL
+    #: the kernel fast path: "auto", "on" or "off"
+    kernel: str = "off"
+    #: its nftables table (default sipproxy_relay_<pid>)
+    kernel_table: str | None = None
+    kernel_poll: float = DEFAULT_KERNEL_POLL
 
 
 class RelayService(MultiService):
     """The relay engine, and the NG server when configured. ``ng_port`` is the listening
     port while running (``ng_port.getHost().port`` when ``listen_ng`` asked for port 0)."""
 
-    def __init__(self, config: RelayConfig, reactor: Any, clock: Any) -> None:
+    def __init__(self, config: RelayConfig, reactor: Any, clock: Any,
+                 kernel_runner: NftRunner | None = None) -> None:
         super().__init__()
+        if config.kernel not in ("auto", "on", "off"):
+            raise ValueError(f'kernel must be "auto", "on" or "off", got {config.kernel!r}')
         self.config = config
         self.reactor = reactor
         self.engine = RelayEngine(
@@ -67,7 +82,13 @@ class RelayService(MultiService):
             timeout=config.timeout,
             silent_timeout=config.silent_timeout,
             offer_timeout=config.offer_timeout,
+            kernel_poll=config.kernel_poll,
         )
+        self.kernel: KernelForwarder | None = None
+        if config.kernel != "off":
+            self.kernel = KernelForwarder(kernel_runner or process_runner(reactor),
+                                          config.kernel_table)
+        self._kernel_start: defer.Deferred[Any] | None = None
         self.commands = NGCommands(self.engine)
         self.protocol = NGServerProtocol(self.commands, clock, config.cache_ttl)
         self.ng_port: Any = None
@@ -85,22 +106,50 @@ class RelayService(MultiService):
                 lo=self.config.port_min, hi=self.config.port_max,
             )
         super().startService()
+        if self.kernel is not None:
+            self._kernel_start = self.kernel.start()
+            self._kernel_start.addCallbacks(self._kernel_started, self._kernel_failed)
+
+    def _kernel_started(self, _: Any) -> None:
+        assert self.kernel is not None
+        _log.info("media relay: kernel fast path on (nftables table ip {table})",
+                  table=self.kernel.table)
+        if self.running:
+            self.engine.use_kernel(self.kernel)
+
+    def _kernel_failed(self, failure: Any) -> None:
+        text = "media relay: no kernel fast path, userspace relay only: {reason}"
+        if self.config.kernel == "on":
+            _log.warn(text, reason=failure.getErrorMessage())
+        else:
+            _log.info(text, reason=failure.getErrorMessage())
 
     def stopService(self) -> defer.Deferred[Any]:
         waits: list[Any] = [defer.maybeDeferred(super().stopService)]
         waits.extend(self.engine.stop())
+        self.engine.use_kernel(None)
+        if self.kernel is not None and self._kernel_start is not None:
+            # queued behind every removal the calls' ends started: then the table goes
+            stopping = self.kernel.stop()
+            stopping.addErrback(lambda f: _log.warn(
+                "media relay: deleting the nftables table failed: {e}", e=f.getErrorMessage()))
+            waits.append(stopping)
+            self._kernel_start = None
         port, self.ng_port = self.ng_port, None
         if port is not None:
             waits.append(defer.maybeDeferred(port.stopListening))
         return defer.gatherResults([w for w in waits if isinstance(w, defer.Deferred)])
 
 
-def makeRelayService(config: RelayConfig, reactor: Any = None, clock: Any = None) -> RelayService:
-    """Build the relay; ``clock`` (an IReactorTime) defaults to the reactor."""
+def makeRelayService(config: RelayConfig, reactor: Any = None, clock: Any = None,
+                     kernel_runner: NftRunner | None = None) -> RelayService:
+    """Build the relay; ``clock`` (an IReactorTime) defaults to the reactor; ``kernel_runner``
+    runs nft/conntrack for the kernel fast path (default: child processes)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    service = RelayService(config, reactor, clock if clock is not None else reactor)
+    service = RelayService(config, reactor, clock if clock is not None else reactor,
+                           kernel_runner)
     service.setName("sipproxy-relay")
     return service

@@ -1,7 +1,7 @@
 """The ``twistd sipproxy-relay`` command line: the media relay on its own, driven over NG.
 
     twistd -n sipproxy-relay --listen-ng 127.0.0.1:2223 --port-min 30000 --port-max 40000 \\
-        --interface inside/192.168.1.1 --interface outside/203.0.113.1
+        --interface inside/192.168.1.1 --interface outside/203.0.113.1 [--kernel auto|on|off]
 
 A bad option ends the command with one line on stderr naming the option, and exit status 2.
 """
@@ -9,6 +9,7 @@ A bad option ends the command with one line on stderr naming the option, and exi
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -42,6 +43,10 @@ class Options(usage.Options):
         ["timeout", None, "60", "seconds of RTP silence that end a call"],
         ["silent-timeout", None, "3600", "the same for a stream on hold"],
         ["offer-timeout", None, "3600", "seconds a call may wait for its answer"],
+        ["kernel", None, "auto", "the kernel fast path (nftables; needs CAP_NET_ADMIN): auto "
+         "(when nft and conntrack work), on, off"],
+        ["kernel-table", None, None, "the fast path's nftables table (default "
+         "sipproxy_relay_<pid>)"],
     ]
 
     def __init__(self) -> None:
@@ -101,6 +106,12 @@ def relay_config(options: usage.Options) -> Any:
             raise ConfigError.for_key("--interface", f'"{interface.name}" given twice')
         names.add(interface.name)
         interfaces.append(interface)
+    kernel = str(options["kernel"])
+    if kernel not in ("auto", "on", "off"):
+        raise ConfigError.for_key("--kernel", f'must be auto, on or off, got "{kernel}"')
+    table = options["kernel-table"]
+    if table is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
+        raise ConfigError.for_key("--kernel-table", f'must be an nftables name, got "{table}"')
     return RelayConfig(
         interfaces=tuple(interfaces),
         port_min=port_min,
@@ -109,6 +120,8 @@ def relay_config(options: usage.Options) -> Any:
         silent_timeout=_number(options, "silent-timeout", 1, 86400 * 7, False),
         offer_timeout=_number(options, "offer-timeout", 1, 86400 * 7, False),
         listen_ng=(host, port),
+        kernel=kernel,
+        kernel_table=table,
     )
 
 

@@ -41,6 +41,10 @@ Config (``[media]``)::
     silent_timeout = 3600        # builtin: ... on hold
     offer_timeout = 3600         # builtin: an offer never answered
     listen_ng = "127.0.0.1:2223" # builtin: also answer NG commands here (monitoring)
+    kernel = "auto"              # builtin: the kernel fast path (nftables DNAT/SNAT per latched
+                                 #   stream; needs CAP_NET_ADMIN, nft and conntrack): "auto" (on
+                                 #   when they work), true, false
+    kernel_table = "..."         # builtin: its nftables table (default sipproxy_relay_<pid>)
     inside_interface = "inside"  # the relay's interface names per side (an rtpengine may
     outside_interface = "outside"#   call them "internal"/"external")
     ng_timeout = 2.0             # NG relay: seconds until an unanswered command fails
@@ -50,6 +54,7 @@ Config (``[media]``)::
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -471,7 +476,7 @@ class MediaFactory:
         section.check_no_unknown({
             "relay", "port_min", "port_max", "inside_address", "outside_address", "timeout",
             "silent_timeout", "offer_timeout", "listen_ng", "inside_interface",
-            "outside_interface", "ng_timeout", "poll_interval",
+            "outside_interface", "ng_timeout", "poll_interval", "kernel", "kernel_table",
         })
         relay_text = section.get_str("relay", "builtin")
         names = {side: section.get_str(f"{side}_interface", side) for side in SIDES}
@@ -483,7 +488,8 @@ class MediaFactory:
             return self._builtin(core, section, names)
         if relay_text.startswith("ng:"):
             for key in ("port_min", "port_max", "inside_address", "outside_address", "timeout",
-                        "silent_timeout", "offer_timeout", "listen_ng"):
+                        "silent_timeout", "offer_timeout", "listen_ng", "kernel",
+                        "kernel_table"):
                 if key in section:
                     raise section.error(key, "only for relay = \"builtin\" (an NG relay has "
                                              "its own settings)")
@@ -527,6 +533,16 @@ class MediaFactory:
             if side not in sides and f"{side}_address" in section:
                 raise section.error(f"{side}_address", f"no listener has side = \"{side}\"")
         listen_ng = section.get_str("listen_ng", None)
+        kernel_value = section.mapping.get("kernel", "auto")
+        if kernel_value is True or kernel_value is False:
+            kernel = "on" if kernel_value else "off"
+        elif kernel_value == "auto":
+            kernel = "auto"
+        else:
+            raise section.error("kernel", f'must be "auto", true or false, got {kernel_value!r}')
+        table = section.get_str("kernel_table", None)
+        if table is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
+            raise section.error("kernel_table", f"must be an nftables name, got {table!r}")
         config = RelayConfig(
             interfaces=tuple(interfaces),
             port_min=port_min,
@@ -535,6 +551,8 @@ class MediaFactory:
             silent_timeout=section.get_float("silent_timeout", 3600.0, min=1.0),
             offer_timeout=section.get_float("offer_timeout", 3600.0, min=1.0),
             listen_ng=_parse_hostport(section, "listen_ng", listen_ng) if listen_ng else None,
+            kernel=kernel,
+            kernel_table=table,
         )
         service = makeRelayService(config, reactor=core.reactor, clock=core.clock)
         relay: IMediaRelay = LocalRelay(service.engine)

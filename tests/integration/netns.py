@@ -9,7 +9,13 @@ The standard topology (L{NatNet}, the ``nat_net`` fixture in conftest.py)::
     default via .1             IP forwarding; nftables: the LAN           no route to the LAN
                                masqueraded to the outside (source ports
                                40000-40999), forwarded UDP to the RTP
-                               range dropped, nothing new forwarded in
+                               range dropped (but for flows fw itself
+                               DNATs), nothing new forwarded in
+
+The forward chain accepts ``ct status dnat`` before it drops the RTP range, as a firewall that
+runs a relay with a kernel fast path must: that opens nothing by itself, only the flows a NAT
+rule on fw (the relay's own nftables table) redirects pass. Without such a rule the first
+packet of an RTP range flow is still dropped.
 
 Every namespace is named ``sipnt<pid>x<random>-<role>``: unique per run, and one whose creating
 process is gone is a leftover that L{delete_leftovers} removes. Every wait is bounded; teardown
@@ -262,6 +268,7 @@ table ip sipnat {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
+        ct status dnat accept
         udp dport {RTP_PORTS[0]}-{RTP_PORTS[1]} drop
         ct state established,related accept
         iifname "lan0" oifname "wan0" accept

@@ -53,6 +53,8 @@ pytestmark = [pytest.mark.netns]
 PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 RELAY_PORTS = (30000, 30999)
 NG_PORT = 2223
+#: the kernel fast path's nftables table in fw (test_media_kernel_netns.py)
+KERNEL_TABLE = "sipproxy_relay_test"
 PHONE_RTP = 10000
 PROVIDER_RTP = 12000
 #: RTP packets each way, at least: the pcap sends 50 a second for ~4 s of the call
@@ -153,12 +155,13 @@ class RelayProcess:
             process.wait(5)
 
 
-def standalone_relay(ns: Namespace, workdir: Path) -> RelayProcess:
+def standalone_relay(ns: Namespace, workdir: Path, kernel: str = "off") -> RelayProcess:
     return RelayProcess(ns, [
         sys.executable, "-m", "twisted", "--log-format=text", "sipproxy-relay",
         "--listen-ng", f"127.0.0.1:{NG_PORT}",
         "--port-min", str(RELAY_PORTS[0]), "--port-max", str(RELAY_PORTS[1]),
         "--interface", f"inside/{FW_INSIDE}", "--interface", f"outside/{FW_OUTSIDE}",
+        "--kernel", kernel, *(["--kernel-table", KERNEL_TABLE] if kernel != "off" else []),
     ], workdir, "sipproxy-relay")
 
 
@@ -186,7 +189,10 @@ def media_config(relay: str) -> dict[str, Any]:
     config = firewall_config()
     config["plugins"] = {"enabled": ["nat", "media"]}
     if relay == "builtin":
-        config["media"] = {"port_min": RELAY_PORTS[0], "port_max": RELAY_PORTS[1]}
+        # userspace only: these tests check that the relay adds no nftables rule at all
+        # (the kernel fast path: test_media_kernel_netns.py)
+        config["media"] = {"port_min": RELAY_PORTS[0], "port_max": RELAY_PORTS[1],
+                           "kernel": False}
     else:
         config["media"] = {"relay": f"ng:127.0.0.1:{NG_PORT}"}
     return config

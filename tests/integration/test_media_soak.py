@@ -78,8 +78,10 @@ def test_a_thousand_short_calls_leave_no_session_and_no_port(proxy_factory: Any,
                     "port": free_port()}],
         "upstream": {"uri": f"sip:{LOOPBACK}:{uas_port}"},
         "plugins": {"enabled": ["media"]},
+        # userspace: the soak runs in the host's own network namespace, whose nftables
+        # ruleset the tests leave alone (the kernel fast path: test_media_kernel_netns.py)
         "media": {"port_min": RELAY_PORTS[0], "port_max": RELAY_PORTS[1],
-                  "listen_ng": f"{LOOPBACK}:{ng_port}"},
+                  "listen_ng": f"{LOOPBACK}:{ng_port}", "kernel": False},
     })
     assert ng(ng_port, {"command": "ping"})["result"] == "pong"
     sampler = Sampler(ng_port, limit=60)

@@ -1,0 +1,408 @@
+"""sipproxy.media.kernel and the engine's use of it, with a fake nft/conntrack runner: the rule
+text, install once both ends latched, conntrack flushes, counters into statistics and timeouts
+(task.Clock), removal on re-INVITE, foreign sources, call ends and stop, fallback when nft fails.
+Real UDP on 127.0.0.1 for the userspace side; the kernel itself is never touched here (the
+namespace test tests/integration/test_media_kernel_netns.py does that)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.trial import unittest
+
+from sipproxy.config import ConfigError
+from sipproxy.media import tap
+from sipproxy.media.kernel import KernelError, KernelForwarder, parse_counters
+from sipproxy.media.relay import RelayEngine, RelayInterface, SignalOptions
+from sipproxy.media.service import RelayConfig, makeRelayService
+from sipproxy.sdp import parse_sdp
+from tests.test_relay import LOCAL, Phone, rtp, sdp
+
+reactor: Any = _reactor
+PORT_MIN = 47000 + (os.getpid() % 50) * 100
+PORT_MAX = PORT_MIN + 99
+TABLE = "sipproxy_relay_test"
+
+
+class FakeNft:
+    """Answers nft and conntrack commands as the real ones would, and records them."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[list[str], str]] = []
+        self.handle = 0
+        self.rules: dict[int, str] = {}  # handle -> rule line
+        self.counters: dict[str, tuple[int, int]] = {}
+        self.tables = ""
+        self.fail: set[str] = set()  # "echo", "start", "counters", "remove"
+
+    def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
+            tuple[bytes, bytes, int]]:
+        args = list(argv)
+        text = stdin.decode() if stdin else ""
+        self.commands.append((args, text))
+        return defer.succeed(self.answer(args, text))
+
+    def answer(self, args: list[str], text: str) -> tuple[bytes, bytes, int]:
+        if args[0] == "conntrack":
+            return b"", b"0 flow entries have been deleted.\n", 1 if "-D" in args else 0
+        if args[1:] == ["list", "tables", "ip"]:
+            return self.tables.encode(), b"", 0
+        if args[1:] == ["-f", "-"]:
+            if ("start" in self.fail and "table ip" in text) or (
+                    "remove" in self.fail and "delete rule" in text):
+                return b"", b"Error: Operation not permitted\n", 1
+            for m in re.finditer(r"delete rule ip \S+ \S+ handle (\d+)", text):
+                self.rules.pop(int(m.group(1)), None)
+            for m in re.finditer(r"delete counter ip \S+ (\S+)", text):
+                self.counters.pop(m.group(1), None)
+            return b"", b"", 0
+        if args[1:3] == ["--echo", "--handle"]:
+            if "echo" in self.fail:
+                return b"", b"Error: Could not process rule: No such file or directory\n", 1
+            out = []
+            for line in text.splitlines():
+                self.handle += 1
+                if line.startswith("add counter"):
+                    self.counters[line.split()[-1]] = (0, 0)
+                else:
+                    self.rules[self.handle] = line
+                out.append(f"{line} # handle {self.handle}")
+            return "\n".join(out).encode(), b"", 0
+        if args[1:4] == ["-j", "list", "counters"]:
+            if "counters" in self.fail:
+                return b"", b"Error: boom\n", 1
+            return self.json(self.counters), b"", 0
+        if args[1:4] == ["-j", "list", "counter"]:
+            name = args[-1]
+            if name not in self.counters:
+                return b"", b"Error: No such file or directory\n", 1
+            return self.json({name: self.counters[name]}), b"", 0
+        if args[1:3] == ["delete", "table"]:
+            self.rules.clear()
+            self.counters.clear()
+            return b"", b"", 0
+        return b"", f"unexpected {args}".encode(), 2
+
+    @staticmethod
+    def json(counters: dict[str, tuple[int, int]]) -> bytes:
+        items: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
+        items += [{"counter": {"family": "ip", "name": n, "table": TABLE, "handle": 1,
+                               "packets": p, "bytes": b}} for n, (p, b) in counters.items()]
+        return json.dumps({"nftables": items}).encode()
+
+    def ran(self, *words: str) -> list[list[str]]:
+        return [a for a, _ in self.commands if all(w in a for w in words)]
+
+
+class ForwarderTests(unittest.SynchronousTestCase):
+    def test_the_table_and_stale_tables(self) -> None:
+        fake = FakeNft()
+        fake.tables = ("table ip filter\ntable ip sipproxy_relay_999999999\n"
+                       f"table ip sipproxy_relay_{os.getpid()}\ntable ip sipproxy_relay_x\n")
+        k = KernelForwarder(fake, TABLE)
+        self.successResultOf(k.start())
+        # a dead relay's table goes; a live one's (ours here), another name and others stay
+        self.assertEqual(fake.ran("delete", "table"),
+                         [["nft", "delete", "table", "ip", "sipproxy_relay_999999999"]])
+        script = next(t for a, t in fake.commands if a == ["nft", "-f", "-"])
+        self.assertIn(f"delete table ip {TABLE}", script)  # our own stale one, atomically
+        for hook in ("prerouting", "output", "postrouting", "forward"):
+            self.assertIn(f"hook {hook}", script)
+        self.successResultOf(k.stop())
+        self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
+                         ["nft", "delete", "table", "ip", TABLE])
+
+    def test_start_fails_without_nft(self) -> None:
+        fake = FakeNft()
+        fake.fail.add("start")
+        self.failureResultOf(KernelForwarder(fake, TABLE).start(), KernelError)
+
+    def test_bad_table_name(self) -> None:
+        self.assertRaises(ValueError, KernelForwarder, FakeNft(), "a b")
+
+    def test_rule_text_install_and_remove(self) -> None:
+        fake = FakeNft()
+        k = KernelForwarder(fake, TABLE)
+        self.successResultOf(k.start())
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("203.0.113.50", 12000), ("203.0.113.1", 30002))
+        offload = self.successResultOf(k.install(a, b))
+        self.assertEqual(fake.ran("conntrack", "-D"), [])  # not before the engine says so
+        self.successResultOf(k.flush(offload))
+        script = k.rules(offload)
+        self.assertIn("ip saddr 192.168.77.10 udp sport 10000 ip daddr 192.168.77.1 udp dport "
+                      "30000 dnat to 203.0.113.50:12000", script)
+        self.assertIn("ct original ip saddr 192.168.77.10 ct original proto-src 10000 "
+                      "ct original ip daddr 192.168.77.1 ct original proto-dst 30000 "
+                      "snat to 203.0.113.1:30002", script)
+        self.assertIn("ip saddr 203.0.113.50 udp sport 12000 ip daddr 203.0.113.1 udp dport "
+                      "30002 dnat to 192.168.77.10:10000", script)
+        self.assertIn("snat to 192.168.77.1:30000", script)
+        self.assertEqual(len(offload.rules), 10)
+        self.assertEqual(len(fake.rules), 10)
+        # conntrack entries of the relay's 2 ports, both ways, flushed after the rules
+        flushed = fake.ran("conntrack", "-D")
+        self.assertEqual(len(flushed), 4)
+        self.assertIn(["conntrack", "-D", "-p", "udp", "--orig-dst", "192.168.77.1",
+                       "--orig-port-dst", "30000"], flushed)
+        fake.counters["o1_ab"] = (5, 500)
+        self.assertEqual(self.successResultOf(k.counters())["o1_ab"], (5, 500))
+        final = self.successResultOf(k.remove(offload))
+        self.assertEqual(final["o1_ab"], (5, 500))
+        self.assertEqual(fake.rules, {})
+        self.assertEqual(fake.counters, {})
+        self.assertEqual(len(fake.ran("conntrack", "-D")), 8)
+
+    def test_install_before_start_fails(self) -> None:
+        k = KernelForwarder(FakeNft(), TABLE)
+        self.failureResultOf(k.install((("1.1.1.1", 1), ("2.2.2.2", 2)),
+                                       (("3.3.3.3", 3), ("4.4.4.4", 4))), KernelError)
+
+    def test_parse_counters(self) -> None:
+        self.assertEqual(parse_counters(FakeNft.json({"x": (1, 2)}).decode()), {"x": (1, 2)})
+        self.assertRaises(KernelError, parse_counters, "nope")
+
+
+class EngineTests(unittest.TestCase):
+    timeout = 10
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.engine = RelayEngine(reactor, self.clock,
+                                  [RelayInterface("inside", LOCAL),
+                                   RelayInterface("outside", LOCAL)],
+                                  PORT_MIN, PORT_MAX, timeout=60, silent_timeout=600,
+                                  offer_timeout=300, kernel_poll=2.0)
+        self.fake = FakeNft()
+        self.kernel = KernelForwarder(self.fake, TABLE)
+        self.successResultOf(self.kernel.start())
+        self.engine.use_kernel(self.kernel)
+        self.ended: list[tuple[str, str]] = []
+        self.engine.timeout_observers.append(lambda c, r: self.ended.append((c, r)))
+        self.addCleanup(lambda: defer.gatherResults(self.engine.stop()))
+
+    def phone(self) -> tuple[Phone, int]:
+        p = Phone()
+        port = reactor.listenUDP(0, p, interface=LOCAL)
+        self.addCleanup(port.stopListening)
+        return p, port.getHost().port
+
+    def call(self, a_port: int, b_port: int, options: SignalOptions | None = None
+             ) -> tuple[int, int]:
+        opts = options or SignalOptions(direction=("inside", "outside"))
+        offer = self.engine.offer("c1", "A", parse_sdp(sdp(a_port)), opts)
+        answer = self.engine.answer("c1", "A", "B", parse_sdp(sdp(b_port)), opts)
+        return answer.media[0].port, offer.media[0].port
+
+    @defer.inlineCallbacks
+    def latched(self) -> Any:
+        """A call whose RTP both ways crossed the relay once: (a, b, to_a_port, to_b_port)."""
+        a, a_port = self.phone()
+        b, b_port = self.phone()
+        to_relay_a, to_relay_b = self.call(a_port, b_port)
+        a.send(rtp(1), to_relay_a)
+        data, _ = yield b.received.get()
+        self.assertEqual(data, rtp(1))
+        self.assertEqual(self.fake.rules, {})  # one end latched: nothing for the kernel yet
+        b.send(rtp(2), to_relay_b)
+        data, _ = yield a.received.get()
+        self.assertEqual(data, rtp(2))
+        return a, b, a_port, b_port, to_relay_a, to_relay_b
+
+    def streams(self) -> tuple[Any, Any]:
+        call = self.engine.calls["c1"]
+        return (call.monologues["A"].medias[0].rtp, call.monologues["B"].medias[0].rtp)
+
+    @defer.inlineCallbacks
+    def test_both_ends_latched_goes_to_the_kernel(self) -> Any:
+        _a, _b, a_port, b_port, to_a, to_b = yield self.latched()
+        rules = "\n".join(self.fake.rules.values())
+        self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} "
+                      f"dnat to {LOCAL}:{b_port}", rules)
+        self.assertIn(f"snat to {LOCAL}:{to_b}", rules)
+        self.assertIn(f"dnat to {LOCAL}:{a_port}", rules)
+        sa, sb = self.streams()
+        self.assertTrue(sa.offload.active)
+        self.assertIs(sa.offload, sb.offload)
+        self.assertIn("kernel", sa.describe()["flags"])
+        # RTCP never crossed: its pair stays in userspace
+        self.assertEqual(len(self.kernel.offloads), 1)
+
+    @defer.inlineCallbacks
+    def test_counters_join_the_statistics_and_keep_the_call_alive(self) -> Any:
+        yield self.latched()
+        sa, _sb = self.streams()
+        for second in range(0, 120, 2):
+            self.fake.counters["o1_ab"] = (second * 50, second * 50 * 200)
+            self.fake.counters["o1_ba"] = (second * 50, second * 50 * 200)
+            self.clock.advance(2)
+        self.assertEqual(self.ended, [])  # 2 minutes of kernel-only media, no timeout
+        stats = self.engine.query("c1")
+        packets = 118 * 50 + 1  # the kernel's plus the one userspace saw
+        self.assertEqual(stats["totals"]["RTP"]["packets"], 2 * packets)
+        self.assertEqual(sa.kernel_bytes, 118 * 50 * (200 - 28))
+        self.assertEqual(sa.describe()["userspace stats"]["packets"], 1)
+        # the kernel goes quiet: the silence timeout ends the call, and the rules go
+        self.clock.advance(61)
+        self.assertEqual(self.ended, [("c1", "timeout")])
+        self.assertEqual(self.fake.rules, {})
+
+    @defer.inlineCallbacks
+    def test_delete_removes_the_rules_and_counts_the_last_packets(self) -> Any:
+        yield self.latched()
+        self.fake.counters["o1_ab"] = (7, 7 * 128)
+        stats = self.engine.delete("c1")
+        self.assertEqual(self.fake.rules, {})
+        self.assertEqual(self.fake.counters, {})
+        self.assertEqual(stats["totals"]["RTP"]["packets"], 2)  # taken before the final read
+        self.assertEqual(self.kernel.offloads, {})
+        self.assertEqual(len(self.fake.ran("conntrack", "-D")), 8)
+
+    @defer.inlineCallbacks
+    def test_userspace_stops_forwarding_what_the_kernel_owns(self) -> Any:
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        a.send(rtp(3), to_a)  # a packet queued before the kernel took over
+        a.send(rtp(4), to_a)
+        sa, _ = self.streams()
+        for _ in range(50):
+            if sa.packets >= 3:
+                break
+            yield deferLater(0.01)
+        self.assertGreaterEqual(sa.packets, 3)
+        self.assertEqual(len(b.received.pending), 0)
+
+    @defer.inlineCallbacks
+    def test_reinvite_with_new_endpoints_falls_back_then_relatches(self) -> Any:
+        a, b, _ap, b_port, to_a, _to_b = yield self.latched()
+        c, c_port = self.phone()
+        opts = SignalOptions(direction=("inside", "outside"))
+        self.engine.offer("c1", "A", parse_sdp(sdp(c_port)), opts)  # A moves to c_port
+        self.assertEqual(self.fake.rules, {})
+        sa, _sb = self.streams()
+        self.assertIsNone(sa.offload)
+        self.engine.answer("c1", "A", "B", parse_sdp(sdp(b_port)), opts)
+        c.send(rtp(5), to_a)  # userspace again, to B
+        data, _ = yield b.received.get()
+        self.assertEqual(data, rtp(5))
+        self.assertIsNotNone(sa.offload)  # both latched again: back in the kernel
+        self.assertIn(f"dnat to {LOCAL}:{c_port}", "\n".join(self.fake.rules.values()))
+        del a
+
+    @defer.inlineCallbacks
+    def test_a_foreign_source_falls_back_for_good(self) -> Any:
+        _a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        other, _ = self.phone()
+        other.send(rtp(9), to_a)
+        data, _ = yield b.received.get()  # userspace forwards it (no strict source)
+        self.assertEqual(data, rtp(9))
+        self.assertEqual(self.fake.rules, {})
+        sa, sb = self.streams()
+        self.assertTrue(sa.no_kernel and sb.no_kernel)
+
+    @defer.inlineCallbacks
+    def test_install_failure_stays_in_userspace(self) -> Any:
+        self.fake.fail.add("echo")
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        sa, _ = self.streams()
+        self.assertIsNone(sa.offload)
+        self.assertTrue(sa.no_kernel)
+        a.send(rtp(3), to_a)
+        data, _ = yield b.received.get()
+        self.assertEqual(data, rtp(3))
+
+    @defer.inlineCallbacks
+    def test_counter_poll_failures_are_survived(self) -> Any:
+        yield self.latched()
+        self.fake.fail.add("counters")
+        self.clock.advance(2)
+        self.clock.advance(2)
+        self.fake.fail.discard("counters")
+        self.fake.counters["o1_ab"] = (3, 300)
+        self.clock.advance(2)
+        sa, sb = self.streams()
+        self.assertEqual(sa.kernel_packets + sb.kernel_packets, 3)
+
+    @defer.inlineCallbacks
+    def test_rtcp_mux_mismatch_stays_in_userspace(self) -> Any:
+        a, a_port = self.phone()
+        b, b_port = self.phone()
+        opts = SignalOptions(direction=("inside", "outside"))
+        offer = self.engine.offer("c1", "A", parse_sdp(sdp(a_port, extra="a=rtcp-mux\r\n")),
+                                  SignalOptions(direction=("inside", "outside"),
+                                                rtcp_mux=frozenset({"demux"})))
+        answer = self.engine.answer("c1", "A", "B", parse_sdp(sdp(b_port)), opts)
+        a.send(rtp(1), answer.media[0].port)
+        yield b.received.get()
+        b.send(rtp(2), offer.media[0].port)
+        yield a.received.get()
+        self.assertEqual(self.fake.rules, {})
+
+
+def deferLater(seconds: float) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class ServiceTests(unittest.TestCase):
+    def config(self, kernel: str) -> RelayConfig:
+        return RelayConfig(interfaces=(RelayInterface("default", LOCAL),), port_min=PORT_MIN,
+                           port_max=PORT_MAX, kernel=kernel, kernel_table=TABLE)
+
+    @defer.inlineCallbacks
+    def test_auto_uses_the_kernel_and_stopping_deletes_the_table(self) -> Any:
+        fake = FakeNft()
+        service = makeRelayService(self.config("auto"), reactor, Clock(), kernel_runner=fake)
+        service.startService()
+        self.assertIs(service.engine.kernel, service.kernel)
+        yield service.stopService()
+        self.assertIsNone(service.engine.kernel)
+        self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
+                         ["nft", "delete", "table", "ip", TABLE])
+
+    @defer.inlineCallbacks
+    def test_auto_without_nft_is_userspace(self) -> Any:
+        fake = FakeNft()
+        fake.fail.add("start")
+        service = makeRelayService(self.config("auto"), reactor, Clock(), kernel_runner=fake)
+        service.startService()
+        self.assertIsNone(service.engine.kernel)
+        yield service.stopService()
+        self.assertEqual(fake.ran("delete", "table"), [])
+
+    def test_off_runs_nothing(self) -> None:
+        fake = FakeNft()
+        service = makeRelayService(self.config("off"), reactor, Clock(), kernel_runner=fake)
+        service.startService()
+        self.assertIsNone(service.kernel)
+        self.assertEqual(fake.commands, [])
+        self.successResultOf(service.stopService())
+
+    def test_bad_value(self) -> None:
+        self.assertRaises(ValueError, makeRelayService, self.config("maybe"), reactor)
+
+
+class OptionTests(unittest.SynchronousTestCase):
+    def parse(self, *args: str) -> Any:
+        options = tap.Options()
+        options.parseOptions(list(args))
+        return tap.relay_config(options)
+
+    def test_kernel_options(self) -> None:
+        self.assertEqual(self.parse().kernel, "auto")
+        config = self.parse("--kernel", "off", "--kernel-table", "mine")
+        self.assertEqual((config.kernel, config.kernel_table), ("off", "mine"))
+        with self.assertRaises(ConfigError) as e:
+            self.parse("--kernel", "yes")
+        self.assertIn("--kernel", str(e.exception))
+        with self.assertRaises(ConfigError):
+            self.parse("--kernel-table", "a-b")
+        self.assertRaises(usage.UsageError, self.parse, "--kernel")
