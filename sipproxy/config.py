@@ -27,6 +27,7 @@ __all__ = [
     "CORE_SECTIONS",
     "Config",
     "ConfigError",
+    "LimitsConfig",
     "ListenConfig",
     "ProxyConfig",
     "RegistrarConfig",
@@ -41,7 +42,7 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
@@ -477,6 +478,50 @@ class DnsConfig:
     timeout: float = 5.0
 
 
+_DEFAULT_BLOCKED_USER_AGENTS: Final = (
+    "friendly-scanner", "sipvicious", "sipcli", "sip-scan", "sipscan", "sundayddr", "iwar",
+    "vaxsipuseragent", "pplsip", "siparmyknife",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """C{[limits]}: flood protection and bounds on what one source may hold open
+    (L{sipproxy.flood.FloodGuard}, the transports' timeouts)."""
+
+    enabled: bool = True
+    """False: no rate limit, ban, User-Agent block list or per-source limit at all."""
+    messages_per_second: float = 100.0
+    """Per source IP: messages (datagrams or framed stream messages, requests and responses)
+    per second, sustained."""
+    burst: int = 400
+    """Per source IP: messages it may send at once above the sustained rate."""
+    ban_time: float = 300.0
+    """Seconds a source that went over the rate is ignored."""
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    """CIDRs (normalized) that no per-source check applies to: the proxy's host by default; add
+    the inside networks or the provider."""
+    blocked_user_agents: tuple[str, ...] = _DEFAULT_BLOCKED_USER_AGENTS
+    """Lower-case substrings: a request whose User-Agent contains one is dropped silently."""
+    refusal_weight: int = 10
+    """A refused request (blocked User-Agent, over a limit, unparsable) counts as this many
+    messages toward the rate limit."""
+    max_transactions_per_source: int = 500
+    """Open server transactions per source IP (0: no limit); over it requests get 503."""
+    max_connections_per_source: int = 32
+    """Incoming TCP/TLS connections per source IP; more are refused at accept."""
+    max_connections: int = 1000
+    """Incoming TCP/TLS connections in all."""
+    idle_timeout: float = 600.0
+    """Seconds without traffic after which a TCP/TLS connection is closed."""
+    message_timeout: float = 30.0
+    """Seconds a TCP/TLS peer has to finish a message it started (slow-loris); 0: no limit."""
+    max_sources: int = 100_000
+    """Sources tracked (and banned) at most: bounds memory under a spoofed-source flood."""
+    log_interval: float = 60.0
+    """Refusals are logged at most once per source per this many seconds (all are counted)."""
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -495,6 +540,7 @@ class Config:
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     timers: TimerConfig = field(default_factory=TimerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     plugins: tuple[str, ...] = ()
     """Names of the enabled plugins, in pipeline order."""
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_sections, hash=False)
@@ -557,6 +603,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     timers = _timers(_table(root, "timers"))
     dns = _dns(_table(root, "dns"))
     plugins = _plugins(_table(root, "plugins"))
+    limits = _limits(_table(root, "limits"))
     return Config(
         proxy=proxy,
         listen=listen,
@@ -564,6 +611,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         registrar=registrar,
         timers=timers,
         dns=dns,
+        limits=limits,
         plugins=plugins,
         sections=MappingProxyType(sections),
         source=source,
@@ -777,3 +825,40 @@ def _plugins(s: Section) -> tuple[str, ...]:
                 "enabled", i, f"{_show(name)} is a core section name; no plugin may use it"
             )
     return names
+
+
+_LIMIT_KEYS: Final = frozenset(LimitsConfig.__dataclass_fields__)
+
+
+def _limits(s: Section) -> LimitsConfig:
+    s.check_no_unknown(_LIMIT_KEYS)
+    d = LimitsConfig()
+    exempt = []
+    for i, text in enumerate(s.get_list_of_str("exempt", d.exempt)):
+        try:
+            exempt.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise s.item_error(
+                "exempt", i, f"must be an IP address or network (CIDR), got {_show(text)}"
+            ) from None
+    agents = tuple(a.lower() for a in s.get_list_of_str("blocked_user_agents",
+                                                         d.blocked_user_agents))
+    return LimitsConfig(
+        enabled=s.get_bool("enabled", d.enabled),
+        messages_per_second=s.get_float("messages_per_second", d.messages_per_second, min=0,
+                                        min_exclusive=True),
+        burst=s.get_int("burst", d.burst, min=1),
+        ban_time=s.get_float("ban_time", d.ban_time, min=0, min_exclusive=True),
+        exempt=tuple(exempt),
+        blocked_user_agents=agents,
+        refusal_weight=s.get_int("refusal_weight", d.refusal_weight, min=0),
+        max_transactions_per_source=s.get_int(
+            "max_transactions_per_source", d.max_transactions_per_source, min=0),
+        max_connections_per_source=s.get_int(
+            "max_connections_per_source", d.max_connections_per_source, min=1),
+        max_connections=s.get_int("max_connections", d.max_connections, min=1),
+        idle_timeout=s.get_float("idle_timeout", d.idle_timeout, min=0, min_exclusive=True),
+        message_timeout=s.get_float("message_timeout", d.message_timeout, min=0),
+        max_sources=s.get_int("max_sources", d.max_sources, min=1),
+        log_interval=s.get_float("log_interval", d.log_interval, min=0),
+    )

@@ -132,6 +132,8 @@ class Proxy:
         self._contexts: dict[ServerTransaction, RequestContext] = {}
         self._local_addr_cache: dict[str, str] = {}
         self._own_cache: dict[tuple[str, int], bool] = {}
+        #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
+        self._flood: Any = getattr(transports, "flood", None)
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -238,6 +240,11 @@ class Proxy:
             if request.method == "CANCEL":
                 self._handle_cancel(tx, request)
                 return
+            flood = self._flood
+            if flood is not None and request.source is not None:
+                if not flood.transaction_started(request.source.host):
+                    self._answer(tx, request, 503, "Service Unavailable")  # too many open
+                    return
             ctx = RequestContext(request, tx)
             self._contexts[tx] = ctx
             tx.when_terminated().addBoth(self._forget_context, tx)
@@ -257,8 +264,14 @@ class Proxy:
             self._answer(tx, request, 500, "Server Internal Error")
 
     def _forget_context(self, result: object, tx: ServerTransaction) -> object:
-        self._contexts.pop(tx, None)
+        self._drop_context(tx)
         return None
+
+    def _drop_context(self, tx: ServerTransaction) -> None:
+        ctx = self._contexts.pop(tx, None)
+        flood = self._flood
+        if flood is not None and ctx is not None and ctx.request.source is not None:
+            flood.transaction_ended(ctx.request.source.host)  # counted in request_received
 
     def ack_received(self, request: Request) -> None:
         """An ACK for a 2xx (end to end, RFC 3261 16.7 / 13.2.2.4): forward it statelessly."""
@@ -271,6 +284,8 @@ class Proxy:
             result = self.pipeline.run("request_received", ctx)
             # an ACK is never answered: a plugin's Response means "do not forward it"
             then(result, lambda r: None if isinstance(r, Response) else self._route_ack(ctx))
+        except ParseError as e:  # an ACK nobody can route (e.g. a non-SIP URI) is dropped
+            _log.debug("dropped {request!r}: {e}", request=request, e=e)
         except Exception:
             _log.failure("forwarding {request!r}", request=request)
 
@@ -843,7 +858,7 @@ class Proxy:
             and ctx.pending_targets <= 0
             and all(b.final is not None for b in ctx.branches)
         ):
-            self._contexts.pop(tx, None)
+            self._drop_context(tx)
 
     def _answer(self, tx: ServerTransaction, request: Request, status: int, reason: str) -> None:
         try:

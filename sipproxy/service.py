@@ -10,6 +10,7 @@ from twisted.logger import Logger
 
 from sipproxy.config import Config
 from sipproxy.dns import make_resolver
+from sipproxy.flood import FloodGuard
 from sipproxy.location import LocationService
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
@@ -66,8 +67,12 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
         default_expires=config.registrar.default_expires,
     )
     receiver: list[Proxy] = []
+    limits = config.limits
+    flood = FloodGuard.from_config(reactor, limits) if limits.enabled else None
     transports = TransportManager(
-        reactor, lambda message: receiver[0].receive(message), config.listen
+        reactor, lambda message: receiver[0].receive(message), config.listen,
+        idle_timeout=limits.idle_timeout, flood=flood,
+        message_timeout=limits.message_timeout or None,
     )
     resolver = make_resolver(config.dns.servers, config.dns.timeout, reactor)
     proxy = Proxy(config, reactor, transports, location, registrar, resolver)

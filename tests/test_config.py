@@ -15,6 +15,7 @@ from sipproxy.config import (
     CORE_SECTIONS,
     Config,
     ConfigError,
+    LimitsConfig,
     ListenConfig,
     ProxyConfig,
     RegistrarConfig,
@@ -646,6 +647,7 @@ CORE_KEYS = [
     ("timers", "t2"),
     ("timers", "t4"),
     ("plugins", "enabled"),
+    *(("limits", key) for key in sorted(LimitsConfig.__dataclass_fields__)),
 ]
 
 
@@ -680,7 +682,9 @@ def test_any_listen_value_is_accepted_or_blamed_on_that_key(key: str, value: str
 
 
 def test_core_section_names() -> None:
-    assert {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins"} == CORE_SECTIONS
+    assert {
+        "proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"
+    } == CORE_SECTIONS
 
 
 def test_dns_defaults_to_the_system_resolver() -> None:
@@ -715,3 +719,66 @@ def test_dns_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text, SRC)
     assert str(info.value) == f"{SRC}: {message}"
+
+
+# ---------------------------------------------------------------- [limits]
+
+
+def test_limits_defaults() -> None:
+    limits = parse_config("", SRC).limits
+    assert limits == LimitsConfig()
+    assert limits.enabled
+    assert limits.exempt == ("127.0.0.0/8", "::1/128")
+    assert "friendly-scanner" in limits.blocked_user_agents
+    assert (limits.messages_per_second, limits.burst, limits.ban_time) == (100.0, 400, 300.0)
+
+
+def test_limits_values_typed_and_normalized() -> None:
+    limits = parse_config(
+        "[limits]\n"
+        "messages_per_second = 50\nburst = 80\nban_time = 60\n"
+        'exempt = ["192.168.1.7/16", "2001:db8::1", "10.0.0.0/8"]\n'
+        'blocked_user_agents = ["Evil-Scanner"]\n'
+        "refusal_weight = 0\nmax_transactions_per_source = 0\n"
+        "max_connections_per_source = 4\nmax_connections = 100\n"
+        "idle_timeout = 30\nmessage_timeout = 0\nmax_sources = 10\nlog_interval = 5\n"
+        "enabled = false\n",
+        SRC,
+    ).limits
+    assert limits == LimitsConfig(
+        enabled=False, messages_per_second=50.0, burst=80, ban_time=60.0,
+        exempt=("192.168.0.0/16", "2001:db8::1/128", "10.0.0.0/8"),
+        blocked_user_agents=("evil-scanner",), refusal_weight=0,
+        max_transactions_per_source=0, max_connections_per_source=4, max_connections=100,
+        idle_timeout=30.0, message_timeout=0.0, max_sources=10, log_interval=5.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("burst = 0", "limits.burst: must be an integer >= 1, got 0"),
+        ("messages_per_second = 0", "limits.messages_per_second: must be a number > 0, got 0"),
+        ("ban_time = -1", "limits.ban_time: must be a number > 0, got -1"),
+        ('exempt = ["10.0.0.0/33"]',
+         'limits.exempt[0]: must be an IP address or network (CIDR), got "10.0.0.0/33"'),
+        ('exempt = "10.0.0.0/8"', 'limits.exempt: must be an array of strings, got "10.0.0.0/8"'),
+        ('blocked_user_agents = [""]', "limits.blocked_user_agents[0]: must not be empty"),
+        ("enabled = 1", "limits.enabled: must be true or false, got 1"),
+        ("max_connections_per_source = 0",
+         "limits.max_connections_per_source: must be an integer >= 1, got 0"),
+        ("bursts = 3", "limits.bursts: unknown key (expected one of: ban_time, "
+         "blocked_user_agents, burst, enabled, exempt, idle_timeout, log_interval, "
+         "max_connections, max_connections_per_source, max_sources, "
+         "max_transactions_per_source, message_timeout, messages_per_second, refusal_weight)"),
+    ],
+)
+def test_limits_errors(text: str, expected: str) -> None:
+    assert error_of(f"[limits]\n{text}\n") == f"{SRC}: {expected}"
+
+
+def test_example_file_documents_every_limits_key() -> None:
+    text = EXAMPLE.read_text()
+    for key in LimitsConfig.__dataclass_fields__:
+        assert f"{key} = " in text, key
+    assert load_config(str(EXAMPLE)).limits.enabled

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -59,6 +60,7 @@ from sipproxy.transport.udp import SIPDatagramProtocol
 
 if TYPE_CHECKING:
     from sipproxy.dns import Target
+    from sipproxy.flood import FloodGuard
 
 __all__ = [
     "RELIABLE_TRANSPORTS",
@@ -317,10 +319,32 @@ class _StreamFactory(Factory):
         self.manager = manager
         self.listener = listener
 
-    def buildProtocol(self, addr: Any) -> SIPStreamProtocol:
+    def buildProtocol(self, addr: Any) -> SIPStreamProtocol | None:
+        host = getattr(addr, "host", "")
         if self.listener.transport == "TLS":
-            return self.manager.tls.new_protocol(self.listener.side, outgoing=False)
-        return self.manager._new_stream(self.listener.side, outgoing=False)
+            # admitted by _GuardedTLSFactory, outside the TLS layer (it cannot take a None)
+            proto: SIPStreamProtocol = self.manager.tls.new_protocol(
+                self.listener.side, outgoing=False)
+            proto.admitted = host if self.manager.flood is not None else None
+            return proto
+        if not self.manager._admit(host):
+            return None  # refused: Twisted closes the socket at once
+        proto = self.manager._new_stream(self.listener.side, outgoing=False)
+        proto.admitted = host if self.manager.flood is not None else None
+        return proto
+
+
+class _GuardedTLSFactory(TLSMemoryBIOFactory):
+    """Refuses banned or over-limit sources before any TLS state is made for them."""
+
+    def __init__(self, options: Any, manager: TransportManager, wrapped: _StreamFactory) -> None:
+        super().__init__(options, False, wrapped)
+        self.manager = manager
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.manager._admit(getattr(addr, "host", "")):
+            return None
+        return super().buildProtocol(addr)
 
 
 @dataclass(slots=True)
@@ -375,6 +399,12 @@ class TransportManager(Service):
     @param idle_timeout: seconds without traffic after which a connection is closed (None: never).
     @param connect_timeout: seconds an outgoing TCP connection may take to establish.
     @param limits: message size limits for parsing and framing.
+    @param flood: the flood guard (L{sipproxy.flood.FloodGuard}): asked before any parse for
+        every datagram and stream message (a banned source costs a dict lookup), at accept for
+        every connection, and after parse for every request (scanner User-Agents). C{None}: no
+        flood protection.
+    @param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
+        no limit).
     """
 
     log = Logger()
@@ -389,8 +419,12 @@ class TransportManager(Service):
         idle_timeout: float | None = 600.0,
         connect_timeout: float = 10.0,
         limits: Limits = DEFAULT_LIMITS,
+        flood: FloodGuard | None = None,
+        message_timeout: float | None = None,
     ) -> None:
         self.reactor = reactor
+        self.flood = flood
+        self.message_timeout = message_timeout
         self.receiver = receiver
         specs = list(listens)
         self.listeners = [Listener(spec) for spec in specs]
@@ -443,14 +477,12 @@ class TransportManager(Service):
             _enlarge_receive_buffer(port)
             listener.udp = proto
         elif listener.transport == "TLS":
-            from twisted.protocols.tls import TLSMemoryBIOFactory
-
             assert listener.certificate is not None
             policy = self.tls.policy
             options = listener.certificate.options(
                 policy.server_minimum if policy is not None else TLSVersion.TLSv1_2
             )
-            factory = TLSMemoryBIOFactory(options, False, _StreamFactory(self, listener))
+            factory = _GuardedTLSFactory(options, self, _StreamFactory(self, listener))
             port = self.reactor.listenTCP(listener.port, factory, interface=interface)
         else:
             port = self.reactor.listenTCP(
@@ -469,6 +501,8 @@ class TransportManager(Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self.tls.stop()
+        if self.flood is not None:
+            self.flood.stop()
         waits: list[defer.Deferred[Any]] = []
         for listener in self.listeners:
             if listener.listening_port is not None:
@@ -802,9 +836,18 @@ class TransportManager(Service):
         return SIPStreamProtocol(
             self, self.reactor, side,
             outgoing=outgoing, idle_timeout=self.idle_timeout, limits=self.limits,
+            message_timeout=self.message_timeout,
         )
 
+    def _admit(self, host: str) -> bool:
+        """May a connection from C{host} be accepted? (counted when it may)"""
+        return self.flood is None or self.flood.admit_connection(host)
+
     def _datagram_received(self, listener: Listener, data: bytes, addr: tuple[str, int]) -> None:
+        # before anything else: a banned or flooding source costs a dict lookup or two
+        flood = self.flood
+        if flood is not None and not flood.allow(addr[0]):
+            return
         source = Source("UDP", addr[0], addr[1], listener.address, listener.port, listener.side)
 
         def reply(answer: bytes) -> None:
@@ -822,6 +865,11 @@ class TransportManager(Service):
 
     def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
         peer, local = proto.peer, proto.local
+        flood = self.flood
+        # connections we opened (to the provider) are not rate limited: we chose that peer
+        if flood is not None and not proto.outgoing and not flood.allow(peer[0]):
+            self._abort_stream(proto)  # banned: nothing more from this connection
+            return
         source = Source(proto.kind, peer[0], peer[1], local[0], local[1], proto.side)
         self._dispatch(data, source, proto.write)
 
@@ -833,9 +881,26 @@ class TransportManager(Service):
         )
         if answer is not None:
             proto.write(answer)
+        if self.flood is not None:
+            self.flood.penalize(proto.peer[0], "unframable")
+
+    def stream_too_slow(self, proto: SIPStreamProtocol) -> None:
+        if self.flood is not None:
+            self.flood.refuse(proto.peer[0], "slow", "closed a connection from {host}: a message "
+                              "took more than {timeout:g} s", timeout=proto.message_timeout or 0)
+
+    def _abort_stream(self, proto: SIPStreamProtocol) -> None:
+        transport = proto.transport
+        proto.close()
+        if transport is not None and hasattr(transport, "abortConnection"):
+            transport.abortConnection()
 
     def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
         self._streams.discard(proto)
+        if proto.admitted is not None:
+            if self.flood is not None:
+                self.flood.connection_closed(proto.admitted)
+            proto.admitted = None
         if isinstance(proto, SIPTLSStreamProtocol):
             self.tls.lost(proto, reason)
         for key in [k for k, p in self._connections.items() if p is proto]:
@@ -848,6 +913,8 @@ class TransportManager(Service):
         try:
             message = parse_message(data, self.limits)
         except ParseError as e:
+            if self.flood is not None:
+                self.flood.penalize(source.host, "unparsable")
             answer = None if e.is_response else stateless_error_response(data, e.status, e.reason)
             if answer is None:
                 self._drop_log(
@@ -863,8 +930,29 @@ class TransportManager(Service):
             reply(answer)
             return
         message.source = source
-        if isinstance(message, Request):
-            stamp_via(message, source)
+        try:
+            # parsed lazily by the message layer, needed by everything after us: a request
+            # whose From or To does not parse must be refused here, or it is never answered
+            message.from_  # noqa: B018
+            message.to  # noqa: B018
+            if isinstance(message, Request):
+                if self.flood is not None and not self.flood.screen(message, source.host):
+                    return  # a scanner: dropped without an answer
+                stamp_via(message, source)
+        except ParseError as e:
+            if self.flood is not None:
+                self.flood.penalize(source.host, "unparsable")
+            answer = None
+            if isinstance(message, Request):
+                answer = stateless_error_response(data, e.status, e.reason)
+            self._drop_log(
+                "refused {what} from {host}:{port}: {reason}",
+                what="request" if answer is not None else "message",
+                host=source.host, port=source.port, reason=e.reason,
+            )
+            if answer is not None:
+                reply(answer)
+            return
         try:
             self.receiver(message)
         except Exception:

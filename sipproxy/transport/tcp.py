@@ -1,8 +1,10 @@
 """SIP over TCP: one protocol per connection that frames the byte stream into messages.
 
-The protocol owns what is about the stream itself: framing (L{StreamFramer}), RFC 5626 CRLF
-keepalives (a C{CRLFCRLF} ping is answered with a C{CRLF} pong), the idle timeout and write
-buffering. What a message means is the owner's business (L{StreamOwner}, the transport manager).
+The protocol owns what is about the stream itself: framing (L{StreamFramer}, whose size limits
+cut off an endless header or body), RFC 5626 CRLF keepalives (a C{CRLFCRLF} ping is answered
+with a C{CRLF} pong), the idle timeout, the message timeout (a peer that starts a message must
+finish it in time: a slow-loris trickling bytes is cut off) and write buffering. What a
+message means is the owner's business (L{StreamOwner}, the transport manager).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class StreamOwner(TypingProtocol):
     def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
         """The connection is gone: forget it."""
 
+    def stream_too_slow(self, proto: SIPStreamProtocol) -> None:
+        """The peer did not finish a message within the message timeout; the protocol aborts
+        the connection right after this returns."""
+
 
 class SIPStreamProtocol(Protocol):
     """
@@ -65,6 +71,7 @@ class SIPStreamProtocol(Protocol):
         outgoing: bool,
         idle_timeout: float | None,
         limits: Limits = DEFAULT_LIMITS,
+        message_timeout: float | None = None,
     ) -> None:
         self.owner = owner
         self.clock = clock
@@ -77,6 +84,10 @@ class SIPStreamProtocol(Protocol):
         self.connected_ = False
         self.closing = False
         self._idle: IDelayedCall | None = None
+        self.message_timeout = message_timeout or None
+        self._partial: IDelayedCall | None = None
+        #: the source IP the owner counted this connection for (the owner's bookkeeping)
+        self.admitted: str | None = None
 
     # -- twisted callbacks ------------------------------------------------------------------------
 
@@ -101,6 +112,8 @@ class SIPStreamProtocol(Protocol):
             pending = getattr(self.framer, "_buf", None)
             self._framing_failed(e, bytes(pending) if pending else data)
             return
+        if self.message_timeout is not None:
+            self._watch_partial()
         for item in items:
             if self.closing:
                 return
@@ -117,6 +130,7 @@ class SIPStreamProtocol(Protocol):
         self.connected_ = False
         self.closing = True
         self._cancel_idle()
+        self._cancel_partial()
         try:
             self.owner.stream_lost(self, reason)
         except Exception:
@@ -135,6 +149,7 @@ class SIPStreamProtocol(Protocol):
         """Flush what is written, then close."""
         self.closing = True
         self._cancel_idle()
+        self._cancel_partial()
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -169,3 +184,35 @@ class SIPStreamProtocol(Protocol):
         self._idle = None
         self.log.debug("closing idle connection with {peer}", peer=self.peer)
         self.close()
+
+    def _watch_partial(self) -> None:
+        """A started message must be complete within C{message_timeout} of its first byte."""
+        if self.framer.buffered:
+            if self._partial is None and not self.closing:
+                assert self.message_timeout is not None
+                self._partial = self.clock.callLater(self.message_timeout, self._too_slow)
+        elif self._partial is not None:
+            self._cancel_partial()
+
+    def _cancel_partial(self) -> None:
+        if self._partial is not None and self._partial.active():
+            self._partial.cancel()
+        self._partial = None
+
+    def _too_slow(self) -> None:
+        self._partial = None
+        self.log.info(
+            "closing connection from {peer}: a message took more than {timeout:g} s "
+            "({buffered} bytes of it received)",
+            peer=self.peer, timeout=self.message_timeout, buffered=self.framer.buffered,
+        )
+        try:
+            report = getattr(self.owner, "stream_too_slow", None)
+            if report is not None:
+                report(self)
+        except Exception:
+            self.log.failure("bookkeeping failed for {peer}", peer=self.peer)
+        transport = self.transport
+        self.close()
+        if transport is not None and hasattr(transport, "abortConnection"):
+            transport.abortConnection()

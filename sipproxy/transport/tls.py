@@ -356,9 +356,10 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
         target: tuple[str, int] = ("", 0),
         keepalive_interval: float | None = None,
         pong_timeout: float = 10.0,
+        message_timeout: float | None = None,
     ) -> None:
         super().__init__(owner, clock, side, outgoing=outgoing, idle_timeout=idle_timeout,
-                         limits=limits)
+                         limits=limits, message_timeout=message_timeout)
         self.server_name = server_name
         self.target = target
         self.keepalive_interval = keepalive_interval
@@ -504,12 +505,22 @@ class TLSConnections:
     ) -> SIPTLSStreamProtocol:
         m = self.manager
         policy = self.policy
-        return SIPTLSStreamProtocol(
+        proto = SIPTLSStreamProtocol(
             m, m.reactor, side, outgoing=outgoing, idle_timeout=m.idle_timeout,
             limits=m.limits, server_name=server_name, target=target,
             keepalive_interval=policy.keepalive_interval if policy and outgoing else None,
             pong_timeout=policy.pong_timeout if policy else 10.0,
+            message_timeout=m.message_timeout,
         )
+        if not outgoing:
+            # nobody waits for an accepted connection's handshake: a peer that hangs up or
+            # speaks no TLS is only logged, not an unhandled error
+            proto.handshake.addErrback(self._accept_failed, proto)
+        return proto
+
+    def _accept_failed(self, reason: Failure, proto: SIPTLSStreamProtocol) -> None:
+        _log.debug("TLS handshake with {peer} failed: {error}", peer=proto.peer,
+                   error=reason.getErrorMessage())
 
     def connected(self, proto: SIPTLSStreamProtocol) -> None:
         """A handshake completed: the connection may be reused from now on."""

@@ -1,0 +1,363 @@
+"""
+Flood protection: per-source rate limits with a temporary ban (like Kamailio's pike), a block
+list of scanner User-Agents, and per-source limits on open transactions and connections.
+
+L{FloodGuard} is policy only; the transports and the proxy ask it:
+
+  - L{FloodGuard.allow} for every datagram and every framed stream message, before it is
+    parsed: a token bucket per source IP (C{messages_per_second}, C{burst}) on the injected
+    clock. A source that empties its bucket is banned for C{ban_time} seconds; while banned, its
+    datagrams cost one dict lookup (C{host in guard.banned}) and its connections are refused at
+    accept. The unban is a timer, so the hot path never reads the clock for a banned source.
+  - L{FloodGuard.screen} for every request that parsed: a blocked User-Agent (lower-case
+    substring match) is dropped silently (a scanner learns nothing) and counts toward a ban.
+  - L{FloodGuard.admit_connection} / L{FloodGuard.connection_closed}: TCP/TLS connections per
+    source IP and in all.
+  - L{FloodGuard.transaction_started} / L{FloodGuard.transaction_ended}: open server
+    transactions per source IP.
+
+Every refusal is counted (L{FloodGuard.counters}) and logged at most once per source per
+C{log_interval} (L{sipproxy.refusals.RefusalLog}); a refusal also takes C{refusal_weight} tokens
+from the source's bucket, so a source that keeps being refused is banned. Memory is bounded: at
+most C{max_sources} sources are tracked (idle ones are pruned; when the table is full of busy
+sources a new one is let through untracked and counted as C{"untracked"}), and at most
+C{max_sources} are banned. Sources in C{exempt} (CIDRs: the inside networks, the provider) skip
+every per-source check; the total connection limit still applies to them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from sipproxy.config import LimitsConfig
+from sipproxy.refusals import RefusalLog
+
+if TYPE_CHECKING:
+    from sipproxy.message import Request
+
+__all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard"]
+
+_DEFAULTS: Final = LimitsConfig()
+DEFAULT_BLOCKED_USER_AGENTS: Final = _DEFAULTS.blocked_user_agents
+"""User-Agent substrings of well-known SIP scanners (matched lower case)."""
+DEFAULT_EXEMPT: Final = _DEFAULTS.exempt
+"""The proxy's own host: local tools, benchmarks and tests are not rate limited by default."""
+
+_PRUNE_INTERVAL: Final = 60.0
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(slots=True)
+class _Ban:
+    reason: str
+    since: float
+    unban: IDelayedCall
+    dropped: int = 0
+
+
+# Stored in the bucket table for an exempt source: one identity test on the hot path.
+_EXEMPT: Final[list[float]] = [0.0, 0.0]
+
+
+class FloodGuard:
+    """
+    Per-source limits; see the module docstring. All times come from C{clock}.
+
+    @ivar banned: source IP -> ban; the transports test C{host in guard.banned} first.
+    @ivar counters: refusals and events by reason (C{"rate"}, C{"scanner"}, C{"transactions"},
+        C{"connections"}, C{"banned"} (bans started), C{"unbanned"}, C{"dropped_banned"} (counted
+        when a ban ends), C{"untracked"} ...), for a metrics exporter.
+    """
+
+    log = Logger(namespace="sipproxy.flood")
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        messages_per_second: float = 100.0,
+        burst: int = 400,
+        ban_time: float = 300.0,
+        exempt: Iterable[str] = DEFAULT_EXEMPT,
+        blocked_user_agents: Iterable[str] = DEFAULT_BLOCKED_USER_AGENTS,
+        refusal_weight: int = 10,
+        max_transactions_per_source: int = 500,
+        max_connections_per_source: int = 32,
+        max_connections: int = 1000,
+        max_sources: int = 100_000,
+        log_interval: float = 60.0,
+        refusals: RefusalLog | None = None,
+    ) -> None:
+        self.clock = clock
+        self._seconds = clock.seconds
+        self.rate = float(messages_per_second)
+        self.burst = float(burst)
+        self.ban_time = ban_time
+        self.exempt: tuple[_Network, ...] = tuple(
+            ipaddress.ip_network(net, strict=False) for net in exempt
+        )
+        patterns = [p.lower() for p in blocked_user_agents if p]
+        self.blocked_user_agents = tuple(patterns)
+        self._ua = re.compile("|".join(map(re.escape, patterns))) if patterns else None
+        self.refusal_weight = refusal_weight
+        self.max_transactions_per_source = max_transactions_per_source
+        self.max_connections_per_source = max_connections_per_source
+        self.max_connections = max_connections
+        self.max_sources = max_sources
+        self.refusals = refusals or RefusalLog(clock, self.log, log_interval, max_sources)
+        self.counters: Counter[str] = self.refusals.counters
+        self.banned: dict[str, _Ban] = {}
+        # source -> [tokens, time of last update], or _EXEMPT
+        self._buckets: dict[str, list[float]] = {}
+        self._next_prune = self._seconds() + _PRUNE_INTERVAL
+        self._transactions: dict[str, int] = {}
+        self._connections: dict[str, int] = {}
+        self.connection_count = 0
+
+    @classmethod
+    def from_config(cls, clock: IReactorTime, config: LimitsConfig) -> FloodGuard:
+        return cls(
+            clock,
+            messages_per_second=config.messages_per_second,
+            burst=config.burst,
+            ban_time=config.ban_time,
+            exempt=config.exempt,
+            blocked_user_agents=config.blocked_user_agents,
+            refusal_weight=config.refusal_weight,
+            max_transactions_per_source=config.max_transactions_per_source,
+            max_connections_per_source=config.max_connections_per_source,
+            max_connections=config.max_connections,
+            max_sources=config.max_sources,
+            log_interval=config.log_interval,
+        )
+
+    # -- the hot path ------------------------------------------------------------------------
+
+    def allow(self, host: str) -> bool:
+        """Count one message from C{host}; C{False}: drop it unparsed (the source is banned)."""
+        ban = self.banned.get(host)
+        if ban is not None:
+            ban.dropped += 1
+            return False
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            return self._new_source(host)
+        if bucket is _EXEMPT:
+            return True
+        now = self._seconds()
+        tokens = bucket[0] + (now - bucket[1]) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens < 1.0:
+            self.ban(host, "rate")
+            return False
+        bucket[0] = tokens - 1.0
+        bucket[1] = now
+        return True
+
+    def _new_source(self, host: str) -> bool:
+        now = self._seconds()
+        buckets = self._buckets
+        if now >= self._next_prune or len(buckets) >= self.max_sources:
+            self._prune(now)
+            if len(buckets) >= self.max_sources:
+                self.counters["untracked"] += 1
+                return True
+        if self._is_exempt(host):
+            buckets[host] = _EXEMPT
+            return True
+        buckets[host] = [self.burst - 1.0, now]
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget sources whose bucket has filled up again (they are idle) and exempt ones."""
+        self._next_prune = now + _PRUNE_INTERVAL
+        rate, burst = self.rate, self.burst
+        idle = [
+            host for host, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * rate >= burst
+        ]
+        for host in idle:
+            del self._buckets[host]
+        # exempt entries satisfy the test above only by chance: drop them too, they come back
+        for host in [h for h, b in self._buckets.items() if b is _EXEMPT]:
+            del self._buckets[host]
+
+    # -- questions ---------------------------------------------------------------------------
+
+    def is_exempt(self, host: str) -> bool:
+        bucket = self._buckets.get(host)
+        if bucket is not None:
+            return bucket is _EXEMPT
+        return self._is_exempt(host)
+
+    def _is_exempt(self, host: str) -> bool:
+        if not self.exempt:
+            return False
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.exempt)
+
+    def is_banned(self, host: str) -> bool:
+        return host in self.banned
+
+    def blocked_user_agent(self, user_agent: str) -> bool:
+        """Whether C{user_agent} contains one of the blocked substrings (case-insensitive)."""
+        return self._ua is not None and self._ua.search(user_agent.lower()) is not None
+
+    def screen(self, request: Request, host: str) -> bool:
+        """After parse: C{False} means drop C{request} silently (a blocked User-Agent)."""
+        if self._ua is None or self._buckets.get(host) is _EXEMPT:
+            return True
+        user_agent = request.headers.get("User-Agent")
+        if user_agent is None or self._ua.search(user_agent.lower()) is None:
+            return True
+        if self.is_exempt(host):  # exempt but pruned from the table since allow()
+            return True
+        self.refuse(
+            host, "scanner", "dropped requests from {host}: scanner User-Agent {user_agent!r}",
+            user_agent=user_agent[:80],
+        )
+        return False
+
+    # -- refusals and bans -------------------------------------------------------------------
+
+    def refuse(self, host: str, reason: str, message: str, **fields: Any) -> None:
+        """Count and (once per source per interval) log one refusal; charge C{host} for it."""
+        self.refusals.refused(reason, host, message, host=host, **fields)
+        self.penalize(host)
+
+    def penalize(self, host: str, reason: str | None = None, weight: int | None = None) -> None:
+        """Take C{weight} (default C{refusal_weight}) tokens from C{host}; ban it when empty.
+        With C{reason}, also count it (for refusals the caller logged itself)."""
+        if reason is not None:
+            self.counters[reason] += 1
+        if host in self.banned:
+            return
+        bucket = self._buckets.get(host)
+        if bucket is None or bucket is _EXEMPT:
+            return
+        now = self._seconds()
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        tokens -= self.refusal_weight if weight is None else weight
+        bucket[0], bucket[1] = tokens, now
+        if tokens < 1.0:
+            self.ban(host, "refused requests")
+
+    def ban(self, host: str, reason: str) -> None:
+        """Ban C{host} for C{ban_time} seconds (a no-op if banned already or exempt)."""
+        if host in self.banned or self.is_exempt(host):
+            return
+        if len(self.banned) >= self.max_sources:
+            self.counters["ban_table_full"] += 1
+            return
+        unban = self.clock.callLater(self.ban_time, self._unban, host)
+        self.banned[host] = _Ban(reason, self._seconds(), unban)
+        self._buckets.pop(host, None)
+        self.counters["banned"] += 1
+        self.log.warn(
+            "banned {host} for {ban_time:g} s: {reason} (over {rate:g} messages/s, burst "
+            "{burst:g})", host=host, ban_time=self.ban_time, reason=reason, rate=self.rate,
+            burst=self.burst,
+        )
+
+    def unban(self, host: str) -> None:
+        ban = self.banned.get(host)
+        if ban is not None and ban.unban.active():
+            ban.unban.cancel()
+        self._unban(host)
+
+    def _unban(self, host: str) -> None:
+        ban = self.banned.pop(host, None)
+        if ban is None:
+            return
+        self.counters["unbanned"] += 1
+        self.counters["dropped_banned"] += ban.dropped
+        self.log.info(
+            "unbanned {host} after {seconds:g} s; {dropped} messages dropped while banned",
+            host=host, seconds=self._seconds() - ban.since, dropped=ban.dropped,
+        )
+
+    # -- connections -------------------------------------------------------------------------
+
+    def admit_connection(self, host: str) -> bool:
+        """An incoming TCP/TLS connection from C{host}: C{True} counts it (call
+        L{connection_closed} when it goes), C{False} refuses it."""
+        ban = self.banned.get(host)
+        if ban is not None:
+            ban.dropped += 1
+            return False
+        if self.connection_count >= self.max_connections:
+            self.refuse(host, "connections", "refused a connection from {host}: {count} "
+                        "connections open in all", count=self.connection_count)
+            return False
+        if not self.is_exempt(host):
+            count = self._connections.get(host, 0)
+            if count >= self.max_connections_per_source:
+                self.refuse(host, "connections", "refused a connection from {host}: {count} "
+                            "connections open from it", count=count)
+                return False
+            self._connections[host] = count + 1
+        self.connection_count += 1
+        return True
+
+    def connection_closed(self, host: str) -> None:
+        self.connection_count = max(0, self.connection_count - 1)
+        count = self._connections.get(host)
+        if count is not None:
+            if count <= 1:
+                del self._connections[host]
+            else:
+                self._connections[host] = count - 1
+
+    def connections_from(self, host: str) -> int:
+        return self._connections.get(host, 0)
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def transaction_started(self, host: str) -> bool:
+        """A new server transaction from C{host}: C{False} refuses it (too many open); else it
+        is counted until L{transaction_ended}."""
+        limit = self.max_transactions_per_source
+        if not limit or self.is_exempt(host):
+            return True
+        count = self._transactions.get(host, 0)
+        if count >= limit:
+            self.refuse(host, "transactions", "refused requests from {host}: {count} "
+                        "transactions open from it", count=count)
+            return False
+        self._transactions[host] = count + 1
+        return True
+
+    def transaction_ended(self, host: str) -> None:
+        count = self._transactions.get(host)
+        if count is not None:
+            if count <= 1:
+                del self._transactions[host]
+            else:
+                self._transactions[host] = count - 1
+
+    def transactions_from(self, host: str) -> int:
+        return self._transactions.get(host, 0)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Cancel every unban timer (the proxy is stopping)."""
+        for ban in self.banned.values():
+            if ban.unban.active():
+                ban.unban.cancel()
+        self.banned.clear()
