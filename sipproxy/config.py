@@ -508,6 +508,9 @@ class LimitsConfig:
     messages toward the rate limit."""
     max_transactions_per_source: int = 500
     """Open server transactions per source IP (0: no limit); over it requests get 503."""
+    max_dialogs_per_source: int = 200
+    """Dialogs (calls) a source IP may have set up and not ended (0: no limit); over it new
+    INVITEs from it get 503."""
     max_connections_per_source: int = 32
     """Incoming TCP/TLS connections per source IP; more are refused at accept."""
     max_connections: int = 1000
@@ -854,6 +857,8 @@ def _limits(s: Section) -> LimitsConfig:
         refusal_weight=s.get_int("refusal_weight", d.refusal_weight, min=0),
         max_transactions_per_source=s.get_int(
             "max_transactions_per_source", d.max_transactions_per_source, min=0),
+        max_dialogs_per_source=s.get_int(
+            "max_dialogs_per_source", d.max_dialogs_per_source, min=0),
         max_connections_per_source=s.get_int(
             "max_connections_per_source", d.max_connections_per_source, min=1),
         max_connections=s.get_int("max_connections", d.max_connections, min=1),

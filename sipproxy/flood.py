@@ -14,7 +14,8 @@ L{FloodGuard} is policy only; the transports and the proxy ask it:
   - L{FloodGuard.admit_connection} / L{FloodGuard.connection_closed}: TCP/TLS connections per
     source IP and in all.
   - L{FloodGuard.transaction_started} / L{FloodGuard.transaction_ended}: open server
-    transactions per source IP.
+    transactions per source IP; L{FloodGuard.may_start_dialog} / L{FloodGuard.dialog_started}
+    / L{FloodGuard.dialog_ended}: dialogs per source IP (the caller's).
 
 Every refusal is counted (L{FloodGuard.counters}) and logged at most once per source per
 C{log_interval} (L{sipproxy.refusals.RefusalLog}); a refusal also takes C{refusal_weight} tokens
@@ -91,6 +92,7 @@ class FloodGuard:
         blocked_user_agents: Iterable[str] = DEFAULT_BLOCKED_USER_AGENTS,
         refusal_weight: int = 10,
         max_transactions_per_source: int = 500,
+        max_dialogs_per_source: int = 200,
         max_connections_per_source: int = 32,
         max_connections: int = 1000,
         max_sources: int = 100_000,
@@ -110,6 +112,7 @@ class FloodGuard:
         self._ua = re.compile("|".join(map(re.escape, patterns))) if patterns else None
         self.refusal_weight = refusal_weight
         self.max_transactions_per_source = max_transactions_per_source
+        self.max_dialogs_per_source = max_dialogs_per_source
         self.max_connections_per_source = max_connections_per_source
         self.max_connections = max_connections
         self.max_sources = max_sources
@@ -120,6 +123,7 @@ class FloodGuard:
         self._buckets: dict[str, list[float]] = {}
         self._next_prune = self._seconds() + _PRUNE_INTERVAL
         self._transactions: dict[str, int] = {}
+        self._dialogs: dict[str, int] = {}
         self._connections: dict[str, int] = {}
         self.connection_count = 0
 
@@ -134,6 +138,7 @@ class FloodGuard:
             blocked_user_agents=config.blocked_user_agents,
             refusal_weight=config.refusal_weight,
             max_transactions_per_source=config.max_transactions_per_source,
+            max_dialogs_per_source=config.max_dialogs_per_source,
             max_connections_per_source=config.max_connections_per_source,
             max_connections=config.max_connections,
             max_sources=config.max_sources,
@@ -352,6 +357,39 @@ class FloodGuard:
 
     def transactions_from(self, host: str) -> int:
         return self._transactions.get(host, 0)
+
+    # -- dialogs -----------------------------------------------------------------------------
+
+    def may_start_dialog(self, host: str) -> bool:
+        """An initial INVITE from C{host}: C{False} refuses it (too many dialogs open)."""
+        limit = self.max_dialogs_per_source
+        if not limit:
+            return True
+        count = self._dialogs.get(host, 0)
+        if count < limit or self.is_exempt(host):
+            return True
+        self.refuse(host, "dialogs", "refused a call from {host}: {count} dialogs open from it",
+                    count=count)
+        return False
+
+    def dialog_started(self, host: str) -> bool:
+        """A dialog set up by C{host} exists now; C{True}: it was counted (call
+        L{dialog_ended} when it ends)."""
+        if not self.max_dialogs_per_source or self.is_exempt(host):
+            return False
+        self._dialogs[host] = self._dialogs.get(host, 0) + 1
+        return True
+
+    def dialog_ended(self, host: str) -> None:
+        count = self._dialogs.get(host)
+        if count is not None:
+            if count <= 1:
+                del self._dialogs[host]
+            else:
+                self._dialogs[host] = count - 1
+
+    def dialogs_from(self, host: str) -> int:
+        return self._dialogs.get(host, 0)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

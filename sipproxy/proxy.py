@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 __all__ = ["Branch", "Proxy", "RequestContext"]
 
 _log = Logger(namespace="sipproxy.proxy")
+#: Dialog.data key: the source IP the flood guard counts the dialog for
+_FLOOD_SOURCE = "sipproxy.flood.source"
 
 #: Methods whose initial request creates a dialog, so the proxy Record-Routes them.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
@@ -242,7 +244,10 @@ class Proxy:
                 return
             flood = self._flood
             if flood is not None and request.source is not None:
-                if not flood.transaction_started(request.source.host):
+                host = request.source.host
+                if (request.method == "INVITE" and not request.to.tag
+                        and not flood.may_start_dialog(host)) \
+                        or not flood.transaction_started(host):
                     self._answer(tx, request, 503, "Service Unavailable")  # too many open
                     return
             ctx = RequestContext(request, tx)
@@ -980,6 +985,9 @@ class Proxy:
         )
         if new:
             ctx.dialog = dialog
+            flood = self._flood
+            if flood is not None and source is not None and flood.dialog_started(source.host):
+                dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
             self.pipeline.notify("dialog_established", dialog)
 
     def _end_dialog_on_bye(self, ctx: RequestContext) -> None:
@@ -987,6 +995,9 @@ class Proxy:
             self.dialogs.end(ctx.dialog, "bye")
 
     def _dialog_ended(self, dialog: Dialog, reason: str) -> None:
+        host = dialog.data.pop(_FLOOD_SOURCE, None)
+        if host is not None and self._flood is not None:
+            self._flood.dialog_ended(host)
         self.pipeline.notify("dialog_ended", dialog, reason)
 
     def stop(self) -> None:

@@ -740,7 +740,7 @@ def test_limits_values_typed_and_normalized() -> None:
         'exempt = ["192.168.1.7/16", "2001:db8::1", "10.0.0.0/8"]\n'
         'blocked_user_agents = ["Evil-Scanner"]\n'
         "refusal_weight = 0\nmax_transactions_per_source = 0\n"
-        "max_connections_per_source = 4\nmax_connections = 100\n"
+        "max_connections_per_source = 4\nmax_connections = 100\nmax_dialogs_per_source = 3\n"
         "idle_timeout = 30\nmessage_timeout = 0\nmax_sources = 10\nlog_interval = 5\n"
         "enabled = false\n",
         SRC,
@@ -749,7 +749,8 @@ def test_limits_values_typed_and_normalized() -> None:
         enabled=False, messages_per_second=50.0, burst=80, ban_time=60.0,
         exempt=("192.168.0.0/16", "2001:db8::1/128", "10.0.0.0/8"),
         blocked_user_agents=("evil-scanner",), refusal_weight=0,
-        max_transactions_per_source=0, max_connections_per_source=4, max_connections=100,
+        max_transactions_per_source=0, max_dialogs_per_source=3, max_connections_per_source=4,
+        max_connections=100,
         idle_timeout=30.0, message_timeout=0.0, max_sources=10, log_interval=5.0,
     )
 
@@ -769,7 +770,7 @@ def test_limits_values_typed_and_normalized() -> None:
          "limits.max_connections_per_source: must be an integer >= 1, got 0"),
         ("bursts = 3", "limits.bursts: unknown key (expected one of: ban_time, "
          "blocked_user_agents, burst, enabled, exempt, idle_timeout, log_interval, "
-         "max_connections, max_connections_per_source, max_sources, "
+         "max_connections, max_connections_per_source, max_dialogs_per_source, max_sources, "
          "max_transactions_per_source, message_timeout, messages_per_second, refusal_weight)"),
     ],
 )

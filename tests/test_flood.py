@@ -426,3 +426,53 @@ class Closed(Protocol):
 
     def connectionLost(self, reason: object = None) -> None:
         self.lost.callback(None)
+
+
+class ProxyLimitTests(unittest.SynchronousTestCase):
+    """The proxy asks the guard: open transactions and dialogs per source (503 over them)."""
+
+    def harness(self, **kw: Any) -> Any:
+        from tests.test_proxy import make_harness
+
+        h = make_harness()
+        self.guard = guard(h.clock, exempt=(), refusal_weight=0, **kw)
+        h.proxy._flood = self.guard
+        return h
+
+    def test_dialogs_per_source(self) -> None:
+        from tests.test_proxy import ALICE, BOB_1, INSIDE, invite, only, request
+
+        h = self.harness(max_dialogs_per_source=1)
+        h.register("bob", BOB_1)
+        h.receive(invite())
+        out = only(h.sent("INVITE"))
+        h.respond(out, 200)
+        self.assertEqual(self.guard.dialogs_from(ALICE.host), 1)
+        h.receive(invite(call_id="call-2", branch="z9hG4bKalice2", from_="<sip:a@x>;tag=a2"))
+        self.assertEqual(h.finals("INVITE")[-1], 503)
+        self.assertEqual(len(h.sent("INVITE")), 1)  # not forwarded
+        self.assertEqual(self.guard.counters["dialogs"], 1)
+        # the BYE (in the dialog) goes through, and ends the dialog: calls are possible again
+        h.receive(request("BYE", BOB_1, cseq=2, branch="z9hG4bKbye1",
+                          to="<sip:bob@lan.example>;tag=callee",
+                          extra=f"Route: <sip:{INSIDE}:5060;lr>"))
+        h.respond(only(h.sent("BYE")), 200)
+        self.assertEqual(self.guard.dialogs_from(ALICE.host), 0)
+        h.receive(invite(call_id="call-3", branch="z9hG4bKalice3", from_="<sip:a@x>;tag=a3"))
+        self.assertEqual(len(h.sent("INVITE")), 2)
+        h.respond(h.sent("INVITE")[-1], 486)
+        h.assert_no_leaks()
+        self.assertEqual(self.guard._transactions, {})
+
+    def test_transactions_per_source(self) -> None:
+        from tests.test_proxy import request
+
+        h = self.harness(max_transactions_per_source=3)
+        for i in range(5):  # to the provider, which never answers: they stay open
+            h.receive(request("OPTIONS", "sip:carol@example.com", call_id=f"c{i}",
+                              branch=f"z9hG4bKo{i}"))
+        self.assertEqual(len(h.sent("OPTIONS")), 3)
+        self.assertEqual(h.finals(), [503, 503])
+        h.settle()  # they time out (408) and end: the counts come back to zero
+        self.assertEqual(self.guard._transactions, {})
+        h.assert_no_leaks()

@@ -184,6 +184,7 @@ def test_whole_receive_path(failures: list[LogEvent]) -> None:
         assert len(stack.proxy.transactions) == 0
         assert stack.proxy._contexts == {}
         assert stack.guard._transactions == {}, stack.guard._transactions
+        assert stack.guard._dialogs == {}, stack.guard._dialogs
 
     run()
 
