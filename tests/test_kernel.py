@@ -114,7 +114,7 @@ class ForwarderTests(unittest.SynchronousTestCase):
                          [["nft", "delete", "table", "ip", "sipproxy_relay_999999999"]])
         script = next(t for a, t in fake.commands if a == ["nft", "-f", "-"])
         self.assertIn(f"delete table ip {TABLE}", script)  # our own stale one, atomically
-        for hook in ("prerouting", "output", "postrouting", "forward"):
+        for hook in ("prerouting", "output", "postrouting"):
             self.assertIn(f"hook {hook}", script)
         self.successResultOf(k.stop())
         self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
@@ -146,8 +146,11 @@ class ForwarderTests(unittest.SynchronousTestCase):
         self.assertIn("ip saddr 203.0.113.50 udp sport 12000 ip daddr 203.0.113.1 udp dport "
                       "30002 dnat to 192.168.77.10:10000", script)
         self.assertIn("snat to 192.168.77.1:30000", script)
-        self.assertEqual(len(offload.rules), 10)
-        self.assertEqual(len(fake.rules), 10)
+        self.assertEqual(len(offload.rules), 12)
+        self.assertEqual(len(fake.rules), 12)
+        # what leaves is counted after the SNAT: the relay's port toward B, to B
+        self.assertIn("count_out ct status dnat ip saddr 203.0.113.1 udp sport 30002 ip daddr "
+                      '203.0.113.50 udp dport 12000 counter name "o1_ab_out"', script)
         # conntrack entries of the relay's 2 ports, both ways, flushed after the rules
         flushed = fake.ran("conntrack", "-D")
         self.assertEqual(len(flushed), 4)
@@ -217,6 +220,26 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(data, rtp(2))
         return a, b, a_port, b_port, to_relay_a, to_relay_b
 
+    def count(self, name: str, packets: int, octets: int, left: bool = True) -> None:
+        """The kernel counted ``packets`` arriving (and, with ``left``, leaving)."""
+        self.fake.counters[name] = (packets, octets)
+        if left:
+            self.fake.counters[f"{name}_out"] = (packets, octets)
+
+    @defer.inlineCallbacks
+    def test_a_firewall_dropping_the_kernel_path_falls_back(self) -> Any:
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        self.count("o1_ab", 10, 1000, left=False)  # arrive, never leave
+        self.count("o1_ba", 10, 1000)
+        self.clock.advance(2)
+        self.assertEqual(self.fake.rules, {})
+        sa, sb = self.streams()
+        self.assertTrue(sa.no_kernel and sb.no_kernel)
+        self.assertEqual(sa.kernel_packets + sb.kernel_packets, 20)
+        a.send(rtp(7), to_a)  # userspace forwards again
+        data, _ = yield b.received.get()
+        self.assertEqual(data, rtp(7))
+
     def streams(self) -> tuple[Any, Any]:
         call = self.engine.calls["c1"]
         return (call.monologues["A"].medias[0].rtp, call.monologues["B"].medias[0].rtp)
@@ -241,8 +264,8 @@ class EngineTests(unittest.TestCase):
         yield self.latched()
         sa, _sb = self.streams()
         for second in range(0, 120, 2):
-            self.fake.counters["o1_ab"] = (second * 50, second * 50 * 200)
-            self.fake.counters["o1_ba"] = (second * 50, second * 50 * 200)
+            self.count("o1_ab", second * 50, second * 50 * 200)
+            self.count("o1_ba", second * 50, second * 50 * 200)
             self.clock.advance(2)
         self.assertEqual(self.ended, [])  # 2 minutes of kernel-only media, no timeout
         stats = self.engine.query("c1")
@@ -325,7 +348,7 @@ class EngineTests(unittest.TestCase):
         self.clock.advance(2)
         self.clock.advance(2)
         self.fake.fail.discard("counters")
-        self.fake.counters["o1_ab"] = (3, 300)
+        self.count("o1_ab", 3, 300)
         self.clock.advance(2)
         sa, sb = self.streams()
         self.assertEqual(sa.kernel_packets + sb.kernel_packets, 3)

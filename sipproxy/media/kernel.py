@@ -17,10 +17,12 @@ to the userspace sockets (or keep NATing after removal); and an entry of the rel
 sending (relay port -> B) has the reply tuple the NATed flow needs, so the kernel would drop
 the NATed flow's packets as a clash.
 
-Counting: a filter chain on the forward hook (forwarded packets) and one on the output hook
-(the relay's own host, e.g. 127.0.0.1) count each direction in a named counter; :meth:`counters`
-reads them all (``nft -j list counters``). nftables counts IP packet bytes: the engine takes
-the IP and UDP headers off.
+Counting: filter chains right after the DNAT (prerouting for forwarded packets, output for the
+relay's own host, e.g. 127.0.0.1) count what arrives per direction in a named counter, and one
+after the SNAT (postrouting) what leaves, so after any forward filter: packets that arrive and
+never leave mean a firewall drops them (the engine then falls back to userspace).
+:meth:`counters` reads them all (``nft -j list counters``). nftables counts IP packet bytes:
+the engine takes the IP and UDP headers off.
 
 A firewall whose forward chain drops the RTP range has to let the relay's flows through, e.g.
 ``ct status dnat accept`` before the drop: only flows something NATs pass.
@@ -61,6 +63,8 @@ TABLE_PREFIX: Final = "sipproxy_relay_"
 DEFAULT_POLL_INTERVAL: Final = 2.0
 #: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
 HEADER_BYTES: Final = 28
+#: rules per offload: per direction DNAT (prerouting, output), SNAT, 3 counting rules
+RULES: Final = 12
 
 Address = tuple[str, int]
 NftRunner = Callable[[Sequence[str], bytes | None], "defer.Deferred[tuple[bytes, bytes, int]]"]
@@ -111,9 +115,13 @@ class Offload:
     flows: tuple[Flow, Flow]
     #: (chain, handle) of every rule, once installed
     rules: list[tuple[str, int]] = field(default_factory=list)
+    #: per direction: what arrived (after DNAT) and what left (after SNAT, so after any
+    #: forward filter): a direction whose packets arrive but do not leave is blocked
     counters: tuple[str, str] = ("", "")
+    out_counters: tuple[str, str] = ("", "")
     #: the counters' values when last read, per direction: (packets, bytes)
     seen: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0), (0, 0)])
+    seen_out: list[int] = field(default_factory=lambda: [0, 0])
 
     @property
     def ports(self) -> list[Address]:
@@ -171,9 +179,11 @@ class KernelForwarder:
             "  chain output { type nat hook output priority -110; policy accept; }\n"
             "  chain postrouting { type nat hook postrouting priority srcnat - 10; "
             "policy accept; }\n"
-            "  chain count_forward { type filter hook forward priority filter - 10; "
+            "  chain count_in { type filter hook prerouting priority dstnat + 10; "
             "policy accept; }\n"
-            "  chain count_output { type filter hook output priority filter - 10; "
+            "  chain count_local { type filter hook output priority filter; "
+            "policy accept; }\n"
+            "  chain count_out { type filter hook postrouting priority srcnat + 10; "
             "policy accept; }\n"
             "}\n"
         )
@@ -236,9 +246,14 @@ class KernelForwarder:
                 f'snat to {_quote(flow.out)} comment "{tag}s"')
             counted = (f"ct status dnat ip saddr {sip} udp sport {sport} "
                        f"ip daddr {dip} udp dport {dport}")
-            for chain, letter in (("count_forward", "f"), ("count_output", "u")):
+            for chain, letter in (("count_in", "i"), ("count_local", "l")):
                 lines.append(f'add rule ip {t} {chain} {counted} counter name "{counter}" '
                              f'comment "{tag}{letter}"')
+            out = offload.out_counters[n]
+            lines.append(f"add counter ip {t} {out}")
+            lines.append(f"add rule ip {t} count_out ct status dnat ip saddr {flow.out[0]} "
+                         f"udp sport {flow.out[1]} ip daddr {dip} udp dport {dport} "
+                         f'counter name "{out}" comment "{tag}x"')
         return "\n".join(lines) + "\n"
 
     def install(self, a: tuple[Address, Address], b: tuple[Address, Address]) -> defer.Deferred[
@@ -252,6 +267,7 @@ class KernelForwarder:
             self._next,
             (Flow(a[0], a[1], b[1], b[0]), Flow(b[0], b[1], a[1], a[0])),
             counters=(f"o{self._next}_ab", f"o{self._next}_ba"),
+            out_counters=(f"o{self._next}_ab_out", f"o{self._next}_ba_out"),
         )
 
         async def install() -> Offload:
@@ -261,12 +277,12 @@ class KernelForwarder:
             out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"], script)
             chains = {m.group("comment"): int(m.group("handle")) for m in _HANDLE.finditer(out)}
             names = {"p": "prerouting", "o": "output", "s": "postrouting",
-                     "f": "count_forward", "u": "count_output"}
+                     "i": "count_in", "l": "count_local", "x": "count_out"}
             offload.rules = [(names[c[-1]], h) for c, h in chains.items()]
             self.offloads[offload.id] = offload
-            if len(offload.rules) != 10:
+            if len(offload.rules) != RULES:
                 await self._remove(offload)
-                raise KernelError(f"nft echoed {len(offload.rules)} rule handles, not 10")
+                raise KernelError(f"nft echoed {len(offload.rules)} rule handles, not {RULES}")
             return offload
 
         return self._locked(install)
@@ -287,14 +303,15 @@ class KernelForwarder:
             return {}
         t = self.table
         final: dict[str, tuple[int, int]] = {}
-        for name in offload.counters:
+        for name in offload.counters + offload.out_counters:
             out, _, code = await self._run(["nft", "-j", "list", "counter", "ip", t, name],
                                            check=False)
             if code == 0:
                 final.update(parse_counters(out))
         script = [f"delete rule ip {t} {chain} handle {handle}" for chain, handle in
                   offload.rules]
-        script += [f"delete counter ip {t} {name}" for name in offload.counters]
+        script += [f"delete counter ip {t} {name}" for name in
+                   offload.counters + offload.out_counters]
         try:
             await self._run(["nft", "-f", "-"], "\n".join(script) + "\n")
         finally:

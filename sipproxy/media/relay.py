@@ -72,6 +72,9 @@ DEFAULT_OFFER_TIMEOUT: Final = 3600.0
 DEFAULT_KERNEL_POLL: Final = 2.0
 #: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
 KERNEL_HEADER_BYTES: Final = 28
+#: Packets of one direction arriving in the kernel between two counter polls with none of
+#: them leaving: the kernel path is blocked (by a firewall), back to userspace.
+KERNEL_BLOCKED: Final = 5
 #: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
 #: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
 RECEIVE_BUFFER: Final = 1 << 20
@@ -721,14 +724,21 @@ class RelayEngine:
         return d
 
     def _count(self, offload: StreamOffload, counters: Any) -> None:
-        """Add what the kernel counted since the last look to the streams."""
+        """Add what the kernel counted since the last look to the streams; a direction whose
+        packets arrive but none leave (a firewall drops them) goes back to userspace."""
         if not counters or offload.handle is None:
             return
         now = self.clock.seconds()
-        seen = offload.handle.seen
-        for n, name in enumerate(offload.handle.counters):
+        handle = offload.handle
+        seen, seen_out = handle.seen, handle.seen_out
+        blocked = False
+        for n, name in enumerate(handle.counters):
             packets, octets = counters.get(name, seen[n])
+            left = counters.get(handle.out_counters[n], (seen_out[n], 0))[0]
             dp, db = packets - seen[n][0], octets - seen[n][1]
+            if dp >= KERNEL_BLOCKED and left == seen_out[n]:
+                blocked = True
+            seen_out[n] = left
             if dp <= 0:
                 continue
             seen[n] = (packets, octets)
@@ -736,6 +746,10 @@ class RelayEngine:
             stream.kernel_packets += dp
             stream.kernel_bytes += max(0, db - KERNEL_HEADER_BYTES * dp)
             stream.last_packet = now
+        if blocked and offload.active:
+            self.kernel_drop(offload, "packets the kernel forwarded never left: a firewall "
+                                      "drops them (accept `ct status dnat` before its drop)",
+                             for_good=True)
 
     def _kernel_poll(self) -> Any:
         if self.kernel is None:

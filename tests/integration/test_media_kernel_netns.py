@@ -9,6 +9,8 @@ the relay's table holds the stream's rules during the call and none after the BY
 relay stops the table is gone and fw's ruleset is what it was. The captures are judged as for
 the userspace relay (RTP both ways, only through the relay's ports, no inside address
 outside). Once with the relay in the proxy's process, once with ``twist sipproxy-relay``.
+And once with a firewall that drops what the kernel path forwards (no ``ct status dnat
+accept``): the relay notices and relays in userspace.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from sipproxy.media.ng import decode_message, encode_message
-from tests.integration.netns import FW_INSIDE, Namespace, NatNet
+from tests.integration.netns import FW_INSIDE, PHONE_IP, PROVIDER_IP, Namespace, NatNet
 from tests.integration.test_media_netns import (
     KERNEL_TABLE,
     MIN_PACKETS,
@@ -58,14 +60,17 @@ def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str
 
 
 def table(ns: Namespace) -> dict[str, Any] | None:
-    """The relay's table in ``ns``: {"rules": n, "counters": {name: packets}}; None: none."""
+    """The relay's table in ``ns``: {"rules": n, "counters": {name: packets arrived},
+    "left": packets that left}; None: no such table."""
     result = ns.run("nft", "-j", "list", "table", "ip", KERNEL_TABLE, check=False)
     if result.returncode != 0:
         return None
     items = json.loads(result.stdout)["nftables"]
     rules = sum("rule" in item for item in items)
     counters = {i["counter"]["name"]: i["counter"]["packets"] for i in items if "counter" in i}
-    return {"rules": rules, "counters": counters}
+    return {"rules": rules, "counters": {k: v for k, v in counters.items()
+                                         if not k.endswith("_out")},
+            "left": sum(v for k, v in counters.items() if k.endswith("_out"))}
 
 
 def userspace_packets(reply: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -98,7 +103,7 @@ def kernel_call(net: NatNet, workdir: Path, relay: str) -> None:
         deadline = time.monotonic() + 5
         while table(net.fw) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert table(net.fw) == {"rules": 0, "counters": {}}, site.logs()
+        assert table(net.fw) == {"rules": 0, "counters": {}, "left": 0}, site.logs()
         uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
                                       extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
         uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
@@ -121,10 +126,12 @@ def kernel_call(net: NatNet, workdir: Path, relay: str) -> None:
 
         # during the call: one stream pair's rules (RTP; sipp's RTCP never flows) ...
         during = [t for _, t, _ in samples if t is not None]
-        assert max(t["rules"] for t in during) == 10, (during, logs)
+        assert max(t["rules"] for t in during) == 12, (during, logs)
         # ... whose kernel counters grew to most of the call's packets ...
         kernel_most = max(sum(t["counters"].values()) for t in during)
         assert kernel_most >= 2 * MIN_PACKETS, (during, logs)
+        # ... and that left fw again (past its forward chain)
+        assert max(t["left"] for t in during) >= 2 * MIN_PACKETS - 4, (during, logs)
         # ... while the relay's userspace sockets saw only the first packets, then no more
         counted = [(at, s) for at, _, s in samples if s is not None]
         assert counted, logs
@@ -136,9 +143,10 @@ def kernel_call(net: NatNet, workdir: Path, relay: str) -> None:
 
         # after the BYE: no rule (and no counter) is left, no relay port is open
         deadline = time.monotonic() + 5
-        while table(net.fw) != {"rules": 0, "counters": {}} and time.monotonic() < deadline:
+        empty = {"rules": 0, "counters": {}, "left": 0}
+        while table(net.fw) != empty and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert table(net.fw) == {"rules": 0, "counters": {}}, logs
+        assert table(net.fw) == empty, logs
         deadline = time.monotonic() + 5
         while open_relay_ports(net.fw) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -169,3 +177,49 @@ def test_kernel_fast_path_in_the_proxys_relay(media_net: NatNet, tmp_path: Path)
 def test_kernel_fast_path_in_the_standalone_relay(media_net: NatNet, tmp_path: Path) -> None:
     """``twist sipproxy-relay --kernel on`` on fw, over NG."""
     kernel_call(media_net, tmp_path, "ng")
+
+
+def test_a_firewall_that_drops_the_kernel_path_gets_userspace(media_net: NatNet,
+                                                               tmp_path: Path) -> None:
+    """fw's forward chain without ``ct status dnat accept``: the first packets the kernel
+    forwards are dropped by it, the relay sees they arrive but never leave, removes the rules
+    and relays in userspace: media flows after all (logged once)."""
+    net = media_net
+    listing = net.fw.run("nft", "-a", "list", "chain", "ip", "sipnat", "forward").stdout
+    handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
+                  if "ct status dnat accept" in line)
+    net.fw.run("nft", "delete", "rule", "ip", "sipnat", "forward", "handle", handle.strip())
+    config = media_config("builtin")
+    config["media"].update(kernel=True, kernel_table=KERNEL_TABLE,
+                           listen_ng=f"127.0.0.1:{NG_PORT}")
+    site = start_site(net, tmp_path, config)
+    try:
+        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
+        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
+                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
+                                   extra_args=["-mp", str(PHONE_RTP)])
+        rules_seen = 0
+        deadline = time.monotonic() + SIPP_TIMEOUT
+        while uac.process.poll() is None and time.monotonic() < deadline:
+            found = table(net.fw)
+            rules_seen = max(rules_seen, found["rules"] if found else 0)
+            time.sleep(0.2)
+        server, client = pair(uas, uac)
+        site.capture.settle()
+        logs = site.logs()
+        assert client.ok(1) and server.ok(1), logs
+        assert rules_seen == 12, logs  # the kernel path was tried
+        assert "never left: a firewall drops them" in logs, logs
+        assert logs.count("never left") == 1, logs  # logged once
+        # the rest of the call went through userspace: RTP reached the provider and came back
+        wan = site.capture.on(net.wan_if)
+        lan = site.capture.on(net.lan_if)
+        to_provider = [p for p in wan if p.dst == PROVIDER_IP and p.dport == PROVIDER_RTP]
+        to_phone = [p for p in lan if p.dst == PHONE_IP and p.dport == PHONE_RTP]
+        assert len(to_provider) >= 40 and len(to_phone) >= 40, (len(to_provider),
+                                                                len(to_phone), logs)
+        assert table(net.fw) == {"rules": 0, "counters": {}, "left": 0}, logs
+    finally:
+        site.stop()
+    assert table(net.fw) is None
