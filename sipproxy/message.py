@@ -840,6 +840,7 @@ class StreamFramer:
         self.limits = limits
         self._buf = bytearray()
         self._need: int | None = None  # total length of the message being received, once known
+        self._scanned = 0  # bytes already searched for the blank line (a trickling peer)
 
     @property
     def buffered(self) -> int:
@@ -865,11 +866,13 @@ class StreamFramer:
                         continue
                     if len(buf) < 4:
                         break
-                end = buf.find(b"\r\n\r\n")
+                end = buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
                 if end < 0:
                     if len(buf) > self.limits.max_message:
                         raise ParseError("header section too large", 513)
+                    self._scanned = len(buf)
                     break
+                self._scanned = 0
                 if end > self.limits.max_message:
                     raise ParseError("header section too large", 513)
                 found = _CL_LINE.findall(bytes(buf[: end + 2]))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sipproxy.errors import ParseError
 from sipproxy.message import KeepAlive, Limits, Request, StreamFramer, parse_message
@@ -48,6 +50,23 @@ def test_message_split_at_any_point(cut: int) -> None:
     framer = StreamFramer()
     assert framer.feed(data[:cut]) == []
     assert framer.feed(data[cut:]) == [data]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=200))
+def test_messages_in_chunks_of_any_size(sizes: list[int]) -> None:
+    # the framer resumes its search for the blank line where the last read stopped: a blank
+    # line cut anywhere across reads, and the message after, must still be found
+    stream = msg(b"one\r\n\r\n", call_id="a") + b"\r\n" + msg(b"", call_id="b")
+    framer = StreamFramer()
+    out: list[bytes | KeepAlive] = []
+    i, k = 0, 0
+    while i < len(stream):
+        size = sizes[k % len(sizes)]
+        out.extend(framer.feed(stream[i : i + size]))
+        i, k = i + size, k + 1
+    assert [o for o in out if isinstance(o, bytes)] == [
+        msg(b"one\r\n\r\n", call_id="a"), msg(b"", call_id="b")]
+    assert framer.buffered == 0
 
 
 def test_several_messages_in_one_read() -> None:
