@@ -93,6 +93,8 @@ class RequestContext:
     branches: list[Branch] = field(default_factory=list)
     pending_targets: int = 0
     final_sent: bool = False
+    #: a final response is on its way (its response_forwarding hooks may still be waiting)
+    final_chosen: bool = False
     cancelled: bool = False
     best_2xx_sent: bool = False
     #: set by a plugin in request_received: send the request there (Request-URI as it is),
@@ -752,7 +754,7 @@ class Proxy:
                 self._forward_response(ctx, response, final=True)
                 self._cancel_branches(ctx, exclude=branch)
                 ctx.best_2xx_sent = True
-            elif not ctx.final_sent:
+            elif not ctx.final_chosen:
                 self._forward_response(ctx, response, final=True)
                 self._end_dialog_on_bye(ctx)
             self._check_complete(ctx)
@@ -764,7 +766,7 @@ class Proxy:
         self._check_complete(ctx)
 
     def _check_complete(self, ctx: RequestContext) -> None:
-        if ctx.final_sent or ctx.pending_targets > 0:
+        if ctx.final_chosen or ctx.final_sent or ctx.pending_targets > 0:
             return
         if any(b.final is None for b in ctx.branches):
             return
@@ -781,6 +783,8 @@ class Proxy:
     def _forward_response(
         self, ctx: RequestContext, response: Response, final: bool = False
     ) -> None:
+        if final:
+            ctx.final_chosen = True
         try:
             result = self.pipeline.run("response_forwarding", ctx, response)
         except Exception:

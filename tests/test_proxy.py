@@ -26,7 +26,7 @@ from sipproxy.errors import ParseError
 from sipproxy.interfaces import DROP
 from sipproxy.location import LocationService
 from sipproxy.message import MAGIC_COOKIE, Request, Response, Source, parse_message
-from sipproxy.pipeline import Plugin
+from sipproxy.pipeline import Pipeline, Plugin
 from sipproxy.proxy import TIMER_C, Proxy
 from sipproxy.registrar import Registrar
 
@@ -1054,6 +1054,9 @@ class Waiting(Plugin):
     def request_forwarding(self, ctx: Any, branch: Any) -> Any:
         return self._wait() if self.hook == "request_forwarding" else None
 
+    def response_forwarding(self, ctx: Any, response: Any) -> Any:
+        return self._wait() if self.hook == "response_forwarding" else None
+
 
 class Dropping(Plugin):
     name = "dropping"
@@ -1166,6 +1169,24 @@ def test_cancel_while_plugin_waits_sends_nothing_downstream() -> None:
         h.respond(out, 100, source=PROVIDER_SOURCE)
     h.assert_no_leaks()
     assert h.finals("INVITE") == [487]
+
+
+@pytest.mark.parametrize("status", [200, 486])
+def test_final_held_by_response_forwarding_goes_out_once(status: int) -> None:
+    # found with an NG media relay: the final waited in its hook and response selection
+    # chose and forwarded it a second time
+    h = make_harness()
+    h.register("bob", BOB_1)
+    waiting = Waiting("response_forwarding")
+    h.proxy.pipeline = Pipeline([waiting])
+    h.receive(invite())
+    out = only(h.sent("INVITE"))
+    h.respond(out, status)
+    assert h.finals("INVITE") == []
+    for d in list(waiting.pending):
+        d.callback(None)
+    assert h.finals("INVITE") == [status]
+    assert len(waiting.pending) == 1
 
 
 def test_drop_on_provisional_response() -> None:

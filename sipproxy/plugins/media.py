@@ -162,8 +162,6 @@ class MediaPlugin(Plugin, MultiService):
         self.relay_service = relay_service
         self.ng_client = ng_client
         self.calls: dict[str, MediaCall] = {}
-        #: responses whose SDP is with the relay: id -> (response, Deferreds of repeats)
-        self._in_flight: dict[int, tuple[Response, list[defer.Deferred[Any]]]] = {}
         #: deletes the relay has not confirmed yet (stopService waits for them)
         self._deleting: set[defer.Deferred[Any]] = set()
         if relay_service is not None:
@@ -361,14 +359,6 @@ class MediaPlugin(Plugin, MultiService):
             if call is not None and method == "INVITE" and 200 <= status < 300:
                 self._established(call, ctx)
             return None
-        in_flight = self._in_flight.get(id(response))
-        if in_flight is not None and in_flight[0] is response:
-            # The proxy hands the same final response to the hooks again while the relay has
-            # it (its response selection runs before our Deferred fires): that copy must not
-            # go out twice. Once the first has been sent, the repeat is dropped.
-            repeat: defer.Deferred[Any] = defer.Deferred()
-            in_flight[1].append(repeat)
-            return repeat
         if call is None:
             call = self._call(response.call_id)
         if method == "INVITE" and 200 <= status < 300:
@@ -393,18 +383,7 @@ class MediaPlugin(Plugin, MultiService):
             return DROP
 
         d.addCallbacks(done, failed)
-        if not d.called:
-            self._in_flight[id(response)] = (response, [])
-            d.addBoth(self._landed, response)
         return d
-
-    def _landed(self, result: Any, response: Response) -> Any:
-        """The relay answered for ``response``: after the proxy sent it (this turn), the
-        repeats the proxy made meanwhile are dropped."""
-        entry = self._in_flight.pop(id(response), None)
-        if entry is not None and entry[1]:
-            self.core.clock.callLater(0, _fire_all, entry[1], DROP)
-        return result
 
     @staticmethod
     def _established(call: MediaCall, ctx: Any) -> None:
@@ -437,11 +416,6 @@ class MediaPlugin(Plugin, MultiService):
 
     def dialog_ended(self, dialog: Any, reason: str) -> None:
         self.end(dialog.call_id, f"dialog ended: {reason}")
-
-
-def _fire_all(waiters: list[defer.Deferred[Any]], result: Any) -> None:
-    for waiter in waiters:
-        waiter.callback(result)
 
 
 # --------------------------------------------------------------------------------------------
