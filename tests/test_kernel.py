@@ -260,6 +260,16 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(len(self.kernel.offloads), 1)
 
     @defer.inlineCallbacks
+    def test_streams_latched_before_the_kernel_started_are_handed_over(self) -> Any:
+        self.engine.use_kernel(None)
+        yield self.latched()
+        self.assertEqual(self.fake.rules, {})
+        self.engine.use_kernel(self.kernel)
+        self.assertEqual(len(self.fake.rules), 12)
+        sa, _ = self.streams()
+        self.assertTrue(sa.offload.active)
+
+    @defer.inlineCallbacks
     def test_counters_join_the_statistics_and_keep_the_call_alive(self) -> Any:
         yield self.latched()
         sa, _sb = self.streams()

@@ -622,8 +622,17 @@ class RelayEngine:
     # -- the kernel fast path
 
     def use_kernel(self, forwarder: Any) -> None:
-        """Forward latched streams with ``forwarder`` (a started KernelForwarder) from now."""
+        """Forward latched streams with ``forwarder`` (a started KernelForwarder) from now,
+        the ones latched before it started too (None: no more new ones)."""
         self.kernel = forwarder
+        if forwarder is None:
+            return
+        for call in list(self.calls.values()):
+            for leg in list(call.legs()):
+                for stream in leg.streams:
+                    if stream.learned is not None and not stream.no_kernel \
+                            and stream.offload is None:
+                        self.kernel_offer(stream)
 
     def offloads(self) -> list[StreamOffload]:
         return [o for o in self._offloads if o.active]
