@@ -302,12 +302,11 @@ class KernelForwarder:
         if self.offloads.pop(offload.id, None) is None or not self.started:
             return {}
         t = self.table
-        final: dict[str, tuple[int, int]] = {}
-        for name in offload.counters + offload.out_counters:
-            out, _, code = await self._run(["nft", "-j", "list", "counter", "ip", t, name],
-                                           check=False)
-            if code == 0:
-                final.update(parse_counters(out))
+        names = offload.counters + offload.out_counters
+        out, _, code = await self._run(["nft", "-j", "list", "counters", "table", "ip", t],
+                                       check=False)
+        final = {k: v for k, v in parse_counters(out).items() if k in names} if code == 0 \
+            else {}
         script = [f"delete rule ip {t} {chain} handle {handle}" for chain, handle in
                   offload.rules]
         script += [f"delete counter ip {t} {name}" for name in
