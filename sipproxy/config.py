@@ -605,7 +605,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     registrar = _registrar(_table(root, "registrar"))
     timers = _timers(_table(root, "timers"))
     dns = _dns(_table(root, "dns"))
-    plugins = _plugins(_table(root, "plugins"))
+    plugins = _plugins(_table(root, "plugins"), listen)
     limits = _limits(_table(root, "limits"))
     return Config(
         proxy=proxy,
@@ -819,14 +819,20 @@ def _dns(s: Section) -> DnsConfig:
     return DnsConfig(tuple(servers), timeout)
 
 
-def _plugins(s: Section) -> tuple[str, ...]:
-    s.check_no_unknown({"enabled"})
+def _plugins(s: Section, listen: tuple[ListenConfig, ...]) -> tuple[str, ...]:
+    """The pipeline. A proxy with a socket on the outside is never an open relay: ``acl``
+    (requests from the outside reach only local users and known dialogs) runs first unless the
+    list places it itself, or ``open_relay = true`` says the operator wants none."""
+    s.check_no_unknown({"enabled", "open_relay"})
     names = s.get_list_of_str("enabled", (), unique=True)
     for i, name in enumerate(names):
         if name in CORE_SECTIONS:
             raise s.item_error(
                 "enabled", i, f"{_show(name)} is a core section name; no plugin may use it"
             )
+    open_relay = s.get_bool("open_relay", False)
+    if not open_relay and "acl" not in names and any(lc.side == "outside" for lc in listen):
+        names = ("acl", *names)
     return names
 
 

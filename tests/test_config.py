@@ -111,7 +111,7 @@ def test_full_values_are_typed_and_normalized() -> None:
     assert config.registrar == RegistrarConfig(0, 0, 0)
     assert config.timers == TimerConfig(1.0, 1.0, 0.25)
     assert type(config.timers.t1) is float
-    assert config.plugins == ("nat", "media")
+    assert config.plugins == ("acl", "nat", "media")  # an outside socket: never an open relay
 
 
 def test_config_is_frozen() -> None:
@@ -379,7 +379,7 @@ CASES = [
         '[plugins]\nenabled = ["timers"]',
         'plugins.enabled[0]: "timers" is a core section name; no plugin may use it',
     ),
-    ("[plugins]\npath = []", "plugins.path: unknown key (expected one of: enabled)"),
+    ("[plugins]\npath = []", "plugins.path: unknown key (expected one of: enabled, open_relay)"),
     # TOML syntax: one line, with the position
     ("[proxy\n", "line 1, column 7: invalid TOML: Expected ']' at the end of a table declaration"),
     ("[proxy]\nmax_forwards = ", "end of document: invalid TOML: Invalid value"),
@@ -783,3 +783,32 @@ def test_example_file_documents_every_limits_key() -> None:
     for key in LimitsConfig.__dataclass_fields__:
         assert f"{key} = " in text, key
     assert load_config(str(EXAMPLE)).limits.enabled
+
+
+_OUTSIDE = '[[listen]]\nside = "outside"\naddress = "203.0.113.1"\nport = 5060\n'
+
+
+@pytest.mark.parametrize(
+    ("plugins", "expected"),
+    [
+        ("", ("acl",)),
+        ('[plugins]\nenabled = ["nat", "media"]\n', ("acl", "nat", "media")),
+        ('[plugins]\nenabled = ["nat", "acl"]\n', ("nat", "acl")),  # placed by hand: kept
+        ('[plugins]\nenabled = ["nat"]\nopen_relay = true\n', ("nat",)),
+    ],
+)
+def test_an_outside_socket_never_makes_an_open_relay(plugins: str, expected: tuple[str, ...]):
+    assert parse_config(_OUTSIDE + plugins).plugins == expected
+
+
+def test_inside_only_proxies_run_just_their_plugins():
+    text = '[[listen]]\naddress = "192.168.1.1"\nport = 5060\n[plugins]\nenabled = ["nat"]\n'
+    assert parse_config(text).plugins == ("nat",)
+    assert parse_config("").plugins == ()
+
+
+def test_open_relay_must_be_a_boolean():
+    with pytest.raises(ConfigError) as info:
+        parse_config(_OUTSIDE + '[plugins]\nopen_relay = "yes"\n', "p.toml")
+    assert str(info.value).startswith("p.toml: plugins.open_relay: ")
+    assert "\n" not in str(info.value)

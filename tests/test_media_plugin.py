@@ -651,6 +651,7 @@ uri = "sip:{PROVIDER_IP}:5060"
 
 [plugins]
 enabled = ["media"]
+open_relay = true  # phones that call out unauthenticated: this is about media, not access
 
 [media]
 port_min = 30000
@@ -803,7 +804,7 @@ def test_the_firewall_example_builds_with_the_media_plugin() -> None:
 
     text = (Path(__file__).resolve().parents[1] / "examples" / "firewall.toml").read_text()
     config = parse_config(text)
-    assert list(config.plugins) == ["nat", "media"]
+    assert list(config.plugins) == ["acl", "nat", "media"]  # acl: the core's, outside socket
     n = make_net(text)
     assert {i.name: i.address for i in n.engine.interfaces.values()} == {
         "inside": "192.168.77.1", "outside": "203.0.113.1"}

@@ -77,7 +77,8 @@ def test_a_thousand_short_calls_leave_no_session_and_no_port(proxy_factory: Any,
         "listen": [{"side": "outside", "transport": "udp", "address": LOOPBACK,
                     "port": free_port()}],
         "upstream": {"uri": f"sip:{LOOPBACK}:{uas_port}"},
-        "plugins": {"enabled": ["media"]},
+        # a public relay for unauthenticated callers: this is about media, not access control
+        "plugins": {"enabled": ["media"], "open_relay": True},
         # userspace: the soak runs in the host's own network namespace, whose nftables
         # ruleset the tests leave alone (the kernel fast path: test_media_kernel_netns.py)
         "media": {"port_min": RELAY_PORTS[0], "port_max": RELAY_PORTS[1],
