@@ -600,19 +600,23 @@ class Proxy:
         if source is not None:
             in_listener = self._listener_of(source)
             in_host, in_port = self._advertised(in_listener, source.host)
-            in_transport = source.transport.upper()
+            in_transport = in_listener.transport if in_listener else source.transport.upper()
             rr_in = _rr_value(in_host, in_port, in_transport)
         if rr_in != rr_out:
             out.headers.add("Record-Route", rr_in, first=True)
         out.headers.add("Record-Route", rr_out, first=True)
 
     def _listener_of(self, source: Any) -> Listener | None:
+        transport = source.transport.upper()
         for lst in self.listeners:
-            if lst.transport == source.transport.upper() and lst.port == source.local_port and (
+            if lst.transport == transport and lst.port == source.local_port and (
                 lst.address == source.local_host or lst.address in _WILDCARDS
             ):
                 return lst
-        return None
+        # a connection the proxy opened itself (its local port is no listener's): what names
+        # us on that side is that side's listener, of the same transport if there is one
+        side = [lst for lst in self.listeners if source.side and lst.side == source.side]
+        return next((lst for lst in side if lst.transport == transport), side[0] if side else None)
 
     def _send_branch(self, ctx: RequestContext, branch: Branch, result: Any) -> None:
         if isinstance(result, Response):

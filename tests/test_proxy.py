@@ -476,6 +476,20 @@ def test_record_route_two_entries_when_listeners_differ(h: Harness) -> None:
     assert out.vias[0].host == OUTSIDE
 
 
+def test_record_route_names_our_listener_for_a_request_over_our_own_connection(
+    h: Harness,
+) -> None:
+    # the provider calls over a TCP connection the proxy opened (local port 41234 is no
+    # listener's): the entry facing it names the outside listener, not the kernel's 5060
+    h.register("bob", BOB_1)
+    over_our_connection = Source("TCP", PROVIDER.host, PROVIDER.port, OUTSIDE, 41234, "outside")
+    h.receive(invite(via=f"Via: SIP/2.0/TCP {PROVIDER.host}:{PROVIDER.port};branch=z9hG4bKp1"),
+              over_our_connection)
+    out = only(h.sent("INVITE"))
+    assert out.headers.get_all("record-route")[:2] == [
+        f"<sip:{INSIDE}:5060;lr>", f"<sip:{OUTSIDE}:5060;lr>"]
+
+
 @pytest.mark.parametrize("method", ["OPTIONS", "MESSAGE", "REGISTER"])
 def test_no_record_route_outside_dialog_creation(h: Harness, method: str) -> None:
     h.receive(request(method, "sip:carol@example.com"))
