@@ -61,6 +61,8 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 #: Option tags this proxy supports in Proxy-Require (none: RFC 3261 16.3 step 6).
 SUPPORTED_PROXY_REQUIRE: frozenset[str] = frozenset()
 TIMER_C = 180.0
+#: seconds a source over its open-transaction or dialog limit is told to wait (Retry-After)
+LIMIT_RETRY_AFTER = 5
 _WILDCARDS = ("0.0.0.0", "::", "")
 
 
@@ -250,7 +252,9 @@ class Proxy:
                 if (request.method == "INVITE" and not request.to.tag
                         and not flood.may_start_dialog(host)) \
                         or not flood.transaction_started(host):
-                    self._answer(tx, request, 503, "Service Unavailable")  # too many open
+                    # too many open: the sender is to wait for some of them to end
+                    self._answer(tx, request, 503, "Service Unavailable",
+                                 {"Retry-After": str(LIMIT_RETRY_AFTER)})
                     return
             ctx = RequestContext(request, tx)
             self._contexts[tx] = ctx
@@ -873,10 +877,15 @@ class Proxy:
         ):
             self._drop_context(tx)
 
-    def _answer(self, tx: ServerTransaction, request: Request, status: int, reason: str) -> None:
+    def _answer(
+        self, tx: ServerTransaction, request: Request, status: int, reason: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         try:
             response = request.make_response(status, reason)
             _ensure_to_tag(response)
+            for name, value in (headers or {}).items():
+                response.headers.add(name, value)
             self._add_server(response)
             tx.respond(response)
         except Exception:

@@ -473,6 +473,8 @@ class ProxyLimitTests(unittest.SynchronousTestCase):
                               branch=f"z9hG4bKo{i}"))
         self.assertEqual(len(h.sent("OPTIONS")), 3)
         self.assertEqual(h.finals(), [503, 503])
+        refused = [r for r, _ in h.transports.responses if r.status == 503]
+        self.assertEqual({r.headers.get("Retry-After") for r in refused}, {"5"})
         h.settle()  # they time out (408) and end: the counts come back to zero
         self.assertEqual(self.guard._transactions, {})
         h.assert_no_leaks()
