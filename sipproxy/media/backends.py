@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +55,12 @@ def _stats(reply: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in reply.items() if k not in ("result", "warning")}
 
 
-class _NGDictRelay:
+class _NGDictRelay(ABC):
     """IMediaRelay in terms of NG request dicts; subclasses send them somewhere."""
 
+    @abstractmethod
     def _command(self, message: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        raise NotImplementedError
+        """Send one NG command; the Deferred fires with the reply dict."""
 
     def ping(self) -> defer.Deferred[None]:
         return self._command({"command": "ping"}).addCallback(lambda _: None)

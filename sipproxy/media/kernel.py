@@ -54,6 +54,7 @@ __all__ = [
     "NftRunner",
     "Offload",
     "default_table",
+    "pid_alive",
     "process_runner",
 ]
 
@@ -203,7 +204,7 @@ class KernelForwarder:
             name = line.split()[-1] if line.startswith("table ip ") else ""
             suffix = name[len(TABLE_PREFIX):]
             if name.startswith(TABLE_PREFIX) and suffix.isdigit() and name != self.table \
-                    and not _pid_alive(int(suffix)):
+                    and not pid_alive(int(suffix)):
                 await self._run(["nft", "delete", "table", "ip", name], check=False)
                 _log.info("media relay: removed the stale nftables table {name}", name=name)
         await self._run(["nft", "-f", "-"], self.ruleset())
@@ -355,7 +356,8 @@ def parse_counters(text: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (the owner of a table, a namespace...)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from sipproxy.errors import ParseError
+from sipproxy.media.kernel import pid_alive
 from sipproxy.message import Request, Response, parse_message
 from tests.integration.harness import HarnessError, ProxyProcess, Sipp, SippProcess
 
@@ -119,16 +120,6 @@ def netns_unavailable() -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_inside(name: str) -> None:
     """SIGKILL every process in namespace C{name} and wait (bounded) until they are gone."""
     for _ in range(50):
@@ -153,7 +144,7 @@ def delete_leftovers(prefix: str = PREFIX) -> list[str]:
         if not name.startswith(prefix):
             continue
         owner = name[len(prefix):].split("x", 1)[0]
-        if owner.isdigit() and _pid_alive(int(owner)) and int(owner) != os.getpid():
+        if owner.isdigit() and pid_alive(int(owner)) and int(owner) != os.getpid():
             continue  # another run, still going
         if owner.isdigit() and int(owner) == os.getpid():
             continue  # ours: their Topology deletes them
