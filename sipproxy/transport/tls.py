@@ -102,7 +102,10 @@ def _verify_error_text(errno: int) -> str:
 class TLSConnectError(ConnectionError):
     """A TLS connection could not be set up: C{str()} is the one line the log and the
     caller's C{Warning} get. C{verification} is True when the server's certificate was the
-    reason (name, expiry, unknown CA)."""
+    reason (name, expiry, unknown CA). C{logged} is True once that line is in the log: the
+    layers above (the transaction that could not be sent) do not log it again."""
+
+    logged = False
 
     def __init__(
         self, host: str, port: int, server_name: str, detail: str, *, verification: bool = False
@@ -679,6 +682,7 @@ class TLSConnections:
             self._reconnect_failed(key)
         else:
             _log.warn("{error}", error=str(error))
+        error.logged = True
         policy = self.policy
         if policy is not None and policy.on_failure is not None:
             try:
