@@ -53,11 +53,20 @@ def test_no_file_gives_builtin_defaults() -> None:
     assert dict(config.sections) == {}
     assert config.proxy == ProxyConfig()
     assert config.proxy.domains == ()
+    assert config.proxy.host_addresses  # every address of the host is our domain
     assert config.proxy.record_route is True
     assert config.proxy.max_forwards == 70
     assert config.proxy.user_agent.startswith("sipproxy/")
     assert config.registrar == RegistrarConfig(60, 3600, 3600)
     assert config.timers == TimerConfig(0.5, 4.0, 5.0)
+
+
+def test_named_domains_end_the_host_addresses_default() -> None:
+    """domains = [] says "no registrar" (a firewall whose provider is the registrar); any
+    named domain replaces the host's addresses; a [proxy] without the key keeps them."""
+    assert not parse_config('[proxy]\ndomains = []\n').proxy.host_addresses
+    assert not parse_config('[proxy]\ndomains = ["lan.example"]\n').proxy.host_addresses
+    assert parse_config('[proxy]\nmax_forwards = 20\n').proxy.host_addresses
 
 
 def test_empty_file_is_the_defaults_with_its_source() -> None:
