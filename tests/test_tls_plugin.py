@@ -220,6 +220,55 @@ port = 5060
 [upstream]""")
 
 
+LOCAL_REGISTER = """REGISTER sip:lan.example SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
+Max-Forwards: 70
+From: <sip:alice@lan.example>;tag=r2
+To: <sip:alice@lan.example>
+Call-ID: reg-tls-2
+CSeq: 1 REGISTER
+Contact: <sip:alice@192.168.1.10:5060>
+Content-Length: 0
+
+"""  # (the nat plugin's token does this in the firewall set-up)
+PROVIDER_INVITE = f"""INVITE sip:alice@lan.example SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>
+Call-ID: in-tls-1
+CSeq: 1 INVITE
+Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
+Content-Length: 0
+
+"""
+
+
+def provider_ack(route: str) -> str:
+    return f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
+Route: {route}
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>;tag=ph1
+Call-ID: in-tls-1
+CSeq: 1 ACK
+Content-Length: 0
+
+"""
+
+
+def phone_answers(proxy: Proxy, invite: Request) -> None:
+    """The phone's 200 to the provider's INVITE (Record-Route copied)."""
+    ok = invite.make_response(200)
+    ok.headers.set("To", str(invite.to) + ";tag=ph1")
+    ok.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
+    for value in invite.headers.get_all("record-route"):
+        ok.headers.add("Record-Route", value)
+    ok.source = PHONE
+    proxy.receive(ok)
+
+
 @pytest.mark.parametrize("advertise", [None, EXTERNAL_IP])
 def test_a_call_from_the_provider_over_our_connection_keeps_the_dialog_right(
     advertise: str | None,
@@ -245,53 +294,17 @@ Content-Length: 0
     ok = register.make_response(200)
     ok.source = OVER_OURS
     proxy.receive(ok)
-    send(proxy, """REGISTER sip:lan.example SIP/2.0
-Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
-Max-Forwards: 70
-From: <sip:alice@lan.example>;tag=r2
-To: <sip:alice@lan.example>
-Call-ID: reg-tls-2
-CSeq: 1 REGISTER
-Contact: <sip:alice@192.168.1.10:5060>
-Content-Length: 0
-
-""")  # (the nat plugin's token does this in the firewall set-up)
-    send(proxy, f"""INVITE sip:alice@lan.example SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>
-Call-ID: in-tls-1
-CSeq: 1 INVITE
-Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
-Content-Length: 0
-
-""", OVER_OURS)
+    send(proxy, LOCAL_REGISTER)
+    send(proxy, PROVIDER_INVITE, OVER_OURS)
     invite, target = wire.requests[-1]
     assert target.transport == "UDP" and target.host == "192.168.1.10"
     # toward the provider: our outside listener's (advertised) address, not the kernel's
     rr_out = f"<sip:{advertise or OUTSIDE_IP}:5060;transport=tls;lr>"
     assert invite.headers.get_all("record-route") == [RR_UDP, rr_out]
-    answer_ = invite.make_response(200)
-    answer_.headers.set("To", str(invite.to) + ";tag=ph1")
-    answer_.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
-    for value in invite.headers.get_all("record-route"):
-        answer_.headers.add("Record-Route", value)
-    answer_.source = PHONE
-    proxy.receive(answer_)
+    phone_answers(proxy, invite)
     assert [r.status for r, _ in wire.responses if r.status >= 200] == [200, 200, 200]
     # the provider's ACK: only our outside entry in its Route (it faces the provider)
-    send(proxy, f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
-Route: {rr_out}
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>;tag=ph1
-Call-ID: in-tls-1
-CSeq: 1 ACK
-Content-Length: 0
-
-""", OVER_OURS)
+    send(proxy, provider_ack(rr_out), OVER_OURS)
     ack, target = wire.requests[-1]
     assert ack.method == "ACK"
     assert (target.transport, target.host, target.port) == ("UDP", "192.168.1.10", 5060)
@@ -443,50 +456,14 @@ def test_over_our_own_connection_everything_names_that_connection(
     assert str(out.top_via).startswith(f"SIP/2.0/TLS {us};") and "alias" in out.top_via.params
     assert out.headers.get_all("record-route") == [f"<sip:{us};transport=tls;lr>", RR_UDP]
     over_ours = Source("TLS", PROVIDER_IP, 5061, OUTSIDE_IP, FLOW_PORT, "outside")
-    send(proxy, """REGISTER sip:lan.example SIP/2.0
-Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
-Max-Forwards: 70
-From: <sip:alice@lan.example>;tag=r2
-To: <sip:alice@lan.example>
-Call-ID: reg-tls-2
-CSeq: 1 REGISTER
-Contact: <sip:alice@192.168.1.10:5060>
-Content-Length: 0
-
-""")
-    send(proxy, f"""INVITE sip:alice@lan.example SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>
-Call-ID: in-tls-1
-CSeq: 1 INVITE
-Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
-Content-Length: 0
-
-""", over_ours)
+    send(proxy, LOCAL_REGISTER)
+    send(proxy, PROVIDER_INVITE, over_ours)
     invite, target = wire.requests[-1]
     assert target.transport == "UDP" and target.host == "192.168.1.10"
     rr_out = f"<sip:{us};transport=tls;lr>"
     assert invite.headers.get_all("record-route") == [RR_UDP, rr_out]
-    ok = invite.make_response(200)
-    ok.headers.set("To", str(invite.to) + ";tag=ph1")
-    ok.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
-    for value in invite.headers.get_all("record-route"):
-        ok.headers.add("Record-Route", value)
-    ok.source = PHONE
-    proxy.receive(ok)
-    send(proxy, f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
-Route: {rr_out}
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>;tag=ph1
-Call-ID: in-tls-1
-CSeq: 1 ACK
-Content-Length: 0
-
-""", over_ours)
+    phone_answers(proxy, invite)
+    send(proxy, provider_ack(rr_out), over_ours)
     ack, target = wire.requests[-1]
     assert ack.method == "ACK" and "route" not in ack.headers  # our entry: removed
     assert (target.transport, target.host, target.port) == ("UDP", "192.168.1.10", 5060)
