@@ -170,7 +170,7 @@ class Phone:
 
 def latest_contact(provider: RoutingProvider) -> str:
     _, register = provider.messages("REGISTER")[-1]
-    return parse_name_addr(header(register, "contact") or "").uri.__str__()
+    return str(parse_name_addr(header(register, "contact") or "").uri)
 
 
 def provider_calls(provider: RoutingProvider, phone: Phone) -> tuple[OwnCall, bytes, str]:
@@ -189,7 +189,7 @@ def provider_calls(provider: RoutingProvider, phone: Phone) -> tuple[OwnCall, by
     ok = provider.final(call.call_id, "1 INVITE")
     assert status_of(ok) == 200, ok
     call.to = header(ok, "to") or ""
-    call.remote = parse_name_addr(header(ok, "contact") or "").uri.__str__()
+    call.remote = str(parse_name_addr(header(ok, "contact") or "").uri)
     call.routes = [part.strip() for value in headers(ok, "record-route")
                    for part in value.split(",")][::-1]
     provider.send_in_dialog("ACK", call, 1)
