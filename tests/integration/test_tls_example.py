@@ -134,13 +134,13 @@ class Phone:
                 return message
         raise AssertionError(f"the phone got no {cseq}")
 
-    def answer(self, request: bytes, to_tag: str, status: int = 200) -> None:
+    def answer(self, request: bytes, to_tag: str) -> None:
         extra = [f"Contact: {self.client.contact}"]
         payload = b""
         if method_of(request) == "INVITE":
             extra.append("Content-Type: application/sdp")
             payload = SDP
-        self.client.send(response_to(request, status, "OK", to_tag=to_tag, extra=extra,
+        self.client.send(response_to(request, 200, "OK", to_tag=to_tag, extra=extra,
                                      payload=payload))
 
     def hang_up(self, invite: bytes, to_tag: str) -> bytes:
