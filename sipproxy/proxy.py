@@ -33,6 +33,7 @@ from sipproxy.message import (
     new_tag,
 )
 from sipproxy.pipeline import Pipeline, then
+from sipproxy.refusals import RefusalLog
 from sipproxy.transaction import (
     ClientTransaction,
     ITransactionUser,
@@ -140,6 +141,10 @@ class Proxy:
         self._own_cache: dict[tuple[str, int], bool] = {}
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: Any = getattr(transports, "flood", None)
+        #: what the core refuses itself (stray responses), counted and logged with the flood
+        #: guard's refusals when there is one
+        self.refusals: RefusalLog = getattr(self._flood, "refusals", None) or RefusalLog(
+            reactor, _log, config.limits.log_interval)
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -301,24 +306,19 @@ class Proxy:
             _log.failure("forwarding {request!r}", request=request)
 
     def stray_response(self, response: Response) -> None:
-        """Forward 2xx retransmissions to INVITE statelessly by Via; drop everything else."""
+        """A response no client transaction matches is never forwarded (RFC 6026 section 7.3):
+        a 2xx retransmission reaches the caller through its INVITE client transaction, which
+        stays in the Accepted state for 64*T1; anything else here is late or forged."""
+        source = response.source
         try:
-            if response.status // 100 != 2 or response.cseq.method != "INVITE":
-                return
-            via = response.top_via
-            if via is None or not self._is_own_via(via):
-                return
-            response.pop_via()
-            if not response.vias:
-                return
-            if self.pipeline.has("stray_response"):
-                then(self.pipeline.run("stray_response", response),
-                     lambda r: None if r is DROP else
-                     self.transactions.send_stateless_response(response, None))
-                return
-            self.transactions.send_stateless_response(response, None)
+            method = response.cseq.method
         except ParseError:
-            return
+            method = "?"
+        self.refusals.refused(
+            "stray_response", source.host if source is not None else "?",
+            "dropped a {status} response to {method} from {refused_source}: it matches no "
+            "transaction", status=response.status, method=method,
+        )
 
     def server_transaction_failed(self, tx: ServerTransaction, reason: Failure) -> None:
         ctx = self._contexts.get(tx)

@@ -868,27 +868,45 @@ def stray(status: int, method: str = "INVITE", top: str | None = None) -> str:
     )
 
 
-def test_stray_2xx_to_invite_is_forwarded_statelessly(h: Harness) -> None:
-    h.receive(stray(200), Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside"))
-    response, source = only(h.transports.responses)
-    assert response.status == 200
-    assert [v.branch for v in response.vias] == ["z9hG4bKalice9"]
-    assert source is None  # routed by its Via alone
-    h.assert_no_leaks()
-
-
 @pytest.mark.parametrize("status, method, top", [
+    (200, "INVITE", None),  # issue 11: was forwarded to the Via below ours (anyone's)
     (180, "INVITE", None),
     (486, "INVITE", None),
     (200, "BYE", None),
     (200, "INVITE", "SIP/2.0/UDP 192.0.2.200:5060;branch=z9hG4bKnotours"),
 ])
-def test_other_stray_responses_are_dropped(
+def test_stray_responses_are_dropped_and_counted(
     h: Harness, status: int, method: str, top: str | None
 ) -> None:
-    h.receive(stray(status, method, top), Source("UDP", "192.168.1.30", 5062, INSIDE, 5060))
+    """RFC 6026 7.3: a response no client transaction matches is never forwarded."""
+    h.receive(stray(status, method, top), PROVIDER_SOURCE)
+    h.receive(stray(status, method, top), PROVIDER_SOURCE)
     assert h.transports.responses == []
     assert h.sent() == []
+    assert h.proxy.refusals.counters["stray_response"] == 2
+    h.assert_no_leaks()
+
+
+def test_2xx_retransmissions_reach_the_caller_until_timer_m(h: Harness) -> None:
+    """The INVITE client transaction's Accepted state (RFC 6026) passes every 2xx on for 64*T1
+    (also after the server transaction ended, back where the INVITE came from); later ones
+    are strays."""
+    h.register("bob", BOB_1)
+    h.receive(invite())
+    out = only(h.sent("INVITE"))
+    bob = Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside")
+    ok = out.make_response(200).to_bytes().replace(b"\r\nFrom:", b";tag=b1\r\nFrom:", 1)
+    h.receive(ok, bob)
+    assert h.finals("INVITE") == [200]
+    h.clock.advance(10)
+    h.receive(ok, bob)  # a retransmission by the callee
+    oks = [(r.status, src) for r, src in h.transports.responses if r.cseq.method == "INVITE"]
+    assert oks == [(100, ALICE), (200, ALICE), (200, ALICE)]
+    h.clock.advance(64 * h.config.timers.t1 - 10 + 1)  # Timer L and Timer M fired
+    h.receive(ok, bob)
+    assert len(h.transports.responses) == len(oks) + 1  # the REGISTER's 200 and these
+    assert h.proxy.refusals.counters["stray_response"] == 1
+    h.assert_no_leaks()
 
 
 def test_response_for_an_unknown_branch_is_dropped(h: Harness) -> None:

@@ -662,16 +662,19 @@ class TransportManager(Service):
         Reliable: over the connection the request came on if still open, else a new TCP
         connection to received-or-sent-by host and sent-by port. UDP: from the socket the request
         arrived on (else a UDP listener of the same side) to the source (rport) / sent-by port.
-        Never to a broadcast, multicast or unspecified address.
+        Never to a broadcast, multicast or unspecified address, and never without
+        C{request_source}: a response leaves from the side its request came from.
         """
         done: defer.Deferred[None] = defer.Deferred()
         try:
             via = response.top_via
             if via is None:
                 raise ValueError("response has no Via")
+            if request_source is None:
+                raise ValueError("a response is only sent back where its request came from")
             route = route_response(via, request_source)
             data = self._serialize(response, route.transport)
-            side = request_source.side if request_source is not None else ""
+            side = request_source.side
             if route.transport == "TLS":
                 self._send_tls_response(side, data, via, route, done)
                 return done
@@ -690,9 +693,7 @@ class TransportManager(Service):
                 return done
             if _not_unicast(route.host):
                 raise ValueError(f"refusing to send a response to {route.host}")
-            listener = None
-            if request_source is not None:
-                listener = self.listener_for_source(request_source)
+            listener = self.listener_for_source(request_source)
             if listener is None:
                 listener = self._side_listener(side, "UDP", route.host)
             if listener is None:
