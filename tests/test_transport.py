@@ -299,6 +299,13 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
     def test_unknown_transport_is_refused(self) -> None:
         self.assertRaises(ValueError, Listener, listen("outside", "sctp"))
 
+    def test_a_response_without_its_request_source_is_not_sent(self) -> None:
+        """Issue 11: a stray response left from the first UDP listener (the inside one)."""
+        response = parse_message(response_bytes("SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bK1"))
+        assert isinstance(response, Response)
+        failure = self.failureResultOf(self.manager.send_response(response, None), ValueError)
+        self.assertIn("where its request came from", str(failure.value))
+
 
 # --------------------------------------------------------------------------------------------
 # TCP framing on a fake transport
