@@ -1019,6 +1019,51 @@ def test_bye_from_the_callee_ends_the_dialog_too(plugin: RecordingPlugin) -> Non
     assert [reason for _, reason in plugin.ended] == ["bye"]
 
 
+def test_the_dialog_records_each_party_and_follows_target_refreshes(
+    plugin: RecordingPlugin,
+) -> None:
+    """What the acl plugin judges in-dialog requests by: where each party's messages came
+    from, its remote targets (refreshed by a re-INVITE / UPDATE and their 2xx) and the
+    Record-Route entries on its side of the proxy."""
+    h = make_harness(plugins=[plugin])
+    h.register("bob", BOB_1)
+    h.receive(invite(extra=f"Contact: <sip:alice@{ALICE.host}:{ALICE.port}>\r\n"
+                           "Record-Route: <sip:192.168.1.2;lr>"))
+    out = only(h.sent("INVITE"))
+    bob = Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside")
+    h.respond(out, 200, source=bob, extra="Contact: <sip:bob@192.168.1.30:5062>\r\n"
+              "Record-Route: <sip:192.168.1.3;lr>, " + ", ".join(
+                  out.headers.get_all("record-route")))
+    dialog = only(plugin.established)
+    assert list(dialog.caller.hosts) == [ALICE.host]
+    assert list(dialog.caller.targets) == [(ALICE.host, 5060)]
+    assert list(dialog.caller.routes) == [("192.168.1.2", 5060)]
+    assert list(dialog.callee.hosts) == ["192.168.1.30"]
+    assert list(dialog.callee.targets) == [("192.168.1.30", 5062)]
+    assert list(dialog.callee.routes) == [("192.168.1.3", 5060)]
+    assert dialog.parties_from(ALICE.host) == [dialog.caller]
+    # bob's re-INVITE moves bob; alice's 2xx moves alice
+    h.receive(request(
+        "INVITE", f"sip:alice@{ALICE.host}:{ALICE.port}", cseq=5,
+        via="Via: SIP/2.0/UDP 192.168.1.30:5062;branch=z9hG4bKbobre",
+        to="<sip:alice@lan.example>;tag=a1", from_="<sip:bob@lan.example>;tag=callee",
+        extra="Contact: <sip:bob@192.168.1.31:5064>"), bob)
+    reinvite = only(h.sent("INVITE")[1:])
+    h.respond(reinvite, 200, source=ALICE, extra="Contact: <sip:alice@192.168.1.21:5070>")
+    assert ("192.168.1.31", 5064) in dialog.callee.targets
+    assert ("192.168.1.21", 5070) in dialog.caller.targets
+    # an UPDATE from alice, answered by bob at his new address
+    h.receive(request(
+        "UPDATE", "sip:bob@192.168.1.31:5064", cseq=3, branch="z9hG4bKupd",
+        to="<sip:bob@lan.example>;tag=callee", extra="Contact: <sip:alice@192.168.1.22:5072>"))
+    update = only(h.sent("UPDATE"))
+    h.respond(update, 200, source=Source("UDP", "192.168.1.31", 5064, INSIDE, 5060, "inside"),
+              extra="Contact: <sip:bob@192.168.1.32:5066>")
+    assert ("192.168.1.22", 5072) in dialog.caller.targets
+    assert ("192.168.1.32", 5066) in dialog.callee.targets
+    assert "192.168.1.31" in dialog.callee.hosts
+
+
 def test_failed_invite_makes_no_dialog(plugin: RecordingPlugin) -> None:
     h = make_harness(plugins=[plugin])
     h.register("bob", BOB_1)
