@@ -1,16 +1,66 @@
-"""Dialogs the proxy record-routed, so per-call state lives and dies with the call."""
+"""Dialogs the proxy record-routed, so per-call state lives and dies with the call, and
+what the proxy saw of each party (so the ``acl`` plugin can tell where an in-dialog request
+may go)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["Dialog", "DialogTracker"]
+from sipproxy.uri import URI
+
+__all__ = ["Address", "Dialog", "DialogTracker", "Party", "uri_address"]
 
 DialogKey = tuple[str, str, str]
+_T = TypeVar("_T")
+#: (host in lower case, port): where a URI sends a request, or where a message came from
+Address = tuple[str, int]
+#: at most this many addresses of each kind per party (target refreshes add some; a peer
+#: that keeps changing its Contact pushes its oldest ones out)
+MAX_ADDRESSES = 8
+
+
+def uri_address(uri: URI) -> Address:
+    """Where a request to ``uri`` goes: its ``maddr`` or host, and its port (or the default)."""
+    host = uri.get_param("maddr") or uri.host
+    default = 5061 if uri.secure or (uri.transport or "").lower() == "tls" else 5060
+    return host.lower(), uri.port if uri.port is not None else default
+
+
+@dataclass(eq=False)
+class Party:
+    """One end of a dialog as the proxy saw it (for the ``acl`` plugin).
+
+    ``hosts``: the addresses its messages came from (the dialog-creating request or 2xx, and
+    the responses to in-dialog requests sent to it). ``targets``: where requests to it may go:
+    its remote target (the Contact it sent, also after a target refresh), the address the
+    proxy sent its request to or got it from. ``routes``: the Record-Route entries on its side
+    of the proxy (the route set its peer's requests follow from the proxy on)."""
+
+    hosts: dict[str, None] = field(default_factory=dict)
+    targets: dict[Address, None] = field(default_factory=dict)
+    routes: dict[Address, None] = field(default_factory=dict)
+
+    def learn(
+        self, hosts: Iterable[str] = (), targets: Iterable[Address] = (),
+        routes: Iterable[Address] = (),
+    ) -> None:
+        _remember(self.hosts, hosts)
+        _remember(self.targets, targets)
+        _remember(self.routes, routes)
+
+
+def _remember(table: dict[_T, None], items: Iterable[_T]) -> None:
+    """Add ``items`` as the newest entries of ``table`` (an ordered set), keeping the newest
+    ``MAX_ADDRESSES``."""
+    for item in items:
+        table.pop(item, None)
+        table[item] = None
+        if len(table) > MAX_ADDRESSES:
+            del table[next(iter(table))]
 
 
 @dataclass(eq=False)
@@ -26,10 +76,20 @@ class Dialog:
     data: dict[str, Any] = field(default_factory=dict)
     ended: bool = False
     _timer: IDelayedCall | None = None
+    #: what the proxy saw of the party that sent the INVITE, and of the one that answered it
+    caller: Party = field(default_factory=Party)
+    callee: Party = field(default_factory=Party)
 
     @property
     def key(self) -> DialogKey:
         return (self.call_id, self.caller_tag, self.callee_tag)
+
+    def parties_from(self, host: str) -> list[Party]:
+        """The parties whose messages came from ``host`` (none, one, or both)."""
+        return [p for p in (self.caller, self.callee) if host in p.hosts]
+
+    def peer_of(self, party: Party) -> Party:
+        return self.callee if party is self.caller else self.caller
 
 
 class DialogTracker:

@@ -80,12 +80,6 @@ class IProxyPlugin(Interface):
         """``response`` is about to be sent back toward the caller (for a forked request, the
         one the proxy chose). Return DROP to stop it here."""
 
-    def stray_response(response: Any) -> Any:
-        """``response`` matched no transaction (e.g. a 2xx retransmission after the INVITE
-        transaction ended) and is about to be forwarded statelessly to its next Via (the
-        proxy's own already removed; ``response.source`` is where it came from). Return DROP
-        to stop it here."""
-
     def dialog_established(dialog: Any) -> None:
         """A 2xx to an INVITE created ``dialog`` (a :class:`~sipproxy.dialogs.Dialog`): per-call
         state can hang off ``dialog.data``."""

@@ -749,6 +749,8 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     if head.count("\n") != breaks or (eol == "\r\n" and head.count("\r") != breaks):
         # a lone CR or LF would end a line for some peers and not for others
         raise ParseError("bare CR or LF in the header section", is_response=is_response)
+    if _CONTROL.search(head) is not None and not all(map(_controls_quoted, lines)):
+        raise ParseError("control character in the header section", is_response=is_response)
     if len(lines) > limits.max_headers + 1:
         raise ParseError("too many header lines", 513, is_response=is_response)
     if max(map(len, lines)) > limits.max_line:
@@ -785,6 +787,28 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     except (ValueError, IndexError, UnicodeError) as e:  # defensive: never leak another type
         raise ParseError(f"malformed message ({type(e).__name__})", is_response=is_response) from e
     return msg
+
+
+#: RFC 3261 25.1: no control character but HTAB (and the CRLFs that end lines) in the header
+#: section, except as the escaped character of a quoted-pair (RFC 4475 3.1.1.2's quoted NUL)
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _controls_quoted(line: str) -> bool:
+    """Is every control character (but HTAB) in ``line`` a quoted-pair in a quoted-string?"""
+    if _CONTROL.search(line) is None:
+        return True
+    quoted = escaped = False
+    for c in line:
+        if escaped:
+            escaped = False
+        elif c != "\t" and (c < " " or c == "\x7f"):
+            return False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+    return True
 
 
 def _parse_start_line(line: str, is_response: bool) -> Request | Response:

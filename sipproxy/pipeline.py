@@ -22,7 +22,6 @@ HOOKS = (
     "request_forwarding",
     "response_received",
     "response_forwarding",
-    "stray_response",
     "dialog_established",
     "dialog_ended",
 )
@@ -47,9 +46,6 @@ class Plugin:
         return None
 
     def response_forwarding(self, ctx: Any, response: Any) -> Any:
-        return None
-
-    def stray_response(self, response: Any) -> Any:
         return None
 
     def dialog_established(self, dialog: Any) -> None:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from sipproxy.dialogs import Dialog, DialogTracker
+from sipproxy.dialogs import Address, Dialog, DialogTracker, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import DROP, IProxyCore
 from sipproxy.message import (
@@ -33,6 +33,7 @@ from sipproxy.message import (
     new_tag,
 )
 from sipproxy.pipeline import Pipeline, then
+from sipproxy.refusals import RefusalLog
 from sipproxy.transaction import (
     ClientTransaction,
     ITransactionUser,
@@ -144,6 +145,10 @@ class Proxy:
         self._flood: Any = getattr(transports, "flood", None)
         #: the transports know the connections the proxy opened (RFC 5923 reuse); doubles may not
         self._flows = hasattr(transports, "flow_address")
+        #: what the core refuses itself (stray responses), counted and logged with the flood
+        #: guard's refusals when there is one
+        self.refusals: RefusalLog = getattr(self._flood, "refusals", None) or RefusalLog(
+            reactor, _log, config.limits.log_interval)
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -326,24 +331,19 @@ class Proxy:
             _log.failure("forwarding {request!r}", request=request)
 
     def stray_response(self, response: Response) -> None:
-        """Forward 2xx retransmissions to INVITE statelessly by Via; drop everything else."""
+        """A response no client transaction matches is never forwarded (RFC 6026 section 7.3):
+        a 2xx retransmission reaches the caller through its INVITE client transaction, which
+        stays in the Accepted state for 64*T1; anything else here is late or forged."""
+        source = response.source
         try:
-            if response.status // 100 != 2 or response.cseq.method != "INVITE":
-                return
-            via = response.top_via
-            if via is None or not self._is_own_via(via):
-                return
-            response.pop_via()
-            if not response.vias:
-                return
-            if self.pipeline.has("stray_response"):
-                then(self.pipeline.run("stray_response", response),
-                     lambda r: None if r is DROP else
-                     self.transactions.send_stateless_response(response, None))
-                return
-            self.transactions.send_stateless_response(response, None)
+            method = response.cseq.method
         except ParseError:
-            return
+            method = "?"
+        self.refusals.refused(
+            "stray_response", source.host if source is not None else "?",
+            "dropped a {status} response to {method} from {refused_source}: it matches no "
+            "transaction", status=response.status, method=method,
+        )
 
     def server_transaction_failed(self, tx: ServerTransaction, reason: Failure) -> None:
         ctx = self._contexts.get(tx)
@@ -818,11 +818,13 @@ class Proxy:
             return
         if 200 <= status < 300:
             if method == "INVITE":
-                self._dialog_from_2xx(ctx, response)
+                self._dialog_from_2xx(ctx, branch, response)
                 self._forward_response(ctx, response, final=True)
                 self._cancel_branches(ctx, exclude=branch)
                 ctx.best_2xx_sent = True
             elif not ctx.final_chosen:
+                if method == "UPDATE":
+                    self._target_refreshed(ctx, branch, response)
                 self._forward_response(ctx, response, final=True)
                 self._end_dialog_on_bye(ctx)
             self._check_complete(ctx)
@@ -1047,10 +1049,11 @@ class Proxy:
         d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
 
     # -- dialogs ---------------------------------------------------------------------------------
-    def _dialog_from_2xx(self, ctx: RequestContext, response: Response) -> None:
+    def _dialog_from_2xx(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         request = ctx.request
         if request.to.tag:
-            return  # a re-INVITE: the dialog exists already
+            self._target_refreshed(ctx, branch, response)  # a re-INVITE: the dialog exists
+            return
         from_tag = request.from_.tag
         to_tag = response.to.tag
         if not from_tag or not to_tag:
@@ -1061,10 +1064,45 @@ class Proxy:
         )
         if new:
             ctx.dialog = dialog
+            caller_routes = self._foreign_routes(request)
+            dialog.caller.learn(
+                [source.host] if source is not None else [],
+                [*_contact_addresses(request), *_source_address(request)], caller_routes)
+            dialog.callee.learn(
+                [a[0] for a in (*_source_address(response), *_target_address(branch))],
+                [*_contact_addresses(response), *_target_address(branch)],
+                [a for a in self._foreign_routes(response) if a not in caller_routes])
             flood = self._flood
             if flood is not None and source is not None and flood.dialog_started(source.host):
                 dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
             self.pipeline.notify("dialog_established", dialog)
+
+    def _target_refreshed(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+        """A 2xx to a re-INVITE or UPDATE: the Contacts in it and in the request are the
+        parties' remote targets from now on (RFC 3261 12.2), and the responder answered from
+        where the request went. The sender is the party whose messages came from where the
+        request did (the From tag decides only when that says nothing)."""
+        dialog = ctx.dialog
+        if dialog is None:
+            return
+        request = ctx.request
+        senders = dialog.parties_from(request.source.host) if request.source is not None else []
+        if len(senders) == 1:
+            sender = senders[0]
+        else:
+            sender = dialog.caller if request.from_.tag == dialog.caller_tag else dialog.callee
+        sender.learn(targets=_contact_addresses(request))
+        dialog.peer_of(sender).learn(
+            [a[0] for a in _source_address(response)],
+            [*_contact_addresses(response), *_target_address(branch)])
+
+    def _foreign_routes(self, message: Message) -> list[Address]:
+        """The Record-Route entries of ``message`` that are not the proxy's own."""
+        try:
+            entries = message.name_addrs("record-route")
+        except ParseError:
+            return []
+        return [uri_address(e.uri) for e in entries if e.uri.is_sip and not self._is_own_uri(e.uri)]
 
     def _end_dialog_on_bye(self, ctx: RequestContext) -> None:
         if ctx.request.method == "BYE" and ctx.dialog is not None:
@@ -1095,6 +1133,23 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _contact_addresses(message: Message) -> list[Address]:
+    try:
+        return [uri_address(c.uri) for c in message.contacts if c.uri.is_sip]
+    except ParseError:
+        return []
+
+
+def _source_address(message: Message) -> list[Address]:
+    source = message.source
+    return [] if source is None else [(source.host.lower(), source.port)]
+
+
+def _target_address(branch: Branch) -> list[Address]:
+    target = branch.target
+    return [] if target is None else [(target.host.lower(), target.port)]
 
 
 def _first_list_value(value: str) -> str:

@@ -67,8 +67,8 @@ class ITransportSender(Interface):
         """Send ``response`` back the way its request came (RFC 3261 18.2.2, RFC 3581).
 
         ``request_source`` is where the request arrived from (its connection for TCP/TLS, the
-        address and port for UDP with rport); ``None`` means route by the top Via alone, as a
-        proxy does when it forwards a response statelessly.
+        address and port for UDP with rport, the side to leave from); a response without it
+        (a request made in this process) is not sent.
         """
 
 
@@ -91,11 +91,9 @@ class ITransactionUser(Interface):
         """
 
     def stray_response(response: Response) -> None:
-        """A response that matches no client transaction.
-
-        A proxy forwards a 2xx to INVITE statelessly (retransmissions after the client
-        transaction is gone, RFC 3261 16.7 / RFC 6026) and drops the rest.
-        """
+        """A response that matches no client transaction: a transaction-stateful proxy drops
+        it (RFC 6026 section 7.3; 2xx retransmissions reach the TU through the INVITE client
+        transaction's Accepted state, Timer M)."""
 
     def server_transaction_failed(tx: ServerTransaction, reason: Failure) -> None:
         """``tx`` terminated without success: Timer H fired (no ACK came for a non-2xx final;
@@ -679,7 +677,8 @@ class TransactionLayer:
     def send_stateless_response(
         self, response: Response, request_source: Source | None = None
     ) -> None:
-        """Send without a transaction (a stray 2xx, routed by Via); failures only logged."""
+        """Send without a transaction (a 2xx after the INVITE server transaction ended) back
+        where its request came from; failures are only logged."""
         self._stateless(lambda: self.transport.send_response(response, request_source), response)
 
     def _stateless(self, send: Callable[[], Deferred[Any] | None], what: object) -> None:

@@ -157,6 +157,90 @@ def test_dialogs_the_proxy_is_part_of(net: Net) -> None:
     assert statuses(fake) == [403]
 
 
+VICTIM = "198.51.100.99"
+ALICE_OUT = Source("UDP", "198.51.100.30", 5062, OUTSIDE, 5060, "outside")
+
+
+def attacker_calls_alice(net: Net, call_id: str = "d2") -> dict[str, Any]:
+    """A public-proxy call: alice registered from the outside, the attacker calls her with a
+    Record-Route of its own naming the victim; the keywords of the attacker's in-dialog
+    requests are returned."""
+    register_alice_at(net, ALICE_OUT)
+    sent = net.request("INVITE", f"sip:alice@{DOMAIN}", ATTACKER, from_user="m",
+                       from_domain="evil.example", call_id=call_id,
+                       headers=(f"Record-Route: <sip:{VICTIM};lr>",))
+    [out] = forwarded(sent)
+    assert out.uri.host == ALICE_OUT.host
+    net.send(answer(out, 200, "alicetag", (f"Contact: <sip:alice@{ALICE_OUT.host}:5062>",),
+                    record_route=True), ALICE_OUT)
+    assert statuses(net.new()) == [200]
+    return {"from_user": "m", "from_domain": "evil.example", "call_id": call_id,
+            "to": f"<sip:alice@{DOMAIN}>", "to_tag": "alicetag", "from_tag": f"f{call_id}"}
+
+
+def register_alice_at(net: Net, source: Source) -> None:
+    [ok] = net.request("REGISTER", f"sip:{DOMAIN}", source, to=f"<sip:alice@{DOMAIN}>",
+                       call_id="reg-out", headers=("Expires: 600",))
+    assert ok.status == 200
+
+
+OWN_ROUTE = f"Route: <sip:{OUTSIDE}:5060;lr>"
+
+
+@pytest.mark.parametrize("method, uri, routes", [
+    ("MESSAGE", f"sip:x@{VICTIM}", (OWN_ROUTE,)),  # issue 11's probe
+    ("INVITE", f"sip:x@{VICTIM}:5060", (OWN_ROUTE,)),
+    ("BYE", f"sip:alice@{ALICE_OUT.host}:5062;maddr={VICTIM}", (OWN_ROUTE,)),
+    # the route set on the attacker's own side of the proxy is not alice's
+    ("MESSAGE", f"sip:alice@{ALICE_OUT.host}:5062", (OWN_ROUTE, f"Route: <sip:{VICTIM};lr>")),
+])
+def test_in_dialog_requests_only_reach_the_senders_peer(
+    net: Net, method: str, uri: str, routes: tuple[str, ...]
+) -> None:
+    """Issue 11: the attacker's own dialog relayed anything to anyone."""
+    dialog = attacker_calls_alice(net)
+    sent = net.request(method, uri, ATTACKER, cseq=2, headers=routes, **dialog)
+    assert statuses(sent) == [403] and forwarded(sent) == []
+    assert acl_of(net).counters["acl.relay_denied"] == 1
+    # the real peer is reached, and alice may use the route set on her peer's side
+    ok = net.request("MESSAGE", f"sip:alice@{ALICE_OUT.host}:5062", ATTACKER, cseq=3,
+                     headers=(OWN_ROUTE,), **dialog)
+    assert [m.uri.host for m in forwarded(ok)] == [ALICE_OUT.host]
+    back = net.request("MESSAGE", f"sip:m@{ATTACKER.host}:5060", ALICE_OUT, from_user="alice",
+                       from_domain=DOMAIN, call_id="d2", from_tag="alicetag",
+                       to="<sip:m@evil.example>", to_tag="fd2",
+                       headers=(OWN_ROUTE, f"Route: <sip:{VICTIM};lr>"))
+    assert [m.method for m in forwarded(back)] == ["MESSAGE"]
+
+
+def test_a_source_that_is_no_party_reaches_nobody(net: Net) -> None:
+    dialog = attacker_calls_alice(net)
+    sent = net.request("BYE", f"sip:alice@{ALICE_OUT.host}:5062", ATTACKER2, cseq=2,
+                       headers=(OWN_ROUTE,), **dialog)
+    assert statuses(sent) == [403]
+    ack = net.request("ACK", f"sip:x@{VICTIM}", ATTACKER, headers=(OWN_ROUTE,), **dialog)
+    assert ack == [] and acl_of(net).counters["acl.ack_dropped"] == 1
+
+
+def test_target_refresh_in_both_directions(net: Net) -> None:
+    """A re-INVITE and its 2xx change both remote targets; the old tricks still fail."""
+    dialog = attacker_calls_alice(net)
+    moved = Source("UDP", ALICE_OUT.host, 5064, OUTSIDE, 5060, "outside")
+    sent = net.request("INVITE", f"sip:m@{ATTACKER.host}:5060", moved, from_user="alice",
+                       from_domain=DOMAIN, call_id="d2", from_tag="alicetag", cseq=5,
+                       to="<sip:m@evil.example>", to_tag="fd2", headers=(OWN_ROUTE,))
+    [reinvite] = forwarded(sent)
+    net.send(answer(reinvite, 200, None, (f"Contact: <sip:m@{VICTIM}>",)), ATTACKER)
+    assert statuses(net.new()) == [200]
+    bye = net.request("BYE", f"sip:alice@{ALICE_OUT.host}:5064", ATTACKER, cseq=6,
+                      headers=(OWN_ROUTE,), **dialog)
+    assert [m.uri.port for m in forwarded(bye)] == [5064]
+    # its own new target is alice's to use, not the attacker's
+    own = net.request("MESSAGE", f"sip:m@{VICTIM}", ATTACKER, cseq=7, headers=(OWN_ROUTE,),
+                      **dialog)
+    assert statuses(own) == [403]
+
+
 def test_ack_that_would_relay_is_dropped(net: Net) -> None:
     sent = net.request("ACK", "sip:+1900@evil.example", ATTACKER, from_user="x",
                        from_domain="evil.example", call_id="ack", to_tag="t")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from sipproxy.dialogs import Dialog, DialogTracker
+from sipproxy.dialogs import MAX_ADDRESSES, Dialog, DialogTracker, uri_address
+from sipproxy.uri import parse_uri
 
 
 class Ends:
@@ -154,3 +155,23 @@ def test_on_end_may_end_other_dialogs(clock: Clock) -> None:
     tracker.end_all("shutdown")
     assert sorted(ended) == ["c1", "c2"]
     assert len(tracker) == 0
+
+
+def test_a_party_keeps_its_newest_addresses(tracker: DialogTracker) -> None:
+    """A peer that keeps refreshing its target cannot grow the dialog without bound."""
+    dialog, _ = tracker.establish("c1", "from", "to")
+    dialog.caller.learn(["192.0.2.1"], [("192.0.2.1", 5060)])
+    for port in range(6000, 6000 + 3 * MAX_ADDRESSES):
+        dialog.caller.learn(targets=[("192.0.2.1", port)])
+    assert len(dialog.caller.targets) == MAX_ADDRESSES
+    assert ("192.0.2.1", 6000 + 3 * MAX_ADDRESSES - 1) in dialog.caller.targets
+    assert ("192.0.2.1", 5060) not in dialog.caller.targets
+    assert dialog.parties_from("192.0.2.1") == [dialog.caller]
+    assert dialog.peer_of(dialog.caller) is dialog.callee
+
+
+def test_uri_address_is_where_a_request_goes() -> None:
+    assert uri_address(parse_uri("sip:a@Example.COM")) == ("example.com", 5060)
+    assert uri_address(parse_uri("sips:a@example.com")) == ("example.com", 5061)
+    assert uri_address(parse_uri("sip:a@example.com;transport=tls")) == ("example.com", 5061)
+    assert uri_address(parse_uri("sip:a@example.com:5070;maddr=192.0.2.9")) == ("192.0.2.9", 5070)

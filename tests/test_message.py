@@ -863,3 +863,31 @@ def test_bare_cr_or_lf_in_a_header_is_refused(bad):
     with pytest.raises(ParseError) as info:
         parse_message(data)
     assert info.value.status == 400 and info.value.is_response
+
+
+@pytest.mark.parametrize("bad", [
+    "X-Note: a\x00b",  # issue 11: a NUL was accepted and forwarded
+    "Subject: \x07ring",
+    "Reply-To: <sip:a@b>\x7f",
+    'Reply-To: "a\x00" <sip:a@b>',  # unescaped in a quoted-string
+    "X-Note: a\\\x00b",  # a backslash outside a quoted-string escapes nothing
+    "X-Folded: a\r\n b\x1b",  # on a continuation line
+])
+def test_control_characters_in_the_header_section_are_refused(bad: str) -> None:
+    """RFC 3261 25.1: header values hold no control character but HTAB."""
+    with pytest.raises(ParseError) as info:
+        parse_message(_options(bad))
+    assert info.value.status == 400 and not info.value.is_response
+    with pytest.raises(ParseError):
+        parse_message(raw("OPTIONS sip:a\x00@b SIP/2.0", "Via: SIP/2.0/UDP h", "To: <sip:a@b>",
+                          "From: <sip:c@d>;tag=1", "Call-ID: x", "CSeq: 1 OPTIONS"))
+
+
+@pytest.mark.parametrize("good", [
+    "X-Note: a\tb",  # HTAB is LWS
+    'Reply-To: "BEL:\\\x07 NUL:\\\x00" <sip:a@b>',  # quoted-pairs (RFC 4475 3.1.1.2)
+    "X-Folded: a\r\n\tb",
+])
+def test_htab_and_quoted_pairs_are_accepted(good: str) -> None:
+    msg = parse_message(_options(good))
+    assert msg.headers.get(good.split(":", 1)[0])

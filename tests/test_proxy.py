@@ -868,27 +868,45 @@ def stray(status: int, method: str = "INVITE", top: str | None = None) -> str:
     )
 
 
-def test_stray_2xx_to_invite_is_forwarded_statelessly(h: Harness) -> None:
-    h.receive(stray(200), Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside"))
-    response, source = only(h.transports.responses)
-    assert response.status == 200
-    assert [v.branch for v in response.vias] == ["z9hG4bKalice9"]
-    assert source is None  # routed by its Via alone
-    h.assert_no_leaks()
-
-
 @pytest.mark.parametrize("status, method, top", [
+    (200, "INVITE", None),  # issue 11: was forwarded to the Via below ours (anyone's)
     (180, "INVITE", None),
     (486, "INVITE", None),
     (200, "BYE", None),
     (200, "INVITE", "SIP/2.0/UDP 192.0.2.200:5060;branch=z9hG4bKnotours"),
 ])
-def test_other_stray_responses_are_dropped(
+def test_stray_responses_are_dropped_and_counted(
     h: Harness, status: int, method: str, top: str | None
 ) -> None:
-    h.receive(stray(status, method, top), Source("UDP", "192.168.1.30", 5062, INSIDE, 5060))
+    """RFC 6026 7.3: a response no client transaction matches is never forwarded."""
+    h.receive(stray(status, method, top), PROVIDER_SOURCE)
+    h.receive(stray(status, method, top), PROVIDER_SOURCE)
     assert h.transports.responses == []
     assert h.sent() == []
+    assert h.proxy.refusals.counters["stray_response"] == 2
+    h.assert_no_leaks()
+
+
+def test_2xx_retransmissions_reach_the_caller_until_timer_m(h: Harness) -> None:
+    """The INVITE client transaction's Accepted state (RFC 6026) passes every 2xx on for 64*T1
+    (also after the server transaction ended, back where the INVITE came from); later ones
+    are strays."""
+    h.register("bob", BOB_1)
+    h.receive(invite())
+    out = only(h.sent("INVITE"))
+    bob = Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside")
+    ok = out.make_response(200).to_bytes().replace(b"\r\nFrom:", b";tag=b1\r\nFrom:", 1)
+    h.receive(ok, bob)
+    assert h.finals("INVITE") == [200]
+    h.clock.advance(10)
+    h.receive(ok, bob)  # a retransmission by the callee
+    oks = [(r.status, src) for r, src in h.transports.responses if r.cseq.method == "INVITE"]
+    assert oks == [(100, ALICE), (200, ALICE), (200, ALICE)]
+    h.clock.advance(64 * h.config.timers.t1 - 10 + 1)  # Timer L and Timer M fired
+    h.receive(ok, bob)
+    assert len(h.transports.responses) == len(oks) + 1  # the REGISTER's 200 and these
+    assert h.proxy.refusals.counters["stray_response"] == 1
+    h.assert_no_leaks()
 
 
 def test_response_for_an_unknown_branch_is_dropped(h: Harness) -> None:
@@ -999,6 +1017,51 @@ def test_bye_from_the_callee_ends_the_dialog_too(plugin: RecordingPlugin) -> Non
     assert h.target_of(bye).host == ALICE.host
     h.respond(bye, 200, source=ALICE)
     assert [reason for _, reason in plugin.ended] == ["bye"]
+
+
+def test_the_dialog_records_each_party_and_follows_target_refreshes(
+    plugin: RecordingPlugin,
+) -> None:
+    """What the acl plugin judges in-dialog requests by: where each party's messages came
+    from, its remote targets (refreshed by a re-INVITE / UPDATE and their 2xx) and the
+    Record-Route entries on its side of the proxy."""
+    h = make_harness(plugins=[plugin])
+    h.register("bob", BOB_1)
+    h.receive(invite(extra=f"Contact: <sip:alice@{ALICE.host}:{ALICE.port}>\r\n"
+                           "Record-Route: <sip:192.168.1.2;lr>"))
+    out = only(h.sent("INVITE"))
+    bob = Source("UDP", "192.168.1.30", 5062, INSIDE, 5060, "inside")
+    h.respond(out, 200, source=bob, extra="Contact: <sip:bob@192.168.1.30:5062>\r\n"
+              "Record-Route: <sip:192.168.1.3;lr>, " + ", ".join(
+                  out.headers.get_all("record-route")))
+    dialog = only(plugin.established)
+    assert list(dialog.caller.hosts) == [ALICE.host]
+    assert list(dialog.caller.targets) == [(ALICE.host, 5060)]
+    assert list(dialog.caller.routes) == [("192.168.1.2", 5060)]
+    assert list(dialog.callee.hosts) == ["192.168.1.30"]
+    assert list(dialog.callee.targets) == [("192.168.1.30", 5062)]
+    assert list(dialog.callee.routes) == [("192.168.1.3", 5060)]
+    assert dialog.parties_from(ALICE.host) == [dialog.caller]
+    # bob's re-INVITE moves bob; alice's 2xx moves alice
+    h.receive(request(
+        "INVITE", f"sip:alice@{ALICE.host}:{ALICE.port}", cseq=5,
+        via="Via: SIP/2.0/UDP 192.168.1.30:5062;branch=z9hG4bKbobre",
+        to="<sip:alice@lan.example>;tag=a1", from_="<sip:bob@lan.example>;tag=callee",
+        extra="Contact: <sip:bob@192.168.1.31:5064>"), bob)
+    reinvite = only(h.sent("INVITE")[1:])
+    h.respond(reinvite, 200, source=ALICE, extra="Contact: <sip:alice@192.168.1.21:5070>")
+    assert ("192.168.1.31", 5064) in dialog.callee.targets
+    assert ("192.168.1.21", 5070) in dialog.caller.targets
+    # an UPDATE from alice, answered by bob at his new address
+    h.receive(request(
+        "UPDATE", "sip:bob@192.168.1.31:5064", cseq=3, branch="z9hG4bKupd",
+        to="<sip:bob@lan.example>;tag=callee", extra="Contact: <sip:alice@192.168.1.22:5072>"))
+    update = only(h.sent("UPDATE"))
+    h.respond(update, 200, source=Source("UDP", "192.168.1.31", 5064, INSIDE, 5060, "inside"),
+              extra="Contact: <sip:bob@192.168.1.32:5066>")
+    assert ("192.168.1.22", 5072) in dialog.caller.targets
+    assert ("192.168.1.32", 5066) in dialog.callee.targets
+    assert "192.168.1.31" in dialog.callee.hosts
 
 
 def test_failed_invite_makes_no_dialog(plugin: RecordingPlugin) -> None:

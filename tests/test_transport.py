@@ -119,11 +119,21 @@ class RouteResponseTests(unittest.SynchronousTestCase):
             ResponseRoute("UDP", "192.0.2.7", 41000),
         )
 
-    def test_maddr_wins_over_received_and_rport(self) -> None:
-        v = via(
-            "SIP/2.0/UDP 10.1.1.1:5070;branch=z9hG4bK1;maddr=239.1.1.1;received=192.0.2.7;rport=9"
-        )
-        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "239.1.1.1", 5070))
+    def test_maddr_is_ignored(self) -> None:
+        """Issue 11: a requester's maddr sent the response (a 401 twice the REGISTER's size)
+        to a third party."""
+        v = via("SIP/2.0/UDP 192.0.2.7:5070;branch=z9hG4bK1;maddr=198.51.100.66")
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "192.0.2.7", 5070))
+        v = via("SIP/2.0/UDP 10.1.1.1:5070;branch=z9hG4bK1;maddr=239.1.1.1;received=192.0.2.7"
+                ";rport=40000")
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "192.0.2.7", 40000))
+
+    def test_the_source_wins_over_a_received_it_does_not_match(self) -> None:
+        v = via("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1;received=198.51.100.66")
+        self.assertEqual(route_response(v, udp_source()), ResponseRoute("UDP", "192.0.2.7", 5062))
+        v = via("SIP/2.0/TCP 192.0.2.7:5062;branch=z9hG4bK1;received=198.51.100.66")
+        source = Source("TCP", "192.0.2.7", 40000, "10.0.0.1", 5060, "inside")
+        self.assertEqual(route_response(v, source).host, "192.0.2.7")
 
     def test_tcp_reuses_the_request_connection(self) -> None:
         v = via("SIP/2.0/TCP 10.1.1.1:5062;branch=z9hG4bK1;received=192.0.2.7;rport=40000")
@@ -154,6 +164,22 @@ class StampViaTests(unittest.SynchronousTestCase):
 
     def test_rport_forces_received_even_when_equal(self) -> None:
         req = self.parse("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1;rport")
+        stamp_via(req, udp_source("192.0.2.7", 5062))
+        top = req.top_via
+        assert top is not None
+        self.assertEqual((top.received, top.rport), ("192.0.2.7", 5062))
+
+    def test_a_received_the_client_wrote_is_replaced(self) -> None:
+        """Issue 11: sent-by equal to the source and no rport kept a client's received=VICTIM."""
+        req = self.parse("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1;received=198.51.100.66")
+        stamp_via(req, udp_source("192.0.2.7", 5062))
+        top = req.top_via
+        assert top is not None
+        self.assertEqual(top.received, "192.0.2.7")
+        self.assertEqual(route_response(top, None), ResponseRoute("UDP", "192.0.2.7", 5062))
+
+    def test_an_rport_value_the_client_wrote_is_replaced(self) -> None:
+        req = self.parse("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1;rport=9")
         stamp_via(req, udp_source("192.0.2.7", 5062))
         top = req.top_via
         assert top is not None
@@ -272,6 +298,13 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
 
     def test_unknown_transport_is_refused(self) -> None:
         self.assertRaises(ValueError, Listener, listen("outside", "sctp"))
+
+    def test_a_response_without_its_request_source_is_not_sent(self) -> None:
+        """Issue 11: a stray response left from the first UDP listener (the inside one)."""
+        response = parse_message(response_bytes("SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bK1"))
+        assert isinstance(response, Response)
+        failure = self.failureResultOf(self.manager.send_response(response, None), ValueError)
+        self.assertIn("where its request came from", str(failure.value))
 
 
 # --------------------------------------------------------------------------------------------

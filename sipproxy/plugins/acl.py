@@ -11,11 +11,20 @@ Every request's source is one of:
 Inside and trusted sources may send anything (who may call out is the ``auth`` plugin's
 business). A request from the outside may only reach:
 
-- a dialog the proxy is part of (``ctx.dialog``: INVITE dialogs the proxy record-routed);
 - a target the proxy itself resolves: a Request-URI of our domains or own sockets (local
   users through the location service, which answers 404/480 when there is no binding; ``nat``
   tokens; the proxy itself, e.g. OPTIONS), with no Route left once the proxy's own Route
   entries are removed (a strict router's Request-URI is undone as the core does);
+- in a dialog the proxy is part of (``ctx.dialog``: INVITE dialogs the proxy record-routed),
+  the peer of the party that sent it. The sender is the party whose messages came from the
+  request's source address (``Dialog.parties_from``: the INVITE's source for the caller; the
+  2xx's source and the address the INVITE went to for the callee); its peer may be reached at
+  what the core recorded for it (``Dialog.caller``/``callee``): its Contact (also after a
+  target refresh), the address the proxy sent to or heard it from, or, when a foreign Route
+  entry is left, a Record-Route entry on the peer's side of the proxy. A Request-URI's
+  ``maddr`` counts as its host. Anything else (a changed Request-URI, a route of the sender's
+  own side, a source that is neither party) is ``403``: a caller cannot relay through its own
+  call;
 - anywhere, when an authentication plugin verified the sender (``ctx.data[AUTHENTICATED_USER]``,
   a local user of a public proxy calling out). A request whose From is one of our domains is
   therefore judged in ``request_forwarding``, after every ``request_received`` hook (``auth``
@@ -46,6 +55,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
+from sipproxy.dialogs import Dialog, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
@@ -114,30 +124,55 @@ class AclPlugin(Plugin):
     def _ours(self, uri: URI) -> bool:
         return uri.is_sip and self.core.is_local_domain(uri.host)
 
-    def resolved_here(self, request: Request) -> bool:
-        """Does the proxy itself decide where this request goes (local user, own address, nat
-        token), with no foreign Route left? As the core routes it (RFC 3261 16.4)."""
+    def next_hop(self, request: Request) -> tuple[URI, bool] | None:
+        """Where the core sends this request (RFC 3261 16.4), and whether that is a Route
+        entry: the first Route entry that is not the proxy's own, else the Request-URI (a
+        strict router's rewrite undone); None for a Route that does not parse."""
         try:
             routes = [parse_name_addr(v).uri for v in request.headers.get_all("route")]
         except ParseError:
-            return False
+            return None
         uri = request.uri
         core = self.core
         if routes and core.is_own_uri(uri) and (uri.has_param("lr") or uri.has_param("sipproxy")):
             uri = routes.pop()  # a strict router put our Record-Route in the Request-URI
         while routes and core.is_own_uri(routes[0]):
             routes.pop(0)
-        if routes:
+        return (routes[0], True) if routes else (uri, False)
+
+    def resolved_here(self, request: Request) -> bool:
+        """Does the proxy itself decide where this request goes (local user, own address, nat
+        token), with no foreign Route left? As the core routes it (RFC 3261 16.4)."""
+        hop = self.next_hop(request)
+        return hop is not None and not hop[1] and bool(self.core.is_local_uri(hop[0]))
+
+    def reaches_peer(self, dialog: Dialog, request: Request) -> bool:
+        """Does this in-dialog request go to the peer of the party that sent it: the remote
+        target or address the proxy recorded for that peer (a foreign Route entry left: one
+        of the Record-Route entries on the peer's side)? The sender is the party whose
+        messages came from the request's source address; a source neither party used reaches
+        nobody."""
+        source = request.source
+        hop = self.next_hop(request)
+        if source is None or hop is None or not hop[0].is_sip:
             return False
-        return bool(core.is_local_uri(uri))
+        address = uri_address(hop[0])
+        routed = hop[1]
+        for party in dialog.parties_from(source.host):
+            peer = dialog.peer_of(party)
+            if address in (peer.routes if routed else peer.targets):
+                return True
+        return False
 
     # -- hooks ------------------------------------------------------------------------------------
     def request_received(self, ctx: Any) -> Any:
         request: Request = ctx.request
-        if ctx.dialog is not None or self.classify(request) != "outside":
+        if self.classify(request) != "outside" or self.resolved_here(request):
             return None
-        if self.resolved_here(request):
-            return None
+        if ctx.dialog is not None:
+            if self.reaches_peer(ctx.dialog, request):
+                return None
+            return self._deny(ctx, "no party of the dialog")
         try:
             sender = request.from_.uri
         except ParseError:
@@ -152,15 +187,15 @@ class AclPlugin(Plugin):
             return self._deny(ctx)
         return None
 
-    def _deny(self, ctx: Any) -> Response:
+    def _deny(self, ctx: Any, why: str = "no local target") -> Response:
         request: Request = ctx.request
         source = request.source
         host = source.host if source is not None else "?"
         ack = ctx.server_transaction is None
         self.refusals.refused(
             "acl.ack_dropped" if ack else "acl.relay_denied", host,
-            "acl: relaying denied: {method} {uri} from {refused_source}",
-            method=request.method, uri=str(request.uri),
+            "acl: relaying denied: {method} {uri} from {refused_source} ({why})",
+            method=request.method, uri=str(request.uri), why=why,
         )
         # for an ACK nothing is sent: a Response only means "drop it"
         return request.make_response(403, "Relaying denied")

@@ -392,20 +392,6 @@ class MediaPlugin(Plugin, MultiService):
             call.dialog = ctx.dialog
             ctx.dialog.data["media"] = call
 
-    def stray_response(self, response: Response) -> Any:
-        """A 2xx retransmission after the transaction ended gets the SDP its first copy got;
-        one the relay never saw is not let through with the callee's own addresses."""
-        if response.cseq.method != "INVITE" or not has_sdp(response):
-            return None
-        call = self.calls.get(response.call_id)
-        if call is None:
-            return None
-        cached = call.relayed.get((response.to.tag or "", response.cseq.number, response.body))
-        if cached is None:
-            return DROP
-        response.body = cached[1]
-        return None
-
     # -- dialogs -------------------------------------------------------------------------------
     def dialog_established(self, dialog: Any) -> None:
         call = self.calls.get(dialog.call_id)

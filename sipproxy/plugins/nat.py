@@ -14,8 +14,8 @@ side where to send something leaves on the outside with an inside address.
   out and put back into what comes in; inside Route/Path values are removed.
 - Requests from the outside addressed to an inside host, or to an unknown token, are refused
   (403 / 404): nothing reaches the inside that a phone did not ask for (a token, or a binding
-  of a local user); a name that resolves to an inside address is refused too. A stray
-  response from the outside (no transaction) whose next Via is inside is dropped.
+  of a local user); a name that resolves to an inside address is refused too. (A response
+  that matches no transaction is never forwarded: the core drops it.)
 
 Public-proxy mode (phones behind someone else's NAT; in firewall mode too, for a local user
 registered from the outside): a binding whose Contact is a private address (``inside_networks``
@@ -47,7 +47,7 @@ from sipproxy.config import Section
 from sipproxy.dns import Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
+from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
@@ -484,19 +484,6 @@ class NatPlugin(Plugin, Service):
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
-        return None
-
-    def stray_response(self, response: Response) -> Any:
-        """A response from the outside that matches no transaction is not let inside: the
-        outside never sees an inside Via (they are hidden), so one that names one is forged."""
-        if self._side_of_source(response) != "outside":
-            return None
-        via = response.top_via
-        if via is not None and any(self.is_inside(h) for h in (via.host, via.received or "",
-                                                               via.maddr or "")):
-            _log.info("dropped a stray {status} from {source} toward {via}",
-                      status=response.status, source=response.source, via=str(via))
-            return DROP
         return None
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------

@@ -122,25 +122,26 @@ def route_response(via: Via, source: Source | None) -> ResponseRoute:
     """
     RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is C{via}.
 
-    C{source} is where the request came from; it supplies the connection to reuse and, for an
-    C{rport} that was never filled in, the port the request came from.
+    C{source} is where the request came from: the response goes to its address (the
+    C{received} the proxy wrote, L{stamp_via}), over its connection if still open, and for
+    C{rport} to its port; otherwise to the sent-by port. Nothing the requester wrote can send
+    the response to another host: a Via C{maddr} is ignored (RFC 3261 18.2.2 honours it for
+    multicast, which the proxy never answers to), and so is a client's own C{received}.
     """
     # the transport the request really arrived on wins over what its Via claims (a UDP
     # datagram whose Via says TLS is still answered over UDP: RFC 4475 3.3.5)
     transport = source.transport.upper() if source is not None else via.transport.upper()
     default_port = 5061 if via.transport.upper() in ("TLS", "WSS", "TLS-SCTP") else 5060
     sent_by_port = via.port if via.port is not None else default_port
+    host = source.host if source is not None else via.received or via.host
     if transport in RELIABLE_TRANSPORTS:
         connection = None
         if source is not None and source.transport.upper() == transport:
             connection = (source.host, source.port)
-        return ResponseRoute(transport, via.received or via.host, sent_by_port, connection)
-    if via.maddr:
-        return ResponseRoute(transport, via.maddr, sent_by_port)
+        return ResponseRoute(transport, host, sent_by_port, connection)
     rport = via.rport
     if rport is True and source is not None:
         return ResponseRoute(transport, source.host, source.port)
-    host = via.received or via.host
     if isinstance(rport, int) and not isinstance(rport, bool):
         return ResponseRoute(transport, host, rport)
     return ResponseRoute(transport, host, sent_by_port)
@@ -694,17 +695,20 @@ class TransportManager(Service):
 
         Reliable: over the connection the request came on if still open, else a new TCP
         connection to received-or-sent-by host and sent-by port. UDP: from the socket the request
-        arrived on (else a UDP listener of the same side) to maddr / received+rport / sent-by.
-        Never to a broadcast, multicast or unspecified address.
+        arrived on (else a UDP listener of the same side) to the source (rport) / sent-by port.
+        Never to a broadcast, multicast or unspecified address, and never without
+        C{request_source}: a response leaves from the side its request came from.
         """
         done: defer.Deferred[None] = defer.Deferred()
         try:
             via = response.top_via
             if via is None:
                 raise ValueError("response has no Via")
+            if request_source is None:
+                raise ValueError("a response is only sent back where its request came from")
             route = route_response(via, request_source)
             data = self._serialize(response, route.transport)
-            side = request_source.side if request_source is not None else ""
+            side = request_source.side
             if route.transport == "TLS":
                 self._send_tls_response(side, data, via, route, done)
                 return done
@@ -723,9 +727,7 @@ class TransportManager(Service):
                 return done
             if _not_unicast(route.host):
                 raise ValueError(f"refusing to send a response to {route.host}")
-            listener = None
-            if request_source is not None:
-                listener = self.listener_for_source(request_source)
+            listener = self.listener_for_source(request_source)
             if listener is None:
                 listener = self._side_listener(side, "UDP", route.host)
             if listener is None:
@@ -1014,18 +1016,22 @@ def stamp_via(request: Request, source: Source) -> None:
     RFC 3261 18.2.1 and RFC 3581: record in the top Via where the request really came from.
 
     C{received} is added when the sent-by host is not the source address (or when C{rport} asks
-    for it); an C{rport} without value gets the source port.
+    for it), and a C{received} the client wrote itself is replaced; C{rport} gets the source port
+    (a value the client wrote included: RFC 3581 section 4).
     """
     via = request.top_via
     if via is None:
         return
     changed = False
-    if via.rport is True:
+    rport = via.rport
+    if rport is True or (rport is not None and rport != source.port):
         via.set_param("rport", str(source.port))
         changed = True
-    if not _same_host(via.host, source.host) or (changed and via.received is None):
-        if via.received is None or not _same_host(via.received, source.host):
-            via.set_param("received", source.host)
-            changed = True
+    received = via.received
+    if (received is not None and not _same_host(received, source.host)) or (
+        received is None and (changed or not _same_host(via.host, source.host))
+    ):
+        via.set_param("received", source.host)
+        changed = True
     if changed:
         request.update_top_via(via)
