@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from sipproxy.dialogs import Dialog, DialogTracker
 from sipproxy.errors import ParseError
+from sipproxy.flows import FlowTracker, flow_of
 from sipproxy.interfaces import DROP, IProxyCore
 from sipproxy.message import (
     MAGIC_COOKIE,
@@ -55,6 +56,8 @@ __all__ = ["Branch", "Proxy", "RequestContext"]
 _log = Logger(namespace="sipproxy.proxy")
 #: Dialog.data key: the source IP the flood guard counts the dialog for
 _FLOOD_SOURCE = "sipproxy.flood.source"
+#: Dialog.data key: the TCP/TLS connections the dialog was set up over (sipproxy.flows)
+_FLOWS = "sipproxy.flows"
 
 #: Methods whose initial request creates a dialog, so the proxy Record-Routes them.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
@@ -140,6 +143,15 @@ class Proxy:
         self._own_cache: dict[tuple[str, int], bool] = {}
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: Any = getattr(transports, "flood", None)
+        #: the TCP/TLS connections that carry a binding or a dialog (kept when the
+        #: connection table is full; their CRLF keepalives count as traffic)
+        self.flows = FlowTracker()
+        location.add_listener(self.flows)
+
+    @property
+    def flood(self) -> Any:
+        """The flood guard (sipproxy.flood.FloodGuard), None when [limits] is off."""
+        return self._flood
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -446,6 +458,12 @@ class Proxy:
         if not bindings:
             self._reply(ctx, 404, "Not Found")
             return
+        limit = self.config.proxy.max_branches
+        if len(bindings) > limit:
+            _log.info("{aor} has {n} bindings: forking {request!r} to the {limit} with the "
+                      "highest q", aor=bindings[0].aor, n=len(bindings), request=request,
+                      limit=limit)
+            bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []
         for binding in bindings:
@@ -1002,6 +1020,10 @@ class Proxy:
         )
         if new:
             ctx.dialog = dialog
+            flows = [f for f in (flow_of(source), flow_of(response.source)) if f is not None]
+            if flows:
+                dialog.data[_FLOWS] = flows
+                self.flows.hold(flows)
             flood = self._flood
             if flood is not None and source is not None and flood.dialog_started(source.host):
                 dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
@@ -1012,6 +1034,7 @@ class Proxy:
             self.dialogs.end(ctx.dialog, "bye")
 
     def _dialog_ended(self, dialog: Dialog, reason: str) -> None:
+        self.flows.release(dialog.data.pop(_FLOWS, ()))
         host = dialog.data.pop(_FLOOD_SOURCE, None)
         if host is not None and self._flood is not None:
             self._flood.dialog_ended(host)

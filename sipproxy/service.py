@@ -65,6 +65,7 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
         min_expires=config.registrar.min_expires,
         max_expires=config.registrar.max_expires,
         default_expires=config.registrar.default_expires,
+        max_contacts=config.registrar.max_contacts,
     )
     receiver: list[Proxy] = []
     limits = config.limits
@@ -77,6 +78,7 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
     resolver = make_resolver(config.dns.servers, config.dns.timeout, reactor)
     proxy = Proxy(config, reactor, transports, location, registrar, resolver)
     receiver.append(proxy)
+    transports.flows = proxy.flows
     plugins = load_plugins(config, proxy)
     proxy.set_plugins(plugins)
     top.proxy = proxy
