@@ -378,14 +378,14 @@ class NatPlugin(Plugin, Service):
         self.refusals.refused(
             "nat.evicted", self._requester, "nat: {count} contact mappings (the most): forgot "
             "the least recently used, {token} for {contact}, to make room for one for "
-            "{refused_source}", count=len(self.contacts), token=mapping.token,
+            "{refused_source}", count=self.contacts.max_mappings, token=mapping.token,
             contact=mapping.contact)
 
     def _full(self, message: Request | Response) -> None:
         self.refusals.refused(
             "nat.full", self._requester, "nat: {count} contact mappings (the most), all of "
             "registrations: refused a {what} from {refused_source} that needs a new one",
-            count=len(self.contacts), what=message.start_line())
+            count=self.contacts.max_mappings, what=message.start_line())
 
     def _goes_inside(self, branch: Any, out_side: str) -> bool:
         target = branch.target
