@@ -34,6 +34,7 @@ from sipproxy.message import (
     new_tag,
 )
 from sipproxy.pipeline import Pipeline, then
+from sipproxy.refusals import RefusalLog
 from sipproxy.transaction import (
     ClientTransaction,
     ITransactionUser,
@@ -147,6 +148,9 @@ class Proxy:
         #: connection table is full; their CRLF keepalives count as traffic)
         self.flows = FlowTracker()
         location.add_listener(self.flows)
+        #: requests forked to fewer targets than bindings ([proxy] max_branches): counted,
+        #: logged once per AOR a minute
+        self.forks_capped = RefusalLog(reactor, _log)
 
     @property
     def flood(self) -> Any:
@@ -460,9 +464,10 @@ class Proxy:
             return
         limit = self.config.proxy.max_branches
         if len(bindings) > limit:
-            _log.info("{aor} has {n} bindings: forking {request!r} to the {limit} with the "
-                      "highest q", aor=bindings[0].aor, n=len(bindings), request=request,
-                      limit=limit)
+            self.forks_capped.refused(
+                "branches", bindings[0].aor, "{refused_source} has {n} bindings: forking "
+                "{request} to the {limit} with the highest q", n=len(bindings),
+                request=repr(request), limit=limit)
             bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []

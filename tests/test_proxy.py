@@ -1424,6 +1424,7 @@ def test_forking_is_capped_at_max_branches_highest_q_first() -> None:
     h.receive(invite())
     assert sorted(str(r.uri) for r in h.sent("INVITE")) == [
         "sip:bob@192.168.1.41", "sip:bob@192.168.1.42"]
+    assert h.proxy.forks_capped.counters["branches"] == 1
     for out in h.sent("INVITE"):
         h.respond(out, 486)
     assert h.finals("INVITE") == [486]
