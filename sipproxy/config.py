@@ -529,7 +529,8 @@ class LimitsConfig:
     """Dialogs set up by sources that are not C{exempt}, in all (0: no limit); over it their
     new INVITEs get 503."""
     idle_timeout: float = 600.0
-    """Seconds without traffic after which a TCP/TLS connection is closed."""
+    """Seconds without traffic after which a TCP/TLS connection is closed (CRLF keepalives
+    count as traffic only on a connection that carries a registration or a dialog)."""
     message_timeout: float = 30.0
     """Seconds a TCP/TLS peer has to finish a message it started (slow-loris); 0: no limit."""
     max_sources: int = 100_000
