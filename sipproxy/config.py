@@ -426,6 +426,10 @@ class ProxyConfig:
     a user): when the config names no C{domains} (no config at all, or no such key). None:
     True exactly when C{domains} is empty."""
 
+    max_branches: int = 10
+    """Branches a request to a local user forks into at most (the highest-q bindings); the
+    others are left out, with a log line (one request must not become hundreds)."""
+
     def __post_init__(self) -> None:
         if self.host_addresses is None:
             object.__setattr__(self, "host_addresses", not self.domains)
@@ -467,6 +471,9 @@ class RegistrarConfig:
     min_expires: int = 60
     max_expires: int = 3600
     default_expires: int = 3600
+    max_contacts: int = 10
+    """Bindings one address-of-record may have; a REGISTER that would make more gets
+    C{403 Too Many Registered Contacts} (refreshes and removals always pass)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,9 +530,17 @@ class LimitsConfig:
     max_connections_per_source: int = 32
     """Incoming TCP/TLS connections per source IP; more are refused at accept."""
     max_connections: int = 1000
-    """Incoming TCP/TLS connections in all."""
+    """Incoming TCP/TLS connections in all; when they are all open, the oldest idle one that
+    carries no registration or dialog is closed to make room for a new one."""
+    max_transactions: int = 10_000
+    """Open server transactions from sources that are not C{exempt}, in all (0: no limit);
+    over it their requests get 503 (spoofed UDP sources cannot fill memory)."""
+    max_dialogs: int = 5_000
+    """Dialogs set up by sources that are not C{exempt}, in all (0: no limit); over it their
+    new INVITEs get 503."""
     idle_timeout: float = 600.0
-    """Seconds without traffic after which a TCP/TLS connection is closed."""
+    """Seconds without traffic after which a TCP/TLS connection is closed (CRLF keepalives
+    count as traffic only on a connection that carries a registration or a dialog)."""
     message_timeout: float = 30.0
     """Seconds a TCP/TLS peer has to finish a message it started (slow-loris); 0: no limit."""
     max_sources: int = 100_000
@@ -635,7 +650,8 @@ def _table(root: Section, name: str) -> Section:
 
 
 def _proxy(s: Section) -> ProxyConfig:
-    s.check_no_unknown({"domains", "record_route", "max_forwards", "user_agent"})
+    s.check_no_unknown({"domains", "record_route", "max_forwards", "user_agent",
+                        "max_branches"})
     domains = s.get_list_of_str("domains", ())
     seen: dict[str, int] = {}
     for i, domain in enumerate(domains):
@@ -654,6 +670,7 @@ def _proxy(s: Section) -> ProxyConfig:
         host_addresses="domains" not in s,
         record_route=s.get_bool("record_route", True),
         max_forwards=s.get_int("max_forwards", 70, min=1, max=255),
+        max_branches=s.get_int("max_branches", 10, min=1, max=1000),
         user_agent=user_agent,
     )
 
@@ -774,7 +791,7 @@ def _uri_problem(uri: str) -> str | None:
 
 
 def _registrar(s: Section) -> RegistrarConfig:
-    s.check_no_unknown({"min_expires", "max_expires", "default_expires"})
+    s.check_no_unknown({"min_expires", "max_expires", "default_expires", "max_contacts"})
     lo = s.get_int("min_expires", 60, min=0)
     hi = s.get_int("max_expires", 3600, min=0)
     default = s.get_int("default_expires", 3600, min=0)
@@ -785,7 +802,8 @@ def _registrar(s: Section) -> RegistrarConfig:
             "default_expires",
             f"must be from min_expires ({lo}) to max_expires ({hi}), got {default}",
         )
-    return RegistrarConfig(min_expires=lo, max_expires=hi, default_expires=default)
+    return RegistrarConfig(min_expires=lo, max_expires=hi, default_expires=default,
+                           max_contacts=s.get_int("max_contacts", 10, min=1, max=1000))
 
 
 def _timers(s: Section) -> TimerConfig:
@@ -878,6 +896,8 @@ def _limits(s: Section) -> LimitsConfig:
         max_connections_per_source=s.get_int(
             "max_connections_per_source", d.max_connections_per_source, min=1),
         max_connections=s.get_int("max_connections", d.max_connections, min=1),
+        max_transactions=s.get_int("max_transactions", d.max_transactions, min=0),
+        max_dialogs=s.get_int("max_dialogs", d.max_dialogs, min=0),
         idle_timeout=s.get_float("idle_timeout", d.idle_timeout, min=0, min_exclusive=True),
         message_timeout=s.get_float("message_timeout", d.message_timeout, min=0),
         max_sources=s.get_int("max_sources", d.max_sources, min=1),

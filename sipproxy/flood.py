@@ -14,8 +14,17 @@ L{FloodGuard} is policy only; the transports and the proxy ask it:
   - L{FloodGuard.admit_connection} / L{FloodGuard.connection_closed}: TCP/TLS connections per
     source IP and in all.
   - L{FloodGuard.transaction_started} / L{FloodGuard.transaction_ended}: open server
-    transactions per source IP; L{FloodGuard.may_start_dialog} / L{FloodGuard.dialog_started}
-    / L{FloodGuard.dialog_ended}: dialogs per source IP (the caller's).
+    transactions per source IP and in all; L{FloodGuard.may_start_dialog} /
+    L{FloodGuard.dialog_started} / L{FloodGuard.dialog_ended}: dialogs per source IP (the
+    caller's) and in all. The totals count only sources that are not exempt: they bound what
+    outsiders (spoofed UDP sources included) can make the proxy hold, and the inside keeps
+    working when outsiders fill them.
+  - L{FloodGuard.failed}: a separate budget for failures such as wrong digest answers (like
+    fail2ban: C{limit} failures within C{window} seconds ban the source through the same ban
+    list).
+  - When the connection table is full, L{FloodGuard.admit_connection} asks the transports to
+    make room (close the oldest idle connection that carries no registration or dialog) before
+    it refuses a new connection.
 
 Every refusal is counted (L{FloodGuard.counters}) and logged at most once per source per
 C{log_interval} (L{sipproxy.refusals.RefusalLog}); a refusal also takes C{refusal_weight} tokens
@@ -23,15 +32,16 @@ from the source's bucket, so a source that keeps being refused is banned. Memory
 most C{max_sources} sources are tracked (idle ones are pruned; when the table is full of busy
 sources a new one is let through untracked and counted as C{"untracked"}), and at most
 C{max_sources} are banned. Sources in C{exempt} (CIDRs: the inside networks, the provider) skip
-every per-source check; the total connection limit still applies to them.
+every per-source check and the totals of transactions and dialogs; the total connection limit
+still applies to them.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections import Counter
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,8 +85,9 @@ class FloodGuard:
 
     @ivar banned: source IP -> ban; the transports test C{host in guard.banned} first.
     @ivar counters: refusals and events by reason (C{"rate"}, C{"scanner"}, C{"transactions"},
-        C{"connections"}, C{"banned"} (bans started), C{"unbanned"}, C{"dropped_banned"} (counted
-        when a ban ends), C{"untracked"} ...), for a metrics exporter.
+        C{"connections"}, C{"connections_evicted"}, C{"transactions_total"}, C{"dialogs_total"},
+        C{"banned"} (bans started), C{"unbanned"}, C{"dropped_banned"} (counted when a ban
+        ends), C{"untracked"} ...), for a metrics exporter.
     """
 
     log = Logger(namespace="sipproxy.flood")
@@ -95,6 +106,8 @@ class FloodGuard:
         max_dialogs_per_source: int = 200,
         max_connections_per_source: int = 32,
         max_connections: int = 1000,
+        max_transactions: int = 10_000,
+        max_dialogs: int = 5_000,
         max_sources: int = 100_000,
         log_interval: float = 60.0,
         refusals: RefusalLog | None = None,
@@ -115,6 +128,8 @@ class FloodGuard:
         self.max_dialogs_per_source = max_dialogs_per_source
         self.max_connections_per_source = max_connections_per_source
         self.max_connections = max_connections
+        self.max_transactions = max_transactions
+        self.max_dialogs = max_dialogs
         self.max_sources = max_sources
         self.refusals = refusals or RefusalLog(clock, self.log, log_interval, max_sources)
         self.counters: Counter[str] = self.refusals.counters
@@ -126,6 +141,11 @@ class FloodGuard:
         self._dialogs: dict[str, int] = {}
         self._connections: dict[str, int] = {}
         self.connection_count = 0
+        #: open transactions and dialogs of sources that are not exempt, in all
+        self.transaction_count = 0
+        self.dialog_count = 0
+        # (budget, source) -> (window, times of its last failures)
+        self._failures: dict[tuple[str, str], tuple[float, deque[float]]] = {}
 
     @classmethod
     def from_config(cls, clock: IReactorTime, config: LimitsConfig) -> FloodGuard:
@@ -141,6 +161,8 @@ class FloodGuard:
             max_dialogs_per_source=config.max_dialogs_per_source,
             max_connections_per_source=config.max_connections_per_source,
             max_connections=config.max_connections,
+            max_transactions=config.max_transactions,
+            max_dialogs=config.max_dialogs,
             max_sources=config.max_sources,
             log_interval=config.log_interval,
         )
@@ -163,7 +185,7 @@ class FloodGuard:
         if tokens > self.burst:
             tokens = self.burst
         if tokens < 1.0:
-            self.ban(host, "rate")
+            self.ban(host, f"over {self.rate:g} messages/s (burst {self.burst:g})")
             return False
         bucket[0] = tokens - 1.0
         bucket[1] = now
@@ -260,7 +282,8 @@ class FloodGuard:
         tokens -= self.refusal_weight if weight is None else weight
         bucket[0], bucket[1] = tokens, now
         if tokens < 1.0:
-            self.ban(host, "refused requests")
+            self.ban(host, f"refused requests (each counts as {self.refusal_weight} messages "
+                           f"toward {self.rate:g} messages/s, burst {self.burst:g})")
 
     def ban(self, host: str, reason: str) -> None:
         """Ban C{host} for C{ban_time} seconds (a no-op if banned already or exempt)."""
@@ -273,11 +296,41 @@ class FloodGuard:
         self.banned[host] = _Ban(reason, self._seconds(), unban)
         self._buckets.pop(host, None)
         self.counters["banned"] += 1
-        self.log.warn(
-            "banned {host} for {ban_time:g} s: {reason} (over {rate:g} messages/s, burst "
-            "{burst:g})", host=host, ban_time=self.ban_time, reason=reason, rate=self.rate,
-            burst=self.burst,
-        )
+        self.log.warn("banned {host} for {ban_time:g} s: {reason}", host=host,
+                      ban_time=self.ban_time, reason=reason)
+
+    def failed(self, host: str, budget: str, limit: int, window: float) -> bool:
+        """One failure of kind C{budget} (e.g. C{"auth"}: a wrong digest answer) from C{host}.
+        C{limit} of them within C{window} seconds ban it (L{ban}); C{True}: it is banned now.
+        Exempt sources are never banned. A budget of its own, apart from the message rate: a
+        phone whose user mistyped once is not punished, a password guesser is stopped."""
+        if host in self.banned:
+            return True
+        if limit <= 0 or self.is_exempt(host):
+            return False
+        now = self._seconds()
+        key = (budget, host)
+        entry = self._failures.get(key)
+        if entry is None:
+            if len(self._failures) >= self.max_sources:
+                self._forget_failures(now)
+                if len(self._failures) >= self.max_sources:
+                    self.counters["untracked"] += 1
+                    return False
+            entry = (window, deque(maxlen=limit))
+            self._failures[key] = entry
+        times = entry[1]
+        times.append(now)
+        if len(times) < limit or now - times[0] > window:
+            return False
+        del self._failures[key]
+        self.ban(host, f"{limit} failed {budget} attempts within {window:g} s")
+        return host in self.banned
+
+    def _forget_failures(self, now: float) -> None:
+        for key in [k for k, (window, times) in self._failures.items()
+                    if now - times[-1] > window]:
+            del self._failures[key]
 
     def unban(self, host: str) -> None:
         ban = self.banned.get(host)
@@ -298,23 +351,31 @@ class FloodGuard:
 
     # -- connections -------------------------------------------------------------------------
 
-    def admit_connection(self, host: str) -> bool:
+    def admit_connection(
+        self, host: str, make_room: Callable[[], bool] | None = None
+    ) -> bool:
         """An incoming TCP/TLS connection from C{host}: C{True} counts it (call
-        L{connection_closed} when it goes), C{False} refuses it."""
+        L{connection_closed} when it goes), C{False} refuses it. When all C{max_connections}
+        are open, C{make_room} (the transports) may close an idle one first; it returns whether
+        it did (and called L{connection_closed} for it, and counted C{"connections_evicted"})."""
         ban = self.banned.get(host)
         if ban is not None:
             ban.dropped += 1
             return False
-        if self.connection_count >= self.max_connections:
-            self.refuse(host, "connections", "refused a connection from {host}: {count} "
-                        "connections open in all", count=self.connection_count)
-            return False
-        if not self.is_exempt(host):
+        exempt = self.is_exempt(host)
+        count = 0
+        if not exempt:
             count = self._connections.get(host, 0)
             if count >= self.max_connections_per_source:
                 self.refuse(host, "connections", "refused a connection from {host}: {count} "
                             "connections open from it", count=count)
                 return False
+        if self.connection_count >= self.max_connections and (
+                make_room is None or not make_room()):
+            self.refuse(host, "connections", "refused a connection from {host}: {count} "
+                        "connections open in all", count=self.connection_count)
+            return False
+        if not exempt:
             self._connections[host] = count + 1
         self.connection_count += 1
         return True
@@ -334,22 +395,29 @@ class FloodGuard:
     # -- transactions ------------------------------------------------------------------------
 
     def transaction_started(self, host: str) -> bool:
-        """A new server transaction from C{host}: C{False} refuses it (too many open); else it
-        is counted until L{transaction_ended}."""
-        limit = self.max_transactions_per_source
-        if not limit or self.is_exempt(host):
+        """A new server transaction from C{host}: C{False} refuses it (too many open from it,
+        or from outsiders in all); else it is counted until L{transaction_ended}."""
+        limit, total = self.max_transactions_per_source, self.max_transactions
+        if not (limit or total) or self.is_exempt(host):
             return True
         count = self._transactions.get(host, 0)
-        if count >= limit:
+        if limit and count >= limit:
             self.refuse(host, "transactions", "refused requests from {host}: {count} "
                         "transactions open from it", count=count)
             return False
+        if total and self.transaction_count >= total:
+            self.refuse(host, "transactions_total", "refused requests from {host}: {count} "
+                        "transactions open from outside sources in all",
+                        count=self.transaction_count)
+            return False
         self._transactions[host] = count + 1
+        self.transaction_count += 1
         return True
 
     def transaction_ended(self, host: str) -> None:
         count = self._transactions.get(host)
         if count is not None:
+            self.transaction_count = max(0, self.transaction_count - 1)
             if count <= 1:
                 del self._transactions[host]
             else:
@@ -361,28 +429,35 @@ class FloodGuard:
     # -- dialogs -----------------------------------------------------------------------------
 
     def may_start_dialog(self, host: str) -> bool:
-        """An initial INVITE from C{host}: C{False} refuses it (too many dialogs open)."""
-        limit = self.max_dialogs_per_source
-        if not limit:
+        """An initial INVITE from C{host}: C{False} refuses it (too many dialogs open from
+        it, or from outsiders in all)."""
+        limit, total = self.max_dialogs_per_source, self.max_dialogs
+        if not (limit or total) or self.is_exempt(host):
             return True
         count = self._dialogs.get(host, 0)
-        if count < limit or self.is_exempt(host):
-            return True
-        self.refuse(host, "dialogs", "refused a call from {host}: {count} dialogs open from it",
-                    count=count)
-        return False
+        if limit and count >= limit:
+            self.refuse(host, "dialogs", "refused a call from {host}: {count} dialogs open "
+                        "from it", count=count)
+            return False
+        if total and self.dialog_count >= total:
+            self.refuse(host, "dialogs_total", "refused a call from {host}: {count} dialogs "
+                        "open from outside sources in all", count=self.dialog_count)
+            return False
+        return True
 
     def dialog_started(self, host: str) -> bool:
         """A dialog set up by C{host} exists now; C{True}: it was counted (call
         L{dialog_ended} when it ends)."""
-        if not self.max_dialogs_per_source or self.is_exempt(host):
+        if not (self.max_dialogs_per_source or self.max_dialogs) or self.is_exempt(host):
             return False
         self._dialogs[host] = self._dialogs.get(host, 0) + 1
+        self.dialog_count += 1
         return True
 
     def dialog_ended(self, host: str) -> None:
         count = self._dialogs.get(host)
         if count is not None:
+            self.dialog_count = max(0, self.dialog_count - 1)
             if count <= 1:
                 del self._dialogs[host]
             else:

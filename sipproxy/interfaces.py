@@ -112,6 +112,10 @@ class IProxyCore(Interface):
         "The sockets, each with side ('inside'/'outside'), transport, address, port, via_host."
     )
     dialogs = Attribute("The sipproxy.dialogs.DialogTracker.")
+    flood = Attribute(
+        "The sipproxy.flood.FloodGuard ([limits]: rate limits and the ban list; failed() is a "
+        "failure budget such as wrong passwords), or None when [limits] enabled = false."
+    )
 
     def is_local_domain(host: str) -> bool:
         """True when the proxy is registrar for ``host`` (a configured domain or own address)."""

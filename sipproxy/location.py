@@ -109,47 +109,39 @@ class ILocationListener(Interface):
 
 @implementer(ILocationStore)
 class MemoryLocationStore:
-    """The default store: a dict of AOR to a short list of bindings, lost on restart."""
+    """The default store: per AOR, a dict of contact to binding (oldest first), lost on
+    restart. Adding, refreshing and removing one binding take O(1)."""
 
     def __init__(self) -> None:
-        self._by_aor: dict[str, list[Binding]] = {}
+        self._by_aor: dict[str, dict[str, Binding]] = {}
         self._count = 0
 
     def add_or_update(self, binding: Binding) -> Binding | None:
-        bindings = self._by_aor.get(binding.aor)
-        if bindings is None:
-            self._by_aor[binding.aor] = [binding]
+        bindings = self._by_aor.setdefault(binding.aor, {})
+        old = bindings.pop(binding.contact, None)
+        bindings[binding.contact] = binding  # (re)inserted last: the newest
+        if old is None:
             self._count += 1
-            return None
-        for i, old in enumerate(bindings):
-            if old.contact == binding.contact:
-                del bindings[i]
-                bindings.append(binding)
-                return old
-        bindings.append(binding)
-        self._count += 1
-        return None
+        return old
 
     def remove(self, aor: str, contact: str) -> Binding | None:
         bindings = self._by_aor.get(aor)
         if not bindings:
             return None
-        for i, old in enumerate(bindings):
-            if old.contact == contact:
-                del bindings[i]
-                self._count -= 1
-                if not bindings:
-                    del self._by_aor[aor]
-                return old
-        return None
+        old = bindings.pop(contact, None)
+        if old is not None:
+            self._count -= 1
+            if not bindings:
+                del self._by_aor[aor]
+        return old
 
     def remove_all(self, aor: str) -> list[Binding]:
-        bindings = self._by_aor.pop(aor, [])
+        bindings = list(self._by_aor.pop(aor, {}).values())
         self._count -= len(bindings)
         return bindings
 
     def lookup(self, aor: str, now: float) -> list[Binding]:
-        live = [b for b in self._by_aor.get(aor, ()) if b.expires_at > now]
+        live = [b for b in self._by_aor.get(aor, {}).values() if b.expires_at > now]
         # Newest last in storage; reverse so a stable sort keeps "newest first" among equal q.
         live.reverse()
         live.sort(key=lambda b: b.q, reverse=True)
@@ -157,19 +149,19 @@ class MemoryLocationStore:
 
     def all_bindings(self) -> Iterator[Binding]:
         for bindings in list(self._by_aor.values()):
-            yield from list(bindings)
+            yield from list(bindings.values())
 
     def expire(self, now: float) -> list[Binding]:
         gone: list[Binding] = []
         for aor in list(self._by_aor):
             bindings = self._by_aor[aor]
-            keep = [b for b in bindings if b.expires_at > now]
-            if len(keep) == len(bindings):
+            old = [b for b in bindings.values() if b.expires_at <= now]
+            if not old:
                 continue
-            gone.extend(b for b in bindings if b.expires_at <= now)
-            if keep:
-                self._by_aor[aor] = keep
-            else:
+            gone.extend(old)
+            for binding in old:
+                del bindings[binding.contact]
+            if not bindings:
                 del self._by_aor[aor]
         self._count -= len(gone)
         return gone

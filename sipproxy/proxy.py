@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from sipproxy.dialogs import Address, Dialog, DialogTracker, uri_address
 from sipproxy.errors import ParseError
+from sipproxy.flows import FlowTracker, flow_of
 from sipproxy.interfaces import DROP, IProxyCore
 from sipproxy.message import (
     MAGIC_COOKIE,
@@ -58,6 +59,8 @@ _log = Logger(namespace="sipproxy.proxy")
 _FLOOD_SOURCE = "sipproxy.flood.source"
 #: Branch.data key: the connection the branch needed could not be opened (the Failure)
 _FLOW_FAILED = "sipproxy.flow_failed"
+#: Dialog.data key: the TCP/TLS connections the dialog was set up over (sipproxy.flows)
+_FLOWS = "sipproxy.flows"
 
 #: Methods whose initial request creates a dialog, so the proxy Record-Routes them.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
@@ -144,11 +147,23 @@ class Proxy:
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: Any = getattr(transports, "flood", None)
         #: the transports know the connections the proxy opened (RFC 5923 reuse); doubles may not
-        self._flows = hasattr(transports, "flow_address")
+        self._opens_flows = hasattr(transports, "flow_address")
         #: what the core refuses itself (stray responses), counted and logged with the flood
         #: guard's refusals when there is one
         self.refusals: RefusalLog = getattr(self._flood, "refusals", None) or RefusalLog(
             reactor, _log, config.limits.log_interval)
+        #: the TCP/TLS connections that carry a binding or a dialog (kept when the
+        #: connection table is full; their CRLF keepalives count as traffic)
+        self.flows = FlowTracker()
+        location.add_listener(self.flows)
+        #: requests forked to fewer targets than bindings ([proxy] max_branches): counted,
+        #: logged once per AOR a minute
+        self.forks_capped = RefusalLog(reactor, _log)
+
+    @property
+    def flood(self) -> Any:
+        """The flood guard (sipproxy.flood.FloodGuard), None when [limits] is off."""
+        return self._flood
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -224,7 +239,7 @@ class Proxy:
         """The host and port that name us toward ``remote``: the listener's (a wildcard
         one's: the address the kernel sends from toward there), or, over a connection we
         opened from a side without a TLS listener, that connection's (RFC 5923)."""
-        if target is not None and self._flows:
+        if target is not None and self._opens_flows:
             flow = self.transports.flow_address(target, listener)
             if flow is not None:
                 return flow
@@ -238,7 +253,7 @@ class Proxy:
     def _is_own_address(self, host: str, port: int | None) -> bool:
         """Does host[:port] name one of our listeners (configured, advertised or, for wildcard
         listeners, an address of this machine)?"""
-        if port is not None and self._flows and self.transports.is_flow_port(port):
+        if port is not None and self._opens_flows and self.transports.is_flow_port(port):
             # the local port of a connection we opened: ours when the host is (not cached:
             # such ports come and go)
             return self._is_own_address(host, None)
@@ -471,6 +486,13 @@ class Proxy:
         if not bindings:
             self._reply(ctx, 404, "Not Found")
             return
+        limit = self.config.proxy.max_branches
+        if len(bindings) > limit:
+            self.forks_capped.refused(
+                "branches", bindings[0].aor, "{refused_source} has {n} bindings: forking "
+                "{request} to the {limit} with the highest q", n=len(bindings),
+                request=repr(request), limit=limit)
+            bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []
         for binding in bindings:
@@ -567,7 +589,7 @@ class Proxy:
     def _start_branch(
         self, ctx: RequestContext, out: Request, targets: list[Target], data: dict[str, Any]
     ) -> None:
-        opening = self.transports.open_flow(targets[0]) if self._flows else None
+        opening = self.transports.open_flow(targets[0]) if self._opens_flows else None
         if opening is None:
             self._build_branch(ctx, out, targets, data)
             return
@@ -645,7 +667,7 @@ class Proxy:
         target: Target,
     ) -> None:
         transport = listener.transport if listener is not None else "UDP"
-        if self._flows and self.transports.flow_address(target, listener) is not None:
+        if self._opens_flows and self.transports.flow_address(target, listener) is not None:
             transport = "TLS"  # the entry names our connection to there
         rr_out = _rr_value(host, port, transport)
         source = ctx.request.source
@@ -654,7 +676,7 @@ class Proxy:
             in_listener = self._listener_of(source)
             in_host, in_port = self._advertised(in_listener, source.host)
             in_transport = in_listener.transport if in_listener else source.transport.upper()
-            if source.transport.upper() == "TLS" and in_transport != "TLS" and self._flows \
+            if source.transport.upper() == "TLS" and in_transport != "TLS" and self._opens_flows \
                     and self.transports.is_flow_port(source.local_port):
                 # it came over a connection we opened, from a side without a TLS listener:
                 # the peer reaches us over that connection only, found by its address/port
@@ -1072,6 +1094,10 @@ class Proxy:
                 [a[0] for a in (*_source_address(response), *_target_address(branch))],
                 [*_contact_addresses(response), *_target_address(branch)],
                 [a for a in self._foreign_routes(response) if a not in caller_routes])
+            flows = [f for f in (flow_of(source), flow_of(response.source)) if f is not None]
+            if flows:
+                dialog.data[_FLOWS] = flows
+                self.flows.hold(flows)
             flood = self._flood
             if flood is not None and source is not None and flood.dialog_started(source.host):
                 dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
@@ -1109,6 +1135,7 @@ class Proxy:
             self.dialogs.end(ctx.dialog, "bye")
 
     def _dialog_ended(self, dialog: Dialog, reason: str) -> None:
+        self.flows.release(dialog.data.pop(_FLOWS, ()))
         host = dialog.data.pop(_FLOOD_SOURCE, None)
         if host is not None and self._flood is not None:
             self._flood.dialog_ended(host)

@@ -4,6 +4,14 @@ It answers one REGISTER with one final response and never forwards anything: whe
 is ours to handle (``is_local_host`` on the Request-URI) is the caller's decision. Every change
 a REGISTER asks for is checked first and committed only if all of it is valid (10.3 step 8), so
 a request never leaves half its contacts updated.
+
+An address-of-record holds at most ``max_contacts`` bindings: a REGISTER that would leave more
+is refused whole with ``403 Too Many Registered Contacts`` (refreshing or removing bindings
+always passes). RFC 3261 sets no limit; Kamailio and OpenSIPS answer ``503`` with that phrase,
+Asterisk ``403``. We answer 403: the condition does not pass by waiting, and a 503 would make
+a phone retry or fail over to another registrar. Each Contact is matched against the stored
+ones through an index on the parts RFC 3261 19.1.4 always compares (``_uri_key``), so a
+REGISTER costs time linear in its Contacts and the AOR's bindings, not their product.
 """
 
 from __future__ import annotations
@@ -106,6 +114,39 @@ def uri_equal(a: URI, b: URI) -> bool:
     return _header_set(a) == _header_set(b)
 
 
+_UriKey = tuple[object, ...]
+
+
+def _uri_key(uri: URI) -> _UriKey:
+    """What every URI equal to ``uri`` under `uri_equal` shares: a dict key that finds the
+    candidates in O(1); `uri_equal` then decides among them (parameters present on one side
+    only may still differ)."""
+    if not uri.is_sip:
+        return (uri.scheme.lower(), str(uri))
+    params = _param_map(uri)
+    return (
+        uri.scheme.lower(), _unescaped(uri.user), _unescaped(uri.password), uri.host.lower(),
+        uri.port, tuple((name, name in params, params.get(name)) for name in _MUST_MATCH_PARAMS),
+        frozenset(_header_set(uri)),
+    )
+
+
+class _ContactIndex:
+    """URIs by `_uri_key`, each with what the caller keeps for it."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[_UriKey, list[tuple[URI, str]]] = {}
+
+    def add(self, uri: URI, value: str) -> None:
+        self._by_key.setdefault(_uri_key(uri), []).append((uri, value))
+
+    def find(self, uri: URI) -> str | None:
+        for other, value in self._by_key.get(_uri_key(uri), ()):
+            if uri_equal(other, uri):
+                return value
+        return None
+
+
 def _delta_seconds(text: str | None) -> int | None:
     """A delta-seconds value, or None when absent or malformed."""
     if text is None:
@@ -171,6 +212,7 @@ class Registrar:
         max_expires: int = 3600,
         default_expires: int = 3600,
         own_host: Callable[[str], bool] | None = None,
+        max_contacts: int = 10,
     ) -> None:
         if not 0 < min_expires <= default_expires <= max_expires:
             raise ValueError(
@@ -184,6 +226,7 @@ class Registrar:
         self.max_expires = max_expires
         self.default_expires = default_expires
         self.own_host = own_host
+        self.max_contacts = max_contacts
 
     # -- domain checks --------------------------------------------------------------------------
 
@@ -288,12 +331,17 @@ class Registrar:
         if default is None:
             default = self.default_expires
         existing = self.location.lookup(aor)
-        existing_uris: list[tuple[Binding, URI | None]] = []
+        by_contact = {b.contact: b for b in existing}
+        flows: dict[tuple[str | None, int | None], list[Binding]] = {}
+        for binding in existing:
+            if binding.reg_id is not None:
+                flows.setdefault((binding.instance, binding.reg_id), []).append(binding)
+        index = _ContactIndex()  # stored contact strings by URI
         for binding in existing:
             try:
-                existing_uris.append((binding, parse_uri(binding.contact)))
+                index.add(parse_uri(binding.contact), binding.contact)
             except ParseError:
-                existing_uris.append((binding, None))
+                continue
         path = tuple(request.headers.get_all("Path"))
         user_agent = request.headers.get("User-Agent")
 
@@ -301,7 +349,7 @@ class Registrar:
         final: dict[str, Binding | None] = {}
         matched: dict[str, Binding] = {}  # stored contact string -> the binding stored under it
         reasons: dict[str, RemovalReason] = {}
-        seen: list[tuple[URI, str]] = []  # Contacts of this request, for duplicates within it
+        seen = _ContactIndex()  # Contacts of this request, for duplicates within it
 
         for contact in contacts:
             uri = contact.uri
@@ -328,17 +376,16 @@ class Registrar:
                     raise _Refused(400, "Bad reg-id in Contact")
                 reg_id = int(reg_id_param)
 
-            key = next((k for u, k in seen if uri_equal(u, uri)), None)
+            key = seen.find(uri)
             if key is None:
-                for binding, buri in existing_uris:
-                    if buri is not None and uri_equal(buri, uri):
-                        self._check_order(binding, call_id, cseq)
-                        key = binding.contact
-                        matched[key] = binding
-                        break
-            if key is None:
-                key = str(uri)
-            seen.append((uri, key))
+                key = index.find(uri)
+                if key is not None:
+                    binding = by_contact[key]
+                    self._check_order(binding, call_id, cseq)
+                    matched[key] = binding
+                else:
+                    key = str(uri)
+                seen.add(uri, key)
 
             if expires == 0:
                 final[key] = None
@@ -359,18 +406,22 @@ class Registrar:
             )
             if reg_id is not None:
                 # RFC 5626: same instance and reg-id is the same flow, re-registered elsewhere.
-                for binding in existing:
-                    if (
-                        binding.instance == instance
-                        and binding.reg_id == reg_id
-                        and binding.contact != key
-                        and binding.contact not in final
-                    ):
+                for binding in flows.get((instance, reg_id), ()):
+                    if binding.contact != key and binding.contact not in final:
                         self._check_order(binding, call_id, cseq)
                         final[binding.contact] = None
                         reasons[binding.contact] = "replaced"
 
-        stored = {b.contact for b in existing}
+        stored = by_contact.keys()
+        kept = sum(1 for key in stored if final.get(key, by_contact[key]) is not None)
+        added = sum(1 for key, new in final.items() if new is not None and key not in stored)
+        if added and kept + added > self.max_contacts:
+            self.log.info(
+                "{aor}: refused a REGISTER from {source} for {added} new contacts: {kept} "
+                "bindings already, at most {limit}", aor=aor, source=request.source,
+                added=added, kept=kept, limit=self.max_contacts,
+            )
+            raise _Refused(403, "Too Many Registered Contacts")
         for key, new in final.items():
             if new is None and key in stored:
                 self.location.remove(aor, key, reasons[key])

@@ -73,6 +73,7 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
         # no domains named: every address of this host is ours (the proxy knows them)
         own_host=(lambda host: receiver[0].is_local_domain(host))
         if config.proxy.host_addresses else None,
+        max_contacts=config.registrar.max_contacts,
     )
     limits = config.limits
     flood = FloodGuard.from_config(reactor, limits) if limits.enabled else None
@@ -84,6 +85,7 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
     resolver = make_resolver(config.dns.servers, config.dns.timeout, reactor)
     proxy = Proxy(config, reactor, transports, location, registrar, resolver)
     receiver.append(proxy)
+    transports.flows = proxy.flows
     plugins = load_plugins(config, proxy)
     proxy.set_plugins(plugins)
     top.proxy = proxy

@@ -26,6 +26,7 @@ from sipproxy.credentials import (
     parse_credentials_file,
 )
 from sipproxy.digest import authorization, ha1, parse_challenge, parse_credentials
+from sipproxy.flood import FloodGuard
 from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore
 from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
@@ -145,7 +146,8 @@ class Net:
         return r
 
 
-def make_net(tmp_path: Path, auth: str = "", plugins: str = '["auth"]') -> Net:
+def make_net(tmp_path: Path, auth: str = "", plugins: str = '["auth"]',
+             flood: bool = False) -> Net:
     clock = Clock()
     clock.advance(1_000_000)
     config = parse_config(config_text(users_file(tmp_path), auth, plugins),
@@ -153,6 +155,8 @@ def make_net(tmp_path: Path, auth: str = "", plugins: str = '["auth"]') -> Net:
     listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
                               lc.advertised_host) for lc in config.listen]
     wire = Wire(listeners)
+    if flood:  # as the transports have it: the flood guard of [limits]
+        wire.flood = FloodGuard.from_config(clock, config.limits)  # type: ignore[attr-defined]
     location = LocationService(clock)
     registrar = Registrar(location, clock, list(config.proxy.domains))
     proxy = Proxy(config, clock, wire, location, registrar,  # type: ignore[arg-type]
@@ -482,6 +486,79 @@ def test_refusals_logged_once_per_source_per_interval(net: Net) -> None:
     assert "19 more from this source not logged" in formatEvent(net.logged[-1])
 
 
+# -- failures spend a ban budget (fail2ban-like) -------------------------------------------------
+def guess(net: Net, n: int, source: Source = PHONE, user: str = "alice") -> list[int]:
+    """``n`` REGISTERs with wrong passwords from ``source``; their statuses."""
+    r = net.register(user, source=source)
+    statuses = []
+    for i in range(n):
+        value = credentials(r, user, f"guess{i}", "REGISTER", f"sip:{DOMAIN}")
+        statuses.append(net.register(user, (f"Authorization: {value}",), cseq=2 + i,
+                                     source=source).status)
+    return statuses
+
+
+def test_wrong_passwords_ban_the_source_through_the_flood_guard(tmp_path: Path) -> None:
+    net = make_net(tmp_path, "max_failures = 5\nwindow = 60", flood=True)
+    flood = net.proxy.flood
+    assert guess(net, 4) == [401] * 4
+    assert PHONE.host not in flood.banned
+    assert guess(net, 1) == [401]  # the 5th within the window: banned from now on
+    assert PHONE.host in flood.banned
+    assert "5 failed digest authentication attempts within 60 s" in flood.banned[PHONE.host].reason
+    assert net.auth.counters["auth.banned"] == 1
+    assert flood.counters["banned"] == 1
+    # the ban list is the flood guard's: the transports drop the source unparsed
+    assert not flood.allow(PHONE.host)
+    assert flood.allow(PHONE2.host)
+    net.clock.advance(flood.ban_time + 1)
+    assert PHONE.host not in flood.banned
+
+
+def test_plain_challenges_and_one_typo_are_no_ban(tmp_path: Path) -> None:
+    net = make_net(tmp_path, "max_failures = 3\nwindow = 60", flood=True)
+    for i in range(20):  # challenges: requests without credentials
+        assert net.register(cseq=100 + i).status == 401
+    r = net.register()
+    typo = credentials(r, "alice", "wonderlnd", "REGISTER", f"sip:{DOMAIN}")
+    assert net.register("alice", (f"Authorization: {typo}",), cseq=200).status == 401
+    right = credentials(r, "alice", "wonderland", "REGISTER", f"sip:{DOMAIN}")
+    assert net.register("alice", (f"Authorization: {right}",), cseq=201).status == 200
+    assert net.proxy.flood.banned == {}
+    # failures spread wider than the window do not add up
+    net.clock.advance(61)
+    assert guess(net, 2) == [401, 401]
+    net.clock.advance(61)
+    assert guess(net, 2) == [401, 401]
+    assert net.proxy.flood.banned == {}
+
+
+def test_replays_count_as_failures(tmp_path: Path) -> None:
+    net = make_net(tmp_path, "max_failures = 3\nwindow = 60", flood=True)
+    r = net.register()
+    value = credentials(r, "alice", "wonderland", "REGISTER", f"sip:{DOMAIN}", nc=1)
+    assert net.register("alice", (f"Authorization: {value}",), cseq=2).status == 200
+    for cseq in (3, 4):
+        assert net.register("alice", (f"Authorization: {value}",), cseq=cseq).status == 401
+    assert net.proxy.flood.banned == {}
+    net.register("alice", (f"Authorization: {value}",), cseq=5)
+    assert PHONE.host in net.proxy.flood.banned
+
+
+def test_no_ban_for_exempt_sources_or_without_a_budget(tmp_path: Path) -> None:
+    net = make_net(tmp_path, "max_failures = 2", flood=True)
+    loopback = Source("UDP", "127.0.0.1", 5060, INSIDE, 5060, "inside")
+    guess(net, 10, source=loopback)  # the flood guard exempts loopback by default
+    assert net.proxy.flood.banned == {}
+    assert net.auth.counters["auth.wrong_credentials"] == 10
+    net = make_net(tmp_path, "max_failures = 0", flood=True)
+    guess(net, 30)
+    assert net.proxy.flood.banned == {}
+    net = make_net(tmp_path, "max_failures = 2")  # [limits] off: no flood guard, no ban
+    assert net.proxy.flood is None
+    assert guess(net, 5) == [401] * 5
+
+
 # -- config, users file, helper ------------------------------------------------------------------
 def test_users_file_formats() -> None:
     md5 = "0" * 32
@@ -528,6 +605,8 @@ def test_users_file_errors_name_the_line(text: str, problem: str) -> None:
         ("nonce_ttl = 0", "auth.nonce_ttl: must be a number from 1.0 to 86400.0"),
         ('exempt_networks = ["x"]', "auth.exempt_networks[0]: must be a network"),
         ("colour = 1", "auth.colour: unknown key"),
+        ("max_failures = -1", "auth.max_failures: must be an integer from 0 to 100000, got -1"),
+        ("window = 0", "auth.window: must be a number from 1.0 to 86400.0, got 0"),
     ],
 )
 def test_config_errors(tmp_path: Path, auth: str, message: str) -> None:

@@ -202,9 +202,10 @@ CASES = [
     ("proxy = 1", "proxy: must be a table, got 1"),
     (
         "[proxy]\ndomain = []",
-        "proxy.domain: unknown key (expected one of: domains, max_forwards, record_route,"
-        " user_agent)",
+        "proxy.domain: unknown key (expected one of: domains, max_branches, max_forwards,"
+        " record_route, user_agent)",
     ),
+    ("[proxy]\nmax_branches = 0", "proxy.max_branches: must be an integer from 1 to 1000, got 0"),
     ('[proxy]\ndomains = "lan"', 'proxy.domains: must be an array of strings, got "lan"'),
     ("[proxy]\ndomains = [1]", "proxy.domains[0]: must be a string, got 1"),
     ('[proxy]\ndomains = ["a", ""]', "proxy.domains[1]: must not be empty"),
@@ -364,9 +365,11 @@ CASES = [
     ),
     (
         "[registrar]\nexpires = 1",
-        "registrar.expires: unknown key (expected one of: default_expires, max_expires,"
-        " min_expires)",
+        "registrar.expires: unknown key (expected one of: default_expires, max_contacts,"
+        " max_expires, min_expires)",
     ),
+    ("[registrar]\nmax_contacts = 0",
+     "registrar.max_contacts: must be an integer from 1 to 1000, got 0"),
     # [timers]
     ("[timers]\nt1 = 0", "timers.t1: must be a number > 0, got 0"),
     ("[timers]\nt2 = -1.5", "timers.t2: must be a number > 0, got -1.5"),
@@ -779,8 +782,11 @@ def test_limits_values_typed_and_normalized() -> None:
          "limits.max_connections_per_source: must be an integer >= 1, got 0"),
         ("bursts = 3", "limits.bursts: unknown key (expected one of: ban_time, "
          "blocked_user_agents, burst, enabled, exempt, idle_timeout, log_interval, "
-         "max_connections, max_connections_per_source, max_dialogs_per_source, max_sources, "
-         "max_transactions_per_source, message_timeout, messages_per_second, refusal_weight)"),
+         "max_connections, max_connections_per_source, max_dialogs, max_dialogs_per_source, "
+         "max_sources, max_transactions, max_transactions_per_source, message_timeout, "
+         "messages_per_second, refusal_weight)"),
+        ("max_transactions = -1", "limits.max_transactions: must be an integer >= 0, got -1"),
+        ("max_dialogs = 1.5", "limits.max_dialogs: must be an integer >= 0, got 1.5"),
     ],
 )
 def test_limits_errors(text: str, expected: str) -> None:

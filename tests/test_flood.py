@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from sipproxy.config import LimitsConfig, ListenConfig
 from sipproxy.flood import FloodGuard
+from sipproxy.flows import FlowTracker
 from sipproxy.message import Limits, Message, Request
 from sipproxy.transport import TransportManager
 from sipproxy.transport.manager import _StreamFactory
@@ -214,6 +215,97 @@ class ConnectionAndTransactionLimitTests(unittest.SynchronousTestCase):
         self.assertEqual(g.counters["transactions"], 1)
 
 
+    def test_transactions_and_dialogs_in_all_count_only_outsiders(self) -> None:
+        g = guard(self.clock, max_transactions=3, max_dialogs=2, refusal_weight=0)
+        self.assertEqual([g.transaction_started(h) for h in (FLOODER, OTHER, "192.0.2.7",
+                                                            "192.0.2.8")],
+                         [True, True, True, False])
+        self.assertEqual(g.counters["transactions_total"], 1)
+        # the inside (exempt) is not held back by what outsiders opened
+        self.assertTrue(all(g.transaction_started("10.0.0.1") for _ in range(10)))
+        self.assertEqual(g.transaction_count, 3)
+        g.transaction_ended("10.0.0.1")  # never counted: changes nothing
+        g.transaction_ended(OTHER)
+        self.assertTrue(g.transaction_started("192.0.2.8"))
+        self.assertTrue(g.dialog_started(FLOODER) and g.dialog_started(OTHER))
+        self.assertFalse(g.dialog_started("10.0.0.1"))  # exempt: not counted
+        self.assertFalse(g.may_start_dialog("192.0.2.7"))
+        self.assertTrue(g.may_start_dialog("10.0.0.1"))
+        self.assertEqual(g.counters["dialogs_total"], 1)
+        g.dialog_ended(FLOODER)
+        self.assertTrue(g.may_start_dialog("192.0.2.7"))
+        self.assertEqual(g.dialog_count, 1)
+        unlimited = guard(self.clock, max_transactions=0, max_transactions_per_source=0)
+        self.assertTrue(all(unlimited.transaction_started(FLOODER) for _ in range(1000)))
+
+    def test_a_full_table_makes_room_before_it_refuses(self) -> None:
+        g = guard(self.clock, max_connections=2, refusal_weight=0)
+        self.assertTrue(g.admit_connection(FLOODER) and g.admit_connection(FLOODER))
+        closed: list[str] = []
+
+        def make_room() -> bool:
+            g.connection_closed(FLOODER)
+            closed.append(FLOODER)
+            return True
+
+        self.assertFalse(g.admit_connection(OTHER, lambda: False))
+        self.assertTrue(g.admit_connection(OTHER, make_room))
+        self.assertEqual(closed, [FLOODER])
+        self.assertEqual((g.connection_count, g.connections_from(FLOODER)), (2, 1))
+        # a source at its own limit does not make anyone else's connection go
+        g2 = guard(self.clock, max_connections=1, max_connections_per_source=1)
+        self.assertTrue(g2.admit_connection(FLOODER))
+        self.assertFalse(g2.admit_connection(FLOODER, make_room))
+        self.assertEqual(closed, [FLOODER])
+
+
+class FailureBudgetTests(unittest.SynchronousTestCase):
+    """failed(): limit failures within window seconds ban, through the same ban list."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logs = LogCapture(self)
+        self.guard = guard(self.clock)
+
+    def test_limit_within_window_bans_and_is_logged_once(self) -> None:
+        g = self.guard
+        self.assertEqual([g.failed(FLOODER, "auth", 3, 10) for _ in range(3)],
+                         [False, False, True])
+        self.assertTrue(g.is_banned(FLOODER))
+        self.assertFalse(g.allow(FLOODER))
+        self.assertFalse(g.admit_connection(FLOODER))
+        self.assertTrue(g.failed(FLOODER, "auth", 3, 10))  # banned already: nothing new
+        bans = [t for t in self.logs.texts() if t.startswith("banned")]
+        self.assertEqual(bans, [f"banned {FLOODER} for 60 s: 3 failed auth attempts within "
+                                "10 s"])
+        self.clock.advance(61)
+        self.assertFalse(g.is_banned(FLOODER))
+        self.assertFalse(g.failed(FLOODER, "auth", 3, 10))  # a new start
+
+    def test_failures_spread_wider_than_the_window_and_exempt_sources(self) -> None:
+        g = self.guard
+        for _ in range(10):
+            self.assertFalse(g.failed(OTHER, "auth", 3, 10))
+            self.clock.advance(6)
+        for _ in range(10):
+            self.assertFalse(g.failed("10.0.0.1", "auth", 3, 10))
+            self.assertFalse(g.failed(FLOODER, "auth", 0, 10))
+        self.assertEqual(g.banned, {})
+        # budgets are apart from the message rate, and from each other
+        self.assertFalse(g.failed(FLOODER, "auth", 2, 10))
+        self.assertFalse(g.failed(FLOODER, "other", 2, 10))
+        self.assertTrue(g.failed(FLOODER, "auth", 2, 10))
+
+    def test_memory_is_bounded(self) -> None:
+        g = guard(self.clock, max_sources=100)
+        for i in range(1000):
+            g.failed(f"198.51.{i // 250}.{i % 250}", "auth", 5, 10)
+        self.assertLessEqual(len(g._failures), 100)
+        self.clock.advance(11)
+        g.failed(FLOODER, "auth", 5, 10)  # the full table forgets the expired ones
+        self.assertEqual(len(g._failures), 1)
+
+
 # --------------------------------------------------------------------------------------------
 # The transports with a guard
 # --------------------------------------------------------------------------------------------
@@ -318,6 +410,80 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertTrue(self.manager.flood.is_banned(FLOODER))
         proto.connectionLost()
         self.assertEqual(self.manager.flood.connections_from(FLOODER), 0)
+
+
+class ConnectionTableTests(unittest.SynchronousTestCase):
+    """A full table closes the oldest idle connection that carries no registration or dialog
+    (sipproxy.flows); CRLF keepalives keep only such connections open."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logs = LogCapture(self)
+        self.manager, self.inbox = manager_with_guard(self.clock, max_connections=3,
+                                                      refusal_weight=0)
+        self.manager.flows = FlowTracker()
+        self.factory = _StreamFactory(self.manager, self.manager.listeners[1])
+
+    def connect(self, host: str, port: int) -> tuple[SIPStreamProtocol | None, StringTransport]:
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        proto = self.factory.buildProtocol(IPv4Address("TCP", host, port))
+        if proto is not None:
+            proto.makeConnection(transport)
+        return proto, transport
+
+    def test_full_table_closes_the_oldest_idle_connection_without_state(self) -> None:
+        registered, t_registered = self.connect(OTHER, 4000)
+        _, t_idle = self.connect(FLOODER, 4001)
+        busy, t_busy = self.connect(FLOODER, 4002)
+        assert registered is not None and busy is not None
+        self.manager.flows.hold([("TCP", OTHER, 4000)])  # a binding's flow
+        self.clock.advance(10)
+        busy.dataReceived(request_bytes())  # a SIP message: the most recently active
+        phone, t_phone = self.connect("192.0.2.50", 5000)
+        self.assertIsNotNone(phone)
+        self.assertTrue(t_idle.disconnected)
+        self.assertFalse(t_registered.disconnecting or t_busy.disconnecting)
+        flood = self.manager.flood
+        assert flood is not None
+        self.assertEqual((flood.connection_count, flood.connections_from(FLOODER)), (3, 1))
+        self.assertEqual(flood.counters["connections_evicted"], 1)
+        idle_proto = next(p for p in self.manager._streams if p.peer == (FLOODER, 4001))
+        idle_proto.connectionLost()  # the abort completes: counted once only
+        self.assertEqual(flood.connection_count, 3)
+        # next the busy one, then the phone's: the registered one stays to the end
+        self.connect("192.0.2.51", 5001)
+        self.assertTrue(t_busy.disconnected)
+        self.connect("192.0.2.52", 5002)
+        self.assertTrue(t_phone.disconnected)
+        self.manager.flows.hold([("TCP", "192.0.2.52", 5002)])  # a dialog's flow
+        self.manager.flows.hold([("TCP", "192.0.2.51", 5001)])
+        refused, _ = self.connect("192.0.2.53", 5003)
+        self.assertIsNone(refused)
+        self.assertFalse(t_registered.disconnecting)
+        self.assertEqual(flood.counters["connections"], 1)
+        texts = self.logs.texts()
+        self.assertTrue(any(f"closed an idle connection from {FLOODER}:4001" in t
+                            for t in texts), texts)
+
+    def test_crlf_pings_keep_only_a_connection_with_state_open(self) -> None:
+        bare, t_bare = self.connect(FLOODER, 4001)
+        registered, t_registered = self.connect(OTHER, 4000)
+        assert bare is not None and registered is not None
+        self.manager.flows.hold([("TCP", OTHER, 4000)])
+        for _ in range(10):  # idle_timeout is 60 s: a ping every 30 s
+            bare.dataReceived(b"\r\n\r\n")
+            registered.dataReceived(b"\r\n\r\n")
+            self.clock.advance(30)
+        self.assertTrue(t_bare.disconnecting)
+        self.assertEqual(t_bare.value(), b"\r\n\r\n")  # its pings were answered until then
+        self.assertFalse(t_registered.disconnecting)
+        # a SIP message is traffic on any connection
+        other, t_other = self.connect("192.0.2.60", 4002)
+        assert other is not None
+        for i in range(4):
+            other.dataReceived(request_bytes(call_id=f"k{i}"))
+            self.clock.advance(30)
+        self.assertFalse(t_other.disconnecting)
 
 
 class HostileStreamTests(unittest.SynchronousTestCase):

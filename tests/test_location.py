@@ -295,3 +295,18 @@ def test_replaces_swaps_an_equivalent_spelling_as_a_refresh() -> None:
     assert service.count() == 1
     assert recorder.added[-1] == (new, old)
     assert recorder.removed == []
+
+
+def test_memory_store_refresh_and_remove_keep_order_and_count() -> None:
+    store = MemoryLocationStore()
+    a, b, c = (Binding("sip:a@x", f"sip:a@10.0.0.{n}", 100.0) for n in (1, 2, 3))
+    for binding in (a, b, c):
+        assert store.add_or_update(binding) is None
+    newer = Binding("sip:a@x", a.contact, 200.0)
+    assert store.add_or_update(newer) is a  # a refresh: now the newest
+    assert [x.contact for x in store.lookup("sip:a@x", 0)] == [a.contact, c.contact, b.contact]
+    assert store.count() == 3
+    assert store.remove("sip:a@x", b.contact) is b and store.remove("sip:a@x", b.contact) is None
+    assert [x.contact for x in store.expire(150.0)] == [c.contact]
+    assert store.count() == 1 and list(store.all_bindings()) == [newer]
+    assert store.remove_all("sip:a@x") == [newer] and store.count() == 0

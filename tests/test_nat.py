@@ -26,7 +26,14 @@ from sipproxy.dns import Target
 from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
-from sipproxy.plugins.nat import TOKEN_PREFIX, NatPlugin, factory
+from sipproxy.plugins.nat import (
+    TOKEN_PREFIX,
+    ContactMap,
+    ContactMapFull,
+    ContactMapping,
+    NatPlugin,
+    factory,
+)
 from sipproxy.proxy import Proxy
 from sipproxy.registrar import Registrar
 from tests.test_proxy import FakeListener, RecordingTransports, ResolverDouble
@@ -994,6 +1001,7 @@ def test_firewall_with_a_domain_outside_caller_reaches_a_lan_phone() -> None:
         ({"mapping_ttl": 1}, "nat.mapping_ttl: "),
         ({"keepalive_failures": 0}, "nat.keepalive_failures: "),
         ({"keepalive_method": "PING"}, "nat.keepalive_method: "),
+        ({"max_mappings": 0}, "nat.max_mappings: must be an integer from 1 to 10000000, got 0"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(
@@ -1015,3 +1023,75 @@ def test_config_error_through_the_config_file() -> None:
         make_net(text)
     assert "nat.external_address: must be an IP address" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# the token table is bounded
+# ------------------------------------------------------------------------------------------------
+def _target(n: int) -> Target:
+    return Target("UDP", f"198.51.100.{n}", 5060, f"198.51.100.{n}")
+
+
+def test_a_full_contact_map_forgets_the_least_recently_used_call_mapping() -> None:
+    clock = Clock()
+    evicted: list[ContactMapping] = []
+    contacts = ContactMap(clock, max_mappings=3, on_evict=evicted.append)
+    a, b, c = (contacts.token_for(f"sip:x@10.0.0.{n}", _target(n), 7200) for n in (1, 2, 3))
+    assert contacts.lookup(a.token) is a  # used: now b is the least recently used
+    d = contacts.token_for("sip:x@10.0.0.4", _target(4), 7200)
+    assert evicted == [b] and len(contacts) == 3
+    assert contacts.lookup(b.token) is None
+    assert [contacts.lookup(m.token) for m in (a, c, d)] == [a, c, d]
+    # the same Contact and address again: the same mapping, nothing evicted
+    assert contacts.token_for("sip:x@10.0.0.4", _target(4), 7200) is d
+    assert len(evicted) == 1
+
+
+def test_registration_mappings_are_never_evicted() -> None:
+    clock = Clock()
+    contacts = ContactMap(clock, max_mappings=2)
+    r1 = contacts.token_for("sip:a@10.0.0.1", _target(1), 3600, registration=True)
+    call = contacts.token_for("sip:b@10.0.0.2", _target(2), 7200)
+    # a call's mapping the same phone later registers with becomes a registration's
+    assert contacts.token_for("sip:b@10.0.0.2", _target(2), 3600, registration=True) is call
+    with pytest.raises(ContactMapFull):
+        contacts.token_for("sip:c@10.0.0.3", _target(3), 7200)
+    assert [contacts.lookup(m.token) for m in (r1, call)] == [r1, call]
+    # expired ones are purged, and room comes back
+    contacts.set_ttl(r1.token, 0)
+    clock.advance(1)
+    assert contacts.purge() == 1
+    contacts.token_for("sip:c@10.0.0.3", _target(3), 7200)
+    assert len(contacts) == 2
+
+
+def test_calls_that_need_a_mapping_get_503_when_registrations_fill_the_table() -> None:
+    net = make_net(nat={"inside_networks": ["192.168.77.0/24"], "max_mappings": 1})
+    register(net)  # the phone's registration holds the only mapping
+    net.new()
+    net.send(phone_request(
+        "INVITE", "sip:bob@provider.example", "z9hG4bKfull1", call_id="full-1",
+        from_="<sip:alice@provider.example>;tag=a1", to="<sip:bob@provider.example>",
+        headers=("Contact: <sip:alice@192.168.77.10:5070>",),
+    ), PHONE)
+    assert net.requests_to(PROVIDER_IP, "INVITE") == []
+    [(_, refused)] = net.new()
+    # the branch's 503 reaches the caller as 500 (RFC 3261 16.7 step 6), reason and wait kept
+    assert (refused.status, refused.reason) == (500, "Too Many NAT Mappings")
+    assert refused.headers.get("Retry-After") == "30"
+    assert net.nat.counters["nat.full"] == 1
+    net.run_out()
+
+
+def test_calls_from_the_outside_evict_old_call_mappings_not_the_registration() -> None:
+    net = make_net(nat={"inside_networks": ["192.168.77.0/24"], "max_mappings": 2})
+    token = register(net)
+    for n in range(3):  # each call from the phone needs a mapping for its Contact
+        net.send(phone_request(
+            "INVITE", "sip:bob@provider.example", f"z9hG4bKev{n}", call_id=f"ev-{n}",
+            from_="<sip:alice@provider.example>;tag=a1", to="<sip:bob@provider.example>",
+            headers=(f"Contact: <sip:alice@192.168.77.10:{5070 + n}>",),
+        ), PHONE)
+    assert len(net.requests_to(PROVIDER_IP, "INVITE")) == 3
+    assert net.nat.counters["nat.evicted"] == 2 and len(net.nat.contacts) == 2
+    assert net.nat.contacts.lookup(token) is not None

@@ -1470,3 +1470,50 @@ def test_mutated_responses_never_crash(data: st.DataObject) -> None:
     finally:
         globalLogPublisher.removeObserver(cast(ILogObserver, observer))
     assert events == []
+
+
+# ------------------------------------------------------------------------------------------------
+# limits: branches per forked request; the connections that carry bindings and dialogs
+# ------------------------------------------------------------------------------------------------
+def test_forking_is_capped_at_max_branches_highest_q_first() -> None:
+    from sipproxy.location import Binding
+
+    h = make_harness(CONFIG.replace('user_agent = "sipproxy-test"',
+                                    'user_agent = "sipproxy-test"\nmax_branches = 2'))
+    expires = h.clock.seconds() + 3600
+    for n, q in enumerate((0.1, 0.9, 0.5, 0.3)):
+        h.location.add_or_update(Binding("sip:bob@lan.example", f"sip:bob@192.168.1.{40 + n}",
+                                         expires, q=q))
+    h.receive(invite())
+    assert sorted(str(r.uri) for r in h.sent("INVITE")) == [
+        "sip:bob@192.168.1.41", "sip:bob@192.168.1.42"]
+    assert h.proxy.forks_capped.counters["branches"] == 1
+    for out in h.sent("INVITE"):
+        h.respond(out, 486)
+    assert h.finals("INVITE") == [486]
+    h.assert_no_leaks()
+
+
+def test_registrations_and_dialogs_hold_their_tcp_connections(h: Harness) -> None:
+    alice_tcp = Source("TCP", ALICE.host, 40000, INSIDE, 5060, "inside")
+    flows = h.proxy.flows
+    h.receive(request("REGISTER", "sip:lan.example", call_id="reg-tcp", to="<sip:alice@lan"
+                      ".example>", extra="Contact: <sip:alice@192.168.1.20:40000;transport=tcp>"
+                      "\r\nExpires: 600", branch="z9hG4bKrt1"), alice_tcp)
+    assert flows.in_use("TCP", ALICE.host, 40000)
+    h.receive(request("REGISTER", "sip:lan.example", call_id="reg-tcp", cseq=2,
+                      to="<sip:alice@lan.example>", extra="Contact: <sip:alice@192.168.1.20:"
+                      "40000;transport=tcp>\r\nExpires: 0", branch="z9hG4bKrt2"), alice_tcp)
+    assert not flows.in_use("TCP", ALICE.host, 40000)
+    # a call set up over the connection holds it until it ends
+    h.register("bob", BOB_1)
+    h.receive(invite(), alice_tcp)
+    out = only(h.sent("INVITE"))
+    h.respond(out, 200)
+    assert flows.in_use("TCP", ALICE.host, 40000)
+    assert not flows.in_use("UDP", "192.168.1.30", 5062)  # datagrams: nothing to hold
+    h.receive(request("BYE", BOB_1, cseq=2, branch="z9hG4bKbye-tcp",
+                      to="<sip:bob@lan.example>;tag=callee",
+                      extra=f"Route: <sip:{INSIDE}:5060;lr>"), alice_tcp)
+    h.respond(only(h.sent("BYE")), 200)
+    assert not flows.in_use("TCP", ALICE.host, 40000)

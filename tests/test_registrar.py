@@ -628,3 +628,58 @@ def test_named_domains_keep_their_meaning(env: Env) -> None:
     response = env.register(make_register(["<sip:alice@192.0.2.1>"], to="<sip:alice@127.0.0.1>"))
     assert response.status == 404
     assert env.registrar.aor(parse_uri("sip:alice@127.0.0.1")) == "sip:alice@127.0.0.1"
+# -- max_contacts and the Contact index ---------------------------------------------------------
+def grouped(contacts: list[str], size: int = 40) -> list[str]:
+    """Contacts as comma-separated header values (a REGISTER has a limit on header lines)."""
+    return [", ".join(contacts[i:i + size]) for i in range(0, len(contacts), size)]
+
+
+def test_more_contacts_than_max_contacts_are_refused_whole() -> None:
+    env = Env(max_contacts=3)
+    contacts = [f"<sip:alice@192.0.2.{n}>" for n in range(1, 4)]
+    assert env.register(make_register(contacts)).status == 200
+    r = env.register(make_register(["<sip:alice@192.0.2.4>"], call_id="reg-2"))
+    assert (r.status, r.reason) == (403, "Too Many Registered Contacts")
+    assert len(env.contacts()) == 3
+    # refreshing, or replacing one by another in one request, passes
+    assert env.register(make_register(contacts, cseq=2)).status == 200
+    swap = ["<sip:alice@192.0.2.1>;expires=0", "<sip:alice@192.0.2.4>"]
+    assert env.register(make_register(swap, cseq=3)).status == 200
+    assert sorted(env.contacts()) == [f"sip:alice@192.0.2.{n}" for n in (2, 3, 4)]
+    # one REGISTER with many at once: all or nothing
+    many = [f"<sip:alice@198.51.100.{n}>" for n in range(1, 401)]
+    r = env.register(make_register(grouped(many), call_id="reg-3"))
+    assert r.status == 403 and len(env.contacts()) == 3
+    # other AORs have their own count
+    assert env.register(make_register(contacts, to="<sip:bob@example.com>")).status == 200
+    # expired bindings do not count
+    env.clock.advance(3601)
+    assert env.register(make_register(grouped(many[:3]), call_id="reg-4")).status == 200
+
+
+def test_contact_matching_is_an_index_not_a_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """400 Contacts against 400 bindings: uri_equal is asked about each pair that shares the
+    always-compared parts, not about every pair (that was 160,000 calls)."""
+    import sipproxy.registrar as registrar_module
+
+    env = Env(max_contacts=1000)
+    many = [f"<sip:alice@198.51.100.{n % 250}:{5060 + n}>" for n in range(400)]
+    assert env.register(make_register(grouped(many))).status == 200
+    calls = []
+    real = registrar_module.uri_equal
+    monkeypatch.setattr(registrar_module, "uri_equal",
+                        lambda a, b: calls.append(1) or real(a, b))
+    assert env.register(make_register(grouped(many), cseq=2)).status == 200
+    assert len(env.contacts()) == 400
+    assert len(calls) <= 400
+
+
+def test_index_keeps_rfc3261_equivalence(env: Env) -> None:
+    """Equal under 19.1.4 although spelled apart: a parameter only one side has (other than
+    user, ttl, method, maddr, transport) does not matter; one of those does."""
+    env.register(make_register(["<sip:alice@192.0.2.1;foo=1>"]))
+    env.register(make_register(["<sip:ALICE@192.0.2.1>"], cseq=2))  # user is case-sensitive
+    env.register(make_register(["<sip:alice@192.0.2.1;transport=tcp>"], cseq=3))
+    env.register(make_register(["<sip:alice@192.0.2.1;bar=2>"], cseq=4))  # refreshes ;foo=1
+    assert sorted(env.contacts()) == ["sip:ALICE@192.0.2.1", "sip:alice@192.0.2.1;bar=2",
+                                      "sip:alice@192.0.2.1;transport=tcp"]

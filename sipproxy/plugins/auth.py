@@ -34,7 +34,15 @@ Wrong credentials (unknown user, wrong password) get a new challenge with a fres
 RFC 3261 22.3 says: a UA then knows its password is wrong and stops (the caller cannot tell
 an unknown user from a wrong password). Failures (wrong credentials, replays, user mismatch,
 malformed credentials) are counted in ``plugin.counters`` and logged at most once per source
-per ``log_interval`` seconds; plain challenges and stale nonces are counted only. A request
+per ``log_interval`` seconds; plain challenges and stale nonces are counted only. Failures
+also spend a budget of the flood guard, like fail2ban: ``max_failures`` of them from one
+source within ``window`` seconds ban it through the flood guard's ban list for ``[limits]
+ban_time`` (its requests are dropped unparsed, its connections refused at accept; the ban is
+logged once). A user who mistypes once is not banned; a challenge (a request without
+credentials) and a stale nonce are no failures. Replays count: the nonce count of a correct
+answer was used before, so it is a captured request or a broken client, and each would cost
+a fresh challenge. Sources the flood guard exempts (``[limits] exempt``, loopback by default)
+are never banned, and ``exempt_networks`` are never challenged at all. A request
 that passes carries the user name in ``ctx.data[AUTHENTICATED_USER]`` and loses its
 credentials for our realm before it is forwarded.
 
@@ -43,7 +51,8 @@ Config ``[auth]``: ``users_file`` (relative to the config file's directory), or 
 a ``Section``, returns an ``ICredentialStore``: a database, a directory), ``realm``
 (default: the first ``[proxy] domains`` entry), ``algorithms`` (default ``["SHA-256",
 "MD5"]``), ``nonce_ttl`` (seconds, default 300), ``exempt_networks`` (CIDRs, default none),
-``log_interval`` (seconds, default 60).
+``log_interval`` (seconds, default 60), ``max_failures`` (default 10; 0: no ban) and
+``window`` (seconds, default 600).
 
 ``python3 -m sipproxy.plugins.auth hash USER REALM`` reads a password from stdin and prints a
 line for the users file (see :mod:`sipproxy.credentials`).
@@ -128,6 +137,8 @@ class AuthPlugin(Plugin):
         exempt_networks: Iterable[str] = (),
         log_interval: float = 60.0,
         max_nonces: int = 100_000,
+        max_failures: int = 10,
+        window: float = 600.0,
     ) -> None:
         self.core = core
         self.clock = core.clock
@@ -141,6 +152,8 @@ class AuthPlugin(Plugin):
         self.refusals = RefusalLog(self.clock, _log, log_interval)
         #: refusals and outcomes by reason ("auth.challenged", "auth.wrong_credentials", ...)
         self.counters = self.refusals.counters
+        self.max_failures = max_failures
+        self.window = window
 
     # -- which requests ---------------------------------------------------------------------------
     def _is_exempt(self, request: Request) -> bool:
@@ -199,6 +212,10 @@ class AuthPlugin(Plugin):
             "auth: refused {method} from {refused_source} (user {user}): {why}",
             method=request.method, user=user or "-", why=why,
         )
+        flood = self.core.flood
+        if flood is not None and request.source is not None and flood.failed(
+                request.source.host, "digest authentication", self.max_failures, self.window):
+            self.counters["auth.banned"] += 1
         if status is not None:
             return request.make_response(status, reason)
         return self._challenge(request, role, stale=stale)
@@ -302,7 +319,7 @@ class AuthFactory:
     def build(self, core: IProxyCore, section: Section) -> AuthPlugin:
         section.check_no_unknown({
             "realm", "users_file", "store", "store_config", "algorithms", "nonce_ttl",
-            "exempt_networks", "log_interval",
+            "exempt_networks", "log_interval", "max_failures", "window",
         })
         realm = section.get_str("realm", None)
         if realm is None:
@@ -333,8 +350,11 @@ class AuthFactory:
                     "exempt_networks", i, f"must be a network like 192.0.2.0/24, got {text!r}"
                 ) from None
         log_interval = section.get_float("log_interval", 60.0, min=0.0)
+        max_failures = section.get_int("max_failures", 10, min=0, max=100_000)
+        window = section.get_float("window", 600.0, min=1.0, max=86400.0)
         store = self._store(core, section, realm)
-        return AuthPlugin(core, store, realm, algorithms, nonce_ttl, exempt, log_interval)
+        return AuthPlugin(core, store, realm, algorithms, nonce_ttl, exempt, log_interval,
+                          max_failures=max_failures, window=window)
 
     def _store(self, core: IProxyCore, section: Section, realm: str) -> Any:
         if "store" in section:

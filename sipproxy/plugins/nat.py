@@ -25,6 +25,16 @@ parameter is needed), its dialogs' Contacts are replaced by tokens as above, and
 are kept alive with keepalive requests (OPTIONS by default) every ``keepalive_interval``
 seconds; one that fails ``keepalive_failures`` times in a row is removed.
 
+The token table holds at most ``max_mappings`` entries (an outside host that calls in again
+and again must not grow it for ``mapping_ttl`` each time). When it is full, the least recently
+used mapping made for a call is forgotten to make room (a call that old has most likely ended;
+if not, requests to its token get 404); a mapping a registration stands behind is never
+forgotten this way: if every mapping is one, the request that needs a new one is answered
+``503 Too Many NAT Mappings`` with ``Retry-After`` (which the caller gets as a ``500`` with
+that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Both are counted
+(``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
+per minute.
+
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
 
@@ -33,7 +43,8 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,19 +58,23 @@ from sipproxy.config import Section
 from sipproxy.dns import Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.refusals import RefusalLog
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
-__all__ = ["ContactMap", "NatPlugin", "factory"]
+__all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.nat")
 
 TOKEN_PREFIX = "nat-"
 DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
 DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY", "UPDATE"})
+DEFAULT_MAX_MAPPINGS = 20_000
+#: seconds a request refused because the token table is full is told to wait
+FULL_RETRY_AFTER = 30
 
 
 _PRIVATE = tuple(ipaddress.ip_network(n) for n in DEFAULT_INSIDE)
@@ -80,36 +95,82 @@ class ContactMapping:
     contact: str  # the phone's Contact URI, as it sent it
     target: Target  # where its packets come from
     expires_at: float
+    registration: bool = False  # made for a REGISTER: never evicted to make room
+
+
+class ContactMapFull(Exception):
+    """No room for a new mapping: the table is full of registrations' mappings."""
 
 
 class ContactMap:
-    """Tokens for Contacts: reused for the same Contact and address, forgotten once expired."""
+    """Tokens for Contacts: reused for the same Contact and address, forgotten once expired.
 
-    def __init__(self, clock: IReactorTime) -> None:
+    At most C{max_mappings} are kept: when full, the least recently used mapping that is not
+    a registration's is evicted (C{on_evict} is told) to make room; if there is none,
+    L{token_for} raises L{ContactMapFull}."""
+
+    def __init__(
+        self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
+        on_evict: Callable[[ContactMapping], None] | None = None,
+    ) -> None:
         self.clock = clock
+        self.max_mappings = max_mappings
+        self.on_evict = on_evict
         self._by_token: dict[str, ContactMapping] = {}
         self._by_contact: dict[tuple[str, Target], str] = {}
+        # tokens that may be evicted (not a registration's), least recently used first
+        self._evictable: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_token)
 
-    def token_for(self, contact: str, target: Target, ttl: float) -> ContactMapping:
+    def token_for(
+        self, contact: str, target: Target, ttl: float, registration: bool = False
+    ) -> ContactMapping:
         now = self.clock.seconds()
         token = self._by_contact.get((contact, target))
         mapping = self._by_token.get(token) if token else None
         if mapping is None:
+            if len(self._by_token) >= self.max_mappings:
+                self._make_room()
             token = TOKEN_PREFIX + os.urandom(8).hex()
-            mapping = ContactMapping(token, contact, target, now + ttl)
+            mapping = ContactMapping(token, contact, target, now + ttl, registration)
             self._by_token[token] = mapping
             self._by_contact[(contact, target)] = token
         else:
             mapping.expires_at = max(mapping.expires_at, now + ttl)
+            mapping.registration = mapping.registration or registration
+        if mapping.registration:
+            self._evictable.pop(mapping.token, None)
+        else:
+            self._used(mapping.token)
+        return mapping
+
+    def _used(self, token: str) -> None:
+        self._evictable[token] = None
+        self._evictable.move_to_end(token)
+
+    def _make_room(self) -> None:
+        if not self._evictable:
+            raise ContactMapFull(f"{len(self._by_token)} contact mappings, all registrations'")
+        token, _ = self._evictable.popitem(last=False)
+        mapping = self._forget(token)
+        if mapping is not None and self.on_evict is not None:
+            self.on_evict(mapping)
+
+    def _forget(self, token: str) -> ContactMapping | None:
+        mapping = self._by_token.pop(token, None)
+        if mapping is not None:
+            self._by_contact.pop((mapping.contact, mapping.target), None)
+        self._evictable.pop(token, None)
         return mapping
 
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
             return None
+        if not mapping.registration:
+            self._used(token)
         return mapping
 
     def set_ttl(self, token: str, ttl: float) -> None:
@@ -119,10 +180,9 @@ class ContactMap:
 
     def purge(self) -> int:
         now = self.clock.seconds()
-        gone = [m for m in self._by_token.values() if m.expires_at < now]
-        for m in gone:
-            del self._by_token[m.token]
-            self._by_contact.pop((m.contact, m.target), None)
+        gone = [m.token for m in self._by_token.values() if m.expires_at < now]
+        for token in gone:
+            self._forget(token)
         return len(gone)
 
 
@@ -150,6 +210,7 @@ class NatPlugin(Plugin, Service):
         keepalive_interval: float = 30.0,
         keepalive_failures: int = 3,
         keepalive_method: str = "OPTIONS",
+        max_mappings: int = DEFAULT_MAX_MAPPINGS,
     ) -> None:
         self.core = core
         self.clock: IReactorTime = core.clock
@@ -159,7 +220,11 @@ class NatPlugin(Plugin, Service):
         self.keepalive_interval = keepalive_interval
         self.keepalive_failures = keepalive_failures
         self.keepalive_method = keepalive_method
-        self.contacts = ContactMap(self.clock)
+        self.refusals = RefusalLog(self.clock, _log)
+        #: evictions and refusals because the token table is full ("nat.evicted", "nat.full")
+        self.counters = self.refusals.counters
+        self.contacts = ContactMap(self.clock, max_mappings, self._evicted)
+        self._requester = "?"  # the source whose message needs a mapping now (for the log)
         self.watched: dict[tuple[str, str], _Watched] = {}
         self._purge: LoopingCall | None = None
         self._keepalive: LoopingCall | None = None
@@ -297,9 +362,30 @@ class NatPlugin(Plugin, Service):
             target = self._target_of(request)
             via = out.top_via  # ours: the host and port the core advertises toward there
             if target is not None and branch.listener is not None and via is not None:
-                self._tokenize_contacts(out, target, via.host, via.port or branch.listener.port,
-                                        via.transport, self._ttl_of(out))
+                try:
+                    self._tokenize_contacts(out, target, via.host,
+                                            via.port or branch.listener.port,
+                                            via.transport, self._ttl_of(out),
+                                            registration=out.method == "REGISTER")
+                except ContactMapFull:
+                    self._full(request)
+                    response = request.make_response(503, "Too Many NAT Mappings")
+                    response.headers.add("Retry-After", str(FULL_RETRY_AFTER))
+                    return response
         return None
+
+    def _evicted(self, mapping: ContactMapping) -> None:
+        self.refusals.refused(
+            "nat.evicted", self._requester, "nat: {count} contact mappings (the most): forgot "
+            "the least recently used, {token} for {contact}, to make room for one for "
+            "{refused_source}", count=self.contacts.max_mappings, token=mapping.token,
+            contact=mapping.contact)
+
+    def _full(self, message: Request | Response) -> None:
+        self.refusals.refused(
+            "nat.full", self._requester, "nat: {count} contact mappings (the most), all of "
+            "registrations: refused a {what} from {refused_source} that needs a new one",
+            count=self.contacts.max_mappings, what=message.start_line())
 
     def _goes_inside(self, branch: Any, out_side: str) -> bool:
         target = branch.target
@@ -330,10 +416,10 @@ class NatPlugin(Plugin, Service):
 
     def _tokenize_contacts(
         self, message: Request | Response, target: Target, host: str, port: int, transport: str,
-        ttl: float,
+        ttl: float, registration: bool = False,
     ) -> None:
         """Replace the Contacts by tokens at ``host:port`` (our socket facing the far side:
-        never a wildcard listener's 0.0.0.0)."""
+        never a wildcard listener's 0.0.0.0). Raises ContactMapFull (nothing changed then)."""
         try:
             contacts = message.contacts
         except ParseError:
@@ -341,6 +427,7 @@ class NatPlugin(Plugin, Service):
         if not contacts or any(not c.uri.is_sip for c in contacts):
             return
         changed = []
+        self._requester = target.host
         for contact in contacts:
             uri = contact.uri
             if uri.user and uri.user.startswith(TOKEN_PREFIX):
@@ -350,7 +437,7 @@ class NatPlugin(Plugin, Service):
             expires = contact.get_param("expires")
             if expires is not None and expires.isdigit():
                 own_ttl = float(expires) + 60.0
-            mapping = self.contacts.token_for(str(uri), target, own_ttl)
+            mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
@@ -399,8 +486,13 @@ class NatPlugin(Plugin, Service):
             if target is not None and listener is not None and requester is not None:
                 # the address the core advertises toward the requester (as in Record-Route)
                 via = self.core.make_via(requester)
-                self._tokenize_contacts(response, target, via.host, via.port or listener.port,
-                                        via.transport, self.mapping_ttl)
+                try:
+                    self._tokenize_contacts(response, target, via.host,
+                                            via.port or listener.port, via.transport,
+                                            self.mapping_ttl)
+                except ContactMapFull:
+                    self._full(response)
+                    return DROP
         return None
 
     def _listener_of(self, request: Request) -> Any:
@@ -559,7 +651,7 @@ class NatFactory:
     def build(self, core: IProxyCore, section: Section) -> NatPlugin:
         section.check_no_unknown({
             "inside_networks", "external_address", "mapping_ttl", "keepalive_interval",
-            "keepalive_failures", "keepalive_method",
+            "keepalive_failures", "keepalive_method", "max_mappings",
         })
         networks = section.get_list_of_str("inside_networks", DEFAULT_INSIDE, allow_empty=False)
         for i, text in enumerate(networks):
@@ -586,6 +678,8 @@ class NatFactory:
             keepalive_failures=section.get_int("keepalive_failures", 3, min=1, max=100),
             keepalive_method=section.get_choice("keepalive_method", ("OPTIONS", "NOTIFY"),
                                                 "OPTIONS"),
+            max_mappings=section.get_int("max_mappings", DEFAULT_MAX_MAPPINGS, min=1,
+                                         max=10_000_000),
         )
 
 

@@ -15,6 +15,7 @@ import functools
 import ipaddress
 import re
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,6 +62,7 @@ from sipproxy.transport.udp import SIPDatagramProtocol
 if TYPE_CHECKING:
     from sipproxy.dns import Target
     from sipproxy.flood import FloodGuard
+    from sipproxy.flows import FlowTracker
 
 __all__ = [
     "RELIABLE_TRANSPORTS",
@@ -326,12 +328,11 @@ class _StreamFactory(Factory):
             # admitted by _GuardedTLSFactory, outside the TLS layer (it cannot take a None)
             proto: SIPStreamProtocol = self.manager.tls.new_protocol(
                 self.listener.side, outgoing=False)
-            proto.admitted = host if self.manager.flood is not None else None
-            return proto
-        if not self.manager._admit(host):
-            return None  # refused: Twisted closes the socket at once
-        proto = self.manager._new_stream(self.listener.side, outgoing=False)
-        proto.admitted = host if self.manager.flood is not None else None
+        else:
+            if not self.manager._admit(host):
+                return None  # refused: Twisted closes the socket at once
+            proto = self.manager._new_stream(self.listener.side, outgoing=False)
+        self.manager._accepted(proto, host)
         return proto
 
 
@@ -406,6 +407,13 @@ class TransportManager(Service):
         flood protection.
     @param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
         no limit).
+
+    @ivar flows: which connections carry a registration or a dialog (a
+        L{sipproxy.flows.FlowTracker}, set by whoever builds the proxy; None: all do). When the
+        flood guard's connection table is full, the accepted connection that has gone longest
+        without a SIP message and carries neither is closed to make room for a new one; a CRLF
+        keepalive re-arms the idle timer only on a connection that carries one (or that the
+        proxy opened).
     """
 
     log = Logger()
@@ -434,6 +442,9 @@ class TransportManager(Service):
         self.limits = limits
         self._connections: dict[tuple[str, int], SIPStreamProtocol] = {}
         self._streams: set[SIPStreamProtocol] = set()
+        # accepted connections, the one longest without a SIP message first
+        self._incoming: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
+        self.flows: FlowTracker | None = None
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
@@ -877,7 +888,41 @@ class TransportManager(Service):
 
     def _admit(self, host: str) -> bool:
         """May a connection from C{host} be accepted? (counted when it may)"""
-        return self.flood is None or self.flood.admit_connection(host)
+        return self.flood is None or self.flood.admit_connection(host, self._make_room)
+
+    def _accepted(self, proto: SIPStreamProtocol, host: str) -> None:
+        proto.admitted = host if self.flood is not None else None
+        self._incoming[proto] = None
+
+    def _carries_state(self, proto: SIPStreamProtocol) -> bool:
+        flows = self.flows
+        return flows is None or flows.in_use(proto.kind, proto.peer[0], proto.peer[1])
+
+    def _make_room(self) -> bool:
+        """The connection table is full: close the accepted connection longest without a SIP
+        message that carries no registration or dialog. C{False}: every one does."""
+        incoming = self._incoming
+        for _ in range(len(incoming)):
+            proto = next(iter(incoming))
+            if proto.closing or self._carries_state(proto):
+                incoming.move_to_end(proto)  # kept: look at the others first next time
+                continue
+            del incoming[proto]
+            host = proto.admitted
+            if host is not None and self.flood is not None:
+                self.flood.connection_closed(host)
+                proto.admitted = None
+                self.flood.refusals.refused(
+                    "connections_evicted", host, "closed an idle connection from {host}:{port} "
+                    "to make room for a new one", host=host, port=proto.peer[1])
+            self._abort_stream(proto)
+            return True
+        return False
+
+    def keepalive_counts(self, proto: SIPStreamProtocol) -> bool:
+        """Does a CRLF keepalive on C{proto} count as traffic (re-arm its idle timer)? Only
+        on a connection that carries a registration or a dialog, or one the proxy opened."""
+        return proto.outgoing or self._carries_state(proto)
 
     def _datagram_received(self, listener: Listener, data: bytes, addr: tuple[str, int]) -> None:
         # before anything else: a banned or flooding source costs a dict lookup or two
@@ -906,6 +951,8 @@ class TransportManager(Service):
         if flood is not None and not proto.outgoing and not flood.allow(peer[0]):
             self._abort_stream(proto)  # banned: nothing more from this connection
             return
+        if proto in self._incoming:
+            self._incoming.move_to_end(proto)
         source = Source(proto.kind, peer[0], peer[1], local[0], local[1], proto.side)
         self._dispatch(data, source, proto.write)
 
@@ -933,6 +980,7 @@ class TransportManager(Service):
 
     def stream_lost(self, proto: SIPStreamProtocol, reason: Failure) -> None:
         self._streams.discard(proto)
+        self._incoming.pop(proto, None)
         if proto.admitted is not None:
             if self.flood is not None:
                 self.flood.connection_closed(proto.admitted)

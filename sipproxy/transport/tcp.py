@@ -2,7 +2,9 @@
 
 The protocol owns what is about the stream itself: framing (L{StreamFramer}, whose size limits
 cut off an endless header or body), RFC 5626 CRLF keepalives (a C{CRLFCRLF} ping is answered
-with a C{CRLF} pong), the idle timeout, the message timeout (a peer that starts a message must
+with a C{CRLF} pong; it keeps the connection from the idle timeout only when the owner says it
+counts, L{StreamOwner.keepalive_counts}: pings alone must not hold a connection forever), the
+idle timeout, the message timeout (a peer that starts a message must
 finish it in time: a slow-loris trickling bytes is cut off) and write buffering. What a
 message means is the owner's business (L{StreamOwner}, the transport manager).
 """
@@ -46,6 +48,10 @@ class StreamOwner(TypingProtocol):
     def stream_too_slow(self, proto: SIPStreamProtocol) -> None:
         """The peer did not finish a message within the message timeout; the protocol aborts
         the connection right after this returns."""
+
+    def keepalive_counts(self, proto: SIPStreamProtocol) -> bool:
+        """Does a CRLF keepalive from the peer count as traffic for the idle timeout?
+        (An owner without this method: always.)"""
 
 
 class SIPStreamProtocol(Protocol):
@@ -104,7 +110,6 @@ class SIPStreamProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
-        self._arm_idle()
         try:
             items = self.framer.feed(data)
         except ParseError as e:
@@ -114,12 +119,15 @@ class SIPStreamProtocol(Protocol):
             return
         if self.message_timeout is not None:
             self._watch_partial()
+        if self.framer.buffered or not all(isinstance(i, KeepAlive) for i in items) or \
+                self._keepalive_counts():
+            self._arm_idle()
         for item in items:
             if self.closing:
                 return
             if isinstance(item, KeepAlive):
-                if item is KeepAlive.PING:
-                    self.write(PONG)
+                if item is KeepAlive.PING and self.transport is not None:
+                    self.transport.write(PONG)  # not traffic of ours: the idle timer stays
                 continue
             try:
                 self.owner.stream_message(self, item)
@@ -154,6 +162,10 @@ class SIPStreamProtocol(Protocol):
             self.transport.loseConnection()
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _keepalive_counts(self) -> bool:
+        counts = getattr(self.owner, "keepalive_counts", None)
+        return counts is None or bool(counts(self))
 
     def _framing_failed(self, error: ParseError, data: bytes) -> None:
         self.log.info(
