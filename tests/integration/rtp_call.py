@@ -160,15 +160,15 @@ class Loss:
 
 
 def loss(sent: Iterable[Packet], arrived: Iterable[Packet],
-         key: str = "") -> Loss:
-    """Loss from ``sent`` to ``arrived``, by sequence number; ``key`` names a packet field
-    ("sport", "dport", ...) that tells concurrent streams apart on each side (the sequence
-    numbers of every call's pcap are the same): the n-th distinct value of ``sent`` matches
-    the n-th of ``arrived``, in order of first appearance."""
-    def numbered(packets: Iterable[Packet]) -> set[tuple[object, int]]:
+         keys: tuple[str, str] = ("", "")) -> Loss:
+    """Loss from ``sent`` to ``arrived``, by sequence number. ``keys`` name a packet field
+    ("sport", "dport", ...) on each side that tells concurrent streams apart (every call's
+    pcap has the same sequence numbers): the n-th distinct value on the sent side matches the
+    n-th on the arrived side, in order of first appearance (calls started apart in time)."""
+    def numbered(packets: Iterable[Packet], key: str) -> set[tuple[object, int]]:
         order: dict[object, int] = {}
         out = set()
-        for p in packets:
+        for p in sorted(packets, key=lambda p: p.time):
             seq = rtp_seq(p)
             if seq is None:
                 continue
@@ -176,4 +176,4 @@ def loss(sent: Iterable[Packet], arrived: Iterable[Packet],
             out.add((order.setdefault(k, len(order)), seq))
         return out
 
-    return Loss(numbered(sent), numbered(arrived))
+    return Loss(numbered(sent, keys[0]), numbered(arrived, keys[1]))

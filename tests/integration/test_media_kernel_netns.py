@@ -26,14 +26,17 @@ from typing import Any
 import pytest
 
 from sipproxy.media.ng import decode_message, encode_message
+from tests.integration.kamailio_ng import kamailio_ng, kamailio_unavailable
 from tests.integration.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     PHONE_IP,
     PROVIDER_IP,
     SEED_RTP_PORTS,
+    Capture,
     Namespace,
     NatNet,
+    NsSipp,
 )
 from tests.integration.rtp_call import callee_scenario, caller_scenario, loss, rtp_pcap
 from tests.integration.test_media_netns import (
@@ -424,3 +427,83 @@ def test_reinvites_to_new_endpoints_lose_at_most_a_packet_per_switch(
         phone.stop()
         provider.stop()
         process.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real NG client: Kamailio's rtpengine module in front of the standalone relay
+# ------------------------------------------------------------------------------------------------
+KAMAILIO_CALLS = 20
+KAMAILIO_CALL_SECONDS = 2
+
+
+def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> None:
+    """Kamailio on fw (``rtpengine_offer``/``answer``/``delete``) with ``twist sipproxy-relay``
+    behind it: 20 calls, numbered RTP both ways through the kernel path, none lost; afterwards
+    no session, no port and no rule left."""
+    reason = kamailio_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    net = seed_net
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    pcap = tmp_path / "counted.pcap"
+    count = rtp_pcap(pcap, KAMAILIO_CALL_SECONDS)
+    scenario = caller_scenario(tmp_path / "uac_counted.xml", pcap, KAMAILIO_CALL_SECONDS)
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    capture: Capture | None = None
+    kamailio = kamailio_ng(net.fw, tmp_path / "kamailio", listen=[(FW_INSIDE, SIP),
+                                                                   (FW_OUTSIDE, SIP)],
+                           next_hop=(PROVIDER_IP, SIP), ng=("127.0.0.1", NG_PORT))
+    phone, provider = NsSipp(net.phone, tmp_path / "phone"), NsSipp(net.provider,
+                                                                     tmp_path / "provider")
+    sampler = Sampler(net.fw, 60)
+    try:
+        kamailio.start()
+        capture = Capture(net.fw, [net.lan_if, net.wan_if])
+        sampler.start()
+        limit = KAMAILIO_CALLS * KAMAILIO_CALL_SECONDS + SIPP_TIMEOUT
+        uas = provider.start_uas(callee_scenario(tmp_path / "uas_counted.xml"), SIP,
+                                 count=KAMAILIO_CALLS, timeout=limit,
+                                 extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
+        uac = phone.start_uac(scenario, (FW_INSIDE, SIP), local_port=SIP,
+                              count=KAMAILIO_CALLS, rate=2, timeout=limit,
+                              keys={"ruri": "sip:bob@provider.example"},
+                              extra_args=["-mp", str(PHONE_RTP)])
+        server, client = pair(uas, uac)
+        sampler.finish()
+        capture.settle()
+        packets = capture.snapshot()
+        logs = (f"{kamailio.output_path.read_text(errors='replace')[-3000:]}\n"
+                f"{relay.log_tail()}\n{describe_sip(packets)}")
+        assert client.ok(KAMAILIO_CALLS), f"{client.describe()}\n{logs}"
+        assert server.ok(KAMAILIO_CALLS), f"{server.describe()}\n{logs}"
+
+        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p)]
+        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p)]
+        # per call, told apart by the relay's port on each side
+        from_phone = [p for p in lan if p.src == PHONE_IP]
+        to_provider = loss(from_phone, [p for p in wan if p.dst == PROVIDER_IP],
+                           ("dport", "sport"))
+        assert len({k for k, _ in to_provider.sent}) == KAMAILIO_CALLS, (to_provider, logs)
+        assert len(to_provider.sent) == KAMAILIO_CALLS * count, (to_provider, logs)
+        assert to_provider.lost == 0, (to_provider, logs)
+        echoed = loss([p for p in wan if p.src == PROVIDER_IP],
+                      [p for p in lan if p.dst == PHONE_IP], ("dport", "sport"))
+        assert len(echoed.sent) == KAMAILIO_CALLS * count, (echoed, logs)
+        assert echoed.lost == 0, (echoed, logs)
+        # the kernel path carried them
+        assert max((t or {}).get("packets", 0) for _, t, _ in sampler.samples) > count, logs
+        # nothing left: sessions, ports, rules
+        wait_for(lambda: not open_relay_ports(net.fw))
+        assert open_relay_ports(net.fw) == [], logs
+        assert relay.command({"command": "list"}).get("calls") in ([], None), logs
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, logs
+    finally:
+        sampler.finish()
+        phone.cleanup()
+        provider.cleanup()
+        kamailio.stop()
+        if capture is not None:
+            capture.stop()
+        relay.stop()
+    assert relay_table(net.fw) is None
+    assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
