@@ -357,6 +357,20 @@ class EngineTests(unittest.TestCase):
         self.assertTrue(sa.offload.active)  # the latched source: the rules stay
 
     @defer.inlineCallbacks
+    def test_rules_that_catch_nothing_go(self) -> Any:
+        # the kernel counts nothing while userspace keeps getting the latched source's packets
+        # (they arrive on another device, or carry no UDP checksum): the rules are useless
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        sa, sb = self.streams()
+        for n in range(60):
+            a.send(rtp(10 + n), to_a)
+            yield b.received.get()
+        self.assertEqual(len(self.fake.rules), 2)
+        self.clock.advance(2)
+        self.assertEqual(self.fake.rules, {})
+        self.assertTrue(sa.no_kernel and sb.no_kernel)
+
+    @defer.inlineCallbacks
     def test_a_local_party_stays_in_userspace_with_one_line(self) -> Any:
         self.fake.routes[LOCAL] = {"type": "local", "dst": LOCAL, "dev": "lo"}
         logged: list[dict[str, Any]] = []

@@ -71,6 +71,11 @@ DEFAULT_SILENT_TIMEOUT: Final = 3600.0
 DEFAULT_OFFER_TIMEOUT: Final = 3600.0
 #: How often the kernel fast path's counters are read (seconds), for statistics and timeouts.
 DEFAULT_KERNEL_POLL: Final = 2.0
+#: Packets of one direction that still reached userspace from the latched source after the
+#: kernel rules went in, with the kernel's counter still at 0: the rules catch nothing (the
+#: packets arrive on another device than the route to their source, or carry no UDP
+#: checksum), so they go, and the stream stays in userspace.
+KERNEL_MISSED: Final = 50
 #: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
 #: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
 RECEIVE_BUFFER: Final = 1 << 20
@@ -354,13 +359,15 @@ class PacketStream:
 class StreamOffload:
     """A stream pair (same component, both parties) forwarded by the kernel, or about to be."""
 
-    __slots__ = ("active", "dropped", "handle", "streams")
+    __slots__ = ("active", "dropped", "handle", "streams", "userspace_at_install")
 
     def __init__(self, streams: tuple[PacketStream, PacketStream]) -> None:
         self.streams = streams
         self.handle: Any = None  # the KernelForwarder's Offload once installed
         self.active = False
         self.dropped = False
+        #: each stream's userspace packet count when the rules went in
+        self.userspace_at_install = (0, 0)
 
 
 class MediaLeg:
@@ -671,6 +678,7 @@ class RelayEngine:
         # the rules took over atomically: what reached the sockets before is still
         # forwarded by userspace, what comes now never reaches them
         offload.active = True
+        offload.userspace_at_install = (offload.streams[0].packets, offload.streams[1].packets)
         if self._kernel_poller is None:
             self._kernel_poller = LoopingCall(self._kernel_poll)
             self._kernel_poller.clock = self.clock
@@ -725,21 +733,30 @@ class RelayEngine:
         return d
 
     def _count(self, offload: StreamOffload, counters: Any) -> None:
-        """Add what the kernel counted since the last look to the streams."""
+        """Add what the kernel counted since the last look to the streams; rules that catch
+        none of a direction's packets (userspace still gets them all) go."""
         if not counters or offload.handle is None:
             return
         now = self.clock.seconds()
         seen = offload.handle.seen
+        missed = False
         for n, name in enumerate(offload.handle.counters):
             packets, octets = counters.get(name, seen[n])
+            stream = offload.streams[n]
+            if packets == 0 and stream.packets - offload.userspace_at_install[n] >= \
+                    KERNEL_MISSED:
+                missed = True
             dp, db = packets - seen[n][0], octets - seen[n][1]
             if dp <= 0:
                 continue
             seen[n] = (packets, octets)
-            stream = offload.streams[n]
             stream.kernel_packets += dp
             stream.kernel_bytes += max(0, db - HEADER_BYTES * dp)
             stream.last_packet = now
+        if missed and offload.active:
+            self.kernel_drop(offload, "the kernel rules caught none of a stream's packets "
+                             "(they arrive on another device than the route to their source, "
+                             "or without a UDP checksum): it stays in userspace", for_good=True)
 
     def _kernel_poll(self) -> Any:
         if self.kernel is None:
