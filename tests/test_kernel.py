@@ -180,6 +180,7 @@ class ForwarderTests(unittest.SynchronousTestCase):
         self.assertIn('add chain netdev sipproxy_relay_test in_lan0 { type filter hook ingress '
                       'device "lan0" priority -500; policy accept; }', script)
         self.assertIn('in_wan0 { type filter hook ingress device "wan0"', script)
+        self.assertEqual(fake.chains, {"in_lan0", "in_wan0"})
         # A -> B: matched on A's source and the relay's port, rewritten, sent to B's gateway
         self.assertIn(
             "add rule netdev sipproxy_relay_test in_lan0 ip saddr 192.168.77.10 udp sport 10000 "
