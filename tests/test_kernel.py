@@ -306,6 +306,27 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(len(self.kernel.offloads), 1)
 
     @defer.inlineCallbacks
+    def test_rtcp_pairs_go_to_the_kernel_too(self) -> Any:
+        _a, _b, _ap, _bp, to_a, to_b = yield self.latched()
+        ra, _ = self.phone()
+        rb, _ = self.phone()
+        report = b"\x80\xc8\x00\x06" + bytes(24)  # an RTCP sender report
+        ra.send(report, to_a + 1)
+        rb.send(report, to_b + 1)
+        call = self.engine.calls["c1"]
+        rtcp = call.monologues["A"].medias[0].rtcp
+        for _ in range(100):
+            if rtcp.offload is not None:
+                break
+            yield deferLater(0.01)
+        self.assertTrue(rtcp.offload is not None and rtcp.offload.active)
+        self.assertEqual(len(self.kernel.offloads), 2)
+        rules = "\n".join(self.fake.rules.values())
+        self.assertIn(f"udp dport {to_a + 1} ", rules)
+        self.assertIn(f"udp sport set {to_a + 1} ", rules)
+        self.assertIn(f"udp dport {to_b + 1} ", rules)
+
+    @defer.inlineCallbacks
     def test_streams_latched_before_the_kernel_started_are_handed_over(self) -> Any:
         self.engine.use_kernel(None)
         yield self.latched()
