@@ -49,8 +49,8 @@ class FakeNft:
         self.counters: dict[str, tuple[int, int]] = {}
         self.chains: set[str] = set()
         self.tables = ""
-        #: address -> the route ``ip -j route get`` reports (default: ROUTED)
-        self.routes: dict[str, dict[str, Any]] = {}
+        #: address -> the route ``ip route get`` reports (default: ROUTED)
+        self.routes: dict[str, dict[str, Any]] = {}  # {}: no route
         self.fail: set[str] = set()  # "echo", "start", "check", "counters", "remove"
 
     def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
@@ -62,9 +62,14 @@ class FakeNft:
 
     def answer(self, args: list[str], text: str) -> tuple[bytes, bytes, int]:
         if args[0] == "ip":
-            if args[1:4] == ["-j", "route", "get"]:
-                route = self.routes.get(args[4], {**ROUTED, "dst": args[4]})
-                return json.dumps([route]).encode(), b"", 0
+            if args[1:4] == ["-j", "-batch", "-"]:
+                out = ""
+                for line in text.splitlines():  # ip stops at the first failing command
+                    route = self.routes.get(line.split()[-1], ROUTED)
+                    if not route:
+                        return out.encode(), b"RTNETLINK answers: Network is unreachable\n", 1
+                    out += json.dumps([route]) + "\n"
+                return out.encode(), b"", 0
             return b"ip utility, iproute2-6.1.0\n", b"", 0
         if args[1:] == ["list", "tables", "netdev"]:
             return self.tables.encode(), b"", 0
@@ -214,7 +219,8 @@ class ForwarderTests(unittest.SynchronousTestCase):
         fake.routes["127.0.0.1"] = {"type": "local", "dst": "127.0.0.1", "dev": "lo"}
         fake.routes["192.168.77.1"] = {"type": "local", "dst": "192.168.77.1", "dev": "lo"}
         fake.routes["10.1.1.1"] = {"dst": "10.1.1.1", "dev": "weird@dev"}
-        for local in ("127.0.0.1", "192.168.77.1", "10.1.1.1"):
+        fake.routes["10.2.2.2"] = {}  # no route at all
+        for local in ("127.0.0.1", "192.168.77.1", "10.1.1.1", "10.2.2.2"):
             failure = self.failureResultOf(k.install(((local, 1), ("192.168.77.1", 2)),
                                                      (("198.51.100.7", 3), ("203.0.113.1", 4))),
                                            Unsuitable)

@@ -10,7 +10,7 @@ per direction in the ingress chain of the device the packets arrive on::
         counter, fwd ip to NEXT_HOP device B's device
 
 and the same the other way. The devices and next hops are the kernel's own routes to A and B
-(``ip -j route get``: the gateway, else the party itself). Both rules go in with one nft
+(``ip route get``: the gateway, else the party itself). Both rules go in with one nft
 transaction, and out with one: a packet either meets the rule (the kernel forwards it) or does
 not (it reaches the relay's socket, which is open all the time, and userspace forwards it), so
 no handover (to the kernel, back on a re-INVITE, a foreign source, the call's end) loses a
@@ -275,22 +275,25 @@ class KernelForwarder:
 
     # -- rules --------------------------------------------------------------------------------
 
-    async def route(self, address: str) -> Route:
-        """The kernel's route to ``address``; Unsuitable where the hook cannot forward."""
-        out, _, code = await self._run(["ip", "-j", "route", "get", address], check=False)
-        try:
-            found = json.loads(out)[0] if code == 0 else {}
-        except (ValueError, IndexError, KeyError):
-            found = {}
-        device = str(found.get("dev", ""))
-        kind = str(found.get("type", "unicast"))
-        if not device:
-            raise Unsuitable(f"no route to {address}")
-        if kind in _NOT_FORWARDABLE or device == "lo":
-            raise Unsuitable(f"{address} is a {kind} address (on {device})")
-        if not _DEVICE.match(device):
-            raise Unsuitable(f"the device name {device!r} of the route to {address}")
-        return Route(device, str(found.get("gateway") or address))
+    async def routes(self, *addresses: str) -> list[Route]:
+        """The kernel's routes to ``addresses`` (one ``ip -batch``); Unsuitable where the hook
+        cannot forward to one of them."""
+        script = "".join(f"route get {address}\n" for address in addresses)
+        out, _, _ = await self._run(["ip", "-j", "-batch", "-"], script, check=False)
+        answers = out.splitlines()
+        found = []
+        for n, address in enumerate(addresses):
+            try:
+                route = json.loads(answers[n])[0]
+            except (ValueError, IndexError, KeyError, TypeError):
+                raise Unsuitable(f"no route to {address}") from None
+            device, kind = str(route.get("dev", "")), str(route.get("type", "unicast"))
+            if kind in _NOT_FORWARDABLE or device == "lo":
+                raise Unsuitable(f"{address} is a {kind} address (on {device})")
+            if not _DEVICE.match(device):
+                raise Unsuitable(f"the device name {device!r} of the route to {address}")
+            found.append(Route(device, str(route.get("gateway") or address)))
+        return found
 
     def rules(self, offload: Offload) -> str:
         """The nft script that installs ``offload`` (comments name each rule)."""
@@ -316,7 +319,7 @@ class KernelForwarder:
         async def install() -> Offload:
             if not self.started:
                 raise KernelError("the kernel fast path is not running")
-            to_a, to_b = await self.route(a[0][0]), await self.route(b[0][0])
+            to_a, to_b = await self.routes(a[0][0], b[0][0])
             offload = Offload(
                 number,
                 (Flow(a[0], a[1], b[1], b[0], to_a.device, to_b),
