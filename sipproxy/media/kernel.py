@@ -34,10 +34,14 @@ Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 - Stateless, so no conntrack entry of the userspace path can clash with it, and nothing has to
   be flushed at a handover.
 
+``fwd`` decrements the TTL as a router does (a packet that would reach 0 is dropped).
+
 Checksums: nft updates the IP checksum and the UDP checksum (incrementally; packets with a
 checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A UDP checksum of
 0 means "none" and an incremental update would make it wrong, so such packets do not match and
-stay in userspace; so do IP fragments (only the first carries the ports).
+stay in userspace; so do IP fragments (only the first carries the ports). (A stream whose
+packets all do so, or arrive on another device than the route to their source, has rules that
+catch nothing: the engine removes them after a counter poll.)
 
 What the netdev hook cannot serve stays in userspace (:class:`Unsuitable`, logged once by the
 engine): a party on a local address (the device is ``lo``, or the route is ``local``: phones
