@@ -34,7 +34,7 @@ Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 - Stateless, so no conntrack entry of the userspace path can clash with it, and nothing has to
   be flushed at a handover.
 
-``fwd`` decrements the TTL as a router does (a packet that would reach 0 is dropped).
+``fwd`` decrements the IP TTL, as a router does.
 
 Checksums: nft updates the IP checksum and the UDP checksum (incrementally; packets with a
 checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A UDP checksum of
