@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from tests.integration.netns import (
     Namespace,
     NatNet,
     NsSipp,
+    Topology,
 )
 from tests.integration.rtp_call import callee_scenario, caller_scenario, loss, rtp_pcap
 from tests.integration.test_media_netns import (
@@ -507,3 +509,52 @@ def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> 
         relay.stop()
     assert relay_table(net.fw) is None
     assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
+
+
+# ------------------------------------------------------------------------------------------------
+# parties on the relay's own host: the netdev hook cannot serve them
+# ------------------------------------------------------------------------------------------------
+def test_parties_on_loopback_stay_in_userspace_with_one_line(netns_ready: None,
+                                                             tmp_path: Path) -> None:
+    """The relay with ``--kernel auto`` in a namespace of its own, both parties on 127.0.0.1
+    there (as on a host whose phones run beside the relay): two calls' RTP flows both ways in
+    userspace, no rule is installed, one log line says why, and none blames a firewall."""
+    with Topology() as topology:
+        ns = topology.namespace("host")
+        relay = RelayProcess(ns, [
+            sys.executable, "-m", "twisted", "--log-format=text", "sipproxy-relay",
+            "--listen-ng", f"127.0.0.1:{NG_PORT}", "--port-min", str(RELAY_PORTS[0]),
+            "--port-max", str(RELAY_PORTS[1]), "--interface", "default/127.0.0.1",
+            "--kernel", "auto"], tmp_path, "sipproxy-relay").start()
+        try:
+            wait_for(lambda: relay_table(ns) is not None)
+            for n in range(2):
+                a = Endpoint(ns, "127.0.0.1", (PHONE_RTP + 10 * n,))
+                b = Endpoint(ns, "127.0.0.1", (PROVIDER_RTP + 10 * n,))
+                call = {"call-id": f"local-{n}", "from-tag": "A"}
+                offer = relay.command({"command": "offer", **call,
+                                       "sdp": _sdp("127.0.0.1", a.port)})
+                answer = relay.command({"command": "answer", **call, "to-tag": "B",
+                                        "sdp": _sdp("127.0.0.1", b.port)})
+                a.target = ("127.0.0.1", media_port(answer["sdp"]))
+                b.target = ("127.0.0.1", media_port(offer["sdp"]))
+                try:
+                    a.start()
+                    b.start()
+                    time.sleep(1.5)
+                    a.sending = b.sending = False
+                    time.sleep(0.3)
+                finally:
+                    a.stop()
+                    b.stop()
+                assert a.sent >= 50 and not b.lost_of(a), (a.sent, b.lost_of(a))
+                assert not a.lost_of(b), a.lost_of(b)
+                assert relay.command({"command": "delete", **call})["result"] == "ok"
+                assert relay_table(ns) == {"rules": 0, "packets": 0}
+            log = relay.log_path.read_text(errors="replace")
+            lines = [line for line in log.splitlines() if "kernel fast path:" in line]
+            assert len(lines) == 1, log
+            assert "stays in userspace" in lines[0] and "127.0.0.1" in lines[0], lines
+            assert "firewall" not in log, log
+        finally:
+            relay.stop()
