@@ -71,7 +71,7 @@ class FakeNft:
                     out += json.dumps([route]) + "\n"
                 return out.encode(), b"", 0
             return b"ip utility, iproute2-6.1.0\n", b"", 0
-        if args[1:] == ["list", "tables", "netdev"]:
+        if args[1:] == ["list", "tables"]:
             return self.tables.encode(), b"", 0
         if args[1:] == ["--check", "-f", "-"]:
             if "check" in self.fail:
@@ -139,12 +139,15 @@ class ForwarderTests(unittest.SynchronousTestCase):
         fake = FakeNft()
         fake.tables = ("table netdev other\ntable netdev sipproxy_relay_999999999\n"
                        f"table netdev sipproxy_relay_{os.getpid()}\n"
-                       "table netdev sipproxy_relay_x\n")
+                       "table netdev sipproxy_relay_x\ntable ip sipproxy_relay_999999998\n"
+                       "table inet sipproxy_relay_999999997\n")
         k = KernelForwarder(fake, TABLE)
         self.successResultOf(k.start())
-        # a dead relay's table goes; a live one's (ours here), another name and others stay
+        # a dead relay's table goes (also an ip one of the DNAT fast path of earlier
+        # versions); a live one's (ours here), another name and other families stay
         self.assertEqual(fake.ran("delete", "table"),
-                         [["nft", "delete", "table", "netdev", "sipproxy_relay_999999999"]])
+                         [["nft", "delete", "table", "netdev", "sipproxy_relay_999999999"],
+                          ["nft", "delete", "table", "ip", "sipproxy_relay_999999998"]])
         script = next(t for a, t in fake.commands if a == ["nft", "-f", "-"])
         self.assertIn(f"delete table netdev {TABLE}", script)  # our own stale one, atomically
         # the kernel checked every expression the rules use, without applying anything

@@ -249,14 +249,19 @@ class KernelForwarder:
 
     async def _start(self) -> None:
         await self._run(["ip", "-V"])
-        listing, _, _ = await self._run(["nft", "list", "tables", FAMILY])
+        # (ip: the tables of the DNAT/SNAT fast path of earlier versions)
+        listing, _, _ = await self._run(["nft", "list", "tables"])
         for line in listing.splitlines():
-            name = line.split()[-1] if line.startswith(f"table {FAMILY} ") else ""
+            words = line.split()
+            if len(words) != 3 or words[0] != "table" or words[1] not in (FAMILY, "ip"):
+                continue
+            family, name = words[1], words[2]
             suffix = name[len(TABLE_PREFIX):]
             if name.startswith(TABLE_PREFIX) and suffix.isdigit() and name != self.table \
                     and not pid_alive(int(suffix)):
-                await self._run(["nft", "delete", "table", FAMILY, name], check=False)
-                _log.info("media relay: removed the stale nftables table {name}", name=name)
+                await self._run(["nft", "delete", "table", family, name], check=False)
+                _log.info("media relay: removed the stale nftables table {family} {name}",
+                          family=family, name=name)
         await self._run(["nft", "-f", "-"], self.ruleset())
         try:
             await self._run(["nft", "--check", "-f", "-"], self.probe())
