@@ -1,8 +1,10 @@
-"""sipproxy.media.kernel and the engine's use of it, with a fake nft/conntrack runner: the rule
-text, install once both ends latched, conntrack flushes, counters into statistics and timeouts
-(task.Clock), removal on re-INVITE, foreign sources, call ends and stop, fallback when nft fails.
+"""sipproxy.media.kernel and the engine's use of it, with a fake nft/ip runner: the rule text
+(netdev ingress, rewriting, fwd to the route's next hop), the start check, install once both
+ends latched, counters into statistics and timeouts (task.Clock), the handovers (userspace
+keeps forwarding what reached it, rules go atomically on a re-INVITE, a foreign source, the
+call's end and stop), streams the hook cannot serve (local parties) and fallback when nft fails.
 Real UDP on 127.0.0.1 for the userspace side; the kernel itself is never touched here (the
-namespace test tests/integration/test_media_kernel_netns.py does that)."""
+namespace tests in tests/integration/test_media_kernel_netns.py do that)."""
 
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial import unittest
 
 from sipproxy.config import ConfigError
 from sipproxy.media import tap
-from sipproxy.media.kernel import KernelError, KernelForwarder, parse_counters
+from sipproxy.media.kernel import KernelError, KernelForwarder, Unsuitable, parse_counters
 from sipproxy.media.relay import RelayEngine, RelayInterface, SignalOptions
 from sipproxy.media.service import RelayConfig, makeRelayService
 from sipproxy.sdp import parse_sdp
@@ -30,18 +33,25 @@ reactor: Any = _reactor
 PORT_MIN = 47000 + (os.getpid() % 50) * 100
 PORT_MAX = PORT_MIN + 99
 TABLE = "sipproxy_relay_test"
+#: what the fake ``ip route get`` answers for the unit tests' 127.0.0.1 parties: a route via a
+#: gateway on a device, as for a phone behind a router
+ROUTED = {"dst": LOCAL, "gateway": "10.0.0.254", "dev": "eth9", "prefsrc": "10.0.0.1",
+          "flags": [], "uid": 0, "cache": []}
 
 
 class FakeNft:
-    """Answers nft and conntrack commands as the real ones would, and records them."""
+    """Answers nft and ip commands as the real ones would, and records them."""
 
     def __init__(self) -> None:
         self.commands: list[tuple[list[str], str]] = []
         self.handle = 0
         self.rules: dict[int, str] = {}  # handle -> rule line
         self.counters: dict[str, tuple[int, int]] = {}
+        self.chains: set[str] = set()
         self.tables = ""
-        self.fail: set[str] = set()  # "echo", "start", "counters", "remove"
+        #: address -> the route ``ip route get`` reports (default: ROUTED)
+        self.routes: dict[str, dict[str, Any]] = {}  # {}: no route
+        self.fail: set[str] = set()  # "echo", "start", "check", "counters", "remove"
 
     def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
             tuple[bytes, bytes, int]]:
@@ -51,17 +61,29 @@ class FakeNft:
         return defer.succeed(self.answer(args, text))
 
     def answer(self, args: list[str], text: str) -> tuple[bytes, bytes, int]:
-        if args[0] == "conntrack":
-            return b"", b"0 flow entries have been deleted.\n", 1 if "-D" in args else 0
-        if args[1:] == ["list", "tables", "ip"]:
+        if args[0] == "ip":
+            if args[1:4] == ["-j", "-batch", "-"]:
+                out = ""
+                for line in text.splitlines():  # ip stops at the first failing command
+                    route = self.routes.get(line.split()[-1], ROUTED)
+                    if not route:
+                        return out.encode(), b"RTNETLINK answers: Network is unreachable\n", 1
+                    out += json.dumps([route]) + "\n"
+                return out.encode(), b"", 0
+            return b"ip utility, iproute2-6.1.0\n", b"", 0
+        if args[1:] == ["list", "tables"]:
             return self.tables.encode(), b"", 0
+        if args[1:] == ["--check", "-f", "-"]:
+            if "check" in self.fail:
+                return b"", b"Error: Could not process rule: Not supported\n", 1
+            return b"", b"", 0
         if args[1:] == ["-f", "-"]:
-            if ("start" in self.fail and "table ip" in text) or (
+            if ("start" in self.fail and "table netdev" in text) or (
                     "remove" in self.fail and "delete rule" in text):
                 return b"", b"Error: Operation not permitted\n", 1
-            for m in re.finditer(r"delete rule ip \S+ \S+ handle (\d+)", text):
+            for m in re.finditer(r"delete rule netdev \S+ \S+ handle (\d+)", text):
                 self.rules.pop(int(m.group(1)), None)
-            for m in re.finditer(r"delete counter ip \S+ (\S+)", text):
+            for m in re.finditer(r"delete counter netdev \S+ (\S+)", text):
                 self.counters.pop(m.group(1), None)
             return b"", b"", 0
         if args[1:3] == ["--echo", "--handle"]:
@@ -72,6 +94,8 @@ class FakeNft:
                 self.handle += 1
                 if line.startswith("add counter"):
                     self.counters[line.split()[-1]] = (0, 0)
+                elif line.startswith("add chain"):
+                    self.chains.add(line.split()[4])
                 else:
                     self.rules[self.handle] = line
                 out.append(f"{line} # handle {self.handle}")
@@ -80,21 +104,17 @@ class FakeNft:
             if "counters" in self.fail:
                 return b"", b"Error: boom\n", 1
             return self.json(self.counters), b"", 0
-        if args[1:4] == ["-j", "list", "counter"]:
-            name = args[-1]
-            if name not in self.counters:
-                return b"", b"Error: No such file or directory\n", 1
-            return self.json({name: self.counters[name]}), b"", 0
         if args[1:3] == ["delete", "table"]:
             self.rules.clear()
             self.counters.clear()
+            self.chains.clear()
             return b"", b"", 0
         return b"", f"unexpected {args}".encode(), 2
 
     @staticmethod
     def json(counters: dict[str, tuple[int, int]]) -> bytes:
         items: list[dict[str, Any]] = [{"metainfo": {"version": "1.0.6"}}]
-        items += [{"counter": {"family": "ip", "name": n, "table": TABLE, "handle": 1,
+        items += [{"counter": {"family": "netdev", "name": n, "table": TABLE, "handle": 1,
                                "packets": p, "bytes": b}} for n, (p, b) in counters.items()]
         return json.dumps({"nftables": items}).encode()
 
@@ -102,67 +122,113 @@ class FakeNft:
         return [a for a, _ in self.commands if all(w in a for w in words)]
 
 
+LAN_ROUTE = {"dst": "192.168.77.10", "dev": "lan0", "prefsrc": "192.168.77.1", "flags": []}
+WAN_ROUTE = {"dst": "198.51.100.7", "gateway": "203.0.113.254", "dev": "wan0",
+             "prefsrc": "203.0.113.1", "flags": []}
+
+
 class ForwarderTests(unittest.SynchronousTestCase):
-    def test_the_table_and_stale_tables(self) -> None:
+    def started(self) -> tuple[FakeNft, KernelForwarder]:
         fake = FakeNft()
-        fake.tables = ("table ip filter\ntable ip sipproxy_relay_999999999\n"
-                       f"table ip sipproxy_relay_{os.getpid()}\ntable ip sipproxy_relay_x\n")
+        fake.routes = {"192.168.77.10": LAN_ROUTE, "198.51.100.7": WAN_ROUTE}
         k = KernelForwarder(fake, TABLE)
         self.successResultOf(k.start())
-        # a dead relay's table goes; a live one's (ours here), another name and others stay
+        return fake, k
+
+    def test_the_table_and_stale_tables(self) -> None:
+        fake = FakeNft()
+        fake.tables = ("table netdev other\ntable netdev sipproxy_relay_999999999\n"
+                       f"table netdev sipproxy_relay_{os.getpid()}\n"
+                       "table netdev sipproxy_relay_x\ntable ip sipproxy_relay_999999998\n"
+                       "table inet sipproxy_relay_999999997\n")
+        k = KernelForwarder(fake, TABLE)
+        self.successResultOf(k.start())
+        # a dead relay's table goes (also an ip one of the DNAT fast path of earlier
+        # versions); a live one's (ours here), another name and other families stay
         self.assertEqual(fake.ran("delete", "table"),
-                         [["nft", "delete", "table", "ip", "sipproxy_relay_999999999"]])
+                         [["nft", "delete", "table", "netdev", "sipproxy_relay_999999999"],
+                          ["nft", "delete", "table", "ip", "sipproxy_relay_999999998"]])
         script = next(t for a, t in fake.commands if a == ["nft", "-f", "-"])
-        self.assertIn(f"delete table ip {TABLE}", script)  # our own stale one, atomically
-        for hook in ("prerouting", "output", "postrouting"):
-            self.assertIn(f"hook {hook}", script)
+        self.assertIn(f"delete table netdev {TABLE}", script)  # our own stale one, atomically
+        # the kernel checked every expression the rules use, without applying anything
+        probe = next(t for a, t in fake.commands if a == ["nft", "--check", "-f", "-"])
+        for words in ("hook ingress", "ip saddr set", "udp dport set", "udp checksum != 0",
+                      "fwd ip to", "counter name"):
+            self.assertIn(words, probe)
         self.successResultOf(k.stop())
         self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
-                         ["nft", "delete", "table", "ip", TABLE])
+                         ["nft", "delete", "table", "netdev", TABLE])
 
     def test_start_fails_without_nft(self) -> None:
         fake = FakeNft()
         fake.fail.add("start")
         self.failureResultOf(KernelForwarder(fake, TABLE).start(), KernelError)
 
+    def test_start_fails_where_the_kernel_lacks_an_expression(self) -> None:
+        fake = FakeNft()
+        fake.fail.add("check")
+        k = KernelForwarder(fake, TABLE)
+        failure = self.failureResultOf(k.start(), KernelError)
+        self.assertIn("netdev ingress", failure.getErrorMessage())
+        self.assertFalse(k.started)
+        # the table it made for the check is gone again
+        self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
+                         ["nft", "delete", "table", "netdev", TABLE])
+
     def test_bad_table_name(self) -> None:
         self.assertRaises(ValueError, KernelForwarder, FakeNft(), "a b")
 
     def test_rule_text_install_and_remove(self) -> None:
-        fake = FakeNft()
-        k = KernelForwarder(fake, TABLE)
-        self.successResultOf(k.start())
+        fake, k = self.started()
         a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
-        b = (("203.0.113.50", 12000), ("203.0.113.1", 30002))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
         offload = self.successResultOf(k.install(a, b))
-        self.assertEqual(fake.ran("conntrack", "-D"), [])  # not before the engine says so
-        self.successResultOf(k.flush(offload))
         script = k.rules(offload)
-        self.assertIn("ip saddr 192.168.77.10 udp sport 10000 ip daddr 192.168.77.1 udp dport "
-                      "30000 dnat to 203.0.113.50:12000", script)
-        self.assertIn("ct original ip saddr 192.168.77.10 ct original proto-src 10000 "
-                      "ct original ip daddr 192.168.77.1 ct original proto-dst 30000 "
-                      "snat to 203.0.113.1:30002", script)
-        self.assertIn("ip saddr 203.0.113.50 udp sport 12000 ip daddr 203.0.113.1 udp dport "
-                      "30002 dnat to 192.168.77.10:10000", script)
-        self.assertIn("snat to 192.168.77.1:30000", script)
-        self.assertEqual(len(offload.rules), 12)
-        self.assertEqual(len(fake.rules), 12)
-        # what leaves is counted after the SNAT: the relay's port toward B, to B
-        self.assertIn("count_out ct status dnat ip saddr 203.0.113.1 udp sport 30002 ip daddr "
-                      '203.0.113.50 udp dport 12000 counter name "o1_ab_out"', script)
-        # conntrack entries of the relay's 2 ports, both ways, flushed after the rules
-        flushed = fake.ran("conntrack", "-D")
-        self.assertEqual(len(flushed), 4)
-        self.assertIn(["conntrack", "-D", "-p", "udp", "--orig-dst", "192.168.77.1",
-                       "--orig-port-dst", "30000"], flushed)
+        # one ingress chain per device the parties' packets arrive on
+        self.assertIn('add chain netdev sipproxy_relay_test in_lan0 { type filter hook ingress '
+                      'device "lan0" priority -500; policy accept; }', script)
+        self.assertIn('in_wan0 { type filter hook ingress device "wan0"', script)
+        self.assertEqual(fake.chains, {"in_lan0", "in_wan0"})
+        # A -> B: matched on A's source and the relay's port, rewritten, sent to B's gateway
+        self.assertIn(
+            "add rule netdev sipproxy_relay_test in_lan0 ip saddr 192.168.77.10 udp sport 10000 "
+            "ip daddr 192.168.77.1 udp dport 30000 ip frag-off & 0x3fff == 0 "
+            "udp checksum != 0 ip saddr set 203.0.113.1 ip daddr set 198.51.100.7 "
+            "udp sport set 30002 udp dport set 12000 counter name \"o1_ab\" "
+            'fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
+        # B -> A: A is on the link itself, the next hop is A
+        self.assertIn(
+            "in_wan0 ip saddr 198.51.100.7 udp sport 12000 ip daddr 203.0.113.1 udp dport 30002 "
+            "ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr set 192.168.77.1 "
+            "ip daddr set 192.168.77.10 udp sport set 30000 udp dport set 10000 "
+            'counter name "o1_ba" fwd ip to 192.168.77.10 device "lan0"', script)
+        # one transaction
+        self.assertEqual(len(fake.ran("--echo")), 1)
+        self.assertEqual(offload.rules, [("in_lan0", 4), ("in_wan0", 6)])
+        self.assertEqual(len(fake.rules), 2)
         fake.counters["o1_ab"] = (5, 500)
         self.assertEqual(self.successResultOf(k.counters())["o1_ab"], (5, 500))
         final = self.successResultOf(k.remove(offload))
         self.assertEqual(final["o1_ab"], (5, 500))
         self.assertEqual(fake.rules, {})
         self.assertEqual(fake.counters, {})
-        self.assertEqual(len(fake.ran("conntrack", "-D")), 8)
+        # both rules go in one transaction (the counters after: their last values first)
+        removal = [t for a, t in fake.commands if a == ["nft", "-f", "-"] and "delete rule" in t]
+        self.assertEqual(len(removal), 1)
+        self.assertEqual(removal[0].count("delete rule"), 2)
+
+    def test_local_parties_are_unsuitable(self) -> None:
+        fake, k = self.started()
+        fake.routes["127.0.0.1"] = {"type": "local", "dst": "127.0.0.1", "dev": "lo"}
+        fake.routes["192.168.77.1"] = {"type": "local", "dst": "192.168.77.1", "dev": "lo"}
+        fake.routes["10.1.1.1"] = {"dst": "10.1.1.1", "dev": "weird@dev"}
+        fake.routes["10.2.2.2"] = {}  # no route at all
+        for local in ("127.0.0.1", "192.168.77.1", "10.1.1.1", "10.2.2.2"):
+            failure = self.failureResultOf(k.install(((local, 1), ("192.168.77.1", 2)),
+                                                     (("198.51.100.7", 3), ("203.0.113.1", 4))),
+                                           Unsuitable)
+            self.assertIn(local, failure.getErrorMessage())
+        self.assertEqual(fake.ran("--echo"), [])
 
     def test_install_before_start_fails(self) -> None:
         k = KernelForwarder(FakeNft(), TABLE)
@@ -220,25 +286,9 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(data, rtp(2))
         return a, b, a_port, b_port, to_relay_a, to_relay_b
 
-    def count(self, name: str, packets: int, octets: int, left: bool = True) -> None:
-        """The kernel counted ``packets`` arriving (and, with ``left``, leaving)."""
+    def count(self, name: str, packets: int, octets: int) -> None:
+        """The kernel forwarded ``packets``."""
         self.fake.counters[name] = (packets, octets)
-        if left:
-            self.fake.counters[f"{name}_out"] = (packets, octets)
-
-    @defer.inlineCallbacks
-    def test_a_firewall_dropping_the_kernel_path_falls_back(self) -> Any:
-        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
-        self.count("o1_ab", 10, 1000, left=False)  # arrive, never leave
-        self.count("o1_ba", 10, 1000)
-        self.clock.advance(2)
-        self.assertEqual(self.fake.rules, {})
-        sa, sb = self.streams()
-        self.assertTrue(sa.no_kernel and sb.no_kernel)
-        self.assertEqual(sa.kernel_packets + sb.kernel_packets, 20)
-        a.send(rtp(7), to_a)  # userspace forwards again
-        data, _ = yield b.received.get()
-        self.assertEqual(data, rtp(7))
 
     def streams(self) -> tuple[Any, Any]:
         call = self.engine.calls["c1"]
@@ -248,10 +298,15 @@ class EngineTests(unittest.TestCase):
     def test_both_ends_latched_goes_to_the_kernel(self) -> Any:
         _a, _b, a_port, b_port, to_a, to_b = yield self.latched()
         rules = "\n".join(self.fake.rules.values())
-        self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} "
-                      f"dnat to {LOCAL}:{b_port}", rules)
-        self.assertIn(f"snat to {LOCAL}:{to_b}", rules)
-        self.assertIn(f"dnat to {LOCAL}:{a_port}", rules)
+        self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} ",
+                      rules)
+        self.assertIn(f"udp dport {to_a} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
+                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_b} udp dport set "
+                      f"{b_port} counter name ", rules)
+        self.assertIn(f"udp dport {to_b} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
+                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_a} udp dport set "
+                      f"{a_port} counter name ", rules)
+        self.assertEqual(rules.count('fwd ip to 10.0.0.254 device "eth9"'), 2)
         sa, sb = self.streams()
         self.assertTrue(sa.offload.active)
         self.assertIs(sa.offload, sb.offload)
@@ -260,12 +315,33 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(len(self.kernel.offloads), 1)
 
     @defer.inlineCallbacks
+    def test_rtcp_pairs_go_to_the_kernel_too(self) -> Any:
+        _a, _b, _ap, _bp, to_a, to_b = yield self.latched()
+        ra, _ = self.phone()
+        rb, _ = self.phone()
+        report = b"\x80\xc8\x00\x06" + bytes(24)  # an RTCP sender report
+        ra.send(report, to_a + 1)
+        rb.send(report, to_b + 1)
+        call = self.engine.calls["c1"]
+        rtcp = call.monologues["A"].medias[0].rtcp
+        for _ in range(100):
+            if rtcp.offload is not None:
+                break
+            yield deferLater(0.01)
+        self.assertTrue(rtcp.offload is not None and rtcp.offload.active)
+        self.assertEqual(len(self.kernel.offloads), 2)
+        rules = "\n".join(self.fake.rules.values())
+        self.assertIn(f"udp dport {to_a + 1} ", rules)
+        self.assertIn(f"udp sport set {to_a + 1} ", rules)
+        self.assertIn(f"udp dport {to_b + 1} ", rules)
+
+    @defer.inlineCallbacks
     def test_streams_latched_before_the_kernel_started_are_handed_over(self) -> Any:
         self.engine.use_kernel(None)
         yield self.latched()
         self.assertEqual(self.fake.rules, {})
         self.engine.use_kernel(self.kernel)
-        self.assertEqual(len(self.fake.rules), 12)
+        self.assertEqual(len(self.fake.rules), 2)
         sa, _ = self.streams()
         self.assertTrue(sa.offload.active)
 
@@ -297,20 +373,59 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(self.fake.counters, {})
         self.assertEqual(stats["totals"]["RTP"]["packets"], 2)  # taken before the final read
         self.assertEqual(self.kernel.offloads, {})
-        self.assertEqual(len(self.fake.ran("conntrack", "-D")), 8)
 
     @defer.inlineCallbacks
-    def test_userspace_stops_forwarding_what_the_kernel_owns(self) -> Any:
+    def test_userspace_forwards_what_reached_it_after_the_kernel_took_over(self) -> Any:
+        # packets that reached the socket before the rules (or do not match them) are
+        # forwarded, not dropped: the handover loses nothing
         a, b, _ap, _bp, to_a, _to_b = yield self.latched()
-        a.send(rtp(3), to_a)  # a packet queued before the kernel took over
-        a.send(rtp(4), to_a)
         sa, _ = self.streams()
-        for _ in range(50):
-            if sa.packets >= 3:
-                break
-            yield deferLater(0.01)
-        self.assertGreaterEqual(sa.packets, 3)
-        self.assertEqual(len(b.received.pending), 0)
+        self.assertTrue(sa.offload.active)
+        a.send(rtp(3), to_a)
+        a.send(rtp(4), to_a)
+        self.assertEqual((yield b.received.get())[0], rtp(3))
+        self.assertEqual((yield b.received.get())[0], rtp(4))
+        self.assertTrue(sa.offload.active)  # the latched source: the rules stay
+
+    @defer.inlineCallbacks
+    def test_rules_that_catch_nothing_go(self) -> Any:
+        # the kernel counts nothing while userspace keeps getting the latched source's packets
+        # (they arrive on another device, or carry no UDP checksum): the rules are useless
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        sa, sb = self.streams()
+        for n in range(60):
+            a.send(rtp(10 + n), to_a)
+            yield b.received.get()
+        self.assertEqual(len(self.fake.rules), 2)
+        self.clock.advance(2)
+        self.assertEqual(self.fake.rules, {})
+        self.assertTrue(sa.no_kernel and sb.no_kernel)
+
+    @defer.inlineCallbacks
+    def test_a_local_party_stays_in_userspace_with_one_line(self) -> Any:
+        self.fake.routes[LOCAL] = {"type": "local", "dst": LOCAL, "dev": "lo"}
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        sa, sb = self.streams()
+        self.assertIsNone(sa.offload)
+        self.assertTrue(sa.no_kernel and sb.no_kernel)  # not tried again for these streams
+        self.assertEqual(self.fake.rules, {})
+        a.send(rtp(3), to_a)
+        self.assertEqual((yield b.received.get())[0], rtp(3))
+        texts = [e.get("text", "") for e in logged if e.get("log_namespace", "").startswith(
+            "sipproxy.media")]
+        lines = [t for t in texts if "kernel fast path" in t]
+        self.assertEqual(len(lines), 1, texts)
+        self.assertIn("stays in userspace", lines[0])
+        self.assertIn("local", lines[0])
+        self.assertNotIn("firewall", " ".join(texts))
+        # a second call: no second line
+        self.engine.delete("c1")
+        yield self.latched()
+        self.assertEqual(len([e for e in logged if "kernel fast path" in e.get("text", "")]),
+                         1)
 
     @defer.inlineCallbacks
     def test_reinvite_with_new_endpoints_falls_back_then_relatches(self) -> Any:
@@ -326,7 +441,7 @@ class EngineTests(unittest.TestCase):
         data, _ = yield b.received.get()
         self.assertEqual(data, rtp(5))
         self.assertIsNotNone(sa.offload)  # both latched again: back in the kernel
-        self.assertIn(f"dnat to {LOCAL}:{c_port}", "\n".join(self.fake.rules.values()))
+        self.assertIn(f"udp dport set {c_port}", "\n".join(self.fake.rules.values()))
         del a
 
     @defer.inlineCallbacks
@@ -399,7 +514,7 @@ class ServiceTests(unittest.TestCase):
         yield service.stopService()
         self.assertIsNone(service.engine.kernel)
         self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
-                         ["nft", "delete", "table", "ip", TABLE])
+                         ["nft", "delete", "table", "netdev", TABLE])
 
     @defer.inlineCallbacks
     def test_auto_without_nft_is_userspace(self) -> Any:

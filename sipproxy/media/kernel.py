@@ -1,31 +1,56 @@
-"""The relay's kernel fast path: nftables DNAT/SNAT per latched stream, conntrack forwards.
+"""The relay's kernel fast path: stateless rewriting at the netdev ingress hook.
 
 Once both ends of a stream pair are latched (the relay learned each party's real source from
 its packets), :class:`KernelForwarder` installs, in one nftables table the relay owns
-(``ip sipproxy_relay_<pid>`` unless configured; no other table is ever touched)::
+(``netdev sipproxy_relay_<pid>`` unless configured; no other table is ever touched), one rule
+per direction in the ingress chain of the device the packets arrive on::
 
-    A:a -> R_A:PA   dnat to B:b      (prerouting for forwarded packets, output for local ones)
-    then            snat to R_B:PB   (postrouting, matched on the conntrack original tuple)
+    A:a -> R_A:PA  (arriving on A's device, not a fragment, UDP checksum not 0)
+        set ip saddr R_B, ip daddr B, udp sport PB, udp dport b
+        counter, fwd ip to NEXT_HOP device B's device
 
-and the same the other way (B:b -> R_B:PB to A:a from R_A:PA), so whichever side sends first
-makes the conntrack entry and the other direction is its reply. The kernel then forwards the
-stream without the relay's process. Conntrack entries the userspace path made for the relay's
-ports are deleted (``conntrack -D``, :meth:`KernelForwarder.flush`) once the rules are in and the
-userspace relay stopped forwarding that pair, and again after the rules are removed: NAT rules
-are consulted only for new conntrack entries, so without that the kernel would keep delivering
-to the userspace sockets (or keep NATing after removal); and an entry of the relay's own
-sending (relay port -> B) has the reply tuple the NATed flow needs, so the kernel would drop
-the NATed flow's packets as a clash.
+and the same the other way. The devices and next hops are the kernel's own routes to A and B
+(``ip route get``: the gateway, else the party itself). Both rules go in with one nft
+transaction, and out with one: a packet either meets the rule (the kernel forwards it) or does
+not (it reaches the relay's socket, which is open all the time, and userspace forwards it), so
+no handover (to the kernel, back on a re-INVITE, a foreign source, the call's end) loses a
+packet, and packets userspace had queued before the rule came are still forwarded by it.
 
-Counting: filter chains right after the DNAT (prerouting for forwarded packets, output for the
-relay's own host, e.g. 127.0.0.1) count what arrives per direction in a named counter, and one
-after the SNAT (postrouting) what leaves, so after any forward filter: packets that arrive and
-never leave mean a firewall drops them (the engine then falls back to userspace).
-:meth:`counters` reads them all (``nft -j list counters``). nftables counts IP packet bytes:
-the engine takes the IP and UDP headers off.
+Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 
-A firewall whose forward chain drops the RTP range has to let the relay's flows through, e.g.
-``ct status dnat accept`` before the drop: only flows something NATs pass.
+- Independent of the host's firewall: ``fwd`` transmits on the egress device directly
+  (``neigh_xmit``), so relayed packets never traverse prerouting, input, forward, output or
+  postrouting: a forward chain that drops the RTP range, or an input chain that drops it, does
+  not matter, and nothing in the firewall's tables has to change. (The DNAT design before this
+  one needed ``ct status dnat accept`` in the firewall's forward chain and lost the first
+  seconds of every call where that was missing.)
+- No conntrack and no NAT lookups per packet, so it forwards faster than the host's own
+  IP forwarding with conntrack and masquerading: ``bench/relay --netns`` on a 2-core VM,
+  400,000-450,000 packets a second against 200,000-250,000, 1.6x-2.0x (bench/README.md; the
+  DNAT/SNAT design reached 0.75x-0.88x of plain forwarding). A flowtable
+  also skips the chains, but only for flows conntrack accepted through the forward chain first
+  (a firewall dropping the RTP range never lets them get there), and needs NAT rules for the
+  rewriting: two more things the host's ruleset decides.
+- Stateless, so no conntrack entry of the userspace path can clash with it, and nothing has to
+  be flushed at a handover.
+
+``fwd`` decrements the IP TTL, as a router does.
+
+Checksums: nft updates the IP checksum and the UDP checksum (incrementally; packets with a
+checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A UDP checksum of
+0 means "none" and an incremental update would make it wrong, so such packets do not match and
+stay in userspace; so do IP fragments (only the first carries the ports). (A stream whose
+packets all do so, or arrive on another device than the route to their source, has rules that
+catch nothing: the engine removes them after a counter poll.)
+
+What the netdev hook cannot serve stays in userspace (:class:`Unsuitable`, logged once by the
+engine): a party on a local address (the device is ``lo``, or the route is ``local``: phones
+on the relay's own host), no route, or a device name nft cannot take. :meth:`start` checks,
+without changing anything (``nft --check``), that the kernel and nft know every expression the
+rules use; where they do not, the relay stays in userspace.
+
+Counting: each rule counts in a named counter (nftables counts the IP packet: the engine takes
+the IP and UDP headers off); :meth:`counters` reads them all (``nft -j list counters``).
 
 Every command goes through an injected :data:`NftRunner` (argv, stdin) -> Deferred of
 (stdout, stderr, exit code); :func:`process_runner` runs the real programs with Twisted's
@@ -47,12 +72,17 @@ from twisted.logger import Logger
 
 __all__ = [
     "DEFAULT_POLL_INTERVAL",
+    "FAMILY",
+    "HEADER_BYTES",
+    "PRIORITY",
     "TABLE_PREFIX",
     "Flow",
     "KernelError",
     "KernelForwarder",
     "NftRunner",
     "Offload",
+    "Route",
+    "Unsuitable",
     "default_table",
     "pid_alive",
     "process_runner",
@@ -61,21 +91,32 @@ __all__ = [
 _log = Logger(namespace="sipproxy.media.kernel")
 
 TABLE_PREFIX: Final = "sipproxy_relay_"
+FAMILY: Final = "netdev"
+#: the ingress chains' priority: before any other netdev ingress chain of the host
+PRIORITY: Final = -500
 DEFAULT_POLL_INTERVAL: Final = 2.0
 #: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
 HEADER_BYTES: Final = 28
-#: rules per offload: per direction DNAT (prerouting, output), SNAT, 3 counting rules
-RULES: Final = 12
+#: rules per offload: one per direction
+RULES: Final = 2
+#: route types the netdev hook cannot forward to (the packet is for this host, or nowhere)
+_NOT_FORWARDABLE = frozenset({"local", "broadcast", "multicast", "anycast", "blackhole",
+                              "unreachable", "prohibit", "throw", "nat"})
 
 Address = tuple[str, int]
 NftRunner = Callable[[Sequence[str], bytes | None], "defer.Deferred[tuple[bytes, bytes, int]]"]
 
 _HANDLE = re.compile(r'comment "(?P<comment>[^"]+)" # handle (?P<handle>\d+)')
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
+_DEVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,14}$")
 
 
 class KernelError(Exception):
-    """An nft or conntrack command failed; the text says which and why."""
+    """An nft or ip command failed; the text says which and why."""
+
+
+class Unsuitable(KernelError):
+    """The netdev hook cannot forward this stream (a local party, no route): userspace."""
 
 
 def default_table() -> str:
@@ -98,14 +139,24 @@ def process_runner(reactor: Any = None) -> NftRunner:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """The kernel's route to a party: its device, and the next hop on it."""
+
+    device: str
+    next_hop: str
+
+
+@dataclass(frozen=True, slots=True)
 class Flow:
-    """One direction: packets from ``source`` to the relay's ``local`` port go to ``dest``
-    from the relay's ``out`` port."""
+    """One direction: packets from ``source`` (arriving on ``device``) to the relay's ``local``
+    port leave from the relay's ``out`` port to ``dest``, through ``route``."""
 
     source: Address
     local: Address
     out: Address
     dest: Address
+    device: str
+    route: Route
 
 
 @dataclass(eq=False)
@@ -116,35 +167,25 @@ class Offload:
     flows: tuple[Flow, Flow]
     #: (chain, handle) of every rule, once installed
     rules: list[tuple[str, int]] = field(default_factory=list)
-    #: per direction: what arrived (after DNAT) and what left (after SNAT, so after any
-    #: forward filter): a direction whose packets arrive but do not leave is blocked
+    #: the named counter of each direction's rule
     counters: tuple[str, str] = ("", "")
-    out_counters: tuple[str, str] = ("", "")
     #: the counters' values when last read, per direction: (packets, bytes)
     seen: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0), (0, 0)])
-    seen_out: list[int] = field(default_factory=lambda: [0, 0])
-
-    @property
-    def ports(self) -> list[Address]:
-        """The relay's own addresses of the pair."""
-        return [self.flows[0].local, self.flows[0].out]
 
 
-def _quote(addr: Address) -> str:
-    return f"{addr[0]}:{addr[1]}"
+def chain_name(device: str) -> str:
+    return f"in_{device}"
 
 
 class KernelForwarder:
     """The nftables table of one relay and the rules in it (see the module docstring)."""
 
-    def __init__(self, runner: NftRunner, table: str | None = None, *,
-                 conntrack: bool = True) -> None:
+    def __init__(self, runner: NftRunner, table: str | None = None) -> None:
         table = table or default_table()
         if not _NAME.match(table):
             raise ValueError(f"not an nftables table name: {table!r}")
         self.runner = runner
         self.table = table
-        self.conntrack = conntrack
         self.started = False
         self._lock = defer.DeferredLock()
         self._next = 0
@@ -170,116 +211,134 @@ class KernelForwarder:
         return self._lock.run(lambda: defer.Deferred.fromCoroutine(fn()))
 
     def ruleset(self) -> str:
-        t = self.table
-        return (
-            f"table ip {t} {{}}\n"
-            f"delete table ip {t}\n"
-            f"table ip {t} {{\n"
-            "  chain prerouting { type nat hook prerouting priority dstnat - 10; "
-            "policy accept; }\n"
-            "  chain output { type nat hook output priority -110; policy accept; }\n"
-            "  chain postrouting { type nat hook postrouting priority srcnat - 10; "
-            "policy accept; }\n"
-            "  chain count_in { type filter hook prerouting priority dstnat + 10; "
-            "policy accept; }\n"
-            "  chain count_local { type filter hook output priority filter; "
-            "policy accept; }\n"
-            "  chain count_out { type filter hook postrouting priority srcnat + 10; "
-            "policy accept; }\n"
-            "}\n"
-        )
+        """The empty table (replacing a stale one of the same name, atomically)."""
+        t = f"{FAMILY} {self.table}"
+        return f"table {t} {{}}\ndelete table {t}\ntable {t} {{}}\n"
+
+    def probe(self) -> str:
+        """A chain and a rule with every expression the fast path uses, for ``nft --check``
+        (the kernel validates them; nothing is applied)."""
+        t = f"{FAMILY} {self.table}"
+        flow = Flow(("127.0.0.2", 9), ("127.0.0.3", 9), ("127.0.0.3", 11), ("127.0.0.2", 11),
+                    "lo", Route("lo", "127.0.0.2"))
+        return (f"{self._chain(flow.device)}\nadd counter {t} probe\n"
+                f"{self._rule(flow, 'probe', 'probe')}\n")
+
+    def _chain(self, device: str) -> str:
+        return (f"add chain {FAMILY} {self.table} {chain_name(device)} {{ type filter hook "
+                f'ingress device "{device}" priority {PRIORITY}; policy accept; }}')
+
+    def _rule(self, flow: Flow, counter: str, comment: str) -> str:
+        (sip, sport), (lip, lport) = flow.source, flow.local
+        (oip, oport), (dip, dport) = flow.out, flow.dest
+        return (f"add rule {FAMILY} {self.table} {chain_name(flow.device)} "
+                f"ip saddr {sip} udp sport {sport} ip daddr {lip} udp dport {lport} "
+                "ip frag-off & 0x3fff == 0 udp checksum != 0 "
+                f"ip saddr set {oip} ip daddr set {dip} udp sport set {oport} "
+                f'udp dport set {dport} counter name "{counter}" '
+                f'fwd ip to {flow.route.next_hop} device "{flow.route.device}" '
+                f'comment "{comment}"')
 
     # -- life ---------------------------------------------------------------------------------
 
     def start(self) -> defer.Deferred[Any]:
-        """Remove stale tables (ours, or of relays whose process is gone), make the table.
-        Fails with KernelError where nftables (or conntrack) does not work."""
+        """Remove stale tables (of relays whose process is gone), check that the kernel and
+        nft can do what the rules need, make the table. Fails with KernelError where they
+        cannot."""
         return self._locked(self._start)
 
     async def _start(self) -> None:
-        if self.conntrack:
-            await self._run(["conntrack", "--version"])
-        listing, _, _ = await self._run(["nft", "list", "tables", "ip"])
+        await self._run(["ip", "-V"])
+        # (ip: the tables of the DNAT/SNAT fast path of earlier versions)
+        listing, _, _ = await self._run(["nft", "list", "tables"])
         for line in listing.splitlines():
-            name = line.split()[-1] if line.startswith("table ip ") else ""
+            words = line.split()
+            if len(words) != 3 or words[0] != "table" or words[1] not in (FAMILY, "ip"):
+                continue
+            family, name = words[1], words[2]
             suffix = name[len(TABLE_PREFIX):]
             if name.startswith(TABLE_PREFIX) and suffix.isdigit() and name != self.table \
                     and not pid_alive(int(suffix)):
-                await self._run(["nft", "delete", "table", "ip", name], check=False)
-                _log.info("media relay: removed the stale nftables table {name}", name=name)
+                await self._run(["nft", "delete", "table", family, name], check=False)
+                _log.info("media relay: removed the stale nftables table {family} {name}",
+                          family=family, name=name)
         await self._run(["nft", "-f", "-"], self.ruleset())
+        try:
+            await self._run(["nft", "--check", "-f", "-"], self.probe())
+        except KernelError as e:
+            await self._run(["nft", "delete", "table", FAMILY, self.table], check=False)
+            raise KernelError(f"the kernel or nft cannot rewrite and forward at the netdev "
+                              f"ingress hook: {e}") from e
         self.started = True
 
     def stop(self) -> defer.Deferred[Any]:
-        """Delete the table (every rule and counter in it), then the conntrack entries."""
+        """Delete the table (every chain, rule and counter in it)."""
         return self._locked(self._stop)
 
     async def _stop(self) -> None:
-        offloads = list(self.offloads.values())
         self.offloads.clear()
         if not self.started:
             return
         self.started = False
-        await self._run(["nft", "delete", "table", "ip", self.table], check=False)
-        for offload in offloads:
-            await self._flush(offload)
+        await self._run(["nft", "delete", "table", FAMILY, self.table], check=False)
 
     # -- rules --------------------------------------------------------------------------------
 
+    async def routes(self, *addresses: str) -> list[Route]:
+        """The kernel's routes to ``addresses`` (one ``ip -batch``); Unsuitable where the hook
+        cannot forward to one of them."""
+        script = "".join(f"route get {address}\n" for address in addresses)
+        out, _, _ = await self._run(["ip", "-j", "-batch", "-"], script, check=False)
+        answers = out.splitlines()
+        found = []
+        for n, address in enumerate(addresses):
+            try:
+                route = json.loads(answers[n])[0]
+            except (ValueError, IndexError, KeyError, TypeError):
+                raise Unsuitable(f"no route to {address}") from None
+            device, kind = str(route.get("dev", "")), str(route.get("type", "unicast"))
+            if kind in _NOT_FORWARDABLE or device == "lo":
+                raise Unsuitable(f"{address} is a {kind} address (on {device})")
+            if not _DEVICE.match(device):
+                raise Unsuitable(f"the device name {device!r} of the route to {address}")
+            found.append(Route(device, str(route.get("gateway") or address)))
+        return found
+
     def rules(self, offload: Offload) -> str:
         """The nft script that installs ``offload`` (comments name each rule)."""
-        t = self.table
+        t = f"{FAMILY} {self.table}"
         lines = []
+        for device in sorted({flow.device for flow in offload.flows}):
+            lines.append(self._chain(device))
         for n, flow in enumerate(offload.flows):
             counter = offload.counters[n]
-            tag = f"o{offload.id}d{n}"
-            (sip, sport), (lip, lport) = flow.source, flow.local
-            dip, dport = flow.dest
-            match = f"ip saddr {sip} udp sport {sport} ip daddr {lip} udp dport {lport}"
-            lines.append(f"add counter ip {t} {counter}")
-            for chain in ("prerouting", "output"):
-                lines.append(f'add rule ip {t} {chain} {match} dnat to {_quote(flow.dest)} '
-                             f'comment "{tag}{chain[0]}"')
-            lines.append(
-                f"add rule ip {t} postrouting ct status dnat ct protocol udp "
-                f"ct original ip saddr {sip} ct original proto-src {sport} "
-                f"ct original ip daddr {lip} ct original proto-dst {lport} "
-                f'snat to {_quote(flow.out)} comment "{tag}s"')
-            counted = (f"ct status dnat ip saddr {sip} udp sport {sport} "
-                       f"ip daddr {dip} udp dport {dport}")
-            for chain, letter in (("count_in", "i"), ("count_local", "l")):
-                lines.append(f'add rule ip {t} {chain} {counted} counter name "{counter}" '
-                             f'comment "{tag}{letter}"')
-            out = offload.out_counters[n]
-            lines.append(f"add counter ip {t} {out}")
-            lines.append(f"add rule ip {t} count_out ct status dnat ip saddr {flow.out[0]} "
-                         f"udp sport {flow.out[1]} ip daddr {dip} udp dport {dport} "
-                         f'counter name "{out}" comment "{tag}x"')
+            lines.append(f"add counter {t} {counter}")
+            lines.append(self._rule(flow, counter, f"o{offload.id}d{n}"))
         return "\n".join(lines) + "\n"
 
     def install(self, a: tuple[Address, Address], b: tuple[Address, Address]) -> defer.Deferred[
             Offload]:
         """Forward in the kernel between ``a`` = (A's source, the relay port A sends to) and
         ``b`` = (B's source, the relay port B sends to). Fires with the :class:`Offload` once
-        the rules are in; packets of the existing conntrack entries still reach the userspace
-        sockets until :meth:`flush`."""
+        both rules are in (atomically); fails with Unsuitable where the hook cannot serve the
+        pair, KernelError where nft failed."""
         self._next += 1
-        offload = Offload(
-            self._next,
-            (Flow(a[0], a[1], b[1], b[0]), Flow(b[0], b[1], a[1], a[0])),
-            counters=(f"o{self._next}_ab", f"o{self._next}_ba"),
-            out_counters=(f"o{self._next}_ab_out", f"o{self._next}_ba_out"),
-        )
+        number = self._next
 
         async def install() -> Offload:
             if not self.started:
                 raise KernelError("the kernel fast path is not running")
-            script = self.rules(offload)
-            out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"], script)
-            chains = {m.group("comment"): int(m.group("handle")) for m in _HANDLE.finditer(out)}
-            names = {"p": "prerouting", "o": "output", "s": "postrouting",
-                     "i": "count_in", "l": "count_local", "x": "count_out"}
-            offload.rules = [(names[c[-1]], h) for c, h in chains.items()]
+            to_a, to_b = await self.routes(a[0][0], b[0][0])
+            offload = Offload(
+                number,
+                (Flow(a[0], a[1], b[1], b[0], to_a.device, to_b),
+                 Flow(b[0], b[1], a[1], a[0], to_b.device, to_a)),
+                counters=(f"o{number}_ab", f"o{number}_ba"),
+            )
+            out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"],
+                                        self.rules(offload))
+            offload.rules = [(chain_name(offload.flows[int(m.group("comment")[-1])].device),
+                              int(m.group("handle"))) for m in _HANDLE.finditer(out)]
             self.offloads[offload.id] = offload
             if len(offload.rules) != RULES:
                 await self._remove(offload)
@@ -288,46 +347,26 @@ class KernelForwarder:
 
         return self._locked(install)
 
-    def flush(self, offload: Offload) -> defer.Deferred[None]:
-        """Delete the conntrack entries of the offload's relay ports, so that the next packets
-        meet the rules. Call it once the userspace relay stopped sending from those ports:
-        an entry its next packet made would be in the way again."""
-        return self._locked(lambda: self._flush(offload))
-
     def remove(self, offload: Offload) -> defer.Deferred[dict[str, tuple[int, int]]]:
-        """Delete the offload's rules and counters, then its conntrack entries; fires with
-        the counters' last values (name -> (packets, bytes))."""
+        """Delete the offload's rules and counters (atomically); fires with the counters' last
+        values (name -> (packets, bytes))."""
         return self._locked(lambda: self._remove(offload))
 
     async def _remove(self, offload: Offload) -> dict[str, tuple[int, int]]:
         if self.offloads.pop(offload.id, None) is None or not self.started:
             return {}
-        t = self.table
-        names = offload.counters + offload.out_counters
-        out, _, code = await self._run(["nft", "-j", "list", "counters", "table", "ip", t],
-                                       check=False)
-        final = {k: v for k, v in parse_counters(out).items() if k in names} if code == 0 \
-            else {}
-        script = [f"delete rule ip {t} {chain} handle {handle}" for chain, handle in
+        t = f"{FAMILY} {self.table}"
+        script = [f"delete rule {t} {chain} handle {handle}" for chain, handle in
                   offload.rules]
-        script += [f"delete counter ip {t} {name}" for name in
-                   offload.counters + offload.out_counters]
-        try:
-            await self._run(["nft", "-f", "-"], "\n".join(script) + "\n")
-        finally:
-            await self._flush(offload)
+        await self._run(["nft", "-f", "-"], "\n".join(script) + "\n")
+        # the rules are gone: the counters are final now
+        out, _, code = await self._run(["nft", "-j", "list", "counters", "table", FAMILY,
+                                        self.table], check=False)
+        final = {k: v for k, v in parse_counters(out).items() if k in offload.counters} \
+            if code == 0 else {}
+        await self._run(["nft", "-f", "-"], "".join(
+            f"delete counter {t} {name}\n" for name in offload.counters), check=False)
         return final
-
-    async def _flush(self, offload: Offload) -> None:
-        """Delete the conntrack entries of the relay's ports of the pair (exit status 1 is
-        "none found")."""
-        if not self.conntrack:
-            return
-        for ip, port in offload.ports:
-            for which in (["--orig-dst", ip, "--orig-port-dst"],
-                          ["--orig-src", ip, "--orig-port-src"]):
-                await self._run(["conntrack", "-D", "-p", "udp", *which, str(port)],
-                                check=False)
 
     def counters(self) -> defer.Deferred[dict[str, tuple[int, int]]]:
         """Every named counter of the table: name -> (packets, bytes)."""
@@ -335,7 +374,7 @@ class KernelForwarder:
         async def read() -> dict[str, tuple[int, int]]:
             if not self.started:
                 return {}
-            out, _, _ = await self._run(["nft", "-j", "list", "counters", "table", "ip",
+            out, _, _ = await self._run(["nft", "-j", "list", "counters", "table", FAMILY,
                                          self.table])
             return parse_counters(out)
 

@@ -42,6 +42,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from sipproxy.media.kernel import HEADER_BYTES, Unsuitable
 from sipproxy.sdp import MediaDescription, SessionDescription
 
 __all__ = [
@@ -70,11 +71,11 @@ DEFAULT_SILENT_TIMEOUT: Final = 3600.0
 DEFAULT_OFFER_TIMEOUT: Final = 3600.0
 #: How often the kernel fast path's counters are read (seconds), for statistics and timeouts.
 DEFAULT_KERNEL_POLL: Final = 2.0
-#: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
-KERNEL_HEADER_BYTES: Final = 28
-#: Packets of one direction arriving in the kernel between two counter polls with none of
-#: them leaving: the kernel path is blocked (by a firewall), back to userspace.
-KERNEL_BLOCKED: Final = 5
+#: Packets of one direction that still reached userspace from the latched source after the
+#: kernel rules went in, with the kernel's counter still at 0: the rules catch nothing (the
+#: packets arrive on another device than the route to their source, or carry no UDP
+#: checksum), so they go, and the stream stays in userspace.
+KERNEL_MISSED: Final = 50
 #: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
 #: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
 RECEIVE_BUFFER: Final = 1 << 20
@@ -315,12 +316,6 @@ class PacketStream:
                 return
             if leg.media_handover:
                 self.learned = source
-        elif self.offload is not None and self.offload.active:
-            # queued before the kernel took over: sending it now would clash with the
-            # kernel's conntrack entry (and leave from another port)
-            self.packets += 1
-            self.bytes += len(data)
-            return
         self.packets += 1
         self.bytes += len(data)
         self.last_packet = self._now()
@@ -364,13 +359,15 @@ class PacketStream:
 class StreamOffload:
     """A stream pair (same component, both parties) forwarded by the kernel, or about to be."""
 
-    __slots__ = ("active", "dropped", "handle", "streams")
+    __slots__ = ("active", "dropped", "handle", "streams", "userspace_at_install")
 
     def __init__(self, streams: tuple[PacketStream, PacketStream]) -> None:
         self.streams = streams
         self.handle: Any = None  # the KernelForwarder's Offload once installed
         self.active = False
         self.dropped = False
+        #: each stream's userspace packet count when the rules went in
+        self.userspace_at_install = (0, 0)
 
 
 class MediaLeg:
@@ -678,11 +675,10 @@ class RelayEngine:
             self._forget(offload)
             self._kernel_remove(offload)
             return
-        # userspace stops forwarding the pair first: its next packet would make a conntrack
-        # entry again (relay port -> peer) that the kernel's NATed flow clashes with
+        # the rules took over atomically: what reached the sockets before is still
+        # forwarded by userspace, what comes now never reaches them
         offload.active = True
-        self.kernel.flush(handle).addErrback(lambda f: self._kernel_log(
-            "flush", f"kernel fast path: conntrack flush failed: {f.getErrorMessage()}"))
+        offload.userspace_at_install = (offload.streams[0].packets, offload.streams[1].packets)
         if self._kernel_poller is None:
             self._kernel_poller = LoopingCall(self._kernel_poll)
             self._kernel_poller.clock = self.clock
@@ -690,8 +686,12 @@ class RelayEngine:
                 lambda f: _log.failure("media relay: kernel counter poll", f))
 
     def _install_failed(self, failure: Any, offload: StreamOffload) -> None:
-        self._kernel_log("install", f"kernel fast path: installing rules failed, userspace "
-                                    f"relay instead: {failure.getErrorMessage()}")
+        if failure.check(Unsuitable):
+            self._kernel_log("unsuitable", f"kernel fast path: cannot serve a stream, it stays "
+                             f"in userspace: {failure.getErrorMessage()}", warn=False)
+        else:
+            self._kernel_log("install", f"kernel fast path: installing rules failed, "
+                             f"userspace relay instead: {failure.getErrorMessage()}")
         self._forget(offload)
         for s in offload.streams:
             s.no_kernel = True
@@ -733,32 +733,30 @@ class RelayEngine:
         return d
 
     def _count(self, offload: StreamOffload, counters: Any) -> None:
-        """Add what the kernel counted since the last look to the streams; a direction whose
-        packets arrive but none leave (a firewall drops them) goes back to userspace."""
+        """Add what the kernel counted since the last look to the streams; rules that catch
+        none of a direction's packets (userspace still gets them all) go."""
         if not counters or offload.handle is None:
             return
         now = self.clock.seconds()
-        handle = offload.handle
-        seen, seen_out = handle.seen, handle.seen_out
-        blocked = False
-        for n, name in enumerate(handle.counters):
+        seen = offload.handle.seen
+        missed = False
+        for n, name in enumerate(offload.handle.counters):
             packets, octets = counters.get(name, seen[n])
-            left = counters.get(handle.out_counters[n], (seen_out[n], 0))[0]
+            stream = offload.streams[n]
+            if packets == 0 and stream.packets - offload.userspace_at_install[n] >= \
+                    KERNEL_MISSED:
+                missed = True
             dp, db = packets - seen[n][0], octets - seen[n][1]
-            if dp >= KERNEL_BLOCKED and left == seen_out[n]:
-                blocked = True
-            seen_out[n] = left
             if dp <= 0:
                 continue
             seen[n] = (packets, octets)
-            stream = offload.streams[n]
             stream.kernel_packets += dp
-            stream.kernel_bytes += max(0, db - KERNEL_HEADER_BYTES * dp)
+            stream.kernel_bytes += max(0, db - HEADER_BYTES * dp)
             stream.last_packet = now
-        if blocked and offload.active:
-            self.kernel_drop(offload, "packets the kernel forwarded never left: a firewall "
-                                      "drops them (accept `ct status dnat` before its drop)",
-                             for_good=True)
+        if missed and offload.active:
+            self.kernel_drop(offload, "the kernel rules caught none of a stream's packets "
+                             "(they arrive on another device than the route to their source, "
+                             "or without a UDP checksum): it stays in userspace", for_good=True)
 
     def _kernel_poll(self) -> Any:
         if self.kernel is None:

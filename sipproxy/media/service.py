@@ -12,9 +12,9 @@ proxies, or a sipproxy on another host, can drive it. Stopping the service ends 
 closes every port (the end observers hear "shutdown").
 
 ``kernel`` (``"auto"``, ``"on"``, ``"off"``) turns on the kernel fast path
-(:mod:`sipproxy.media.kernel`): checked once at start (nftables and conntrack must work, which
-needs CAP_NET_ADMIN); ``auto`` quietly stays in userspace where they do not, ``on`` logs a
-warning then. Stopping deletes its nftables table.
+(:mod:`sipproxy.media.kernel`): checked once at start (nft and the netdev ingress hook's
+expressions must work, which needs CAP_NET_ADMIN); ``auto`` quietly stays in userspace where
+they do not, ``on`` logs a warning then. Stopping deletes its nftables table.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class RelayService(MultiService):
 
     def _kernel_started(self, _: Any) -> None:
         assert self.kernel is not None
-        _log.info("media relay: kernel fast path on (nftables table ip {table})",
+        _log.info("media relay: kernel fast path on (nftables table netdev {table})",
                   table=self.kernel.table)
         if self.running:
             self.engine.use_kernel(self.kernel)
@@ -144,7 +144,7 @@ class RelayService(MultiService):
 def makeRelayService(config: RelayConfig, reactor: Any = None, clock: Any = None,
                      kernel_runner: NftRunner | None = None) -> RelayService:
     """Build the relay; ``clock`` (an IReactorTime) defaults to the reactor; ``kernel_runner``
-    runs nft/conntrack for the kernel fast path (default: child processes)."""
+    runs nft and ip for the kernel fast path (default: child processes)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 

@@ -43,8 +43,8 @@ class Options(usage.Options):
         ["timeout", None, "60", "seconds of RTP silence that end a call"],
         ["silent-timeout", None, "3600", "the same for a stream on hold"],
         ["offer-timeout", None, "3600", "seconds a call may wait for its answer"],
-        ["kernel", None, "auto", "the kernel fast path (nftables; needs CAP_NET_ADMIN): auto "
-         "(when nft and conntrack work), on, off"],
+        ["kernel", None, "auto", "the kernel fast path (nftables netdev ingress rules; needs "
+         "CAP_NET_ADMIN): auto (when nft and the kernel can), on, off"],
         ["kernel-table", None, None, "the fast path's nftables table (default "
          "sipproxy_relay_<pid>)"],
     ]

@@ -41,9 +41,9 @@ Config (``[media]``)::
     silent_timeout = 3600        # builtin: ... on hold
     offer_timeout = 3600         # builtin: an offer never answered
     listen_ng = "127.0.0.1:2223" # builtin: also answer NG commands here (monitoring)
-    kernel = "auto"              # builtin: the kernel fast path (nftables DNAT/SNAT per latched
-                                 #   stream; needs CAP_NET_ADMIN, nft and conntrack): "auto" (on
-                                 #   when they work), true, false
+    kernel = "auto"              # builtin: the kernel fast path (nftables netdev ingress rules
+                                 #   per latched stream; needs CAP_NET_ADMIN and nft): "auto" (on
+                                 #   when it works), true, false
     kernel_table = "..."         # builtin: its nftables table (default sipproxy_relay_<pid>)
     inside_interface = "inside"  # the relay's interface names per side (an rtpengine may
     outside_interface = "outside"#   call them "internal"/"external")

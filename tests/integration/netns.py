@@ -9,13 +9,11 @@ The standard topology (L{NatNet}, the ``nat_net`` fixture in conftest.py)::
     default via .1             IP forwarding; nftables: the LAN           no route to the LAN
                                masqueraded to the outside (source ports
                                40000-40999), forwarded UDP to the RTP
-                               range dropped (but for flows fw itself
-                               DNATs), nothing new forwarded in
+                               range dropped, nothing new forwarded in
 
-The forward chain accepts ``ct status dnat`` before it drops the RTP range, as a firewall that
-runs a relay with a kernel fast path must: that opens nothing by itself, only the flows a NAT
-rule on fw (the relay's own nftables table) redirects pass. Without such a rule the first
-packet of an RTP range flow is still dropped.
+The forward chain drops the RTP range (L{RTP_PORTS}; C{NatNet.build(rtp_ports=...)} takes
+another, e.g. L{SEED_RTP_PORTS}) with no exception for the relay: media crosses fw only
+through the relay (its userspace sockets, or its kernel fast path, which no filter chain sees).
 
 Every namespace is named ``sipnt<pid>x<random>-<role>``: unique per run, and one whose creating
 process is gone is a leftover that L{delete_leftovers} removes. Every wait is bounded; teardown
@@ -76,6 +74,8 @@ FW_OUTSIDE = "203.0.113.1"
 PROVIDER_IP = "203.0.113.50"
 #: the RTP ports the firewall does not forward (media needs the media plugin or open ports)
 RTP_PORTS = (10000, 20000)
+#: the range the seed's firewall drops (issue 12): the relay's own ports are in it too
+SEED_RTP_PORTS = (10000, 60000)
 #: the source ports the firewall's masquerading maps the LAN to (never the phone's own)
 NAT_PORTS = (40000, 40999)
 
@@ -249,18 +249,17 @@ class Topology:
         self.close()
 
 
-FIREWALL_RULES = f"""
+FIREWALL_RULES = """
 table ip sipnat {{
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        oifname "wan0" ip saddr {LAN} meta l4proto udp masquerade to :{NAT_PORTS[0]}-{NAT_PORTS[1]}
-        oifname "wan0" ip saddr {LAN} meta l4proto tcp masquerade to :{NAT_PORTS[0]}-{NAT_PORTS[1]}
-        oifname "wan0" ip saddr {LAN} masquerade
+        oifname "wan0" ip saddr {lan} meta l4proto udp masquerade to :{nat[0]}-{nat[1]}
+        oifname "wan0" ip saddr {lan} meta l4proto tcp masquerade to :{nat[0]}-{nat[1]}
+        oifname "wan0" ip saddr {lan} masquerade
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
-        ct status dnat accept
-        udp dport {RTP_PORTS[0]}-{RTP_PORTS[1]} drop
+        udp dport {rtp[0]}-{rtp[1]} drop
         ct state established,related accept
         iifname "lan0" oifname "wan0" accept
     }}
@@ -280,7 +279,9 @@ class NatNet:
     wan_if: str = "wan0"  # fw's interface toward the provider
 
     @classmethod
-    def build(cls) -> NatNet:
+    def build(cls, rtp_ports: tuple[int, int] = RTP_PORTS) -> NatNet:
+        """The namespaces, veths and fw's ruleset; fw's forward chain drops UDP to
+        ``rtp_ports``."""
         topology = Topology()
         try:
             phone = topology.namespace("phone")
@@ -290,7 +291,7 @@ class NatNet:
             topology.veth(fw, "wan0", f"{FW_OUTSIDE}/24", provider, "eth0", f"{PROVIDER_IP}/24")
             phone.run("ip", "route", "add", "default", "via", FW_INSIDE)
             fw.sysctl("net.ipv4.ip_forward", 1)
-            fw.nft(FIREWALL_RULES)
+            fw.nft(FIREWALL_RULES.format(lan=LAN, nat=NAT_PORTS, rtp=rtp_ports))
         except BaseException:
             topology.close()
             raise

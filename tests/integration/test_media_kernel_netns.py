@@ -1,48 +1,81 @@
 """
-The relay's kernel fast path end to end, across the NAT of tests/integration/netns.py.
+The relay's kernel fast path end to end, behind the seed's firewall: fw's forward chain drops
+UDP 10000-60000 (the phone's, the provider's and the relay's media ports), with no exception for
+the relay, as in issue 12.
 
-The same call as test_media_netns.py (the phone plays G.711 from the pcap, the provider echoes,
-hold and resume, both media ports in the range fw drops), with the relay's kernel fast path on
-(real nftables and conntrack in fw): once both ends are latched the kernel forwards the RTP,
-so the relay's userspace sockets see only the first packets while the kernel's counters grow;
-the relay's table holds the stream's rules during the call and none after the BYE; after the
-relay stops the table is gone and fw's ruleset is what it was. The captures are judged as for
-the userspace relay (RTP both ways, only through the relay's ports, no inside address
-outside). Once with the relay in the proxy's process, once with ``twist sipproxy-relay``.
-And once with a firewall that drops what the kernel path forwards (no ``ct status dnat
-accept``): the relay notices and relays in userspace.
+- A 4-second and a 30-second call (sipp phone playing numbered G.711 packets, provider echoing)
+  through ``nat`` + ``media`` with the default config (``kernel = "auto"``): RTP both ways with
+  at most 0.5 % lost at each end (by sequence number, in fw's captures), the relay's netdev
+  table counts the packets while its userspace sockets see only the first second's, and fw's
+  own ruleset is byte-identical throughout and after.
+- The standalone relay (``twist sipproxy-relay``) over NG, a call with hold and resume.
+- Re-INVITEs to new endpoints mid-call (hold, resume, a new port), driven over NG with numbered
+  packets from sockets in the namespaces: at most one packet lost per switch.
+- Kamailio's ``rtpengine`` module driving the standalone relay: 20 calls, none of their packets
+  lost, no session, port or rule left.
+- Parties on the relay's own host (loopback): userspace, one log line, no rule.
 """
 
 from __future__ import annotations
 
 import json
+import struct
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sipproxy.media.ng import decode_message, encode_message
-from tests.integration.netns import FW_INSIDE, PHONE_IP, PROVIDER_IP, Namespace, NatNet
+from tests.integration.kamailio_ng import kamailio_ng, kamailio_unavailable
+from tests.integration.netns import (
+    FW_INSIDE,
+    FW_OUTSIDE,
+    PHONE_IP,
+    PROVIDER_IP,
+    SEED_RTP_PORTS,
+    Capture,
+    Namespace,
+    NatNet,
+    NsSipp,
+    Topology,
+)
+from tests.integration.rtp_call import callee_scenario, caller_scenario, loss, rtp_pcap
 from tests.integration.test_media_netns import (
-    KERNEL_TABLE,
     MIN_PACKETS,
     NG_PORT,
+    PCAP,
     PHONE_RTP,
     PROVIDER_RTP,
     RELAY_PORTS,
     RelayProcess,
     describe_sip,
+    is_rtp,
     judge,
     media_config,
-    media_net,
     open_relay_ports,
     standalone_relay,
 )
 from tests.integration.test_nat_netns import SIP, SIPP_TIMEOUT, pair, start_site
 
 pytestmark = [pytest.mark.netns]
-__all__ = ["media_net"]  # the fixture
+
+TABLE_PREFIX = "sipproxy_relay_"
+
+
+@pytest.fixture
+def seed_net(netns_ready: None) -> Iterator[NatNet]:
+    """The standard topology, fw dropping forwarded UDP to 10000-60000."""
+    if not PCAP.exists():
+        pytest.skip(f"{PCAP} is missing (Debian package sip-tester)")
+    net = NatNet.build(rtp_ports=SEED_RTP_PORTS)
+    try:
+        yield net
+    finally:
+        net.close()
 
 
 def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
@@ -59,21 +92,39 @@ def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str
     return decode_message(data)[1]
 
 
-def table(ns: Namespace) -> dict[str, Any] | None:
-    """The relay's table in ``ns``: {"rules": n, "counters": {name: packets arrived},
-    "left": packets that left}; None: no such table."""
-    result = ns.run("nft", "-j", "list", "table", "ip", KERNEL_TABLE, check=False)
+def relay_table(ns: Namespace) -> dict[str, Any] | None:
+    """The relay's netdev table in ``ns``: {"rules": n, "packets": what its counters
+    counted}; None: no such table."""
+    tables = json.loads(ns.run("nft", "-j", "list", "tables", "netdev").stdout)["nftables"]
+    names = [t["table"]["name"] for t in tables if "table" in t
+             and t["table"]["name"].startswith(TABLE_PREFIX)]
+    if not names:
+        return None
+    assert len(names) == 1, names
+    result = ns.run("nft", "-j", "list", "table", "netdev", names[0], check=False)
     if result.returncode != 0:
         return None
     items = json.loads(result.stdout)["nftables"]
-    rules = sum("rule" in item for item in items)
-    counters = {i["counter"]["name"]: i["counter"]["packets"] for i in items if "counter" in i}
-    return {"rules": rules, "counters": {k: v for k, v in counters.items()
-                                         if not k.endswith("_out")},
-            "left": sum(v for k, v in counters.items() if k.endswith("_out"))}
+    return {"rules": sum("rule" in item for item in items),
+            "packets": sum(i["counter"]["packets"] for i in items if "counter" in i)}
 
 
-def userspace_packets(reply: dict[str, Any] | None) -> tuple[int, int] | None:
+def firewall_tables(ns: Namespace) -> str:
+    """fw's ruleset without the relay's own table."""
+    text = ns.run("nft", "list", "ruleset").stdout
+    out, skip = [], False
+    for line in text.splitlines():
+        if line.startswith("table ") and TABLE_PREFIX in line:
+            skip = True
+        elif skip and line == "}":
+            skip = False
+            continue
+        if not skip:
+            out.append(line)
+    return "\n".join(out)
+
+
+def rtp_stats(reply: dict[str, Any] | None) -> tuple[int, int] | None:
     """(userspace RTP packets, kernel RTP packets the relay counted) over every stream."""
     if not reply or reply.get("result") != "ok":
         return None
@@ -87,139 +138,426 @@ def userspace_packets(reply: dict[str, Any] | None) -> tuple[int, int] | None:
     return user, kernel
 
 
-def kernel_call(net: NatNet, workdir: Path, relay: str) -> None:
-    nft_before = net.fw.run("nft", "list", "ruleset").stdout
-    process: RelayProcess | None = None
-    config = media_config(relay)
-    if relay == "ng":
-        process = standalone_relay(net.fw, workdir, kernel="on").start()
-    else:
-        config["media"].update(kernel=True, kernel_table=KERNEL_TABLE,
-                               listen_ng=f"127.0.0.1:{NG_PORT}")
-    site = start_site(net, workdir, config)
-    samples: list[tuple[float, dict[str, Any] | None, tuple[int, int] | None]] = []
-    try:
-        # the table is there once the relay runs (its start is asynchronous: bounded wait)
-        deadline = time.monotonic() + 5
-        while table(net.fw) is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert table(net.fw) == {"rules": 0, "counters": {}, "left": 0}, site.logs()
-        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
-        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
-                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
-                                   extra_args=["-mp", str(PHONE_RTP)])
-        # while the call runs: the table's rules and counters, the relay's own counts
-        deadline = time.monotonic() + SIPP_TIMEOUT
-        while uac.process.poll() is None and time.monotonic() < deadline:
-            calls = (ng(net.fw, {"command": "list"}) or {}).get("calls") or []
-            stats = userspace_packets(ng(net.fw, {"command": "query", "call-id": calls[0]})) \
+class Sampler(threading.Thread):
+    """While a call runs: the relay's table, its own counts and fw's ruleset, every 0.25 s
+    (bounded by ``limit`` seconds)."""
+
+    def __init__(self, fw: Namespace, limit: float) -> None:
+        super().__init__(daemon=True)
+        self.fw = fw
+        self.deadline = time.monotonic() + limit
+        self.stop_event = threading.Event()
+        self.samples: list[tuple[float, dict[str, Any] | None, tuple[int, int] | None]] = []
+        self.firewall: set[str] = set()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+            calls = (ng(self.fw, {"command": "list"}) or {}).get("calls") or []
+            stats = rtp_stats(ng(self.fw, {"command": "query", "call-id": calls[0]})) \
                 if calls else None
-            samples.append((time.monotonic(), table(net.fw), stats))
-            time.sleep(0.25)
+            self.samples.append((time.monotonic(), relay_table(self.fw), stats))
+            self.firewall.add(firewall_tables(self.fw))
+            self.stop_event.wait(0.25)
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(10)
+
+
+def wait_for(check: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("seconds", [4, 30])
+def test_calls_through_the_kernel_path_behind_the_seeds_firewall(
+        seed_net: NatNet, tmp_path: Path, seconds: int) -> None:
+    net = seed_net
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    pcap = tmp_path / "counted.pcap"
+    count = rtp_pcap(pcap, seconds)
+    scenario = caller_scenario(tmp_path / "uac_counted.xml", pcap, seconds)
+    config = media_config("builtin")
+    # the default config: only the NG port for the test's own look at the relay's counts
+    config["media"] = {"listen_ng": f"127.0.0.1:{NG_PORT}"}
+    site = start_site(net, tmp_path, config)
+    sampler = Sampler(net.fw, seconds + SIPP_TIMEOUT)
+    try:
+        wait_for(lambda: relay_table(net.fw) is not None)
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, site.logs()
+        sampler.start()
+        uas = site.provider.start_uas(callee_scenario(tmp_path / "uas_counted.xml"), SIP,
+                                      count=1, timeout=seconds + SIPP_TIMEOUT,
+                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
+        uac = site.phone.start_uac(scenario, (FW_INSIDE, SIP), local_port=SIP, count=1,
+                                   timeout=seconds + SIPP_TIMEOUT,
+                                   keys={"ruri": "sip:bob@provider.example"},
+                                   extra_args=["-mp", str(PHONE_RTP)])
         server, client = pair(uas, uac)
+        sampler.finish()
         site.capture.settle()
-        logs = site.logs() + (process.log_tail() if process is not None else "") + "\n" + \
-            describe_sip(site.capture.snapshot())
+        packets = site.capture.snapshot()
+        logs = site.logs() + "\n" + describe_sip(packets)
         assert client.ok(1), f"{client.describe()}\n{logs}"
         assert server.ok(1), f"{server.describe()}\n{logs}"
 
-        # during the call: one stream pair's rules (RTP; sipp's RTCP never flows) ...
-        during = [t for _, t, _ in samples if t is not None]
-        assert max(t["rules"] for t in during) == 12, (during, logs)
-        # ... whose kernel counters grew to most of the call's packets ...
-        kernel_most = max(sum(t["counters"].values()) for t in during)
-        assert kernel_most >= 2 * MIN_PACKETS, (during, logs)
-        # ... and that left fw again (past its forward chain)
-        assert max(t["left"] for t in during) >= 2 * MIN_PACKETS - 4, (during, logs)
-        # ... while the relay's userspace sockets saw only the first packets, then no more
-        counted = [(at, s) for at, _, s in samples if s is not None]
-        assert counted, logs
-        user_last = counted[-1][1][0]
-        assert user_last <= 40, (counted, logs)
-        later = [s for at, s in counted if at >= counted[0][0] + 2.0]
-        assert later and later[0][0] == user_last, (counted, logs)  # flat for the last seconds
-        assert max(s[1] for _, s in counted) > 0, (counted, logs)  # polled kernel counts
+        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p)]
+        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p)]
+        from_phone = [p for p in lan if p.src == PHONE_IP]
+        to_provider = [p for p in wan if p.dst == PROVIDER_IP]
+        from_provider = [p for p in wan if p.src == PROVIDER_IP]
+        to_phone = [p for p in lan if p.dst == PHONE_IP]
+        # the phone sent the whole pcap; each end got it all but <= 0.5 %
+        assert len({p.payload[2:4] for p in from_phone}) >= count * 0.995, (len(from_phone),
+                                                                             logs)
+        at_provider = loss(from_phone, to_provider)
+        assert at_provider.ratio <= 0.005, (at_provider, logs)
+        echoed = loss(from_provider, to_phone)
+        assert echoed.ratio <= 0.005, (echoed, logs)
+        end_to_end = loss(from_phone, to_phone)
+        assert end_to_end.ratio <= 0.01, (end_to_end, logs)
+        # through the relay's ports only, no inside address outside
+        assert {(p.src, p.dport) for p in to_provider} == {(FW_OUTSIDE, PROVIDER_RTP)}
+        assert {(p.src, p.dport) for p in to_phone} == {(FW_INSIDE, PHONE_RTP)}
 
-        # after the BYE: no rule (and no counter) is left, no relay port is open
-        deadline = time.monotonic() + 5
-        empty = {"rules": 0, "counters": {}, "left": 0}
-        while table(net.fw) != empty and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert table(net.fw) == empty, logs
-        deadline = time.monotonic() + 5
-        while open_relay_ports(net.fw) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # the kernel path carried the call after its first second: the relay's userspace
+        # sockets saw about a second's packets and no more, the table's counters the rest
+        first = min(p.time for p in from_phone)
+        during = [(at, t, s) for at, t, s in sampler.samples if t is not None]
+        assert max(t["rules"] for _, t, _ in during) == 2, (during, logs)
+        counted = [(at, s) for at, _, s in during if s is not None and at <= to_phone[-1].time]
+        late = [s for at, s in counted if at >= first + 1.0]
+        assert late, (counted, logs)
+        user_after_first_second = late[0][0]
+        assert user_after_first_second <= 2 * 50 + 10, (counted, logs)
+        assert late[-1][0] == user_after_first_second, (counted, logs)  # flat from then on
+        kernel_total = max(t["packets"] for _, t, _ in during)
+        assert kernel_total >= 2 * count - user_after_first_second - 10, (during, logs)
+
+        # fw's own ruleset: byte-identical all along
+        assert sampler.firewall == {firewall_tables(net.fw)}, sampler.firewall
+        # after the BYE: no rule, no counter, no port, no session
+        wait_for(lambda: relay_table(net.fw) == {"rules": 0, "packets": 0})
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, logs
+        wait_for(lambda: not open_relay_ports(net.fw))
         assert open_relay_ports(net.fw) == [], logs
-        # the kernel's packets are on the wire like the userspace relay's: same judgement
-        judge(site.capture.snapshot(), net, logs)
-        # no conntrack entry of the relay's ports NATs anything any more
-        entries = net.fw.run("conntrack", "-L", "-p", "udp", check=False).stdout
-        leftover = [line for line in entries.splitlines() if "dport=" in line and any(
-            f"port={p} " in line for p in range(RELAY_PORTS[0], RELAY_PORTS[0] + 8))
-            and "[UNREPLIED]" not in line and "src=203.0.113.50" in line
-            and "dst=192.168.77.10" in line]
-        assert leftover == [], (leftover, logs)
+        assert (ng(net.fw, {"command": "list"}) or {}).get("calls") in ([], None)
+        assert "firewall" not in site.proxy.log_text()
     finally:
+        sampler.finish()
         site.stop()
-        if process is not None:
-            process.stop()
-    # after the relay stopped: its table is gone, fw's ruleset is as it was
-    assert table(net.fw) is None
+    # the relay stopped: its table is gone, fw's ruleset is what it was
+    assert relay_table(net.fw) is None
     assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
 
 
-def test_kernel_fast_path_in_the_proxys_relay(media_net: NatNet, tmp_path: Path) -> None:
-    """``[media] kernel = true`` with the builtin relay."""
-    kernel_call(media_net, tmp_path, "builtin")
-
-
-def test_kernel_fast_path_in_the_standalone_relay(media_net: NatNet, tmp_path: Path) -> None:
-    """``twist sipproxy-relay --kernel on`` on fw, over NG."""
-    kernel_call(media_net, tmp_path, "ng")
-
-
-def test_a_firewall_that_drops_the_kernel_path_gets_userspace(media_net: NatNet,
-                                                               tmp_path: Path) -> None:
-    """fw's forward chain without ``ct status dnat accept``: the first packets the kernel
-    forwards are dropped by it, the relay sees they arrive but never leave, removes the rules
-    and relays in userspace: media flows after all (logged once)."""
-    net = media_net
-    listing = net.fw.run("nft", "-a", "list", "chain", "ip", "sipnat", "forward").stdout
-    handle = next(line.rsplit("# handle ", 1)[1] for line in listing.splitlines()
-                  if "ct status dnat accept" in line)
-    net.fw.run("nft", "delete", "rule", "ip", "sipnat", "forward", "handle", handle.strip())
-    config = media_config("builtin")
-    config["media"].update(kernel=True, kernel_table=KERNEL_TABLE,
-                           listen_ng=f"127.0.0.1:{NG_PORT}")
-    site = start_site(net, tmp_path, config)
+def test_hold_and_resume_through_the_standalone_relays_kernel_path(seed_net: NatNet,
+                                                                    tmp_path: Path) -> None:
+    """``twist sipproxy-relay`` (``--kernel auto``, the default) on fw, over NG; the phone holds
+    and resumes (re-INVITEs with the same endpoints): judged as the userspace relay's calls."""
+    net = seed_net
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    process: RelayProcess = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    site = start_site(net, tmp_path, media_config("ng"))
+    sampler = Sampler(net.fw, SIPP_TIMEOUT)
     try:
+        sampler.start()
         uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
                                       extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
         uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
                                    timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
                                    extra_args=["-mp", str(PHONE_RTP)])
-        rules_seen = 0
-        deadline = time.monotonic() + SIPP_TIMEOUT
-        while uac.process.poll() is None and time.monotonic() < deadline:
-            found = table(net.fw)
-            rules_seen = max(rules_seen, found["rules"] if found else 0)
-            time.sleep(0.2)
         server, client = pair(uas, uac)
+        sampler.finish()
         site.capture.settle()
-        logs = site.logs()
-        assert client.ok(1) and server.ok(1), logs
-        assert rules_seen == 12, logs  # the kernel path was tried
-        assert "never left: a firewall drops them" in logs, logs
-        assert logs.count("never left") == 1, logs  # logged once
-        # the rest of the call went through userspace: RTP reached the provider and came back
-        wan = site.capture.on(net.wan_if)
-        lan = site.capture.on(net.lan_if)
-        to_provider = [p for p in wan if p.dst == PROVIDER_IP and p.dport == PROVIDER_RTP]
-        to_phone = [p for p in lan if p.dst == PHONE_IP and p.dport == PHONE_RTP]
-        assert len(to_provider) >= 40 and len(to_phone) >= 40, (len(to_provider),
-                                                                len(to_phone), logs)
-        assert table(net.fw) == {"rules": 0, "counters": {}, "left": 0}, logs
+        logs = site.logs() + process.log_tail() + "\n" + describe_sip(site.capture.snapshot())
+        assert client.ok(1), f"{client.describe()}\n{logs}"
+        assert server.ok(1), f"{server.describe()}\n{logs}"
+        during = [t for _, t, _ in sampler.samples if t is not None]
+        assert max(t["rules"] for t in during) == 2, (during, logs)
+        assert max(t["packets"] for t in during) >= 2 * MIN_PACKETS, (during, logs)
+        wait_for(lambda: not open_relay_ports(net.fw))
+        assert open_relay_ports(net.fw) == [], logs
+        assert process.command({"command": "list"}).get("calls") in ([], None), logs
+        judge(site.capture.snapshot(), net, logs)
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, logs
     finally:
+        sampler.finish()
         site.stop()
-    assert table(net.fw) is None
+        process.stop()
+    assert relay_table(net.fw) is None
+    assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
+
+
+# ------------------------------------------------------------------------------------------------
+# re-INVITEs to new endpoints, driven over NG with numbered packets
+# ------------------------------------------------------------------------------------------------
+def _sdp(host: str, port: int, direction: str = "sendrecv") -> str:
+    return (f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na={direction}\r\n")
+
+
+class Endpoint:
+    """A party in a namespace: sends numbered RTP at 50 packets a second to where it is told,
+    from one of its sockets, and records the sequence numbers it receives on all of them."""
+
+    def __init__(self, ns: Namespace, host: str, ports: tuple[int, ...]) -> None:
+        self.sockets = {}
+        for port in ports:
+            sock = ns.socket()
+            sock.bind((host, port))
+            sock.settimeout(0.02)
+            self.sockets[port] = sock
+        self.port = ports[0]
+        self.target: tuple[str, int] | None = None
+        self.sending = True
+        self.sent = 0
+        self.received: list[int] = []
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._send, daemon=True)] + [
+            threading.Thread(target=self._receive, args=(s,), daemon=True)
+            for s in self.sockets.values()]
+
+    def start(self) -> Endpoint:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _send(self, limit: float = 60.0) -> None:
+        start = time.monotonic()
+        n = 0
+        while not self.stop_event.is_set() and time.monotonic() < start + limit:
+            due = start + n * 0.02
+            time.sleep(max(0.0, due - time.monotonic()))
+            if self.target is not None and self.sending:
+                packet = struct.pack("!BBHII", 0x80, 8, self.sent & 0xFFFF, 0, 1) + bytes(160)
+                self.sockets[self.port].sendto(packet, self.target)
+                self.sent += 1
+            n += 1
+
+    def _receive(self, sock: Any) -> None:
+        while not self.stop_event.is_set():
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if len(data) >= 4:
+                self.received.append(struct.unpack("!H", data[2:4])[0])
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(5)
+        for s in self.sockets.values():
+            s.close()
+
+    def lost_of(self, other: Endpoint) -> list[int]:
+        got = set(self.received)
+        return [n for n in range(other.sent) if n not in got]
+
+
+def media_port(sdp: str | bytes) -> int:
+    text = sdp.decode() if isinstance(sdp, bytes) else sdp
+    return int(text.split("m=audio ")[1].split()[0])
+
+
+def test_reinvites_to_new_endpoints_lose_at_most_a_packet_per_switch(
+        seed_net: NatNet, tmp_path: Path) -> None:
+    net = seed_net
+    process = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone = Endpoint(net.phone, PHONE_IP, (PHONE_RTP, PHONE_RTP + 2))
+    provider = Endpoint(net.provider, PROVIDER_IP, (PROVIDER_RTP,))
+    call = {"call-id": "reinvite-1", "from-tag": "A", "direction": ["inside", "outside"]}
+
+    def offer(port: int, direction: str = "sendrecv") -> int:
+        reply = process.command({"command": "offer", **call, "sdp": _sdp(PHONE_IP, port,
+                                                                          direction)})
+        assert reply["result"] == "ok", reply
+        return media_port(reply["sdp"])
+
+    def answer(direction: str = "sendrecv") -> int:
+        reply = process.command({"command": "answer", **call, "to-tag": "B",
+                                 "sdp": _sdp(PROVIDER_IP, PROVIDER_RTP, direction)})
+        assert reply["result"] == "ok", reply
+        return media_port(reply["sdp"])
+
+    try:
+        to_provider_port = offer(PHONE_RTP)
+        to_phone_port = answer()
+        phone.target = (FW_INSIDE, to_phone_port)
+        provider.target = (FW_OUTSIDE, to_provider_port)
+        phone.start()
+        provider.start()
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 2)
+        time.sleep(1.0)
+        in_kernel = (relay_table(net.fw) or {}).get("packets", 0)
+        assert in_kernel > 50, (in_kernel, process.log_tail())
+        # hold: the phone goes sendonly, then resumes (same endpoints)
+        offer(PHONE_RTP, "sendonly")
+        answer("recvonly")
+        time.sleep(1.0)
+        offer(PHONE_RTP)
+        answer()
+        time.sleep(1.0)
+        # a new port: the phone re-INVITEs from its second socket and moves there
+        offer(PHONE_RTP + 2)
+        answer()
+        phone.port = PHONE_RTP + 2
+        time.sleep(1.5)
+        # ... and back to the kernel path with the new endpoint
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 2)
+        assert (relay_table(net.fw) or {}).get("rules") == 2, process.log_tail()
+        before = (relay_table(net.fw) or {}).get("packets", 0)
+        time.sleep(1.0)
+        assert (relay_table(net.fw) or {}).get("packets", 0) > before + 50
+        phone.sending = provider.sending = False
+        time.sleep(0.5)
+        switches = 3
+        at_provider, at_phone = provider.lost_of(phone), phone.lost_of(provider)
+        logs = process.log_tail()
+        assert phone.sent > 200 and provider.sent > 200, logs
+        assert len(at_provider) <= switches, (at_provider, phone.sent, logs)
+        assert len(at_phone) <= switches, (at_phone, provider.sent, logs)
+        reply = process.command({"command": "delete", "call-id": "reinvite-1", "from-tag": "A"})
+        assert reply["result"] == "ok"
+        wait_for(lambda: relay_table(net.fw) == {"rules": 0, "packets": 0})
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}
+        assert open_relay_ports(net.fw) == []
+        # the relay's own ports are in the range the firewall drops
+        assert SEED_RTP_PORTS[0] <= RELAY_PORTS[0] <= RELAY_PORTS[1] <= SEED_RTP_PORTS[1]
+    finally:
+        phone.stop()
+        provider.stop()
+        process.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# a real NG client: Kamailio's rtpengine module in front of the standalone relay
+# ------------------------------------------------------------------------------------------------
+KAMAILIO_CALLS = 20
+KAMAILIO_CALL_SECONDS = 2
+
+
+def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> None:
+    """Kamailio on fw (``rtpengine_offer``/``answer``/``delete``) with ``twist sipproxy-relay``
+    behind it: 20 calls, numbered RTP both ways through the kernel path, none lost; afterwards
+    no session, no port and no rule left."""
+    reason = kamailio_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    net = seed_net
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    pcap = tmp_path / "counted.pcap"
+    count = rtp_pcap(pcap, KAMAILIO_CALL_SECONDS)
+    scenario = caller_scenario(tmp_path / "uac_counted.xml", pcap, KAMAILIO_CALL_SECONDS)
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    capture: Capture | None = None
+    kamailio = kamailio_ng(net.fw, tmp_path / "kamailio", listen=[(FW_INSIDE, SIP),
+                                                                   (FW_OUTSIDE, SIP)],
+                           next_hop=(PROVIDER_IP, SIP), ng=("127.0.0.1", NG_PORT))
+    phone, provider = NsSipp(net.phone, tmp_path / "phone"), NsSipp(net.provider,
+                                                                     tmp_path / "provider")
+    sampler = Sampler(net.fw, 60)
+    try:
+        kamailio.start()
+        capture = Capture(net.fw, [net.lan_if, net.wan_if])
+        sampler.start()
+        limit = KAMAILIO_CALLS * KAMAILIO_CALL_SECONDS + SIPP_TIMEOUT
+        uas = provider.start_uas(callee_scenario(tmp_path / "uas_counted.xml"), SIP,
+                                 count=KAMAILIO_CALLS, timeout=limit,
+                                 extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
+        uac = phone.start_uac(scenario, (FW_INSIDE, SIP), local_port=SIP,
+                              count=KAMAILIO_CALLS, rate=2, timeout=limit,
+                              keys={"ruri": "sip:bob@provider.example"},
+                              extra_args=["-mp", str(PHONE_RTP)])
+        server, client = pair(uas, uac)
+        sampler.finish()
+        capture.settle()
+        packets = capture.snapshot()
+        logs = (f"{kamailio.output_path.read_text(errors='replace')[-3000:]}\n"
+                f"{relay.log_tail()}\n{describe_sip(packets)}")
+        assert client.ok(KAMAILIO_CALLS), f"{client.describe()}\n{logs}"
+        assert server.ok(KAMAILIO_CALLS), f"{server.describe()}\n{logs}"
+
+        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p)]
+        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p)]
+        # per call, told apart by the relay's port on each side
+        from_phone = [p for p in lan if p.src == PHONE_IP]
+        to_provider = loss(from_phone, [p for p in wan if p.dst == PROVIDER_IP],
+                           ("dport", "sport"))
+        assert len({k for k, _ in to_provider.sent}) == KAMAILIO_CALLS, (to_provider, logs)
+        assert len(to_provider.sent) == KAMAILIO_CALLS * count, (to_provider, logs)
+        assert to_provider.lost == 0, (to_provider, logs)
+        echoed = loss([p for p in wan if p.src == PROVIDER_IP],
+                      [p for p in lan if p.dst == PHONE_IP], ("dport", "sport"))
+        assert len(echoed.sent) == KAMAILIO_CALLS * count, (echoed, logs)
+        assert echoed.lost == 0, (echoed, logs)
+        # the kernel path carried them
+        assert max((t or {}).get("packets", 0) for _, t, _ in sampler.samples) > count, logs
+        # nothing left: sessions, ports, rules
+        wait_for(lambda: not open_relay_ports(net.fw))
+        assert open_relay_ports(net.fw) == [], logs
+        assert relay.command({"command": "list"}).get("calls") in ([], None), logs
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, logs
+    finally:
+        sampler.finish()
+        phone.cleanup()
+        provider.cleanup()
+        kamailio.stop()
+        if capture is not None:
+            capture.stop()
+        relay.stop()
+    assert relay_table(net.fw) is None
+    assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
+
+
+# ------------------------------------------------------------------------------------------------
+# parties on the relay's own host: the netdev hook cannot serve them
+# ------------------------------------------------------------------------------------------------
+def test_parties_on_loopback_stay_in_userspace_with_one_line(netns_ready: None,
+                                                             tmp_path: Path) -> None:
+    """The relay with ``--kernel auto`` in a namespace of its own, both parties on 127.0.0.1
+    there (as on a host whose phones run beside the relay): two calls' RTP flows both ways in
+    userspace, no rule is installed, one log line says why, and none blames a firewall."""
+    with Topology() as topology:
+        ns = topology.namespace("host")
+        relay = RelayProcess(ns, [
+            sys.executable, "-m", "twisted", "--log-format=text", "sipproxy-relay",
+            "--listen-ng", f"127.0.0.1:{NG_PORT}", "--port-min", str(RELAY_PORTS[0]),
+            "--port-max", str(RELAY_PORTS[1]), "--interface", "default/127.0.0.1",
+            "--kernel", "auto"], tmp_path, "sipproxy-relay").start()
+        try:
+            wait_for(lambda: relay_table(ns) is not None)
+            for n in range(2):
+                a = Endpoint(ns, "127.0.0.1", (PHONE_RTP + 10 * n,))
+                b = Endpoint(ns, "127.0.0.1", (PROVIDER_RTP + 10 * n,))
+                call = {"call-id": f"local-{n}", "from-tag": "A"}
+                offer = relay.command({"command": "offer", **call,
+                                       "sdp": _sdp("127.0.0.1", a.port)})
+                answer = relay.command({"command": "answer", **call, "to-tag": "B",
+                                        "sdp": _sdp("127.0.0.1", b.port)})
+                a.target = ("127.0.0.1", media_port(answer["sdp"]))
+                b.target = ("127.0.0.1", media_port(offer["sdp"]))
+                try:
+                    a.start()
+                    b.start()
+                    time.sleep(1.5)
+                    a.sending = b.sending = False
+                    time.sleep(0.3)
+                finally:
+                    a.stop()
+                    b.stop()
+                assert a.sent >= 50 and not b.lost_of(a), (a.sent, b.lost_of(a))
+                assert not a.lost_of(b), a.lost_of(b)
+                assert relay.command({"command": "delete", **call})["result"] == "ok"
+                assert relay_table(ns) == {"rules": 0, "packets": 0}
+            log = relay.log_path.read_text(errors="replace")
+            lines = [line for line in log.splitlines() if "kernel fast path:" in line]
+            assert len(lines) == 1, log
+            assert "stays in userspace" in lines[0] and "127.0.0.1" in lines[0], lines
+            assert "firewall" not in log, log
+        finally:
+            relay.stop()
