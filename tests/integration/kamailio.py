@@ -194,7 +194,7 @@ route[AUTH] {{
 {trusted}    if (!is_method("REGISTER") && !(from_uri == myself)) return;
     $var(pw) = "";
 {passwords}
-    if (!pv_auth_check("{self.domain}", "$var(pw)", "0", "1")) {{
+    if ($var(pw) == "" || !pv_auth_check("{self.domain}", "$var(pw)", "0", "1")) {{
         auth_challenge("{self.domain}", "1");
         exit;
     }}
