@@ -414,12 +414,21 @@ class ProxyConfig:
     """C{[proxy]}: what the proxy is and how it marks the messages it forwards."""
 
     domains: tuple[str, ...] = ()
-    """Domains we are the registrar for (lower-cased); empty: we are no one's registrar."""
+    """Domains we are the registrar for (lower-cased); empty: we are no one's registrar
+    (unless L{host_addresses})."""
     record_route: bool = True
     max_forwards: int = 70
     """Max-Forwards for requests that arrive without one."""
     user_agent: str = _DEFAULT_USER_AGENT
     """User-Agent/Server value; empty: send none."""
+    host_addresses: bool | None = None
+    """Every address of this host is our domain, all of them one (the user part alone names
+    a user): when the config names no C{domains} (no config at all, or no such key). None:
+    True exactly when C{domains} is empty."""
+
+    def __post_init__(self) -> None:
+        if self.host_addresses is None:
+            object.__setattr__(self, "host_addresses", not self.domains)
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,6 +651,7 @@ def _proxy(s: Section) -> ProxyConfig:
         raise s.error("user_agent", "must not contain control characters (CR, LF, tab...)")
     return ProxyConfig(
         domains=tuple(seen),
+        host_addresses="domains" not in s,
         record_route=s.get_bool("record_route", True),
         max_forwards=s.get_int("max_forwards", 70, min=1, max=255),
         user_agent=user_agent,

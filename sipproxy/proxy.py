@@ -55,6 +55,8 @@ __all__ = ["Branch", "Proxy", "RequestContext"]
 _log = Logger(namespace="sipproxy.proxy")
 #: Dialog.data key: the source IP the flood guard counts the dialog for
 _FLOOD_SOURCE = "sipproxy.flood.source"
+#: Branch.data key: the connection the branch needed could not be opened (the Failure)
+_FLOW_FAILED = "sipproxy.flow_failed"
 
 #: Methods whose initial request creates a dialog, so the proxy Record-Routes them.
 DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
@@ -140,6 +142,8 @@ class Proxy:
         self._own_cache: dict[tuple[str, int], bool] = {}
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: Any = getattr(transports, "flood", None)
+        #: the transports know the connections the proxy opened (RFC 5923 reuse); doubles may not
+        self._flows = hasattr(transports, "flow_address")
 
     # -- IProxyCore ------------------------------------------------------------------------------
     @property
@@ -181,8 +185,16 @@ class Proxy:
 
     def make_via(self, target: Target) -> Via:
         listener = self.transports.choose_listener(target)
-        host, port = self._advertised(listener, target.host)
-        return Via.build(target.transport, host, port, new_branch(), rport=True)
+        return self._via(target, listener, new_branch())
+
+    def _via(self, target: Target, listener: Listener | None, branch: str) -> Via:
+        """Our Via toward ``target``. Over TLS it says ``;alias`` (RFC 5923): the peer may
+        send its requests back over the connection it came on."""
+        host, port = self._advertised(listener, target.host, target)
+        via = Via.build(target.transport, host, port, branch, rport=True)
+        if target.transport.upper() == "TLS":
+            via.set_param("alias", None)
+        return via
 
     # -- addresses ---------------------------------------------------------------------------------
     def _local_address_for(self, remote: str) -> str:
@@ -201,7 +213,16 @@ class Proxy:
             self._local_addr_cache[remote] = local
         return local
 
-    def _advertised(self, listener: Listener | None, remote: str) -> tuple[str, int]:
+    def _advertised(
+        self, listener: Listener | None, remote: str, target: Target | None = None
+    ) -> tuple[str, int]:
+        """The host and port that name us toward ``remote``: the listener's (a wildcard
+        one's: the address the kernel sends from toward there), or, over a connection we
+        opened from a side without a TLS listener, that connection's (RFC 5923)."""
+        if target is not None and self._flows:
+            flow = self.transports.flow_address(target, listener)
+            if flow is not None:
+                return flow
         if listener is None:
             return self._local_address_for(remote), 5060
         host = listener.via_host
@@ -217,6 +238,10 @@ class Proxy:
         if cached is not None:
             return cached
         own = False
+        if port is not None and self._flows and self.transports.is_flow_port(port):
+            # the local port of a connection we opened: ours when the host is (not cached:
+            # such ports come and go)
+            return self._is_own_address(host, None)
         for lst in self.listeners:
             if port is not None and lst.port != port:
                 continue
@@ -460,9 +485,8 @@ class Proxy:
         self._forward(ctx, targets, next_hop=None, paths=routes, bindings=bindings)
 
     def registrar_aor(self, uri: URI) -> str:
-        from sipproxy.registrar import aor_of
-
-        return aor_of(uri)
+        """The location service key of a Request-URI the proxy routes itself."""
+        return self.registrar.aor(uri)
 
     # -- forwarding (16.6) -----------------------------------------------------------------------
     def _forward(
@@ -543,21 +567,38 @@ class Proxy:
     def _start_branch(
         self, ctx: RequestContext, out: Request, targets: list[Target], data: dict[str, Any]
     ) -> None:
+        opening = self.transports.open_flow(targets[0]) if self._flows else None
+        if opening is None:
+            self._build_branch(ctx, out, targets, data)
+            return
+        # our Via, Record-Route (and a nat Contact) are to name the connection: open it first
+        opening.addCallbacks(
+            lambda _: self._build_branch(ctx, out, targets, data),
+            lambda f: self._build_branch(ctx, out, targets, data, failed=f),
+        )
+        opening.addErrback(self._hook_failed, ctx)
+
+    def _build_branch(
+        self, ctx: RequestContext, out: Request, targets: list[Target], data: dict[str, Any],
+        failed: Failure | None = None,
+    ) -> None:
         target = targets[0]
         listener = self.transports.choose_listener(target)
-        host, port = self._advertised(listener, target.host)
+        host, port = self._advertised(listener, target.host, target)
         if (
             self.config.proxy.record_route
             and out.method in DIALOG_CREATING
             and not out.to.tag
         ):
-            self._record_route(ctx, out, listener, host, port)
+            self._record_route(ctx, out, listener, host, port, target)
         branch = Branch(out, target, listener, data=dict(data))
         branch.data["targets"] = targets[1:]
+        if failed is not None and getattr(failed.value, "logged", False):
+            # its connection could not be opened (and that is logged): do not try again
+            branch.data[_FLOW_FAILED] = failed
         loop = self._loop_hash(ctx.request)
         n = len(ctx.branches)
-        out.push_via(Via.build(target.transport, host, port,
-                               f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}", rport=True))
+        out.push_via(self._via(target, listener, f"{MAGIC_COOKIE}{loop}.{n}{new_tag()}"))
         ctx.branches.append(branch)
         ctx.pending_targets -= 1
         try:
@@ -582,22 +623,30 @@ class Proxy:
         branch.target = target
         listener = self.transports.choose_listener(target)
         out = branch.request
-        host, port = self._advertised(listener, target.host)
+        host, port = self._advertised(listener, target.host, target)
         via = out.top_via
         if via is not None:
             via = via.copy()
             via.transport = target.transport.upper()
             via.host = host
             via.port = port
+            if via.transport == "TLS":
+                via.set_param("alias", None)
+            elif "alias" in via.params:
+                via.remove_param("alias")
             out.update_top_via(via)
         if self.config.proxy.record_route and out.method in DIALOG_CREATING and not out.to.tag:
-            self._record_route(ctx, _strip_own_rr(out, ctx.request), listener, host, port)
+            self._record_route(ctx, _strip_own_rr(out, ctx.request), listener, host, port,
+                               target)
         branch.listener = listener
 
     def _record_route(
-        self, ctx: RequestContext, out: Request, listener: Listener | None, host: str, port: int
+        self, ctx: RequestContext, out: Request, listener: Listener | None, host: str, port: int,
+        target: Target,
     ) -> None:
         transport = listener.transport if listener is not None else "UDP"
+        if self._flows and self.transports.flow_address(target, listener) is not None:
+            transport = "TLS"  # the entry names our connection to there
         rr_out = _rr_value(host, port, transport)
         source = ctx.request.source
         rr_in = rr_out
@@ -605,6 +654,13 @@ class Proxy:
             in_listener = self._listener_of(source)
             in_host, in_port = self._advertised(in_listener, source.host)
             in_transport = in_listener.transport if in_listener else source.transport.upper()
+            if source.transport.upper() == "TLS" and in_transport != "TLS" and self._flows \
+                    and self.transports.is_flow_port(source.local_port):
+                # it came over a connection we opened, from a side without a TLS listener:
+                # the peer reaches us over that connection only, found by its address/port
+                if in_listener is None or in_listener.via_host in _WILDCARDS:
+                    in_host = source.local_host
+                in_port, in_transport = source.local_port, "TLS"
             rr_in = _rr_value(in_host, in_port, in_transport)
         if rr_in != rr_out:
             out.headers.add("Record-Route", rr_in, first=True)
@@ -630,6 +686,10 @@ class Proxy:
         assert branch.target is not None
         if branch.hide_vias:
             _hide_lower_vias(branch.request)
+        if branch.data.pop(_FLOW_FAILED, None) is not None:
+            # as the transaction layer answers a send that failed: a 503 of our own
+            self._branch_response(ctx, branch, branch.request.make_response(503))
+            return
         self._choose_transport(branch.request, branch.target)
         try:
             branch.transaction = self.transactions.send_request(
@@ -972,8 +1032,7 @@ class Proxy:
                 return
             target = targets[0]
             listener = self.transports.choose_listener(target)
-            host, port = self._advertised(listener, target.host)
-            out.push_via(Via.build(target.transport, host, port, new_branch(), rport=True))
+            out.push_via(self._via(target, listener, new_branch()))
             branch = Branch(out, target, listener)
             def forward(result: Any) -> None:
                 if isinstance(result, Response) or branch.target is None:

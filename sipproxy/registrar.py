@@ -8,6 +8,7 @@ a request never leaves half its contacts updated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,11 @@ from sipproxy.uri import URI, NameAddr, format_host, parse_uri, unescape
 if TYPE_CHECKING:
     from sipproxy.message import Request, Response
 
-__all__ = ["SUPPORTED_EXTENSIONS", "Registrar", "aor_of", "uri_equal"]
+__all__ = ["HOST_DOMAIN", "SUPPORTED_EXTENSIONS", "Registrar", "aor_of", "uri_equal"]
+
+#: The domain every address of this host stands for when the registrar serves them all
+#: (``own_host``): bindings are stored as ``sip:user@localhost``.
+HOST_DOMAIN = "localhost"
 
 #: Option tags a REGISTER may Require of us.
 SUPPORTED_EXTENSIONS = frozenset({"path"})
@@ -46,6 +51,17 @@ def aor_of(uri: URI | str) -> str:
     if uri.scheme.lower() == "sips":
         return "sip:" + aor[5:]
     return aor
+
+
+def _aor_host(aor: str) -> str | None:
+    """The host of a canonical address-of-record string; None when it is no SIP AOR."""
+    scheme, _, rest = aor.partition(":")
+    if scheme.lower() not in ("sip", "sips"):
+        return None
+    host = rest.rpartition("@")[2]
+    if not host.startswith("["):
+        host = host.partition(":")[0]
+    return host
 
 
 def _unescaped(text: str | None) -> str | None:
@@ -136,7 +152,13 @@ class _Refused(Exception):
 
 
 class Registrar:
-    """Turns REGISTER requests into binding changes and answers them."""
+    """Turns REGISTER requests into binding changes and answers them.
+
+    ``domains`` are the domains it serves. ``own_host``, when given, says whether a host is
+    an address of this machine: such hosts are served too, and all as one domain
+    (L{HOST_DOMAIN}), so a phone registered as ``alice@127.0.0.1`` is found by
+    ``sip:alice@192.0.2.2`` when that is another address of the host: the user part is the key.
+    """
 
     log = Logger()
 
@@ -148,6 +170,7 @@ class Registrar:
         min_expires: int = 60,
         max_expires: int = 3600,
         default_expires: int = 3600,
+        own_host: Callable[[str], bool] | None = None,
     ) -> None:
         if not 0 < min_expires <= default_expires <= max_expires:
             raise ValueError(
@@ -160,24 +183,40 @@ class Registrar:
         self.min_expires = min_expires
         self.max_expires = max_expires
         self.default_expires = default_expires
+        self.own_host = own_host
 
     # -- domain checks --------------------------------------------------------------------------
 
     def is_local_host(self, host: str) -> bool:
         """Whether `host` (a URI host, IPv6 with or without brackets) is one of our domains."""
-        return format_host(host.strip("[]").lower()) in self.domains
+        if format_host(host.strip("[]").lower()) in self.domains:
+            return True
+        return self._is_host_address(host)
+
+    def _is_host_address(self, host: str) -> bool:
+        """An address of this machine, served as L{HOST_DOMAIN} (``own_host`` given)."""
+        if self.own_host is None:
+            return False
+        host = host.strip("[]").lower()
+        return host == HOST_DOMAIN or self.own_host(host)
 
     def is_local(self, aor: str | URI) -> bool:
         """Whether an address-of-record (canonical string or URI) belongs to our domains."""
         if isinstance(aor, URI):
             return aor.is_sip and self.is_local_host(aor.host)
-        scheme, _, rest = aor.partition(":")
-        if scheme.lower() not in ("sip", "sips"):
-            return False
-        host = rest.rpartition("@")[2]
-        if not host.startswith("["):
-            host = host.partition(":")[0]
-        return self.is_local_host(host)
+        host = _aor_host(aor)
+        return host is not None and self.is_local_host(host)
+
+    def aor(self, uri: URI | str) -> str:
+        """The key the bindings of ``uri`` are stored under: L{aor_of}, with every address of
+        this host folded into L{HOST_DOMAIN} when the registrar serves them (``own_host``)."""
+        key = aor_of(uri)
+        host = _aor_host(key)
+        if host is None or format_host(host.lower()) in self.domains or \
+                not self._is_host_address(host):
+            return key
+        user = key[4:].rpartition("@")[0]
+        return f"sip:{user}@{HOST_DOMAIN}" if user else f"sip:{HOST_DOMAIN}"
 
     # -- REGISTER -------------------------------------------------------------------------------
 
@@ -209,9 +248,9 @@ class Registrar:
             raise _Refused(400, f"Bad To header: {e.reason}") from None
         if not to_uri.is_sip:
             raise _Refused(400, "To is not a SIP URI")
-        aor = aor_of(to_uri)
-        if not self.is_local(aor):
+        if not self.is_local(to_uri):
             raise _Refused(404, "Not Found")
+        aor = self.aor(to_uri)
 
         try:
             contacts = request.contacts

@@ -31,10 +31,14 @@ class _ProxyLifecycle(Service):
     def startService(self) -> None:
         super().startService()
         for lst in self.proxy.listeners:
+            # a wildcard listener names, toward each peer, the address the kernel sends
+            # from toward that peer (reachable from there by construction)
+            advertised = "the local address toward each peer" \
+                if lst.via_host in ("0.0.0.0", "::", "") else lst.via_host
             _log.info(
                 "sipproxy listening on {transport} {address}:{port} ({side}, advertised as "
-                "{via_host})", transport=lst.transport, address=lst.address, port=lst.port,
-                side=lst.side, via_host=lst.via_host,
+                "{advertised})", transport=lst.transport, address=lst.address, port=lst.port,
+                side=lst.side, advertised=advertised,
             )
 
     def stopService(self) -> None:
@@ -58,6 +62,7 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
     top = SipProxyService()
     top.setName("sipproxy")
     location = LocationService(reactor)
+    receiver: list[Proxy] = []
     registrar = Registrar(
         location,
         reactor,
@@ -65,8 +70,10 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
         min_expires=config.registrar.min_expires,
         max_expires=config.registrar.max_expires,
         default_expires=config.registrar.default_expires,
+        # no domains named: every address of this host is ours (the proxy knows them)
+        own_host=(lambda host: receiver[0].is_local_domain(host))
+        if config.proxy.host_addresses else None,
     )
-    receiver: list[Proxy] = []
     limits = config.limits
     flood = FloodGuard.from_config(reactor, limits) if limits.enabled else None
     transports = TransportManager(

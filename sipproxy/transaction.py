@@ -524,8 +524,9 @@ class ClientTransaction(_Transaction):
         if self.state in (State.CALLING, State.TRYING) or (
             self.state is State.PROCEEDING and not self.is_invite
         ):
-            _log.info("sending {tx!r} to {target} failed: {f}", tx=self, target=self.target,
-                      f=failure.getErrorMessage())
+            if not getattr(failure.value, "logged", False):  # e.g. a TLS failure: logged once
+                _log.info("sending {tx!r} to {target} failed: {f}", tx=self,
+                          target=self.target, f=failure.getErrorMessage())
             self._fail(503)
 
     def _fail(self, status: int) -> None:

@@ -53,11 +53,20 @@ def test_no_file_gives_builtin_defaults() -> None:
     assert dict(config.sections) == {}
     assert config.proxy == ProxyConfig()
     assert config.proxy.domains == ()
+    assert config.proxy.host_addresses  # every address of the host is our domain
     assert config.proxy.record_route is True
     assert config.proxy.max_forwards == 70
     assert config.proxy.user_agent.startswith("sipproxy/")
     assert config.registrar == RegistrarConfig(60, 3600, 3600)
     assert config.timers == TimerConfig(0.5, 4.0, 5.0)
+
+
+def test_named_domains_end_the_host_addresses_default() -> None:
+    """domains = [] says "no registrar" (a firewall whose provider is the registrar); any
+    named domain replaces the host's addresses; a [proxy] without the key keeps them."""
+    assert not parse_config('[proxy]\ndomains = []\n').proxy.host_addresses
+    assert not parse_config('[proxy]\ndomains = ["lan.example"]\n').proxy.host_addresses
+    assert parse_config('[proxy]\nmax_forwards = 20\n').proxy.host_addresses
 
 
 def test_empty_file_is_the_defaults_with_its_source() -> None:
@@ -812,3 +821,28 @@ def test_open_relay_must_be_a_boolean():
         parse_config(_OUTSIDE + '[plugins]\nopen_relay = "yes"\n', "p.toml")
     assert str(info.value).startswith("p.toml: plugins.open_relay: ")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLE.parent).glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_builds(path: Path) -> None:
+    """Each examples/*.toml loads as written and builds the whole proxy with its plugins."""
+    from twisted.internet.task import Clock
+
+    from sipproxy.service import makeService
+
+    config = load_config(str(path))
+    service = makeService(config, reactor=Clock())
+    assert [p.name for p in service.proxy.pipeline.plugins] == list(config.plugins)
+
+
+def test_the_firewall_tls_example_is_the_whole_firewall_set_up() -> None:
+    """examples/firewall-tls.toml: phones inside over UDP, nat + media + tls, TLS to the
+    provider (verified), acl first because a listener faces the outside."""
+    config = load_config(str(EXAMPLE.parent / "firewall-tls.toml"))
+    assert list(config.plugins) == ["acl", "nat", "media", "tls"]
+    assert [(lc.side, lc.transport) for lc in config.listen] == [("inside", "udp"),
+                                                                  ("outside", "udp")]
+    assert config.upstream is not None and config.upstream.uri.startswith("sips:")
+    assert config.section("tls").get_bool("verify", False)
+    assert not config.proxy.host_addresses  # the provider is the registrar

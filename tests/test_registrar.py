@@ -597,3 +597,34 @@ def test_rfc4475_regaut01_query_is_answered(env: Env) -> None:
     response = env.register(load("regaut01.dat"))
     assert response.status == 200  # no Contact: a query; the unknown Authorization is ignored
     assert response.headers.get_all("Contact") == []
+
+
+def test_every_host_address_is_one_domain_when_no_domains_are_named() -> None:
+    """No [proxy] domains (the no-config default): a REGISTER to any address of the host is
+    accepted for any user, and every such address is the same domain: the user part is the
+    key. Other hosts stay foreign."""
+    clock = Clock()
+    location = LocationService(clock)
+    host_addresses = {"127.0.0.1", "192.0.2.2", "2001:db8::2"}
+    registrar = Registrar(location, clock, [], own_host=host_addresses.__contains__)
+    for to, contact in [("<sip:alice@127.0.0.1>", "<sip:alice@10.0.0.5:5062>"),
+                        ("<sip:bob@[2001:DB8::2]:5060>", "<sip:bob@10.0.0.6>")]:
+        response = registrar.handle_register(make_register([contact], to=to))
+        assert response.status == 200, to
+    alice = parse_uri("sip:alice@192.0.2.2")
+    assert registrar.aor(alice) == registrar.aor(parse_uri("sips:alice@127.0.0.1:5061"))
+    assert [b.contact for b in location.lookup(registrar.aor(alice))] == [
+        "sip:alice@10.0.0.5:5062"]
+    bob = registrar.aor(parse_uri("sip:bob@127.0.0.1"))
+    assert [b.contact for b in location.lookup(bob)] == ["sip:bob@10.0.0.6"]
+    refused = registrar.handle_register(make_register(["<sip:eve@10.0.0.7>"],
+                                                      to="<sip:eve@198.51.100.9>"))
+    assert refused.status == 404
+    assert registrar.aor(parse_uri("sip:eve@198.51.100.9")) == "sip:eve@198.51.100.9"
+
+
+def test_named_domains_keep_their_meaning(env: Env) -> None:
+    """With domains named (and no own_host) the host's addresses are not a domain."""
+    response = env.register(make_register(["<sip:alice@192.0.2.1>"], to="<sip:alice@127.0.0.1>"))
+    assert response.status == 404
+    assert env.registrar.aor(parse_uri("sip:alice@127.0.0.1")) == "sip:alice@127.0.0.1"

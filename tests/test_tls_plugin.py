@@ -220,6 +220,55 @@ port = 5060
 [upstream]""")
 
 
+LOCAL_REGISTER = """REGISTER sip:lan.example SIP/2.0
+Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
+Max-Forwards: 70
+From: <sip:alice@lan.example>;tag=r2
+To: <sip:alice@lan.example>
+Call-ID: reg-tls-2
+CSeq: 1 REGISTER
+Contact: <sip:alice@192.168.1.10:5060>
+Content-Length: 0
+
+"""  # (the nat plugin's token does this in the firewall set-up)
+PROVIDER_INVITE = f"""INVITE sip:alice@lan.example SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>
+Call-ID: in-tls-1
+CSeq: 1 INVITE
+Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
+Content-Length: 0
+
+"""
+
+
+def provider_ack(route: str) -> str:
+    return f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
+Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
+Route: {route}
+Max-Forwards: 70
+From: <sip:carol@provider.test>;tag=c1
+To: <sip:alice@provider.test>;tag=ph1
+Call-ID: in-tls-1
+CSeq: 1 ACK
+Content-Length: 0
+
+"""
+
+
+def phone_answers(proxy: Proxy, invite: Request) -> None:
+    """The phone's 200 to the provider's INVITE (Record-Route copied)."""
+    ok = invite.make_response(200)
+    ok.headers.set("To", str(invite.to) + ";tag=ph1")
+    ok.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
+    for value in invite.headers.get_all("record-route"):
+        ok.headers.add("Record-Route", value)
+    ok.source = PHONE
+    proxy.receive(ok)
+
+
 @pytest.mark.parametrize("advertise", [None, EXTERNAL_IP])
 def test_a_call_from_the_provider_over_our_connection_keeps_the_dialog_right(
     advertise: str | None,
@@ -245,53 +294,17 @@ Content-Length: 0
     ok = register.make_response(200)
     ok.source = OVER_OURS
     proxy.receive(ok)
-    send(proxy, """REGISTER sip:lan.example SIP/2.0
-Via: SIP/2.0/UDP 192.168.1.10:5060;branch=z9hG4bK-reg2;rport
-Max-Forwards: 70
-From: <sip:alice@lan.example>;tag=r2
-To: <sip:alice@lan.example>
-Call-ID: reg-tls-2
-CSeq: 1 REGISTER
-Contact: <sip:alice@192.168.1.10:5060>
-Content-Length: 0
-
-""")  # (the nat plugin's token does this in the firewall set-up)
-    send(proxy, f"""INVITE sip:alice@lan.example SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in1
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>
-Call-ID: in-tls-1
-CSeq: 1 INVITE
-Contact: <sip:uas@{PROVIDER_IP}:5061;transport=tls>
-Content-Length: 0
-
-""", OVER_OURS)
+    send(proxy, LOCAL_REGISTER)
+    send(proxy, PROVIDER_INVITE, OVER_OURS)
     invite, target = wire.requests[-1]
     assert target.transport == "UDP" and target.host == "192.168.1.10"
     # toward the provider: our outside listener's (advertised) address, not the kernel's
     rr_out = f"<sip:{advertise or OUTSIDE_IP}:5060;transport=tls;lr>"
     assert invite.headers.get_all("record-route") == [RR_UDP, rr_out]
-    answer_ = invite.make_response(200)
-    answer_.headers.set("To", str(invite.to) + ";tag=ph1")
-    answer_.headers.add("Contact", "<sip:alice@192.168.1.10:5060>")
-    for value in invite.headers.get_all("record-route"):
-        answer_.headers.add("Record-Route", value)
-    answer_.source = PHONE
-    proxy.receive(answer_)
+    phone_answers(proxy, invite)
     assert [r.status for r, _ in wire.responses if r.status >= 200] == [200, 200, 200]
     # the provider's ACK: only our outside entry in its Route (it faces the provider)
-    send(proxy, f"""ACK sip:alice@192.168.1.10:5060 SIP/2.0
-Via: SIP/2.0/TLS {PROVIDER_IP}:5061;branch=z9hG4bK-in2
-Route: {rr_out}
-Max-Forwards: 70
-From: <sip:carol@provider.test>;tag=c1
-To: <sip:alice@provider.test>;tag=ph1
-Call-ID: in-tls-1
-CSeq: 1 ACK
-Content-Length: 0
-
-""", OVER_OURS)
+    send(proxy, provider_ack(rr_out), OVER_OURS)
     ack, target = wire.requests[-1]
     assert ack.method == "ACK"
     assert (target.transport, target.host, target.port) == ("UDP", "192.168.1.10", 5060)
@@ -378,3 +391,99 @@ def test_example_config_builds() -> None:
     service = makeService(load_config(str(path)), reactor=Clock())
     policy = service.proxy.transports.tls_client
     assert policy is not None and policy.keepalive_interval == 30.0
+
+
+# -- our own connection (RFC 5923): what names us on it -------------------------------------
+FLOW_PORT = 40000
+
+
+class FlowWire(Wire):
+    """Wire with the TransportManager's connection bookkeeping: ``open_flow`` is answered by
+    the test (``opening``), an open one's local address is OUTSIDE_IP:FLOW_PORT."""
+
+    def __init__(self, listeners: list[FakeListener]) -> None:
+        super().__init__(listeners)
+        self.flows: dict[tuple[str, int], tuple[str, int]] = {}
+        self.opening: list[tuple[Target, Deferred[None]]] = []
+
+    def flow_address(self, target: Target, listener: Any) -> tuple[str, int] | None:
+        if target.transport != "TLS" or (listener is not None and listener.transport == "TLS"):
+            return None
+        local = self.flows.get((target.host, target.port))
+        if local is None:
+            return None
+        return (listener.via_host if listener is not None else local[0]), local[1]
+
+    def open_flow(self, target: Target) -> Deferred[None] | None:
+        if target.transport != "TLS" or (target.host, target.port) in self.flows:
+            return None
+        d: Deferred[None] = Deferred()
+        self.opening.append((target, d))
+        return d
+
+    def is_flow_port(self, port: int) -> bool:
+        return port in {local[1] for local in self.flows.values()}
+
+
+def make_flow(advertise: str | None = None) -> tuple[Proxy, FlowWire]:
+    config = parse_config(two_sides(advertise))
+    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
+                              lc.advertised_host) for lc in config.listen]
+    wire = FlowWire(listeners)
+    location = LocationService(Clock())
+    proxy = Proxy(config, Clock(), wire, location,
+                  Registrar(location, Clock(), list(config.proxy.domains)), NamedResolver({}))
+    proxy.set_plugins(load_plugins(config, proxy))
+    return proxy, wire
+
+
+@pytest.mark.parametrize("advertise", [None, EXTERNAL_IP])
+def test_over_our_own_connection_everything_names_that_connection(
+        advertise: str | None) -> None:
+    """No TLS listener: the first request to the provider waits for the connection, then its
+    Via (with ;alias) names the connection's address (the advertised one behind 1:1 NAT) and
+    port; a call the provider places over it is Record-Routed there too, and the provider's
+    ACK with that Route reaches the phone by UDP (the entry faces the provider)."""
+    proxy, wire = make_flow(advertise)
+    send(proxy, INVITE)
+    assert wire.requests == []  # waiting for the connection
+    [(target, opening)] = wire.opening
+    assert target == Target("TLS", PROVIDER_IP, 5061, "provider.test")
+    wire.flows[(PROVIDER_IP, 5061)] = (OUTSIDE_IP, FLOW_PORT)
+    opening.callback(None)
+    [(out, _)] = wire.requests
+    us = f"{advertise or OUTSIDE_IP}:{FLOW_PORT}"
+    assert str(out.top_via).startswith(f"SIP/2.0/TLS {us};") and "alias" in out.top_via.params
+    assert out.headers.get_all("record-route") == [f"<sip:{us};transport=tls;lr>", RR_UDP]
+    over_ours = Source("TLS", PROVIDER_IP, 5061, OUTSIDE_IP, FLOW_PORT, "outside")
+    send(proxy, LOCAL_REGISTER)
+    send(proxy, PROVIDER_INVITE, over_ours)
+    invite, target = wire.requests[-1]
+    assert target.transport == "UDP" and target.host == "192.168.1.10"
+    rr_out = f"<sip:{us};transport=tls;lr>"
+    assert invite.headers.get_all("record-route") == [RR_UDP, rr_out]
+    phone_answers(proxy, invite)
+    send(proxy, provider_ack(rr_out), over_ours)
+    ack, target = wire.requests[-1]
+    assert ack.method == "ACK" and "route" not in ack.headers  # our entry: removed
+    assert (target.transport, target.host, target.port) == ("UDP", "192.168.1.10", 5060)
+
+
+def test_a_connection_that_cannot_be_opened_is_tried_once() -> None:
+    """The connection the request waited for failed (and the TLS layer logged it): the phone
+    gets the 503 with the Warning, and nothing tries to connect a second time."""
+    proxy, wire = make_flow()
+    plugin = next(p for p in proxy.pipeline.plugins if isinstance(p, TLSPlugin))
+    send(proxy, INVITE)
+    [(target, opening)] = wire.opening
+    error = TLSConnectError(target.host, target.port, "provider.test",
+                            "certificate verify failed: certificate has expired",
+                            verification=True)
+    assert plugin.policy.on_failure is not None
+    plugin.policy.on_failure(error)
+    error.logged = True
+    opening.errback(error)
+    assert wire.requests == []
+    finals = [r for r, _ in wire.responses if r.status >= 200]
+    assert [r.status for r in finals] == [503]
+    assert "certificate has expired" in (finals[0].headers.get("warning") or "")

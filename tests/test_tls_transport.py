@@ -177,6 +177,47 @@ class RealTLSTests(unittest.TestCase):
         self.assertEqual(self.received[0].source.transport, "TLS")  # type: ignore[union-attr]
 
     @defer.inlineCallbacks
+    def test_open_flow_names_the_connection_the_request_will_use(self) -> Any:
+        """No TLS listener: the manager opens the connection first (open_flow), then names it
+        (flow_address: its local address and port, which count as ours); with a TLS listener
+        on the side nothing waits and the listener is named."""
+        server = self.server(certs().good)
+        manager = self.manager()
+        target = Target("TLS", LOCAL, server.number, PROVIDER)
+        listener = manager.choose_listener(target)
+        self.assertIsNone(manager.flow_address(target, listener))
+        opening = manager.open_flow(target)
+        assert opening is not None
+        proto = yield opening
+        self.assertEqual(manager.flow_address(target, listener), proto.local)
+        self.assertIsNone(manager.open_flow(target))  # open already
+        self.assertTrue(manager.is_flow_port(proto.local[1]))
+        arrived = server.next_data()
+        yield manager.send_request(invite(), target)
+        yield arrived
+        self.assertEqual(len(server.connections), 1)  # the request went over that one
+        c = certs()
+        with_listener = self.manager(
+            ListenConfig("outside", "udp", LOCAL, 0),
+            ListenConfig("outside", "tls", LOCAL, 0, certificate=str(c.proxy.cert),
+                         key=str(c.proxy.key)))
+        self.assertIsNone(with_listener.open_flow(target))
+        tls_listener = with_listener.choose_listener(target)
+        assert tls_listener is not None and tls_listener.transport == "TLS"
+        self.assertIsNone(with_listener.flow_address(target, tls_listener))
+
+    @defer.inlineCallbacks
+    def test_open_flow_failure_is_logged_once_and_marked(self) -> Any:
+        server = self.server(certs().expired)
+        manager = self.manager()
+        opening = manager.open_flow(Target("TLS", LOCAL, server.number, PROVIDER))
+        assert opening is not None
+        with self.assertRaises(TLSConnectError) as caught:
+            yield opening
+        self.assertTrue(caught.exception.logged)
+        self.assertEqual(len(self.failures), 1)
+
+    @defer.inlineCallbacks
     def _refused(self, pair: Any, expected: str) -> Any:
         server = self.server(pair)
         manager = self.manager()

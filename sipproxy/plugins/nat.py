@@ -298,7 +298,7 @@ class NatPlugin(Plugin, Service):
             via = out.top_via  # ours: the host and port the core advertises toward there
             if target is not None and branch.listener is not None and via is not None:
                 self._tokenize_contacts(out, target, via.host, via.port or branch.listener.port,
-                                        branch.listener.transport, self._ttl_of(out))
+                                        via.transport, self._ttl_of(out))
         return None
 
     def _goes_inside(self, branch: Any, out_side: str) -> bool:
@@ -400,7 +400,7 @@ class NatPlugin(Plugin, Service):
                 # the address the core advertises toward the requester (as in Record-Route)
                 via = self.core.make_via(requester)
                 self._tokenize_contacts(response, target, via.host, via.port or listener.port,
-                                        listener.transport, self.mapping_ttl)
+                                        via.transport, self.mapping_ttl)
         return None
 
     def _listener_of(self, request: Request) -> Any:

@@ -140,7 +140,13 @@ class TLSPlugin(Plugin, Service):
             # the side of the listener it names: it speaks for the next hop only if that is
             # on this side (the nat plugin leaves the outside just the entry facing it)
             listener = self._own_listener(last_own)
-            ctx.data["tls_next_hop"] = listener.side if listener is not None else ""
+            if listener is not None:
+                ctx.data["tls_next_hop"] = listener.side
+            elif source is None or source.transport.upper() != "TLS" or \
+                    source.local_port != last_own.port:
+                # it names a connection we opened, and the request did not come over it:
+                # the next hop is that connection's peer
+                ctx.data["tls_next_hop"] = ""
         return None
 
     def request_forwarding(self, ctx: Any, branch: Any) -> Any:
@@ -207,9 +213,10 @@ class TLSPlugin(Plugin, Service):
             return value
         host = uri.host
         port = uri.port or 5060
-        if source is not None and not any(lst.port == source.local_port and
-                                          lst.transport == source.transport.upper()
-                                          for lst in self.core.listeners):
+        if source is not None and port != source.local_port and \
+                not any(lst.port == source.local_port and
+                        lst.transport == source.transport.upper()
+                        for lst in self.core.listeners):
             # (the core named the kernel's address toward the peer there, and port 5060)
             listener = self._side_listener(source.side)
             if listener is not None:
@@ -226,7 +233,8 @@ class TLSPlugin(Plugin, Service):
         return None
 
     def _is_own(self, uri: URI) -> bool:
-        return self._own_listener(uri) is not None
+        # (also an entry naming a connection we opened: no listener has its port)
+        return self._own_listener(uri) is not None or self.core.is_own_uri(uri)
 
     def _own_listener(self, uri: URI) -> Any:
         """The listener an own Route/Record-Route URI names, None if it is not ours."""

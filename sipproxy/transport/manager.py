@@ -490,12 +490,6 @@ class TransportManager(Service):
             )
         listener.listening_port = port
         listener.port = port.getHost().port
-        if listener.address in _WILDCARDS and listener.via_host == listener.address:
-            self.log.warn(
-                "{listener} listens on a wildcard address without 'advertise': "
-                "Via and Record-Route will not be reachable",
-                listener=listener,
-            )
         self.log.info("SIP listening: {listener}", listener=listener)
 
     def stopService(self) -> defer.Deferred[None]:
@@ -546,9 +540,10 @@ class TransportManager(Service):
         """
         wanted = (transport or target.transport).upper()
         candidates = [lst for lst in self.listeners if lst.transport == wanted]
-        if not candidates and wanted == "TLS":
+        if wanted == "TLS":
             # outgoing TLS needs no TLS listener: a TCP (else UDP) socket of the side names us
-            candidates = [lst for lst in self.listeners if lst.transport == "TCP"] + [
+            # (a TLS listener for the phones inside does not name us toward the provider)
+            candidates += [lst for lst in self.listeners if lst.transport == "TCP"] + [
                 lst for lst in self.listeners if lst.transport == "UDP"]
         if not candidates and wanted == "TCP":
             candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
@@ -566,6 +561,45 @@ class TransportManager(Service):
                 if lst.side == preferred:
                     return lst
         return candidates[0]
+
+    # -- connections the proxy opened (RFC 5923 reuse) --------------------------------------
+
+    def flow_address(self, target: Target, listener: Listener | None) -> tuple[str, int] | None:
+        """
+        What names us on our own connection to C{target}, when a request to it is to name
+        that connection rather than C{listener}: an outgoing TLS connection from a side with
+        no TLS listener. The peer can reach nothing else of ours (nothing speaks TLS on the
+        side's UDP/TCP port) and finds the connection by its address and port. The host is
+        the listener's advertised one (1:1 NAT), else the connection's local address.
+        """
+        if target.transport.upper() != "TLS" or (listener is not None and
+                                                 listener.transport == "TLS"):
+            return None
+        local = self.tls.outgoing_local(target.host, target.port,
+                                        target.server_name or target.host)
+        if local is None:
+            return None
+        if listener is not None and listener.via_host not in _WILDCARDS:
+            return listener.via_host, local[1]
+        return local
+
+    def open_flow(self, target: Target) -> defer.Deferred[Any] | None:
+        """A Deferred that fires once the connection L{flow_address} would name for C{target}
+        is open (fails as sending would), or None when nothing is to wait for."""
+        if target.transport.upper() != "TLS":
+            return None
+        listener = self.choose_listener(target)
+        if listener is not None and listener.transport == "TLS":
+            return None
+        if self.flow_address(target, listener) is not None:
+            return None
+        return self.tls.open(listener.side if listener is not None else "",
+                             listener.bind_host if listener is not None else None,
+                             target.host, target.port, target.server_name or target.host)
+
+    def is_flow_port(self, port: int) -> bool:
+        """Is C{port} the local port of a connection the proxy opened (now or recently)?"""
+        return self.tls.is_own_port(port)
 
     def transport_for(self, request_bytes_len: int, target: Target) -> str:
         """

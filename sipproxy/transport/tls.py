@@ -102,7 +102,10 @@ def _verify_error_text(errno: int) -> str:
 class TLSConnectError(ConnectionError):
     """A TLS connection could not be set up: C{str()} is the one line the log and the
     caller's C{Warning} get. C{verification} is True when the server's certificate was the
-    reason (name, expiry, unknown CA)."""
+    reason (name, expiry, unknown CA). C{logged} is True once that line is in the log: the
+    layers above (the transaction that could not be sent) do not log it again."""
+
+    logged = False
 
     def __init__(
         self, host: str, port: int, server_name: str, detail: str, *, verification: bool = False
@@ -473,6 +476,11 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
 class _Pending:
     queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
     deferred: defer.Deferred[Any] | None = None
+    #: fired with the connection once it is up (L{TLSConnections.open})
+    waiters: list[defer.Deferred[SIPTLSStreamProtocol]] = field(default_factory=list)
+
+
+_OWN_PORTS_KEPT = 1024  # local ports of closed outgoing connections still recognized as ours
 
 
 @dataclass(slots=True)
@@ -496,6 +504,9 @@ class TLSConnections:
         self._by_peer: dict[tuple[str, int], SIPTLSStreamProtocol] = {}
         self._pending: dict[tuple[str, int, str], _Pending] = {}
         self._reconnects: dict[tuple[str, int, str], _Reconnect] = {}
+        # local ports of our outgoing connections, oldest first: a Route or Via naming one
+        # names us (requests the provider sends back over the connection, RFC 5923)
+        self._own_ports: dict[int, None] = {}
         self._stopped = False
 
     # -- protocols --------------------------------------------------------------------------------
@@ -526,6 +537,10 @@ class TLSConnections:
         """A handshake completed: the connection may be reused from now on."""
         self._by_peer[_peer_key(proto.peer)] = proto
         if proto.outgoing:
+            self._own_ports.pop(proto.local[1], None)
+            self._own_ports[proto.local[1]] = None
+            if len(self._own_ports) > _OWN_PORTS_KEPT:
+                del self._own_ports[next(iter(self._own_ports))]
             key = _out_key(proto.target[0], proto.target[1], proto.server_name)
             self._out[key] = proto
             state = self._reconnects.get(key)
@@ -595,6 +610,43 @@ class TLSConnections:
             return proto
         return None
 
+    def outgoing_local(self, host: str, port: int, server_name: str) -> tuple[str, int] | None:
+        """The local address and port of our open connection to C{host:port} (verified for
+        C{server_name}, else any we opened to that peer): what names us on that connection."""
+        proto = self._out.get(_out_key(host, port, server_name or host))
+        if proto is None or proto.closing:
+            proto = self._by_peer.get(_peer_key((host, port)))
+        if proto is None or proto.closing or not proto.outgoing:
+            return None
+        return proto.local
+
+    def is_own_port(self, port: int) -> bool:
+        """Is C{port} the local port of a connection we opened (now or recently)?"""
+        return port in self._own_ports
+
+    def open(
+        self, side: str, bind: str | None, host: str, port: int, server_name: str,
+    ) -> defer.Deferred[SIPTLSStreamProtocol]:
+        """Our connection to C{host:port} verified for C{server_name}, opened if needed. Fails
+        as a send would (a L{TLSConnectError}, logged once, C{logged} set)."""
+        name = (server_name or host).lower()
+        key = _out_key(host, port, name)
+        proto = self._out.get(key)
+        if proto is not None and not proto.closing:
+            return defer.succeed(proto)
+        pending = self._pending.get(key)
+        if pending is None:
+            if not self.manager.running:
+                return defer.fail(ConnectionError("the transport service is stopped"))
+            if self.policy is None:
+                return defer.fail(TLSConnectError(
+                    host, port, name, "no TLS client configured (enable the tls plugin)"))
+            pending = _Pending()
+            self._connect(side, bind, host, port, name, pending)
+        waiter: defer.Deferred[SIPTLSStreamProtocol] = defer.Deferred()
+        pending.waiters.append(waiter)
+        return waiter
+
     def send(
         self, side: str, bind: str | None, data: bytes, host: str, port: int,
         server_name: str, done: defer.Deferred[None],
@@ -649,9 +701,10 @@ class TLSConnections:
     def _connected(self, proto: SIPTLSStreamProtocol, key: tuple[str, int, str]) -> None:
         pending = self._pending.pop(key, None)
         queue = pending.queue if pending is not None else []
+        waiters = pending.waiters if pending is not None else []
         if proto.closing:
             error = TLSConnectError(key[0], key[1], key[2], "connection closed at once")
-            for _, done in queue:
+            for done in [d for _, d in queue] + waiters:
                 done.errback(Failure(error))
             return
         for data, done in queue:
@@ -661,6 +714,8 @@ class TLSConnections:
                 done.errback()
             else:
                 done.callback(None)
+        for waiter in waiters:
+            waiter.callback(proto)
 
     def _failed(self, reason: Failure, key: tuple[str, int, str], quiet: bool) -> None:
         pending = self._pending.pop(key, None)
@@ -679,6 +734,7 @@ class TLSConnections:
             self._reconnect_failed(key)
         else:
             _log.warn("{error}", error=str(error))
+        error.logged = True
         policy = self.policy
         if policy is not None and policy.on_failure is not None:
             try:
@@ -688,6 +744,8 @@ class TLSConnections:
         failure = Failure(error)
         for _, done in pending.queue if pending is not None else []:
             done.errback(failure)
+        for waiter in pending.waiters if pending is not None else []:
+            waiter.errback(failure)
 
     def stop(self) -> None:
         self._stopped = True

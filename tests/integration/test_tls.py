@@ -64,13 +64,15 @@ def _config(port: int, provider_port: int, certs: Certificates, **extra: Any) ->
     return config
 
 
-def _check_tls_side(invite: bytes, proxy_port: int) -> None:
-    """The proxy's Via says TLS toward the provider; its Record-Route says TLS on that side
-    and UDP on the phone's side."""
+def _check_tls_side(invite: bytes, proxy_port: int, provider: TLSProvider) -> None:
+    """The proxy's Via says TLS toward the provider, names the connection it came on and says
+    alias (RFC 5923); its Record-Route says TLS on that side, naming that connection too (no
+    TLS listener: nothing else of the proxy speaks TLS), and UDP on the phone's side."""
+    [(host, port)] = provider.peers
     top_via = headers(invite, "via")[0]
-    assert top_via.startswith("SIP/2.0/TLS "), top_via
+    assert top_via.startswith(f"SIP/2.0/TLS {host}:{port};") and ";alias" in top_via, top_via
     rr = headers(invite, "record-route")
-    assert rr[:2] == [f"<sip:{LOOPBACK}:{proxy_port};transport=tls;lr>",
+    assert rr[:2] == [f"<sip:{host}:{port};transport=tls;lr>",
                       f"<sip:{LOOPBACK}:{proxy_port};lr>"], rr
 
 
@@ -85,7 +87,7 @@ def test_udp_phone_to_tls_provider(proxy_factory: Any, sipp: Sipp, provider_fact
     call = sipp.start_uac(uac, proxy.address("udp"), count=1, rate=1,
                           keys={"ruri": f"sip:service@{PROVIDER}"}, timeout=20)
     invite = provider.wait_for(lambda m: method_of(m) == "INVITE")
-    _check_tls_side(invite, port)
+    _check_tls_side(invite, port, provider)
     provider.wait_for(lambda m: method_of(m) == "ACK")
     if who == "provider":
         provider.hang_up(provider.dialogs[0])
@@ -133,7 +135,10 @@ def test_bad_provider_certificate(proxy_factory: Any, provider_factory: Any,
         if lines:
             break
         time.sleep(0.1)
-    assert lines, proxy.log_tail()
+    time.sleep(0.5)  # anything else the failure would log is written by now
+    lines = [entry for entry in proxy.log_path.read_text().splitlines()
+             if f"{PROVIDER}:{provider.port}" in entry or "failed" in entry]
+    assert len(lines) == 1 and line in lines[0], proxy.log_tail()  # one line per failure
 
 
 def test_tls_phone_to_udp_provider(proxy_factory: Any, sipp: Sipp, certs: Certificates

@@ -116,6 +116,7 @@ class TLSProvider:
     received: list[tuple[int, bytes]] = field(default_factory=list)
     dialogs: list[Dialog] = field(default_factory=list)
     handshake_errors: list[str] = field(default_factory=list)
+    peers: list[tuple[str, int]] = field(default_factory=list)  # per connection, in order
 
     def __post_init__(self) -> None:
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -148,6 +149,7 @@ class TLSProvider:
                         continue
                     with self._lock:
                         self._connections.append(conn)
+                        self.peers.append(conn.getpeername()[:2])
                     buffers[conn] = bytearray()
                     continue
                 assert isinstance(sock, ssl.SSLSocket)
