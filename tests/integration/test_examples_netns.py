@@ -20,19 +20,17 @@ audio arrives both ways (at most 1 % of the packets lost, counted by SSRC and se
 in captures at both ends), and no inside address (192.168.77.x) is seen outside: not on fw's
 outside interface (IP headers, cleartext payloads) and not in any SIP message the provider got.
 
-The no-config default gets the same treatment with sipp phones: C{twistd -n sipproxy} with no
-argument in a namespace of its own, two phones register to its address and call each other by
-user name.
+The no-config default (C{twistd -n sipproxy}, no argument) gets the softphone treatment too: a
+baresip on each side of fw registers to the host's address there and they call each other by
+user name, with audio (test_no_config.py has it with sipp).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +41,12 @@ from tests.integration.baresip import Account, Baresip, baresip_unavailable
 from tests.integration.harness import REPO_ROOT, HarnessError, SippProcess, SippResult
 from tests.integration.kamailio import Kamailio, kamailio_unavailable
 from tests.integration.netns import (
+    FIREWALL_RULES,
     FW_INSIDE,
     FW_OUTSIDE,
     LAN,
     PHONE_IP,
     PROVIDER_IP,
-    FIREWALL_RULES,
     Capture,
     Namespace,
     NatNet,
@@ -57,6 +55,7 @@ from tests.integration.netns import (
     Packet,
 )
 from tests.integration.rtp import RtpFlow, is_rtp, split_flows, write_rtp_pcap
+from tests.integration.test_no_config import NoConfigProxy
 from tests.tls_certs import Certificates, make_certificates
 
 pytestmark = [pytest.mark.netns]
@@ -68,6 +67,8 @@ SERVICE = "600"  # the provider's echo service
 SERVICE_PORT, SERVICE_RTP = 5090, 12000  # sipp UAS behind kamailio
 CALLER_PORT, CALLER_RTP = 5080, 14000  # sipp UAC: a caller on the provider's side
 PUBLIC_PROXY = "203.0.113.51"  # public.toml: the proxy's public address
+FAR_USER, FAR_PASSWORD, FAR_PORT = "bob", "bobsecret", 5062  # a softphone at the provider
+SRTP = "srtp-mand"  # baresip: RTP/SAVP with a=crypto (SDES), nothing else
 TALK = 3.5  # seconds of conversation per call
 MAX_LOSS = 0.01
 INSIDE_TEXT = str(LAN.network_address).rsplit(".", 1)[0] + "."  # "192.168.77."
@@ -91,6 +92,7 @@ class Example:
     trusted: tuple[str, ...] = ()  # sources the provider does not challenge (trunks)
     peers: dict[str, tuple[str, int]] = field(default_factory=dict)  # provider's routes out
     registers_at_provider: bool = True  # the provider is the registrar (not the proxy)
+    far_softphone: bool = False  # the provider's side is baresip too (SRTP end to end)
 
 
 EXAMPLE_LIST = [
@@ -102,7 +104,7 @@ EXAMPLE_LIST = [
     ),
     Example(
         "tls.toml",
-        {"192.168.1.1": FW_INSIDE, "203.0.113.10": FW_OUTSIDE,
+        {"192.168.1.1": FW_INSIDE, "192.168.1.0/24": str(LAN), "203.0.113.10": FW_OUTSIDE,
          "sip.provider.example": PROVIDER_IP},
         Account(f"sip:{USER}@{DOMAIN}", PASSWORD, outbound=f"sip:{FW_INSIDE}:5060"),
         incoming=f"sip:{USER}@{DOMAIN}",
@@ -132,16 +134,16 @@ EXAMPLE_LIST = [
         peers={"sip.example.com": (PUBLIC_PROXY, 5060)},
         registers_at_provider=False,
     ),
-]
-if (EXAMPLES / "firewall-tls.toml").exists():
-    EXAMPLE_LIST.append(Example(
+    Example(
         "firewall-tls.toml",
         {"sip.provider.example": PROVIDER_IP},
         Account(f"sip:{USER}@{DOMAIN}", PASSWORD, outbound=f"sip:{FW_INSIDE}:5060",
-                media_encryption="srtp-mand"),
+                media_encryption=SRTP),
         incoming=f"sip:{USER}@{DOMAIN}",
         provider_tls=True,
-    ))
+        far_softphone=True,
+    ),
+]
 
 
 def _keys(table: Any, prefix: str = "") -> set[str]:
@@ -205,7 +207,7 @@ class Call:
     name: str
     start: float = 0.0
     end: float = 0.0
-    sipp: SippResult | None = None
+    far: SippResult | None = None  # what sipp on the provider's side made of it
     error: str | None = None
 
 
@@ -216,6 +218,7 @@ class Run:
     kamailio: Kamailio
     proxy: ExampleProxy
     phone: Baresip
+    far_phone: Baresip | None  # the provider's side, when it is a softphone
     provider_sipp: NsSipp
     captures: dict[str, Capture]
     registered: str | None = None  # an error, or None when it worked
@@ -225,17 +228,6 @@ class Run:
     def logs(self) -> str:
         return "\n".join([self.proxy.log_tail(40), self.kamailio.log_tail(30),
                           self.phone.log_tail(20)])
-
-
-def place_call(run: Run, name: str, step: Callable[[Call], None]) -> None:
-    call = Call(name, start=time.monotonic())
-    try:
-        step(call)
-    except (HarnessError, AssertionError, OSError) as e:
-        call.error = str(e)
-    call.end = time.monotonic()
-    run.calls[name] = call
-    time.sleep(0.3)  # the next call's packets apart from this one's
 
 
 def _service(run: Run, hangs_up: bool) -> SippProcess:
@@ -263,38 +255,63 @@ def _caller(run: Run, hangs_up: bool) -> SippProcess:
         extra_args=["-mp", str(CALLER_RTP)])
 
 
-def conversation(run: Run, far_end: Callable[[], SippProcess], *, phone_calls: bool,
-                 phone_hangs_up: bool) -> Callable[[Call], None]:
-    """One call between the phone and sipp on the provider's side (C{far_end} starts it): the
-    phone dials the service or is called, talks, and one side hangs up."""
-    def step(call: Call) -> None:
-        phone = run.phone
-        seen = len(phone.events)
-        sipp = far_end()
-        try:
-            if phone_calls:
-                response = phone.command("dial", f"sip:{SERVICE}@{DOMAIN}")
-                assert response.get("ok"), response
-            phone.wait_event("CALL_ESTABLISHED", 15, after=seen, fail_on=("CALL_CLOSED",))
-            if phone_hangs_up:
-                time.sleep(TALK)
-                phone.command("hangup")
-            phone.wait_event("CALL_CLOSED", TALK + 10, after=seen)
-        finally:
-            call.sipp = sipp.wait(15)
-    return step
+def with_sipp(run: Run, call: Call, phone_calls: bool, phone_hangs_up: bool) -> None:
+    """The phone calls the echo service, or a sipp caller calls the phone; one side hangs up
+    after TALK seconds."""
+    phone = run.phone
+    seen = len(phone.events)
+    far_hangs_up = not phone_hangs_up
+    sipp = _service(run, far_hangs_up) if phone_calls else _caller(run, far_hangs_up)
+    try:
+        if phone_calls:
+            response = phone.command("dial", f"sip:{SERVICE}@{DOMAIN}")
+            assert response.get("ok"), response
+        phone.wait_event("CALL_ESTABLISHED", 15, after=seen, fail_on=("CALL_CLOSED",))
+        if phone_hangs_up:
+            time.sleep(TALK)
+            phone.command("hangup")
+        phone.wait_event("CALL_CLOSED", TALK + 10, after=seen)
+    finally:
+        call.far = sipp.wait(15)
 
 
-CALLS: dict[str, Callable[[Run], Callable[[Call], None]]] = {
-    "outgoing, the phone hangs up": lambda run: conversation(
-        run, lambda: _service(run, hangs_up=False), phone_calls=True, phone_hangs_up=True),
-    "outgoing, the provider hangs up": lambda run: conversation(
-        run, lambda: _service(run, hangs_up=True), phone_calls=True, phone_hangs_up=False),
-    "incoming, the provider hangs up": lambda run: conversation(
-        run, lambda: _caller(run, hangs_up=True), phone_calls=False, phone_hangs_up=False),
-    "incoming, the phone hangs up": lambda run: conversation(
-        run, lambda: _caller(run, hangs_up=False), phone_calls=False, phone_hangs_up=True),
+def with_softphone(run: Run, call: Call, phone_calls: bool, phone_hangs_up: bool) -> None:
+    """The phone and the provider's softphone call each other; one hangs up after TALK s."""
+    phone, far = run.phone, run.far_phone
+    assert far is not None
+    seen = {phone: len(phone.events), far: len(far.events)}
+    caller = phone if phone_calls else far
+    target = f"sip:{FAR_USER}@{DOMAIN}" if phone_calls else run.example.incoming
+    response = caller.command("dial", target)
+    assert response.get("ok"), response
+    for end in (phone, far):
+        end.wait_event("CALL_ESTABLISHED", 15, after=seen[end], fail_on=("CALL_CLOSED",))
+    time.sleep(TALK)
+    (phone if phone_hangs_up else far).command("hangup")
+    for end in (phone, far):
+        end.wait_event("CALL_CLOSED", 10, after=seen[end])
+
+
+#: name: (the phone calls, the phone hangs up)
+CALLS = {
+    "outgoing, the phone hangs up": (True, True),
+    "outgoing, the provider hangs up": (True, False),
+    "incoming, the provider hangs up": (False, False),
+    "incoming, the phone hangs up": (False, True),
 }
+
+
+def place_calls(run: Run) -> None:
+    converse = with_softphone if run.example.far_softphone else with_sipp
+    for name, (phone_calls, phone_hangs_up) in CALLS.items():
+        call = Call(name, start=time.monotonic())
+        try:
+            converse(run, call, phone_calls, phone_hangs_up)
+        except (HarnessError, AssertionError, OSError) as e:
+            call.error = str(e)
+        call.end = time.monotonic()
+        run.calls[name] = call
+        time.sleep(0.3)  # the next call's packets apart from this one's
 
 
 def start_run(example: Example, net: NatNet, workdir: Path, certs: Certificates) -> Run:
@@ -312,20 +329,29 @@ def start_run(example: Example, net: NatNet, workdir: Path, certs: Certificates)
     }
     kamailio = Kamailio(
         net.provider, workdir / "kamailio", PROVIDER_IP, domain=DOMAIN,
-        users={USER: PASSWORD}, service=(SERVICE, PROVIDER_IP, SERVICE_PORT),
+        users={USER: PASSWORD, FAR_USER: FAR_PASSWORD},
+        service=(SERVICE, PROVIDER_IP, SERVICE_PORT),
         peers=example.peers, trusted=(PROVIDER_IP, *example.trusted),
         tls=(certs.good.cert, certs.good.key) if example.provider_tls else None)
     proxy_ns = net.fw if example.proxy_ns == "fw" else net.provider
     proxy = ExampleProxy(proxy_ns, text, workdir / "proxy", name="proxy",
                          env={"SSL_CERT_FILE": str(certs.ca)})
     phone = Baresip(net.phone, workdir / "phone", example.account, host=PHONE_IP)
+    far_phone = None
+    if example.far_softphone:
+        far_phone = Baresip(net.provider, workdir / "far-phone", Account(
+            f"sip:{FAR_USER}@{DOMAIN}", FAR_PASSWORD, outbound=f"sip:{PROVIDER_IP}:5060",
+            media_encryption=example.account.media_encryption), host=PROVIDER_IP,
+            port=FAR_PORT)
     provider_sipp = NsSipp(net.provider, workdir / "sipp")
     write_rtp_pcap(provider_sipp.workdir / "audio.pcap", TALK - 0.5)
-    run = Run(example, net, kamailio, proxy, phone, provider_sipp, captures)
+    run = Run(example, net, kamailio, proxy, phone, far_phone, provider_sipp, captures)
     try:
         kamailio.start()
         proxy.start()
         phone.start()
+        if far_phone is not None:
+            far_phone.start().wait_event("REGISTER_OK", 15, fail_on=("REGISTER_FAIL",))
     except BaseException:
         stop_run(run)
         raise
@@ -334,6 +360,8 @@ def start_run(example: Example, net: NatNet, workdir: Path, certs: Certificates)
 
 def stop_run(run: Run) -> None:
     run.phone.stop()
+    if run.far_phone is not None:
+        run.far_phone.stop()
     run.provider_sipp.cleanup()
     run.proxy.stop()
     run.kamailio.stop()
@@ -367,8 +395,7 @@ def example_run(request: pytest.FixtureRequest, netns_ready: None, certs: Certif
             except HarnessError as e:
                 run.registered = str(e)
             else:
-                for name, make in CALLS.items():
-                    place_call(run, name, make(run))
+                place_calls(run)
         finally:
             stop_run(run)
         yield run
@@ -398,13 +425,14 @@ def test_the_phone_registers(example_run: Run) -> None:
 @pytest.mark.parametrize("name", list(CALLS))
 def test_calls_both_ways(example_run: Run, name: str) -> None:
     """The call is set up (baresip: established), and ends by the BYE of the side that hangs
-    up: both baresip and sipp see the end of the call."""
+    up: both ends see the end of the call."""
     run = example_run
     assert run.registered is None, "the phone did not register"
     call = run.calls[name]
     assert call.error is None, f"{name}: {call.error}\n{run.logs()}"
-    assert call.sipp is not None and call.sipp.ok(1), \
-        f"{call.sipp.describe() if call.sipp else ''}\n{run.logs()}"
+    if not run.example.far_softphone:
+        assert call.far is not None and call.far.ok(1), \
+            f"{call.far.describe() if call.far else ''}\n{run.logs()}"
 
 
 def _bye_time(packets: list[Packet], call: Call) -> float:
@@ -425,8 +453,13 @@ def test_audio_both_ways(example_run: Run, name: str) -> None:
     run = example_run
     call = run.calls.get(name)
     assert call is not None, "the call was not placed (the phone did not register)"
-    window = [p for p in run.packets["phone"] if call.start <= p.time <= call.end]
-    far = [p for p in run.packets["provider"] if call.start <= p.time <= call.end]
+    assert_audio(run.packets, call, run.logs())
+
+
+def assert_audio(packets: dict[str, list[Packet]], call: Call, logs: str) -> None:
+    """Both directions of C{call}'s audio between the captures C{phone} and C{provider}."""
+    window = [p for p in packets["phone"] if call.start <= p.time <= call.end]
+    far = [p for p in packets["provider"] if call.start <= p.time <= call.end]
     phone_sent, phone_got = split_flows(window)
     far_sent, far_got = split_flows(far)
     cutoff = _bye_time(window, call) - 0.3
@@ -435,8 +468,8 @@ def test_audio_both_ways(example_run: Run, name: str) -> None:
     report = "\n".join(f.describe(cutoff) for f in flows)
     for flow in flows:
         assert sum(1 for p in flow.sent if p.time < cutoff) >= 50, \
-            f"too little audio sent\n{report}\n{run.logs()}"
-        assert flow.loss(cutoff) <= MAX_LOSS, f"{report}\n{run.logs()}"
+            f"too little audio sent\n{report}\n{logs}"
+        assert flow.loss(cutoff) <= MAX_LOSS, f"{report}\n{logs}"
 
 
 def test_nothing_inside_is_seen_outside(example_run: Run) -> None:
@@ -457,53 +490,72 @@ def test_nothing_inside_is_seen_outside(example_run: Run) -> None:
                               f"{p.payload[:200]!r}" for p in bad[:10])
 
 
+def _crypto_lines(packets: list[Packet], outgoing: bool) -> set[str]:
+    return {line for p in packets if p.outgoing == outgoing and not is_rtp(p)
+            for line in p.payload.decode("utf-8", "replace").split("\r\n")
+            if line.startswith("a=crypto:")}
+
+
+def test_srtp_passes_untouched(example_run: Run) -> None:
+    """Where the phones speak SRTP (SDES): every a=crypto line the phone sent reaches the
+    provider as it was, every one the phone got is one the provider sent, the media lines say
+    RTP/SAVP, and the calls had audio (test_audio_both_ways: SRTP relayed byte for byte)."""
+    run = example_run
+    if run.example.account.media_encryption is None:
+        pytest.skip("the phones of this example speak plain RTP")
+    sent = _crypto_lines(run.packets["phone"], outgoing=True)
+    got = _crypto_lines(run.packets["phone"], outgoing=False)
+    provider = set(run.kamailio.log_text().splitlines())
+    assert sent and got, (sent, got)
+    assert sent <= provider, sent - provider
+    assert got <= provider, got - provider
+    assert re.search(r"^m=audio \d+ RTP/SAVP ", run.kamailio.log_text(), re.M)
+
+
 # ------------------------------------------------------------------------------------------------
-# no config at all: `twistd -n sipproxy`
+# no config at all: `twistd -n sipproxy` (test_no_config.py has the sipp version)
 # ------------------------------------------------------------------------------------------------
 
 
-class DefaultProxy(NsProxyProcess):
-    """C{twistd -n sipproxy} with no argument, logging to its output file."""
-
-    def command(self) -> list[str]:
-        twistd = shutil.which("twistd")
-        base = [twistd] if twistd else [sys.executable, "-c",
-                                        "from twisted.scripts.twistd import run; run()"]
-        return [*self.ns.prefix(), *base, "-n", "--pidfile=", "sipproxy"]
-
-    def listeners(self) -> list[tuple[str, str, int]]:
-        return [("udp", self.address_in_ns, 5060)]
-
-    address_in_ns = FW_INSIDE
-
-
-def test_no_config_default_registers_and_connects_phones(nat_net: NatNet,
-                                                         tmp_path: Path) -> None:
-    """Two sipp phones on the LAN register to the proxy's address (no config: every address of
-    the host is its domain) and one calls the other by user name; BYE through the proxy."""
-    net = nat_net
-    net.phone.run("ip", "addr", "add", "192.168.77.11/24", "dev", "eth0")
-    proxy = DefaultProxy(net.fw, {}, tmp_path / "proxy", name="proxy")
-    proxy.start()
-    alice = NsSipp(net.phone, tmp_path / "alice", host=PHONE_IP)
-    bob = NsSipp(net.phone, tmp_path / "bob", host="192.168.77.11")
+def test_no_config_default_with_softphones(netns_ready: None, tmp_path: Path) -> None:
+    """C{twistd -n sipproxy} with no argument on fw, here a plain router (no NAT, no filter):
+    baresip on each side registers as user@<the host's address on its side> with no password,
+    alice calls bob by user name, they talk, bob hangs up; audio both ways (media direct)."""
+    reason = baresip_unavailable()
+    if reason:
+        pytest.skip(reason)
+    net = NatNet.build()
     try:
-        for sipp, user in ((alice, "alice"), (bob, "bob")):
-            contact = f"sip:{user}@{sipp.host}:5060"
-            result = sipp.run_uac("register.xml", (FW_INSIDE, 5060), local_port=5060,
-                                  timeout=15, keys={"user": user, "domain": FW_INSIDE,
-                                                    "contact": contact, "expires": "600"})
-            assert result.ok(1), f"{user}: {result.describe()}\n{proxy.log_tail()}"
-        uas = bob.start_uas("uas_rr.xml", 5060, count=1, timeout=20)
-        uac = alice.start_uac("uac_rr.xml", (FW_INSIDE, 5060), local_port=5060, count=1,
-                              timeout=20, call_duration_ms=500,
-                              keys={"ruri": f"sip:bob@{FW_INSIDE}"})
-        caller, callee = uac.wait(), uas.wait(20)
-        assert caller.ok(1), f"{caller.describe()}\n{proxy.log_tail()}"
-        assert callee.ok(1), f"{callee.describe()}\n{proxy.log_tail()}"
-        log = proxy.output_path.read_text(errors="replace")
-        assert "will not be reachable" not in log, log
+        net.fw.run("nft", "flush", "ruleset")
+        net.provider.run("ip", "route", "add", str(LAN), "via", FW_OUTSIDE)
+        captures = {"phone": Capture(net.phone, ["eth0"], max_seconds=60),
+                    "provider": Capture(net.provider, ["eth0"], max_seconds=60)}
+        proxy = NoConfigProxy(net.fw, {}, tmp_path / "proxy")
+        alice = Baresip(net.phone, tmp_path / "alice", Account(f"sip:alice@{FW_INSIDE}"),
+                        host=PHONE_IP)
+        bob = Baresip(net.provider, tmp_path / "bob", Account(f"sip:bob@{FW_OUTSIDE}"),
+                      host=PROVIDER_IP)
+        call = Call("alice calls bob")
+        try:
+            proxy.start()
+            for phone in (alice, bob):
+                phone.start().wait_event("REGISTER_OK", 15, fail_on=("REGISTER_FAIL",))
+            call.start = time.monotonic()
+            assert alice.command("dial", f"sip:bob@{FW_INSIDE}").get("ok")
+            for phone in (alice, bob):
+                phone.wait_event("CALL_ESTABLISHED", 15, fail_on=("CALL_CLOSED",))
+            time.sleep(TALK)
+            bob.command("hangup")
+            for phone in (alice, bob):
+                phone.wait_event("CALL_CLOSED", 10)
+            call.end = time.monotonic()
+        except (HarnessError, AssertionError) as e:
+            raise AssertionError(f"{e}\n{proxy.log_tail()}") from e
+        finally:
+            alice.stop()
+            bob.stop()
+            proxy.stop()
+            packets = {name: capture.stop() for name, capture in captures.items()}
+        assert_audio(packets, call, proxy.log_tail())
     finally:
-        alice.cleanup()
-        bob.cleanup()
-        proxy.stop()
+        net.close()
