@@ -4,10 +4,10 @@ A real softphone for the end-to-end tests: Debian's C{baresip}, headless, in a n
 Each L{Baresip} gets a config directory of its own (C{-f DIR}) written here: no sound card (the
 audio source is the C{aufile} module playing a WAV tone L{write_tone} makes; the player is
 C{aubridge}, which takes the received audio and plays it nowhere), G.711 only, no ICE/STUN, and
-the C{ctrl_tcp} module on the namespace's loopback: netstring JSON commands (C{dial},
-C{hangup}, C{accept}) and events (C{REGISTER_OK}, C{CALL_INCOMING}, C{CALL_ESTABLISHED},
-C{CALL_CLOSED}...), which L{Baresip.wait_event} waits for. Every wait is bounded; L{stop} kills
-the process.
+the C{ctrl_tcp} module on the namespace's loopback: netstring JSON commands (C{uanew},
+C{dial}, C{hangup}; calls are answered at once, C{answermode=auto}) and events
+(C{REGISTER_OK}, C{CALL_ESTABLISHED}, C{CALL_CLOSED}...), which L{Baresip.wait_event} waits
+for. Every wait is bounded; L{Baresip.stop} ends the process.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = ["Account", "Baresip", "baresip_unavailable", "write_tone"]
 
 MODULES = Path("/usr/lib/baresip/modules")
 CTRL_PORT = 4444
+RTP_PORTS = (10000, 10099)
 _NEEDED = ("g711", "aufile", "aubridge", "ctrl_tcp", "menu", "account", "srtp")
 
 
@@ -60,18 +61,15 @@ def write_tone(path: Path, seconds: float = 10.0, rate: int = 8000,
 
 @dataclass(frozen=True)
 class Account:
-    """One line of baresip's C{accounts} file."""
+    """A baresip account: the line its C{uanew} command (or C{accounts} file) takes."""
 
     aor: str  # sip:alice@provider.test
     password: str | None = None
     outbound: str | None = None  # sip:192.168.77.1:5060 (the proxy), or None: the AOR's domain
-    regint: int = 600  # 0: no REGISTER
-    answermode: str = "auto"  # auto | manual
     media_encryption: str | None = None  # srtp-mand: SRTP (RTP/SAVP, a=crypto)
 
     def line(self) -> str:
-        params = [f"answermode={self.answermode}", f"regint={self.regint}",
-                  "audio_codecs=PCMU,PCMA", "ptime=20"]
+        params = ["answermode=auto", "regint=600", "audio_codecs=PCMU,PCMA", "ptime=20"]
         if self.password is not None:
             params.append(f"auth_pass={self.password}")
         if self.outbound is not None:
@@ -85,15 +83,12 @@ class Baresip:
     """One baresip in namespace C{ns}, listening for SIP on C{host}:C{port} (UDP)."""
 
     def __init__(self, ns: Namespace, workdir: Path, account: Account, *, host: str,
-                 port: int = 5060, rtp_ports: tuple[int, int] = (10000, 10099),
-                 tone: Path | None = None) -> None:
+                 port: int = 5060) -> None:
         self.ns = ns
         self.workdir = Path(workdir)
         self.account = account
         self.host = host
         self.port = port
-        self.rtp_ports = rtp_ports
-        self.tone = tone
         self.log_path = self.workdir / "baresip.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.events: list[dict[str, Any]] = []
@@ -103,7 +98,7 @@ class Baresip:
         self._token = 0
 
     def config(self) -> str:
-        tone = self.tone or write_tone(self.workdir / "tone.wav")
+        tone = write_tone(self.workdir / "tone.wav")
         lines = {
             "poll_method": "epoll",
             "sip_listen": f"{self.host}:{self.port}",
@@ -114,7 +109,7 @@ class Baresip:
             "audio_alert": "aubridge,nowhere",
             "ausrc_srate": "8000",
             "ausrc_channels": "1",
-            "rtp_ports": f"{self.rtp_ports[0]}-{self.rtp_ports[1]}",
+            "rtp_ports": f"{RTP_PORTS[0]}-{RTP_PORTS[1]}",
             "rtcp_mux": "no",
             "jitter_buffer_delay": "1-10",
             "module_path": str(MODULES),
@@ -213,9 +208,7 @@ class Baresip:
             self._read(min(left, 0.2))
 
     def stop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        """SIGTERM (it unregisters and hangs up), SIGKILL after 3 s; then the control socket."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -223,12 +216,9 @@ class Baresip:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def log_tail(self, lines: int = 40) -> str:
         return f"--- baresip log ({self.log_path}) ---\n{read_tail(self.log_path, lines)}"
-
-    def __enter__(self) -> Baresip:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

@@ -25,6 +25,7 @@ whole process group. What the config does:
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -49,8 +50,6 @@ def _module_dir() -> Path | None:
 
 def kamailio_unavailable(tls: bool = False) -> str | None:
     """Why kamailio (with its tls module if C{tls}) cannot run here, or None."""
-    import shutil
-
     if shutil.which("kamailio") is None and not Path("/usr/sbin/kamailio").exists():
         return "kamailio is not installed (Debian package kamailio; scripts/test installs it)"
     modules = _module_dir()
@@ -63,6 +62,9 @@ def kamailio_unavailable(tls: bool = False) -> str | None:
 
 @dataclass
 class Kamailio:
+    """The provider on C{address} in namespace C{ns}: L{start} writes its config into
+    C{workdir} and waits until it answers an OPTIONS; L{stop} ends it and its workers."""
+
     ns: Namespace
     workdir: Path
     address: str
@@ -269,9 +271,3 @@ route[AUTH] {{
 
     def log_tail(self, lines: int = 60) -> str:
         return f"--- kamailio log ({self.log_path}) ---\n{read_tail(self.log_path, lines)}"
-
-    def __enter__(self) -> Kamailio:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
