@@ -233,15 +233,15 @@ class Proxy:
     def _is_own_address(self, host: str, port: int | None) -> bool:
         """Does host[:port] name one of our listeners (configured, advertised or, for wildcard
         listeners, an address of this machine)?"""
+        if port is not None and self._flows and self.transports.is_flow_port(port):
+            # the local port of a connection we opened: ours when the host is (not cached:
+            # such ports come and go)
+            return self._is_own_address(host, None)
         key = (host, port or 0)
         cached = self._own_cache.get(key)
         if cached is not None:
             return cached
         own = False
-        if port is not None and self._flows and self.transports.is_flow_port(port):
-            # the local port of a connection we opened: ours when the host is (not cached:
-            # such ports come and go)
-            return self._is_own_address(host, None)
         for lst in self.listeners:
             if port is not None and lst.port != port:
                 continue

@@ -197,8 +197,7 @@ class Registrar:
         """An address of this machine, served as L{HOST_DOMAIN} (``own_host`` given)."""
         if self.own_host is None:
             return False
-        host = host.strip("[]").lower()
-        return host == HOST_DOMAIN or self.own_host(host)
+        return self.own_host(host.strip("[]").lower())
 
     def is_local(self, aor: str | URI) -> bool:
         """Whether an address-of-record (canonical string or URI) belongs to our domains."""

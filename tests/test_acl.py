@@ -259,6 +259,27 @@ def test_warns_without_auth_when_there_is_an_outside_listener(
     assert any("auth plugin is not enabled" in formatEvent(e) for e in events)
 
 
+def test_no_auth_warning_when_the_proxy_has_no_users() -> None:
+    """domains = [] (a firewall; the provider is the registrar): nobody can register as a
+    local user, so a firewall set-up starts without that warning."""
+    from types import SimpleNamespace
+
+    from twisted.logger import globalLogPublisher
+
+    from sipproxy.config import parse_config
+
+    config = parse_config('[proxy]\ndomains = []\n[[listen]]\nside = "outside"\n'
+                          '[plugins]\nenabled = ["acl"]\n')
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        factory.build(SimpleNamespace(config=config, clock=None, listeners=[SimpleNamespace(  # type: ignore
+            side="outside")]), Section("acl", {}))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not any("auth plugin is not enabled" in formatEvent(e) for e in events)
+
+
 def test_default_wildcard_inside_listener_still_protects(net: Net) -> None:
     """The default config has one "inside" listener on 0.0.0.0: a public source arriving
     there is still outside (not in inside_networks)."""

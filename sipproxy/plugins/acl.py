@@ -188,7 +188,9 @@ class AclFactory:
         trusted = _networks(section, "trusted", ())
         log_interval = section.get_float("log_interval", 60.0, min=0.0)
         plugins = getattr(core.config, "plugins", ())
-        if "auth" not in plugins and any(
+        proxy = core.config.proxy  # local users only if it is a registrar (no warning on a
+        has_users = bool(proxy.domains or proxy.host_addresses)  # firewall: domains = [])
+        if "auth" not in plugins and has_users and any(
             getattr(lst, "side", "") == "outside" for lst in core.listeners
         ):
             _log.warn("acl: the auth plugin is not enabled: anyone on the outside can register "

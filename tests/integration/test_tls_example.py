@@ -1,8 +1,9 @@
 """
-examples/tls.toml as written (only its addresses, the provider's URI and the CA path
-substituted) takes calls from the provider over the TLS connection the proxy opened, with no TLS
-listener of its own: the phone (a plain SIP client over UDP, 192.168.77.10) behind the firewall,
-the proxy on fw, the provider stand-in (tls_peers: a Python ssl server on 203.0.113.50:5061).
+examples/tls.toml and examples/firewall-tls.toml as written (only their addresses, the
+provider's URI and the CA path substituted) take calls from the provider over the TLS connection
+the proxy opened, with no TLS listener of its own: the phone (a plain SIP client over UDP,
+192.168.77.10) behind the firewall, the proxy on fw, the provider stand-in (tls_peers: a Python
+ssl server on 203.0.113.50:5061).
 
 The stand-in routes as Kamailio does: a request goes to the host and port of its first Route (or
 its Request-URI) with transport=tls, and is sent over a connection only if one with exactly that
@@ -48,22 +49,29 @@ from tests.tls_certs import PROVIDER, Certificates, make_certificates
 
 pytestmark = [pytest.mark.netns]
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tls.toml"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SDP = (f"v=0\r\no=phone 1 1 IN IP4 {PHONE_IP}\r\ns=-\r\nc=IN IP4 {PHONE_IP}\r\nt=0 0\r\n"
        "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
 
 
-def example_config(certs: Certificates) -> dict[str, Any]:
-    """examples/tls.toml with this topology's addresses, the provider and the test CA."""
-    text = EXAMPLE.read_text()
+#: per example: its addresses -> this topology's (firewall-tls.toml uses them already)
+ADDRESSES = {
+    "tls.toml": [('"192.168.1.0/24"', f'"{LAN}"'), ('"192.168.1.1"', f'"{FW_INSIDE}"'),
+                 ('"203.0.113.10"', f'"{FW_OUTSIDE}"')],
+    "firewall-tls.toml": [(f'"{LAN}"', f'"{LAN}"'), (f'"{FW_INSIDE}"', f'"{FW_INSIDE}"'),
+                          (f'"{FW_OUTSIDE}"', f'"{FW_OUTSIDE}"')],
+}
+
+
+def example_config(name: str, certs: Certificates) -> dict[str, Any]:
+    """examples/NAME with this topology's addresses, the provider and the test CA."""
+    text = (EXAMPLES / name).read_text()
     for old, new in [
-        ('"192.168.1.0/24"', f'"{LAN}"'),
-        ('"192.168.1.1"', f'"{FW_INSIDE}"'),
-        ('"203.0.113.10"', f'"{FW_OUTSIDE}"'),
+        *ADDRESSES[name],
         ('uri = "sips:sip.provider.example"', f'uri = "sips:{PROVIDER};maddr={PROVIDER_IP}"'),
         ('# ca = "/etc/sipproxy/provider-ca.pem"', f'ca = "{certs.ca}"'),
     ]:
-        assert text.count(old) >= 1, f"examples/tls.toml no longer has {old}"
+        assert text.count(old) >= 1, f"examples/{name} no longer has {old}"
         text = text.replace(old, new)
     return tomllib.loads(text)
 
@@ -126,13 +134,13 @@ class Phone:
                 return message
         raise AssertionError(f"the phone got no {cseq}")
 
-    def answer(self, request: bytes, to_tag: str, status: int = 200) -> None:
+    def answer(self, request: bytes, to_tag: str) -> None:
         extra = [f"Contact: {self.client.contact}"]
         payload = b""
         if method_of(request) == "INVITE":
             extra.append("Content-Type: application/sdp")
             payload = SDP
-        self.client.send(response_to(request, status, "OK", to_tag=to_tag, extra=extra,
+        self.client.send(response_to(request, 200, "OK", to_tag=to_tag, extra=extra,
                                      payload=payload))
 
     def hang_up(self, invite: bytes, to_tag: str) -> bytes:
@@ -162,7 +170,7 @@ class Phone:
 
 def latest_contact(provider: RoutingProvider) -> str:
     _, register = provider.messages("REGISTER")[-1]
-    return parse_name_addr(header(register, "contact") or "").uri.__str__()
+    return str(parse_name_addr(header(register, "contact") or "").uri)
 
 
 def provider_calls(provider: RoutingProvider, phone: Phone) -> tuple[OwnCall, bytes, str]:
@@ -181,7 +189,7 @@ def provider_calls(provider: RoutingProvider, phone: Phone) -> tuple[OwnCall, by
     ok = provider.final(call.call_id, "1 INVITE")
     assert status_of(ok) == 200, ok
     call.to = header(ok, "to") or ""
-    call.remote = parse_name_addr(header(ok, "contact") or "").uri.__str__()
+    call.remote = str(parse_name_addr(header(ok, "contact") or "").uri)
     call.routes = [part.strip() for value in headers(ok, "record-route")
                    for part in value.split(",")][::-1]
     provider.send_in_dialog("ACK", call, 1)
@@ -194,15 +202,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("example-certs"))
 
 
-@pytest.fixture
-def site(netns_ready: None, certs: Certificates,
+@pytest.fixture(params=sorted(ADDRESSES))
+def site(request: pytest.FixtureRequest, netns_ready: None, certs: Certificates,
          tmp_path: Path) -> Iterator[tuple[NsProxyProcess, RoutingProvider, Phone]]:
     net = NatNet.build()
     try:
         with net.provider.entered():
             provider = RoutingProvider(certs.good.cert, certs.good.key, host=PROVIDER_IP,
                                        port=5061)
-        proxy = NsProxyProcess(net.fw, example_config(certs), tmp_path / "proxy")
+        proxy = NsProxyProcess(net.fw, example_config(request.param, certs),
+                               tmp_path / "proxy")
         try:
             proxy.start()
             phone = Phone(net)
