@@ -38,13 +38,12 @@ from tests.integration.netns import Namespace
 
 __all__ = ["Kamailio", "kamailio_unavailable"]
 
-_MODULE_DIRS = ("/usr/lib/x86_64-linux-gnu/kamailio/modules", "/usr/lib/kamailio/modules")
-
-
 def _module_dir() -> Path | None:
-    for directory in _MODULE_DIRS:
-        if (Path(directory) / "tm.so").exists():
-            return Path(directory)
+    """Where Debian keeps kamailio's modules (/usr/lib/<multiarch>/kamailio/modules)."""
+    for directory in [*sorted(Path("/usr/lib").glob("*/kamailio/modules")),
+                      Path("/usr/lib/kamailio/modules")]:
+        if (directory / "tm.so").exists():
+            return directory
     return None
 
 
