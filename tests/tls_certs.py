@@ -130,7 +130,10 @@ def _leaf(
     return pair
 
 
-def make_certificates(directory: Path) -> Certificates:
+def make_certificates(directory: Path, provider_names: tuple[str, ...] = (PROVIDER,)
+                      ) -> Certificates:
+    """The set above; C{provider_names}: the good certificate's names (DNS names or addresses,
+    e.g. the provider's IP address for an upstream URI that names it)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     day = datetime.timedelta(days=1)
@@ -141,7 +144,7 @@ def make_certificates(directory: Path) -> Certificates:
     valid = {"not_before": now - day, "not_after": now + 10 * day}
     return Certificates(
         ca=ca_path,
-        good=_leaf(directory, "good", [PROVIDER], ca, **valid),
+        good=_leaf(directory, "good", list(provider_names), ca, **valid),
         wrong_name=_leaf(directory, "wrong_name", ["other.test"], ca, **valid),
         expired=_leaf(directory, "expired", [PROVIDER], ca, not_before=now - 10 * day,
                       not_after=now - day),
