@@ -20,6 +20,11 @@ whole process group. What the config does:
   Via's address);
 - C{trusted}: sources never challenged (a trunk, the provider's own gateways);
 - every SIP message it receives is logged whole (L{Kamailio.log_text}): what the provider saw.
+
+L{NgKamailio} is Kamailio as a real NG client instead: a small stateful, Record-Routing proxy
+whose C{rtpengine} module drives a media relay (C{rtpengine_offer} on an INVITE with SDP,
+C{rtpengine_answer} on a reply with SDP, C{rtpengine_delete} on a BYE), so the relay is tested
+against the client most SIP deployments use, not only our own.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pathlib import Path
 from tests.integration.harness import HarnessError, options_probe, read_tail
 from tests.integration.netns import Namespace
 
-__all__ = ["Kamailio", "kamailio_unavailable"]
+__all__ = ["Kamailio", "NgKamailio", "kamailio_unavailable"]
+
 
 def _module_dir() -> Path | None:
     """Where Debian keeps kamailio's modules (/usr/lib/<multiarch>/kamailio/modules)."""
@@ -47,8 +53,8 @@ def _module_dir() -> Path | None:
     return None
 
 
-def kamailio_unavailable(tls: bool = False) -> str | None:
-    """Why kamailio (with its tls module if C{tls}) cannot run here, or None."""
+def kamailio_unavailable(tls: bool = False, rtpengine: bool = False) -> str | None:
+    """Why kamailio (with its tls and rtpengine modules if asked) cannot run here, or None."""
     if shutil.which("kamailio") is None and not Path("/usr/sbin/kamailio").exists():
         return "kamailio is not installed (Debian package kamailio; scripts/test installs it)"
     modules = _module_dir()
@@ -56,6 +62,8 @@ def kamailio_unavailable(tls: bool = False) -> str | None:
         return "kamailio's modules are not installed"
     if tls and not (modules / "tls.so").exists():
         return "kamailio's tls module is not installed (Debian package kamailio-tls-modules)"
+    if rtpengine and not (modules / "rtpengine.so").exists():
+        return "kamailio's rtpengine module is missing (Debian package kamailio)"
     return None
 
 
@@ -270,3 +278,105 @@ route[AUTH] {{
 
     def log_tail(self, lines: int = 60) -> str:
         return f"--- kamailio log ({self.log_path}) ---\n{read_tail(self.log_path, lines)}"
+
+
+#: the rtpengine module's flags for every offer and answer: the relay's interfaces by
+#: rtpengine's legacy names (internal = the caller's side), and our address in o= and c=
+NG_FLAGS = "direction=internal direction=external replace-origin replace-session-connection"
+
+
+@dataclass
+class NgKamailio(Kamailio):
+    """Kamailio on C{address} (and C{also_listen}) driving the relay at C{ng} over NG: every new
+    INVITE goes to C{next_hop}, in-dialog requests follow their Route headers.
+
+        kamailio = NgKamailio(ns, workdir, FW_INSIDE, also_listen=[(FW_OUTSIDE, 5060)],
+                              next_hop=(PROVIDER_IP, 5060), ng=("127.0.0.1", 2223)).start()
+    """
+
+    also_listen: Sequence[tuple[str, int]] = ()
+    next_hop: tuple[str, int] = ("127.0.0.1", 5060)
+    ng: tuple[str, int] = ("127.0.0.1", 2223)
+    flags: str = NG_FLAGS
+
+    def config(self) -> str:
+        listens = "\n".join(f"listen=udp:{host}:{port}"
+                            for host, port in [(self.address, self.port), *self.also_listen])
+        flags = self.flags
+        return f"""#!KAMAILIO
+debug=2
+log_stderror=yes
+fork=yes
+children=2
+mhomed=1
+auto_aliases=no
+{listens}
+mpath="{_module_dir()}/"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "rtpengine.so"
+modparam("rtpengine", "rtpengine_sock", "udp:{self.ng[0]}:{self.ng[1]}")
+modparam("rtpengine", "rtpengine_tout_ms", 2000)
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (is_method("OPTIONS") && uri == myself && !has_totag()) {{
+        sl_send_reply("200", "OK");
+        exit;
+    }}
+    if (has_totag()) {{
+        if (loose_route()) {{
+            if (is_method("BYE")) {{
+                rtpengine_delete();
+            }} else if (is_method("INVITE") && has_body("application/sdp")) {{
+                rtpengine_offer("{flags}");
+            }}
+            t_on_reply("MEDIA");
+            t_relay();
+            exit;
+        }}
+        if (is_method("ACK") && t_check_trans()) {{
+            t_relay();
+        }}
+        exit;
+    }}
+    if (is_method("CANCEL")) {{
+        if (t_check_trans()) {{
+            rtpengine_delete();
+            t_relay();
+        }}
+        exit;
+    }}
+    if (!is_method("INVITE")) {{
+        sl_send_reply("405", "Method Not Allowed");
+        exit;
+    }}
+    record_route();
+    if (has_body("application/sdp")) {{
+        rtpengine_offer("{flags}");
+    }}
+    $du = "sip:{self.next_hop[0]}:{self.next_hop[1]}";
+    t_on_reply("MEDIA");
+    t_on_failure("FAILED");
+    t_relay();
+}}
+
+onreply_route[MEDIA] {{
+    if (has_body("application/sdp")) {{
+        rtpengine_answer("{flags}");
+    }}
+}}
+
+failure_route[FAILED] {{
+    rtpengine_delete();
+}}
+"""

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from sipproxy.media.ng import decode_message, encode_message
-from tests.integration.kamailio_ng import kamailio_ng, kamailio_unavailable
+from tests.integration.kamailio import NgKamailio, kamailio_unavailable
 from tests.integration.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
@@ -43,7 +43,7 @@ from tests.integration.netns import (
     NsSipp,
     Topology,
 )
-from tests.integration.rtp_call import callee_scenario, caller_scenario, loss, rtp_pcap
+from tests.integration.rtp import callee_scenario, caller_scenario, loss, write_rtp_pcap
 from tests.integration.test_media_netns import (
     MIN_PACKETS,
     NG_PORT,
@@ -176,7 +176,7 @@ def test_calls_through_the_kernel_path_behind_the_seeds_firewall(
     net = seed_net
     nft_before = net.fw.run("nft", "list", "ruleset").stdout
     pcap = tmp_path / "counted.pcap"
-    count = rtp_pcap(pcap, seconds)
+    count = write_rtp_pcap(pcap, seconds)
     scenario = caller_scenario(tmp_path / "uac_counted.xml", pcap, seconds)
     config = media_config("builtin")
     # the default config: only the NG port for the test's own look at the relay's counts
@@ -445,19 +445,19 @@ def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> 
     """Kamailio on fw (``rtpengine_offer``/``answer``/``delete``) with ``twist sipproxy-relay``
     behind it: 20 calls, numbered RTP both ways through the kernel path, none lost; afterwards
     no session, no port and no rule left."""
-    reason = kamailio_unavailable()
+    reason = kamailio_unavailable(rtpengine=True)
     if reason is not None:
         pytest.skip(reason)
     net = seed_net
     nft_before = net.fw.run("nft", "list", "ruleset").stdout
     pcap = tmp_path / "counted.pcap"
-    count = rtp_pcap(pcap, KAMAILIO_CALL_SECONDS)
+    count = write_rtp_pcap(pcap, KAMAILIO_CALL_SECONDS)
     scenario = caller_scenario(tmp_path / "uac_counted.xml", pcap, KAMAILIO_CALL_SECONDS)
     relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
     capture: Capture | None = None
-    kamailio = kamailio_ng(net.fw, tmp_path / "kamailio", listen=[(FW_INSIDE, SIP),
-                                                                   (FW_OUTSIDE, SIP)],
-                           next_hop=(PROVIDER_IP, SIP), ng=("127.0.0.1", NG_PORT))
+    kamailio = NgKamailio(net.fw, tmp_path / "kamailio", FW_INSIDE, port=SIP,
+                          also_listen=[(FW_OUTSIDE, SIP)], next_hop=(PROVIDER_IP, SIP),
+                          ng=("127.0.0.1", NG_PORT))
     phone, provider = NsSipp(net.phone, tmp_path / "phone"), NsSipp(net.provider,
                                                                      tmp_path / "provider")
     sampler = Sampler(net.fw, 60)
@@ -477,7 +477,7 @@ def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> 
         sampler.finish()
         capture.settle()
         packets = capture.snapshot()
-        logs = (f"{kamailio.output_path.read_text(errors='replace')[-3000:]}\n"
+        logs = (f"{kamailio.log_tail(40)}\n"
                 f"{relay.log_tail()}\n{describe_sip(packets)}")
         assert client.ok(KAMAILIO_CALLS), f"{client.describe()}\n{logs}"
         assert server.ok(KAMAILIO_CALLS), f"{server.describe()}\n{logs}"
