@@ -179,6 +179,8 @@ def attacker_calls_alice(net: Net, call_id: str = "d2") -> dict[str, Any]:
 
 
 def register_alice_at(net: Net, source: Source) -> None:
+    # as on a public proxy (no inside listener), whose phones register from the outside
+    acl_of(net).inside_registrations = False
     [ok] = net.request("REGISTER", f"sip:{DOMAIN}", source, to=f"<sip:alice@{DOMAIN}>",
                        call_id="reg-out", headers=("Expires: 600",))
     assert ok.status == 200
@@ -329,18 +331,37 @@ def parse_request(source: Source) -> Request:
     return request
 
 
-def test_warns_without_auth_when_there_is_an_outside_listener(
+def test_warns_without_auth_only_on_a_public_proxy(
     net: Net, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from types import SimpleNamespace
+
     from twisted.logger import globalLogPublisher
 
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)
-    try:
-        factory.build(net.proxy, Section("acl", {}))
+    try:  # a public proxy: every listener outside
+        public = SimpleNamespace(config=net.proxy.config, clock=net.clock,
+                                 listeners=[SimpleNamespace(side="outside")])
+        acl = factory.build(public, Section("acl", {}))  # type: ignore[arg-type]
+        assert not acl.inside_registrations
+        factory.build(net.proxy, Section("acl", {}))  # inside and outside: no warning
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert any("auth plugin is not enabled" in formatEvent(e) for e in events)
+    assert len([e for e in events if "auth plugin is not enabled" in formatEvent(e)]) == 1
+
+
+def test_outside_registrations_refused_without_auth_when_phones_are_inside(net: Net) -> None:
+    """An edge proxy (inside and outside listeners) without auth: an outside host may not
+    register as a local user (it would take that user's calls), an inside phone may; no
+    start-up warning is needed, since nothing is left open."""
+    acl = acl_of(net)
+    assert acl.inside_registrations
+    sent = net.request("REGISTER", f"sip:{DOMAIN}", ATTACKER, to=f"<sip:alice@{DOMAIN}>",
+                       call_id="hijack", headers=("Expires: 600",))
+    assert statuses(sent) == [403]
+    assert acl.counters["acl.relay_denied"] == 1
+    register_alice(net)  # from the inside
 
 
 def test_no_auth_warning_when_the_proxy_has_no_users() -> None:

@@ -894,7 +894,9 @@ def test_public_proxy_leaves_a_binding_that_is_not_natted_alone() -> None:
     net.run_out()
 
 
-FIREWALL_WITH_DOMAIN = FIREWALL.replace("domains = []", 'domains = ["lan.example"]')
+# without auth, a remote phone may register from the outside only from a trusted network
+FIREWALL_WITH_DOMAIN = FIREWALL.replace("domains = []", 'domains = ["lan.example"]') + (
+    '\n[acl]\ntrusted = ["198.51.100.2"]\n')
 
 
 def test_firewall_with_a_remote_phone_behind_a_home_nat() -> None:

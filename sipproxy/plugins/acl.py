@@ -25,6 +25,10 @@ business). A request from the outside may only reach:
   ``maddr`` counts as its host. Anything else (a changed Request-URI, a route of the sender's
   own side, a source that is neither party) is ``403``: a caller cannot relay through its own
   call;
+  A REGISTER from the outside is refused too when the ``auth`` plugin is not enabled and the
+  proxy has inside listeners (its phones are inside: an unauthenticated outside host must not
+  take over a local user's calls); a public proxy without ``auth`` (every listener outside)
+  accepts it and warns at start-up;
 - anywhere, when an authentication plugin verified the sender (``ctx.data[AUTHENTICATED_USER]``,
   a local user of a public proxy calling out). A request whose From is one of our domains is
   therefore judged in ``request_forwarding``, after every ``request_received`` hook (``auth``
@@ -95,8 +99,12 @@ class AclPlugin(Plugin):
         inside_networks: Iterable[str] = DEFAULT_INSIDE,
         trusted: Iterable[str] = (),
         log_interval: float = 60.0,
+        inside_registrations: bool = False,
     ) -> None:
         self.core = core
+        #: REGISTERs to our domains from the outside are refused (no auth plugin vouches for
+        #: them, and the phones of this set-up are inside)
+        self.inside_registrations = inside_registrations
         self.inside: Networks = tuple(ipaddress.ip_network(n, strict=False)
                                       for n in inside_networks)
         self.trusted: Networks = tuple(ipaddress.ip_network(n, strict=False) for n in trusted)
@@ -167,7 +175,11 @@ class AclPlugin(Plugin):
     # -- hooks ------------------------------------------------------------------------------------
     def request_received(self, ctx: Any) -> Any:
         request: Request = ctx.request
-        if self.classify(request) != "outside" or self.resolved_here(request):
+        if self.classify(request) != "outside":
+            return None
+        if self.resolved_here(request):
+            if self.inside_registrations and request.method == "REGISTER":
+                return self._deny(ctx, "registration from the outside without auth")
             return None
         if ctx.dialog is not None:
             if self.reaches_peer(ctx.dialog, request):
@@ -223,14 +235,17 @@ class AclFactory:
         trusted = _networks(section, "trusted", ())
         log_interval = section.get_float("log_interval", 60.0, min=0.0)
         plugins = getattr(core.config, "plugins", ())
-        proxy = core.config.proxy  # local users only if it is a registrar (no warning on a
+        proxy = core.config.proxy  # local users only if it is a registrar (none on a
         has_users = bool(proxy.domains or proxy.host_addresses)  # firewall: domains = [])
-        if "auth" not in plugins and has_users and any(
-            getattr(lst, "side", "") == "outside" for lst in core.listeners
-        ):
+        sides = {getattr(lst, "side", "") for lst in core.listeners}
+        unauthenticated = "auth" not in plugins and has_users and "outside" in sides
+        # An edge proxy whose phones are inside: registering from the outside needs auth.
+        # A public proxy without auth (every listener outside) registers anyone: say so.
+        inside_only = unauthenticated and sides != {"outside"}
+        if unauthenticated and not inside_only:
             _log.warn("acl: the auth plugin is not enabled: anyone on the outside can register "
                       "as a local user")
-        return AclPlugin(core, inside, trusted, log_interval)
+        return AclPlugin(core, inside, trusted, log_interval, inside_registrations=inside_only)
 
 
 factory: Final = AclFactory()
