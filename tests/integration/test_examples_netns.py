@@ -450,6 +450,15 @@ def test_the_phone_registers(example_run: Run) -> None:
             run.kamailio.log_tail()
 
 
+def test_the_example_runs_without_warnings(example_run: Run) -> None:
+    """A set-up the README tells people to run logs no warning or error, from start-up to
+    the end of the calls (a warning there would mean the example leaves something open)."""
+    log = example_run.proxy.log_path.read_text(errors="replace")
+    assert not re.findall(r"^.*#(?:warn|error|critical)\].*$", log, re.M), \
+        example_run.proxy.log_tail(40)
+    assert "Traceback" not in log, example_run.proxy.log_tail(40)
+
+
 @pytest.mark.parametrize("name", list(CALLS))
 def test_calls_both_ways(example_run: Run, name: str) -> None:
     """The call is set up (baresip: established), and ends by the BYE of the side that hangs
