@@ -570,6 +570,28 @@ class TCPSocketTests(SocketTestCase):
         self.assertEqual((got.source.transport, got.body), ("TCP", body))
 
     @defer.inlineCallbacks
+    def test_large_request_to_a_udp_only_target_falls_back_to_udp(self):
+        """A phone registered over UDP often has no TCP listener (linphone, desk phones): the
+        request goes over UDP after all, its Via saying UDP, and the next one goes there at once."""
+        a, _ = self.start_manager(listen("outside", "udp"), listen("outside", "tcp"))
+        b, b_inbox = self.start_manager(listen("inside", "udp"))
+        target = Target("UDP", LOCAL, b.listeners[0].port, None)
+        body = b"x" * 1400
+        for n in (1, 2):
+            size = len(request_bytes(body=body))
+            transport = a.transport_for(size, target)
+            self.assertEqual(transport, "TCP" if n == 1 else "UDP")
+            req = parse_request(request_bytes(
+                via=f"SIP/2.0/{transport} {LOCAL}:{a.listeners[0].port};branch=z9hG4bK-U{n}",
+                body=body, call_id=f"u{n}"))
+            yield a.send_request(req, target)
+            got = yield b_inbox.get()
+            self.assertEqual((got.call_id, got.source.transport, got.body), (f"u{n}", "UDP", body))
+            self.assertEqual(got.top_via.transport, "UDP")
+            self.assertEqual(got.source.port, a.listeners[0].port)
+        self.assertEqual(a._pending, {})
+
+    @defer.inlineCallbacks
     def test_connect_failure_fails_the_deferred(self):
         a, _ = self.start_manager(listen("outside", "tcp"))
         # A port that was just free: bind, note it, close.

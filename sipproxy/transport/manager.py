@@ -77,6 +77,10 @@ __all__ = [
 RELIABLE_TRANSPORTS = frozenset({"TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS"})
 UDP_SIZE_LIMIT = 1300
 """RFC 3261 18.1.1: a request larger than this (path MTU unknown) must not go over UDP."""
+UDP_ONLY_TTL = 600.0
+"""Seconds a UDP target whose TCP connection failed gets large requests over UDP directly."""
+UDP_ONLY_MAX = 10_000
+"""Such targets remembered at most (the oldest is forgotten first)."""
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
@@ -435,6 +439,7 @@ class TransportManager(Service):
         self._connections: dict[tuple[str, int], SIPStreamProtocol] = {}
         self._streams: set[SIPStreamProtocol] = set()
         self._pending: dict[tuple[str, int], _Pending] = {}
+        self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
         self.tls = TLSConnections(self)
@@ -611,9 +616,52 @@ class TransportManager(Service):
         the answer in its Via. L{send_request} then sends over TCP to the same host and port.
         """
         wanted = target.transport.upper()
-        if wanted == "UDP" and request_bytes_len > self.udp_size_limit:
+        if (wanted == "UDP" and request_bytes_len > self.udp_size_limit
+                and not self._known_udp_only(target)):
             return "TCP"
         return wanted
+
+    def _known_udp_only(self, target: Target) -> bool:
+        key = _key(target.host, target.port)
+        until = self._udp_only.get(key)
+        if until is not None and until <= self.reactor.seconds():
+            del self._udp_only[key]
+            until = None
+        return until is not None
+
+    def _send_size_switched(self, request: Request, target: Target,
+                            done: defer.Deferred[None]) -> None:
+        """
+        A large request to a UDP target goes over TCP (L{transport_for}); most phones that
+        register over UDP (desk phones, softphones) have no TCP listener, so when the connection
+        fails the request goes over UDP after all, its Via back to UDP, as it would without the
+        size rule, and the target gets UDP directly for L{UDP_ONLY_TTL} seconds.
+        """
+        over_tcp: defer.Deferred[None] = defer.Deferred()
+
+        def over_udp(_: object) -> None:
+            key = _key(target.host, target.port)
+            self._udp_only.pop(key, None)
+            while len(self._udp_only) >= UDP_ONLY_MAX:
+                del self._udp_only[next(iter(self._udp_only))]
+            self._udp_only[key] = self.reactor.seconds() + UDP_ONLY_TTL
+            via = request.top_via
+            if via is not None and via.transport.upper() == "TCP":
+                via = via.copy()
+                via.transport = "UDP"
+                via.touch()
+                request.update_top_via(via)
+            self.send_request(request, target).chainDeferred(done)
+
+        over_tcp.addCallbacks(done.callback, over_udp)
+        try:
+            listener = self._listener_for_request(request, "TCP", target)
+            self._send_stream(listener.side if listener is not None else "",
+                              listener.bind_host if listener is not None else None,
+                              self._serialize(request, "TCP"), target.host, target.port,
+                              over_tcp)
+        except Exception:
+            over_tcp.errback()
 
     def listener_for_source(self, source: Source) -> Listener | None:
         """The listener a message with this source arrived on (UDP), or one of its side."""
@@ -656,7 +704,8 @@ class TransportManager(Service):
         connection refused or timed out, socket error, service stopped). Never raises.
 
         UDP leaves from the listener the top Via names (else L{choose_listener}); a UDP target
-        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP.
+        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP,
+        or over UDP when that connection fails (L{_send_size_switched}).
         TCP reuses any open connection to C{(host, port)}, accepted or opened, else connects
         (bound to the listener's address) and queues the request until connected.
         """
@@ -665,7 +714,8 @@ class TransportManager(Service):
             transport = target.transport.upper()
             via = request.top_via
             if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
-                transport = "TCP"
+                self._send_size_switched(request, target, done)
+                return done
             data = self._serialize(request, transport)
             listener = self._listener_for_request(request, transport, target)
             if transport == "UDP":
