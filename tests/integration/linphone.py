@@ -1,0 +1,155 @@
+"""
+A real softphone for the integration tests: Debian's ``linphonec`` (linphone-cli), headless, in a
+network namespace, driven through its console as a user types into it.
+
+linphonec reads its commands with readline, so it runs on a pseudo-terminal (with a pipe it never
+serves its event loop between commands). It has no sound card here: ``soundcard use files``
+makes it play a WAV file to the far end instead of a microphone. Every phone has its own HOME
+(liblinphone keeps a database there and gives up on the account without one) and its own
+config file written here; every wait is bounded and the output so far is in every failure.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tests.integration.harness import HarnessError
+from tests.integration.netns import Namespace
+
+__all__ = ["HELLO_WAV", "Linphone", "linphone_available"]
+
+#: a short spoken sample shipped with linphone-common, played as the phone's "microphone"
+HELLO_WAV = Path("/usr/share/sounds/linphone/hello8000.wav")
+
+
+def linphone_available() -> bool:
+    return shutil.which("linphonec") is not None and HELLO_WAV.exists()
+
+
+class Linphone:
+    """
+    One linphonec in namespace C{ns}: SIP on UDP C{sip_port} of its address, RTP on C{rtp_port}.
+
+    C{registrar} is the registrar/domain the user types in (the account's identity is
+    C{sip:user@registrar}), C{outbound_proxy} the "outbound proxy" setting (linphone's route),
+    if any. C{auto_answer}: incoming calls are answered at once (``linphonec -a``).
+    """
+
+    def __init__(self, ns: Namespace, workdir: Path, user: str, registrar: str, *,
+                 outbound_proxy: str | None = None, sip_port: int = 5062,
+                 rtp_port: int = 7078, auto_answer: bool = False) -> None:
+        self.ns = ns
+        self.user = user
+        self.workdir = Path(workdir)
+        self.home = self.workdir / "home"
+        (self.home / ".local" / "share" / "linphone").mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "linphonerc"
+        self.rtp_port = rtp_port
+        # linphone's "SIP server address" is where REGISTER goes (the identity's domain names
+        # the registrar); its "outbound proxy" switch makes that address the route for calls.
+        server = outbound_proxy or registrar
+        route = f"reg_route=<sip:{outbound_proxy};lr>\n" if outbound_proxy else ""
+        self.config_path.write_text(
+            "[sip]\n"
+            f"sip_port={sip_port}\nsip_tcp_port=0\nsip_tls_port=0\n"
+            "default_proxy=0\nipv6_enabled=0\n"
+            "[rtp]\n"
+            f"audio_rtp_port={rtp_port}\nvideo_rtp_port=0\n"
+            "[sound]\necho_cancellation=0\n"
+            "[video]\ncapture=0\ndisplay=0\nautomatically_initiate=0\n"
+            "[proxy_0]\n"
+            f"reg_proxy=<sip:{server};transport=udp>\n{route}"
+            f"reg_identity=sip:{user}@{registrar}\n"
+            "reg_expires=600\nreg_sendregister=1\npublish=0\n"
+        )
+        self.output = ""
+        self._seen = 0
+        master, slave = pty.openpty()
+        argv = [*ns.prefix(), "linphonec", "-c", str(self.config_path), "-d", "0"]
+        if auto_answer:
+            argv.append("-a")
+        env = dict(os.environ, HOME=str(self.home), TERM="dumb")
+        try:
+            self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                                            env=env, close_fds=True, start_new_session=True)
+        finally:
+            os.close(slave)
+        self._master = master
+        self.command("soundcard use files")
+        self.command(f"play {HELLO_WAV}")
+
+    # -- the console -----------------------------------------------------------------------------
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._master], [], [], timeout)
+        if ready:
+            try:
+                data = os.read(self._master, 65536)
+            except OSError:  # the phone exited: the pty is gone
+                data = b""
+            self.output += data.decode("utf-8", "replace")
+
+    def command(self, line: str) -> None:
+        """Type one line into the console."""
+        os.write(self._master, line.encode() + b"\n")
+
+    def expect(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        """Wait (bounded) for C{pattern} in what the phone printed since the last match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.search(self.output, self._seen)
+            if found:
+                self._seen = found.end()
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0 or self.process.poll() is not None:
+                raise HarnessError(
+                    f"{self.user}: no {pattern!r} within {timeout} s; its console:\n"
+                    + self.output[-3000:])
+            self._read(min(left, 0.2))
+
+    def wait_registered(self, timeout: float = 15.0) -> None:
+        """Poll ``status register`` until the account is registered (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.command("status register")
+            try:
+                self.expect(r"registered, identity=|registered=-?\d", 2.0)
+            except HarnessError:
+                pass
+            if re.search(r"registered, identity=", self.output[-2000:]):
+                return
+            if time.monotonic() > deadline:
+                raise HarnessError(f"{self.user} did not register:\n{self.output[-3000:]}")
+            time.sleep(0.5)
+
+    def call(self, uri: str) -> None:
+        self.command(f"call {uri}")
+
+    def hang_up(self) -> None:
+        self.command("terminate")
+
+    def drain(self, seconds: float = 0.5) -> None:
+        """Read what the phone prints for C{seconds} (for the failure messages)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._read(left)
+
+    def close(self) -> None:
+        self.drain(0.2)
+        if self.process.poll() is None:
+            try:
+                self.command("quit")
+                self.process.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.process.pid, 9)
+                self.process.wait(5)
+        os.close(self._master)

@@ -1,0 +1,155 @@
+"""
+A real softphone through the proxy, set up as the README's "Phones" table says: Debian's
+``linphonec`` (linphone-cli) in network namespaces (the NAT topology of ``netns.py``).
+
+- No config (``twistd -n sipproxy``) on fw: alice (LAN) registers to 192.168.77.1, bob (outside)
+  to 203.0.113.1, "any name / none"; they call each other by user name, each call hung up by
+  the other side once (BYE both ways).
+- ``examples/firewall.toml`` as written (the provider's name replaced by its address) on fw, and
+  a provider that is a real registrar: ``twistd -n sipproxy`` with no config in the provider's
+  namespace (every address of that host is its domain). alice types the provider's domain as
+  registrar and 192.168.77.1 as outbound proxy; bob is the provider's other user. Calls both
+  ways with BYE both ways, and the audio (a WAV file linphone plays) reaches each phone from
+  the media relay on its own side of fw.
+
+linphone's INVITE is larger than 1300 bytes and linphone listens on UDP only: the proxy must
+fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import REPO_ROOT, HarnessError
+from tests.integration.linphone import Linphone, linphone_available
+from tests.integration.netns import (
+    FW_INSIDE,
+    FW_OUTSIDE,
+    PHONE_IP,
+    PROVIDER_IP,
+    Capture,
+    NatNet,
+    NsProxyProcess,
+)
+from tests.integration.test_no_config import NoConfigProxy
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(not linphone_available(), reason="linphonec (linphone-cli) not installed"),
+]
+
+TIMEOUT = 20.0
+RTP = 7078
+
+
+def _connected(caller: Linphone, callee: Linphone) -> None:
+    caller.expect(r"Call \d+ with \S+ connected", TIMEOUT)
+    callee.expect(r"Call \d+ with \S+ connected", TIMEOUT)
+
+
+def _ended(hanging_up: Linphone, other: Linphone) -> None:
+    hanging_up.hang_up()
+    hanging_up.expect(r"Call \d+ with \S+ ended", TIMEOUT)
+    other.expect(r"Call \d+ with \S+ ended", TIMEOUT)  # the BYE reached it through the proxy
+
+
+def _calls_both_ways(alice: Linphone, alice_calls: str, bob: Linphone, bob_calls: str,
+                     talk: float = 0.0) -> None:
+    """alice calls bob and hangs up; bob calls alice and alice hangs up: BYE from the caller,
+    then from the callee, each way through the proxy."""
+    alice.call(alice_calls)
+    _connected(alice, bob)
+    alice.drain(talk)
+    _ended(alice, bob)
+    bob.call(bob_calls)
+    _connected(bob, alice)
+    bob.drain(talk)
+    _ended(alice, bob)
+
+
+def _phones(net: NatNet, tmp_path: Path, alice_registrar: str, bob_registrar: str,
+            outbound_proxy: str | None = None) -> tuple[Linphone, Linphone]:
+    alice = Linphone(net.phone, tmp_path / "alice", "alice", alice_registrar,
+                     outbound_proxy=outbound_proxy, auto_answer=True, rtp_port=RTP)
+    try:
+        bob = Linphone(net.provider, tmp_path / "bob", "bob", bob_registrar, auto_answer=True,
+                       rtp_port=RTP)
+    except BaseException:
+        alice.close()
+        raise
+    return alice, bob
+
+
+def _explain(proxy: NsProxyProcess, *phones: Linphone) -> str:
+    parts = [f"--- {proxy.name} log ---\n{proxy.log_text()[-4000:]}"]
+    parts += [f"--- {p.user} console ---\n{p.output[-2000:]}" for p in phones]
+    return "\n".join(parts)
+
+
+def test_linphone_no_config(nat_net: NatNet, tmp_path: Path) -> None:
+    net = nat_net
+    proxy = NoConfigProxy(net.fw, {}, tmp_path / "proxy")
+    proxy.start()
+    alice, bob = _phones(net, tmp_path, FW_INSIDE, FW_OUTSIDE)
+    try:
+        alice.wait_registered(TIMEOUT)
+        bob.wait_registered(TIMEOUT)
+        _calls_both_ways(alice, f"sip:bob@{FW_INSIDE}", bob, f"sip:alice@{FW_OUTSIDE}")
+    except HarnessError as e:
+        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+    finally:
+        alice.close()
+        bob.close()
+        proxy.stop()
+    log = proxy.log_text()
+    assert "Traceback" not in log and "#warn" not in log and "#error" not in log, log
+
+
+def firewall_example() -> dict[str, object]:
+    """examples/firewall.toml as written; only the provider's name is its address here."""
+    text = (REPO_ROOT / "examples" / "firewall.toml").read_text()
+    return tomllib.loads(text.replace("sip.provider.example", PROVIDER_IP))
+
+
+class ProviderProxy(NoConfigProxy):
+    """The provider: a registrar and proxy for its own address (sipproxy with no config)."""
+
+    def listeners(self) -> list[tuple[str, str, int]]:
+        return [("udp", PROVIDER_IP, 5060)]
+
+
+def test_linphone_firewall_example(nat_net: NatNet, tmp_path: Path) -> None:
+    net = nat_net
+    provider = ProviderProxy(net.provider, {}, tmp_path / "provider", name="provider")
+    proxy = NsProxyProcess(net.fw, firewall_example(), tmp_path / "fw")
+    provider.start()
+    proxy.start()
+    capture = Capture(net.fw, [net.lan_if, net.wan_if])
+    alice, bob = _phones(net, tmp_path, PROVIDER_IP, PROVIDER_IP, outbound_proxy=FW_INSIDE)
+    try:
+        alice.wait_registered(TIMEOUT)
+        bob.wait_registered(TIMEOUT)
+        _calls_both_ways(alice, f"sip:bob@{PROVIDER_IP}", bob, f"sip:alice@{PROVIDER_IP}",
+                         talk=2.0)
+    except HarnessError as e:
+        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}\n"
+                             f"{_explain(provider)}") from None
+    finally:
+        alice.close()
+        bob.close()
+        packets = capture.stop()
+        proxy.stop()
+        provider.stop()
+    # the audio reached each phone, from the relay's address on that phone's side
+    to_alice = [p for p in packets if p.proto == "udp" and p.dst == PHONE_IP and p.dport == RTP]
+    to_bob = [p for p in packets if p.proto == "udp" and p.dst == PROVIDER_IP and p.dport == RTP]
+    assert len(to_alice) >= 100 and {p.src for p in to_alice} == {FW_INSIDE}, len(to_alice)
+    assert len(to_bob) >= 100 and {p.src for p in to_bob} == {FW_OUTSIDE}, len(to_bob)
+    # nothing of the LAN on the outside
+    leaks = [p for p in packets if p.interface == net.wan_if and b"192.168.77." in p.payload]
+    assert not leaks, leaks[0].payload.decode(errors="replace")
+    log = proxy.log_text()
+    assert "Traceback" not in log and "#error" not in log, log
