@@ -496,6 +496,17 @@ class UDPSocketTests(SocketTestCase):
         self.assertEqual(len(client.received.pending), 0)  # the garbage got no answer
 
     @defer.inlineCallbacks
+    def test_datagram_larger_than_8_kib_arrives_whole(self):
+        """Twisted reads 8 KiB of a datagram unless told: a 20 KB INVITE (a big SDP) is whole."""
+        manager, inbox = self.start_manager(listen("inside", "udp"))
+        client, _ = self.udp_client()
+        body = b"a=x-filler:" + b"y" * 20000 + b"\r\n"
+        client.send(request_bytes(method="INVITE", call_id="big", body=body),
+                    manager.listeners[0].port)
+        request = yield inbox.get()
+        self.assertEqual((request.call_id, request.body), ("big", body))
+
+    @defer.inlineCallbacks
     def test_send_request_over_udp(self):
         manager, _ = self.start_manager(listen("outside", "udp"))
         listener = manager.listeners[0]

@@ -479,7 +479,9 @@ class TransportManager(Service):
             proto = SIPDatagramProtocol(
                 lambda data, addr: self._datagram_received(listener, data, addr)
             )
-            port = self.reactor.listenUDP(listener.port, proto, interface=interface)
+            # a datagram may hold a whole message (64 KiB); Twisted reads 8 KiB by default
+            port = self.reactor.listenUDP(listener.port, proto, interface=interface,
+                                          maxPacketSize=65535)
             _enlarge_receive_buffer(port)
             listener.udp = proto
         elif listener.transport == "TLS":
