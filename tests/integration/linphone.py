@@ -38,12 +38,13 @@ class Linphone:
     One linphonec in namespace C{ns}: SIP on UDP C{sip_port} of its address, RTP on C{rtp_port}.
 
     C{registrar} is the registrar/domain the user types in (the account's identity is
-    C{sip:user@registrar}), C{outbound_proxy} the "outbound proxy" setting (linphone's route),
-    if any. C{auto_answer}: incoming calls are answered at once (``linphonec -a``).
+    C{sip:user@registrar}), C{outbound_proxy} the "outbound proxy" setting, if any, C{password}
+    the account's password (the realm is the registrar's domain). C{auto_answer}: incoming calls are answered at once (``linphonec -a``).
     """
 
     def __init__(self, ns: Namespace, workdir: Path, user: str, registrar: str, *,
-                 outbound_proxy: str | None = None, sip_port: int = 5062,
+                 outbound_proxy: str | None = None, password: str | None = None,
+                 sip_port: int = 5062,
                  rtp_port: int = 7078, auto_answer: bool = False) -> None:
         self.ns = ns
         self.user = user
@@ -68,6 +69,8 @@ class Linphone:
             f"reg_proxy=<sip:{server};transport=udp>\n{route}"
             f"reg_identity=sip:{user}@{registrar}\n"
             "reg_expires=600\nreg_sendregister=1\npublish=0\n"
+            + (f"[auth_info_0]\nusername={user}\npasswd={password}\nrealm={registrar}\n"
+               f"domain={registrar}\n" if password else "")
         )
         self.output = ""
         self._seen = 0

@@ -11,6 +11,8 @@ A real softphone through the proxy, set up as the README's "Phones" table says: 
   registrar and 192.168.77.1 as outbound proxy; bob is the provider's other user. Calls both
   ways with BYE both ways, and the audio (a WAV file linphone plays) reaches each phone from
   the media relay on its own side of fw.
+- ``examples/public.toml`` as written: alice (behind the NAT) and bob register as users of
+  ``sip.example.com`` with the passwords of ``examples/users.txt`` (Digest) and call each other.
 
 linphone's INVITE is larger than 1300 bytes and linphone listens on UDP only: the proxy must
 fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before).
@@ -18,6 +20,7 @@ fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before)
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -71,12 +74,16 @@ def _calls_both_ways(alice: Linphone, alice_calls: str, bob: Linphone, bob_calls
 
 
 def _phones(net: NatNet, tmp_path: Path, alice_registrar: str, bob_registrar: str,
-            outbound_proxy: str | None = None) -> tuple[Linphone, Linphone]:
+            outbound_proxy: str | None = None, bob_outbound_proxy: str | None = None,
+            passwords: tuple[str | None, str | None] = (None, None),
+            ) -> tuple[Linphone, Linphone]:
     alice = Linphone(net.phone, tmp_path / "alice", "alice", alice_registrar,
-                     outbound_proxy=outbound_proxy, auto_answer=True, rtp_port=RTP)
+                     outbound_proxy=outbound_proxy, password=passwords[0], auto_answer=True,
+                     rtp_port=RTP)
     try:
-        bob = Linphone(net.provider, tmp_path / "bob", "bob", bob_registrar, auto_answer=True,
-                       rtp_port=RTP)
+        bob = Linphone(net.provider, tmp_path / "bob", "bob", bob_registrar,
+                       outbound_proxy=bob_outbound_proxy, password=passwords[1],
+                       auto_answer=True, rtp_port=RTP)
     except BaseException:
         alice.close()
         raise
@@ -151,5 +158,34 @@ def test_linphone_firewall_example(nat_net: NatNet, tmp_path: Path) -> None:
     # nothing of the LAN on the outside
     leaks = [p for p in packets if p.interface == net.wan_if and b"192.168.77." in p.payload]
     assert not leaks, leaks[0].payload.decode(errors="replace")
+    log = proxy.log_text()
+    assert "Traceback" not in log and "#error" not in log, log
+
+
+def test_linphone_public_example(nat_net: NatNet, tmp_path: Path) -> None:
+    """examples/public.toml as written (users.txt beside it): alice behind her own NAT and bob
+    outside register as users of sip.example.com with their passwords (Digest) and call each
+    other; both ways, BYE both ways."""
+    net = nat_net
+    text = (REPO_ROOT / "examples" / "public.toml").read_text()
+    workdir = tmp_path / "proxy"
+    workdir.mkdir()
+    shutil.copy(REPO_ROOT / "examples" / "users.txt", workdir / "users.txt")
+    proxy = NsProxyProcess(net.fw, tomllib.loads(text), workdir)
+    proxy.start()
+    domain = "sip.example.com"  # its DNS would name the proxy: the phones name it themselves
+    alice, bob = _phones(net, tmp_path, domain, domain, outbound_proxy=FW_OUTSIDE,
+                         bob_outbound_proxy=FW_OUTSIDE,
+                         passwords=("change-me-alice", "change-me-bob"))
+    try:
+        alice.wait_registered(TIMEOUT)
+        bob.wait_registered(TIMEOUT)
+        _calls_both_ways(alice, f"sip:bob@{domain}", bob, f"sip:alice@{domain}")
+    except HarnessError as e:
+        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+    finally:
+        alice.close()
+        bob.close()
+        proxy.stop()
     log = proxy.log_text()
     assert "Traceback" not in log and "#error" not in log, log
