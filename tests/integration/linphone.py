@@ -39,7 +39,8 @@ class Linphone:
 
     C{registrar} is the registrar/domain the user types in (the account's identity is
     C{sip:user@registrar}), C{outbound_proxy} the "outbound proxy" setting, if any, C{password}
-    the account's password (the realm is the registrar's domain). C{auto_answer}: incoming calls are answered at once (``linphonec -a``).
+    the account's password (the realm is the registrar's domain). C{auto_answer}: incoming
+    calls are answered at once (``linphonec -a``).
     """
 
     def __init__(self, ns: Namespace, workdir: Path, user: str, registrar: str, *,
