@@ -35,7 +35,8 @@ def linphone_available() -> bool:
 
 class Linphone:
     """
-    One linphonec in namespace C{ns}: SIP on UDP C{sip_port} of its address, RTP on C{rtp_port}.
+    One linphonec in namespace C{ns}: SIP on C{transport} (udp or tcp) C{sip_port} of its
+    address, RTP on C{rtp_port}.
 
     C{registrar} is the registrar/domain the user types in (the account's identity is
     C{sip:user@registrar}), C{outbound_proxy} the "outbound proxy" setting, if any, C{password}
@@ -45,7 +46,7 @@ class Linphone:
 
     def __init__(self, ns: Namespace, workdir: Path, user: str, registrar: str, *,
                  outbound_proxy: str | None = None, password: str | None = None,
-                 sip_port: int = 5062,
+                 sip_port: int = 5062, transport: str = "udp",
                  rtp_port: int = 7078, auto_answer: bool = False) -> None:
         self.ns = ns
         self.user = user
@@ -57,17 +58,19 @@ class Linphone:
         # linphone's "SIP server address" is where REGISTER goes (the identity's domain names
         # the registrar); its "outbound proxy" switch makes that address the route for calls.
         server = outbound_proxy or registrar
-        route = f"reg_route=<sip:{outbound_proxy};lr>\n" if outbound_proxy else ""
+        route = (f"reg_route=<sip:{outbound_proxy};transport={transport};lr>\n"
+                 if outbound_proxy else "")
         self.config_path.write_text(
             "[sip]\n"
-            f"sip_port={sip_port}\nsip_tcp_port=0\nsip_tls_port=0\n"
+            f"sip_port={sip_port if transport == 'udp' else 0}\n"
+            f"sip_tcp_port={sip_port if transport == 'tcp' else 0}\nsip_tls_port=0\n"
             "default_proxy=0\nipv6_enabled=0\n"
             "[rtp]\n"
             f"audio_rtp_port={rtp_port}\nvideo_rtp_port=0\n"
             "[sound]\necho_cancellation=0\n"
             "[video]\ncapture=0\ndisplay=0\nautomatically_initiate=0\n"
             "[proxy_0]\n"
-            f"reg_proxy=<sip:{server};transport=udp>\n{route}"
+            f"reg_proxy=<sip:{server};transport={transport}>\n{route}"
             f"reg_identity=sip:{user}@{registrar}\n"
             "reg_expires=600\nreg_sendregister=1\npublish=0\n"
             + (f"[auth_info_0]\nusername={user}\npasswd={password}\nrealm={registrar}\n"

@@ -3,8 +3,8 @@ A real softphone through the proxy, set up as the README's "Phones" table says: 
 ``linphonec`` (linphone-cli) in network namespaces (the NAT topology of ``netns.py``).
 
 - No config (``twistd -n sipproxy``) on fw: alice (LAN) registers to 192.168.77.1, bob (outside)
-  to 203.0.113.1, "any name / none"; they call each other by user name, each call hung up by
-  the other side once (BYE both ways).
+  to 203.0.113.1, "any name / none", over UDP and over TCP; they call each other by user
+  name, each call hung up by the other side once (BYE both ways).
 - ``examples/firewall.toml`` as written (the provider's name replaced by its address) on fw, and
   a provider that is a real registrar: ``twistd -n sipproxy`` with no config in the provider's
   namespace (every address of that host is its domain). alice types the provider's domain as
@@ -75,15 +75,15 @@ def _calls_both_ways(alice: Linphone, alice_calls: str, bob: Linphone, bob_calls
 
 def _phones(net: NatNet, tmp_path: Path, alice_registrar: str, bob_registrar: str,
             outbound_proxy: str | None = None, bob_outbound_proxy: str | None = None,
-            passwords: tuple[str | None, str | None] = (None, None),
+            passwords: tuple[str | None, str | None] = (None, None), transport: str = "udp",
             ) -> tuple[Linphone, Linphone]:
     alice = Linphone(net.phone, tmp_path / "alice", "alice", alice_registrar,
                      outbound_proxy=outbound_proxy, password=passwords[0], auto_answer=True,
-                     rtp_port=RTP)
+                     rtp_port=RTP, transport=transport)
     try:
         bob = Linphone(net.provider, tmp_path / "bob", "bob", bob_registrar,
                        outbound_proxy=bob_outbound_proxy, password=passwords[1],
-                       auto_answer=True, rtp_port=RTP)
+                       auto_answer=True, rtp_port=RTP, transport=transport)
     except BaseException:
         alice.close()
         raise
@@ -96,11 +96,12 @@ def _explain(proxy: NsProxyProcess, *phones: Linphone) -> str:
     return "\n".join(parts)
 
 
-def test_linphone_no_config(nat_net: NatNet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_linphone_no_config(nat_net: NatNet, tmp_path: Path, transport: str) -> None:
     net = nat_net
     proxy = NoConfigProxy(net.fw, {}, tmp_path / "proxy")
     proxy.start()
-    alice, bob = _phones(net, tmp_path, FW_INSIDE, FW_OUTSIDE)
+    alice, bob = _phones(net, tmp_path, FW_INSIDE, FW_OUTSIDE, transport=transport)
     try:
         alice.wait_registered(TIMEOUT)
         bob.wait_registered(TIMEOUT)
