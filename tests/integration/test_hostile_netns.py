@@ -23,6 +23,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, PROVIDER_IP, Namespace, NatNet
+from tests.integration.test_linphone import firewall_example
+from tests.integration.test_nat_netns import (
+    incoming_call,
+    register_with_challenge,
+    start_site,
+    token_seen_by_provider,
+)
 from tests.integration.test_no_config import NoConfigProxy
 
 pytestmark = [pytest.mark.netns]
@@ -218,3 +225,45 @@ def test_hostile_requests_get_the_right_answer_and_the_phone_is_served(
     assert not wrong, "\n".join(wrong) + "\n" + log[-3000:]
     assert "Traceback" not in log and "Unhandled" not in log, log
     assert "banned" not in log, log  # every probe was judged, none was just dropped
+
+
+GOOD_SDP = (f"v=0\r\no=- 1 1 IN IP4 {PROVIDER_IP}\r\ns=-\r\nc=IN IP4 {PROVIDER_IP}\r\nt=0 0\r\n"
+            "m=audio 7078 RTP/AVP 0\r\n")
+BAD_OFFERS: list[tuple[str, str, str]] = [
+    # (what, SDP, the status line's start)
+    ("not SDP at all", "this is not sdp\r\n", "SIP/2.0 488"),
+    ("a port that is not a number", GOOD_SDP.replace("7078", "abc"), "SIP/2.0 488"),
+    ("a port out of range", GOOD_SDP.replace("7078", "99999999"), "SIP/2.0 488"),
+    # each stream would take relay ports: a thousand would take the range from every call
+    ("a thousand streams", GOOD_SDP + "".join(f"m=audio {20000 + 2 * i} RTP/AVP 0\r\n"
+                                              for i in range(1000)), "SIP/2.0 500"),
+]
+
+
+def test_hostile_sdp_from_outside_to_a_phone_behind_the_firewall(
+        nat_net: NatNet, tmp_path: Path) -> None:
+    """examples/firewall.toml (nat + media): an outside host calls the phone's token with SDP
+    that is no SDP, or that would take the relay's ports; it is refused, and the provider's
+    next call with good SDP still reaches the phone through the relay."""
+    site = start_site(nat_net, tmp_path, firewall_example())
+    try:
+        assert all(r.ok(1) for r in register_with_challenge(site)), site.logs()
+        token = token_seen_by_provider(site)
+        wrong = []
+        for what, sdp, expected in BAD_OFFERS:
+            invite = request("INVITE", f"sip:{token}@{FW_OUTSIDE}", body=sdp.encode(),
+                             extra=("Content-Type: application/sdp",
+                                    f"Contact: <sip:mallory@{PROVIDER_IP}:5099>"))
+            got = udp_exchange(nat_net.provider, invite, (FW_OUTSIDE, SIP), 3.0)
+            finals = [line for line in got if not line.startswith("SIP/2.0 1")]
+            if not (finals and finals[0].startswith(expected)):
+                wrong.append(f"{what}: expected {expected}, got {got}")
+            time.sleep(PACE)
+        call = incoming_call(site, token, "uas_media.xml", "uac_media.xml")
+        assert all(r.ok(1) for r in call), [r.describe() for r in call]
+    finally:
+        site.proxy.stop()
+        site.capture.stop()
+    log = site.proxy.log_text()
+    assert not wrong, "\n".join(wrong) + "\n" + log[-3000:]
+    assert "Traceback" not in log and "Unhandled" not in log, log
