@@ -9,6 +9,10 @@ another SIP version) or, where there is nobody to answer (no Via, a garbled resp
 nothing; a TCP peer whose stream cannot be framed is answered if possible and cut off. The
 probes are paced under the flood guard's rate (each refusal counts ten messages), so every one
 of them is judged, not just banned. The proxy's log has no traceback.
+
+Then ``examples/firewall.toml`` (nat + media): an outside host calls the phone's token with SDP
+that does not parse (488) or that would take the relay's ports (500), and the provider's next
+call still reaches the phone with its media relayed.
 """
 
 from __future__ import annotations
