@@ -846,3 +846,42 @@ def test_the_firewall_tls_example_is_the_whole_firewall_set_up() -> None:
     assert config.upstream is not None and config.upstream.uri.startswith("sips:")
     assert config.section("tls").get_bool("verify", False)
     assert not config.proxy.host_addresses  # the provider is the registrar
+
+
+def _accepted_keys(table: str, text: str) -> list[str]:
+    """The keys a table takes, as its "unknown key" error lists them (core or plugin)."""
+    from twisted.internet.task import Clock
+
+    from sipproxy.service import makeService
+
+    with pytest.raises(ConfigError) as info:
+        makeService(parse_config(text, SRC), reactor=Clock())
+    message = str(info.value)
+    assert f"{table}.zz_unknown: unknown key (expected one of: " in message, message
+    return message.split("expected one of: ", 1)[1].rstrip(")").split(", ")
+
+
+@pytest.mark.parametrize("table", ["proxy", "upstream", "registrar", "timers", "dns", "plugins",
+                                   "limits", "acl", "auth", "nat", "media", "tls"])
+def test_example_file_explains_every_key(table: str) -> None:
+    """The README: examples/sipproxy.toml explains every key. Each key a table takes is in it,
+    set or commented out, under that table's header (written or commented out)."""
+    plugin = table not in CORE_SECTIONS
+    text = f"[{table}]\nzz_unknown = 1\n"
+    if table == "upstream":
+        text = '[upstream]\nuri = "sip:provider.example"\nzz_unknown = 1\n'
+    if plugin:
+        text = (f'[proxy]\ndomains = ["lan.example"]\n[plugins]\nenabled = ["{table}"]\n'
+                f'[[listen]]\naddress = "192.168.1.1"\n[[listen]]\nside = "outside"\n'
+                f'address = "203.0.113.1"\n{text}')
+    sections: dict[str, str] = {}
+    current = ""
+    for line in EXAMPLE.read_text().splitlines():
+        header = line.lstrip("# ").strip()
+        if header.startswith("[") and header.endswith("]") and " " not in header:
+            current = header.strip("[]")
+        sections[current] = sections.get(current, "") + line + "\n"
+    body = sections.get(table, "")
+    missing = [key for key in _accepted_keys(table, text)
+               if not any(line.lstrip("# ").startswith(f"{key} =") for line in body.splitlines())]
+    assert not missing, f"[{table}] in examples/sipproxy.toml does not explain {missing}"
