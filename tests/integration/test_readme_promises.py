@@ -5,6 +5,8 @@ README promises checked the way a user checks them, with tools a user has at han
   namespace: the proxy answers OPTIONS to itself over UDP and TCP, takes a REGISTER from any
   user, answers an interval under ``min_expires`` with 423 and ``Min-Expires: 60``, and has
   nobody at an unregistered user.
+- A real scanner (Debian's sipvicious: ``svmap``, ``svwar``) from outside finds nothing: its
+  requests are dropped without an answer and the log names it once.
 - ``python3 -m sipproxy.plugins.auth hash USER REALM`` (password from stdin) prints a users-file
   line that the proxy's users file takes and whose hashes are the RFC 2617/7616 HA1s.
 """
@@ -21,11 +23,13 @@ from pathlib import Path
 import pytest
 
 from sipproxy.credentials import parse_credentials_file
-from tests.integration.netns import FW_INSIDE, PHONE_IP, NatNet
+from tests.integration.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, NatNet
 from tests.integration.test_no_config import NoConfigProxy
 
 needs_sipsak = pytest.mark.skipif(shutil.which("sipsak") is None,
                                   reason="sipsak not installed")
+needs_sipvicious = pytest.mark.skipif(shutil.which("svmap") is None,
+                                      reason="sipvicious not installed")
 
 
 @pytest.fixture
@@ -65,6 +69,20 @@ def test_sipsak_probes_the_no_config_proxy(no_config: tuple[NatNet, NoConfigProx
 
     log = proxy.log_text()
     assert "Traceback" not in log and "#warn" not in log, log
+
+
+@pytest.mark.netns
+@needs_sipvicious
+def test_a_scanner_finds_nothing(no_config: tuple[NatNet, NoConfigProxy]) -> None:
+    net, proxy = no_config
+    for scan in (["svmap", FW_OUTSIDE], ["svwar", "-e100-199", FW_OUTSIDE]):
+        done = net.provider.run(*scan, check=False, timeout=60)
+        assert "found nothing" in done.stdout + done.stderr, done.stdout + done.stderr
+    status, out = sipsak(net, "-s", f"sip:{FW_INSIDE}")
+    assert status == 0 and "SIP/2.0 200 OK" in out, out
+    log = proxy.log_text()
+    assert log.count("scanner User-Agent 'friendly-scanner'") == 1, log
+    assert "Traceback" not in log, log
 
 
 def test_auth_hash_command_makes_a_users_file_line() -> None:
