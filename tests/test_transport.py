@@ -10,7 +10,7 @@ from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from sipproxy.config import ListenConfig
@@ -32,6 +32,7 @@ from sipproxy.transport import (
     stamp_via,
     stateless_error_response,
 )
+from sipproxy.transport.manager import SIZE_SWITCH_CONNECT_TIMEOUT
 from sipproxy.transport.tcp import SIPStreamProtocol
 
 try:
@@ -295,6 +296,21 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.manager.transport_for(1300, target), "UDP")
         self.assertEqual(self.manager.transport_for(1301, target), "TCP")
         self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, None)), "TCP")
+
+    def test_a_size_switched_connection_gives_up_after_two_seconds(self) -> None:
+        """A phone behind its own NAT drops the SYN: its call must not wait the full connect
+        timeout (10 s) before the request goes over UDP."""
+        reactor = MemoryReactorClock()
+        manager = TransportManager(reactor, lambda m: None, [listen("outside", "udp"),
+                                                             listen("outside", "tcp")])
+        manager.running = True  # no sockets: the memory reactor records the connection attempt
+        request = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-s",
+                                              body=b"x" * 1400))
+        manager.send_request(request, Target("UDP", "198.51.100.1", 5060, None))
+        [(host, port, _, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout),
+                         ("198.51.100.1", 5060, SIZE_SWITCH_CONNECT_TIMEOUT))
+        self.assertLess(SIZE_SWITCH_CONNECT_TIMEOUT, manager.connect_timeout)
 
     def test_unknown_transport_is_refused(self) -> None:
         self.assertRaises(ValueError, Listener, listen("outside", "sctp"))

@@ -81,6 +81,9 @@ UDP_ONLY_TTL = 600.0
 """Seconds a UDP target whose TCP connection failed gets large requests over UDP directly."""
 UDP_ONLY_MAX = 10_000
 """Such targets remembered at most (the oldest is forgotten first)."""
+SIZE_SWITCH_CONNECT_TIMEOUT = 2.0
+"""Seconds that TCP connection may take: a phone behind its own NAT drops the SYN silently,
+and its call should not wait the full connect timeout before going over UDP."""
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
@@ -636,8 +639,9 @@ class TransportManager(Service):
         """
         A large request to a UDP target goes over TCP (L{transport_for}); most phones that
         register over UDP (desk phones, softphones) have no TCP listener, so when the connection
-        fails the request goes over UDP after all, its Via back to UDP, as it would without the
-        size rule, and the target gets UDP directly for L{UDP_ONLY_TTL} seconds.
+        fails (or takes over L{SIZE_SWITCH_CONNECT_TIMEOUT}) the request goes over UDP after
+        all, its Via back to UDP, as it would without the size rule, and the target gets UDP
+        directly for L{UDP_ONLY_TTL} seconds.
         """
         over_tcp: defer.Deferred[None] = defer.Deferred()
 
@@ -661,7 +665,7 @@ class TransportManager(Service):
             self._send_stream(listener.side if listener is not None else "",
                               listener.bind_host if listener is not None else None,
                               self._serialize(request, "TCP"), target.host, target.port,
-                              over_tcp)
+                              over_tcp, connect_timeout=SIZE_SWITCH_CONNECT_TIMEOUT)
         except Exception:
             over_tcp.errback()
 
@@ -855,6 +859,7 @@ class TransportManager(Service):
         host: str,
         port: int,
         done: defer.Deferred[None],
+        connect_timeout: float | None = None,
     ) -> None:
         key = _key(host, port)
         proto = self._connections.get(key)
@@ -871,26 +876,29 @@ class TransportManager(Service):
         pending = _Pending([(data, done)])
         self._pending[key] = pending
         proto = self._new_stream(side, outgoing=True)
-        connecting = connectProtocol(self._client_endpoint(key[0], port, bind), proto)
+        connecting = connectProtocol(
+            self._client_endpoint(key[0], port, bind, connect_timeout), proto)
         pending.deferred = connecting
         connecting.addCallbacks(
             self._connected, self._connect_failed, callbackArgs=(key,), errbackArgs=(key,)
         )
 
-    def _client_endpoint(self, host: str, port: int, bind: str | None) -> IStreamClientEndpoint:
+    def _client_endpoint(self, host: str, port: int, bind: str | None,
+                         timeout: float | None = None) -> IStreamClientEndpoint:
+        timeout = timeout or self.connect_timeout
         family = _family(host)
         bind_address = None
         if bind is not None and _family(bind) == family:
             bind_address = (bind, 0)
         if family == socket.AF_INET:
             return TCP4ClientEndpoint(
-                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
             )
         if family == socket.AF_INET6:
             return TCP6ClientEndpoint(
-                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
             )
-        return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        return HostnameEndpoint(self.reactor, host, port, timeout=timeout)
 
     def _connected(self, proto: SIPStreamProtocol, key: tuple[str, int]) -> None:
         pending = self._pending.pop(key, None)
