@@ -142,7 +142,7 @@ def find_factory(name: str) -> Any:
 def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
     """Build the enabled plugins in config order; each validates its own section."""
     plugins = []
-    sections = set()
+    sections: set[str] = set()
     for name in config.plugins:
         factory = find_factory(name)
         if not IPluginFactory.providedBy(factory) and not hasattr(factory, "build"):
