@@ -10,13 +10,12 @@ A real softphone through the proxy, set up as the README's "Phones" table says: 
   namespace (every address of that host is its domain). alice types the provider's domain as
   registrar and 192.168.77.1 as outbound proxy; bob is the provider's other user. Calls both
   ways with BYE both ways, hold and resume in the first (the relay's ports stay), and the
-  audio (a WAV file linphone plays) reaches each phone from
-  the media relay on its own side of fw.
+  audio (a WAV file linphone plays) reaches each phone from the media relay on its own side.
 - ``examples/public.toml`` as written: alice (behind the NAT) and bob register as users of
   ``sip.example.com`` with the passwords of ``examples/users.txt`` (Digest) and call each other.
 
-linphone's INVITE is larger than 1300 bytes and linphone listens on UDP only: the proxy must
-fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before).
+linphone's INVITE is larger than 1300 bytes and a linphone set up for UDP listens on UDP only:
+the proxy must fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before).
 """
 
 from __future__ import annotations
