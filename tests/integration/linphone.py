@@ -11,12 +11,13 @@ config file written here; every wait is bounded and the output so far is in ever
 
 from __future__ import annotations
 
+import codecs
 import os
 import pty
 import re
-import select
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -54,7 +55,6 @@ class Linphone:
         self.home = self.workdir / "home"
         (self.home / ".local" / "share" / "linphone").mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "linphonerc"
-        self.rtp_port = rtp_port
         # linphone's "SIP server address" is where REGISTER goes (the identity's domain names
         # the registrar); its "outbound proxy" switch makes that address the route for calls.
         server = outbound_proxy or registrar
@@ -89,19 +89,24 @@ class Linphone:
         finally:
             os.close(slave)
         self._master = master
+        # read all the time: a full pseudo-terminal would block the phone while it is talking
+        self._reader = threading.Thread(target=self._read, name=f"linphone-{user}", daemon=True)
+        self._reader.start()
         self.command("soundcard use files")
         self.command(f"play {HELLO_WAV}")
 
     # -- the console -----------------------------------------------------------------------------
 
-    def _read(self, timeout: float) -> None:
-        ready, _, _ = select.select([self._master], [], [], timeout)
-        if ready:
+    def _read(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        while True:
             try:
                 data = os.read(self._master, 65536)
-            except OSError:  # the phone exited: the pty is gone
-                data = b""
-            self.output += data.decode("utf-8", "replace")
+            except OSError:  # the phone exited, or the pty was closed: the end
+                return
+            if not data:
+                return
+            self.output += decoder.decode(data)
 
     def command(self, line: str) -> None:
         """Type one line into the console."""
@@ -116,12 +121,11 @@ class Linphone:
             if found:
                 self._seen = found.end()
                 return found
-            left = deadline - time.monotonic()
-            if left <= 0 or self.process.poll() is not None:
+            if time.monotonic() > deadline or self.process.poll() is not None:
                 raise HarnessError(
                     f"{self.user}: no {pattern!r} within {timeout} s; its console:\n"
                     + self.output[-3000:])
-            self._read(min(left, 0.2))
+            time.sleep(0.05)
 
     def wait_registered(self, timeout: float = 15.0) -> None:
         """Poll ``status register`` until the account is registered (bounded)."""
@@ -145,13 +149,10 @@ class Linphone:
         self.command("terminate")
 
     def drain(self, seconds: float = 0.5) -> None:
-        """Read what the phone prints for C{seconds} (for the failure messages)."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._read(left)
+        """Let the call go on for C{seconds} (what the phone prints is read meanwhile)."""
+        time.sleep(seconds)
 
     def close(self) -> None:
-        self.drain(0.2)
         if self.process.poll() is None:
             try:
                 self.command("quit")
@@ -159,4 +160,5 @@ class Linphone:
             except (OSError, subprocess.TimeoutExpired):
                 os.killpg(self.process.pid, 9)
                 self.process.wait(5)
+        self._reader.join(2)
         os.close(self._master)
