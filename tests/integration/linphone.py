@@ -63,7 +63,10 @@ class Linphone:
         self.config_path.write_text(
             "[sip]\n"
             f"sip_port={sip_port if transport == 'udp' else 0}\n"
-            f"sip_tcp_port={sip_port if transport == 'tcp' else 0}\nsip_tls_port=0\n"
+            f"sip_tcp_port={sip_port if transport == 'tcp' else 0}\n"
+            f"sip_tls_port={sip_port if transport == 'tls' else 0}\n"
+            # the test's own CA is not in the phone's trust store
+            "verify_server_certs=0\nverify_server_cn=0\n"
             "default_proxy=0\nipv6_enabled=0\n"
             "[rtp]\n"
             f"audio_rtp_port={rtp_port}\nvideo_rtp_port=0\n"

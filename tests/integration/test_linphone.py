@@ -13,6 +13,7 @@ A real softphone through the proxy, set up as the README's "Phones" table says: 
   audio (a WAV file linphone plays) reaches each phone from the media relay on its own side.
 - ``examples/public.toml`` as written: alice (behind the NAT) and bob register as users of
   ``sip.example.com`` with the passwords of ``examples/users.txt`` (Digest) and call each other.
+- A TLS listener beside the default ones: alice speaks TLS to it, bob UDP; calls both ways.
 
 linphone's INVITE is larger than 1300 bytes and a linphone set up for UDP listens on UDP only:
 the proxy must fall back to UDP when RFC 3261 18.1.1 sends it over TCP (it answered 503 before).
@@ -38,6 +39,7 @@ from tests.integration.netns import (
     NsProxyProcess,
 )
 from tests.integration.test_no_config import NoConfigProxy
+from tests.tls_certs import make_certificates
 
 pytestmark = [
     pytest.mark.netns,
@@ -209,3 +211,33 @@ def test_linphone_public_example(nat_net: NatNet, tmp_path: Path) -> None:
         proxy.stop()
     log = proxy.log_text()
     assert "Traceback" not in log and "#error" not in log, log
+
+
+def test_linphone_over_tls_to_the_proxys_listener(nat_net: NatNet, tmp_path: Path) -> None:
+    """A phone speaking TLS to the proxy (a ``transport = "tls"`` listener beside the default
+    UDP and TCP ones): it registers over its TLS connection, calls a UDP phone, and that phone's
+    call comes back to it over the same connection; BYE both ways."""
+    net = nat_net
+    certs = make_certificates(tmp_path / "certs")
+    proxy = NsProxyProcess(net.fw, {"listen": [
+        {"transport": "udp", "address": "0.0.0.0", "port": 5060},
+        {"transport": "tcp", "address": "0.0.0.0", "port": 5060},
+        {"transport": "tls", "address": FW_INSIDE, "port": 5061,
+         "certificate": str(certs.proxy.cert), "key": str(certs.proxy.key)},
+    ]}, tmp_path / "proxy")
+    proxy.start()
+    alice = Linphone(net.phone, tmp_path / "alice", "alice", FW_INSIDE,
+                     outbound_proxy=f"{FW_INSIDE}:5061", transport="tls", auto_answer=True)
+    bob = Linphone(net.provider, tmp_path / "bob", "bob", FW_OUTSIDE, auto_answer=True)
+    try:
+        alice.wait_registered(TIMEOUT)
+        bob.wait_registered(TIMEOUT)
+        _calls_both_ways(alice, f"sip:bob@{FW_INSIDE}", bob, f"sip:alice@{FW_OUTSIDE}")
+    except HarnessError as e:
+        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+    finally:
+        alice.close()
+        bob.close()
+        proxy.stop()
+    log = proxy.log_text()
+    assert "Traceback" not in log and "#warn" not in log and "#error" not in log, log
