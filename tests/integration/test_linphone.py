@@ -24,6 +24,7 @@ from __future__ import annotations
 import shutil
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,10 +102,26 @@ def _phones(net: NatNet, tmp_path: Path, alice_registrar: str, bob_registrar: st
     return alice, bob
 
 
-def _explain(proxy: NsProxyProcess, *phones: Linphone) -> str:
-    parts = [f"--- {proxy.name} log ---\n{proxy.log_text()[-4000:]}"]
-    parts += [f"--- {p.user} console ---\n{p.output[-2000:]}" for p in phones]
-    return "\n".join(parts)
+def _register_and_call(proxies: list[NsProxyProcess], alice: Linphone, alice_calls: str,
+                       bob: Linphone, bob_calls: str, **options: Any) -> None:
+    """Both phones register, then L{_calls_both_ways}; the phones are closed afterwards. A
+    failure says what the phones printed and the proxies logged."""
+    try:
+        alice.wait_registered(TIMEOUT)
+        bob.wait_registered(TIMEOUT)
+        _calls_both_ways(alice, alice_calls, bob, bob_calls, **options)
+    except HarnessError as e:
+        logs = [f"--- {proxy.name} log ---\n{proxy.log_text()[-4000:]}" for proxy in proxies]
+        consoles = [f"--- {p.user} console ---\n{p.output[-2000:]}" for p in (alice, bob)]
+        raise AssertionError("\n".join([str(e), *logs, *consoles])) from None
+    finally:
+        alice.close()
+        bob.close()
+
+
+def _assert_clean_log(proxy: NsProxyProcess) -> None:
+    log = proxy.log_text()
+    assert "Traceback" not in log and "#error" not in log and "#warn" not in log, log
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -114,17 +131,11 @@ def test_linphone_no_config(nat_net: NatNet, tmp_path: Path, transport: str) -> 
     proxy.start()
     alice, bob = _phones(net, tmp_path, FW_INSIDE, FW_OUTSIDE, transport=transport)
     try:
-        alice.wait_registered(TIMEOUT)
-        bob.wait_registered(TIMEOUT)
-        _calls_both_ways(alice, f"sip:bob@{FW_INSIDE}", bob, f"sip:alice@{FW_OUTSIDE}")
-    except HarnessError as e:
-        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+        _register_and_call([proxy], alice, f"sip:bob@{FW_INSIDE}",
+                           bob, f"sip:alice@{FW_OUTSIDE}")
     finally:
-        alice.close()
-        bob.close()
         proxy.stop()
-    log = proxy.log_text()
-    assert "Traceback" not in log and "#warn" not in log and "#error" not in log, log
+    _assert_clean_log(proxy)
 
 
 def firewall_example() -> dict[str, object]:
@@ -149,16 +160,9 @@ def test_linphone_firewall_example(nat_net: NatNet, tmp_path: Path) -> None:
     capture = Capture(net.fw, [net.lan_if, net.wan_if])
     alice, bob = _phones(net, tmp_path, PROVIDER_IP, PROVIDER_IP, outbound_proxy=FW_INSIDE)
     try:
-        alice.wait_registered(TIMEOUT)
-        bob.wait_registered(TIMEOUT)
-        _calls_both_ways(alice, f"sip:bob@{PROVIDER_IP}", bob, f"sip:alice@{PROVIDER_IP}",
-                         talk=1.5, hold=True)
-    except HarnessError as e:
-        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}\n"
-                             f"{_explain(provider)}") from None
+        _register_and_call([proxy, provider], alice, f"sip:bob@{PROVIDER_IP}",
+                           bob, f"sip:alice@{PROVIDER_IP}", talk=1.5, hold=True)
     finally:
-        alice.close()
-        bob.close()
         packets = capture.stop()
         proxy.stop()
         provider.stop()
@@ -180,8 +184,7 @@ def test_linphone_firewall_example(nat_net: NatNet, tmp_path: Path) -> None:
     # nothing of the LAN on the outside
     leaks = [p for p in packets if p.interface == net.wan_if and b"192.168.77." in p.payload]
     assert not leaks, leaks[0].payload.decode(errors="replace")
-    log = proxy.log_text()
-    assert "Traceback" not in log and "#error" not in log, log
+    _assert_clean_log(proxy)
 
 
 def test_linphone_public_example(nat_net: NatNet, tmp_path: Path) -> None:
@@ -200,17 +203,10 @@ def test_linphone_public_example(nat_net: NatNet, tmp_path: Path) -> None:
                          bob_outbound_proxy=FW_OUTSIDE,
                          passwords=("change-me-alice", "change-me-bob"))
     try:
-        alice.wait_registered(TIMEOUT)
-        bob.wait_registered(TIMEOUT)
-        _calls_both_ways(alice, f"sip:bob@{domain}", bob, f"sip:alice@{domain}")
-    except HarnessError as e:
-        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+        _register_and_call([proxy], alice, f"sip:bob@{domain}", bob, f"sip:alice@{domain}")
     finally:
-        alice.close()
-        bob.close()
         proxy.stop()
-    log = proxy.log_text()
-    assert "Traceback" not in log and "#error" not in log, log
+    _assert_clean_log(proxy)
 
 
 def test_linphone_over_tls_to_the_proxys_listener(nat_net: NatNet, tmp_path: Path) -> None:
@@ -230,14 +226,7 @@ def test_linphone_over_tls_to_the_proxys_listener(nat_net: NatNet, tmp_path: Pat
                      outbound_proxy=f"{FW_INSIDE}:5061", transport="tls", auto_answer=True)
     bob = Linphone(net.provider, tmp_path / "bob", "bob", FW_OUTSIDE, auto_answer=True)
     try:
-        alice.wait_registered(TIMEOUT)
-        bob.wait_registered(TIMEOUT)
-        _calls_both_ways(alice, f"sip:bob@{FW_INSIDE}", bob, f"sip:alice@{FW_OUTSIDE}")
-    except HarnessError as e:
-        raise AssertionError(f"{e}\n{_explain(proxy, alice, bob)}") from None
+        _register_and_call([proxy], alice, f"sip:bob@{FW_INSIDE}", bob, f"sip:alice@{FW_OUTSIDE}")
     finally:
-        alice.close()
-        bob.close()
         proxy.stop()
-    log = proxy.log_text()
-    assert "Traceback" not in log and "#warn" not in log and "#error" not in log, log
+    _assert_clean_log(proxy)
