@@ -11,8 +11,9 @@ A real softphone through the proxy, set up as the README's "Phones" table says: 
   registrar and 192.168.77.1 as outbound proxy; bob is the provider's other user. Calls both
   ways with BYE both ways, hold and resume in the first (the relay's ports stay), and the
   audio (a WAV file linphone plays) reaches each phone from the media relay on its own side.
-- ``examples/public.toml`` as written: alice (behind the NAT) and bob register as users of
-  ``sip.example.com`` with the passwords of ``examples/users.txt`` (Digest) and call each other.
+- ``examples/public.toml`` as written, on the provider's address: alice (behind fw's NAT) and
+  bob register as users of ``sip.example.com`` with the passwords of ``examples/users.txt``
+  (Digest) and call each other.
 - A TLS listener beside the default ones: alice speaks TLS to it, bob UDP; calls both ways.
 
 linphone's INVITE is larger than 1300 bytes and a linphone set up for UDP listens on UDP only:
@@ -36,6 +37,7 @@ from tests.integration.netns import (
     PHONE_IP,
     PROVIDER_IP,
     Capture,
+    Namespace,
     NatNet,
     NsProxyProcess,
 )
@@ -88,12 +90,13 @@ def _calls_both_ways(alice: Linphone, alice_calls: str, bob: Linphone, bob_calls
 def _phones(net: NatNet, tmp_path: Path, alice_registrar: str, bob_registrar: str,
             outbound_proxy: str | None = None, bob_outbound_proxy: str | None = None,
             passwords: tuple[str | None, str | None] = (None, None), transport: str = "udp",
-            ) -> tuple[Linphone, Linphone]:
+            bob_ns: Namespace | None = None) -> tuple[Linphone, Linphone]:
+    """alice on the LAN (phone), bob outside (provider, unless C{bob_ns})."""
     alice = Linphone(net.phone, tmp_path / "alice", "alice", alice_registrar,
                      outbound_proxy=outbound_proxy, password=passwords[0], auto_answer=True,
                      rtp_port=RTP, transport=transport)
     try:
-        bob = Linphone(net.provider, tmp_path / "bob", "bob", bob_registrar,
+        bob = Linphone(bob_ns or net.provider, tmp_path / "bob", "bob", bob_registrar,
                        outbound_proxy=bob_outbound_proxy, password=passwords[1],
                        auto_answer=True, rtp_port=RTP, transport=transport)
     except BaseException:
@@ -188,20 +191,22 @@ def test_linphone_firewall_example(nat_net: NatNet, tmp_path: Path) -> None:
 
 
 def test_linphone_public_example(nat_net: NatNet, tmp_path: Path) -> None:
-    """examples/public.toml as written (users.txt beside it): alice behind her own NAT and bob
-    outside register as users of sip.example.com with their passwords (Digest) and call each
+    """examples/public.toml as written (users.txt beside it), the proxy on the provider's
+    address: alice behind her own NAT (fw masquerades the LAN) and bob outside (on fw's outside
+    address) register as users of sip.example.com with their passwords (Digest) and call each
     other; both ways, BYE both ways."""
     net = nat_net
     text = (REPO_ROOT / "examples" / "public.toml").read_text()
     workdir = tmp_path / "proxy"
     workdir.mkdir()
     shutil.copy(REPO_ROOT / "examples" / "users.txt", workdir / "users.txt")
-    proxy = NsProxyProcess(net.fw, tomllib.loads(text), workdir)
+    proxy = NsProxyProcess(net.provider, tomllib.loads(text.replace(FW_OUTSIDE, PROVIDER_IP)),
+                           workdir)
     proxy.start()
     domain = "sip.example.com"  # its DNS would name the proxy: the phones name it themselves
-    alice, bob = _phones(net, tmp_path, domain, domain, outbound_proxy=FW_OUTSIDE,
-                         bob_outbound_proxy=FW_OUTSIDE,
-                         passwords=("change-me-alice", "change-me-bob"))
+    alice, bob = _phones(net, tmp_path, domain, domain, outbound_proxy=PROVIDER_IP,
+                         bob_outbound_proxy=PROVIDER_IP,
+                         passwords=("change-me-alice", "change-me-bob"), bob_ns=net.fw)
     try:
         _register_and_call([proxy], alice, f"sip:bob@{domain}", bob, f"sip:alice@{domain}")
     finally:
