@@ -784,9 +784,12 @@ def _uri_problem(uri: str) -> str | None:
     except (ImportError, AttributeError):
         return None
     try:
-        parse_uri(uri)
+        parsed = parse_uri(uri)
     except Exception as e:
         return f"is not a valid SIP URI ({_one_line(str(e)) or type(e).__name__})"
+    transport = parsed.get_param("transport")
+    if transport is not None and transport.lower() not in _TRANSPORTS:
+        return "must have ;transport=udp, tcp or tls (or none)"
     return None
 
 

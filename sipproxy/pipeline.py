@@ -142,14 +142,30 @@ def find_factory(name: str) -> Any:
 def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
     """Build the enabled plugins in config order; each validates its own section."""
     plugins = []
+    sections: set[str] = set()
     for name in config.plugins:
         factory = find_factory(name)
         if not IPluginFactory.providedBy(factory) and not hasattr(factory, "build"):
             raise ConfigError.for_key("plugins.enabled", f"{name!r} is not a plugin factory")
         section_name = name.rpartition(":")[2] if ":" in name else name
         section_name = getattr(factory, "name", section_name) if ":" in name else section_name
+        sections.add(section_name)
         plugin = factory.build(core, config.section(section_name))
         if not IProxyPlugin.providedBy(plugin):
             raise ConfigError.for_key("plugins.enabled", f"{name!r} built no IProxyPlugin")
         plugins.append(plugin)
+    _check_no_unknown_tables(config, sections)
     return plugins
+
+
+def _check_no_unknown_tables(config: Config, used: set[str]) -> None:
+    """A table no enabled or installed plugin owns is a typo (C{[limit]}, C{[nta]}): one line
+    naming it, as for an unknown key, rather than settings silently ignored."""
+    installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name in config.sections:
+        if name not in used and name not in installed:
+            raise ConfigError(
+                config.source, name,
+                "unknown table (not a core section, and no plugin of that name is enabled"
+                " or installed)",
+            )

@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 
-from sipproxy.config import Config
+from sipproxy.config import Config, ConfigError
 from sipproxy.dns import make_resolver
 from sipproxy.flood import FloodGuard
 from sipproxy.location import LocationService
@@ -59,6 +59,14 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    try:
+        return _build(config, reactor)
+    except ConfigError as e:
+        e.source = e.source or config.source  # plugins and listeners name the key, not the file
+        raise
+
+
+def _build(config: Config, reactor: Any) -> SipProxyService:
     top = SipProxyService()
     top.setName("sipproxy")
     location = LocationService(reactor)
@@ -88,6 +96,10 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
     transports.flows = proxy.flows
     plugins = load_plugins(config, proxy)
     proxy.set_plugins(plugins)
+    if proxy.upstream is not None and transports.tls_client is None and (
+            proxy.upstream.secure or (proxy.upstream.transport or "").lower() == "tls"):
+        raise ConfigError.for_key(
+            "upstream.uri", 'a TLS upstream needs the tls plugin (add "tls" to plugins.enabled)')
     top.proxy = proxy
     location.setServiceParent(top)
     for plugin in plugins:

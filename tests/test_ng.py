@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -385,6 +386,24 @@ class ClientTests(UDPTestCase):
         with self.assertRaises(NGError) as info:
             yield client.command({"command": "query", "call-id": "nope"})
         self.assertEqual(info.exception.reason, "Unknown call-id")
+
+    @defer.inlineCallbacks
+    def test_an_answer_larger_than_8_kib_arrives_whole(self):
+        """An answer carries the whole SDP (video, many codecs): Twisted reads 8 KiB of a
+        datagram unless told more."""
+        sdp = "v=0\r\n" + "a=x-filler:" + "y" * 20000 + "\r\n"
+
+        class BigAnswers(DatagramProtocol):
+            def datagramReceived(self, data: bytes, addr: Any) -> None:
+                cookie = data.split(b" ", 1)[0]
+                assert self.transport is not None
+                self.transport.write(cookie + b" " + bencode.encode(
+                    {"result": "ok", "sdp": sdp}), addr)
+
+        port = reactor.listenUDP(0, BigAnswers(), interface=LOCAL)
+        self.addCleanup(port.stopListening)
+        reply = yield self.client(port.getHost().port).command(offer_request())
+        self.assertEqual(reply["sdp"], sdp)
 
     @defer.inlineCallbacks
     def test_retransmits_until_answered_then_times_out(self):

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from sipproxy.media.relay import (
+    MAX_STREAMS,
     OutOfPorts,
     RelayEngine,
     RelayError,
@@ -237,6 +238,22 @@ class CrossingTests(RelayTestCase):
         medias = self.engine.query("c1")["tags"]["A"]["medias"]
         self.assertEqual([m["type"] for m in medias], ["audio", "video"])
         self.assertEqual([m["index"] for m in medias], [1, 2])
+
+
+class HostileOfferTests(RelayTestCase):
+    def test_too_many_streams_are_refused_before_any_port_is_taken(self):
+        """One offer with a thousand m= lines would take the port range from everyone."""
+        opts = SignalOptions(direction=("inside", "outside"))
+        many = "".join(f"m=audio {20000 + 2 * i} RTP/AVP 0\r\n" for i in range(MAX_STREAMS))
+        with self.assertRaises(RelayError) as caught:
+            self.engine.offer("c1", "A", parse_sdp(sdp(4000, media=many)), opts)
+        self.assertIn("Too many media streams", str(caught.exception))
+        self.assertEqual((self.engine.open_ports(), self.engine.calls), (0, {}))
+        # a call answered with too many streams keeps only what it had
+        self.engine.offer("c2", "A", parse_sdp(sdp(4000)), opts)
+        with self.assertRaises(RelayError):
+            self.engine.answer("c2", "A", "B", parse_sdp(sdp(4002, media=many)), opts)
+        self.assertEqual(self.engine.open_ports(), 4)
 
 
 class EndTests(RelayTestCase):

@@ -158,6 +158,14 @@ BAD_CONFIGS = [
     ('[upstream]\nuri = "http://x"\n', 'upstream.uri: must be a sip: or sips: URI, got "http://x"'),
     ("[proxy]\nrecord_route = true\nrecord_route = 1\n\n[timers]\n", "line 3, column 17: "),
     ("[timers]\nt0 = 1\n", "timers.t0: unknown key"),
+    # errors found while the plugins and listeners are built name the file too
+    ('[plugins]\nenabled = ["nta"]\n', "plugins.enabled: no plugin named 'nta' is installed"),
+    # a misspelt table is not silently ignored
+    ("[limit]\nenabled = false\n", "limit: unknown table"),
+    ('[upstream]\nuri = "sip:provider.example;transport=sctp"\n',
+     "upstream.uri: must have ;transport=udp, tcp or tls"),
+    ('[upstream]\nuri = "sips:provider.example"\n',
+     'upstream.uri: a TLS upstream needs the tls plugin (add "tls" to plugins.enabled)'),
 ]
 
 

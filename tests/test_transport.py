@@ -10,7 +10,7 @@ from twisted.internet import defer, error
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from sipproxy.config import ListenConfig
@@ -32,6 +32,7 @@ from sipproxy.transport import (
     stamp_via,
     stateless_error_response,
 )
+from sipproxy.transport.manager import SIZE_SWITCH_CONNECT_TIMEOUT
 from sipproxy.transport.tcp import SIPStreamProtocol
 
 try:
@@ -296,6 +297,21 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.manager.transport_for(1301, target), "TCP")
         self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, None)), "TCP")
 
+    def test_a_size_switched_connection_gives_up_after_two_seconds(self) -> None:
+        """A phone behind its own NAT drops the SYN: its call must not wait the full connect
+        timeout (10 s) before the request goes over UDP."""
+        reactor = MemoryReactorClock()
+        manager = TransportManager(reactor, lambda m: None, [listen("outside", "udp"),
+                                                             listen("outside", "tcp")])
+        manager.running = True  # no sockets: the memory reactor records the connection attempt
+        request = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-s",
+                                              body=b"x" * 1400))
+        manager.send_request(request, Target("UDP", "198.51.100.1", 5060, None))
+        [(host, port, _, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout),
+                         ("198.51.100.1", 5060, SIZE_SWITCH_CONNECT_TIMEOUT))
+        self.assertLess(SIZE_SWITCH_CONNECT_TIMEOUT, manager.connect_timeout)
+
     def test_unknown_transport_is_refused(self) -> None:
         self.assertRaises(ValueError, Listener, listen("outside", "sctp"))
 
@@ -496,6 +512,17 @@ class UDPSocketTests(SocketTestCase):
         self.assertEqual(len(client.received.pending), 0)  # the garbage got no answer
 
     @defer.inlineCallbacks
+    def test_datagram_larger_than_8_kib_arrives_whole(self):
+        """Twisted reads 8 KiB of a datagram unless told: a 20 KB INVITE (a big SDP) is whole."""
+        manager, inbox = self.start_manager(listen("inside", "udp"))
+        client, _ = self.udp_client()
+        body = b"a=x-filler:" + b"y" * 20000 + b"\r\n"
+        client.send(request_bytes(method="INVITE", call_id="big", body=body),
+                    manager.listeners[0].port)
+        request = yield inbox.get()
+        self.assertEqual((request.call_id, request.body), ("big", body))
+
+    @defer.inlineCallbacks
     def test_send_request_over_udp(self):
         manager, _ = self.start_manager(listen("outside", "udp"))
         listener = manager.listeners[0]
@@ -568,6 +595,28 @@ class TCPSocketTests(SocketTestCase):
         yield a.send_request(req, target)
         got = yield b_inbox.get()
         self.assertEqual((got.source.transport, got.body), ("TCP", body))
+
+    @defer.inlineCallbacks
+    def test_large_request_to_a_udp_only_target_falls_back_to_udp(self):
+        """A phone registered over UDP often has no TCP listener (linphone, desk phones): the
+        request goes over UDP after all, its Via saying UDP, and the next one goes there at once."""
+        a, _ = self.start_manager(listen("outside", "udp"), listen("outside", "tcp"))
+        b, b_inbox = self.start_manager(listen("inside", "udp"))
+        target = Target("UDP", LOCAL, b.listeners[0].port, None)
+        body = b"x" * 1400
+        for n in (1, 2):
+            size = len(request_bytes(body=body))
+            transport = a.transport_for(size, target)
+            self.assertEqual(transport, "TCP" if n == 1 else "UDP")
+            req = parse_request(request_bytes(
+                via=f"SIP/2.0/{transport} {LOCAL}:{a.listeners[0].port};branch=z9hG4bK-U{n}",
+                body=body, call_id=f"u{n}"))
+            yield a.send_request(req, target)
+            got = yield b_inbox.get()
+            self.assertEqual((got.call_id, got.source.transport, got.body), (f"u{n}", "UDP", body))
+            self.assertEqual(got.top_via.transport, "UDP")
+            self.assertEqual(got.source.port, a.listeners[0].port)
+        self.assertEqual(a._pending, {})
 
     @defer.inlineCallbacks
     def test_connect_failure_fails_the_deferred(self):

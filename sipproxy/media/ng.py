@@ -461,7 +461,8 @@ class NGClient(DatagramProtocol):
         self._port: Any = None
 
     def start(self, interface: str = "") -> None:
-        self._port = self.reactor.listenUDP(0, self, interface=interface)
+        # an answer carries a whole SDP: more than Twisted's default 8 KiB read
+        self._port = self.reactor.listenUDP(0, self, interface=interface, maxPacketSize=65535)
 
     def stop(self) -> defer.Deferred[None]:
         for cookie in list(self._pending):

@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_OFFER_TIMEOUT",
     "DEFAULT_SILENT_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "MAX_STREAMS",
     "Call",
     "MediaLeg",
     "Monologue",
@@ -79,6 +80,10 @@ KERNEL_MISSED: Final = 50
 #: Receive buffer of each relay port (the kernel caps it at net.core.rmem_max): ~0.5 s of a
 #: video stream, so a relay busy for a moment does not drop what arrived meanwhile.
 RECEIVE_BUFFER: Final = 1 << 20
+
+#: Media streams (m= lines) one SDP may ask the relay for: each takes a port pair per party,
+#: and a call has a few (audio, video, text, BFCP), so a hostile offer cannot take the range.
+MAX_STREAMS: Final = 16
 
 #: rtpengine's legacy direction names, understood when no interface has that name.
 DIRECTION_ALIASES: Final = {"internal": "inside", "external": "outside"}
@@ -899,6 +904,8 @@ class RelayEngine:
         offer: bool,
     ) -> SessionDescription:
         """Take the sender's endpoints from ``sdp``; return it rewritten for the receiver."""
+        if len(sdp.media) > MAX_STREAMS:
+            raise RelayError(f"Too many media streams ({len(sdp.media)}, at most {MAX_STREAMS})")
         out = sdp.copy()
         address = receiver.interface.sdp_address
         for index, media in enumerate(out.media):

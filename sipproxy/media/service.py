@@ -96,7 +96,8 @@ class RelayService(MultiService):
     def startService(self) -> None:
         if self.config.listen_ng is not None:
             host, port = self.config.listen_ng
-            self.ng_port = self.reactor.listenUDP(port, self.protocol, interface=host)
+            self.ng_port = self.reactor.listenUDP(port, self.protocol, interface=host,
+                                                  maxPacketSize=65535)  # SDP > 8 KiB
             bound = self.ng_port.getHost()
             _log.info("media relay: NG control on {host}:{port}", host=bound.host, port=bound.port)
         for i in self.config.interfaces:

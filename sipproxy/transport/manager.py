@@ -79,6 +79,13 @@ __all__ = [
 RELIABLE_TRANSPORTS = frozenset({"TCP", "TLS", "SCTP", "TLS-SCTP", "WS", "WSS"})
 UDP_SIZE_LIMIT = 1300
 """RFC 3261 18.1.1: a request larger than this (path MTU unknown) must not go over UDP."""
+UDP_ONLY_TTL = 600.0
+"""Seconds a UDP target whose TCP connection failed gets large requests over UDP directly."""
+UDP_ONLY_MAX = 10_000
+"""Such targets remembered at most (the oldest is forgotten first)."""
+SIZE_SWITCH_CONNECT_TIMEOUT = 2.0
+"""Seconds that TCP connection may take: a phone behind its own NAT drops the SYN silently,
+and its call should not wait the full connect timeout before going over UDP."""
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
@@ -446,6 +453,7 @@ class TransportManager(Service):
         self._incoming: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
         self.flows: FlowTracker | None = None
         self._pending: dict[tuple[str, int], _Pending] = {}
+        self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
         self.tls = TLSConnections(self)
@@ -485,7 +493,9 @@ class TransportManager(Service):
             proto = SIPDatagramProtocol(
                 lambda data, addr: self._datagram_received(listener, data, addr)
             )
-            port = self.reactor.listenUDP(listener.port, proto, interface=interface)
+            # a datagram may hold a whole message (64 KiB); Twisted reads 8 KiB by default
+            port = self.reactor.listenUDP(listener.port, proto, interface=interface,
+                                          maxPacketSize=65535)
             _enlarge_receive_buffer(port)
             listener.udp = proto
         elif listener.transport == "TLS":
@@ -622,9 +632,53 @@ class TransportManager(Service):
         the answer in its Via. L{send_request} then sends over TCP to the same host and port.
         """
         wanted = target.transport.upper()
-        if wanted == "UDP" and request_bytes_len > self.udp_size_limit:
+        if (wanted == "UDP" and request_bytes_len > self.udp_size_limit
+                and not self._known_udp_only(target)):
             return "TCP"
         return wanted
+
+    def _known_udp_only(self, target: Target) -> bool:
+        key = _key(target.host, target.port)
+        until = self._udp_only.get(key)
+        if until is not None and until <= self.reactor.seconds():
+            del self._udp_only[key]
+            until = None
+        return until is not None
+
+    def _send_size_switched(self, request: Request, target: Target,
+                            done: defer.Deferred[None]) -> None:
+        """
+        A large request to a UDP target goes over TCP (L{transport_for}); most phones that
+        register over UDP (desk phones, softphones) have no TCP listener, so when the connection
+        fails (or takes over L{SIZE_SWITCH_CONNECT_TIMEOUT}) the request goes over UDP after
+        all, its Via back to UDP, as it would without the size rule, and the target gets UDP
+        directly for L{UDP_ONLY_TTL} seconds.
+        """
+        over_tcp: defer.Deferred[None] = defer.Deferred()
+
+        def over_udp(_: object) -> None:
+            key = _key(target.host, target.port)
+            self._udp_only.pop(key, None)
+            while len(self._udp_only) >= UDP_ONLY_MAX:
+                del self._udp_only[next(iter(self._udp_only))]
+            self._udp_only[key] = self.reactor.seconds() + UDP_ONLY_TTL
+            via = request.top_via
+            if via is not None and via.transport.upper() == "TCP":
+                via = via.copy()
+                via.transport = "UDP"
+                via.touch()
+                request.update_top_via(via)
+            self.send_request(request, target).chainDeferred(done)
+
+        over_tcp.addCallbacks(done.callback, over_udp)
+        try:
+            listener = self._listener_for_request(request, "TCP", target)
+            self._send_stream(listener.side if listener is not None else "",
+                              listener.bind_host if listener is not None else None,
+                              self._serialize(request, "TCP"), target.host, target.port,
+                              over_tcp, connect_timeout=SIZE_SWITCH_CONNECT_TIMEOUT)
+        except Exception:
+            over_tcp.errback()
 
     def listener_for_source(self, source: Source) -> Listener | None:
         """The listener a message with this source arrived on (UDP), or one of its side."""
@@ -667,7 +721,8 @@ class TransportManager(Service):
         connection refused or timed out, socket error, service stopped). Never raises.
 
         UDP leaves from the listener the top Via names (else L{choose_listener}); a UDP target
-        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP.
+        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP,
+        or over UDP when that connection fails (L{_send_size_switched}).
         TCP reuses any open connection to C{(host, port)}, accepted or opened, else connects
         (bound to the listener's address) and queues the request until connected.
         """
@@ -676,7 +731,8 @@ class TransportManager(Service):
             transport = target.transport.upper()
             via = request.top_via
             if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
-                transport = "TCP"
+                self._send_size_switched(request, target, done)
+                return done
             data = self._serialize(request, transport)
             listener = self._listener_for_request(request, transport, target)
             if transport == "UDP":
@@ -814,6 +870,7 @@ class TransportManager(Service):
         host: str,
         port: int,
         done: defer.Deferred[None],
+        connect_timeout: float | None = None,
     ) -> None:
         key = _key(host, port)
         proto = self._connections.get(key)
@@ -830,26 +887,29 @@ class TransportManager(Service):
         pending = _Pending([(data, done)])
         self._pending[key] = pending
         proto = self._new_stream(side, outgoing=True)
-        connecting = connectProtocol(self._client_endpoint(key[0], port, bind), proto)
+        connecting = connectProtocol(
+            self._client_endpoint(key[0], port, bind, connect_timeout), proto)
         pending.deferred = connecting
         connecting.addCallbacks(
             self._connected, self._connect_failed, callbackArgs=(key,), errbackArgs=(key,)
         )
 
-    def _client_endpoint(self, host: str, port: int, bind: str | None) -> IStreamClientEndpoint:
+    def _client_endpoint(self, host: str, port: int, bind: str | None,
+                         timeout: float | None = None) -> IStreamClientEndpoint:
+        timeout = timeout or self.connect_timeout
         family = _family(host)
         bind_address = None
         if bind is not None and _family(bind) == family:
             bind_address = (bind, 0)
         if family == socket.AF_INET:
             return TCP4ClientEndpoint(
-                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
             )
         if family == socket.AF_INET6:
             return TCP6ClientEndpoint(
-                self.reactor, host, port, timeout=self.connect_timeout, bindAddress=bind_address
+                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
             )
-        return HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        return HostnameEndpoint(self.reactor, host, port, timeout=timeout)
 
     def _connected(self, proto: SIPStreamProtocol, key: tuple[str, int]) -> None:
         pending = self._pending.pop(key, None)
