@@ -1,8 +1,9 @@
 """sipproxy.media.kernel and the engine's use of it, with a fake nft/ip runner: the rule text
 (netdev ingress, rewriting, fwd to the route's next hop), the start check, install once both
 ends latched, counters into statistics and timeouts (task.Clock), the handovers (userspace
-keeps forwarding what reached it, rules go atomically on a re-INVITE, a foreign source, the
-call's end and stop), streams the hook cannot serve (local parties) and fallback when nft fails.
+keeps forwarding what reached it, rules go atomically on a re-INVITE, the call's end and stop,
+and stay on a foreign source), rules limited to the MTU, streams the hook cannot serve (local
+parties) and fallback when nft fails.
 Real UDP on 127.0.0.1 for the userspace side; the kernel itself is never touched here (the
 namespace tests in tests/integration/test_media_kernel_netns.py do that)."""
 
@@ -51,6 +52,8 @@ class FakeNft:
         self.tables = ""
         #: address -> the route ``ip route get`` reports (default: ROUTED)
         self.routes: dict[str, dict[str, Any]] = {}  # {}: no route
+        #: device -> its MTU, as ``ip link show`` reports them
+        self.links: dict[str, int] = {"lo": 65536, "eth9": 1500, "lan0": 1500, "wan0": 1500}
         self.fail: set[str] = set()  # "echo", "start", "check", "counters", "remove"
 
     def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
@@ -65,6 +68,10 @@ class FakeNft:
             if args[1:4] == ["-j", "-batch", "-"]:
                 out = ""
                 for line in text.splitlines():  # ip stops at the first failing command
+                    if line == "link show":
+                        out += json.dumps([{"ifname": name, "mtu": mtu, "flags": ["UP"]}
+                                           for name, mtu in self.links.items()]) + "\n"
+                        continue
                     route = self.routes.get(line.split()[-1], ROUTED)
                     if not route:
                         return out.encode(), b"RTNETLINK answers: Network is unreachable\n", 1
@@ -193,13 +200,14 @@ class ForwarderTests(unittest.SynchronousTestCase):
         self.assertIn(
             "add rule netdev sipproxy_relay_test in_lan0 ip saddr 192.168.77.10 udp sport 10000 "
             "ip daddr 192.168.77.1 udp dport 30000 ip frag-off & 0x3fff == 0 "
-            "udp checksum != 0 ip saddr set 203.0.113.1 ip daddr set 198.51.100.7 "
-            "udp sport set 30002 udp dport set 12000 counter name \"o1_ab\" "
-            'fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
+            "udp checksum != 0 ip length <= 1500 ip saddr set 203.0.113.1 "
+            "ip daddr set 198.51.100.7 udp sport set 30002 udp dport set 12000 "
+            'counter name "o1_ab" fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
         # B -> A: A is on the link itself, the next hop is A
         self.assertIn(
             "in_wan0 ip saddr 198.51.100.7 udp sport 12000 ip daddr 203.0.113.1 udp dport 30002 "
-            "ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr set 192.168.77.1 "
+            "ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= 1500 "
+            "ip saddr set 192.168.77.1 "
             "ip daddr set 192.168.77.10 udp sport set 30000 udp dport set 10000 "
             'counter name "o1_ba" fwd ip to 192.168.77.10 device "lan0"', script)
         # one transaction
@@ -216,6 +224,29 @@ class ForwarderTests(unittest.SynchronousTestCase):
         removal = [t for a, t in fake.commands if a == ["nft", "-f", "-"] and "delete rule" in t]
         self.assertEqual(len(removal), 1)
         self.assertEqual(removal[0].count("delete rule"), 2)
+
+    def test_packets_longer_than_the_mtu_toward_their_destination_stay_in_userspace(
+            self) -> None:
+        """``fwd`` does not fragment: each rule takes packets no longer than the MTU of the
+        device toward its destination, or of the route where that is smaller (the relay's
+        socket fragments the rest)."""
+        fake, k = self.started()
+        fake.links["wan0"] = 1492  # PPPoE
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        offload = self.successResultOf(k.install(a, b))
+        to_b, to_a = k.rules(offload).splitlines()[-3], k.rules(offload).splitlines()[-1]
+        self.assertIn('ip length <= 1492 ip saddr set 203.0.113.1 ip daddr set 198.51.100.7', to_b)
+        self.assertIn('ip length <= 1500 ip saddr set 192.168.77.1 ip daddr set 192.168.77.10',
+                      to_a)
+        fake.routes["198.51.100.7"] = {**WAN_ROUTE, "metrics": [{"mtu": 1400}]}
+        offload = self.successResultOf(k.install(a, b))
+        self.assertIn("ip length <= 1400 ip saddr set 203.0.113.1", k.rules(offload))
+        # a device ip does not list: no rule
+        fake.links.pop("wan0")
+        fake.routes["198.51.100.7"] = WAN_ROUTE
+        failure = self.failureResultOf(k.install(a, b), Unsuitable)
+        self.assertIn("no MTU for the device wan0", failure.getErrorMessage())
 
     def test_local_parties_are_unsuitable(self) -> None:
         fake, k = self.started()
@@ -300,12 +331,12 @@ class EngineTests(unittest.TestCase):
         rules = "\n".join(self.fake.rules.values())
         self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} ",
                       rules)
-        self.assertIn(f"udp dport {to_a} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
-                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_b} udp dport set "
-                      f"{b_port} counter name ", rules)
-        self.assertIn(f"udp dport {to_b} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
-                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_a} udp dport set "
-                      f"{a_port} counter name ", rules)
+        self.assertIn(f"udp dport {to_a} ip frag-off & 0x3fff == 0 udp checksum != 0 ip length "
+                      f"<= 1500 ip saddr set {LOCAL} ip daddr set {LOCAL} udp sport set {to_b} "
+                      f"udp dport set {b_port} counter name ", rules)
+        self.assertIn(f"udp dport {to_b} ip frag-off & 0x3fff == 0 udp checksum != 0 ip length "
+                      f"<= 1500 ip saddr set {LOCAL} ip daddr set {LOCAL} udp sport set {to_a} "
+                      f"udp dport set {a_port} counter name ", rules)
         self.assertEqual(rules.count('fwd ip to 10.0.0.254 device "eth9"'), 2)
         sa, sb = self.streams()
         self.assertTrue(sa.offload.active)
@@ -445,15 +476,22 @@ class EngineTests(unittest.TestCase):
         del a
 
     @defer.inlineCallbacks
-    def test_a_foreign_source_falls_back_for_good(self) -> Any:
-        _a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+    def test_a_foreign_source_neither_hijacks_nor_withdraws_the_kernel_path(self) -> Any:
+        # the rules match the latched source only, so a foreign packet reaches userspace,
+        # which treats it as without the kernel path; the latched stream stays in the kernel
+        a, b, a_port, _bp, to_a, to_b = yield self.latched()
         other, _ = self.phone()
         other.send(rtp(9), to_a)
         data, _ = yield b.received.get()  # userspace forwards it (no strict source)
         self.assertEqual(data, rtp(9))
-        self.assertEqual(self.fake.rules, {})
         sa, sb = self.streams()
-        self.assertTrue(sa.no_kernel and sb.no_kernel)
+        self.assertEqual(len(self.fake.rules), 2)
+        self.assertTrue(sa.offload.active)
+        self.assertFalse(sa.no_kernel or sb.no_kernel)
+        self.assertEqual(sa.learned, (LOCAL, a_port))  # not hijacked
+        b.send(rtp(10), to_b)  # B's packets still go to A, not to the stranger
+        self.assertEqual((yield a.received.get())[0], rtp(10))
+        self.assertTrue(other.received.pending == [])
 
     @defer.inlineCallbacks
     def test_install_failure_stays_in_userspace(self) -> Any:

@@ -5,16 +5,20 @@ its packets), :class:`KernelForwarder` installs, in one nftables table the relay
 (``netdev sipproxy_relay_<pid>`` unless configured; no other table is ever touched), one rule
 per direction in the ingress chain of the device the packets arrive on::
 
-    A:a -> R_A:PA  (arriving on A's device, not a fragment, UDP checksum not 0)
+    A:a -> R_A:PA  (arriving on A's device, not a fragment, UDP checksum not 0,
+                    no longer than the MTU toward B)
         set ip saddr R_B, ip daddr B, udp sport PB, udp dport b
         counter, fwd ip to NEXT_HOP device B's device
 
 and the same the other way. The devices and next hops are the kernel's own routes to A and B
-(``ip route get``: the gateway, else the party itself). Both rules go in with one nft
+(``ip route get``: the gateway, else the party itself), and the MTU toward each is the device's
+or the route's, whichever is smaller. Both rules go in with one nft
 transaction, and out with one: a packet either meets the rule (the kernel forwards it) or does
 not (it reaches the relay's socket, which is open all the time, and userspace forwards it), so
-no handover (to the kernel, back on a re-INVITE, a foreign source, the call's end) loses a
-packet, and packets userspace had queued before the rule came are still forwarded by it.
+no handover (to the kernel, back on a re-INVITE, the call's end) loses a packet, and packets
+userspace had queued before the rule came are still forwarded by it. A packet from another
+source than the latched one never matches, so userspace treats it as it would without the
+kernel (forwarded, or dropped with strict source) and the rules stay.
 
 Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 
@@ -39,7 +43,10 @@ Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 Checksums: nft updates the IP checksum and the UDP checksum (incrementally; packets with a
 checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A UDP checksum of
 0 means "none" and an incremental update would make it wrong, so such packets do not match and
-stay in userspace; so do IP fragments (only the first carries the ports). (A stream whose
+stay in userspace; so do IP fragments (only the first carries the ports), and packets longer
+than the MTU toward their destination: ``fwd`` does not fragment (the egress device would drop
+them silently, a WAN with a smaller MTU than the LAN's, PPPoE's 1492, say), the relay's socket
+does. (A stream whose
 packets all do so, or arrive on another device than the route to their source, has rules that
 catch nothing: the engine removes them after a counter poll.)
 
@@ -144,6 +151,8 @@ class Route:
 
     device: str
     next_hop: str
+    #: the largest IP packet the device (or the route) takes
+    mtu: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +229,7 @@ class KernelForwarder:
         (the kernel validates them; nothing is applied)."""
         t = f"{FAMILY} {self.table}"
         flow = Flow(("127.0.0.2", 9), ("127.0.0.3", 9), ("127.0.0.3", 11), ("127.0.0.2", 11),
-                    "lo", Route("lo", "127.0.0.2"))
+                    "lo", Route("lo", "127.0.0.2", 1500))
         return (f"{self._chain(flow.device)}\nadd counter {t} probe\n"
                 f"{self._rule(flow, 'probe', 'probe')}\n")
 
@@ -233,7 +242,7 @@ class KernelForwarder:
         (oip, oport), (dip, dport) = flow.out, flow.dest
         return (f"add rule {FAMILY} {self.table} {chain_name(flow.device)} "
                 f"ip saddr {sip} udp sport {sport} ip daddr {lip} udp dport {lport} "
-                "ip frag-off & 0x3fff == 0 udp checksum != 0 "
+                f"ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= {flow.route.mtu} "
                 f"ip saddr set {oip} ip daddr set {dip} udp sport set {oport} "
                 f'udp dport set {dport} counter name "{counter}" '
                 f'fwd ip to {flow.route.next_hop} device "{flow.route.device}" '
@@ -285,11 +294,16 @@ class KernelForwarder:
     # -- rules --------------------------------------------------------------------------------
 
     async def routes(self, *addresses: str) -> list[Route]:
-        """The kernel's routes to ``addresses`` (one ``ip -batch``); Unsuitable where the hook
-        cannot forward to one of them."""
-        script = "".join(f"route get {address}\n" for address in addresses)
+        """The kernel's routes to ``addresses`` and the devices' MTUs (one ``ip -batch``);
+        Unsuitable where the hook cannot forward to one of them."""
+        script = "".join(f"route get {address}\n" for address in addresses) + "link show\n"
         out, _, _ = await self._run(["ip", "-j", "-batch", "-"], script, check=False)
         answers = out.splitlines()
+        try:
+            links = {str(link["ifname"]): int(link["mtu"])
+                     for link in json.loads(answers[len(addresses)])}
+        except (ValueError, IndexError, KeyError, TypeError):
+            links = {}
         found = []
         for n, address in enumerate(addresses):
             try:
@@ -301,7 +315,12 @@ class KernelForwarder:
                 raise Unsuitable(f"{address} is a {kind} address (on {device})")
             if not _DEVICE.match(device):
                 raise Unsuitable(f"the device name {device!r} of the route to {address}")
-            found.append(Route(device, str(route.get("gateway") or address)))
+            mtus = [links[device]] if device in links else []
+            mtus += [int(m["mtu"]) for m in route.get("metrics", ())
+                     if isinstance(m, dict) and "mtu" in m]
+            if not mtus:
+                raise Unsuitable(f"no MTU for the device {device} of the route to {address}")
+            found.append(Route(device, str(route.get("gateway") or address), min(mtus)))
         return found
 
     def rules(self, offload: Offload) -> str:

@@ -308,9 +308,9 @@ class PacketStream:
                 if not self.no_kernel and self.engine.kernel is not None:
                     self.engine.kernel_offer(self)
         elif source != self.learned:
-            if self.offload is not None:
-                self.engine.kernel_drop(self.offload, f"a packet from {source[0]}:{source[1]}"
-                                        " (not the latched source)", for_good=True)
+            # (the kernel rules match the latched source only: such a packet always comes
+            # here, and they stay, or one stray packet per port would push every call out of
+            # the kernel for good; with media handover there are no rules)
             if leg.strict_source:
                 self.errors += 1
                 return

@@ -19,6 +19,8 @@ the relay, as in issue 12.
 from __future__ import annotations
 
 import json
+import secrets
+import socket
 import struct
 import sys
 import threading
@@ -79,11 +81,14 @@ def seed_net(netns_ready: None) -> Iterator[NatNet]:
 
 
 def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
-    """One NG command to the relay on fw's loopback; None without a reply."""
+    """One NG command to the relay on fw's loopback; None without a reply. (A fresh cookie:
+    the relay's reply cache answers a cookie seen from the same address within 30 s, and the
+    new socket may get an earlier one's port.)"""
     sock = ns.socket()
     try:
         sock.settimeout(timeout)
-        sock.sendto(encode_message(b"k1", message), ("127.0.0.1", NG_PORT))
+        sock.sendto(encode_message(secrets.token_hex(6).encode(), message),
+                    ("127.0.0.1", NG_PORT))
         data = sock.recv(65535)
     except TimeoutError:
         return None
@@ -561,3 +566,163 @@ def test_parties_on_loopback_stay_in_userspace_with_one_line(netns_ready: None,
             assert "firewall" not in log, log
         finally:
             relay.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# what the netdev rules must leave to userspace, strangers, a stop with calls up
+# ------------------------------------------------------------------------------------------------
+SO_NO_CHECK = 11  # Linux: send UDP without a checksum (0)
+WAN_MTU = 1400
+
+
+class Party:
+    """A party's RTP and RTCP sockets in a namespace; records (datagram, source) per port."""
+
+    def __init__(self, ns: Namespace, host: str, port: int) -> None:
+        self.sockets = []
+        self.got: dict[int, list[tuple[bytes, tuple[str, int]]]] = {port: [], port + 1: []}
+        self.stop_event = threading.Event()
+        for p in (port, port + 1):
+            sock = ns.socket()
+            sock.bind((host, p))
+            sock.settimeout(0.05)
+            self.sockets.append(sock)
+            threading.Thread(target=self._receive, args=(sock, self.got[p]), daemon=True).start()
+        self.rtp, self.rtcp = self.sockets
+        self.port = port
+
+    def _receive(self, sock: Any, into: list[tuple[bytes, tuple[str, int]]]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                data, source = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            into.append((data, source))
+
+    def clear(self) -> None:
+        for got in self.got.values():
+            got.clear()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        time.sleep(0.1)
+        for sock in self.sockets:
+            sock.close()
+
+
+def numbered(seq: int, size: int = 160) -> bytes:
+    """An RTP packet whose payload bytes depend on ``seq`` (a corrupted byte shows)."""
+    return struct.pack("!BBHII", 0x80, 8, seq & 0xFFFF, seq * 160, 7) + bytes(
+        (seq + i) & 0xFF for i in range(size))
+
+
+def kernel_packets(ns: Namespace) -> int:
+    return (relay_table(ns) or {}).get("packets", 0)
+
+
+def ng_call(relay: RelayProcess, call_id: str, a: tuple[str, int],
+            b: tuple[str, int]) -> tuple[int, int]:
+    """Offer from A (inside) and answer from B (outside): (the relay's port A sends to, the
+    one B sends to)."""
+    call = {"call-id": call_id, "from-tag": "A", "direction": ["inside", "outside"]}
+    offer = relay.command({"command": "offer", **call, "sdp": _sdp(*a)})
+    answer = relay.command({"command": "answer", **call, "to-tag": "B", "sdp": _sdp(*b)})
+    assert offer["result"] == answer["result"] == "ok", (offer, answer)
+    return media_port(answer["sdp"]), media_port(offer["sdp"])
+
+
+def test_odd_packets_strangers_and_a_stop_with_a_call_up(seed_net: NatNet,
+                                                         tmp_path: Path) -> None:
+    """fw's WAN has a smaller MTU than its LAN (as PPPoE's 1492). With RTP and RTCP of a call
+    both ways in the kernel: tiny packets, IP options and packets up to the WAN's MTU go
+    through the rules; packets with a UDP checksum of 0, IP fragments and packets longer than
+    the MTU toward their destination reach the far party through userspace; every one arrives
+    byte for byte from the relay's port. A stranger sending to the relay's port does not take
+    the stream and does not push it out of the kernel. SIGTERM with the call up leaves no
+    table and fw's ruleset as it was."""
+    net = seed_net
+    for ns, device in ((net.fw, net.wan_if), (net.provider, "eth0")):
+        ns.run("ip", "link", "set", device, "mtu", str(WAN_MTU))
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone, provider = Party(net.phone, PHONE_IP, PHONE_RTP), Party(net.provider, PROVIDER_IP,
+                                                                    PROVIDER_RTP)
+    stranger = net.provider.socket()
+    stranger.bind((PROVIDER_IP, PROVIDER_RTP + 10))
+    stranger.settimeout(0.3)
+    try:
+        to_phone_side, to_provider_side = ng_call(relay, "odd", (PHONE_IP, PHONE_RTP),
+                                                  (PROVIDER_IP, PROVIDER_RTP))
+        at = {phone: (FW_INSIDE, to_phone_side), provider: (FW_OUTSIDE, to_provider_side)}
+        for seq in range(3):  # both latch, RTP and RTCP
+            for party, (host, port) in at.items():
+                party.rtp.sendto(numbered(seq), (host, port))
+                party.rtcp.sendto(b"\x81\xc9\x00\x01" + bytes(4), (host, port + 1))
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
+        logs = relay.log_tail
+
+        def through(sender: Party, receiver: Party, packet: bytes, *, rtcp: bool = False,
+                    kernel: bool, options: tuple[int, int, Any] | None = None) -> None:
+            host, port = at[sender]
+            before = kernel_packets(net.fw)
+            receiver.clear()
+            sock = sender.rtcp if rtcp else sender.rtp
+            if options is not None:
+                sock.setsockopt(*options)
+            try:
+                sock.sendto(packet, (host, port + rtcp))
+            finally:
+                if options is not None:
+                    sock.setsockopt(*options[:2], b"" if isinstance(options[2], bytes) else 0)
+            got = receiver.got[receiver.port + rtcp]
+            wait_for(lambda: bool(got), 2)
+            relay_port = at[receiver][1] + rtcp
+            side = FW_INSIDE if receiver is phone else FW_OUTSIDE
+            what = f"{len(packet)} bytes, {options}"
+            assert got == [(packet, (side, relay_port))], (what, got[:1], logs())
+            counted = kernel_packets(net.fw) - before
+            assert counted == (1 if kernel else 0), (what, counted, logs())
+
+        biggest = WAN_MTU - 28
+        through(phone, provider, numbered(10), kernel=True)
+        through(provider, phone, numbered(11), kernel=True)
+        through(phone, provider, b"\x81\xc9\x00\x01" + bytes(8), rtcp=True, kernel=True)
+        through(provider, phone, b"\x81\xc9\x00\x01" + bytes(12), rtcp=True, kernel=True)
+        through(phone, provider, b"", kernel=True)
+        through(phone, provider, b"\x80", kernel=True)
+        through(phone, provider, numbered(12), kernel=True,
+                options=(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00"))
+        through(phone, provider, numbered(13, biggest - 12), kernel=True)
+        through(provider, phone, numbered(14, biggest - 12), kernel=True)
+        # the LAN takes 1,500 bytes, the WAN not: the relay's socket fragments it
+        through(phone, provider, numbered(15, 1500 - 28 - 12), kernel=False)
+        through(phone, provider, numbered(16, 3000), kernel=False)  # fragments
+        through(provider, phone, numbered(17, 3000), kernel=False)
+        through(phone, provider, numbered(18), kernel=False,
+                options=(socket.SOL_SOCKET, SO_NO_CHECK, 1))
+
+        # a stranger at the relay's port for the provider: userspace forwards its packet (no
+        # strict source), the stream stays latched and in the kernel
+        phone.clear()
+        stranger.sendto(numbered(19), at[provider])
+        wait_for(lambda: bool(phone.got[PHONE_RTP]), 2)
+        assert [d for d, _ in phone.got[PHONE_RTP]] == [numbered(19)], logs()
+        assert (relay_table(net.fw) or {}).get("rules") == 4, logs()
+        through(phone, provider, numbered(20), kernel=True)
+        through(provider, phone, numbered(21), kernel=True)
+        with pytest.raises(TimeoutError):
+            stranger.recv(2048)
+        assert "back to userspace" not in relay.log_path.read_text(errors="replace"), logs()
+
+        relay.stop()  # SIGTERM, the call up
+        assert "Main loop terminated" in relay.log_path.read_text(errors="replace"), logs()
+        assert relay_table(net.fw) is None
+        assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
+    finally:
+        phone.close()
+        provider.close()
+        stranger.close()
+        relay.stop()
