@@ -532,6 +532,13 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(self.fake.rules, {})
 
 
+def phone(case: unittest.TestCase) -> tuple[Phone, int]:
+    p = Phone()
+    port = reactor.listenUDP(0, p, interface=LOCAL)
+    case.addCleanup(port.stopListening)
+    return p, port.getHost().port
+
+
 def deferLater(seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
@@ -551,6 +558,54 @@ class ServiceTests(unittest.TestCase):
         self.assertIs(service.engine.kernel, service.kernel)
         yield service.stopService()
         self.assertIsNone(service.engine.kernel)
+        self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
+                         ["nft", "delete", "table", "netdev", TABLE])
+
+    @defer.inlineCallbacks
+    def test_stopping_with_calls_up_deletes_the_table_at_once(self) -> Any:
+        # rule by rule, thousands of calls meant thousands of nft runs before the table went
+        # (a supervisor's kill in between left rules behind)
+        fake = FakeNft()
+        service = makeRelayService(self.config("auto"), reactor, Clock(), kernel_runner=fake)
+        service.startService()
+        for n in range(3):
+            (a, a_port), (b, b_port) = phone(self), phone(self)
+            offer = service.engine.offer(f"c{n}", "A", parse_sdp(sdp(a_port)), SignalOptions())
+            answer = service.engine.answer(f"c{n}", "A", "B", parse_sdp(sdp(b_port)),
+                                           SignalOptions())
+            a.send(rtp(1), answer.media[0].port)
+            yield b.received.get()
+            b.send(rtp(2), offer.media[0].port)
+            yield a.received.get()
+        self.assertEqual(len(fake.rules), 6)
+        yield service.stopService()
+        self.assertEqual([t for _, t in fake.commands if "delete rule" in t], [])
+        self.assertEqual(fake.ran("delete", "table", TABLE),
+                         [["nft", "delete", "table", "netdev", TABLE]])
+
+    def test_what_is_queued_when_stopping_is_skipped(self) -> None:
+        fake = FakeNft()
+        k = KernelForwarder(fake, TABLE)
+        self.successResultOf(k.start())
+        gate: defer.Deferred[None] = defer.Deferred()
+        real = k.runner
+
+        def held(argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
+                tuple[bytes, bytes, int]]:
+            return gate.addCallback(lambda _: None).addCallback(lambda _: real(argv, stdin))
+
+        installed = self.successResultOf(k.install((("192.0.2.1", 1), ("192.0.2.9", 2)),
+                                                   (("198.51.100.7", 3), ("203.0.113.1", 4))))
+        k.runner = held
+        queued = [k.remove(installed), k.install((("192.0.2.2", 1), ("192.0.2.9", 6)),
+                                                 (("198.51.100.8", 3), ("203.0.113.1", 8)))]
+        stopped = k.stop()
+        k.runner = real
+        gate.callback(None)  # the removal that was under way when stop() came finishes
+        self.successResultOf(stopped)
+        self.successResultOf(queued[0])
+        self.failureResultOf(queued[1], KernelError)
+        self.assertEqual(len(fake.ran("--echo")), 1)  # only the first install
         self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
                          ["nft", "delete", "table", "netdev", TABLE])
 

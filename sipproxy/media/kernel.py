@@ -196,6 +196,9 @@ class KernelForwarder:
         self.runner = runner
         self.table = table
         self.started = False
+        #: stop() was called: what is still queued skips its work (deleting the table takes
+        #: every rule and counter with it, at once, however many calls are up)
+        self.stopping = False
         self._lock = defer.DeferredLock()
         self._next = 0
         self.offloads: dict[int, Offload] = {}
@@ -271,6 +274,7 @@ class KernelForwarder:
                 await self._run(["nft", "delete", "table", family, name], check=False)
                 _log.info("media relay: removed the stale nftables table {family} {name}",
                           family=family, name=name)
+        self.stopping = False
         await self._run(["nft", "-f", "-"], self.ruleset())
         try:
             await self._run(["nft", "--check", "-f", "-"], self.probe())
@@ -281,7 +285,9 @@ class KernelForwarder:
         self.started = True
 
     def stop(self) -> defer.Deferred[Any]:
-        """Delete the table (every chain, rule and counter in it)."""
+        """Delete the table (every chain, rule and counter in it); installs and removals
+        queued before it are skipped."""
+        self.stopping = True
         return self._locked(self._stop)
 
     async def _stop(self) -> None:
@@ -345,7 +351,7 @@ class KernelForwarder:
         number = self._next
 
         async def install() -> Offload:
-            if not self.started:
+            if not self.started or self.stopping:
                 raise KernelError("the kernel fast path is not running")
             to_a, to_b = await self.routes(a[0][0], b[0][0])
             offload = Offload(
@@ -372,7 +378,7 @@ class KernelForwarder:
         return self._locked(lambda: self._remove(offload))
 
     async def _remove(self, offload: Offload) -> dict[str, tuple[int, int]]:
-        if self.offloads.pop(offload.id, None) is None or not self.started:
+        if self.offloads.pop(offload.id, None) is None or not self.started or self.stopping:
             return {}
         t = f"{FAMILY} {self.table}"
         script = [f"delete rule {t} {chain} handle {handle}" for chain, handle in
@@ -391,7 +397,7 @@ class KernelForwarder:
         """Every named counter of the table: name -> (packets, bytes)."""
 
         async def read() -> dict[str, tuple[int, int]]:
-            if not self.started:
+            if not self.started or self.stopping:
                 return {}
             out, _, _ = await self._run(["nft", "-j", "list", "counters", "table", FAMILY,
                                          self.table])

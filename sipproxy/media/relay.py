@@ -686,6 +686,8 @@ class RelayEngine:
                 lambda f: _log.failure("media relay: kernel counter poll", f))
 
     def _install_failed(self, failure: Any, offload: StreamOffload) -> None:
+        if offload.dropped:  # gone meanwhile (the call ended, the relay is stopping)
+            return
         if failure.check(Unsuitable):
             self._kernel_log("unsuitable", f"kernel fast path: cannot serve a stream, it stays "
                              f"in userspace: {failure.getErrorMessage()}", warn=False)

@@ -47,6 +47,7 @@ from tests.integration.netns import (
 )
 from tests.integration.rtp_call import callee_scenario, caller_scenario, loss, rtp_pcap
 from tests.integration.test_media_netns import (
+    KERNEL_TABLE,
     MIN_PACKETS,
     NG_PORT,
     PCAP,
@@ -726,3 +727,73 @@ def test_odd_packets_strangers_and_a_stop_with_a_call_up(seed_net: NatNet,
         provider.close()
         stranger.close()
         relay.stop()
+
+
+MANY_CALLS = 50
+
+
+def test_many_calls_then_a_killed_relays_table_goes_at_the_next_start(seed_net: NatNet,
+                                                                       tmp_path: Path) -> None:
+    """50 calls at once in the kernel (RTP and RTCP: 200 rules in the relay's own table,
+    ``netdev sipproxy_relay_<pid>``), ``query`` counting a call's kernel packets; 49 deleted:
+    their rules go. ``kill -9`` with a call up leaves the table; the next relay's start deletes
+    it, and fw's own ruleset is as it was."""
+    net = seed_net
+    nft_before = firewall_tables(net.fw)
+    argv = [arg for arg in standalone_relay(net.fw, tmp_path, kernel="auto").argv
+            if arg not in ("--kernel-table", KERNEL_TABLE)]
+    relay = RelayProcess(net.fw, argv, tmp_path, "killed").start()
+    parties: list[Party] = []
+    successor: RelayProcess | None = None
+    try:
+        calls = []
+        for n in range(MANY_CALLS):
+            phone = Party(net.phone, PHONE_IP, PHONE_RTP + 2 * n)
+            provider = Party(net.provider, PROVIDER_IP, PROVIDER_RTP + 2 * n)
+            parties += [phone, provider]
+            to_phone_side, to_provider_side = ng_call(relay, f"many-{n}", (PHONE_IP, phone.port),
+                                                      (PROVIDER_IP, provider.port))
+            calls.append(((phone, (FW_INSIDE, to_phone_side)),
+                          (provider, (FW_OUTSIDE, to_provider_side))))
+            for party, (host, port) in calls[-1]:
+                party.rtp.sendto(numbered(0), (host, port))
+                party.rtcp.sendto(b"\x81\xc9\x00\x01" + bytes(4), (host, port + 1))
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, 30)
+        assert (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, relay.log_tail()
+        (phone, at_phone_side), (provider, _) = calls[0]
+        provider.clear()
+        for seq in range(1, 11):
+            phone.rtp.sendto(numbered(seq), at_phone_side)
+        wait_for(lambda: len(provider.got[provider.port]) == 10, 2)
+        assert [d for d, _ in provider.got[provider.port]] == [numbered(s) for s in range(1, 11)]
+        wait_for(lambda: (rtp_stats(relay.command({"command": "query", "call-id": "many-0"}))
+                          or (0, 0))[1] >= 10, 6)  # the counters are read every 2 s
+        assert rtp_stats(relay.command({"command": "query", "call-id": "many-0"})) == (2, 10)
+        for n in range(1, MANY_CALLS):
+            reply = relay.command({"command": "delete", "call-id": f"many-{n}", "from-tag": "A"})
+            assert reply["result"] == "ok", reply
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 30)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
+        tables = net.fw.run("nft", "list", "tables").stdout
+        assert f"table netdev {TABLE_PREFIX}" in tables, tables
+        assert relay.process is not None
+        relay.process.kill()
+        relay.process.wait(5)
+        assert (relay_table(net.fw) or {}).get("rules") == 4  # nobody deleted it
+        successor = RelayProcess(net.fw, argv, tmp_path, "successor").start()
+        wait_for(lambda: "kernel fast path on" in successor.log_path.read_text())
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, successor.log_tail()
+        assert "removed the stale nftables table" in successor.log_path.read_text(), \
+            successor.log_tail()
+        successor.stop()
+        assert relay_table(net.fw) is None
+        assert firewall_tables(net.fw) == nft_before
+    finally:
+        for party in parties:
+            party.stop_event.set()
+        for party in parties:
+            for sock in party.sockets:
+                sock.close()
+        relay.stop()
+        if successor is not None:
+            successor.stop()
