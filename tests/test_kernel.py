@@ -72,7 +72,7 @@ class FakeNft:
                         out += json.dumps([{"ifname": name, "mtu": mtu, "flags": ["UP"]}
                                            for name, mtu in self.links.items()]) + "\n"
                         continue
-                    route = self.routes.get(line.split()[-1], ROUTED)
+                    route = self.routes.get(line.split()[2], ROUTED)  # route get A from R
                     if not route:
                         return out.encode(), b"RTNETLINK answers: Network is unreachable\n", 1
                     out += json.dumps([route]) + "\n"
@@ -210,6 +210,10 @@ class ForwarderTests(unittest.SynchronousTestCase):
             "ip saddr set 192.168.77.1 "
             "ip daddr set 192.168.77.10 udp sport set 30000 udp dport set 10000 "
             'counter name "o1_ba" fwd ip to 192.168.77.10 device "lan0"', script)
+        # the routes from the relay's address on each side (policy routing: as its sockets)
+        routes = next(t for a, t in fake.commands if a[:3] == ["ip", "-j", "-batch"])
+        self.assertEqual(routes, "route get 192.168.77.10 from 192.168.77.1\n"
+                                 "route get 198.51.100.7 from 203.0.113.1\nlink show\n")
         # one transaction
         self.assertEqual(len(fake.ran("--echo")), 1)
         self.assertEqual(offload.rules, [("in_lan0", 4), ("in_wan0", 6)])

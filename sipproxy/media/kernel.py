@@ -11,11 +11,12 @@ per direction in the ingress chain of the device the packets arrive on::
         counter, fwd ip to NEXT_HOP device B's device
 
 and the same the other way. The devices and next hops are the kernel's own routes to A and B
-(``ip route get``: the gateway, else the party itself), and the MTU toward each is the device's
-or the route's, whichever is smaller. Both rules go in with one nft
-transaction, and out with one: a packet either meets the rule (the kernel forwards it) or does
-not (it reaches the relay's socket, which is open all the time, and userspace forwards it), so
-no handover (to the kernel, back on a re-INVITE, the call's end) loses a packet, and packets
+from the relay's address on that side (``ip route get B from R_B``: the gateway, else the party
+itself; ``from`` keeps policy routing, a second uplink say, as for the relay's own socket), and
+the MTU toward each is the device's or the route's, whichever is smaller. Both rules go in with
+one nft transaction, and out with one: a packet either meets the rule (the kernel forwards it)
+or does not (it reaches the relay's socket, which is open all the time, and userspace forwards
+it), so no handover (to the kernel, back on a re-INVITE, the call's end) loses a packet, and packets
 userspace had queued before the rule came are still forwarded by it. A packet from another
 source than the latched one never matches, so userspace treats it as it would without the
 kernel (forwarded, or dropped with strict source) and the rules stay.
@@ -299,10 +300,12 @@ class KernelForwarder:
 
     # -- rules --------------------------------------------------------------------------------
 
-    async def routes(self, *addresses: str) -> list[Route]:
-        """The kernel's routes to ``addresses`` and the devices' MTUs (one ``ip -batch``);
-        Unsuitable where the hook cannot forward to one of them."""
-        script = "".join(f"route get {address}\n" for address in addresses) + "link show\n"
+    async def routes(self, *pairs: tuple[str, str]) -> list[Route]:
+        """The kernel's routes to each (address, from the relay's address) and the devices'
+        MTUs (one ``ip -batch``); Unsuitable where the hook cannot forward to one of them."""
+        addresses = [address for address, _ in pairs]
+        script = "".join(f"route get {address} from {source}\n" for address, source in pairs)
+        script += "link show\n"
         out, _, _ = await self._run(["ip", "-j", "-batch", "-"], script, check=False)
         answers = out.splitlines()
         try:
@@ -353,7 +356,7 @@ class KernelForwarder:
         async def install() -> Offload:
             if not self.started or self.stopping:
                 raise KernelError("the kernel fast path is not running")
-            to_a, to_b = await self.routes(a[0][0], b[0][0])
+            to_a, to_b = await self.routes((a[0][0], a[1][0]), (b[0][0], b[1][0]))
             offload = Offload(
                 number,
                 (Flow(a[0], a[1], b[1], b[0], to_a.device, to_b),

@@ -14,6 +14,13 @@ the relay, as in issue 12.
 - Kamailio's ``rtpengine`` module driving the standalone relay: 20 calls, none of their packets
   lost, no session, port or rule left.
 - Parties on the relay's own host (loopback): userspace, one log line, no rule.
+- A WAN with a smaller MTU than the LAN: tiny packets, IP options and RTCP through the rules;
+  UDP checksum 0, fragments and packets longer than the MTU toward their destination through
+  userspace; all byte for byte. A stranger at a relay port neither takes the stream nor pushes
+  it out of the kernel. SIGTERM with a call up: no table left, fw's ruleset as it was.
+- 50 calls at once in the kernel (200 rules), ``query`` counting kernel packets, rules gone
+  after ``delete``; ``kill -9`` leaves the table, the next relay's start removes it.
+- Source-based policy routing (a second uplink): the rules go the way the relay's sockets go.
 """
 
 from __future__ import annotations
@@ -797,3 +804,39 @@ def test_many_calls_then_a_killed_relays_table_goes_at_the_next_start(seed_net: 
         relay.stop()
         if successor is not None:
             successor.stop()
+
+
+def test_the_rules_follow_policy_routing_as_the_relays_sockets_do(seed_net: NatNet,
+                                                                  tmp_path: Path) -> None:
+    """A host with a second uplink routes by source address: here fw's main table sends the
+    provider's address elsewhere (a gateway on the LAN), a rule sends what comes from the
+    relay's outside address out of wan0. The kernel path goes the way the relay's own socket
+    goes: both ways through the rules, nothing lost."""
+    net = seed_net
+    net.fw.run("ip", "route", "add", f"{PROVIDER_IP}/32", "via", "192.168.77.99")
+    net.fw.run("ip", "route", "add", "203.0.113.0/24", "dev", net.wan_if, "table", "100")
+    net.fw.run("ip", "rule", "add", "from", FW_OUTSIDE, "lookup", "100")
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone, provider = Party(net.phone, PHONE_IP, PHONE_RTP), Party(net.provider, PROVIDER_IP,
+                                                                    PROVIDER_RTP)
+    try:
+        to_phone_side, to_provider_side = ng_call(relay, "policy", (PHONE_IP, PHONE_RTP),
+                                                  (PROVIDER_IP, PROVIDER_RTP))
+        phone.rtp.sendto(numbered(0), (FW_INSIDE, to_phone_side))
+        provider.rtp.sendto(numbered(0), (FW_OUTSIDE, to_provider_side))
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 2)
+        assert (relay_table(net.fw) or {}).get("rules") == 2, relay.log_tail()
+        phone.clear()
+        provider.clear()
+        for seq in range(1, 21):
+            phone.rtp.sendto(numbered(seq), (FW_INSIDE, to_phone_side))
+            provider.rtp.sendto(numbered(seq), (FW_OUTSIDE, to_provider_side))
+        wait_for(lambda: len(provider.got[PROVIDER_RTP]) == len(phone.got[PHONE_RTP]) == 20, 3)
+        sent = [numbered(seq) for seq in range(1, 21)]
+        assert [d for d, _ in provider.got[PROVIDER_RTP]] == sent, relay.log_tail()
+        assert [d for d, _ in phone.got[PHONE_RTP]] == sent, relay.log_tail()
+        assert kernel_packets(net.fw) == 40, relay.log_tail()
+    finally:
+        phone.close()
+        provider.close()
+        relay.stop()
