@@ -16,10 +16,10 @@ itself; ``from`` keeps policy routing, a second uplink say, as for the relay's o
 the MTU toward each is the device's or the route's, whichever is smaller. Both rules go in with
 one nft transaction, and out with one: a packet either meets the rule (the kernel forwards it)
 or does not (it reaches the relay's socket, which is open all the time, and userspace forwards
-it), so no handover (to the kernel, back on a re-INVITE, the call's end) loses a packet, and packets
-userspace had queued before the rule came are still forwarded by it. A packet from another
-source than the latched one never matches, so userspace treats it as it would without the
-kernel (forwarded, or dropped with strict source) and the rules stay.
+it), so no handover (to the kernel, back on a re-INVITE, the call's end) loses a packet, and
+packets userspace had queued before the rule came are still forwarded by it. A packet from
+another source than the latched one never matches, so userspace treats it as it would without
+the kernel (forwarded, or dropped with strict source) and the rules stay.
 
 Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 
@@ -47,9 +47,8 @@ checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A 
 stay in userspace; so do IP fragments (only the first carries the ports), and packets longer
 than the MTU toward their destination: ``fwd`` does not fragment (the egress device would drop
 them silently, a WAN with a smaller MTU than the LAN's, PPPoE's 1492, say), the relay's socket
-does. (A stream whose
-packets all do so, or arrive on another device than the route to their source, has rules that
-catch nothing: the engine removes them after a counter poll.)
+does. (A stream whose packets all do so, or arrive on another device than the route to their
+source, has rules that catch nothing: the engine removes them after a counter poll.)
 
 What the netdev hook cannot serve stays in userspace (:class:`Unsuitable`, logged once by the
 engine): a party on a local address (the device is ``lo``, or the route is ``local``: phones

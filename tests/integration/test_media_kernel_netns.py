@@ -765,7 +765,7 @@ def test_many_calls_then_a_killed_relays_table_goes_at_the_next_start(seed_net: 
             for party, (host, port) in calls[-1]:
                 party.rtp.sendto(numbered(0), (host, port))
                 party.rtcp.sendto(b"\x81\xc9\x00\x01" + bytes(4), (host, port + 1))
-        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, 30)
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, 60)
         assert (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, relay.log_tail()
         (phone, at_phone_side), (provider, _) = calls[0]
         provider.clear()
@@ -779,7 +779,7 @@ def test_many_calls_then_a_killed_relays_table_goes_at_the_next_start(seed_net: 
         for n in range(1, MANY_CALLS):
             reply = relay.command({"command": "delete", "call-id": f"many-{n}", "from-tag": "A"})
             assert reply["result"] == "ok", reply
-        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 30)
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 60)
         assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
         tables = net.fw.run("nft", "list", "tables").stdout
         assert f"table netdev {TABLE_PREFIX}" in tables, tables
