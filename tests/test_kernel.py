@@ -199,14 +199,14 @@ class ForwarderTests(unittest.SynchronousTestCase):
         # A -> B: matched on A's source and the relay's port, rewritten, sent to B's gateway
         self.assertIn(
             "add rule netdev sipproxy_relay_test in_lan0 ip saddr 192.168.77.10 udp sport 10000 "
-            "ip daddr 192.168.77.1 udp dport 30000 ip frag-off & 0x3fff == 0 "
+            "ip daddr 192.168.77.1 udp dport 30000 ip hdrlength 5 ip frag-off & 0x3fff == 0 "
             "udp checksum != 0 ip length <= 1500 ip saddr set 203.0.113.1 "
             "ip daddr set 198.51.100.7 udp sport set 30002 udp dport set 12000 "
             'counter name "o1_ab" fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
         # B -> A: A is on the link itself, the next hop is A
         self.assertIn(
             "in_wan0 ip saddr 198.51.100.7 udp sport 12000 ip daddr 203.0.113.1 udp dport 30002 "
-            "ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= 1500 "
+            "ip hdrlength 5 ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= 1500 "
             "ip saddr set 192.168.77.1 "
             "ip daddr set 192.168.77.10 udp sport set 30000 udp dport set 10000 "
             'counter name "o1_ba" fwd ip to 192.168.77.10 device "lan0"', script)
@@ -335,12 +335,14 @@ class EngineTests(unittest.TestCase):
         rules = "\n".join(self.fake.rules.values())
         self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} ",
                       rules)
-        self.assertIn(f"udp dport {to_a} ip frag-off & 0x3fff == 0 udp checksum != 0 ip length "
-                      f"<= 1500 ip saddr set {LOCAL} ip daddr set {LOCAL} udp sport set {to_b} "
-                      f"udp dport set {b_port} counter name ", rules)
-        self.assertIn(f"udp dport {to_b} ip frag-off & 0x3fff == 0 udp checksum != 0 ip length "
-                      f"<= 1500 ip saddr set {LOCAL} ip daddr set {LOCAL} udp sport set {to_a} "
-                      f"udp dport set {a_port} counter name ", rules)
+        self.assertIn(f"udp dport {to_a} ip hdrlength 5 ip frag-off & 0x3fff == 0 "
+                      f"udp checksum != 0 ip length <= 1500 ip saddr set {LOCAL} "
+                      f"ip daddr set {LOCAL} udp sport set {to_b} udp dport set {b_port} "
+                      f"counter name ", rules)
+        self.assertIn(f"udp dport {to_b} ip hdrlength 5 ip frag-off & 0x3fff == 0 "
+                      f"udp checksum != 0 ip length <= 1500 ip saddr set {LOCAL} "
+                      f"ip daddr set {LOCAL} udp sport set {to_a} udp dport set {a_port} "
+                      f"counter name ", rules)
         self.assertEqual(rules.count('fwd ip to 10.0.0.254 device "eth9"'), 2)
         sa, sb = self.streams()
         self.assertTrue(sa.offload.active)

@@ -5,8 +5,8 @@ its packets), :class:`KernelForwarder` installs, in one nftables table the relay
 (``netdev sipproxy_relay_<pid>`` unless configured; no other table is ever touched), one rule
 per direction in the ingress chain of the device the packets arrive on::
 
-    A:a -> R_A:PA  (arriving on A's device, not a fragment, UDP checksum not 0,
-                    no longer than the MTU toward B)
+    A:a -> R_A:PA  (arriving on A's device, no IP options, not a fragment, UDP checksum
+                    not 0, no longer than the MTU toward B)
         set ip saddr R_B, ip daddr B, udp sport PB, udp dport b
         counter, fwd ip to NEXT_HOP device B's device
 
@@ -44,7 +44,9 @@ Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
 Checksums: nft updates the IP checksum and the UDP checksum (incrementally; packets with a
 checksum still to be computed, CHECKSUM_PARTIAL, are fixed up correctly too). A UDP checksum of
 0 means "none" and an incremental update would make it wrong, so such packets do not match and
-stay in userspace; so do IP fragments (only the first carries the ports), and packets longer
+stay in userspace; so do IP fragments (only the first carries the ports), packets with IP
+options (a router would act on them, source routing say; the relay's socket sends a new packet
+without them, as without the kernel path), and packets longer
 than the MTU toward their destination: ``fwd`` does not fragment (the egress device would drop
 them silently, a WAN with a smaller MTU than the LAN's, PPPoE's 1492, say), the relay's socket
 does. (A stream whose packets all do so, or arrive on another device than the route to their
@@ -245,7 +247,8 @@ class KernelForwarder:
         (oip, oport), (dip, dport) = flow.out, flow.dest
         return (f"add rule {FAMILY} {self.table} {chain_name(flow.device)} "
                 f"ip saddr {sip} udp sport {sport} ip daddr {lip} udp dport {lport} "
-                f"ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= {flow.route.mtu} "
+                f"ip hdrlength 5 ip frag-off & 0x3fff == 0 udp checksum != 0 "
+                f"ip length <= {flow.route.mtu} "
                 f"ip saddr set {oip} ip daddr set {dip} udp sport set {oport} "
                 f'udp dport set {dport} counter name "{counter}" '
                 f'fwd ip to {flow.route.next_hop} device "{flow.route.device}" '
