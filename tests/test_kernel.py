@@ -252,6 +252,30 @@ class ForwarderTests(unittest.SynchronousTestCase):
         failure = self.failureResultOf(k.install(a, b), Unsuitable)
         self.assertIn("no MTU for the device wan0", failure.getErrorMessage())
 
+    def test_a_removal_first_goes_ahead_of_what_waits(self) -> None:
+        # a re-INVITE moved an endpoint: its old rules must go now, not after every install,
+        # removal and poll queued before (each packet they still forward is lost)
+        fake, k = self.started()
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        moved = self.successResultOf(k.install(a, b))
+        ended = self.successResultOf(k.install(a, b))
+        gate: defer.Deferred[None] = defer.Deferred()
+        real = k.runner
+        k.runner = lambda argv, stdin: gate.addCallback(lambda _: real(argv, stdin))
+        busy = k.counters()  # under way: holds the lock
+        k.runner = real
+        waiting = [k.install(a, b), k.remove(ended), k.counters()]
+        first = k.remove(moved, first=True)
+        gate.callback(None)
+        for d in (busy, first, *waiting):
+            self.successResultOf(d)
+        echoes_and_deletes = [t for args, t in fake.commands
+                              if "--echo" in args or "delete rule" in t][2:]
+        self.assertIn(f"handle {moved.rules[0][1]}", echoes_and_deletes[0])
+        self.assertIn("add rule", echoes_and_deletes[1])  # then the rest, in their order
+        self.assertIn(f"handle {ended.rules[0][1]}", echoes_and_deletes[2])
+
     def test_local_parties_are_unsuitable(self) -> None:
         fake, k = self.started()
         fake.routes["127.0.0.1"] = {"type": "local", "dst": "127.0.0.1", "dev": "lo"}

@@ -221,8 +221,24 @@ class KernelForwarder:
             raise KernelError(f"{' '.join(argv[:3])}: exit {code}: {' '.join(lines)}")
         return text, errors, code
 
-    def _locked(self, fn: Callable[[], Any]) -> defer.Deferred[Any]:
-        return self._lock.run(lambda: defer.Deferred.fromCoroutine(fn()))
+    def _locked(self, fn: Callable[[], Any], *, first: bool = False) -> defer.Deferred[Any]:
+        """Run ``fn`` when the commands before it are done; ``first``: before every command
+        still waiting, too."""
+        lock = self._lock
+        acquired = lock.acquire()
+        if first and lock.waiting and lock.waiting[-1] is acquired:
+            lock.waiting.insert(0, lock.waiting.pop())
+
+        def release(result: Any) -> Any:
+            lock.release()
+            return result
+
+        def execute(_: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred.fromCoroutine(fn())
+            d.addBoth(release)
+            return d
+
+        return acquired.addCallback(execute)
 
     def ruleset(self) -> str:
         """The empty table (replacing a stale one of the same name, atomically)."""
@@ -377,10 +393,12 @@ class KernelForwarder:
 
         return self._locked(install)
 
-    def remove(self, offload: Offload) -> defer.Deferred[dict[str, tuple[int, int]]]:
+    def remove(self, offload: Offload, *, first: bool = False) -> defer.Deferred[
+            dict[str, tuple[int, int]]]:
         """Delete the offload's rules and counters (atomically); fires with the counters' last
-        values (name -> (packets, bytes))."""
-        return self._locked(lambda: self._remove(offload))
+        values (name -> (packets, bytes)). ``first``: ahead of every command still waiting
+        (an endpoint moved: each packet the old rule still forwards is lost)."""
+        return self._locked(lambda: self._remove(offload), first=first)
 
     async def _remove(self, offload: Offload) -> dict[str, tuple[int, int]]:
         if self.offloads.pop(offload.id, None) is None or not self.started or self.stopping:

@@ -298,7 +298,7 @@ class PacketStream:
             self.advertised = ep
             self.learned = None  # new signalling, new endpoint to learn
             if self.offload is not None:  # the kernel rules name the old endpoint
-                self.engine.kernel_drop(self.offload, "the endpoints changed")
+                self.engine.kernel_drop(self.offload, "the endpoints changed", first=True)
 
     def received(self, data: bytes, source: Address) -> None:
         leg = self.leg
@@ -671,9 +671,9 @@ class RelayEngine:
 
     def _installed(self, handle: Any, offload: StreamOffload) -> None:
         offload.handle = handle
-        if offload.dropped or self.kernel is None:  # gone meanwhile (call ended, ...)
+        if offload.dropped or self.kernel is None:  # gone meanwhile (an endpoint moved, ...)
             self._forget(offload)
-            self._kernel_remove(offload)
+            self._kernel_remove(offload, first=True)
             return
         # the rules took over atomically: what reached the sockets before is still
         # forwarded by userspace, what comes now never reaches them
@@ -710,9 +710,12 @@ class RelayEngine:
             if poller.running:
                 poller.stop()
 
-    def kernel_drop(self, offload: StreamOffload, why: str, *, for_good: bool = False) -> Any:
+    def kernel_drop(self, offload: StreamOffload, why: str, *, for_good: bool = False,
+                    first: bool = False) -> Any:
         """Back to userspace for the pair (``why`` is logged once when not empty); returns a
-        Deferred that fires (never fails) when the rules are gone."""
+        Deferred that fires (never fails) when the rules are gone. ``first``: their removal
+        goes ahead of every nft command waiting (installs, other calls' ends, counter polls):
+        the rules send to an endpoint that moved."""
         if why:
             self._kernel_log(why[:12], f"kernel fast path: back to userspace: {why}",
                              warn=for_good)
@@ -722,13 +725,13 @@ class RelayEngine:
         installed = offload.handle is not None and not offload.dropped
         self._forget(offload)
         if installed:
-            return self._kernel_remove(offload)
+            return self._kernel_remove(offload, first=first)
         return None
 
-    def _kernel_remove(self, offload: StreamOffload) -> Any:
+    def _kernel_remove(self, offload: StreamOffload, *, first: bool = False) -> Any:
         if self.kernel is None:  # stopped: deleting the table takes every rule with it
             return None
-        d = self.kernel.remove(offload.handle)
+        d = self.kernel.remove(offload.handle, first=first)
         d.addCallback(lambda final: self._count(offload, final))
         d.addErrback(lambda f: self._kernel_log(
             "remove", f"kernel fast path: removing rules failed: {f.getErrorMessage()}"))
