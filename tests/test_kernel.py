@@ -55,6 +55,8 @@ class FakeNft:
         #: device -> its MTU, as ``ip link show`` reports them
         self.links: dict[str, int] = {"lo": 65536, "eth9": 1500, "lan0": 1500, "wan0": 1500}
         self.fail: set[str] = set()  # "echo", "start", "check", "counters", "remove"
+        #: the relay's table was deleted behind its back (``nft flush ruleset``)
+        self.table_gone = False
 
     def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
             tuple[bytes, bytes, int]]:
@@ -80,6 +82,9 @@ class FakeNft:
             return b"ip utility, iproute2-6.1.0\n", b"", 0
         if args[1:] == ["list", "tables"]:
             return self.tables.encode(), b"", 0
+        if args[1:3] == ["list", "table"]:
+            return (b"", b"Error: No such file or directory\n", 1) if self.table_gone else (
+                b"table netdev x {}\n", b"", 0)
         if args[1:] == ["--check", "-f", "-"]:
             if "check" in self.fail:
                 return b"", b"Error: Could not process rule: Not supported\n", 1
@@ -88,13 +93,15 @@ class FakeNft:
             if ("start" in self.fail and "table netdev" in text) or (
                     "remove" in self.fail and "delete rule" in text):
                 return b"", b"Error: Operation not permitted\n", 1
+            if text.startswith("table netdev"):
+                self.table_gone = False
             for m in re.finditer(r"delete rule netdev \S+ \S+ handle (\d+)", text):
                 self.rules.pop(int(m.group(1)), None)
             for m in re.finditer(r"delete counter netdev \S+ (\S+)", text):
                 self.counters.pop(m.group(1), None)
             return b"", b"", 0
         if args[1:3] == ["--echo", "--handle"]:
-            if "echo" in self.fail:
+            if "echo" in self.fail or self.table_gone:
                 return b"", b"Error: Could not process rule: No such file or directory\n", 1
             out = []
             for line in text.splitlines():
@@ -108,8 +115,8 @@ class FakeNft:
                 out.append(f"{line} # handle {self.handle}")
             return "\n".join(out).encode(), b"", 0
         if args[1:4] == ["-j", "list", "counters"]:
-            if "counters" in self.fail:
-                return b"", b"Error: boom\n", 1
+            if "counters" in self.fail or self.table_gone:
+                return b"", b"Error: No such file or directory\n", 1
             return self.json(self.counters), b"", 0
         if args[1:3] == ["delete", "table"]:
             self.rules.clear()
@@ -275,6 +282,33 @@ class ForwarderTests(unittest.SynchronousTestCase):
         self.assertIn(f"handle {moved.rules[0][1]}", echoes_and_deletes[0])
         self.assertIn("add rule", echoes_and_deletes[1])  # then the rest, in their order
         self.assertIn(f"handle {ended.rules[0][1]}", echoes_and_deletes[2])
+
+    def test_a_flushed_table_is_made_again(self) -> None:
+        # a firewall reload (``flush ruleset``) takes the relay's table: the next counter read
+        # or install makes it again; the old offloads' handles never delete a new rule
+        fake, k = self.started()
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        old = self.successResultOf(k.install(a, b))
+        fake.table_gone = True
+        fake.rules.clear()
+        fake.counters.clear()
+        self.assertEqual(self.successResultOf(k.counters()), {})
+        self.assertFalse(fake.table_gone)  # made again
+        self.assertEqual(k.offloads, {})
+        new = self.successResultOf(k.install(a, b))
+        self.assertEqual(len(fake.rules), 2)
+        self.assertEqual(self.successResultOf(k.remove(old)), {})
+        self.assertEqual(len(fake.rules), 2)  # the old handles deleted nothing
+        self.successResultOf(k.remove(new))
+        self.assertEqual(fake.rules, {})
+        # the same when an install is the first to find the table gone
+        fake.table_gone = True
+        self.successResultOf(k.install(a, b))
+        self.assertEqual(len(fake.rules), 2)
+        # a failure with the table there is not that
+        fake.fail.add("echo")
+        self.failureResultOf(k.install(a, b), KernelError)
 
     def test_local_parties_are_unsuitable(self) -> None:
         fake, k = self.started()

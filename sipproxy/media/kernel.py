@@ -381,8 +381,14 @@ class KernelForwarder:
                  Flow(b[0], b[1], a[1], a[0], to_b.device, to_a)),
                 counters=(f"o{number}_ab", f"o{number}_ba"),
             )
-            out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"],
-                                        self.rules(offload))
+            try:
+                out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"],
+                                            self.rules(offload))
+            except KernelError:
+                if not await self._remake():
+                    raise
+                out, _, _ = await self._run(["nft", "--echo", "--handle", "-f", "-"],
+                                            self.rules(offload))
             offload.rules = [(chain_name(offload.flows[int(m.group("comment")[-1])].device),
                               int(m.group("handle"))) for m in _HANDLE.finditer(out)]
             self.offloads[offload.id] = offload
@@ -422,11 +428,31 @@ class KernelForwarder:
         async def read() -> dict[str, tuple[int, int]]:
             if not self.started or self.stopping:
                 return {}
-            out, _, _ = await self._run(["nft", "-j", "list", "counters", "table", FAMILY,
-                                         self.table])
+            out, _, code = await self._run(["nft", "-j", "list", "counters", "table", FAMILY,
+                                            self.table], check=False)
+            if code != 0 and await self._remake():
+                return {}
+            if code != 0:
+                raise KernelError(f"nft -j list counters: exit {code}")
             return parse_counters(out)
 
         return self._locked(read)
+
+    async def _remake(self) -> bool:
+        """After a command failed: where the table is gone (a firewall reload's ``flush
+        ruleset`` takes it), make it again, forget the offloads that were in it (their rules
+        went with it, their streams stay in userspace; their handles must never delete a new
+        rule's) and return True."""
+        _, _, code = await self._run(["nft", "list", "table", FAMILY, self.table], check=False)
+        if code == 0:
+            return False
+        _log.warn("media relay: the nftables table {family} {table} was deleted (a firewall "
+                  "reload that flushes the ruleset?); made again: new calls use the kernel "
+                  "path, the {n} stream pairs that were in it stay in userspace",
+                  family=FAMILY, table=self.table, n=len(self.offloads))
+        self.offloads.clear()
+        await self._run(["nft", "-f", "-"], self.ruleset())
+        return True
 
 
 def parse_counters(text: str) -> dict[str, tuple[int, int]]:

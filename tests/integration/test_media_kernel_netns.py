@@ -23,6 +23,8 @@ the relay, as in issue 12.
 - Source-based policy routing (a second uplink): the rules go the way the relay's sockets go.
 - A re-INVITE moving an endpoint while 30 calls end at once: its old rules go first, at most
   a packet lost.
+- A firewall reload (``flush ruleset``) mid-call: the call goes on in userspace, nothing lost;
+  the relay makes its table again for the next call.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ import pytest
 from sipproxy.media.ng import decode_message, encode_message
 from tests.integration.kamailio_ng import kamailio_ng, kamailio_unavailable
 from tests.integration.netns import (
+    FIREWALL_RULES,
     FW_INSIDE,
     FW_OUTSIDE,
+    LAN,
+    NAT_PORTS,
     PHONE_IP,
     PROVIDER_IP,
     SEED_RTP_PORTS,
@@ -904,4 +909,52 @@ def test_an_endpoint_moving_while_many_calls_end_loses_at_most_a_packet(seed_net
         close_calls(calls)
         phone.stop()
         provider.stop()
+        relay.stop()
+
+
+def test_a_firewall_reload_that_flushes_the_ruleset_mid_call(seed_net: NatNet,
+                                                              tmp_path: Path) -> None:
+    """The firewall is reloaded as nftables.conf does it (``flush ruleset``, then its own
+    tables), the relay's table going with it, during a call in the kernel: the call goes on
+    in userspace, nothing lost; the relay makes its table again, and the next call is in the
+    kernel; the firewall's ruleset is what it loaded."""
+    net = seed_net
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    parties = [Endpoint(net.phone, PHONE_IP, (PHONE_RTP + n,)) for n in (0, 10)] + [
+        Endpoint(net.provider, PROVIDER_IP, (PROVIDER_RTP + n,)) for n in (0, 10)]
+    (phone, phone2, provider, provider2) = parties
+    for party in parties:
+        party.start()  # sending once it has a target
+
+    def call(n: int, a: Endpoint, b: Endpoint) -> None:
+        to_a_side, to_b_side = ng_call(relay, f"reload-{n}", (PHONE_IP, a.port),
+                                       (PROVIDER_IP, b.port))
+        a.target, b.target = (FW_INSIDE, to_a_side), (FW_OUTSIDE, to_b_side)
+
+    try:
+        call(1, phone, provider)
+        wait_for(lambda: kernel_packets(net.fw) > 50)
+        assert kernel_packets(net.fw) > 50, relay.log_tail()
+        reload = "flush ruleset\n" + FIREWALL_RULES.format(lan=LAN, nat=NAT_PORTS,
+                                                            rtp=SEED_RTP_PORTS)
+        net.fw.nft(reload)
+        loaded = net.fw.run("nft", "list", "ruleset").stdout
+        wait_for(lambda: relay_table(net.fw) is not None, 6)  # at the next counter read
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, relay.log_tail()
+        call(2, phone2, provider2)
+        wait_for(lambda: kernel_packets(net.fw) > 50, 6)
+        assert kernel_packets(net.fw) > 50, relay.log_tail()
+        assert firewall_tables(net.fw) == loaded.rstrip("\n")
+        time.sleep(1.0)
+        for party in parties:
+            party.sending = False
+        time.sleep(0.5)
+        assert phone.sent > 100 and phone2.sent > 50, relay.log_tail()
+        for a, b in ((phone, provider), (provider, phone), (phone2, provider2),
+                     (provider2, phone2)):
+            assert b.lost_of(a) == [], (b.lost_of(a), relay.log_tail())
+        assert "was deleted" in relay.log_path.read_text(), relay.log_tail()
+    finally:
+        for party in parties:
+            party.stop()
         relay.stop()
