@@ -497,6 +497,21 @@ class EngineTests(unittest.TestCase):
         self.assertTrue(sa.no_kernel and sb.no_kernel)
 
     @defer.inlineCallbacks
+    def test_a_strangers_packets_do_not_count_as_missed_by_the_rules(self) -> Any:
+        # A is silent (its rule has counted nothing yet) while a stranger sends 60 packets to
+        # A's relay port: they never could meet the rules, which stay
+        _a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        stranger, _ = self.phone()
+        for n in range(60):
+            stranger.send(rtp(100 + n), to_a)
+            yield b.received.get()
+        self.clock.advance(2)
+        self.assertEqual(len(self.fake.rules), 2)
+        sa, _sb = self.streams()
+        self.assertTrue(sa.offload.active)
+        self.assertEqual(sa.foreign, 60)
+
+    @defer.inlineCallbacks
     def test_a_local_party_stays_in_userspace_with_one_line(self) -> Any:
         self.fake.routes[LOCAL] = {"type": "local", "dst": LOCAL, "dev": "lo"}
         logged: list[dict[str, Any]] = []

@@ -246,6 +246,7 @@ class PacketStream:
         "bytes",
         "component",
         "errors",
+        "foreign",
         "kernel_bytes",
         "kernel_packets",
         "last_packet",
@@ -270,6 +271,8 @@ class PacketStream:
         self.packets = 0
         self.bytes = 0
         self.errors = 0
+        #: packets from another source than the latched one (they never meet kernel rules)
+        self.foreign = 0
         self.last_packet: float | None = None
         #: what the kernel fast path forwarded for this stream (IP/UDP headers taken off)
         self.kernel_packets = 0
@@ -314,6 +317,7 @@ class PacketStream:
             if leg.strict_source:
                 self.errors += 1
                 return
+            self.foreign += 1
             if leg.media_handover:
                 self.learned = source
         self.packets += 1
@@ -366,7 +370,7 @@ class StreamOffload:
         self.handle: Any = None  # the KernelForwarder's Offload once installed
         self.active = False
         self.dropped = False
-        #: each stream's userspace packet count when the rules went in
+        #: each stream's userspace packet count from its latched source when the rules went in
         self.userspace_at_install = (0, 0)
 
 
@@ -678,7 +682,9 @@ class RelayEngine:
         # the rules took over atomically: what reached the sockets before is still
         # forwarded by userspace, what comes now never reaches them
         offload.active = True
-        offload.userspace_at_install = (offload.streams[0].packets, offload.streams[1].packets)
+        first, second = offload.streams
+        offload.userspace_at_install = (first.packets - first.foreign,
+                                        second.packets - second.foreign)
         if self._kernel_poller is None:
             self._kernel_poller = LoopingCall(self._kernel_poll)
             self._kernel_poller.clock = self.clock
@@ -748,8 +754,8 @@ class RelayEngine:
         for n, name in enumerate(offload.handle.counters):
             packets, octets = counters.get(name, seen[n])
             stream = offload.streams[n]
-            if packets == 0 and stream.packets - offload.userspace_at_install[n] >= \
-                    KERNEL_MISSED:
+            latched = stream.packets - stream.foreign  # foreign ones never meet the rules
+            if packets == 0 and latched - offload.userspace_at_install[n] >= KERNEL_MISSED:
                 missed = True
             dp, db = packets - seen[n][0], octets - seen[n][1]
             if dp <= 0:
