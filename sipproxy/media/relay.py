@@ -311,9 +311,9 @@ class PacketStream:
                 if not self.no_kernel and self.engine.kernel is not None:
                     self.engine.kernel_offer(self)
         elif source != self.learned:
-            # (the kernel rules match the latched source only: such a packet always comes
-            # here, and they stay, or one stray packet per port would push every call out of
-            # the kernel for good; with media handover there are no rules)
+            # the kernel rules (never with media handover) match the latched source only, so
+            # this packet came here and is handled as without them; they stay (else a stray
+            # packet per port would push every call out of the kernel for good)
             if leg.strict_source:
                 self.errors += 1
                 return
