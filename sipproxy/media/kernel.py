@@ -58,6 +58,12 @@ on the relay's own host), no route, or a device name nft cannot take. :meth:`sta
 without changing anything (``nft --check``), that the kernel and nft know every expression the
 rules use; where they do not, the relay stays in userspace.
 
+Cost per call: a packet is matched against the rules ahead of its own in its device's chain,
+in order (~10 ns each here: 2,000 rules ahead cut a stream that was bound by the sender from
+129,000 to 35,000 packets a second), so a few hundred calls cost little; for thousands, the
+rules would want a verdict map on the relay's address and port (O(1)). Every install or
+removal is an nft run (~25 ms here with a thousand rules), one at a time.
+
 Counting: each rule counts in a named counter (nftables counts the IP packet: the engine takes
 the IP and UDP headers off); :meth:`counters` reads them all (``nft -j list counters``).
 
