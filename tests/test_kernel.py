@@ -512,6 +512,24 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(sa.foreign, 60)
 
     @defer.inlineCallbacks
+    def test_streams_whose_table_was_flushed_go_back_to_the_kernel(self) -> Any:
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        old, _ = self.streams()
+        old_offload = old.offload
+        self.fake.table_gone = True  # a firewall reload: ``flush ruleset``
+        self.fake.rules.clear()
+        self.fake.counters.clear()
+        a.send(rtp(3), to_a)  # userspace meanwhile
+        self.assertEqual((yield b.received.get())[0], rtp(3))
+        self.clock.advance(2)  # the counter read finds the table gone, makes it again
+        self.assertFalse(self.fake.table_gone)
+        self.assertEqual(len(self.fake.rules), 2)
+        sa, sb = self.streams()
+        self.assertIsNot(sa.offload, old_offload)
+        self.assertTrue(sa.offload.active and sa.offload is sb.offload)
+        self.assertEqual(len(self.engine.offloads()), 1)
+
+    @defer.inlineCallbacks
     def test_a_local_party_stays_in_userspace_with_one_line(self) -> Any:
         self.fake.routes[LOCAL] = {"type": "local", "dst": LOCAL, "dev": "lo"}
         logged: list[dict[str, Any]] = []

@@ -210,6 +210,9 @@ class KernelForwarder:
         self._lock = defer.DeferredLock()
         self._next = 0
         self.offloads: dict[int, Offload] = {}
+        #: called with the offloads whose rules went with a deleted table (see _remake), once
+        #: it is made again: the engine installs their streams anew
+        self.lost: Callable[[list[Offload]], None] | None = None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -447,17 +450,20 @@ class KernelForwarder:
     async def _remake(self) -> bool:
         """After a command failed: where the table is gone (a firewall reload's ``flush
         ruleset`` takes it), make it again, forget the offloads that were in it (their rules
-        went with it, their streams stay in userspace; their handles must never delete a new
-        rule's) and return True."""
+        went with it: their streams are in userspace until :attr:`lost` has them installed
+        again; their handles must never delete a new rule's) and return True."""
         _, _, code = await self._run(["nft", "list", "table", FAMILY, self.table], check=False)
         if code == 0:
             return False
         _log.warn("media relay: the nftables table {family} {table} was deleted (a firewall "
-                  "reload that flushes the ruleset?); made again: new calls use the kernel "
-                  "path, the {n} stream pairs that were in it stay in userspace",
-                  family=FAMILY, table=self.table, n=len(self.offloads))
+                  "reload that flushes the ruleset?); made again, with the rules of the {n} "
+                  "stream pairs that were in it", family=FAMILY, table=self.table,
+                  n=len(self.offloads))
+        lost = list(self.offloads.values())
         self.offloads.clear()
         await self._run(["nft", "-f", "-"], self.ruleset())
+        if self.lost is not None and lost:
+            self.lost(lost)  # (their installs queue up behind what runs now)
         return True
 
 

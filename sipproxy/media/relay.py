@@ -628,12 +628,19 @@ class RelayEngine:
         self.kernel = forwarder
         if forwarder is None:
             return
+        forwarder.lost = self._kernel_lost
         for call in list(self.calls.values()):
             for leg in list(call.legs()):
                 for stream in leg.streams:
                     if stream.learned is not None and not stream.no_kernel \
                             and stream.offload is None:
                         self.kernel_offer(stream)
+
+    def _kernel_lost(self, handles: list[Any]) -> None:
+        """Their rules went with the kernel's table (made again now): install them anew."""
+        for offload in [o for o in self._offloads if o.handle in handles]:
+            self._forget(offload)
+            self.kernel_offer(offload.streams[0])
 
     def offloads(self) -> list[StreamOffload]:
         return [o for o in self._offloads if o.active]

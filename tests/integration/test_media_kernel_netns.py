@@ -24,7 +24,7 @@ the relay, as in issue 12.
 - A re-INVITE moving an endpoint while 30 calls end at once: its old rules go first, at most
   a packet lost.
 - A firewall reload (``flush ruleset``) mid-call: the call goes on in userspace, nothing lost;
-  the relay makes its table again for the next call.
+  the relay makes its table again, the call's rules and the next call's in it.
 """
 
 from __future__ import annotations
@@ -916,8 +916,8 @@ def test_a_firewall_reload_that_flushes_the_ruleset_mid_call(seed_net: NatNet,
                                                               tmp_path: Path) -> None:
     """The firewall is reloaded as nftables.conf does it (``flush ruleset``, then its own
     tables), the relay's table going with it, during a call in the kernel: the call goes on
-    in userspace, nothing lost; the relay makes its table again, and the next call is in the
-    kernel; the firewall's ruleset is what it loaded."""
+    in userspace, nothing lost; the relay makes its table again with the call's rules, and
+    the next call is in the kernel too; the firewall's ruleset is what it loaded."""
     net = seed_net
     relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
     parties = [Endpoint(net.phone, PHONE_IP, (PHONE_RTP + n,)) for n in (0, 10)] + [
@@ -939,11 +939,12 @@ def test_a_firewall_reload_that_flushes_the_ruleset_mid_call(seed_net: NatNet,
                                                             rtp=SEED_RTP_PORTS)
         net.fw.nft(reload)
         loaded = net.fw.run("nft", "list", "ruleset").stdout
-        wait_for(lambda: relay_table(net.fw) is not None, 6)  # at the next counter read
-        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, relay.log_tail()
-        call(2, phone2, provider2)
+        # at the next counter read: the table again, the call's rules in it again
         wait_for(lambda: kernel_packets(net.fw) > 50, 6)
         assert kernel_packets(net.fw) > 50, relay.log_tail()
+        call(2, phone2, provider2)
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 6)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
         assert firewall_tables(net.fw) == loaded.rstrip("\n")
         time.sleep(1.0)
         for party in parties:
