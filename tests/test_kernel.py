@@ -1,8 +1,9 @@
 """sipproxy.media.kernel and the engine's use of it, with a fake nft/ip runner: the rule text
 (netdev ingress, rewriting, fwd to the route's next hop), the start check, install once both
 ends latched, counters into statistics and timeouts (task.Clock), the handovers (userspace
-keeps forwarding what reached it, rules go atomically on a re-INVITE, a foreign source, the
-call's end and stop), streams the hook cannot serve (local parties) and fallback when nft fails.
+keeps forwarding what reached it, rules go atomically on a re-INVITE, the call's end and stop,
+and stay on a foreign source), rules limited to the MTU, streams the hook cannot serve (local
+parties) and fallback when nft fails.
 Real UDP on 127.0.0.1 for the userspace side; the kernel itself is never touched here (the
 namespace tests in tests/integration/test_media_kernel_netns.py do that)."""
 
@@ -51,7 +52,11 @@ class FakeNft:
         self.tables = ""
         #: address -> the route ``ip route get`` reports (default: ROUTED)
         self.routes: dict[str, dict[str, Any]] = {}  # {}: no route
+        #: device -> its MTU, as ``ip link show`` reports them
+        self.links: dict[str, int] = {"lo": 65536, "eth9": 1500, "lan0": 1500, "wan0": 1500}
         self.fail: set[str] = set()  # "echo", "start", "check", "counters", "remove"
+        #: the relay's table was deleted behind its back (``nft flush ruleset``)
+        self.table_gone = False
 
     def __call__(self, argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
             tuple[bytes, bytes, int]]:
@@ -65,7 +70,11 @@ class FakeNft:
             if args[1:4] == ["-j", "-batch", "-"]:
                 out = ""
                 for line in text.splitlines():  # ip stops at the first failing command
-                    route = self.routes.get(line.split()[-1], ROUTED)
+                    if line == "link show":
+                        out += json.dumps([{"ifname": name, "mtu": mtu, "flags": ["UP"]}
+                                           for name, mtu in self.links.items()]) + "\n"
+                        continue
+                    route = self.routes.get(line.split()[2], ROUTED)  # route get A from R
                     if not route:
                         return out.encode(), b"RTNETLINK answers: Network is unreachable\n", 1
                     out += json.dumps([route]) + "\n"
@@ -73,6 +82,9 @@ class FakeNft:
             return b"ip utility, iproute2-6.1.0\n", b"", 0
         if args[1:] == ["list", "tables"]:
             return self.tables.encode(), b"", 0
+        if args[1:3] == ["list", "table"]:
+            return (b"", b"Error: No such file or directory\n", 1) if self.table_gone else (
+                b"table netdev x {}\n", b"", 0)
         if args[1:] == ["--check", "-f", "-"]:
             if "check" in self.fail:
                 return b"", b"Error: Could not process rule: Not supported\n", 1
@@ -81,13 +93,15 @@ class FakeNft:
             if ("start" in self.fail and "table netdev" in text) or (
                     "remove" in self.fail and "delete rule" in text):
                 return b"", b"Error: Operation not permitted\n", 1
+            if text.startswith("table netdev"):
+                self.table_gone = False
             for m in re.finditer(r"delete rule netdev \S+ \S+ handle (\d+)", text):
                 self.rules.pop(int(m.group(1)), None)
             for m in re.finditer(r"delete counter netdev \S+ (\S+)", text):
                 self.counters.pop(m.group(1), None)
             return b"", b"", 0
         if args[1:3] == ["--echo", "--handle"]:
-            if "echo" in self.fail:
+            if "echo" in self.fail or self.table_gone:
                 return b"", b"Error: Could not process rule: No such file or directory\n", 1
             out = []
             for line in text.splitlines():
@@ -101,8 +115,8 @@ class FakeNft:
                 out.append(f"{line} # handle {self.handle}")
             return "\n".join(out).encode(), b"", 0
         if args[1:4] == ["-j", "list", "counters"]:
-            if "counters" in self.fail:
-                return b"", b"Error: boom\n", 1
+            if "counters" in self.fail or self.table_gone:
+                return b"", b"Error: No such file or directory\n", 1
             return self.json(self.counters), b"", 0
         if args[1:3] == ["delete", "table"]:
             self.rules.clear()
@@ -192,16 +206,21 @@ class ForwarderTests(unittest.SynchronousTestCase):
         # A -> B: matched on A's source and the relay's port, rewritten, sent to B's gateway
         self.assertIn(
             "add rule netdev sipproxy_relay_test in_lan0 ip saddr 192.168.77.10 udp sport 10000 "
-            "ip daddr 192.168.77.1 udp dport 30000 ip frag-off & 0x3fff == 0 "
-            "udp checksum != 0 ip saddr set 203.0.113.1 ip daddr set 198.51.100.7 "
-            "udp sport set 30002 udp dport set 12000 counter name \"o1_ab\" "
-            'fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
+            "ip daddr 192.168.77.1 udp dport 30000 ip hdrlength 5 ip frag-off & 0x3fff == 0 "
+            "udp checksum != 0 ip length <= 1500 ip saddr set 203.0.113.1 "
+            "ip daddr set 198.51.100.7 udp sport set 30002 udp dport set 12000 "
+            'counter name "o1_ab" fwd ip to 203.0.113.254 device "wan0" comment "o1d0"', script)
         # B -> A: A is on the link itself, the next hop is A
         self.assertIn(
             "in_wan0 ip saddr 198.51.100.7 udp sport 12000 ip daddr 203.0.113.1 udp dport 30002 "
-            "ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr set 192.168.77.1 "
+            "ip hdrlength 5 ip frag-off & 0x3fff == 0 udp checksum != 0 ip length <= 1500 "
+            "ip saddr set 192.168.77.1 "
             "ip daddr set 192.168.77.10 udp sport set 30000 udp dport set 10000 "
             'counter name "o1_ba" fwd ip to 192.168.77.10 device "lan0"', script)
+        # the routes from the relay's address on each side (policy routing: as its sockets)
+        routes = next(t for a, t in fake.commands if a[:3] == ["ip", "-j", "-batch"])
+        self.assertEqual(routes, "route get 192.168.77.10 from 192.168.77.1\n"
+                                 "route get 198.51.100.7 from 203.0.113.1\nlink show\n")
         # one transaction
         self.assertEqual(len(fake.ran("--echo")), 1)
         self.assertEqual(offload.rules, [("in_lan0", 4), ("in_wan0", 6)])
@@ -216,6 +235,80 @@ class ForwarderTests(unittest.SynchronousTestCase):
         removal = [t for a, t in fake.commands if a == ["nft", "-f", "-"] and "delete rule" in t]
         self.assertEqual(len(removal), 1)
         self.assertEqual(removal[0].count("delete rule"), 2)
+
+    def test_packets_longer_than_the_mtu_toward_their_destination_stay_in_userspace(
+            self) -> None:
+        """``fwd`` does not fragment: each rule takes packets no longer than the MTU of the
+        device toward its destination, or of the route where that is smaller (the relay's
+        socket fragments the rest)."""
+        fake, k = self.started()
+        fake.links["wan0"] = 1492  # PPPoE
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        offload = self.successResultOf(k.install(a, b))
+        to_b, to_a = k.rules(offload).splitlines()[-3], k.rules(offload).splitlines()[-1]
+        self.assertIn('ip length <= 1492 ip saddr set 203.0.113.1 ip daddr set 198.51.100.7', to_b)
+        self.assertIn('ip length <= 1500 ip saddr set 192.168.77.1 ip daddr set 192.168.77.10',
+                      to_a)
+        fake.routes["198.51.100.7"] = {**WAN_ROUTE, "metrics": [{"mtu": 1400}]}
+        offload = self.successResultOf(k.install(a, b))
+        self.assertIn("ip length <= 1400 ip saddr set 203.0.113.1", k.rules(offload))
+        # a device ip does not list: no rule
+        fake.links.pop("wan0")
+        fake.routes["198.51.100.7"] = WAN_ROUTE
+        failure = self.failureResultOf(k.install(a, b), Unsuitable)
+        self.assertIn("no MTU for the device wan0", failure.getErrorMessage())
+
+    def test_a_removal_first_goes_ahead_of_what_waits(self) -> None:
+        # a re-INVITE moved an endpoint: its old rules must go now, not after every install,
+        # removal and poll queued before (each packet they still forward is lost)
+        fake, k = self.started()
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        moved = self.successResultOf(k.install(a, b))
+        ended = self.successResultOf(k.install(a, b))
+        gate: defer.Deferred[None] = defer.Deferred()
+        real = k.runner
+        k.runner = lambda argv, stdin: gate.addCallback(lambda _: real(argv, stdin))
+        busy = k.counters()  # under way: holds the lock
+        k.runner = real
+        waiting = [k.install(a, b), k.remove(ended), k.counters()]
+        first = k.remove(moved, first=True)
+        gate.callback(None)
+        for d in (busy, first, *waiting):
+            self.successResultOf(d)
+        echoes_and_deletes = [t for args, t in fake.commands
+                              if "--echo" in args or "delete rule" in t][2:]
+        self.assertIn(f"handle {moved.rules[0][1]}", echoes_and_deletes[0])
+        self.assertIn("add rule", echoes_and_deletes[1])  # then the rest, in their order
+        self.assertIn(f"handle {ended.rules[0][1]}", echoes_and_deletes[2])
+
+    def test_a_flushed_table_is_made_again(self) -> None:
+        # a firewall reload (``flush ruleset``) takes the relay's table: the next counter read
+        # or install makes it again; the old offloads' handles never delete a new rule
+        fake, k = self.started()
+        a = (("192.168.77.10", 10000), ("192.168.77.1", 30000))
+        b = (("198.51.100.7", 12000), ("203.0.113.1", 30002))
+        old = self.successResultOf(k.install(a, b))
+        fake.table_gone = True
+        fake.rules.clear()
+        fake.counters.clear()
+        self.assertEqual(self.successResultOf(k.counters()), {})
+        self.assertFalse(fake.table_gone)  # made again
+        self.assertEqual(k.offloads, {})
+        new = self.successResultOf(k.install(a, b))
+        self.assertEqual(len(fake.rules), 2)
+        self.assertEqual(self.successResultOf(k.remove(old)), {})
+        self.assertEqual(len(fake.rules), 2)  # the old handles deleted nothing
+        self.successResultOf(k.remove(new))
+        self.assertEqual(fake.rules, {})
+        # the same when an install is the first to find the table gone
+        fake.table_gone = True
+        self.successResultOf(k.install(a, b))
+        self.assertEqual(len(fake.rules), 2)
+        # a failure with the table there is not that
+        fake.fail.add("echo")
+        self.failureResultOf(k.install(a, b), KernelError)
 
     def test_local_parties_are_unsuitable(self) -> None:
         fake, k = self.started()
@@ -300,12 +393,14 @@ class EngineTests(unittest.TestCase):
         rules = "\n".join(self.fake.rules.values())
         self.assertIn(f"ip saddr {LOCAL} udp sport {a_port} ip daddr {LOCAL} udp dport {to_a} ",
                       rules)
-        self.assertIn(f"udp dport {to_a} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
-                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_b} udp dport set "
-                      f"{b_port} counter name ", rules)
-        self.assertIn(f"udp dport {to_b} ip frag-off & 0x3fff == 0 udp checksum != 0 ip saddr "
-                      f"set {LOCAL} ip daddr set {LOCAL} udp sport set {to_a} udp dport set "
-                      f"{a_port} counter name ", rules)
+        self.assertIn(f"udp dport {to_a} ip hdrlength 5 ip frag-off & 0x3fff == 0 "
+                      f"udp checksum != 0 ip length <= 1500 ip saddr set {LOCAL} "
+                      f"ip daddr set {LOCAL} udp sport set {to_b} udp dport set {b_port} "
+                      f"counter name ", rules)
+        self.assertIn(f"udp dport {to_b} ip hdrlength 5 ip frag-off & 0x3fff == 0 "
+                      f"udp checksum != 0 ip length <= 1500 ip saddr set {LOCAL} "
+                      f"ip daddr set {LOCAL} udp sport set {to_a} udp dport set {a_port} "
+                      f"counter name ", rules)
         self.assertEqual(rules.count('fwd ip to 10.0.0.254 device "eth9"'), 2)
         sa, sb = self.streams()
         self.assertTrue(sa.offload.active)
@@ -402,6 +497,39 @@ class EngineTests(unittest.TestCase):
         self.assertTrue(sa.no_kernel and sb.no_kernel)
 
     @defer.inlineCallbacks
+    def test_a_strangers_packets_do_not_count_as_missed_by_the_rules(self) -> Any:
+        # A is silent (its rule has counted nothing yet) while a stranger sends 60 packets to
+        # A's relay port: they never could meet the rules, which stay
+        _a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        stranger, _ = self.phone()
+        for n in range(60):
+            stranger.send(rtp(100 + n), to_a)
+            yield b.received.get()
+        self.clock.advance(2)
+        self.assertEqual(len(self.fake.rules), 2)
+        sa, _sb = self.streams()
+        self.assertTrue(sa.offload.active)
+        self.assertEqual(sa.foreign, 60)
+
+    @defer.inlineCallbacks
+    def test_streams_whose_table_was_flushed_go_back_to_the_kernel(self) -> Any:
+        a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+        old, _ = self.streams()
+        old_offload = old.offload
+        self.fake.table_gone = True  # a firewall reload: ``flush ruleset``
+        self.fake.rules.clear()
+        self.fake.counters.clear()
+        a.send(rtp(3), to_a)  # userspace meanwhile
+        self.assertEqual((yield b.received.get())[0], rtp(3))
+        self.clock.advance(2)  # the counter read finds the table gone, makes it again
+        self.assertFalse(self.fake.table_gone)
+        self.assertEqual(len(self.fake.rules), 2)
+        sa, sb = self.streams()
+        self.assertIsNot(sa.offload, old_offload)
+        self.assertTrue(sa.offload.active and sa.offload is sb.offload)
+        self.assertEqual(len(self.engine.offloads()), 1)
+
+    @defer.inlineCallbacks
     def test_a_local_party_stays_in_userspace_with_one_line(self) -> Any:
         self.fake.routes[LOCAL] = {"type": "local", "dst": LOCAL, "dev": "lo"}
         logged: list[dict[str, Any]] = []
@@ -445,15 +573,22 @@ class EngineTests(unittest.TestCase):
         del a
 
     @defer.inlineCallbacks
-    def test_a_foreign_source_falls_back_for_good(self) -> Any:
-        _a, b, _ap, _bp, to_a, _to_b = yield self.latched()
+    def test_a_foreign_source_neither_hijacks_nor_withdraws_the_kernel_path(self) -> Any:
+        # the rules match the latched source only, so a foreign packet reaches userspace,
+        # which treats it as without the kernel path; the latched stream stays in the kernel
+        a, b, a_port, _bp, to_a, to_b = yield self.latched()
         other, _ = self.phone()
         other.send(rtp(9), to_a)
         data, _ = yield b.received.get()  # userspace forwards it (no strict source)
         self.assertEqual(data, rtp(9))
-        self.assertEqual(self.fake.rules, {})
         sa, sb = self.streams()
-        self.assertTrue(sa.no_kernel and sb.no_kernel)
+        self.assertEqual(len(self.fake.rules), 2)
+        self.assertTrue(sa.offload.active)
+        self.assertFalse(sa.no_kernel or sb.no_kernel)
+        self.assertEqual(sa.learned, (LOCAL, a_port))  # not hijacked
+        b.send(rtp(10), to_b)  # B's packets still go to A, not to the stranger
+        self.assertEqual((yield a.received.get())[0], rtp(10))
+        self.assertTrue(other.received.pending == [])
 
     @defer.inlineCallbacks
     def test_install_failure_stays_in_userspace(self) -> Any:
@@ -494,6 +629,13 @@ class EngineTests(unittest.TestCase):
         self.assertEqual(self.fake.rules, {})
 
 
+def phone(case: unittest.TestCase) -> tuple[Phone, int]:
+    p = Phone()
+    port = reactor.listenUDP(0, p, interface=LOCAL)
+    case.addCleanup(port.stopListening)
+    return p, port.getHost().port
+
+
 def deferLater(seconds: float) -> defer.Deferred[None]:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
@@ -513,6 +655,54 @@ class ServiceTests(unittest.TestCase):
         self.assertIs(service.engine.kernel, service.kernel)
         yield service.stopService()
         self.assertIsNone(service.engine.kernel)
+        self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
+                         ["nft", "delete", "table", "netdev", TABLE])
+
+    @defer.inlineCallbacks
+    def test_stopping_with_calls_up_deletes_the_table_at_once(self) -> Any:
+        # rule by rule, thousands of calls meant thousands of nft runs before the table went
+        # (a supervisor's kill in between left rules behind)
+        fake = FakeNft()
+        service = makeRelayService(self.config("auto"), reactor, Clock(), kernel_runner=fake)
+        service.startService()
+        for n in range(3):
+            (a, a_port), (b, b_port) = phone(self), phone(self)
+            offer = service.engine.offer(f"c{n}", "A", parse_sdp(sdp(a_port)), SignalOptions())
+            answer = service.engine.answer(f"c{n}", "A", "B", parse_sdp(sdp(b_port)),
+                                           SignalOptions())
+            a.send(rtp(1), answer.media[0].port)
+            yield b.received.get()
+            b.send(rtp(2), offer.media[0].port)
+            yield a.received.get()
+        self.assertEqual(len(fake.rules), 6)
+        yield service.stopService()
+        self.assertEqual([t for _, t in fake.commands if "delete rule" in t], [])
+        self.assertEqual(fake.ran("delete", "table", TABLE),
+                         [["nft", "delete", "table", "netdev", TABLE]])
+
+    def test_what_is_queued_when_stopping_is_skipped(self) -> None:
+        fake = FakeNft()
+        k = KernelForwarder(fake, TABLE)
+        self.successResultOf(k.start())
+        gate: defer.Deferred[None] = defer.Deferred()
+        real = k.runner
+
+        def held(argv: Sequence[str], stdin: bytes | None) -> defer.Deferred[
+                tuple[bytes, bytes, int]]:
+            return gate.addCallback(lambda _: None).addCallback(lambda _: real(argv, stdin))
+
+        installed = self.successResultOf(k.install((("192.0.2.1", 1), ("192.0.2.9", 2)),
+                                                   (("198.51.100.7", 3), ("203.0.113.1", 4))))
+        k.runner = held
+        queued = [k.remove(installed), k.install((("192.0.2.2", 1), ("192.0.2.9", 6)),
+                                                 (("198.51.100.8", 3), ("203.0.113.1", 8)))]
+        stopped = k.stop()
+        k.runner = real
+        gate.callback(None)  # the removal that was under way when stop() came finishes
+        self.successResultOf(stopped)
+        self.successResultOf(queued[0])
+        self.failureResultOf(queued[1], KernelError)
+        self.assertEqual(len(fake.ran("--echo")), 1)  # only the first install
         self.assertEqual(fake.ran("delete", "table", TABLE)[-1],
                          ["nft", "delete", "table", "netdev", TABLE])
 

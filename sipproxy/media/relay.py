@@ -251,6 +251,7 @@ class PacketStream:
         "bytes",
         "component",
         "errors",
+        "foreign",
         "kernel_bytes",
         "kernel_packets",
         "last_packet",
@@ -275,6 +276,8 @@ class PacketStream:
         self.packets = 0
         self.bytes = 0
         self.errors = 0
+        #: packets from another source than the latched one (they never meet kernel rules)
+        self.foreign = 0
         self.last_packet: float | None = None
         #: what the kernel fast path forwarded for this stream (IP/UDP headers taken off)
         self.kernel_packets = 0
@@ -303,7 +306,7 @@ class PacketStream:
             self.advertised = ep
             self.learned = None  # new signalling, new endpoint to learn
             if self.offload is not None:  # the kernel rules name the old endpoint
-                self.engine.kernel_drop(self.offload, "the endpoints changed")
+                self.engine.kernel_drop(self.offload, "the endpoints changed", first=True)
 
     def received(self, data: bytes, source: Address) -> None:
         leg = self.leg
@@ -313,12 +316,13 @@ class PacketStream:
                 if not self.no_kernel and self.engine.kernel is not None:
                     self.engine.kernel_offer(self)
         elif source != self.learned:
-            if self.offload is not None:
-                self.engine.kernel_drop(self.offload, f"a packet from {source[0]}:{source[1]}"
-                                        " (not the latched source)", for_good=True)
+            # the kernel rules (never with media handover) match the latched source only, so
+            # this packet came here and is handled as without them; they stay (else a stray
+            # packet per port would push every call out of the kernel for good)
             if leg.strict_source:
                 self.errors += 1
                 return
+            self.foreign += 1
             if leg.media_handover:
                 self.learned = source
         self.packets += 1
@@ -371,7 +375,7 @@ class StreamOffload:
         self.handle: Any = None  # the KernelForwarder's Offload once installed
         self.active = False
         self.dropped = False
-        #: each stream's userspace packet count when the rules went in
+        #: each stream's userspace packet count from its latched source when the rules went in
         self.userspace_at_install = (0, 0)
 
 
@@ -629,12 +633,19 @@ class RelayEngine:
         self.kernel = forwarder
         if forwarder is None:
             return
+        forwarder.lost = self._kernel_lost
         for call in list(self.calls.values()):
             for leg in list(call.legs()):
                 for stream in leg.streams:
                     if stream.learned is not None and not stream.no_kernel \
                             and stream.offload is None:
                         self.kernel_offer(stream)
+
+    def _kernel_lost(self, handles: list[Any]) -> None:
+        """Their rules went with the kernel's table (made again now): install them anew."""
+        for offload in [o for o in self._offloads if o.handle in handles]:
+            self._forget(offload)
+            self.kernel_offer(offload.streams[0])
 
     def offloads(self) -> list[StreamOffload]:
         return [o for o in self._offloads if o.active]
@@ -676,14 +687,16 @@ class RelayEngine:
 
     def _installed(self, handle: Any, offload: StreamOffload) -> None:
         offload.handle = handle
-        if offload.dropped or self.kernel is None:  # gone meanwhile (call ended, ...)
+        if offload.dropped or self.kernel is None:  # gone meanwhile (an endpoint moved, ...)
             self._forget(offload)
-            self._kernel_remove(offload)
+            self._kernel_remove(offload, first=True)
             return
         # the rules took over atomically: what reached the sockets before is still
         # forwarded by userspace, what comes now never reaches them
         offload.active = True
-        offload.userspace_at_install = (offload.streams[0].packets, offload.streams[1].packets)
+        first, second = offload.streams
+        offload.userspace_at_install = (first.packets - first.foreign,
+                                        second.packets - second.foreign)
         if self._kernel_poller is None:
             self._kernel_poller = LoopingCall(self._kernel_poll)
             self._kernel_poller.clock = self.clock
@@ -691,6 +704,8 @@ class RelayEngine:
                 lambda f: _log.failure("media relay: kernel counter poll", f))
 
     def _install_failed(self, failure: Any, offload: StreamOffload) -> None:
+        if offload.dropped:  # gone meanwhile (the call ended, the relay is stopping)
+            return
         if failure.check(Unsuitable):
             self._kernel_log("unsuitable", f"kernel fast path: cannot serve a stream, it stays "
                              f"in userspace: {failure.getErrorMessage()}", warn=False)
@@ -713,9 +728,12 @@ class RelayEngine:
             if poller.running:
                 poller.stop()
 
-    def kernel_drop(self, offload: StreamOffload, why: str, *, for_good: bool = False) -> Any:
+    def kernel_drop(self, offload: StreamOffload, why: str, *, for_good: bool = False,
+                    first: bool = False) -> Any:
         """Back to userspace for the pair (``why`` is logged once when not empty); returns a
-        Deferred that fires (never fails) when the rules are gone."""
+        Deferred that fires (never fails) when the rules are gone. ``first``: their removal
+        goes ahead of every nft command waiting (installs, other calls' ends, counter polls):
+        the rules send to an endpoint that moved."""
         if why:
             self._kernel_log(why[:12], f"kernel fast path: back to userspace: {why}",
                              warn=for_good)
@@ -725,13 +743,13 @@ class RelayEngine:
         installed = offload.handle is not None and not offload.dropped
         self._forget(offload)
         if installed:
-            return self._kernel_remove(offload)
+            return self._kernel_remove(offload, first=first)
         return None
 
-    def _kernel_remove(self, offload: StreamOffload) -> Any:
+    def _kernel_remove(self, offload: StreamOffload, *, first: bool = False) -> Any:
         if self.kernel is None:  # stopped: deleting the table takes every rule with it
             return None
-        d = self.kernel.remove(offload.handle)
+        d = self.kernel.remove(offload.handle, first=first)
         d.addCallback(lambda final: self._count(offload, final))
         d.addErrback(lambda f: self._kernel_log(
             "remove", f"kernel fast path: removing rules failed: {f.getErrorMessage()}"))
@@ -748,8 +766,8 @@ class RelayEngine:
         for n, name in enumerate(offload.handle.counters):
             packets, octets = counters.get(name, seen[n])
             stream = offload.streams[n]
-            if packets == 0 and stream.packets - offload.userspace_at_install[n] >= \
-                    KERNEL_MISSED:
+            latched = stream.packets - stream.foreign  # foreign ones never meet the rules
+            if packets == 0 and latched - offload.userspace_at_install[n] >= KERNEL_MISSED:
                 missed = True
             dp, db = packets - seen[n][0], octets - seen[n][1]
             if dp <= 0:

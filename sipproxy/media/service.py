@@ -127,10 +127,12 @@ class RelayService(MultiService):
 
     def stopService(self) -> defer.Deferred[Any]:
         waits: list[Any] = [defer.maybeDeferred(super().stopService)]
-        waits.extend(self.engine.stop())
+        # the calls end without the kernel: deleting the table takes all their rules at once
+        # (one by one, thousands of nft runs would hold up the stop for a minute)
         self.engine.use_kernel(None)
+        waits.extend(self.engine.stop())
         if self.kernel is not None and self._kernel_start is not None:
-            # queued behind every removal the calls' ends started: then the table goes
+            # skips what is still queued (installs, removals of calls ended before)
             stopping = self.kernel.stop()
             stopping.addErrback(lambda f: _log.warn(
                 "media relay: deleting the nftables table failed: {e}", e=f.getErrorMessage()))

@@ -17,6 +17,10 @@ of the provider's network with the phone behind fw's NAT. The peers are real:
   (firewall-tls.toml) the provider's side is a second baresip registered with kamailio, both
   with SRTP (SDES) only, and the a=crypto lines must arrive unchanged.
 
+Where the proxy relays the media on fw, fw's forward chain drops UDP to 10000-60000, the
+relay's ports included, as the seed's firewall does: the relay (kernel fast path on by default)
+must not need a hole in it.
+
 The public proxy's capture on the provider's side is its network interface and loopback: its
 media relay is in the provider's namespace, so the relay-to-sipp leg goes over loopback.
 
@@ -57,6 +61,7 @@ from tests.integration.netns import (
     LAN,
     PHONE_IP,
     PROVIDER_IP,
+    SEED_RTP_PORTS,
     Capture,
     Namespace,
     NatNet,
@@ -119,6 +124,9 @@ class Example:
     registers_at_provider: bool = True  # the provider is the registrar (not the proxy)
     far_softphone: bool = False  # the provider's side is baresip too (SRTP end to end)
     phone_behind_nat: bool = False  # the relay reaches the phone only through the phone's NAT
+    #: the proxy relays the media: fw's forward chain drops UDP to 10000-60000 as the seed's
+    #: firewall does, the relay's own ports included (its kernel path must not mind)
+    relays_media: bool = False
 
 
 EXAMPLE_LIST = [
@@ -127,6 +135,7 @@ EXAMPLE_LIST = [
         {"sip.provider.example": PROVIDER_IP},
         Account(f"sip:{USER}@{DOMAIN}", PASSWORD, outbound=f"sip:{FW_INSIDE}:5060"),
         incoming=f"sip:{USER}@{DOMAIN}",
+        relays_media=True,
     ),
     Example(
         "tls.toml",
@@ -135,6 +144,7 @@ EXAMPLE_LIST = [
         Account(f"sip:{USER}@{DOMAIN}", PASSWORD, outbound=f"sip:{FW_INSIDE}:5060"),
         incoming=f"sip:{USER}@{DOMAIN}",
         provider_tls=True,
+        relays_media=True,
     ),
     Example(
         "sipproxy.toml",
@@ -146,6 +156,7 @@ EXAMPLE_LIST = [
         trusted=(FW_OUTSIDE,),
         peers={"lan.example": (FW_OUTSIDE, 5060)},
         registers_at_provider=False,
+        relays_media=True,
     ),
     Example(
         "public.toml",
@@ -169,6 +180,7 @@ EXAMPLE_LIST = [
         incoming=f"sip:{USER}@{DOMAIN}",
         provider_tls=True,
         far_softphone=True,
+        relays_media=True,
     ),
 ]
 
@@ -414,7 +426,7 @@ def example_run(request: pytest.FixtureRequest, netns_ready: None, certs: Certif
     for reason in (kamailio_unavailable(tls=example.provider_tls), baresip_unavailable()):
         if reason:
             pytest.skip(reason)
-    net = NatNet.build()
+    net = NatNet.build(rtp_ports=SEED_RTP_PORTS) if example.relays_media else NatNet.build()
     try:
         run = start_run(example, net, tmp_path_factory.mktemp(example.file), certs)
         try:

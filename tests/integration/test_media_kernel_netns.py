@@ -14,11 +14,24 @@ the relay, as in issue 12.
 - Kamailio's ``rtpengine`` module driving the standalone relay: 20 calls, none of their packets
   lost, no session, port or rule left.
 - Parties on the relay's own host (loopback): userspace, one log line, no rule.
+- A WAN with a smaller MTU than the LAN: tiny packets and RTCP through the rules; UDP checksum
+  0, IP options, fragments and packets longer than the MTU toward their destination through
+  userspace; all byte for byte. A stranger at a relay port neither takes the stream nor pushes
+  it out of the kernel. SIGTERM with a call up: no table left, fw's ruleset as it was.
+- 50 calls at once in the kernel (200 rules), ``query`` counting kernel packets, rules gone
+  after ``delete``; ``kill -9`` leaves the table, the next relay's start removes it.
+- Source-based policy routing (a second uplink): the rules go the way the relay's sockets go.
+- A re-INVITE moving an endpoint while 30 calls end at once: its old rules go first, at most
+  a packet lost.
+- A firewall reload (``flush ruleset``) mid-call: the call goes on in userspace, nothing lost;
+  the relay makes its table again, the call's rules and the next call's in it.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import socket
 import struct
 import sys
 import threading
@@ -32,8 +45,11 @@ import pytest
 from sipproxy.media.ng import decode_message, encode_message
 from tests.integration.kamailio import NgKamailio, kamailio_unavailable
 from tests.integration.netns import (
+    FIREWALL_RULES,
     FW_INSIDE,
     FW_OUTSIDE,
+    LAN,
+    NAT_PORTS,
     PHONE_IP,
     PROVIDER_IP,
     SEED_RTP_PORTS,
@@ -45,6 +61,7 @@ from tests.integration.netns import (
 )
 from tests.integration.rtp import callee_scenario, caller_scenario, loss, write_rtp_pcap
 from tests.integration.test_media_netns import (
+    KERNEL_TABLE,
     MIN_PACKETS,
     NG_PORT,
     PCAP,
@@ -79,11 +96,14 @@ def seed_net(netns_ready: None) -> Iterator[NatNet]:
 
 
 def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
-    """One NG command to the relay on fw's loopback; None without a reply."""
+    """One NG command to the relay on fw's loopback; None without a reply. (A fresh cookie:
+    the relay's reply cache answers a cookie seen from the same address within 30 s, and the
+    new socket may get an earlier one's port.)"""
     sock = ns.socket()
     try:
         sock.settimeout(timeout)
-        sock.sendto(encode_message(b"k1", message), ("127.0.0.1", NG_PORT))
+        sock.sendto(encode_message(secrets.token_hex(6).encode(), message),
+                    ("127.0.0.1", NG_PORT))
         data = sock.recv(65535)
     except TimeoutError:
         return None
@@ -561,3 +581,381 @@ def test_parties_on_loopback_stay_in_userspace_with_one_line(netns_ready: None,
             assert "firewall" not in log, log
         finally:
             relay.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# what the netdev rules must leave to userspace, strangers, a stop with calls up
+# ------------------------------------------------------------------------------------------------
+SO_NO_CHECK = 11  # Linux: send UDP without a checksum (0)
+WAN_MTU = 1400
+
+
+class Party:
+    """A party's RTP and RTCP sockets in a namespace; records (datagram, source) per port."""
+
+    def __init__(self, ns: Namespace, host: str, port: int) -> None:
+        self.sockets = []
+        self.got: dict[int, list[tuple[bytes, tuple[str, int]]]] = {port: [], port + 1: []}
+        self.stop_event = threading.Event()
+        for p in (port, port + 1):
+            sock = ns.socket()
+            sock.bind((host, p))
+            sock.settimeout(0.05)
+            self.sockets.append(sock)
+            threading.Thread(target=self._receive, args=(sock, self.got[p]), daemon=True).start()
+        self.rtp, self.rtcp = self.sockets
+        self.port = port
+
+    def _receive(self, sock: Any, into: list[tuple[bytes, tuple[str, int]]]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                data, source = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            into.append((data, source))
+
+    def clear(self) -> None:
+        for got in self.got.values():
+            got.clear()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        time.sleep(0.1)
+        for sock in self.sockets:
+            sock.close()
+
+
+def numbered(seq: int, size: int = 160) -> bytes:
+    """An RTP packet whose payload bytes depend on ``seq`` (a corrupted byte shows)."""
+    return struct.pack("!BBHII", 0x80, 8, seq & 0xFFFF, seq * 160, 7) + bytes(
+        (seq + i) & 0xFF for i in range(size))
+
+
+def kernel_packets(ns: Namespace) -> int:
+    return (relay_table(ns) or {}).get("packets", 0)
+
+
+def ng_call(relay: RelayProcess, call_id: str, a: tuple[str, int],
+            b: tuple[str, int]) -> tuple[int, int]:
+    """Offer from A (inside) and answer from B (outside): (the relay's port A sends to, the
+    one B sends to)."""
+    call = {"call-id": call_id, "from-tag": "A", "direction": ["inside", "outside"]}
+    offer = relay.command({"command": "offer", **call, "sdp": _sdp(*a)})
+    answer = relay.command({"command": "answer", **call, "to-tag": "B", "sdp": _sdp(*b)})
+    assert offer["result"] == answer["result"] == "ok", (offer, answer)
+    return media_port(answer["sdp"]), media_port(offer["sdp"])
+
+
+Leg = tuple[Party, tuple[str, int]]  # a party and the relay's address it sends to
+
+
+def latched_calls(net: NatNet, relay: RelayProcess, prefix: str, count: int,
+                  offset: int = 0) -> list[tuple[Leg, Leg]]:
+    """``count`` calls, each party's RTP and RTCP latched with one packet (the rules follow)."""
+    calls = []
+    for n in range(count):
+        phone = Party(net.phone, PHONE_IP, PHONE_RTP + offset + 2 * n)
+        provider = Party(net.provider, PROVIDER_IP, PROVIDER_RTP + offset + 2 * n)
+        to_phone_side, to_provider_side = ng_call(relay, f"{prefix}-{n}", (PHONE_IP, phone.port),
+                                                  (PROVIDER_IP, provider.port))
+        calls.append(((phone, (FW_INSIDE, to_phone_side)),
+                      (provider, (FW_OUTSIDE, to_provider_side))))
+        for party, (host, port) in calls[-1]:
+            party.rtp.sendto(numbered(0), (host, port))
+            party.rtcp.sendto(b"\x81\xc9\x00\x01" + bytes(4), (host, port + 1))
+    return calls
+
+
+def close_calls(calls: list[tuple[Leg, Leg]]) -> None:
+    parties = [party for call in calls for party, _ in call]
+    for party in parties:
+        party.stop_event.set()
+    for party in parties:
+        for sock in party.sockets:
+            sock.close()
+
+
+def test_odd_packets_strangers_and_a_stop_with_a_call_up(seed_net: NatNet,
+                                                         tmp_path: Path) -> None:
+    """fw's WAN has a smaller MTU than its LAN (as PPPoE's 1492). With RTP and RTCP of a call
+    both ways in the kernel: tiny packets and packets up to the WAN's MTU go through the rules;
+    packets with a UDP checksum of 0, IP options, IP fragments and packets longer than the MTU
+    toward their destination reach the far party through userspace; every one arrives
+    byte for byte from the relay's port. A stranger sending to the relay's port does not take
+    the stream and does not push it out of the kernel. SIGTERM with the call up leaves no
+    table and fw's ruleset as it was."""
+    net = seed_net
+    for ns, device in ((net.fw, net.wan_if), (net.provider, "eth0")):
+        ns.run("ip", "link", "set", device, "mtu", str(WAN_MTU))
+    nft_before = net.fw.run("nft", "list", "ruleset").stdout
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone, provider = Party(net.phone, PHONE_IP, PHONE_RTP), Party(net.provider, PROVIDER_IP,
+                                                                    PROVIDER_RTP)
+    stranger = net.provider.socket()
+    stranger.bind((PROVIDER_IP, PROVIDER_RTP + 10))
+    stranger.settimeout(0.3)
+    try:
+        to_phone_side, to_provider_side = ng_call(relay, "odd", (PHONE_IP, PHONE_RTP),
+                                                  (PROVIDER_IP, PROVIDER_RTP))
+        at = {phone: (FW_INSIDE, to_phone_side), provider: (FW_OUTSIDE, to_provider_side)}
+        for seq in range(3):  # both latch, RTP and RTCP
+            for party, (host, port) in at.items():
+                party.rtp.sendto(numbered(seq), (host, port))
+                party.rtcp.sendto(b"\x81\xc9\x00\x01" + bytes(4), (host, port + 1))
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
+        logs = relay.log_tail
+
+        def through(sender: Party, receiver: Party, packet: bytes, *, rtcp: bool = False,
+                    kernel: bool, options: tuple[int, int, Any] | None = None) -> None:
+            host, port = at[sender]
+            before = kernel_packets(net.fw)
+            receiver.clear()
+            sock = sender.rtcp if rtcp else sender.rtp
+            if options is not None:
+                sock.setsockopt(*options)
+            try:
+                sock.sendto(packet, (host, port + rtcp))
+            finally:
+                if options is not None:
+                    sock.setsockopt(*options[:2], b"" if isinstance(options[2], bytes) else 0)
+            got = receiver.got[receiver.port + rtcp]
+            wait_for(lambda: bool(got), 2)
+            relay_port = at[receiver][1] + rtcp
+            side = FW_INSIDE if receiver is phone else FW_OUTSIDE
+            what = f"{len(packet)} bytes, {options}"
+            assert got == [(packet, (side, relay_port))], (what, got[:1], logs())
+            counted = kernel_packets(net.fw) - before
+            assert counted == (1 if kernel else 0), (what, counted, logs())
+
+        biggest = WAN_MTU - 28
+        through(phone, provider, numbered(10), kernel=True)
+        through(provider, phone, numbered(11), kernel=True)
+        through(phone, provider, b"\x81\xc9\x00\x01" + bytes(8), rtcp=True, kernel=True)
+        through(provider, phone, b"\x81\xc9\x00\x01" + bytes(12), rtcp=True, kernel=True)
+        through(phone, provider, b"", kernel=True)
+        through(phone, provider, b"\x80", kernel=True)
+        through(phone, provider, numbered(12), kernel=False,
+                options=(socket.IPPROTO_IP, socket.IP_OPTIONS, b"\x01\x01\x01\x00"))
+        through(phone, provider, numbered(13, biggest - 12), kernel=True)
+        through(provider, phone, numbered(14, biggest - 12), kernel=True)
+        # the LAN takes 1,500 bytes, the WAN not: the relay's socket fragments it
+        through(phone, provider, numbered(15, 1500 - 28 - 12), kernel=False)
+        through(phone, provider, numbered(16, 3000), kernel=False)  # fragments
+        through(provider, phone, numbered(17, 3000), kernel=False)
+        through(phone, provider, numbered(18), kernel=False,
+                options=(socket.SOL_SOCKET, SO_NO_CHECK, 1))
+
+        # a stranger at the relay's port for the provider: userspace forwards its packet (no
+        # strict source), the stream stays latched and in the kernel
+        phone.clear()
+        stranger.sendto(numbered(19), at[provider])
+        wait_for(lambda: bool(phone.got[PHONE_RTP]), 2)
+        assert [d for d, _ in phone.got[PHONE_RTP]] == [numbered(19)], logs()
+        assert (relay_table(net.fw) or {}).get("rules") == 4, logs()
+        through(phone, provider, numbered(20), kernel=True)
+        through(provider, phone, numbered(21), kernel=True)
+        with pytest.raises(TimeoutError):
+            stranger.recv(2048)
+        assert "back to userspace" not in relay.log_path.read_text(errors="replace"), logs()
+
+        relay.stop()  # SIGTERM, the call up
+        assert "Main loop terminated" in relay.log_path.read_text(errors="replace"), logs()
+        assert relay_table(net.fw) is None
+        assert net.fw.run("nft", "list", "ruleset").stdout == nft_before
+    finally:
+        phone.close()
+        provider.close()
+        stranger.close()
+        relay.stop()
+
+
+MANY_CALLS = 50
+
+
+def test_many_calls_then_a_killed_relays_table_goes_at_the_next_start(seed_net: NatNet,
+                                                                       tmp_path: Path) -> None:
+    """50 calls at once in the kernel (RTP and RTCP: 200 rules in the relay's own table,
+    ``netdev sipproxy_relay_<pid>``), ``query`` counting a call's kernel packets; 49 deleted:
+    their rules go. ``kill -9`` with a call up leaves the table; the next relay's start deletes
+    it, and fw's own ruleset is as it was."""
+    net = seed_net
+    nft_before = firewall_tables(net.fw)
+    argv = [arg for arg in standalone_relay(net.fw, tmp_path, kernel="auto").argv
+            if arg not in ("--kernel-table", KERNEL_TABLE)]
+    relay = RelayProcess(net.fw, argv, tmp_path, "killed").start()
+    calls: list[tuple[Leg, Leg]] = []
+    successor: RelayProcess | None = None
+    try:
+        calls = latched_calls(net, relay, "many", MANY_CALLS)
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, 60)
+        assert (relay_table(net.fw) or {}).get("rules") == 4 * MANY_CALLS, relay.log_tail()
+        (phone, at_phone_side), (provider, _) = calls[0]
+        provider.clear()
+        for seq in range(1, 11):
+            phone.rtp.sendto(numbered(seq), at_phone_side)
+        wait_for(lambda: len(provider.got[provider.port]) == 10, 2)
+        assert [d for d, _ in provider.got[provider.port]] == [numbered(s) for s in range(1, 11)]
+        wait_for(lambda: (rtp_stats(relay.command({"command": "query", "call-id": "many-0"}))
+                          or (0, 0))[1] >= 10, 6)  # the counters are read every 2 s
+        assert rtp_stats(relay.command({"command": "query", "call-id": "many-0"})) == (2, 10)
+        for n in range(1, MANY_CALLS):
+            reply = relay.command({"command": "delete", "call-id": f"many-{n}", "from-tag": "A"})
+            assert reply["result"] == "ok", reply
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 60)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
+        tables = net.fw.run("nft", "list", "tables").stdout
+        assert f"table netdev {TABLE_PREFIX}" in tables, tables
+        assert relay.process is not None
+        relay.process.kill()
+        relay.process.wait(5)
+        assert (relay_table(net.fw) or {}).get("rules") == 4  # nobody deleted it
+        successor = RelayProcess(net.fw, argv, tmp_path, "successor").start()
+        wait_for(lambda: "kernel fast path on" in successor.log_path.read_text())
+        assert relay_table(net.fw) == {"rules": 0, "packets": 0}, successor.log_tail()
+        assert "removed the stale nftables table" in successor.log_path.read_text(), \
+            successor.log_tail()
+        successor.stop()
+        assert relay_table(net.fw) is None
+        assert firewall_tables(net.fw) == nft_before
+    finally:
+        close_calls(calls)
+        relay.stop()
+        if successor is not None:
+            successor.stop()
+
+
+def test_the_rules_follow_policy_routing_as_the_relays_sockets_do(seed_net: NatNet,
+                                                                  tmp_path: Path) -> None:
+    """A host with a second uplink routes by source address: here fw's main table sends the
+    provider's address elsewhere (a gateway on the LAN), a rule sends what comes from the
+    relay's outside address out of wan0. The kernel path goes the way the relay's own socket
+    goes: both ways through the rules, nothing lost."""
+    net = seed_net
+    net.fw.run("ip", "route", "add", f"{PROVIDER_IP}/32", "via", "192.168.77.99")
+    net.fw.run("ip", "route", "add", "203.0.113.0/24", "dev", net.wan_if, "table", "100")
+    net.fw.run("ip", "rule", "add", "from", FW_OUTSIDE, "lookup", "100")
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone, provider = Party(net.phone, PHONE_IP, PHONE_RTP), Party(net.provider, PROVIDER_IP,
+                                                                    PROVIDER_RTP)
+    try:
+        to_phone_side, to_provider_side = ng_call(relay, "policy", (PHONE_IP, PHONE_RTP),
+                                                  (PROVIDER_IP, PROVIDER_RTP))
+        phone.rtp.sendto(numbered(0), (FW_INSIDE, to_phone_side))
+        provider.rtp.sendto(numbered(0), (FW_OUTSIDE, to_provider_side))
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 2)
+        assert (relay_table(net.fw) or {}).get("rules") == 2, relay.log_tail()
+        phone.clear()
+        provider.clear()
+        for seq in range(1, 21):
+            phone.rtp.sendto(numbered(seq), (FW_INSIDE, to_phone_side))
+            provider.rtp.sendto(numbered(seq), (FW_OUTSIDE, to_provider_side))
+        wait_for(lambda: len(provider.got[PROVIDER_RTP]) == len(phone.got[PHONE_RTP]) == 20, 3)
+        sent = [numbered(seq) for seq in range(1, 21)]
+        assert [d for d, _ in provider.got[PROVIDER_RTP]] == sent, relay.log_tail()
+        assert [d for d, _ in phone.got[PHONE_RTP]] == sent, relay.log_tail()
+        assert kernel_packets(net.fw) == 40, relay.log_tail()
+    finally:
+        phone.close()
+        provider.close()
+        relay.stop()
+
+
+ENDING_CALLS = 30
+
+
+def test_an_endpoint_moving_while_many_calls_end_loses_at_most_a_packet(seed_net: NatNet,
+                                                                        tmp_path: Path) -> None:
+    """30 calls in the kernel end at once (their rules wait to go, one nft run after another)
+    while a re-INVITE moves the phone of another call to a new port and the old one closes:
+    the moved call's old rules go first, so the provider's packets reach the phone's new
+    port (at most a packet lost), not the closed one until the queue is through."""
+    net = seed_net
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    phone = Endpoint(net.phone, PHONE_IP, (PHONE_RTP, PHONE_RTP + 2))
+    provider = Endpoint(net.provider, PROVIDER_IP, (PROVIDER_RTP,))
+    calls: list[tuple[Leg, Leg]] = []
+    try:
+        to_phone_side, to_provider_side = ng_call(relay, "moving", (PHONE_IP, PHONE_RTP),
+                                                  (PROVIDER_IP, PROVIDER_RTP))
+        phone.target = (FW_INSIDE, to_phone_side)
+        provider.target = (FW_OUTSIDE, to_provider_side)
+        phone.start()
+        provider.start()
+        calls = latched_calls(net, relay, "ending", ENDING_CALLS, offset=100)
+        rules = 2 + 4 * ENDING_CALLS
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == rules, 60)
+        assert (relay_table(net.fw) or {}).get("rules") == rules, relay.log_tail()
+        for n in range(ENDING_CALLS):
+            relay.command({"command": "delete", "call-id": f"ending-{n}", "from-tag": "A"})
+        call = {"call-id": "moving", "from-tag": "A", "direction": ["inside", "outside"]}
+        relay.command({"command": "offer", **call, "sdp": _sdp(PHONE_IP, PHONE_RTP + 2)})
+        relay.command({"command": "answer", **call, "to-tag": "B",
+                       "sdp": _sdp(PROVIDER_IP, PROVIDER_RTP)})
+        phone.port = PHONE_RTP + 2
+        time.sleep(0.2)  # (an nft run or two, on a busy machine)
+        phone.sockets[PHONE_RTP].close()  # the old port is gone
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 2, 60)
+        time.sleep(0.5)
+        phone.sending = provider.sending = False
+        time.sleep(0.5)
+        lost = phone.lost_of(provider)
+        assert provider.sent > 100, relay.log_tail()
+        assert len(lost) <= 1, (len(lost), provider.sent, relay.log_tail())
+        assert len(provider.lost_of(phone)) <= 1, relay.log_tail()
+    finally:
+        close_calls(calls)
+        phone.stop()
+        provider.stop()
+        relay.stop()
+
+
+def test_a_firewall_reload_that_flushes_the_ruleset_mid_call(seed_net: NatNet,
+                                                              tmp_path: Path) -> None:
+    """The firewall is reloaded as nftables.conf does it (``flush ruleset``, then its own
+    tables), the relay's table going with it, during a call in the kernel: the call goes on
+    in userspace, nothing lost; the relay makes its table again with the call's rules, and
+    the next call is in the kernel too; the firewall's ruleset is what it loaded."""
+    net = seed_net
+    relay = standalone_relay(net.fw, tmp_path, kernel="auto").start()
+    parties = [Endpoint(net.phone, PHONE_IP, (PHONE_RTP + n,)) for n in (0, 10)] + [
+        Endpoint(net.provider, PROVIDER_IP, (PROVIDER_RTP + n,)) for n in (0, 10)]
+    (phone, phone2, provider, provider2) = parties
+    for party in parties:
+        party.start()  # sending once it has a target
+
+    def call(n: int, a: Endpoint, b: Endpoint) -> None:
+        to_a_side, to_b_side = ng_call(relay, f"reload-{n}", (PHONE_IP, a.port),
+                                       (PROVIDER_IP, b.port))
+        a.target, b.target = (FW_INSIDE, to_a_side), (FW_OUTSIDE, to_b_side)
+
+    try:
+        call(1, phone, provider)
+        wait_for(lambda: kernel_packets(net.fw) > 50)
+        assert kernel_packets(net.fw) > 50, relay.log_tail()
+        reload = "flush ruleset\n" + FIREWALL_RULES.format(lan=LAN, nat=NAT_PORTS,
+                                                            rtp=SEED_RTP_PORTS)
+        net.fw.nft(reload)
+        loaded = net.fw.run("nft", "list", "ruleset").stdout
+        # at the next counter read: the table again, the call's rules in it again
+        wait_for(lambda: kernel_packets(net.fw) > 50, 6)
+        assert kernel_packets(net.fw) > 50, relay.log_tail()
+        call(2, phone2, provider2)
+        wait_for(lambda: (relay_table(net.fw) or {}).get("rules") == 4, 6)
+        assert (relay_table(net.fw) or {}).get("rules") == 4, relay.log_tail()
+        assert firewall_tables(net.fw) == loaded.rstrip("\n")
+        time.sleep(1.0)
+        for party in parties:
+            party.sending = False
+        time.sleep(0.5)
+        assert phone.sent > 100 and phone2.sent > 50, relay.log_tail()
+        for a, b in ((phone, provider), (provider, phone), (phone2, provider2),
+                     (provider2, phone2)):
+            assert b.lost_of(a) == [], (b.lost_of(a), relay.log_tail())
+        assert "was deleted" in relay.log_path.read_text(), relay.log_tail()
+    finally:
+        for party in parties:
+            party.stop()
+        relay.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -128,11 +129,14 @@ class RelayProcess:
         raise HarnessError(f"{self.name} did not answer an NG ping\n{self.log_tail()}")
 
     def command(self, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-        """One NG command from inside the namespace; TimeoutError without a reply."""
+        """One NG command from inside the namespace; TimeoutError without a reply. (A fresh
+        cookie each time: the relay answers a cookie it saw from the same address within 30 s
+        from its reply cache, and a new socket may get an earlier one's port.)"""
         sock = self.ns.socket()
         try:
             sock.settimeout(timeout)
-            sock.sendto(encode_message(b"t1", message), ("127.0.0.1", NG_PORT))
+            cookie = secrets.token_hex(6).encode()
+            sock.sendto(encode_message(cookie, message), ("127.0.0.1", NG_PORT))
             data = sock.recv(65535)
         finally:
             sock.close()

@@ -7,6 +7,7 @@ afterwards it holds none and no relay port is open (/proc/net/udp).
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ RELAY_PORTS = (21000, 21999)
 def ng(port: int, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.sendto(encode_message(b"soak", message), (LOOPBACK, port))
+        sock.sendto(encode_message(secrets.token_hex(6).encode(), message), (LOOPBACK, port))
         _cookie, reply, _ = decode_message(sock.recv(65535))
     assert reply is not None
     return reply
