@@ -105,6 +105,8 @@ class RequestContext:
     final_chosen: bool = False
     cancelled: bool = False
     best_2xx_sent: bool = False
+    #: dialogs the 2xx responses to this INVITE set up (at most [proxy] max_branches)
+    dialogs_made: int = 0
     #: set by a plugin in request_received: send the request there (Request-URI as it is),
     #: skipping the location service, [upstream] and DNS (e.g. NAT: a phone's real address)
     destination: Target | None = None
@@ -840,7 +842,8 @@ class Proxy:
             return
         if 200 <= status < 300:
             if method == "INVITE":
-                self._dialog_from_2xx(ctx, branch, response)
+                if not self._dialog_from_2xx(ctx, branch, response):
+                    return
                 self._forward_response(ctx, response, final=True)
                 self._cancel_branches(ctx, exclude=branch)
                 ctx.best_2xx_sent = True
@@ -1071,20 +1074,34 @@ class Proxy:
         d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
 
     # -- dialogs ---------------------------------------------------------------------------------
-    def _dialog_from_2xx(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+    def _dialog_from_2xx(self, ctx: RequestContext, branch: Branch, response: Response) -> bool:
+        """Track the dialog a 2xx to an INVITE sets up; False: the 2xx is not to be forwarded
+        (it would be dialog number ``max_branches + 1`` of one INVITE: a callee answering again
+        and again with new To tags must not grow the dialog table, 12 hours each)."""
         request = ctx.request
         if request.to.tag:
             self._target_refreshed(ctx, branch, response)  # a re-INVITE: the dialog exists
-            return
+            return True
         from_tag = request.from_.tag
         to_tag = response.to.tag
         if not from_tag or not to_tag:
-            return
+            return True
+        limit = self.config.proxy.max_branches
+        if ctx.dialogs_made >= limit and self.dialogs.find(request.call_id, from_tag,
+                                                            to_tag) is None:
+            answered = response.source
+            self.refusals.refused(
+                "dialogs_per_request", answered.host if answered is not None else "?",
+                "dropped a 2xx from {refused_source} to {request}: one INVITE sets up at most "
+                "{limit} dialogs ([proxy] max_branches)", request=repr(request), limit=limit)
+            return False
         source = request.source
         dialog, new = self.dialogs.establish(
-            request.call_id, from_tag, to_tag, source.side if source is not None else ""
+            request.call_id, from_tag, to_tag, source.side if source is not None else "",
+            response.source.side if response.source is not None else "",
         )
         if new:
+            ctx.dialogs_made += 1
             ctx.dialog = dialog
             caller_routes = self._foreign_routes(request)
             dialog.caller.learn(
@@ -1102,6 +1119,7 @@ class Proxy:
             if flood is not None and source is not None and flood.dialog_started(source.host):
                 dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
             self.pipeline.notify("dialog_established", dialog)
+        return True
 
     def _target_refreshed(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         """A 2xx to a re-INVITE or UPDATE: the Contacts in it and in the request are the

@@ -909,6 +909,22 @@ def test_2xx_retransmissions_reach_the_caller_until_timer_m(h: Harness) -> None:
     h.assert_no_leaks()
 
 
+def test_one_invite_sets_up_at_most_max_branches_dialogs(h: Harness) -> None:
+    """A callee answering again and again with new To tags (within Timer M) would grow the
+    dialog table by one 12-hour dialog each: after max_branches (10) such 2xx are dropped;
+    retransmissions of the dialogs it has still get through."""
+    h.register("bob", BOB_1)
+    h.receive(invite())
+    out = only(h.sent("INVITE"))
+    for n in range(50):
+        h.respond(out, 200, to_tag=f"t{n}")
+    h.respond(out, 200, to_tag="t3")
+    assert len(h.proxy.dialogs) == 10
+    forwarded = [r.to.tag for r in h.replies(200) if r.cseq.method == "INVITE"]
+    assert forwarded == [f"t{n}" for n in range(10)] + ["t3"]
+    assert h.proxy.refusals.counters["dialogs_per_request"] == 40
+
+
 def test_response_for_an_unknown_branch_is_dropped(h: Harness) -> None:
     h.register("bob", BOB_1)
     h.receive(invite())
