@@ -15,7 +15,10 @@ banned (``[auth] max_failures``); a TCP table full of idle connections pinging C
 phone's OPTIONS over a new connection (``[limits] max_connections``, ``idle_timeout``); 400
 Contacts for one user and one INVITE to it (``[registrar] max_contacts``, ``[proxy]
 max_branches``); transactions, dialogs and NAT mappings from many sources (``[limits]
-max_transactions``, ``max_dialogs``, ``[nat] max_mappings``).
+max_transactions``, ``max_dialogs``, ``[nat] max_mappings``); a valid account whose Contact,
+Record-Route and many 2xx name the victim, and its accomplice's in-dialog requests over UDP and
+TCP (nat reaches a binding where it registered from, acl an outside party only on its own
+host, one INVITE sets up at most ``max_branches`` dialogs).
 """
 
 from __future__ import annotations
@@ -370,7 +373,10 @@ def tcp_exchange(conn: socket.socket, request: bytes, limit: float = 3.0) -> Res
     data = b""
     deadline = time.monotonic() + limit
     while b"\r\n\r\n" not in data.lstrip(b"\r\n") and time.monotonic() < deadline:
-        chunk = conn.recv(65535)
+        try:
+            chunk = conn.recv(65535)
+        except TimeoutError:
+            break
         if not chunk:
             break
         data += chunk
@@ -526,14 +532,18 @@ def test_transactions_in_all_are_capped_and_the_inside_keeps_working(lab: Lab) -
 
 
 class Responder:
-    """A callee in the victim namespace that answers every INVITE with 200 (and never hangs
-    up): the dialogs stay."""
+    """A callee that answers every INVITE with 200 (and never hangs up): the dialogs stay.
+    ``contact`` and ``headers`` go into its 2xx, one 2xx per tag of ``tags``."""
 
-    def __init__(self, ns: Namespace, host: str, port: int) -> None:
+    def __init__(self, ns: Namespace, host: str, port: int, contact: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = (),
+                 tags: tuple[str, ...] = ("callee",)) -> None:
         self.sock = ns.socket()
         self.sock.bind((host, port))
         self.sock.settimeout(0.2)
-        self.contact = f"<sip:callee@{host}:{port}>"
+        self.contact = contact or f"<sip:callee@{host}:{port}>"
+        self.headers = headers
+        self.tags = tags
         self.invites: list[Request] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -553,13 +563,16 @@ class Responder:
                 continue
             if all(m.call_id != message.call_id for m in self.invites):
                 self.invites.append(message)
-            response = message.make_response(200)
-            to = response.headers.get("To") or ""
-            response.headers.set("To", to + ";tag=callee" if "tag=" not in to else to)
-            for value in message.headers.get_all("Record-Route"):
-                response.headers.add("Record-Route", value)
-            response.headers.add("Contact", self.contact)
-            self.sock.sendto(response.to_bytes(), addr)
+            for tag in self.tags:
+                response = message.make_response(200)
+                to = response.headers.get("To") or ""
+                response.headers.set("To", to + f";tag={tag}" if "tag=" not in to else to)
+                for value in message.headers.get_all("Record-Route"):
+                    response.headers.add("Record-Route", value)
+                for name, value in self.headers:
+                    response.headers.add(name, value)
+                response.headers.add("Contact", self.contact)
+                self.sock.sendto(response.to_bytes(), addr)
 
     def close(self) -> None:
         self._stop.set()
@@ -614,3 +627,70 @@ def test_dialogs_in_all_and_nat_mappings_are_capped(lab: Lab) -> None:
     log = lab.log()
     assert "dialogs open from outside sources in all" in log
     assert "nat: 3 contact mappings (the most): forgot the least recently used" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# an account pointing at the victim (audit of issue 11)
+# ------------------------------------------------------------------------------------------------
+IN_DIALOG = ("MESSAGE", "INFO", "UPDATE", "NOTIFY", "REFER", "PRACK", "OPTIONS", "INVITE", "BYE")
+
+
+def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab) -> None:
+    """mallory (a valid account) registers from port 5060 with a Contact at the victim's
+    5060 and answers calls with 12 2xx (new To tags each), a Contact and a Record-Route at
+    the victim; her accomplice calls her from another address and sends every kind of
+    in-dialog request (UDP, and one over TCP) along that route set and to that Contact. The
+    call reaches mallory where she registered from, only max_branches (4) of the 2xx become
+    dialogs, every in-dialog request is refused 403, and nothing reaches the victim; the
+    phone registers and calls meanwhile."""
+    lab.start(proxy={"max_branches": 4}, plugins={"enabled": ["acl", "auth", "nat"]},
+              nat={"keepalive_interval": 1})
+    victim = lab.victim.socket()
+    victim.bind((VICTIM_IP, SIP))
+    at_victim = f"<sip:m@{VICTIM_IP}:{SIP}>"
+    registering = Agent(lab.attacker, ATTACKERS[1], port=SIP)
+    [bound] = register_as(registering, "mallory", [at_victim])
+    registering.close()
+    assert bound is not None and bound.status == 200
+    mallory = Responder(lab.attacker, ATTACKERS[1], SIP, contact=at_victim,
+                        headers=(("Record-Route", f"<sip:{VICTIM_IP};lr>"),),
+                        tags=tuple(f"m{n}" for n in range(12)))
+    try:
+        phone = Phone(lab).start()
+        caller = Agent(lab.attacker, ATTACKERS[0])
+        from_ = "<sip:x@evil.example>;tag=x1"
+        call_id = caller.send("INVITE", f"sip:mallory@{DOMAIN}", from_=from_,
+                              headers=(f"Contact: <sip:x@{ATTACKERS[0]}:{caller.port}>",))
+        oks = [m for m in caller.receive(quiet=1.0, limit=5)
+               if isinstance(m, Response) and m.status == 200 and m.call_id == call_id]
+        assert {m.to.tag for m in oks} == {"m0", "m1", "m2", "m3"}, [m.to.tag for m in oks]
+        assert [str(m.uri) for m in mallory.invites] == [f"sip:m@{VICTIM_IP}:{SIP}"]
+        ok = oks[0]
+        route = tuple(f"Route: {v}" for v in reversed(ok.headers.get_all("Record-Route")))
+        assert f"Route: <sip:{VICTIM_IP};lr>" in route
+        to = f"<sip:mallory@{DOMAIN}>;tag={ok.to.tag}"
+        target = f"sip:m@{VICTIM_IP}:{SIP}"
+        caller.send("ACK", target, from_=from_, to=to, call_id=call_id, headers=route)
+        statuses = {}
+        for method in IN_DIALOG:
+            answer = caller.ask(method, target, from_=from_, to=to, call_id=call_id,
+                                headers=route)
+            statuses[method] = answer.status if answer is not None else None
+        assert statuses == dict.fromkeys(IN_DIALOG, 403), statuses
+        with lab.attacker.entered():
+            conn = socket.create_connection((PROXY_ATTACKER, SIP), timeout=3,
+                                            source_address=(ATTACKERS[0], 0))
+        with conn:
+            host, port = conn.getsockname()[:2]
+            answer = tcp_exchange(conn, sip_request(
+                "MESSAGE", target, via=f"SIP/2.0/TCP {host}:{port};branch=z9hG4bKtcp1",
+                from_=from_, to=to, call_id=call_id, cseq=99, headers=route))
+            assert answer is not None and answer.status == 403, answer
+        time.sleep(1.5)  # a keepalive (1 s) goes to where mallory registered from
+        assert drain(victim, quiet=1.0, limit=3) == []
+        phone.check()
+    finally:
+        mallory.close()
+        victim.close()
+    log = lab.log()
+    assert "acl: relaying denied" in log and "one INVITE sets up at most 4 dialogs" in log
