@@ -904,7 +904,8 @@ def test_public_proxy_reaches_a_contact_on_another_host_where_its_register_came_
     net.send(sip_request(
         "REGISTER", "sip:lan.example", via="SIP/2.0/UDP 198.51.100.66:5060;branch=z9hG4bKr3",
         call_id="reg-m", from_="<sip:alice@lan.example>;tag=r", to="<sip:alice@lan.example>",
-        headers=("Contact: <sip:m@203.0.113.99:5060>", "Expires: 3600"),
+        headers=("Contact: <sip:m@203.0.113.99:5060>, "
+                 "<sip:m@198.51.100.66:5060;maddr=203.0.113.99>", "Expires: 3600"),
     ), attacker)
     net.send(sip_request(
         "INVITE", "sip:alice@lan.example", via="SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKc9",
@@ -912,11 +913,12 @@ def test_public_proxy_reaches_a_contact_on_another_host_where_its_register_came_
         headers=("Contact: <sip:dave@198.51.100.9:5060>",),
     ), CALLER)
     assert net.requests_to("203.0.113.99", "INVITE") == []
-    [invite] = net.requests_to(attacker.host, "INVITE", attacker.port)
-    assert str(invite.uri) == "sip:m@203.0.113.99:5060"
+    invites = net.requests_to(attacker.host, "INVITE", attacker.port)
+    assert sorted(str(i.uri) for i in invites) == [
+        "sip:m@198.51.100.66:5060;maddr=203.0.113.99", "sip:m@203.0.113.99:5060"]
     net.clock.advance(20)
     assert net.requests_to("203.0.113.99", "OPTIONS") == []
-    assert len(net.requests_to(attacker.host, "OPTIONS", attacker.port)) == 1
+    assert len(net.requests_to(attacker.host, "OPTIONS", attacker.port)) == 2
 
 
 FIREWALL_WITH_DOMAIN = FIREWALL.replace("domains = []", 'domains = ["lan.example"]')

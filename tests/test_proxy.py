@@ -117,7 +117,8 @@ class ResolverDouble:
         self.held: list[tuple[Deferred[list[Target]], list[Target]]] = []
 
     def resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        server_name: str | None = None,
     ) -> Deferred[list[Target]]:
         self.calls.append((host, port, transport, secure))
         try:

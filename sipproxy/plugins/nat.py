@@ -101,8 +101,8 @@ class ContactMapping:
 def _registered_address(binding: Any) -> Target | None:
     """Where a binding is reached when its Contact names a host other than the one its
     REGISTER came from (a private address behind the phone's NAT, or anyone else's: a
-    Contact naming a victim must not make the proxy send the user's calls there): that
-    source. None: at its Contact."""
+    Contact or its ``maddr`` naming a victim must not make the proxy send the user's calls
+    there): that source. None: at its Contact."""
     source = binding.source
     if source is None:
         return None
@@ -110,7 +110,7 @@ def _registered_address(binding: Any) -> Target | None:
         contact = parse_uri(binding.contact)
     except ParseError:
         return None
-    if not contact.is_sip or _same_host(contact.host, source.host):
+    if not contact.is_sip or _same_host(contact.get_param("maddr") or contact.host, source.host):
         return None
     return Target(source.transport.upper(), source.host, source.port, source.host)
 
