@@ -159,8 +159,10 @@ class Net:
 
     @property
     def last_to(self) -> tuple[str, int]:
-        """Where the last datagram went."""
-        return self.wire.datagrams[-1][1]
+        """Where the last datagram went, a 100 Trying aside (hop by hop: it leaves after the
+        INVITE was forwarded)."""
+        return next(to for data, to in reversed(self.wire.datagrams)
+                    if not data.startswith(b"SIP/2.0 100 "))
 
     def requests_to(self, host: str, method: str, port: int | None = None) -> list[Request]:
         return [m for _, m in self.received(host, port)

@@ -18,7 +18,8 @@ max_branches``); transactions, dialogs and NAT mappings from many sources (``[li
 max_transactions``, ``max_dialogs``, ``[nat] max_mappings``); a valid account whose Contact,
 Record-Route and many 2xx name the victim, and its accomplice's in-dialog requests over UDP and
 TCP (nat reaches a binding where it registered from, acl an outside party only on its own
-host, one INVITE sets up at most ``max_branches`` dialogs).
+host, one INVITE sets up at most ``max_branches`` dialogs); INVITEs from the victim's (spoofed)
+address get one answer each (no 100 Trying, no Timer G for what the proxy answers itself).
 """
 
 from __future__ import annotations
@@ -694,3 +695,34 @@ def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab
         victim.close()
     log = lab.log()
     assert "acl: relaying denied" in log and "one INVITE sets up at most 4 dialogs" in log
+
+
+def test_invites_from_a_spoofed_source_get_one_answer_each(lab: Lab) -> None:
+    """INVITEs with the victim's address as their (spoofed) source, which the proxy answers
+    itself (404 unknown user, 407 challenge, 403 relaying denied): the victim gets one
+    answer per INVITE, no 100 Trying and no Timer G retransmissions (which made 3 INVITEs of
+    693 bytes into 36 datagrams of 11 KB); the phone keeps calling."""
+    lab.start()
+    for interface in ("all", "at0"):  # the spoofed packets come in where the victim is not
+        lab.px.sysctl(f"net.ipv4.conf.{interface}.rp_filter", 0)
+    lab.attacker.run("ip", "addr", "add", f"{VICTIM_IP}/32", "dev", "lo")
+    victim = lab.victim.socket()
+    victim.bind((VICTIM_IP, SIP))
+    spoofer = Agent(lab.attacker, VICTIM_IP, port=SIP)
+    try:
+        phone = Phone(lab).start()
+        probes = [(f"sip:nobody@{DOMAIN}", "<sip:x@evil.example>;tag=s", 404),
+                  (f"sip:bob@{DOMAIN}", f"<sip:alice@{DOMAIN}>;tag=s", 407),
+                  ("sip:+1900@evil.example", "<sip:x@evil.example>;tag=s", 403)]
+        for uri, from_, _ in probes:
+            spoofer.send("INVITE", uri, from_=from_)
+        got = [parsed(d) for d in drain(victim, quiet=1.0, limit=8)]
+        assert sorted(m.status for m in got if isinstance(m, Response)) == \
+            sorted(status for _, _, status in probes), [m and m.start_line() for m in got]
+        assert len(got) == len(probes)
+        time.sleep(3)  # Timer G would have resent each answer at 0.5, 1.5 and 3.5 s
+        assert drain(victim, quiet=0.5, limit=1) == []
+        phone.check()
+    finally:
+        spoofer.close()
+        victim.close()
