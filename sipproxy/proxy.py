@@ -497,16 +497,37 @@ class Proxy:
             bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []
+        kept = []
         for binding in bindings:
             try:
-                targets.append(parse_uri(binding.contact))
+                target = parse_uri(binding.contact)
             except ParseError:
                 continue
+            if self._is_local_uri(target) and not binding.path:
+                # it would come back here and fork into the bindings again, each of them
+                # again (RFC 5393's amplification): a Contact that names this proxy is skipped
+                self.forks_capped.refused(
+                    "self_contact", binding.aor, "{refused_source}: skipped the binding "
+                    "{contact}: it names this proxy", contact=binding.contact)
+                continue
+            targets.append(target)
             routes.append(binding.path)
+            kept.append(binding)
         if not targets:
             self._reply(ctx, 480, "Temporarily Unavailable")
             return
-        self._forward(ctx, targets, next_hop=None, paths=routes, bindings=bindings)
+        breadth = _max_breadth(request)
+        if len(targets) > 1 or request.headers.get("max-breadth") is not None:
+            # RFC 5393: the parallel branches share the request's breadth, so a fork that
+            # comes back here (a Contact naming this proxy) cannot grow exponentially
+            if breadth < 1:
+                self._reply(ctx, 440, "Max-Breadth Exceeded")
+                return
+            del targets[breadth:], routes[breadth:], kept[breadth:]
+            share: int | None = breadth // len(targets)
+        else:
+            share = None
+        self._forward(ctx, targets, next_hop=None, paths=routes, bindings=kept, breadth=share)
 
     def registrar_aor(self, uri: URI) -> str:
         """The location service key of a Request-URI the proxy routes itself."""
@@ -521,12 +542,17 @@ class Proxy:
         paths: list[tuple[str, ...]] | None = None,
         bindings: list[Any] | None = None,
         destination: Target | None = None,
+        breadth: int | None = None,
     ) -> None:
+        """Send ``ctx.request`` to each of ``targets`` (their Max-Breadth ``breadth``, when
+        given: RFC 5393 section 4.3)."""
         ctx.pending_targets = len(targets)
         for i, target_uri in enumerate(targets):
             out = ctx.request.copy()
             if target_uri is not ctx.request.uri:
                 out.uri = target_uri.copy()
+            if breadth is not None:
+                out.headers.set("Max-Breadth", str(breadth))
             if paths and paths[i]:
                 for value in reversed(paths[i]):
                     out.headers.add("Route", value, first=True)
@@ -1195,6 +1221,16 @@ def _source_address(message: Message) -> list[Address]:
 def _target_address(branch: Branch) -> list[Address]:
     target = branch.target
     return [] if target is None else [(target.host.lower(), target.port)]
+
+
+#: RFC 5393 section 4.3: the breadth of a request without Max-Breadth
+DEFAULT_MAX_BREADTH = 60
+
+
+def _max_breadth(request: Request) -> int:
+    """The request's Max-Breadth (RFC 5393), the default when absent or malformed."""
+    value = (request.headers.get("max-breadth") or "").strip()
+    return int(value) if value.isdigit() and len(value) < 10 else DEFAULT_MAX_BREADTH
 
 
 def _first_list_value(value: str) -> str:

@@ -1511,6 +1511,46 @@ def test_forking_is_capped_at_max_branches_highest_q_first() -> None:
     h.assert_no_leaks()
 
 
+def bob_at(h: Harness, *contacts: str) -> None:
+    from sipproxy.location import Binding
+
+    for contact in contacts:
+        h.location.add_or_update(Binding("sip:bob@lan.example", contact,
+                                         h.clock.seconds() + 3600))
+
+
+def test_a_binding_that_names_the_proxy_is_skipped() -> None:
+    """Contacts in our domain or at our socket would bring the INVITE back to fork into the
+    same bindings again, each again (RFC 5393's amplification): they are left out."""
+    h = make_harness()
+    bob_at(h, "sip:bob@lan.example;x=1", f"sip:bob@{INSIDE}:5060;x=2", BOB_1)
+    h.receive(invite())
+    assert [str(r.uri) for r in h.sent("INVITE")] == [BOB_1]
+    assert h.proxy.forks_capped.counters["self_contact"] == 2
+
+
+@pytest.mark.parametrize("header, branches, share", [
+    ("", 3, "20"),  # RFC 5393: 60 when absent, shared by the parallel branches
+    ("Max-Breadth: 2", 2, "1"),
+    ("Max-Breadth: 7", 3, "2"),
+])
+def test_parallel_branches_share_the_max_breadth(header: str, branches: int, share: str) -> None:
+    h = make_harness()
+    bob_at(h, BOB_1, BOB_2, "sip:bob@192.168.1.32:5062")
+    h.receive(invite(extra=f"Contact: <sip:alice@{ALICE.host}>\r\n{header}".strip()))
+    sent = h.sent("INVITE")
+    assert len(sent) == branches
+    assert {r.headers.get("Max-Breadth") for r in sent} == {share}
+
+
+def test_no_breadth_left_is_440() -> None:
+    h = make_harness()
+    bob_at(h, BOB_1, BOB_2)
+    h.receive(invite(extra="Max-Breadth: 0"))
+    assert h.sent("INVITE") == []
+    assert h.finals("INVITE") == [440]
+
+
 def test_registrations_and_dialogs_hold_their_tcp_connections(h: Harness) -> None:
     alice_tcp = Source("TCP", ALICE.host, 40000, INSIDE, 5060, "inside")
     flows = h.proxy.flows

@@ -19,7 +19,8 @@ max_transactions``, ``max_dialogs``, ``[nat] max_mappings``); a valid account wh
 Record-Route and many 2xx name the victim, and its accomplice's in-dialog requests over UDP and
 TCP (nat reaches a binding where it registered from, acl an outside party only on its own
 host, one INVITE sets up at most ``max_branches`` dialogs); INVITEs from the victim's (spoofed)
-address get one answer each (no 100 Trying, no Timer G for what the proxy answers itself).
+address get one answer each (no 100 Trying, no Timer G for what the proxy answers itself);
+Contacts that name the proxy itself (no spiral of forks).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1
 from sipproxy.message import Request, Response, parse_message
 from tests.integration.harness import SippProcess
-from tests.integration.netns import Namespace, NsProxyProcess, NsSipp, Topology
+from tests.integration.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
 
 pytestmark = [pytest.mark.netns]
 
@@ -726,3 +727,41 @@ def test_invites_from_a_spoofed_source_get_one_answer_each(lab: Lab) -> None:
     finally:
         spoofer.close()
         victim.close()
+
+
+def test_contacts_that_name_the_proxy_do_not_spiral(lab: Lab) -> None:
+    """The no-config default (no auth: anyone registers; every address of the host is its
+    domain): mallory's 10 Contacts name the proxy itself, so one INVITE to her came back and
+    forked into the 10 again, each again (RFC 5393's amplification: over 20,000 INVITEs the
+    proxy sent itself within 3 s, until it banned its own address). Such bindings are skipped:
+    480, nothing sent; a phone registers and calls meanwhile."""
+    default_udp = {"side": "inside", "transport": "udp", "address": "0.0.0.0", "port": SIP}
+    lab.proxy = NsProxyProcess(lab.px, {"listen": [default_udp]}, lab.workdir / "proxy",
+                               name="proxy")
+    lab.proxy.start()
+    sipp = NsSipp(lab.phone, lab.workdir / "phone")
+    callee = sipp.start_uas("uas_rr.xml", 5080, count=1, timeout=SIPP_TIMEOUT)
+    bob = sipp.run_uac("register.xml", (PROXY_PHONE, SIP), count=1, timeout=SIPP_TIMEOUT,
+                       keys={"user": "bob", "domain": PROXY_PHONE, "expires": "600",
+                             "contact": f"sip:bob@{PHONE_IP}:5080"})
+    assert bob.ok(1), bob.describe()
+    mallory = Agent(lab.attacker, ATTACKERS[0])
+    aor = f"<sip:mallory@{PROXY_ATTACKER}>"
+    contacts = ", ".join(f"<sip:mallory@{PROXY_ATTACKER};x={k}>" for k in range(10))
+    bound = mallory.ask("REGISTER", f"sip:{PROXY_ATTACKER}", from_=f"{aor};tag=r", to=aor,
+                        headers=(f"Contact: {contacts}", "Expires: 600"))
+    assert bound is not None and bound.status == 200 and len(bound.contacts) == 10
+    loop = Capture(lab.px, ["lo"])
+    try:
+        answer = mallory.ask("INVITE", f"sip:mallory@{PROXY_ATTACKER}",
+                             from_="<sip:x@evil.example>;tag=x")
+        call = sipp.run_uac("uac_rr.xml", (PROXY_PHONE, SIP), count=1, timeout=SIPP_TIMEOUT,
+                            keys={"ruri": f"sip:bob@{PROXY_PHONE}"})
+        loop.settle()
+    finally:
+        sent_to_itself = loop.stop()
+    assert answer is not None and answer.status == 480, answer
+    assert sent_to_itself == [], len(sent_to_itself)
+    assert call.ok(1), call.describe()
+    assert callee.wait(15).ok(1)
+    assert "it names this proxy" in lab.log()
