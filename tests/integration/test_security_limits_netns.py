@@ -732,7 +732,7 @@ def test_invites_from_a_spoofed_source_get_one_answer_each(lab: Lab) -> None:
 def test_contacts_that_name_the_proxy_do_not_spiral(lab: Lab) -> None:
     """The no-config default (no auth: anyone registers; every address of the host is its
     domain): mallory's 10 Contacts name the proxy itself, so one INVITE to her came back and
-    forked into the 10 again, each again (RFC 5393's amplification: over 20,000 INVITEs the
+    forked into the 10 again, each again (RFC 5393's amplification: about 20,000 packets the
     proxy sent itself within 3 s, until it banned its own address). Such bindings are skipped:
     480, nothing sent; a phone registers and calls meanwhile."""
     default_udp = {"side": "inside", "transport": "udp", "address": "0.0.0.0", "port": SIP}
