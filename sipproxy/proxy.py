@@ -1064,16 +1064,23 @@ class Proxy:
         mf = out.max_forwards
         out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
         hop: URI | None = None
+        data: dict[str, Any] = {}
         if ctx.destination is not None:
             pass
         elif out.headers.get("route") is not None:
             hop = self._next_hop_uri(out)
         elif self._is_local_uri(out.uri):
-            bindings = self.location.lookup(self.registrar_aor(out.uri))
-            if not bindings:
+            # as an INVITE to the user would go: its first binding that does not name this
+            # proxy, which the plugins see (nat: reached where it registered from)
+            for binding in self.location.lookup(self.registrar_aor(out.uri)):
+                contact = parse_uri(binding.contact)
+                if binding.path or not self._is_local_uri(contact):
+                    break
+            else:
                 return
-            out.uri = parse_uri(bindings[0].contact)
+            out.uri = contact
             hop = out.uri
+            data["binding"] = binding
         else:
             hop = out.uri  # an ACK for a 2xx is in-dialog: its remote target, never [upstream]
         d = succeed([ctx.destination]) if hop is None and ctx.destination else self._resolve(
@@ -1086,7 +1093,7 @@ class Proxy:
             target = targets[0]
             listener = self.transports.choose_listener(target)
             out.push_via(self._via(target, listener, new_branch()))
-            branch = Branch(out, target, listener)
+            branch = Branch(out, target, listener, data=data)
             def forward(result: Any) -> None:
                 if isinstance(result, Response) or branch.target is None:
                     return

@@ -921,6 +921,13 @@ def test_public_proxy_reaches_a_contact_on_another_host_where_its_register_came_
     net.clock.advance(20)
     assert net.requests_to("203.0.113.99", "OPTIONS") == []
     assert len(net.requests_to(attacker.host, "OPTIONS", attacker.port)) == 2
+    # an ACK to the user (no dialog: forwarded statelessly) goes there too
+    net.send(sip_request(
+        "ACK", "sip:alice@lan.example", via="SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKa9",
+        call_id="a9", from_="<sip:dave@example.org>;tag=d", to="<sip:alice@lan.example>;tag=a",
+    ), CALLER)
+    assert net.requests_to("203.0.113.99", "ACK") == []
+    assert len(net.requests_to(attacker.host, "ACK", attacker.port)) == 1
 
 
 FIREWALL_WITH_DOMAIN = FIREWALL.replace("domains = []", 'domains = ["lan.example"]')

@@ -1527,6 +1527,10 @@ def test_a_binding_that_names_the_proxy_is_skipped() -> None:
     h.receive(invite())
     assert [str(r.uri) for r in h.sent("INVITE")] == [BOB_1]
     assert h.proxy.forks_capped.counters["self_contact"] == 2
+    # an ACK to the user (forwarded statelessly) takes the first binding that does not
+    h.receive(request("ACK", "sip:bob@lan.example", call_id="ack-1", branch="z9hG4bKack9",
+                      to="<sip:bob@lan.example>;tag=b"))
+    assert [str(r.uri) for r in h.sent("ACK")] == [BOB_1]
 
 
 @pytest.mark.parametrize("header, branches, share", [

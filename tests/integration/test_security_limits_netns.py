@@ -643,8 +643,9 @@ def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab
     the victim; her accomplice calls her from another address and sends every kind of
     in-dialog request (UDP, and one over TCP) along that route set and to that Contact. The
     call reaches mallory where she registered from, only max_branches (4) of the 2xx become
-    dialogs, every in-dialog request is refused 403, and nothing reaches the victim; the
-    phone registers and calls meanwhile."""
+    dialogs, every in-dialog request is refused 403, an ACK to mallory goes where she
+    registered from, and nothing reaches the victim; the phone registers and calls
+    meanwhile."""
     lab.start(proxy={"max_branches": 4}, plugins={"enabled": ["acl", "auth", "nat"]},
               nat={"keepalive_interval": 1})
     victim = lab.victim.socket()
@@ -688,6 +689,9 @@ def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab
                 "MESSAGE", target, via=f"SIP/2.0/TCP {host}:{port};branch=z9hG4bKtcp1",
                 from_=from_, to=to, call_id=call_id, cseq=99, headers=route))
             assert answer is not None and answer.status == 403, answer
+        # an ACK to mallory outside any dialog (forwarded statelessly): to her source too
+        caller.send("ACK", f"sip:mallory@{DOMAIN}", from_=from_, call_id=call_id,
+                    to=f"<sip:mallory@{DOMAIN}>;tag=stray")
         time.sleep(1.5)  # a keepalive (1 s) goes to where mallory registered from
         assert drain(victim, quiet=1.0, limit=3) == []
         phone.check()
