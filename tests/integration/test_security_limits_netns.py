@@ -702,12 +702,15 @@ def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab
     assert "acl: relaying denied" in log and "one INVITE sets up at most 4 dialogs" in log
 
 
-def test_invites_from_a_spoofed_source_get_one_answer_each(lab: Lab) -> None:
+def test_a_spoofed_source_gets_one_answer_per_invite_and_no_binding(lab: Lab) -> None:
     """INVITEs with the victim's address as their (spoofed) source, which the proxy answers
     itself (404 unknown user, 407 challenge, 403 relaying denied): the victim gets one
     answer per INVITE, no 100 Trying and no Timer G retransmissions (which made 3 INVITEs of
-    693 bytes into 36 datagrams of 11 KB); the phone keeps calling."""
-    lab.start()
+    693 bytes into 36 datagrams of 11 KB). mallory answers a challenge she got at her own
+    address in a REGISTER from the victim's (nat would reach that binding there): a stale
+    challenge, to the victim, and no binding, so a call to her sends the victim nothing. The
+    phone keeps calling."""
+    lab.start(plugins={"enabled": ["acl", "auth", "nat"]}, nat={"keepalive_interval": 1})
     for interface in ("all", "at0"):  # the spoofed packets come in where the victim is not
         lab.px.sysctl(f"net.ipv4.conf.{interface}.rp_filter", 0)
     lab.attacker.run("ip", "addr", "add", f"{VICTIM_IP}/32", "dev", "lo")
@@ -721,10 +724,21 @@ def test_invites_from_a_spoofed_source_get_one_answer_each(lab: Lab) -> None:
                   ("sip:+1900@evil.example", "<sip:x@evil.example>;tag=s", 403)]
         for uri, from_, _ in probes:
             spoofer.send("INVITE", uri, from_=from_)
+        mallory = Agent(lab.attacker, ATTACKERS[0])
+        aor = f"<sip:mallory@{DOMAIN}>"
+        challenge = mallory.ask("REGISTER", f"sip:{DOMAIN}", from_=f"{aor};tag=r", to=aor)
+        assert challenge is not None and challenge.status == 401
+        value = mallory.digest("mallory", USERS["mallory"], "REGISTER", f"sip:{DOMAIN}",
+                               challenge)
+        spoofer.send("REGISTER", f"sip:{DOMAIN}", from_=f"{aor};tag=r", to=aor, headers=(
+            f"Contact: <sip:m@{VICTIM_IP}:{SIP}>", "Expires: 600", f"Authorization: {value}"))
         got = [parsed(d) for d in drain(victim, quiet=1.0, limit=8)]
         assert sorted(m.status for m in got if isinstance(m, Response)) == \
-            sorted(status for _, _, status in probes), [m and m.start_line() for m in got]
-        assert len(got) == len(probes)
+            sorted([401, *(status for _, _, status in probes)]), \
+            [m and m.start_line() for m in got]
+        assert len(got) == len(probes) + 1
+        call = mallory.ask("INVITE", f"sip:mallory@{DOMAIN}", from_="<sip:x@evil.example>;tag=c")
+        assert call is not None and call.status == 404
         time.sleep(3)  # Timer G would have resent each answer at 0.5, 1.5 and 3.5 s
         assert drain(victim, quiet=0.5, limit=1) == []
         phone.check()
