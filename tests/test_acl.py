@@ -216,9 +216,8 @@ def alice_to_the_attacker(net: Net, uri: str, *routes: str, cseq: int = 1) -> li
 
 
 def test_an_outside_party_is_reached_only_at_its_own_address(net: Net) -> None:
-    """The attacker's Record-Route and Contact may name the victim, but alice's requests
-    (and through an accomplice's call, the accomplice's) go only to the attacker's own host;
-    a trusted or inside party's may name any host (a provider's second server)."""
+    """The attacker's Record-Route and Contact (also after a target refresh) may name the
+    victim, but alice's requests go only to the attacker's own host."""
     dialog = attacker_calls_alice(net)
     victim_route = alice_to_the_attacker(net, f"sip:m@{ATTACKER.host}:5060",
                                          f"Route: <sip:{VICTIM};lr>")
