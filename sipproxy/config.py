@@ -428,7 +428,8 @@ class ProxyConfig:
 
     max_branches: int = 10
     """Branches a request to a local user forks into at most (the highest-q bindings); the
-    others are left out, with a log line (one request must not become hundreds)."""
+    others are left out, with a log line (one request must not become hundreds). Also the
+    dialogs one INVITE sets up at most (a 2xx with yet another To tag is dropped)."""
 
     def __post_init__(self) -> None:
         if self.host_addresses is None:

@@ -14,10 +14,12 @@ What is here:
 - :func:`ha1`, :func:`response`: the RFC 7616/2617 computations for ``qop=auth`` with ``MD5``
   or ``SHA-256``; :func:`verify_response` compares in constant time.
 - :class:`NonceFactory`: stateless nonces, ``base64url(timestamp_ms(8) || random(12) ||
-  HMAC-SHA256(secret, realm || timestamp || random)[:16])``, the secret random per process
-  (a restart invalidates every nonce: clients get ``stale=true`` and retry). A nonce is
-  *valid* when its HMAC checks out and *fresh* while younger than ``ttl`` seconds by the
-  clock the caller passes in (an injected ``IReactorTime`` in the plugin).
+  HMAC-SHA256(secret, realm || timestamp || random || client)[:16])``, the secret random per
+  process (a restart invalidates every nonce: clients get ``stale=true`` and retry), ``client``
+  the address the challenge went to (a nonce is no good from anywhere else, so a UDP source
+  forged to be someone else's cannot authenticate). A nonce is *valid* when its HMAC checks
+  out for the request's source and *fresh* while younger than ``ttl`` seconds by the clock the
+  caller passes in (an injected ``IReactorTime`` in the plugin).
 - :class:`NonceCounts`: replay protection. For each nonce in use it remembers the highest
   nonce-count accepted; a request whose ``nc`` is not greater is a replay. Memory is bounded:
   entries go when their nonce expires, and when the table is full the oldest entry is evicted
@@ -348,17 +350,21 @@ class NonceFactory:
         self.ttl = ttl
         self._secret = secret if secret is not None else os.urandom(32)
 
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._secret, self.realm.encode("utf-8") + b"\x00" + payload,
-                        hashlib.sha256).digest()[:16]
+    def _mac(self, payload: bytes, client: str) -> bytes:
+        return hmac.new(self._secret, self.realm.encode("utf-8") + b"\x00" + payload
+                        + b"\x00" + client.encode("utf-8", "replace"), hashlib.sha256).digest()[:16]
 
-    def make(self, now: float) -> str:
+    def make(self, now: float, client: str = "") -> str:
+        """A nonce for ``client`` (the address the challenge goes to: only requests from
+        there can use it, so a UDP source forged to be a victim's never gets a nonce it can
+        answer with; a client whose address changed gets a stale challenge and retries)."""
         payload = struct.pack(">Q", max(0, int(now * 1000))) + os.urandom(12)
-        raw = payload + self._mac(payload)
+        raw = payload + self._mac(payload, client)
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
-    def issued_at(self, nonce: str) -> float | None:
-        """When a valid nonce was made (seconds), or None if it is not one of ours."""
+    def issued_at(self, nonce: str, client: str = "") -> float | None:
+        """When a valid nonce was made for ``client`` (seconds), or None if it is not one of
+        ours."""
         if len(nonce) != 48:
             return None
         try:
@@ -368,13 +374,13 @@ class NonceFactory:
         if len(raw) != _NONCE_RAW:
             return None
         payload, mac = raw[:20], raw[20:]
-        if not hmac.compare_digest(self._mac(payload), mac):
+        if not hmac.compare_digest(self._mac(payload, client), mac):
             return None
         (millis,) = struct.unpack(">Q", payload[:8])
         return millis / 1000.0
 
-    def check(self, nonce: str, now: float) -> str:
-        issued = self.issued_at(nonce)
+    def check(self, nonce: str, now: float, client: str = "") -> str:
+        issued = self.issued_at(nonce, client)
         if issued is None or issued > now + 1.0:  # from the future: not one we made
             return NonceState.INVALID
         if now - issued > self.ttl:

@@ -105,6 +105,8 @@ class RequestContext:
     final_chosen: bool = False
     cancelled: bool = False
     best_2xx_sent: bool = False
+    #: dialogs the 2xx responses to this INVITE set up (at most [proxy] max_branches)
+    dialogs_made: int = 0
     #: set by a plugin in request_received: send the request there (Request-URI as it is),
     #: skipping the location service, [upstream] and DNS (e.g. NAT: a phone's real address)
     destination: Target | None = None
@@ -495,16 +497,37 @@ class Proxy:
             bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []
+        kept = []
         for binding in bindings:
             try:
-                targets.append(parse_uri(binding.contact))
+                target = parse_uri(binding.contact)
             except ParseError:
                 continue
+            if self._is_local_uri(target) and not binding.path:
+                # it would come back here and fork into the bindings again, each of them
+                # again (RFC 5393's amplification): a Contact that names this proxy is skipped
+                self.forks_capped.refused(
+                    "self_contact", binding.aor, "{refused_source}: skipped the binding "
+                    "{contact}: it names this proxy", contact=binding.contact)
+                continue
+            targets.append(target)
             routes.append(binding.path)
+            kept.append(binding)
         if not targets:
             self._reply(ctx, 480, "Temporarily Unavailable")
             return
-        self._forward(ctx, targets, next_hop=None, paths=routes, bindings=bindings)
+        breadth = _max_breadth(request)
+        if len(targets) > 1 or request.headers.get("max-breadth") is not None:
+            # RFC 5393: the parallel branches share the request's breadth, so a fork that
+            # comes back here (a Contact naming this proxy) cannot grow exponentially
+            if breadth < 1:
+                self._reply(ctx, 440, "Max-Breadth Exceeded")
+                return
+            del targets[breadth:], routes[breadth:], kept[breadth:]
+            share: int | None = breadth // len(targets)
+        else:
+            share = None
+        self._forward(ctx, targets, next_hop=None, paths=routes, bindings=kept, breadth=share)
 
     def registrar_aor(self, uri: URI) -> str:
         """The location service key of a Request-URI the proxy routes itself."""
@@ -519,12 +542,17 @@ class Proxy:
         paths: list[tuple[str, ...]] | None = None,
         bindings: list[Any] | None = None,
         destination: Target | None = None,
+        breadth: int | None = None,
     ) -> None:
+        """Send ``ctx.request`` to each of ``targets`` (their Max-Breadth ``breadth``, when
+        given: RFC 5393 section 4.3)."""
         ctx.pending_targets = len(targets)
         for i, target_uri in enumerate(targets):
             out = ctx.request.copy()
             if target_uri is not ctx.request.uri:
                 out.uri = target_uri.copy()
+            if breadth is not None:
+                out.headers.set("Max-Breadth", str(breadth))
             if paths and paths[i]:
                 for value in reversed(paths[i]):
                     out.headers.add("Route", value, first=True)
@@ -840,7 +868,8 @@ class Proxy:
             return
         if 200 <= status < 300:
             if method == "INVITE":
-                self._dialog_from_2xx(ctx, branch, response)
+                if not self._dialog_from_2xx(ctx, branch, response):
+                    return
                 self._forward_response(ctx, response, final=True)
                 self._cancel_branches(ctx, exclude=branch)
                 ctx.best_2xx_sent = True
@@ -1035,16 +1064,23 @@ class Proxy:
         mf = out.max_forwards
         out.max_forwards = (mf - 1) if mf is not None else self.config.proxy.max_forwards
         hop: URI | None = None
+        data: dict[str, Any] = {}
         if ctx.destination is not None:
             pass
         elif out.headers.get("route") is not None:
             hop = self._next_hop_uri(out)
         elif self._is_local_uri(out.uri):
-            bindings = self.location.lookup(self.registrar_aor(out.uri))
-            if not bindings:
+            # as an INVITE to the user would go: its first binding that does not name this
+            # proxy, which the plugins see (nat: reached where it registered from)
+            for binding in self.location.lookup(self.registrar_aor(out.uri)):
+                contact = parse_uri(binding.contact)
+                if binding.path or not self._is_local_uri(contact):
+                    break
+            else:
                 return
-            out.uri = parse_uri(bindings[0].contact)
+            out.uri = contact
             hop = out.uri
+            data["binding"] = binding
         else:
             hop = out.uri  # an ACK for a 2xx is in-dialog: its remote target, never [upstream]
         d = succeed([ctx.destination]) if hop is None and ctx.destination else self._resolve(
@@ -1057,7 +1093,7 @@ class Proxy:
             target = targets[0]
             listener = self.transports.choose_listener(target)
             out.push_via(self._via(target, listener, new_branch()))
-            branch = Branch(out, target, listener)
+            branch = Branch(out, target, listener, data=data)
             def forward(result: Any) -> None:
                 if isinstance(result, Response) or branch.target is None:
                     return
@@ -1071,20 +1107,34 @@ class Proxy:
         d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
 
     # -- dialogs ---------------------------------------------------------------------------------
-    def _dialog_from_2xx(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+    def _dialog_from_2xx(self, ctx: RequestContext, branch: Branch, response: Response) -> bool:
+        """Track the dialog a 2xx to an INVITE sets up; False: the 2xx is not to be forwarded
+        (it would be dialog number ``max_branches + 1`` of one INVITE: a callee answering again
+        and again with new To tags must not grow the dialog table, 12 hours each)."""
         request = ctx.request
         if request.to.tag:
             self._target_refreshed(ctx, branch, response)  # a re-INVITE: the dialog exists
-            return
+            return True
         from_tag = request.from_.tag
         to_tag = response.to.tag
         if not from_tag or not to_tag:
-            return
+            return True
+        limit = self.config.proxy.max_branches
+        if ctx.dialogs_made >= limit and self.dialogs.find(request.call_id, from_tag,
+                                                            to_tag) is None:
+            answered = response.source
+            self.refusals.refused(
+                "dialogs_per_request", answered.host if answered is not None else "?",
+                "dropped a 2xx from {refused_source} to {request}: one INVITE sets up at most "
+                "{limit} dialogs ([proxy] max_branches)", request=repr(request), limit=limit)
+            return False
         source = request.source
         dialog, new = self.dialogs.establish(
-            request.call_id, from_tag, to_tag, source.side if source is not None else ""
+            request.call_id, from_tag, to_tag, source.side if source is not None else "",
+            response.source.side if response.source is not None else "",
         )
         if new:
+            ctx.dialogs_made += 1
             ctx.dialog = dialog
             caller_routes = self._foreign_routes(request)
             dialog.caller.learn(
@@ -1102,6 +1152,7 @@ class Proxy:
             if flood is not None and source is not None and flood.dialog_started(source.host):
                 dialog.data[_FLOOD_SOURCE] = source.host  # counted until _dialog_ended
             self.pipeline.notify("dialog_established", dialog)
+        return True
 
     def _target_refreshed(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         """A 2xx to a re-INVITE or UPDATE: the Contacts in it and in the request are the
@@ -1177,6 +1228,16 @@ def _source_address(message: Message) -> list[Address]:
 def _target_address(branch: Branch) -> list[Address]:
     target = branch.target
     return [] if target is None else [(target.host.lower(), target.port)]
+
+
+#: RFC 5393 section 4.3: the breadth of a request without Max-Breadth
+DEFAULT_MAX_BREADTH = 60
+
+
+def _max_breadth(request: Request) -> int:
+    """The request's Max-Breadth (RFC 5393), the default when absent or malformed."""
+    value = (request.headers.get("max-breadth") or "").strip()
+    return int(value) if value.isdigit() and len(value) < 10 else DEFAULT_MAX_BREADTH
 
 
 def _first_list_value(value: str) -> str:

@@ -10,6 +10,13 @@ Deferred that fails. Either way the failure reaches the transaction on the next 
 (``callLater(0)``), never inside the call that sent, so a caller of ``send_request`` always gets
 its transaction object before its ``on_response`` can run.
 
+An INVITE the TU answers while it is handed over (a refusal, a challenge) gets no 100 Trying and
+its final is not resent by Timer G: the sender, still in Calling, retransmits the INVITE and
+each copy gets one answer, as from a stateless UAS (RFC 3261 8.2.7; Kamailio's sl_send_reply).
+So a source address spoofed by a third party gets one datagram per INVITE, not twelve (100
+Trying and eleven copies of the final until Timer H). An INVITE the TU forwards gets its 100
+right after, and Timer G as usual.
+
 Lifetimes: every state but two ends on a timer. A server transaction waits for the TU's final
 response as long as the TU takes (RFC 3261 has no timer there), and an INVITE client
 transaction in Proceeding waits for a final response until the proxy's Timer C (RFC 3261 16.6
@@ -308,10 +315,15 @@ class ServerTransaction(_Transaction):
             return
         if self.is_invite:
             if state is State.PROCEEDING:
+                provisional_sent = self.last_response is not None
                 self._send(response)
                 if status >= 300:
                     self.state = State.COMPLETED
-                    if not self.reliable:
+                    if not self.reliable and provisional_sent:
+                        # a provisional went out, so the sender stopped retransmitting the
+                        # INVITE: Timer G resends the final. Without one, each retransmission
+                        # gets one copy (a stateless UAS, RFC 3261 8.2.7): a spoofed source
+                        # gets one answer per INVITE, not eleven
                         self._interval = self._layer.t1
                         self._start_timer("G", self._interval, self._timer_g)
                     self._start_timer("H", 64 * self._layer.t1, self._timer_h)
@@ -620,13 +632,17 @@ class TransactionLayer:
         tx = ServerTransaction(self, request, key)
         slot[method] = tx
         self._live_server.add(tx)
-        if tx.is_invite and self.send_trying:
+        self._call_tu(self.tu.request_received, tx, request)
+        if tx.is_invite and self.send_trying and tx.last_response is None \
+                and tx.state is State.PROCEEDING:
+            # after the TU: an INVITE it answered at once gets no 100 (RFC 3261 17.2.1: only
+            # one not answered within 200 ms needs it), so its sender stays in Calling and
+            # retransmits the INVITE instead of us retransmitting the final (see respond)
             trying = request.make_response(100)
             timestamp = request.headers.get("timestamp")
             if timestamp is not None:
                 trying.headers.add("Timestamp", timestamp)
             tx._send(trying)
-        self._call_tu(self.tu.request_received, tx, request)
 
     def find_server_transaction_for_cancel(self, cancel: Request) -> ServerTransaction | None:
         """The live server transaction ``cancel`` targets (RFC 3261 9.2), INVITE preferred."""

@@ -79,7 +79,8 @@ def test_outside_to_registered_local_user_gets_through(net: Net) -> None:
                        from_domain="198.51.100.66", call_id="a3")
     [out] = forwarded(sent)
     assert str(out.uri) == f"sip:alice@{PHONE.host}:5060"
-    assert net.wire.datagrams[-1][1] == (PHONE.host, 5060)
+    invites = [to for data, to in net.wire.datagrams if data.startswith(b"INVITE ")]
+    assert invites == [(PHONE.host, 5060)]
 
 
 def test_outside_to_the_proxy_itself(net: Net) -> None:
@@ -204,15 +205,52 @@ def test_in_dialog_requests_only_reach_the_senders_peer(
     sent = net.request(method, uri, ATTACKER, cseq=2, headers=routes, **dialog)
     assert statuses(sent) == [403] and forwarded(sent) == []
     assert acl_of(net).counters["acl.relay_denied"] == 1
-    # the real peer is reached, and alice may use the route set on her peer's side
+    # the real peer is reached
     ok = net.request("MESSAGE", f"sip:alice@{ALICE_OUT.host}:5062", ATTACKER, cseq=3,
                      headers=(OWN_ROUTE,), **dialog)
     assert [m.uri.host for m in forwarded(ok)] == [ALICE_OUT.host]
-    back = net.request("MESSAGE", f"sip:m@{ATTACKER.host}:5060", ALICE_OUT, from_user="alice",
-                       from_domain=DOMAIN, call_id="d2", from_tag="alicetag",
-                       to="<sip:m@evil.example>", to_tag="fd2",
-                       headers=(OWN_ROUTE, f"Route: <sip:{VICTIM};lr>"))
-    assert [m.method for m in forwarded(back)] == ["MESSAGE"]
+
+
+def alice_to_the_attacker(net: Net, uri: str, *routes: str, cseq: int = 1) -> list[Any]:
+    return net.request("MESSAGE", uri, ALICE_OUT, from_user="alice", from_domain=DOMAIN,
+                       call_id="d2", from_tag="alicetag", to="<sip:m@evil.example>",
+                       to_tag="fd2", cseq=cseq, headers=(OWN_ROUTE, *routes))
+
+
+def test_an_outside_party_is_reached_only_at_its_own_address(net: Net) -> None:
+    """The attacker's Record-Route and Contact (also after a target refresh) may name the
+    victim, but alice's requests go only to the attacker's own host."""
+    dialog = attacker_calls_alice(net)
+    victim_route = alice_to_the_attacker(net, f"sip:m@{ATTACKER.host}:5060",
+                                         f"Route: <sip:{VICTIM};lr>")
+    assert statuses(victim_route) == [403] and forwarded(victim_route) == []
+    own = alice_to_the_attacker(net, f"sip:m@{ATTACKER.host}:5060", cseq=2)
+    assert [m.uri.host for m in forwarded(own)] == [ATTACKER.host]
+    # a target refresh to the victim: the attacker's new Contact is not used either
+    sent = net.request("INVITE", f"sip:alice@{ALICE_OUT.host}:5062", ATTACKER, cseq=3,
+                       headers=(OWN_ROUTE, f"Contact: <sip:m@{VICTIM}>"), **dialog)
+    [reinvite] = forwarded(sent)
+    net.send(answer(reinvite, 200, None, (f"Contact: <sip:alice@{ALICE_OUT.host}:5062>",)),
+             ALICE_OUT)
+    assert statuses(net.new()) == [200]
+    refreshed = alice_to_the_attacker(net, f"sip:m@{VICTIM}", cseq=3)
+    assert statuses(refreshed) == [403] and forwarded(refreshed) == []
+
+
+def test_a_trusted_party_may_name_another_host(net: Net) -> None:
+    """The provider (trusted) calls alice from one address with a Contact on another: alice's
+    BYE goes there."""
+    register_alice_at(net, ALICE_OUT)
+    [out] = forwarded(net.request("INVITE", f"sip:alice@{DOMAIN}", PROVIDER, from_user="+1555",
+                                  from_domain="provider.example", call_id="p1",
+                                  headers=("Contact: <sip:gw@198.51.100.5>",)))
+    net.send(answer(out, 200, "alicetag", (f"Contact: <sip:alice@{ALICE_OUT.host}:5062>",),
+                    record_route=True), ALICE_OUT)
+    net.new()
+    bye = net.request("BYE", "sip:gw@198.51.100.5", ALICE_OUT, from_user="alice",
+                      from_domain=DOMAIN, call_id="p1", from_tag="alicetag",
+                      to="<sip:+1555@provider.example>", to_tag="fp1", headers=(OWN_ROUTE,))
+    assert [m.uri.host for m in forwarded(bye)] == ["198.51.100.5"]
 
 
 def test_a_source_that_is_no_party_reaches_nobody(net: Net) -> None:

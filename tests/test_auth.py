@@ -289,6 +289,22 @@ def test_nonce_of_another_process_is_stale_if_the_digest_is_right(net: Net) -> N
     assert r.status == 401 and "stale" not in challenges(r)[0].params
 
 
+def test_a_nonce_is_good_only_from_the_address_it_was_sent_to(net: Net) -> None:
+    """A nonce the attacker got at its own address does not let it register from a UDP
+    source forged to be the victim's (the nat plugin would then reach the binding at the
+    victim): the forged request gets a stale challenge, sent to the victim, and no binding;
+    a phone whose address changed just answers that challenge."""
+    r = net.register()
+    value = credentials(r, "alice", "wonderland", "REGISTER", f"sip:{DOMAIN}")
+    victim = Source("UDP", "203.0.113.99", 5060, OUTSIDE, 5060, "outside")
+    forged = net.register("alice", (f"Authorization: {value}",), cseq=2, source=victim)
+    assert forged.status == 401 and challenges(forged)[0].params["stale"] == "true"
+    assert bindings(net, "alice") == []
+    value = credentials(forged, "alice", "wonderland", "REGISTER", f"sip:{DOMAIN}")
+    moved = net.register("alice", (f"Authorization: {value}",), cseq=3, source=victim)
+    assert moved.status == 200 and len(bindings(net, "alice")) == 1
+
+
 def test_qop_less_rfc2069_refused(net: Net) -> None:
     r = net.register()
     nonce = challenges(r)[0].params["nonce"]
@@ -359,7 +375,8 @@ def test_invite_challenged_407_then_forwarded_without_our_credentials(net: Net) 
     assert out.method == "INVITE"
     kept = out.headers.get_all("proxy-authorization")
     assert len(kept) == 1 and parse_credentials(kept[0]).params["realm"] == "provider.example"
-    assert net.wire.datagrams[-1][1] == (PROVIDER_IP, 5060)
+    invites = [to for data, to in net.wire.datagrams if data.startswith(b"INVITE ")]
+    assert invites == [(PROVIDER_IP, 5060)]
 
 
 def test_invite_context_carries_the_user(net: Net) -> None:

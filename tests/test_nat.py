@@ -159,8 +159,10 @@ class Net:
 
     @property
     def last_to(self) -> tuple[str, int]:
-        """Where the last datagram went."""
-        return self.wire.datagrams[-1][1]
+        """Where the last datagram went, a 100 Trying aside (hop by hop: it leaves after the
+        INVITE was forwarded)."""
+        return next(to for data, to in reversed(self.wire.datagrams)
+                    if not data.startswith(b"SIP/2.0 100 "))
 
     def requests_to(self, host: str, method: str, port: int | None = None) -> list[Request]:
         return [m for _, m in self.received(host, port)
@@ -892,6 +894,40 @@ def test_public_proxy_leaves_a_binding_that_is_not_natted_alone() -> None:
     net.clock.advance(60)
     assert net.requests_to("198.51.100.3", "OPTIONS") == []
     net.run_out()
+
+
+def test_public_proxy_reaches_a_contact_on_another_host_where_its_register_came_from() -> None:
+    """Issue 11 (audit): a Contact naming a third host with the port the REGISTER came from
+    (the attacker sends from 5060 and names the victim's 5060) was called there, not at the
+    source: a registered user could point its calls (7 INVITEs each until Timer B, per
+    binding) at anyone. Now it is reached, and kept alive, where it registered from."""
+    net = make_net(PUBLIC)
+    attacker = Source("UDP", "198.51.100.66", 5060, OUTSIDE, 5060, "outside")
+    net.send(sip_request(
+        "REGISTER", "sip:lan.example", via="SIP/2.0/UDP 198.51.100.66:5060;branch=z9hG4bKr3",
+        call_id="reg-m", from_="<sip:alice@lan.example>;tag=r", to="<sip:alice@lan.example>",
+        headers=("Contact: <sip:m@203.0.113.99:5060>, "
+                 "<sip:m@198.51.100.66:5060;maddr=203.0.113.99>", "Expires: 3600"),
+    ), attacker)
+    net.send(sip_request(
+        "INVITE", "sip:alice@lan.example", via="SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKc9",
+        call_id="c9", from_="<sip:dave@example.org>;tag=d", to="<sip:alice@lan.example>",
+        headers=("Contact: <sip:dave@198.51.100.9:5060>",),
+    ), CALLER)
+    assert net.requests_to("203.0.113.99", "INVITE") == []
+    invites = net.requests_to(attacker.host, "INVITE", attacker.port)
+    assert sorted(str(i.uri) for i in invites) == [
+        "sip:m@198.51.100.66:5060;maddr=203.0.113.99", "sip:m@203.0.113.99:5060"]
+    net.clock.advance(20)
+    assert net.requests_to("203.0.113.99", "OPTIONS") == []
+    assert len(net.requests_to(attacker.host, "OPTIONS", attacker.port)) == 2
+    # an ACK to the user (no dialog: forwarded statelessly) goes there too
+    net.send(sip_request(
+        "ACK", "sip:alice@lan.example", via="SIP/2.0/UDP 198.51.100.9:5060;branch=z9hG4bKa9",
+        call_id="a9", from_="<sip:dave@example.org>;tag=d", to="<sip:alice@lan.example>;tag=a",
+    ), CALLER)
+    assert net.requests_to("203.0.113.99", "ACK") == []
+    assert len(net.requests_to(attacker.host, "ACK", attacker.port)) == 1
 
 
 # without auth, a remote phone may register from the outside only from a trusted network

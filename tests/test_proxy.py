@@ -117,7 +117,8 @@ class ResolverDouble:
         self.held: list[tuple[Deferred[list[Target]], list[Target]]] = []
 
     def resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        server_name: str | None = None,
     ) -> Deferred[list[Target]]:
         self.calls.append((host, port, transport, secure))
         try:
@@ -909,6 +910,22 @@ def test_2xx_retransmissions_reach_the_caller_until_timer_m(h: Harness) -> None:
     h.assert_no_leaks()
 
 
+def test_one_invite_sets_up_at_most_max_branches_dialogs(h: Harness) -> None:
+    """A callee answering again and again with new To tags (within Timer M) would grow the
+    dialog table by one 12-hour dialog each: after max_branches (10) such 2xx are dropped;
+    retransmissions of the dialogs it has still get through."""
+    h.register("bob", BOB_1)
+    h.receive(invite())
+    out = only(h.sent("INVITE"))
+    for n in range(50):
+        h.respond(out, 200, to_tag=f"t{n}")
+    h.respond(out, 200, to_tag="t3")
+    assert len(h.proxy.dialogs) == 10
+    forwarded = [r.to.tag for r in h.replies(200) if r.cseq.method == "INVITE"]
+    assert forwarded == [f"t{n}" for n in range(10)] + ["t3"]
+    assert h.proxy.refusals.counters["dialogs_per_request"] == 40
+
+
 def test_response_for_an_unknown_branch_is_dropped(h: Harness) -> None:
     h.register("bob", BOB_1)
     h.receive(invite())
@@ -1492,6 +1509,50 @@ def test_forking_is_capped_at_max_branches_highest_q_first() -> None:
         h.respond(out, 486)
     assert h.finals("INVITE") == [486]
     h.assert_no_leaks()
+
+
+def bob_at(h: Harness, *contacts: str) -> None:
+    from sipproxy.location import Binding
+
+    for contact in contacts:
+        h.location.add_or_update(Binding("sip:bob@lan.example", contact,
+                                         h.clock.seconds() + 3600))
+
+
+def test_a_binding_that_names_the_proxy_is_skipped() -> None:
+    """Contacts in our domain or at our socket would bring the INVITE back to fork into the
+    same bindings again, each again (RFC 5393's amplification): they are left out."""
+    h = make_harness()
+    bob_at(h, "sip:bob@lan.example;x=1", f"sip:bob@{INSIDE}:5060;x=2", BOB_1)
+    h.receive(invite())
+    assert [str(r.uri) for r in h.sent("INVITE")] == [BOB_1]
+    assert h.proxy.forks_capped.counters["self_contact"] == 2
+    # an ACK to the user (forwarded statelessly) takes the first binding that does not
+    h.receive(request("ACK", "sip:bob@lan.example", call_id="ack-1", branch="z9hG4bKack9",
+                      to="<sip:bob@lan.example>;tag=b"))
+    assert [str(r.uri) for r in h.sent("ACK")] == [BOB_1]
+
+
+@pytest.mark.parametrize("header, branches, share", [
+    ("", 3, "20"),  # RFC 5393: 60 when absent, shared by the parallel branches
+    ("Max-Breadth: 2", 2, "1"),
+    ("Max-Breadth: 7", 3, "2"),
+])
+def test_parallel_branches_share_the_max_breadth(header: str, branches: int, share: str) -> None:
+    h = make_harness()
+    bob_at(h, BOB_1, BOB_2, "sip:bob@192.168.1.32:5062")
+    h.receive(invite(extra=f"Contact: <sip:alice@{ALICE.host}>\r\n{header}".strip()))
+    sent = h.sent("INVITE")
+    assert len(sent) == branches
+    assert {r.headers.get("Max-Breadth") for r in sent} == {share}
+
+
+def test_no_breadth_left_is_440() -> None:
+    h = make_harness()
+    bob_at(h, BOB_1, BOB_2)
+    h.receive(invite(extra="Max-Breadth: 0"))
+    assert h.sent("INVITE") == []
+    assert h.finals("INVITE") == [440]
 
 
 def test_registrations_and_dialogs_hold_their_tcp_connections(h: Harness) -> None:

@@ -339,11 +339,31 @@ def test_server_invite_2xx_accepted_absorbs_invite_and_passes_2xx(h: Harness) ->
 
 
 def test_server_invite_final_from_tu_inside_request_received(h: Harness) -> None:
+    """An INVITE the TU answers at once gets no 100 Trying and its final is not resent by
+    Timer G: the sender, still in Calling, retransmits the INVITE and gets one copy each time
+    (a stateless UAS, RFC 3261 8.2.7); a spoofed source gets one answer per INVITE."""
     h.tu.answer = 404
-    h.layer.receive(incoming())
+    req = incoming()
+    h.layer.receive(req)
     tx = h.tu.requests[0][0]
-    assert [r.status for _, r, _ in h.transport.responses] == [100, 404]
+    assert [r.status for _, r, _ in h.transport.responses] == [404]
     assert tx.state is State.COMPLETED
+    h.clock.advance(10)
+    assert [r.status for _, r, _ in h.transport.responses] == [404]
+    h.layer.receive(req)  # a retransmission
+    assert [r.status for _, r, _ in h.transport.responses] == [404, 404]
+    h.layer.receive(incoming("ACK", cseq_method="ACK", to_tag=tx.last_response.to.tag))
+    assert tx.state is State.CONFIRMED
+
+
+def test_server_invite_final_after_a_provisional_is_resent_by_timer_g(h: Harness) -> None:
+    """After the 100 Trying the sender no longer retransmits: Timer G resends the final."""
+    req = incoming()
+    h.layer.receive(req)
+    tx = h.tu.requests[0][0]
+    tx.respond(reply(req, 486))
+    h.clock.advance(0.6)
+    assert [r.status for _, r, _ in h.transport.responses] == [100, 486, 486]
 
 
 def test_server_invite_completed_drops_later_responses(h: Harness) -> None:

@@ -21,10 +21,12 @@ business). A request from the outside may only reach:
   2xx's source and the address the INVITE went to for the callee); its peer may be reached at
   what the core recorded for it (``Dialog.caller``/``callee``): its Contact (also after a
   target refresh), the address the proxy sent to or heard it from, or, when a foreign Route
-  entry is left, a Record-Route entry on the peer's side of the proxy. A Request-URI's
-  ``maddr`` counts as its host. Anything else (a changed Request-URI, a route of the sender's
-  own side, a source that is neither party) is ``403``: a caller cannot relay through its own
-  call;
+  entry is left, a Record-Route entry on the peer's side of the proxy; when the peer is
+  itself an untrusted outside party, only such an address on a host its own messages came
+  from (``Party.hosts``): an outside party's Contact or Record-Route naming a third host is
+  not followed (``vouched``). A Request-URI's ``maddr`` counts as its host. Anything else (a
+  changed Request-URI, a route of the sender's own side, a source that is neither party) is
+  ``403``: a caller cannot relay through its own call, nor through an accomplice's.
   A REGISTER from the outside is refused too when the ``auth`` plugin is not enabled and the
   proxy has inside listeners (its phones are inside: an unauthenticated outside host must not
   take over a local user's calls); a public proxy without ``auth`` (every listener outside)
@@ -59,7 +61,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
-from sipproxy.dialogs import Dialog, uri_address
+from sipproxy.dialogs import Dialog, Party, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
@@ -86,6 +88,19 @@ def _in(networks: Networks, host: str) -> bool:
     except ValueError:
         return False
     return any(ip.version == n.version and ip in n for n in networks)
+
+
+def _ip(host: str) -> str:
+    """``host`` in one spelling (an IPv6 literal compressed, without brackets)."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower()
+
+
+def _same_host_as_any(host: str, hosts: Iterable[str]) -> bool:
+    ip = _ip(host)
+    return any(_ip(h) == ip for h in hosts)
 
 
 class AclPlugin(Plugin):
@@ -168,9 +183,17 @@ class AclPlugin(Plugin):
         routed = hop[1]
         for party in dialog.parties_from(source.host):
             peer = dialog.peer_of(party)
-            if address in (peer.routes if routed else peer.targets):
+            if address in (peer.routes if routed else peer.targets) and (
+                    _same_host_as_any(address[0], peer.hosts) or self.vouched(dialog, peer)):
                 return True
         return False
+
+    def vouched(self, dialog: Dialog, party: Party) -> bool:
+        """Is ``party`` inside or trusted (an address its messages came from is)? Only such a
+        party's Contact and Record-Route may name a third host: an outside party that wrote
+        the victim's address there must not make the proxy send its peer's requests there."""
+        side = dialog.caller_side if party is dialog.caller else dialog.callee_side
+        return any(self._classify_host(host, side) != "outside" for host in party.hosts)
 
     # -- hooks ------------------------------------------------------------------------------------
     def request_received(self, ctx: Any) -> Any:

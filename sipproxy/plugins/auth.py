@@ -198,7 +198,7 @@ class AuthPlugin(Plugin):
 
     def _challenge(self, request: Request, role: _Role, stale: bool = False) -> Response:
         response = request.make_response(role.status, role.reason)
-        nonce = self.nonces.make(self.clock.seconds())
+        nonce = self.nonces.make(self.clock.seconds(), self._source_text(request))
         for value in challenge(self.realm, nonce, self.algorithms, stale=stale):
             response.headers.add(role.challenge_header, value)
         return response
@@ -248,7 +248,7 @@ class AuthPlugin(Plugin):
         nonce = credentials.params["nonce"]
         # a nonce that is not ours (e.g. from before a restart) is judged like a stale one:
         # stale=true only if the digest is right, so the UA retries without asking its user
-        state = self.nonces.check(nonce, now)
+        state = self.nonces.check(nonce, now, self._source_text(request))
         result = self.store.ha1(user, self.realm, credentials.algorithm)
         if isinstance(result, Deferred):
             return result.addCallback(self._verify, ctx, role, credentials, state)
@@ -271,7 +271,7 @@ class AuthPlugin(Plugin):
                                 f"authenticated as {user} but claims {claimed}", user, 403,
                                 "Forbidden")
         nonce = credentials.params["nonce"]
-        issued = self.nonces.issued_at(nonce)
+        issued = self.nonces.issued_at(nonce, self._source_text(request))
         assert issued is not None
         now = self.clock.seconds()
         if not self.counts.accept(nonce, int(credentials.params["nc"], 16), issued, now):

@@ -18,8 +18,8 @@ side where to send something leaves on the outside with an inside address.
   that matches no transaction is never forwarded: the core drops it.)
 
 Public-proxy mode (phones behind someone else's NAT; in firewall mode too, for a local user
-registered from the outside): a binding whose Contact is a private address (``inside_networks``
-or any RFC 1918/ULA/link-local one), or differs from where its REGISTER came from, is reached
+registered from the outside): a binding whose Contact names a host other than the one its
+REGISTER came from (a private address, or anyone else's: whatever its port) is reached
 at the address the REGISTER came from (the registrar stores it with the binding; no alias
 parameter is needed), its dialogs' Contacts are replaced by tokens as above, and NATed bindings
 are kept alive with keepalive requests (OPTIONS by default) every ``keepalive_interval``
@@ -96,6 +96,30 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
+
+
+def _registered_address(binding: Any) -> Target | None:
+    """Where a binding is reached when its Contact names a host other than the one its
+    REGISTER came from (a private address behind the phone's NAT, or anyone else's: a
+    Contact or its ``maddr`` naming a victim must not make the proxy send the user's calls
+    there): that source. None: at its Contact."""
+    source = binding.source
+    if source is None:
+        return None
+    try:
+        contact = parse_uri(binding.contact)
+    except ParseError:
+        return None
+    if not contact.is_sip or _same_host(contact.get_param("maddr") or contact.host, source.host):
+        return None
+    return Target(source.transport.upper(), source.host, source.port, source.host)
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
+    except ValueError:
+        return a.lower() == b.lower()
 
 
 class ContactMapFull(Exception):
@@ -394,15 +418,8 @@ class NatPlugin(Plugin, Service):
     def _route_to_registered_address(self, ctx: Any, branch: Any, binding: Any) -> None:
         """Public-proxy mode: a NATed phone is reached where its REGISTER came from (and the
         request leaves from the socket facing there: its Via and Record-Route say so)."""
-        source = binding.source
-        try:
-            contact = parse_uri(binding.contact)
-        except ParseError:
-            return
-        if not contact.is_sip or contact.host == source.host:
-            return
-        if self.is_private(contact.host) or (contact.port or 5060) != source.port:
-            target = Target(source.transport.upper(), source.host, source.port, source.host)
+        target = _registered_address(binding)
+        if target is not None:
             # Proxy.retarget is not declared on IProxyCore (yet): hence the cast
             self.core.retarget(ctx, branch, target)
 
@@ -580,19 +597,9 @@ class NatPlugin(Plugin, Service):
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------
     def binding_added(self, binding: Any, previous: Any) -> None:
-        source = binding.source
-        if source is None:
-            return
-        try:
-            contact = parse_uri(binding.contact)
-        except ParseError:
-            return
-        natted = contact.is_sip and contact.host != source.host and (
-            self.is_private(contact.host) or (contact.port or 5060) != source.port
-        )
+        target = _registered_address(binding)
         key = (binding.aor, binding.contact)
-        if natted:
-            target = Target(source.transport.upper(), source.host, source.port, source.host)
+        if target is not None:
             self.watched[key] = _Watched(binding, target)
         else:
             self.watched.pop(key, None)

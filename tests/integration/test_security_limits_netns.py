@@ -15,7 +15,12 @@ banned (``[auth] max_failures``); a TCP table full of idle connections pinging C
 phone's OPTIONS over a new connection (``[limits] max_connections``, ``idle_timeout``); 400
 Contacts for one user and one INVITE to it (``[registrar] max_contacts``, ``[proxy]
 max_branches``); transactions, dialogs and NAT mappings from many sources (``[limits]
-max_transactions``, ``max_dialogs``, ``[nat] max_mappings``).
+max_transactions``, ``max_dialogs``, ``[nat] max_mappings``); a valid account whose Contact,
+Record-Route and many 2xx name the victim, and its accomplice's in-dialog requests over UDP and
+TCP (nat reaches a binding where it registered from, acl an outside party only on its own
+host, one INVITE sets up at most ``max_branches`` dialogs); INVITEs from the victim's (spoofed)
+address get one answer each (no 100 Trying, no Timer G for what the proxy answers itself);
+Contacts that name the proxy itself (no spiral of forks).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1
 from sipproxy.message import Request, Response, parse_message
 from tests.integration.harness import SippProcess
-from tests.integration.netns import Namespace, NsProxyProcess, NsSipp, Topology
+from tests.integration.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
 
 pytestmark = [pytest.mark.netns]
 
@@ -370,7 +375,10 @@ def tcp_exchange(conn: socket.socket, request: bytes, limit: float = 3.0) -> Res
     data = b""
     deadline = time.monotonic() + limit
     while b"\r\n\r\n" not in data.lstrip(b"\r\n") and time.monotonic() < deadline:
-        chunk = conn.recv(65535)
+        try:
+            chunk = conn.recv(65535)
+        except TimeoutError:
+            break
         if not chunk:
             break
         data += chunk
@@ -526,14 +534,18 @@ def test_transactions_in_all_are_capped_and_the_inside_keeps_working(lab: Lab) -
 
 
 class Responder:
-    """A callee in the victim namespace that answers every INVITE with 200 (and never hangs
-    up): the dialogs stay."""
+    """A callee that answers every INVITE with 200 (and never hangs up): the dialogs stay.
+    ``contact`` and ``headers`` go into its 2xx, one 2xx per tag of ``tags``."""
 
-    def __init__(self, ns: Namespace, host: str, port: int) -> None:
+    def __init__(self, ns: Namespace, host: str, port: int, contact: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = (),
+                 tags: tuple[str, ...] = ("callee",)) -> None:
         self.sock = ns.socket()
         self.sock.bind((host, port))
         self.sock.settimeout(0.2)
-        self.contact = f"<sip:callee@{host}:{port}>"
+        self.contact = contact or f"<sip:callee@{host}:{port}>"
+        self.headers = headers
+        self.tags = tags
         self.invites: list[Request] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -553,13 +565,16 @@ class Responder:
                 continue
             if all(m.call_id != message.call_id for m in self.invites):
                 self.invites.append(message)
-            response = message.make_response(200)
-            to = response.headers.get("To") or ""
-            response.headers.set("To", to + ";tag=callee" if "tag=" not in to else to)
-            for value in message.headers.get_all("Record-Route"):
-                response.headers.add("Record-Route", value)
-            response.headers.add("Contact", self.contact)
-            self.sock.sendto(response.to_bytes(), addr)
+            for tag in self.tags:
+                response = message.make_response(200)
+                to = response.headers.get("To") or ""
+                response.headers.set("To", to + f";tag={tag}" if "tag=" not in to else to)
+                for value in message.headers.get_all("Record-Route"):
+                    response.headers.add("Record-Route", value)
+                for name, value in self.headers:
+                    response.headers.add(name, value)
+                response.headers.add("Contact", self.contact)
+                self.sock.sendto(response.to_bytes(), addr)
 
     def close(self) -> None:
         self._stop.set()
@@ -614,3 +629,157 @@ def test_dialogs_in_all_and_nat_mappings_are_capped(lab: Lab) -> None:
     log = lab.log()
     assert "dialogs open from outside sources in all" in log
     assert "nat: 3 contact mappings (the most): forgot the least recently used" in log
+
+
+# ------------------------------------------------------------------------------------------------
+# an account pointing at the victim (audit of issue 11)
+# ------------------------------------------------------------------------------------------------
+IN_DIALOG = ("MESSAGE", "INFO", "UPDATE", "NOTIFY", "REFER", "PRACK", "OPTIONS", "INVITE", "BYE")
+
+
+def test_an_account_and_its_accomplice_cannot_aim_the_proxy_at_a_victim(lab: Lab) -> None:
+    """mallory (a valid account) registers from port 5060 with a Contact at the victim's
+    5060 and answers calls with 12 2xx (new To tags each), a Contact and a Record-Route at
+    the victim; her accomplice calls her from another address and sends every kind of
+    in-dialog request (UDP, and one over TCP) along that route set and to that Contact. The
+    call reaches mallory where she registered from, only max_branches (4) of the 2xx become
+    dialogs, every in-dialog request is refused 403, an ACK to mallory goes where she
+    registered from, and nothing reaches the victim; the phone registers and calls
+    meanwhile."""
+    lab.start(proxy={"max_branches": 4}, plugins={"enabled": ["acl", "auth", "nat"]},
+              nat={"keepalive_interval": 1})
+    victim = lab.victim.socket()
+    victim.bind((VICTIM_IP, SIP))
+    at_victim = f"<sip:m@{VICTIM_IP}:{SIP}>"
+    registering = Agent(lab.attacker, ATTACKERS[1], port=SIP)
+    [bound] = register_as(registering, "mallory", [at_victim])
+    registering.close()
+    assert bound is not None and bound.status == 200
+    mallory = Responder(lab.attacker, ATTACKERS[1], SIP, contact=at_victim,
+                        headers=(("Record-Route", f"<sip:{VICTIM_IP};lr>"),),
+                        tags=tuple(f"m{n}" for n in range(12)))
+    try:
+        phone = Phone(lab).start()
+        caller = Agent(lab.attacker, ATTACKERS[0])
+        from_ = "<sip:x@evil.example>;tag=x1"
+        call_id = caller.send("INVITE", f"sip:mallory@{DOMAIN}", from_=from_,
+                              headers=(f"Contact: <sip:x@{ATTACKERS[0]}:{caller.port}>",))
+        oks = [m for m in caller.receive(quiet=1.0, limit=5)
+               if isinstance(m, Response) and m.status == 200 and m.call_id == call_id]
+        assert {m.to.tag for m in oks} == {"m0", "m1", "m2", "m3"}, [m.to.tag for m in oks]
+        assert [str(m.uri) for m in mallory.invites] == [f"sip:m@{VICTIM_IP}:{SIP}"]
+        ok = oks[0]
+        route = tuple(f"Route: {v}" for v in reversed(ok.headers.get_all("Record-Route")))
+        assert f"Route: <sip:{VICTIM_IP};lr>" in route
+        to = f"<sip:mallory@{DOMAIN}>;tag={ok.to.tag}"
+        target = f"sip:m@{VICTIM_IP}:{SIP}"
+        caller.send("ACK", target, from_=from_, to=to, call_id=call_id, headers=route)
+        statuses = {}
+        for method in IN_DIALOG:
+            answer = caller.ask(method, target, from_=from_, to=to, call_id=call_id,
+                                headers=route)
+            statuses[method] = answer.status if answer is not None else None
+        assert statuses == dict.fromkeys(IN_DIALOG, 403), statuses
+        with lab.attacker.entered():
+            conn = socket.create_connection((PROXY_ATTACKER, SIP), timeout=3,
+                                            source_address=(ATTACKERS[0], 0))
+        with conn:
+            host, port = conn.getsockname()[:2]
+            answer = tcp_exchange(conn, sip_request(
+                "MESSAGE", target, via=f"SIP/2.0/TCP {host}:{port};branch=z9hG4bKtcp1",
+                from_=from_, to=to, call_id=call_id, cseq=99, headers=route))
+            assert answer is not None and answer.status == 403, answer
+        # an ACK to mallory outside any dialog (forwarded statelessly): to her source too
+        caller.send("ACK", f"sip:mallory@{DOMAIN}", from_=from_, call_id=call_id,
+                    to=f"<sip:mallory@{DOMAIN}>;tag=stray")
+        time.sleep(1.5)  # a keepalive (1 s) goes to where mallory registered from
+        assert drain(victim, quiet=1.0, limit=3) == []
+        phone.check()
+    finally:
+        mallory.close()
+        victim.close()
+    log = lab.log()
+    assert "acl: relaying denied" in log and "one INVITE sets up at most 4 dialogs" in log
+
+
+def test_a_spoofed_source_gets_one_answer_per_invite_and_no_binding(lab: Lab) -> None:
+    """INVITEs with the victim's address as their (spoofed) source, which the proxy answers
+    itself (404 unknown user, 407 challenge, 403 relaying denied): the victim gets one
+    answer per INVITE, no 100 Trying and no Timer G retransmissions (which made 3 INVITEs of
+    693 bytes into 36 datagrams of 11 KB). mallory answers a challenge she got at her own
+    address in a REGISTER from the victim's (nat would reach that binding there): a stale
+    challenge, to the victim, and no binding, so a call to her sends the victim nothing. The
+    phone keeps calling."""
+    lab.start(plugins={"enabled": ["acl", "auth", "nat"]}, nat={"keepalive_interval": 1})
+    for interface in ("all", "at0"):  # the spoofed packets come in where the victim is not
+        lab.px.sysctl(f"net.ipv4.conf.{interface}.rp_filter", 0)
+    lab.attacker.run("ip", "addr", "add", f"{VICTIM_IP}/32", "dev", "lo")
+    victim = lab.victim.socket()
+    victim.bind((VICTIM_IP, SIP))
+    spoofer = Agent(lab.attacker, VICTIM_IP, port=SIP)
+    try:
+        phone = Phone(lab).start()
+        probes = [(f"sip:nobody@{DOMAIN}", "<sip:x@evil.example>;tag=s", 404),
+                  (f"sip:bob@{DOMAIN}", f"<sip:alice@{DOMAIN}>;tag=s", 407),
+                  ("sip:+1900@evil.example", "<sip:x@evil.example>;tag=s", 403)]
+        for uri, from_, _ in probes:
+            spoofer.send("INVITE", uri, from_=from_)
+        mallory = Agent(lab.attacker, ATTACKERS[0])
+        aor = f"<sip:mallory@{DOMAIN}>"
+        challenge = mallory.ask("REGISTER", f"sip:{DOMAIN}", from_=f"{aor};tag=r", to=aor)
+        assert challenge is not None and challenge.status == 401
+        value = mallory.digest("mallory", USERS["mallory"], "REGISTER", f"sip:{DOMAIN}",
+                               challenge)
+        spoofer.send("REGISTER", f"sip:{DOMAIN}", from_=f"{aor};tag=r", to=aor, headers=(
+            f"Contact: <sip:m@{VICTIM_IP}:{SIP}>", "Expires: 600", f"Authorization: {value}"))
+        got = [parsed(d) for d in drain(victim, quiet=1.0, limit=8)]
+        assert sorted(m.status for m in got if isinstance(m, Response)) == \
+            sorted([401, *(status for _, _, status in probes)]), \
+            [m and m.start_line() for m in got]
+        assert len(got) == len(probes) + 1
+        call = mallory.ask("INVITE", f"sip:mallory@{DOMAIN}", from_="<sip:x@evil.example>;tag=c")
+        assert call is not None and call.status == 404
+        time.sleep(3)  # Timer G would have resent each answer at 0.5, 1.5 and 3.5 s
+        assert drain(victim, quiet=0.5, limit=1) == []
+        phone.check()
+    finally:
+        spoofer.close()
+        victim.close()
+
+
+def test_contacts_that_name_the_proxy_do_not_spiral(lab: Lab) -> None:
+    """The no-config default (no auth: anyone registers; every address of the host is its
+    domain): mallory's 10 Contacts name the proxy itself, so one INVITE to her came back and
+    forked into the 10 again, each again (RFC 5393's amplification: about 20,000 packets the
+    proxy sent itself within 3 s, until it banned its own address). Such bindings are skipped:
+    480, nothing sent; a phone registers and calls meanwhile."""
+    default_udp = {"side": "inside", "transport": "udp", "address": "0.0.0.0", "port": SIP}
+    lab.proxy = NsProxyProcess(lab.px, {"listen": [default_udp]}, lab.workdir / "proxy",
+                               name="proxy")
+    lab.proxy.start()
+    sipp = NsSipp(lab.phone, lab.workdir / "phone")
+    callee = sipp.start_uas("uas_rr.xml", 5080, count=1, timeout=SIPP_TIMEOUT)
+    bob = sipp.run_uac("register.xml", (PROXY_PHONE, SIP), count=1, timeout=SIPP_TIMEOUT,
+                       keys={"user": "bob", "domain": PROXY_PHONE, "expires": "600",
+                             "contact": f"sip:bob@{PHONE_IP}:5080"})
+    assert bob.ok(1), bob.describe()
+    mallory = Agent(lab.attacker, ATTACKERS[0])
+    aor = f"<sip:mallory@{PROXY_ATTACKER}>"
+    contacts = ", ".join(f"<sip:mallory@{PROXY_ATTACKER};x={k}>" for k in range(10))
+    bound = mallory.ask("REGISTER", f"sip:{PROXY_ATTACKER}", from_=f"{aor};tag=r", to=aor,
+                        headers=(f"Contact: {contacts}", "Expires: 600"))
+    assert bound is not None and bound.status == 200 and len(bound.contacts) == 10
+    loop = Capture(lab.px, ["lo"])
+    try:
+        answer = mallory.ask("INVITE", f"sip:mallory@{PROXY_ATTACKER}",
+                             from_="<sip:x@evil.example>;tag=x")
+        call = sipp.run_uac("uac_rr.xml", (PROXY_PHONE, SIP), count=1, timeout=SIPP_TIMEOUT,
+                            keys={"ruri": f"sip:bob@{PROXY_PHONE}"})
+        loop.settle()
+    finally:
+        sent_to_itself = loop.stop()
+    assert answer is not None and answer.status == 480, answer
+    assert sent_to_itself == [], len(sent_to_itself)
+    assert call.ok(1), call.describe()
+    assert callee.wait(15).ok(1)
+    assert "it names this proxy" in lab.log()
