@@ -535,6 +535,34 @@ class UDPSocketTests(SocketTestCase):
         self.assertEqual((data, addr), (req.to_bytes(), (LOCAL, listener.port)))
 
 
+class DualStackSocketTests(SocketTestCase):
+    """A listener on C{::} serves IPv4 peers too (README): they appear as IPv4 addresses, not
+    C{::ffff:a.b.c.d}, so inside networks, trusted peers and bans match them."""
+
+    @defer.inlineCallbacks
+    def test_ipv4_peers_of_a_dual_stack_listener_are_ipv4(self):
+        manager, inbox = self.start_manager(listen("inside", "udp", address="::"),
+                                            listen("inside", "tcp", address="::"))
+        udp, tcp = manager.listeners
+        client, client_port = self.udp_client()
+        client.send(request_bytes(via="SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK-d1;rport"),
+                    udp.port)
+        request = yield inbox.get()
+        self.assertEqual((request.source.host, request.source.port), (LOCAL, client_port))
+        yield manager.send_response(request.make_response(200), request.source)
+        answer, _ = yield client.received.get()
+        self.assertTrue(answer.startswith(b"SIP/2.0 200 "), answer)
+
+        stream = yield self.tcp_client(tcp.port)
+        stream.write(request_bytes(via="SIP/2.0/TCP 127.0.0.1:9;branch=z9hG4bK-d2",
+                                   call_id="d2"))
+        request = yield inbox.get()
+        self.assertEqual(request.source.host, LOCAL)
+        yield manager.send_response(request.make_response(200), request.source)
+        yield stream.changed.get()
+        self.assertTrue(stream.data.startswith(b"SIP/2.0 200 "), stream.data)
+
+
 class TCPSocketTests(SocketTestCase):
     @defer.inlineCallbacks
     def test_connection_reuse_both_ways(self):

@@ -49,7 +49,7 @@ from sipproxy.message import (
     parse_message,
 )
 from sipproxy.transaction import ITransportSender
-from sipproxy.transport.tcp import SIPStreamProtocol
+from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
 from sipproxy.transport.tls import (
     ServerCertificate,
     SIPTLSStreamProtocol,
@@ -330,7 +330,7 @@ class _StreamFactory(Factory):
         self.listener = listener
 
     def buildProtocol(self, addr: Any) -> SIPStreamProtocol | None:
-        host = getattr(addr, "host", "")
+        host = unmapped(getattr(addr, "host", ""))
         if self.listener.transport == "TLS":
             # admitted by _GuardedTLSFactory, outside the TLS layer (it cannot take a None)
             proto: SIPStreamProtocol = self.manager.tls.new_protocol(
@@ -351,7 +351,7 @@ class _GuardedTLSFactory(TLSMemoryBIOFactory):
         self.manager = manager
 
     def buildProtocol(self, addr: Any) -> Any:
-        if not self.manager._admit(getattr(addr, "host", "")):
+        if not self.manager._admit(unmapped(getattr(addr, "host", ""))):
             return None
         return super().buildProtocol(addr)
 
@@ -985,11 +985,12 @@ class TransportManager(Service):
         return proto.outgoing or self._carries_state(proto)
 
     def _datagram_received(self, listener: Listener, data: bytes, addr: tuple[str, int]) -> None:
+        host = unmapped(addr[0]) if listener.family == socket.AF_INET6 else addr[0]
         # before anything else: a banned or flooding source costs a dict lookup or two
         flood = self.flood
-        if flood is not None and not flood.allow(addr[0]):
+        if flood is not None and not flood.allow(host):
             return
-        source = Source("UDP", addr[0], addr[1], listener.address, listener.port, listener.side)
+        source = Source("UDP", host, addr[1], listener.address, listener.port, listener.side)
 
         def reply(answer: bytes) -> None:
             if listener.udp is not None:

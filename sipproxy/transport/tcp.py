@@ -25,6 +25,18 @@ __all__ = ["PONG", "SIPStreamProtocol", "StreamOwner"]
 PONG = b"\r\n"
 
 
+
+_MAPPED = "::ffff:"
+
+
+def unmapped(host: str) -> str:
+    """An IPv4 peer of a dual-stack (C{::}) socket shows as C{::ffff:a.b.c.d}: its IPv4 form,
+    so that networks, bans and connection lookups see one address (sending maps it back)."""
+    if host[:7].lower() == _MAPPED and "." in host:
+        return host[7:]
+    return host
+
+
 class StreamOwner(TypingProtocol):
     """What a L{SIPStreamProtocol} reports to (the transport manager)."""
 
@@ -101,8 +113,8 @@ class SIPStreamProtocol(Protocol):
         assert self.transport is not None
         peer = self.transport.getPeer()
         host = self.transport.getHost()
-        self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
-        self.local = (getattr(host, "host", ""), getattr(host, "port", 0))
+        self.peer = (unmapped(getattr(peer, "host", "")), getattr(peer, "port", 0))
+        self.local = (unmapped(getattr(host, "host", "")), getattr(host, "port", 0))
         self.connected_ = True
         self._arm_idle()
         self.owner.stream_connected(self)

@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sipproxy.message import DEFAULT_LIMITS, KeepAlive, Limits
-from sipproxy.transport.tcp import SIPStreamProtocol, StreamOwner
+from sipproxy.transport.tcp import SIPStreamProtocol, StreamOwner, unmapped
 
 if TYPE_CHECKING:
     from sipproxy.transport.manager import TransportManager
@@ -381,8 +381,8 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
         assert self.transport is not None
         peer = self.transport.getPeer()
         host = self.transport.getHost()
-        self.peer = (getattr(peer, "host", ""), getattr(peer, "port", 0))
-        self.local = (getattr(host, "host", ""), getattr(host, "port", 0))
+        self.peer = (unmapped(getattr(peer, "host", "")), getattr(peer, "port", 0))
+        self.local = (unmapped(getattr(host, "host", "")), getattr(host, "port", 0))
         self._arm_idle()  # a handshake that never ends is closed by the idle timer too
         # not registered yet: a connection counts once the handshake is complete
 
