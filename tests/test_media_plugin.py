@@ -624,6 +624,19 @@ def test_bad_sdp_in_an_offer_is_488(net: Net) -> None:
     net.run_out()
 
 
+def test_an_offer_with_too_many_streams_is_488(net: Net) -> None:
+    """Each stream takes relay ports: 17 are refused before the relay is asked."""
+    sdp = (b"v=0\r\no=- 1 1 IN IP4 192.168.77.10\r\ns=-\r\nc=IN IP4 192.168.77.10\r\n"
+           b"t=0 0\r\n" + b"".join(b"m=audio %d RTP/AVP 0\r\n" % (20000 + 2 * i)
+                                    for i in range(17)))
+    net.send(request("INVITE", "sip:bob@provider.example", source=PHONE, branch="z9hG4bKinv1",
+                     call_id="out-1", from_=CALLER, to=CALLEE, body=sdp), PHONE)
+    [(_, final, _)] = net.new()
+    assert (final.status, net.relay.log) == (488, [])
+    assert "17 media streams" in final.headers.get("warning")
+    net.run_out()
+
+
 def test_the_relay_ending_a_call_ends_the_dialog(net: Net) -> None:
     answered_call(net)
     assert len(net.proxy.dialogs) == 1

@@ -27,7 +27,8 @@ that forwards no RTP is no obstacle: the relay is the only path.
   the caller gets a 5xx with a ``Warning`` (a branch's own 503 becomes 500 "Media Relay
   Unavailable", RFC 3261 16.7 step 6); an ACK is then not forwarded. A response whose SDP the
   relay cannot take is not forwarded either (the caller of a 2xx gets a 500): no SDP ever
-  passes with addresses the other side cannot reach. Unparseable SDP in a request: 488.
+  passes with addresses the other side cannot reach. Unparseable SDP in a request, or one
+  with more than 16 media streams (each takes relay ports): 488.
   Bodies that are not plain ``application/sdp`` (e.g. multipart) are passed unchanged.
 
 Config (``[media]``)::
@@ -70,7 +71,7 @@ from sipproxy.config import Section
 from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
 from sipproxy.media.ng import NGClient, NGError
-from sipproxy.media.relay import RelayInterface
+from sipproxy.media.relay import MAX_STREAMS, RelayInterface
 from sipproxy.media.service import RelayConfig, RelayService, makeRelayService
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
@@ -303,7 +304,9 @@ class MediaPlugin(Plugin, MultiService):
             return None
         request: Request = ctx.request
         try:
-            parse_sdp(out.body)
+            streams = len(parse_sdp(out.body).media)
+            if streams > MAX_STREAMS:  # each takes relay ports: a flood of them takes them all
+                raise SdpError(f"{streams} media streams, at most {MAX_STREAMS}")
         except SdpError as e:
             if out.method == "ACK":
                 return request.make_response(488)  # an ACK: "do not forward"

@@ -11,7 +11,7 @@ probes are paced under the flood guard's rate (each refusal counts ten messages)
 of them is judged, not just banned. The proxy's log has no traceback.
 
 Then ``examples/firewall.toml`` (nat + media): an outside host calls the phone's token with SDP
-that does not parse (488) or that would take the relay's ports (500), and the provider's next
+that does not parse or that would take the relay's ports (488), and the provider's next
 call still reaches the phone with its media relayed.
 """
 
@@ -240,7 +240,7 @@ BAD_OFFERS: list[tuple[str, str, str]] = [
     ("a port out of range", GOOD_SDP.replace("7078", "99999999"), "SIP/2.0 488"),
     # each stream would take relay ports: a thousand would take the range from every call
     ("a thousand streams", GOOD_SDP + "".join(f"m=audio {20000 + 2 * i} RTP/AVP 0\r\n"
-                                              for i in range(1000)), "SIP/2.0 500"),
+                                              for i in range(1000)), "SIP/2.0 488"),
 ]
 
 
