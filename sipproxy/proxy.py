@@ -150,17 +150,15 @@ class Proxy:
         self._flood: Any = getattr(transports, "flood", None)
         #: the transports know the connections the proxy opened (RFC 5923 reuse); doubles may not
         self._opens_flows = hasattr(transports, "flow_address")
-        #: what the core refuses itself (stray responses), counted and logged with the flood
-        #: guard's refusals when there is one
+        #: what the core refuses or leaves out itself (stray responses, surplus dialogs, forks
+        #: capped at [proxy] max_branches), counted and logged with the flood guard's refusals
+        #: when there is one
         self.refusals: RefusalLog = getattr(self._flood, "refusals", None) or RefusalLog(
             reactor, _log, config.limits.log_interval)
         #: the TCP/TLS connections that carry a binding or a dialog (kept when the
         #: connection table is full; their CRLF keepalives count as traffic)
         self.flows = FlowTracker()
         location.add_listener(self.flows)
-        #: requests forked to fewer targets than bindings ([proxy] max_branches): counted,
-        #: logged once per AOR a minute
-        self.forks_capped = RefusalLog(reactor, _log)
 
     @property
     def flood(self) -> Any:
@@ -490,7 +488,7 @@ class Proxy:
             return
         limit = self.config.proxy.max_branches
         if len(bindings) > limit:
-            self.forks_capped.refused(
+            self.refusals.refused(
                 "branches", bindings[0].aor, "{refused_source} has {n} bindings: forking "
                 "{request} to the {limit} with the highest q", n=len(bindings),
                 request=repr(request), limit=limit)
@@ -506,7 +504,7 @@ class Proxy:
             if self._is_local_uri(target) and not binding.path:
                 # it would come back here and fork into the bindings again, each of them
                 # again (RFC 5393's amplification): a Contact that names this proxy is skipped
-                self.forks_capped.refused(
+                self.refusals.refused(
                     "self_contact", binding.aor, "{refused_source}: skipped the binding "
                     "{contact}: it names this proxy", contact=binding.contact)
                 continue

@@ -1504,7 +1504,7 @@ def test_forking_is_capped_at_max_branches_highest_q_first() -> None:
     h.receive(invite())
     assert sorted(str(r.uri) for r in h.sent("INVITE")) == [
         "sip:bob@192.168.1.41", "sip:bob@192.168.1.42"]
-    assert h.proxy.forks_capped.counters["branches"] == 1
+    assert h.proxy.refusals.counters["branches"] == 1
     for out in h.sent("INVITE"):
         h.respond(out, 486)
     assert h.finals("INVITE") == [486]
@@ -1526,7 +1526,7 @@ def test_a_binding_that_names_the_proxy_is_skipped() -> None:
     bob_at(h, "sip:bob@lan.example;x=1", f"sip:bob@{INSIDE}:5060;x=2", BOB_1)
     h.receive(invite())
     assert [str(r.uri) for r in h.sent("INVITE")] == [BOB_1]
-    assert h.proxy.forks_capped.counters["self_contact"] == 2
+    assert h.proxy.refusals.counters["self_contact"] == 2
     # an ACK to the user (forwarded statelessly) takes the first binding that does not
     h.receive(request("ACK", "sip:bob@lan.example", call_id="ack-1", branch="z9hG4bKack9",
                       to="<sip:bob@lan.example>;tag=b"))
