@@ -945,7 +945,8 @@ class Proxy:
         elif ctx.final_sent:
             return
         if tx.state is State.TERMINATED:
-            # a 2xx after the INVITE transaction ended is forwarded statelessly by Via
+            # a 2xx after the INVITE transaction ended is sent statelessly, back where the
+            # request came from
             if response.status // 100 == 2:
                 self.transactions.send_stateless_response(response, ctx.request.source)
             return

@@ -302,8 +302,8 @@ class ServerTransaction(_Transaction):
     def respond(self, response: Response) -> None:
         """Send a response. Responses the state does not allow are dropped (and logged).
 
-        After termination a 2xx to INVITE is still sent (statelessly, by its Via): a proxy
-        must forward every 2xx (RFC 3261 16.7 step 10, RFC 6026).
+        After termination a 2xx to INVITE is still sent (statelessly, back where the request
+        came from): a proxy must forward every 2xx (RFC 3261 16.7 step 10, RFC 6026).
         """
         status = response.status
         state = self.state
