@@ -86,7 +86,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 __all__ = [
-    "DEFAULT_POLL_INTERVAL",
     "FAMILY",
     "HEADER_BYTES",
     "PRIORITY",
@@ -109,7 +108,6 @@ TABLE_PREFIX: Final = "sipproxy_relay_"
 FAMILY: Final = "netdev"
 #: the ingress chains' priority: before any other netdev ingress chain of the host
 PRIORITY: Final = -500
-DEFAULT_POLL_INTERVAL: Final = 2.0
 #: IPv4 + UDP headers: nftables counts them, the userspace relay counts payload only.
 HEADER_BYTES: Final = 28
 #: rules per offload: one per direction
