@@ -4,9 +4,9 @@ The protocol owns what is about the stream itself: framing (L{StreamFramer}, who
 cut off an endless header or body), RFC 5626 CRLF keepalives (a C{CRLFCRLF} ping is answered
 with a C{CRLF} pong; it keeps the connection from the idle timeout only when the owner says it
 counts, L{StreamOwner.keepalive_counts}: pings alone must not hold a connection forever), the
-idle timeout, the message timeout (a peer that starts a message must
-finish it in time: a slow-loris trickling bytes is cut off) and write buffering. What a
-message means is the owner's business (L{StreamOwner}, the transport manager).
+idle timeout, the message timeout (a peer that starts a message must finish it in time: a
+slow-loris trickling bytes is cut off) and write buffering. What a message means is the
+owner's business (L{StreamOwner}, the transport manager).
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from twisted.python.failure import Failure
 
 from sipproxy.message import DEFAULT_LIMITS, KeepAlive, Limits, ParseError, StreamFramer
 
-__all__ = ["PONG", "SIPStreamProtocol", "StreamOwner"]
+__all__ = ["PONG", "SIPStreamProtocol", "StreamOwner", "unmapped"]
 
 PONG = b"\r\n"
-
-
 
 _MAPPED = "::ffff:"
 
