@@ -26,16 +26,17 @@ business). A request from the outside may only reach:
   from (``Party.hosts``): an outside party's Contact or Record-Route naming a third host is
   not followed (``vouched``). A Request-URI's ``maddr`` counts as its host. Anything else (a
   changed Request-URI, a route of the sender's own side, a source that is neither party) is
-  ``403``: a caller cannot relay through its own call, nor through an accomplice's.
-  A REGISTER from the outside is refused too when the ``auth`` plugin is not enabled and the
-  proxy has inside listeners (its phones are inside: an unauthenticated outside host must not
-  take over a local user's calls); a public proxy without ``auth`` (every listener outside)
-  accepts it and warns at start-up;
+  ``403``: a caller cannot relay through its own call, nor through an accomplice's;
 - anywhere, when an authentication plugin verified the sender (``ctx.data[AUTHENTICATED_USER]``,
   a local user of a public proxy calling out). A request whose From is one of our domains is
   therefore judged in ``request_forwarding``, after every ``request_received`` hook (``auth``
   challenges it there); any other request from the outside for an outside target is answered
   ``403 Relaying denied`` at once.
+
+A REGISTER from the outside is refused too when the ``auth`` plugin is not enabled and the
+proxy has inside listeners (its phones are inside: an unauthenticated outside host must not
+take over a local user's calls); a public proxy without ``auth`` (every listener outside)
+accepts it and warns at start-up.
 
 An ACK that would be relayed is dropped. Limitation: only INVITE dialogs are tracked by the
 core, so an in-dialog request of another dialog (SUBSCRIBE/NOTIFY, REFER) from an untrusted
