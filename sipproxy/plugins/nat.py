@@ -71,7 +71,6 @@ _log = Logger(namespace="sipproxy.plugins.nat")
 
 TOKEN_PREFIX = "nat-"
 DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
-DIALOG_METHODS = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY", "UPDATE"})
 DEFAULT_MAX_MAPPINGS = 20_000
 #: seconds a request refused because the token table is full is told to wait
 FULL_RETRY_AFTER = 30
