@@ -507,7 +507,8 @@ class LimitsConfig:
     (L{sipproxy.flood.FloodGuard}, the transports' timeouts)."""
 
     enabled: bool = True
-    """False: no rate limit, ban, User-Agent block list or per-source limit at all."""
+    """False: no rate limit, ban, User-Agent block list, per-source limit or total at all (and
+    the auth plugin's failures ban no one)."""
     messages_per_second: float = 100.0
     """Per source IP: messages (datagrams or framed stream messages, requests and responses)
     per second, sustained."""
