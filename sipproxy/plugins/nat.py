@@ -8,7 +8,8 @@ side where to send something leaves on the outside with an inside address.
   phone's Contact and to the address its packets really came from (after NAT, rport). Requests
   to such a URI (incoming calls, in-dialog requests) are sent to the phone there. Tokens live as
   long as the registration (from the 2xx's expires) or, for dialogs, ``mapping_ttl`` since the
-  last message that carried the phone's Contact. The registrar's 2xx shows the phone its own Contact again (the phone looks for it).
+  last message that carried the phone's Contact. The registrar's 2xx shows the phone its own
+  Contact again (the phone looks for it).
 - Via: the phone's Vias are hidden on the outside (the proxy keeps them; ``Branch.hide_vias``).
 - Record-Route, Route, Path: the proxy's inside-facing Record-Route is removed from what goes
   out and put back into what comes in; inside Route/Path values are removed.
