@@ -27,6 +27,7 @@ from sipproxy.transport.tls import (
     client_creator_factory,
     load_certificates,
     load_server_certificate,
+    trust_root,
 )
 from tests.tls_certs import PROVIDER, Certificates, make_certificates
 
@@ -93,12 +94,7 @@ class TLSServer(Factory):
             from twisted.internet.ssl import CertificateOptions
 
             options = CertificateOptions(
-                privateKey=server.private.privateKey.original,
-                certificate=server.private.original,
-                extraCertChain=[c.original for c in server.chain],
-                verify=True,
-                caCerts=[c.original for c in require_client],
-                requireCertificate=True,
+                trustRoot=trust_root(require_client), **server.certificate_options()
             )
         self.port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, self),
                                       interface=LOCAL)
