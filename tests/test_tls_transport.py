@@ -350,6 +350,35 @@ class ListenerConfigTests(unittest.SynchronousTestCase):
             TransportManager(reactor, lambda m: None, [spec])
         self.assertIn("does not match", str(caught.exception))
 
+    def test_corrupt_certificate_is_one_line_naming_the_key(self) -> None:
+        c = certs()
+        bad = Path(self.mktemp())
+        bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB!!!!\n-----END CERTIFICATE-----\n")
+        spec = ListenConfig("inside", "tls", LOCAL, 0, certificate=str(bad), key=str(c.proxy.key))
+        with self.assertRaises(ConfigError) as caught:
+            TransportManager(reactor, lambda m: None, [spec])
+        text = str(caught.exception)
+        self.assertTrue(text.startswith(f"listen[0].certificate: certificate file {str(bad)!r} "
+                                        "is not a valid PEM certificate: "), text)
+        self.assertNotIn("\n", text)
+
+    def test_encrypted_key_is_refused_naming_the_key(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        c = certs()
+        key = serialization.load_pem_private_key(c.proxy.key.read_bytes(), password=None)
+        encrypted = Path(self.mktemp())
+        encrypted.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ))
+        spec = ListenConfig("inside", "tls", LOCAL, 0, certificate=str(c.proxy.cert),
+                            key=str(encrypted))
+        with self.assertRaises(ConfigError) as caught:
+            TransportManager(reactor, lambda m: None, [spec])
+        self.assertEqual(str(caught.exception), f"listen[0].key: key file {str(encrypted)!r} "
+                         "is not a valid unencrypted PEM private key")
+
 
 class FakeTLSTransport(StringTransport):
     aborted = False
