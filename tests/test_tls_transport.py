@@ -3,6 +3,7 @@ keepalive / reconnect logic on a fake clock."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,6 @@ _CERTS: Certificates | None = None
 def certs(tmp: Path | None = None) -> Certificates:
     global _CERTS
     if _CERTS is None:
-        import tempfile
-
         _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
     return _CERTS
 
@@ -352,7 +351,7 @@ class ListenerConfigTests(unittest.SynchronousTestCase):
 
     def test_corrupt_certificate_is_one_line_naming_the_key(self) -> None:
         c = certs()
-        bad = Path(self.mktemp())
+        bad = Path(tempfile.mkdtemp(prefix="sipproxy-tls-")) / "bad.crt"
         bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB!!!!\n-----END CERTIFICATE-----\n")
         spec = ListenConfig("inside", "tls", LOCAL, 0, certificate=str(bad), key=str(c.proxy.key))
         with self.assertRaises(ConfigError) as caught:
@@ -367,7 +366,7 @@ class ListenerConfigTests(unittest.SynchronousTestCase):
 
         c = certs()
         key = serialization.load_pem_private_key(c.proxy.key.read_bytes(), password=None)
-        encrypted = Path(self.mktemp())
+        encrypted = Path(tempfile.mkdtemp(prefix="sipproxy-tls-")) / "encrypted.key"
         encrypted.write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(b"secret"),
