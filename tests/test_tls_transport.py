@@ -3,6 +3,7 @@ keepalive / reconnect logic on a fake clock."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from sipproxy.transport.tls import (
     client_creator_factory,
     load_certificates,
     load_server_certificate,
+    trust_root,
 )
 from tests.tls_certs import PROVIDER, Certificates, make_certificates
 
@@ -39,8 +41,6 @@ _CERTS: Certificates | None = None
 def certs(tmp: Path | None = None) -> Certificates:
     global _CERTS
     if _CERTS is None:
-        import tempfile
-
         _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
     return _CERTS
 
@@ -93,12 +93,7 @@ class TLSServer(Factory):
             from twisted.internet.ssl import CertificateOptions
 
             options = CertificateOptions(
-                privateKey=server.private.privateKey.original,
-                certificate=server.private.original,
-                extraCertChain=[c.original for c in server.chain],
-                verify=True,
-                caCerts=[c.original for c in require_client],
-                requireCertificate=True,
+                trustRoot=trust_root(require_client), **server.certificate_options()
             )
         self.port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, self),
                                       interface=LOCAL)
@@ -353,6 +348,35 @@ class ListenerConfigTests(unittest.SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             TransportManager(reactor, lambda m: None, [spec])
         self.assertIn("does not match", str(caught.exception))
+
+    def test_corrupt_certificate_is_one_line_naming_the_key(self) -> None:
+        c = certs()
+        bad = Path(tempfile.mkdtemp(prefix="sipproxy-tls-")) / "bad.crt"
+        bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB!!!!\n-----END CERTIFICATE-----\n")
+        spec = ListenConfig("inside", "tls", LOCAL, 0, certificate=str(bad), key=str(c.proxy.key))
+        with self.assertRaises(ConfigError) as caught:
+            TransportManager(reactor, lambda m: None, [spec])
+        text = str(caught.exception)
+        self.assertTrue(text.startswith(f"listen[0].certificate: certificate file {str(bad)!r} "
+                                        "is not a valid PEM certificate: "), text)
+        self.assertNotIn("\n", text)
+
+    def test_encrypted_key_is_refused_naming_the_key(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        c = certs()
+        key = serialization.load_pem_private_key(c.proxy.key.read_bytes(), password=None)
+        encrypted = Path(tempfile.mkdtemp(prefix="sipproxy-tls-")) / "encrypted.key"
+        encrypted.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        ))
+        spec = ListenConfig("inside", "tls", LOCAL, 0, certificate=str(c.proxy.cert),
+                            key=str(encrypted))
+        with self.assertRaises(ConfigError) as caught:
+            TransportManager(reactor, lambda m: None, [spec])
+        self.assertEqual(str(caught.exception), f"listen[0].key: key file {str(encrypted)!r} "
+                         "is not a valid unencrypted PEM private key")
 
 
 class FakeTLSTransport(StringTransport):

@@ -22,11 +22,16 @@ a TLS target fails at once ("no TLS client configured").
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from OpenSSL import SSL
+from OpenSSL.crypto import X509
 from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet.interfaces import (
@@ -39,8 +44,6 @@ from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
-    KeyPair,
-    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
     platformTrust,
@@ -65,7 +68,9 @@ __all__ = [
     "TLSConnectError",
     "TLSConnections",
     "client_creator_factory",
+    "load_certificates",
     "load_server_certificate",
+    "trust_root",
 ]
 
 PING = KeepAlive.PING.value
@@ -174,33 +179,54 @@ def _pem_blocks(data: bytes, label: bytes = b"CERTIFICATE") -> list[bytes]:
     return blocks
 
 
-def load_certificates(path: str, what: str = "certificate file") -> list[Certificate]:
+def load_certificates(path: str, what: str = "certificate file") -> list[x509.Certificate]:
     """Every PEM certificate in a file (a chain, a CA bundle); ValueError saying what is wrong."""
     data = _read(path, what)
     blocks = _pem_blocks(data)
     if not blocks:
         raise ValueError(f"{what} {path!r} holds no PEM certificate")
     try:
-        return [Certificate.loadPEM(block) for block in blocks]
+        return [x509.load_pem_x509_certificate(block) for block in blocks]
     except Exception as e:
-        raise ValueError(f"{what} {path!r} is not a valid PEM certificate: {e}") from None
+        raise ValueError(f"{what} {path!r} is not a valid PEM certificate: {_brief(e)}") from None
+
+
+def _brief(error: Exception) -> str:
+    """cryptography's error text without its pointer to the FAQ, on one line."""
+    text = re.sub(r"\. See https?://\S+ for more details\.", ":", str(error))
+    return " ".join(text.split())
+
+
+def trust_root(certificates: list[x509.Certificate]) -> Any:
+    """A trust root (Twisted's C{IOpenSSLTrustRoot}) of exactly these CA certificates, instead
+    of the system's trust store."""
+    return trustRootFromCertificates(
+        [Certificate(X509.from_cryptography(c)) for c in certificates]
+    )
 
 
 @dataclass(frozen=True)
 class ServerCertificate:
-    """A certificate (with its chain) and its private key, loaded and checked to match."""
+    """A certificate (with its chain) and its private key, loaded and checked to match.
 
-    private: PrivateCertificate
-    chain: tuple[Certificate, ...] = ()
+    The objects are C{cryptography}'s: pyOpenSSL deprecates passing its own C{X509} and C{PKey}
+    to a context."""
+
+    certificate: x509.Certificate
+    key: PrivateKeyTypes
+    chain: tuple[x509.Certificate, ...] = ()
+
+    def certificate_options(self) -> dict[str, Any]:
+        """The C{CertificateOptions} arguments that present this certificate and its chain."""
+        return {
+            "privateKey": self.key,
+            "certificate": self.certificate,
+            "extraCertChain": list(self.chain),
+        }
 
     def options(self, minimum: Any = TLSVersion.TLSv1_2) -> CertificateOptions:
         """Server-side options (also usable as a client certificate)."""
-        return CertificateOptions(
-            privateKey=self.private.privateKey.original,
-            certificate=self.private.original,
-            extraCertChain=[c.original for c in self.chain],
-            raiseMinimumTo=minimum,
-        )
+        return CertificateOptions(raiseMinimumTo=minimum, **self.certificate_options())
 
 
 def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
@@ -208,19 +234,19 @@ def load_server_certificate(cert_path: str, key_path: str) -> ServerCertificate:
     certs = load_certificates(cert_path)
     key_data = _read(key_path, "key file")
     try:
-        key = KeyPair.load(key_data, crypto.FILETYPE_PEM)
+        key = load_pem_private_key(key_data, password=None)
     except Exception:
         raise ValueError(f"key file {key_path!r} is not a valid unencrypted PEM private key"
                          ) from None
+    loaded = ServerCertificate(certs[0], key, tuple(certs[1:]))
     try:
-        private = PrivateCertificate.fromCertificateAndKeyPair(certs[0], key)
         # refuses a key that does not belong to the certificate
-        CertificateOptions(privateKey=key.original, certificate=certs[0].original).getContext()
+        CertificateOptions(**loaded.certificate_options()).getContext()
     except Exception:
         raise ValueError(
             f"key file {key_path!r} does not match the certificate in {cert_path!r}"
         ) from None
-    return ServerCertificate(private, tuple(certs[1:]))
+    return loaded
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -250,7 +276,7 @@ def _is_ip(host: str) -> bool:
 
 def client_creator_factory(
     *,
-    ca_certificates: list[Certificate] | None = None,
+    ca_certificates: list[x509.Certificate] | None = None,
     client_certificate: ServerCertificate | None = None,
     minimum: Any = TLSVersion.TLSv1_2,
     verify: bool = True,
@@ -259,19 +285,13 @@ def client_creator_factory(
     name against the certificate's subjectAltName, SNI is sent) trusting C{ca_certificates}
     (default: the system's trust store), presenting C{client_certificate} if given, refusing
     anything older than C{minimum}."""
-    trust = trustRootFromCertificates(ca_certificates) if ca_certificates else platformTrust()
-    private = client_certificate.private if client_certificate is not None else None
+    trust = trust_root(ca_certificates) if ca_certificates else platformTrust()
     extra: dict[str, Any] = {"raiseMinimumTo": minimum}
-    if client_certificate is not None and client_certificate.chain:
-        extra["extraCertChain"] = [c.original for c in client_certificate.chain]
+    if client_certificate is not None:
+        extra.update(client_certificate.certificate_options())
     unverified: CertificateOptions | None = None
     if not verify:
-        unverified = CertificateOptions(
-            privateKey=private.privateKey.original if private is not None else None,
-            certificate=private.original if private is not None else None,
-            verify=False,
-            **extra,
-        )
+        unverified = CertificateOptions(verify=False, **extra)
     cache: dict[str, IOpenSSLClientConnectionCreator] = {}
 
     def creator(server_name: str) -> IOpenSSLClientConnectionCreator:
@@ -282,8 +302,7 @@ def client_creator_factory(
                 found = _UnverifiedCreator(unverified, name)
             else:
                 found = optionsForClientTLS(
-                    name, trustRoot=trust, clientCertificate=private,
-                    extraCertificateOptions=extra,
+                    name, trustRoot=trust, extraCertificateOptions=extra,
                 )
             if len(cache) < 1000:
                 cache[name] = found
