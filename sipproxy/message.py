@@ -532,8 +532,8 @@ class Message:
     def validate(self) -> dict[str, str]:
         """Check the headers a proxy relies on; raise ParseError with the status to answer.
 
-        Via and CSeq are parsed (the proxy needs them at once); From, To and Contact are only
-        checked here and parsed when somebody asks for them. Returns the single-valued headers.
+        Via, CSeq, From and To are parsed (the proxy needs them at once); Contact is only
+        checked here and parsed when somebody asks for it. Returns the single-valued headers.
         """
         first: dict[str, str] = {}
         contacts: list[str] = []
@@ -553,8 +553,11 @@ class Message:
         self.cseq  # noqa: B018 - parse to validate
         if not self.vias:
             raise ParseError("missing Via header")
-        check_name_addr(first["from"])
-        check_name_addr(first["to"])
+        # parsed, not only checked: every receiver reads From and To at once (the transport
+        # layer does, to refuse a message whose From or To does not parse)
+        cache = self.headers._cache
+        cache["from"] = parse_name_addr(first["from"])
+        cache["to"] = parse_name_addr(first["to"])
         mf = first.get("max-forwards")
         if mf is not None and (not mf.isdigit() or not mf.isascii() or int(mf) > 255):
             raise ParseError("bad Max-Forwards")
