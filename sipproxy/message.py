@@ -12,7 +12,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import Field, Headers, canonical, parse_header_lines
@@ -523,6 +523,21 @@ class Message:
 
     def _copy_into(self, new: Message) -> None:
         new.headers = self.headers.copy()
+        # the views a forwarded copy reads again at once, copied over (not shared: the copy is
+        # changed on its own) rather than parsed anew from its text
+        cache = self.headers._cache
+        if cache:
+            views = new.headers._cache
+            cseq = cache.get("cseq")
+            if cseq is not None:
+                views["cseq"] = cseq  # frozen
+            vias = cache.get("via")
+            if vias is not None:
+                views["via"] = [via.copy() for via in cast(list[Via], vias)]
+            for key in ("from", "to"):
+                name_addr = cache.get(key)
+                if name_addr is not None:
+                    views[key] = cast(NameAddr, name_addr).copy()
         new._body = self._body
         new._body_changed = self._body_changed
         new._eol = self._eol
