@@ -1,6 +1,8 @@
 """Message-layer throughput: what the proxy does to every request it forwards.
 
-Parse a typical sipp INVITE with SDP, read Via/CSeq/Call-ID, replace the top Via, serialize.
+Parse a typical sipp INVITE with SDP, read Via/CSeq/Call-ID/From/To, replace the top Via,
+serialize: what the proxy does to every request it forwards (its transport layer reads From and
+To of every message it receives).
 Run: python3 bench/parse.py [--seconds N]
 
 When the sippy package (the SIP stack of the Sippy B2BUA) is importable, the same steps run
@@ -44,7 +46,7 @@ def one() -> bytes:
     msg = parse_message(INVITE)
     top = msg.top_via
     assert top is not None and top.branch
-    _ = (msg.cseq.method, msg.call_id)
+    _ = (msg.cseq.method, msg.call_id, msg.from_.tag, msg.to.tag)
     msg.pop_via()
     msg.push_via(Via.build("UDP", "127.0.0.1", 5060, "z9hG4bKbench", rport=True))
     return msg.to_bytes()
@@ -61,7 +63,8 @@ def one_sippy() -> Callable[[], bytes] | None:
     def one() -> bytes:
         msg = SipRequest(buf=INVITE.decode("utf-8"))
         assert msg.getHFBody("via").getBranch()
-        _ = (msg.getHFBody("cseq").getCSeqMethod(), msg.getHFBody("call-id"))
+        _ = (msg.getHFBody("cseq").getCSeqMethod(), msg.getHFBody("call-id"),
+             msg.getHFBody("from").getTag(), msg.getHFBody("to").getTag())
         msg.removeHeader(msg.getHFs("via")[0])
         new_via = SipHeader("Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKbench;rport")
         msg.insertHeaderBefore(msg.headers[0], new_via)
