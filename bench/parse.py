@@ -1,13 +1,21 @@
 """Message-layer throughput: what the proxy does to every request it forwards.
 
-Parse a typical sipp INVITE with SDP, read Via/CSeq/Call-ID, replace the top Via, serialize.
+Parse a typical sipp INVITE with SDP, read Via/CSeq/Call-ID/From/To, replace the top Via,
+serialize: what the proxy does to every request it forwards (its transport layer reads From and
+To of every message it receives).
 Run: python3 bench/parse.py [--seconds N]
+
+When the sippy package (the SIP stack of the Sippy B2BUA) is importable, the same steps run
+through its parser too, side by side, with the ratio; else that comparison is skipped with a
+note. Install it outside site-packages (see bench/README.md: it ships a top-level ``tests``
+package that would hide this repository's).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 from sipproxy.message import Via, parse_message
 
@@ -38,30 +46,65 @@ def one() -> bytes:
     msg = parse_message(INVITE)
     top = msg.top_via
     assert top is not None and top.branch
-    _ = (msg.cseq.method, msg.call_id)
+    _ = (msg.cseq.method, msg.call_id, msg.from_.tag, msg.to.tag)
     msg.pop_via()
     msg.push_via(Via.build("UDP", "127.0.0.1", 5060, "z9hG4bKbench", rport=True))
     return msg.to_bytes()
+
+
+def one_sippy() -> Callable[[], bytes] | None:
+    """The same steps through sippy's parser, or None when sippy is not installed."""
+    try:
+        from sippy.SipHeader import SipHeader
+        from sippy.SipRequest import SipRequest
+    except ImportError:
+        return None
+
+    def one() -> bytes:
+        msg = SipRequest(buf=INVITE.decode("utf-8"))
+        assert msg.getHFBody("via").getBranch()
+        _ = (msg.getHFBody("cseq").getCSeqMethod(), msg.getHFBody("call-id"),
+             msg.getHFBody("from").getTag(), msg.getHFBody("to").getTag())
+        msg.removeHeader(msg.getHFs("via")[0])
+        new_via = SipHeader("Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKbench;rport")
+        msg.insertHeaderBefore(msg.headers[0], new_via)
+        msg.init_body()
+        return str(msg).encode("utf-8")
+
+    return one
+
+
+def measure(fn: Callable[[], bytes], seconds: float) -> tuple[float, int]:
+    """Messages per second of CPU time (one core), and how many ran."""
+    fn()
+    n = 0
+    start = time.process_time()
+    deadline = start + seconds
+    while True:
+        for _ in range(1000):
+            fn()
+        n += 1000
+        now = time.process_time()
+        if now >= deadline:
+            break
+    return n / (now - start), n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
-    one()
-    n = 0
-    start = time.process_time()
-    deadline = start + args.seconds
-    while True:
-        for _ in range(1000):
-            one()
-        n += 1000
-        now = time.process_time()
-        if now >= deadline:
-            break
-    rate = n / (now - start)
-    print(f"parse+inspect+replace Via+serialize: {rate:,.0f} messages/s on one core "
+    rate, n = measure(one, args.seconds)
+    print(f"sipproxy: parse+inspect+replace Via+serialize: {rate:,.0f} messages/s on one core "
           f"({1e6 / rate:.1f} us each, {n} messages)")
+    other = one_sippy()
+    if other is None:
+        print("sippy: not installed, comparison skipped (see bench/README.md to install it)")
+        return
+    sippy_rate, n = measure(other, args.seconds)
+    print(f"sippy:    parse+inspect+replace Via+serialize: {sippy_rate:,.0f} messages/s on one "
+          f"core ({1e6 / sippy_rate:.1f} us each, {n} messages)")
+    print(f"ratio sipproxy/sippy: {rate / sippy_rate:.2f}x the messages/s")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,21 @@ falls through to the next step, so one broken record set never hides a working o
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, FirstError, fail, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    fail,
+    gatherResults,
+    succeed,
+)
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.logger import Logger
 from twisted.names import dns
@@ -64,7 +72,9 @@ class Target:
     server_name: str
 
 
+@functools.lru_cache(maxsize=256)
 def _ip_literal(host: str) -> str | None:
+    """The normalized IP literal, or None for a name (cached: the same few hosts, every request)."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
@@ -151,7 +161,30 @@ class SipResolver:
         Fires with ``[]`` (never fails) for names that do not resolve and for transports this
         resolver does not support (sips: with transport=udp, an unsupported transport=...).
         """
-        return Deferred.fromCoroutine(self._resolve(host, port, transport, secure, server_name))
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if server_name is not None and server_name.startswith("[") and server_name.endswith("]"):
+            server_name = server_name[1:-1]
+        name = (server_name or host).rstrip(".")
+        if not name:
+            return succeed([])
+        if transport is not None:
+            wanted = self._usable_transport(transport, secure)
+            if wanted is None:
+                _log.info(
+                    "cannot reach {host}: transport {transport} not usable (secure={secure})",
+                    host=host, transport=transport, secure=secure,
+                )
+                return succeed([])
+        else:
+            wanted = None
+        ip = _ip_literal(host)
+        if ip is not None:  # 4.1: a numeric IP needs no lookup (nor a coroutine: every request)
+            chosen = wanted or self._default_transport(secure)
+            if chosen is None:
+                return succeed([])
+            return succeed([Target(chosen, ip, port or DEFAULT_PORTS[chosen], name)])
+        return Deferred.fromCoroutine(self._locate(host, port, wanted, secure, name))
 
     def uri_target(self, uri: URI) -> Deferred[list[Target]]:
         """``resolve`` for a sip:/sips: URI; its maddr parameter, if any, replaces the host."""
@@ -162,35 +195,10 @@ class SipResolver:
                             uri.host if maddr else None)
 
     # -- RFC 3263 section 4 ----------------------------------------------------------------------
-    async def _resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool,
-        name: str | None = None,
+    async def _locate(
+        self, host: str, port: int | None, wanted: str | None, secure: bool, server_name: str
     ) -> list[Target]:
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if name is not None and name.startswith("[") and name.endswith("]"):
-            name = name[1:-1]
-        server_name = (name or host).rstrip(".")
-        if not server_name:
-            return []
-        if transport is not None:
-            wanted = self._usable_transport(transport, secure)
-            if wanted is None:
-                _log.info(
-                    "cannot reach {host}: transport {transport} not usable (secure={secure})",
-                    host=host, transport=transport, secure=secure,
-                )
-                return []
-        else:
-            wanted = None
-
-        ip = _ip_literal(host)
-        if ip is not None:  # 4.1: a numeric IP needs no lookup
-            chosen = wanted or self._default_transport(secure)
-            if chosen is None:
-                return []
-            return [Target(chosen, ip, port or DEFAULT_PORTS[chosen], server_name)]
-
+        """The DNS part of L{resolve}, for a C{host} that is a name, not an IP literal."""
         if port is not None:  # 4.2: an explicit port means A/AAAA only
             chosen = wanted or self._default_transport(secure)
             if chosen is None:

@@ -12,7 +12,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import Field, Headers, canonical, parse_header_lines
@@ -523,6 +523,21 @@ class Message:
 
     def _copy_into(self, new: Message) -> None:
         new.headers = self.headers.copy()
+        # the views a forwarded copy reads again at once, copied over (not shared: the copy is
+        # changed on its own) rather than parsed anew from its text
+        cache = self.headers._cache
+        if cache:
+            views = new.headers._cache
+            cseq = cache.get("cseq")
+            if cseq is not None:
+                views["cseq"] = cseq  # frozen
+            vias = cache.get("via")
+            if vias is not None:
+                views["via"] = [via.copy() for via in cast(list[Via], vias)]
+            for key in ("from", "to"):
+                name_addr = cache.get(key)
+                if name_addr is not None:
+                    views[key] = cast(NameAddr, name_addr).copy()
         new._body = self._body
         new._body_changed = self._body_changed
         new._eol = self._eol
@@ -532,8 +547,8 @@ class Message:
     def validate(self) -> dict[str, str]:
         """Check the headers a proxy relies on; raise ParseError with the status to answer.
 
-        Via and CSeq are parsed (the proxy needs them at once); From, To and Contact are only
-        checked here and parsed when somebody asks for them. Returns the single-valued headers.
+        Via, CSeq, From and To are parsed (the proxy needs them at once); Contact is only
+        checked here and parsed when somebody asks for it. Returns the single-valued headers.
         """
         first: dict[str, str] = {}
         contacts: list[str] = []
@@ -553,8 +568,11 @@ class Message:
         self.cseq  # noqa: B018 - parse to validate
         if not self.vias:
             raise ParseError("missing Via header")
-        check_name_addr(first["from"])
-        check_name_addr(first["to"])
+        # parsed, not only checked: every receiver reads From and To at once (the transport
+        # layer does, to refuse a message whose From or To does not parse)
+        cache = self.headers._cache
+        cache["from"] = parse_name_addr(first["from"])
+        cache["to"] = parse_name_addr(first["to"])
         mf = first.get("max-forwards")
         if mf is not None and (not mf.isdigit() or not mf.isascii() or int(mf) > 255):
             raise ParseError("bad Max-Forwards")
