@@ -29,10 +29,10 @@ Why the netdev ingress hook, not DNAT/SNAT or a flowtable:
   not matter, and nothing in the firewall's tables has to change. (The DNAT design before this
   one needed ``ct status dnat accept`` in the firewall's forward chain and lost the first
   seconds of every call where that was missing.)
-- No conntrack and no NAT lookups per packet, so it forwards faster than the host's own
-  IP forwarding with conntrack and masquerading: ``bench/relay --netns`` on a 2-core VM,
-  400,000-450,000 packets a second against 200,000-250,000, 1.6x-2.0x (bench/README.md; the
-  DNAT/SNAT design reached 0.75x-0.88x of plain forwarding). A flowtable
+- No conntrack and no NAT lookups per packet: ``bench/relay --netns`` on a 2-core VM puts its
+  cost per packet on the forwarding core at parity with the host's own IP forwarding with
+  conntrack and masquerading (paired medians 1.02x-1.10x in its favour, within that VM's
+  noise; bench/README.md), where the DNAT/SNAT design before it reached 0.75x-0.88x. A flowtable
   also skips the chains, but only for flows conntrack accepted through the forward chain first
   (a firewall dropping the RTP range never lets them get there), and needs NAT rules for the
   rewriting: two more things the host's ruleset decides.
