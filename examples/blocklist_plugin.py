@@ -51,7 +51,7 @@ from sipproxy.uri import URI, unescape
 
 if TYPE_CHECKING:
     from sipproxy.config import Section
-    from sipproxy.proxy import Branch, RequestContext
+    from sipproxy.context import Branch, RequestContext
 
 __all__ = [
     "DEFAULT_METHODS",

@@ -75,6 +75,10 @@ class Dialog:
     callee_side: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     ended: bool = False
+    #: the source IP the flood guard counts this dialog for (None: not counted)
+    flood_source: str | None = None
+    #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
+    flows: list[tuple[str, str, int]] = field(default_factory=list)
     _timer: IDelayedCall | None = None
     #: what the proxy saw of the party that sent the INVITE, and of the one that answered it
     caller: Party = field(default_factory=Party)

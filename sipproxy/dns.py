@@ -11,7 +11,6 @@ import functools
 import ipaddress
 import random
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import (
@@ -27,6 +26,8 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
+
+from sipproxy.context import Target
 
 if TYPE_CHECKING:
     from sipproxy.uri import URI
@@ -58,18 +59,6 @@ _SECURE = frozenset({"TLS", "TLS-SCTP"})
 _SECURE_FORM = {"TCP": "TLS", "SCTP": "TLS-SCTP"}
 # the client.Resolver retry ladder, cut to what fits inside our own deadline
 _RETRY_LADDER = (1, 3, 11, 45)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One place to send a request: try the targets of a resolution in list order."""
-
-    transport: str  # "UDP" | "TCP" | "TLS"
-    host: str  # an IP literal (IPv6 without brackets)
-    port: int
-    # The URI's host, not an SRV/NAPTR-derived name: RFC 5922 section 4 says a TLS client checks
-    # the certificate against the domain it was asked to reach, since DNS itself is not trusted.
-    server_name: str
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,7 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from sipproxy.config import ConfigError, ListenConfig
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.message import Message, Request, parse_message
 from sipproxy.transport import TransportManager
 from sipproxy.transport.tls import (

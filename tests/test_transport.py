@@ -36,7 +36,7 @@ from sipproxy.transport.manager import SIZE_SWITCH_CONNECT_TIMEOUT
 from sipproxy.transport.tcp import SIPStreamProtocol
 
 try:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
 except ImportError:  # dns.py is written in parallel; the transports only read these fields
 
     @dataclass(frozen=True)

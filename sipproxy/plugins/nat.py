@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
 from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
@@ -365,7 +365,7 @@ class NatPlugin(Plugin, Service):
     def request_forwarding(self, ctx: Any, branch: Any) -> Any:
         request: Request = ctx.request
         out: Request = branch.request
-        binding = branch.data.get("binding")
+        binding = branch.binding
         if binding is not None and binding.source is not None:
             self._route_to_registered_address(ctx, branch, binding)
         out_side = branch.listener.side if branch.listener is not None else ""
