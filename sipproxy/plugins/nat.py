@@ -615,7 +615,7 @@ class NatPlugin(Plugin, Service):
             try:
                 request = self._keepalive_request(watched)
                 self.core.send_request(request, watched.target,
-                                       lambda r, k=key, w=watched: self._keepalive_answer(k, w, r))
+                                       functools.partial(self._keepalive_answer, key, watched))
             except Exception:
                 watched.pending = False
                 _log.failure("keepalive to {target}", target=watched.target)

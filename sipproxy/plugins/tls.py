@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
