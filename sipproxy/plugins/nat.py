@@ -63,6 +63,7 @@ from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
@@ -461,23 +462,7 @@ class NatPlugin(Plugin, Service):
         message.set_contacts(changed)
 
     def _remove_inside_values(self, message: Request | Response, name: str) -> list[str]:
-        values = message.headers.get_all(name)
-        if not values:
-            return []
-        kept: list[str] = []
-        removed: list[str] = []
-        for value in values:
-            try:
-                uri = parse_name_addr(value).uri
-            except ParseError:
-                removed.append(value)
-                continue
-            (removed if uri.is_sip and self.is_inside(uri.host) else kept).append(value)
-        if removed:
-            message.headers.remove(name)
-            for value in kept:
-                message.headers.add(name.title(), value)
-        return removed
+        return remove_uri_values(message, name, lambda uri: self.is_inside(uri.host))
 
     # -- responses -----------------------------------------------------------------------------
     def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
@@ -486,8 +471,8 @@ class NatPlugin(Plugin, Service):
         from_side = branch.listener.side if branch.listener is not None else ""
         removed = branch.data.get("nat_rr")
         if removed:
-            self._restore_record_route(response, removed, len(request.headers.get_all(
-                "record-route")))
+            # our inside-facing entry goes back below our outside one
+            insert_record_routes(response, removed, len(request.headers.get_all("record-route")))
         if request.method == "REGISTER":
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
@@ -527,20 +512,6 @@ class NatPlugin(Plugin, Service):
             if listener.transport == source.transport:
                 return listener
         return side[0] if side else None
-
-    def _restore_record_route(self, response: Response, removed: list[str], theirs: int) -> None:
-        """Put our inside-facing Record-Route back where it was: below our outside one (the
-        request arrived with ``theirs`` entries; everything above them that we added stays)."""
-        values = response.headers.get_all("record-route")
-        if not values:
-            return
-        position = len(values) - theirs
-        if position < 0:
-            return
-        values[position:position] = removed
-        response.headers.remove("record-route")
-        for value in values:
-            response.headers.add("Record-Route", value)
 
     def _refresh_register_tokens(self, response: Response) -> None:
         try:

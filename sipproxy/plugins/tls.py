@@ -46,6 +46,11 @@ from sipproxy.errors import ParseError
 from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
+from sipproxy.proxy.record_route import (
+    own_record_routes,
+    record_route_value,
+    replace_own_record_routes,
+)
 from sipproxy.transport.tls import (
     TLS_VERSIONS,
     ServerCertificate,
@@ -179,8 +184,7 @@ class TLSPlugin(Plugin, Service):
         request: Request = ctx.request
         if out.method not in _DIALOG_CREATING or out.to.tag:
             return
-        values = out.headers.get_all("record-route")
-        added = len(values) - len(request.headers.get_all("record-route"))
+        added = own_record_routes(out, request)
         if added <= 0:
             return
         target: Target = branch.target
@@ -189,7 +193,7 @@ class TLSPlugin(Plugin, Service):
         in_tls = source is not None and source.transport.upper() == "TLS"
         if not out_tls and not in_tls:
             return
-        ours = values[:added]
+        ours = out.headers.get_all("record-route")[:added]
         new_out = self._tls_entry(ours[0], None) if out_tls else ours[0]
         new_in = self._tls_entry(ours[-1], source) if in_tls else ours[-1]
         if not out_tls and len(ours) == 1:
@@ -197,11 +201,8 @@ class TLSPlugin(Plugin, Service):
         if not in_tls and len(ours) == 1:
             new_in = ours[0]
         new = [new_out] if new_out == new_in else [new_out, new_in]
-        if new == ours:
-            return
-        out.headers.remove("record-route")
-        for value in new + values[added:]:
-            out.headers.add("Record-Route", value)
+        if new != ours:
+            replace_own_record_routes(out, request, new)
 
     def _tls_entry(self, value: str, source: Any) -> str:
         """A Record-Route entry of ours as it must read on a TLS side: ``transport=tls``;
@@ -223,7 +224,7 @@ class TLSPlugin(Plugin, Service):
                 port = listener.port
                 if listener.via_host not in _WILDCARDS:
                     host = listener.via_host
-        return f"<sip:{format_host(host)}:{port};transport=tls;lr>"
+        return record_route_value(host, port, "TLS")
 
     def _side_listener(self, side: str) -> Any:
         for transport in ("TLS", "TCP", "UDP"):

@@ -4,23 +4,30 @@ and Record-Route entries on a branch, and the public helpers plugins use to chan
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sipproxy.errors import ParseError
 from sipproxy.message import Via
 from sipproxy.proxy.addresses import WILDCARDS
+from sipproxy.uri import format_host, parse_name_addr
 
 if TYPE_CHECKING:
     from sipproxy.context import Target
-    from sipproxy.message import Request, Response, Source
+    from sipproxy.message import Message, Request, Response, Source
     from sipproxy.proxy.addresses import OwnAddresses
     from sipproxy.transport.manager import Listener
+    from sipproxy.uri import URI
 
 __all__ = [
     "RouteRecorder",
     "hide_lower_vias",
+    "insert_record_routes",
     "loop_hash",
     "own_record_routes",
     "record_route_value",
+    "remove_uri_values",
+    "replace_own_record_routes",
     "restore_vias",
     "strip_own_record_route",
 ]
@@ -29,7 +36,7 @@ __all__ = [
 def record_route_value(host: str, port: int, transport: str) -> str:
     """The Record-Route header value naming ``host:port`` over ``transport``, e.g.
     ``<sip:192.0.2.1:5060;lr>`` (``;transport=`` only when not UDP)."""
-    host = f"[{host}]" if ":" in host else host
+    host = format_host(host)
     tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
     return f"<sip:{host}:{port}{tp};lr>"
 
@@ -66,6 +73,56 @@ def loop_hash(request: Request, top: Via | None = None) -> str:
     )
     return hashlib.blake2s("\x00".join(parts).encode("utf-8", "surrogateescape"),
                            digest_size=8).hexdigest()
+
+
+def replace_own_record_routes(out: Request, original: Request, values: list[str]) -> None:
+    """Replace the Record-Route values the proxy put on branch request ``out`` (see
+    :func:`own_record_routes`) with ``values``, e.g. entries that say ``transport=tls``."""
+    added = own_record_routes(out, original)
+    rest = out.headers.get_all("record-route")[added:]
+    out.headers.remove("record-route")
+    for value in [*values, *rest]:
+        out.headers.add("Record-Route", value)
+
+
+def insert_record_routes(response: Response, values: list[str], theirs: int) -> None:
+    """Put ``values`` back into a response's Record-Route just above the ``theirs`` entries
+    its request arrived with (below the ones added on the way, i.e. where entries of ours
+    that a plugin removed from the request stood). Nothing happens when the response has
+    fewer entries than ``theirs`` or none at all."""
+    current = response.headers.get_all("record-route")
+    if not current:
+        return
+    position = len(current) - theirs
+    if position < 0:
+        return
+    current[position:position] = values
+    response.headers.remove("record-route")
+    for value in current:
+        response.headers.add("Record-Route", value)
+
+
+def remove_uri_values(message: Message, name: str, where: Callable[[URI], bool]) -> list[str]:
+    """Remove from header ``name`` (Record-Route, Route, Path: name-addr lists) the values
+    whose URI satisfies ``where`` (a SIP URI only) and the ones that cannot be parsed;
+    returns the removed values, in order."""
+    values = message.headers.get_all(name)
+    if not values:
+        return []
+    kept: list[str] = []
+    removed: list[str] = []
+    for value in values:
+        try:
+            uri = parse_name_addr(value).uri
+        except ParseError:
+            removed.append(value)
+            continue
+        (removed if uri.is_sip and where(uri) else kept).append(value)
+    if removed:
+        message.headers.remove(name)
+        for value in kept:
+            message.headers.add(name.title(), value)
+    return removed
 
 
 def hide_lower_vias(request: Request) -> None:
