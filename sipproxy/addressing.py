@@ -2,11 +2,12 @@
 
 Two meanings of "private" exist and are kept apart by name:
 
-- :data:`INSIDE_NETWORKS`: the networks the ``nat`` plugin treats as the LAN side by default
-  (``[nat] inside_networks``): RFC 1918, IPv4 link-local and IPv6 unique-local.
-- :data:`NON_PUBLIC_NETWORKS`: every range that cannot be reached from the Internet, as the
-  ``media`` plugin judges an SDP address written by a party behind a NAT: the inside networks
-  plus carrier-grade NAT (RFC 6598) and IPv6 link-local.
+- :data:`PRIVATE_NETWORKS` (:func:`is_private`): the networks a LAN uses, and the ``nat``
+  plugin's default LAN side (``[nat] inside_networks``): RFC 1918, IPv4 link-local and IPv6
+  unique-local.
+- :data:`NON_PUBLIC_NETWORKS` (:func:`is_non_public`): every range that cannot be reached from
+  the Internet, as the ``media`` plugin judges an SDP address written by a party behind a
+  NAT: the private networks plus carrier-grade NAT (RFC 6598) and IPv6 link-local.
 """
 
 from __future__ import annotations
@@ -16,27 +17,32 @@ import ipaddress
 from collections.abc import Iterable
 
 __all__ = [
-    "INSIDE_NETWORKS",
     "NON_PUBLIC_NETWORKS",
+    "PRIVATE_NETWORKS",
+    "WILDCARD_ADDRESSES",
     "IPNetwork",
     "in_networks",
     "ip_of",
     "is_ip_literal",
     "is_non_public",
+    "is_private",
 ]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: The default LAN side of the ``nat`` plugin (its ``inside_networks``), as text.
-INSIDE_NETWORKS: tuple[str, ...] = (
+#: Listener addresses that mean "every address of this machine" ("" too: no address given).
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+#: The networks a LAN uses (the ``nat`` plugin's default ``inside_networks``), as text.
+PRIVATE_NETWORKS: tuple[str, ...] = (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7",
 )
-#: Every range not reachable from the Internet: :data:`INSIDE_NETWORKS`, carrier-grade NAT
+#: Every range not reachable from the Internet: :data:`PRIVATE_NETWORKS`, carrier-grade NAT
 #: (RFC 6598) and IPv6 link-local.
 NON_PUBLIC_NETWORKS: tuple[str, ...] = (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
     "fc00::/7", "fe80::/10",
 )
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in PRIVATE_NETWORKS)
 _NON_PUBLIC = tuple(ipaddress.ip_network(n) for n in NON_PUBLIC_NETWORKS)
 
 
@@ -70,3 +76,9 @@ def in_networks(host: str, networks: Iterable[IPNetwork]) -> bool:
 def is_non_public(host: str) -> bool:
     """Is ``host`` an address in :data:`NON_PUBLIC_NETWORKS` (cached: the same few hosts)?"""
     return in_networks(host, _NON_PUBLIC)
+
+
+@functools.lru_cache(maxsize=4096)
+def is_private(host: str) -> bool:
+    """Is ``host`` an address in :data:`PRIVATE_NETWORKS` (cached: the same few hosts)?"""
+    return in_networks(host, _PRIVATE)

@@ -54,7 +54,6 @@ Config (``[media]``)::
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -67,6 +66,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.config import Section
 from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
@@ -85,30 +85,7 @@ _log = Logger(namespace="sipproxy.plugins.media")
 SDP_REQUESTS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 SDP_RESPONSES = frozenset({"INVITE", "UPDATE", "PRACK"})
 SIDES = ("inside", "outside")
-_WILDCARDS = ("0.0.0.0", "::", "")
 _CACHE = 16
-_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
-    "fc00::/7", "fe80::/10",
-))
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _private(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in _PRIVATE)
-
-
 def has_sdp(message: Request | Response) -> bool:
     """A plain SDP body (Content-Type application/sdp, or none and the body looks like SDP)."""
     body = message.body
@@ -233,7 +210,7 @@ class MediaPlugin(Plugin, MultiService):
 
     def _options(self, sdp_body: bytes, source_host: str | None) -> dict[str, Any]:
         options: dict[str, Any] = {"replace": ["origin", "session-connection"], "ICE": "remove"}
-        if source_host and _is_ip(source_host.strip("[]")):
+        if source_host and is_ip_literal(source_host.strip("[]")):
             host = source_host.strip("[]")
             options["received-from"] = ["IP6" if ":" in host else "IP4", host]
             if self._behind_nat(sdp_body, host):
@@ -249,7 +226,7 @@ class MediaPlugin(Plugin, MultiService):
             return False
         addresses = {m.effective_connection.address for m in sdp.media
                      if m.effective_connection is not None and not m.effective_connection.is_hold}
-        return any(a != source_host and _private(a) for a in addresses)
+        return any(a != source_host and is_non_public(a) for a in addresses)
 
     def relay_sdp(
         self,
@@ -415,17 +392,18 @@ class MediaPlugin(Plugin, MultiService):
 def _parse_hostport(section: Section, key: str, text: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
-    if not sep or not _is_ip(host) or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or not is_ip_literal(host) or not port_text.isdigit() \
+            or not 0 < int(port_text) < 65536:
         raise section.error(key, f"must be ADDRESS:PORT with an IP address, got {text!r}")
     return host, int(port_text)
 
 
 def _default_interface(core: IProxyCore, side: str) -> RelayInterface | None:
     for listener in core.listeners:
-        if listener.side != side or listener.address in _WILDCARDS:
+        if listener.side != side or listener.address in WILDCARD_ADDRESSES:
             continue
         advertised = listener.via_host
-        if advertised == listener.address or not _is_ip(advertised.strip("[]")):
+        if advertised == listener.address or not is_ip_literal(advertised.strip("[]")):
             return RelayInterface(side, listener.address)
         return RelayInterface(side, listener.address, advertised.strip("[]"))
     return None

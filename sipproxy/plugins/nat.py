@@ -55,6 +55,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.config import Section
 from sipproxy.context import Target
 from sipproxy.errors import ParseError
@@ -72,22 +73,10 @@ __all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "factory"]
 _log = Logger(namespace="sipproxy.plugins.nat")
 
 TOKEN_PREFIX = "nat-"
-DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
+DEFAULT_INSIDE = PRIVATE_NETWORKS
 DEFAULT_MAX_MAPPINGS = 20_000
 #: seconds a request refused because the token table is full is told to wait
 FULL_RETRY_AFTER = 30
-
-
-_PRIVATE = tuple(ipaddress.ip_network(n) for n in DEFAULT_INSIDE)
-
-
-@functools.lru_cache(maxsize=4096)
-def _private(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in _PRIVATE)
 
 
 @dataclass(slots=True)
@@ -280,11 +269,7 @@ class NatPlugin(Plugin, Service):
 
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-        except ValueError:
-            return False
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        return in_networks(host, self.networks)
 
     def is_inside(self, host: str) -> bool:
         """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
@@ -293,7 +278,7 @@ class NatPlugin(Plugin, Service):
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
         else's NAT, e.g. a home office, when ``inside_networks`` names only our LAN)."""
-        return bool(self._is_inside(host)) or bool(_private(host))
+        return bool(self._is_inside(host)) or is_private(host)
 
     def _side_of_source(self, message: Request | Response) -> str:
         source = message.source

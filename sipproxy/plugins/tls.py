@@ -40,6 +40,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sipproxy.addressing import WILDCARD_ADDRESSES
 from sipproxy.config import Section
 from sipproxy.context import Target
 from sipproxy.errors import ParseError
@@ -66,7 +67,6 @@ __all__ = ["TLSPlugin", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.tls")
 
-_WILDCARDS = ("0.0.0.0", "::", "")
 _FAILURE_MEMORY = 60.0  # seconds a connection failure explains a 503 of ours
 _DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 
@@ -222,7 +222,7 @@ class TLSPlugin(Plugin, Service):
             listener = self._side_listener(source.side)
             if listener is not None:
                 port = listener.port
-                if listener.via_host not in _WILDCARDS:
+                if listener.via_host not in WILDCARD_ADDRESSES:
                     host = listener.via_host
         return record_route_value(host, port, "TLS")
 
@@ -248,7 +248,7 @@ class TLSPlugin(Plugin, Service):
                 continue
             if host in (lst.via_host.lower(), lst.address):
                 return lst
-            if lst.address in _WILDCARDS and self.core.is_local_domain(host):
+            if lst.address in WILDCARD_ADDRESSES and self.core.is_local_domain(host):
                 return lst
         return None
 
@@ -287,7 +287,7 @@ class TLSPlugin(Plugin, Service):
         source = ctx.request.source
         for lst in self.core.listeners:
             if source is not None and lst.side == source.side and \
-                    lst.via_host not in _WILDCARDS:
+                    lst.via_host not in WILDCARD_ADDRESSES:
                 return format_host(lst.via_host)
         return "sipproxy"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
+from sipproxy.addressing import WILDCARD_ADDRESSES as WILDCARDS
 from sipproxy.addressing import is_ip_literal
 
 if TYPE_CHECKING:
@@ -14,10 +15,8 @@ if TYPE_CHECKING:
     from sipproxy.transport.manager import Listener, TransportManager
     from sipproxy.uri import URI
 
-__all__ = ["WILDCARDS", "OwnAddresses"]
+__all__ = ["OwnAddresses"]
 
-#: listener addresses that mean "every address of this machine"
-WILDCARDS = ("0.0.0.0", "::", "")
 #: bound on each cache (the same few peers, every request)
 _CACHE_SIZE = 10000
 

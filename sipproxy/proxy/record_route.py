@@ -7,9 +7,9 @@ import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sipproxy.addressing import WILDCARD_ADDRESSES as WILDCARDS
 from sipproxy.errors import ParseError
 from sipproxy.message import Via
-from sipproxy.proxy.addresses import WILDCARDS
 from sipproxy.uri import format_host, parse_name_addr
 
 if TYPE_CHECKING:
