@@ -5,14 +5,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Config, ConfigError
+from sipproxy.context import Branch, RequestContext
 from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+
+if TYPE_CHECKING:
+    from sipproxy.dialogs import Dialog
+    from sipproxy.message import Response
 
 __all__ = ["HOOKS", "Pipeline", "Plugin", "find_factory", "load_plugins", "then"]
 
@@ -36,22 +41,22 @@ class Plugin:
 
     name = "plugin"
 
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         return None
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         return None
 
-    def response_received(self, ctx: Any, branch: Any, response: Any) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         return None
 
-    def response_forwarding(self, ctx: Any, response: Any) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         return None
 
-    def dialog_established(self, dialog: Any) -> None:
+    def dialog_established(self, dialog: Dialog) -> None:
         return None
 
-    def dialog_ended(self, dialog: Any, reason: str) -> None:
+    def dialog_ended(self, dialog: Dialog, reason: str) -> None:
         return None
 
 

@@ -62,6 +62,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
+from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog, Party, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
@@ -197,7 +198,7 @@ class AclPlugin(Plugin):
         return any(self._classify_host(host, side) != "outside" for host in party.hosts)
 
     # -- hooks ------------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         if self.classify(request) != "outside":
             return None
@@ -218,7 +219,7 @@ class AclPlugin(Plugin):
             return None
         return self._deny(ctx)
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         if ctx.data.get(_NEEDS_AUTH) and AUTHENTICATED_USER not in ctx.data:
             return self._deny(ctx)
         return None

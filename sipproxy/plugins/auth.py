@@ -74,6 +74,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Section
+from sipproxy.context import RequestContext
 from sipproxy.credentials import CredentialsFileError, FileCredentialStore, format_line
 from sipproxy.digest import (
     ALGORITHMS,
@@ -181,7 +182,7 @@ class AuthPlugin(Plugin):
             return _PROXY
         return None
 
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         try:
             role = self._role_for(ctx)

@@ -68,6 +68,8 @@ from zope.interface import implementer
 
 from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.config import Section
+from sipproxy.context import Branch, RequestContext
+from sipproxy.dialogs import Dialog
 from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
 from sipproxy.media.ng import NGClient, NGError
@@ -275,7 +277,7 @@ class MediaPlugin(Plugin, MultiService):
         return d.addCallback(relayed)
 
     # -- requests ------------------------------------------------------------------------------
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         out: Request = branch.request
         if out.method not in SDP_REQUESTS or not has_sdp(out):
             return None
@@ -322,7 +324,7 @@ class MediaPlugin(Plugin, MultiService):
         return response
 
     # -- responses -----------------------------------------------------------------------------
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         method = response.cseq.method
         if method not in SDP_RESPONSES:
             return None
@@ -373,14 +375,14 @@ class MediaPlugin(Plugin, MultiService):
             ctx.dialog.data["media"] = call
 
     # -- dialogs -------------------------------------------------------------------------------
-    def dialog_established(self, dialog: Any) -> None:
+    def dialog_established(self, dialog: Dialog) -> None:
         call = self.calls.get(dialog.call_id)
         if call is not None:
             call.established = True
             call.dialog = dialog
             dialog.data["media"] = call
 
-    def dialog_ended(self, dialog: Any, reason: str) -> None:
+    def dialog_ended(self, dialog: Dialog, reason: str) -> None:
         self.end(dialog.call_id, f"dialog ended: {reason}")
 
 

@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.config import Section
-from sipproxy.context import Target
+from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
 from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
@@ -310,7 +310,7 @@ class NatPlugin(Plugin, Service):
         return Target(source.transport.upper(), source.host, source.port, source.host)
 
     # -- requests ------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
@@ -348,7 +348,7 @@ class NatPlugin(Plugin, Service):
                   source=request.source, uri=str(request.uri), status=status)
         return request.make_response(status, reason)
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         request: Request = ctx.request
         out: Request = branch.request
         binding = branch.binding
@@ -450,7 +450,7 @@ class NatPlugin(Plugin, Service):
         return remove_uri_values(message, name, lambda uri: self.is_inside(uri.host))
 
     # -- responses -----------------------------------------------------------------------------
-    def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         request: Request = ctx.request
         to_side = self._side_of_source(request)
         from_side = branch.listener.side if branch.listener is not None else ""
@@ -545,7 +545,7 @@ class NatPlugin(Plugin, Service):
             return None
         return self.contacts.lookup(user)
 
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")

@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from sipproxy.addressing import WILDCARD_ADDRESSES
 from sipproxy.config import Section
-from sipproxy.context import Target
+from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
@@ -116,7 +116,7 @@ class TLSPlugin(Plugin, Service):
         return found[0]
 
     # -- requests --------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         """Note whether the proxy's own Route entry facing the next hop says TLS (the core
         removes those entries after this hook)."""
         last_own: URI | None = None
@@ -154,7 +154,7 @@ class TLSPlugin(Plugin, Service):
                 ctx.data["tls_next_hop"] = ""
         return None
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         target: Target | None = branch.target
         if target is None:
             return None
@@ -253,7 +253,7 @@ class TLSPlugin(Plugin, Service):
         return None
 
     # -- responses -------------------------------------------------------------------------------
-    def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         target: Target | None = branch.target
         if target is None or target.transport.upper() != "TLS":
             return None
@@ -270,7 +270,7 @@ class TLSPlugin(Plugin, Service):
                 ctx.data["tls_failure"] = failure
         return None
 
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         peer = ctx.data.get("tls_peer")
         if peer is not None and ctx.dialog is not None and 200 <= response.status < 300:
             ctx.dialog.data.setdefault("tls_peer", peer)
