@@ -88,6 +88,8 @@ SDP_REQUESTS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 SDP_RESPONSES = frozenset({"INVITE", "UPDATE", "PRACK"})
 SIDES = ("inside", "outside")
 _CACHE = 16
+
+
 def has_sdp(message: Request | Response) -> bool:
     """A plain SDP body (Content-Type application/sdp, or none and the body looks like SDP)."""
     body = message.body
