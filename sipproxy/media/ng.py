@@ -48,6 +48,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "normalize",
+    "to_text",
 ]
 
 _log = Logger(namespace="sipproxy.media.ng")
@@ -112,14 +113,18 @@ def normalize(key: str) -> str:
     return key.replace("-", " ").replace("_", " ").lower()
 
 
-def _text(value: Any) -> Any:
-    """Bencode strings (bytes) to str, all the way down; bytes survive via surrogateescape."""
+def to_text(value: Any) -> Any:
+    """Bencode strings (bytes) to :class:`str`, all the way down.
+
+    Bytes that are not UTF-8 survive the round trip via ``surrogateescape``; both the NG server
+    and the in-process :class:`~sipproxy.media.backends.LocalRelay` hand commands over this way.
+    """
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, list):
-        return [_text(v) for v in value]
+        return [to_text(v) for v in value]
     if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
+        return {to_text(k): to_text(v) for k, v in value.items()}
     return value
 
 
@@ -135,7 +140,7 @@ def decode_message(datagram: bytes) -> tuple[bytes, dict[str, Any] | None, bool]
         if is_json:
             value = json.loads(payload.decode("utf-8", "surrogateescape"))
         else:
-            value = _text(bencode.decode(payload))
+            value = to_text(bencode.decode(payload))
     except (ValueError, RecursionError):
         return cookie, None, is_json
     if not isinstance(value, dict):
