@@ -24,9 +24,12 @@ from twisted.trial import unittest
 
 from sipproxy.config import ConfigError
 from sipproxy.media import tap
+from sipproxy.media.engine import RelayEngine
 from sipproxy.media.kernel import KernelError, KernelForwarder, Unsuitable, parse_counters
-from sipproxy.media.relay import RelayEngine, RelayInterface, SignalOptions
-from sipproxy.media.service import RelayConfig, makeRelayService
+from sipproxy.media.offer_answer import SignalOptions
+from sipproxy.media.ports import RelayInterface
+from sipproxy.media.service import makeRelayService
+from sipproxy.media.settings import RelaySettings
 from sipproxy.sdp import parse_sdp
 from tests.test_relay import LOCAL, Phone, rtp, sdp
 
@@ -643,8 +646,8 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
 
 
 class ServiceTests(unittest.TestCase):
-    def config(self, kernel: str) -> RelayConfig:
-        return RelayConfig(interfaces=(RelayInterface("default", LOCAL),), port_min=PORT_MIN,
+    def config(self, kernel: str) -> RelaySettings:
+        return RelaySettings(interfaces=(RelayInterface("default", LOCAL),), port_min=PORT_MIN,
                            port_max=PORT_MAX, kernel=kernel, kernel_table=TABLE)
 
     @defer.inlineCallbacks

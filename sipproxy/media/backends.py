@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.interfaces import IMediaRelay
+from sipproxy.media.engine import RelayEngine
 from sipproxy.media.ng import NGClient, NGCommands, NGError, NGTimeout, to_text
-from sipproxy.media.relay import RelayEngine
 
 __all__ = ["LocalRelay", "NGRelay", "RelayedSdp"]
 

@@ -9,7 +9,7 @@ rtpengine (Kamailio, OpenSIPS, ...) can drive this relay, and so that the client
 a real rtpengine.
 
 - :class:`NGCommands` turns a request dictionary into a reply dictionary, using a
-  :class:`~sipproxy.media.relay.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
+  :class:`~sipproxy.media.engine.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
   ``delete``, ``query``, ``list``. Keys are matched as rtpengine does: ``-``, ``_`` and space
   are the same, case does not matter (``received-from`` = ``received from``).
 - :class:`NGServerProtocol` is the UDP server, with a reply cache: a retransmitted request
@@ -35,7 +35,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sipproxy.media import bencode
-from sipproxy.media.relay import RelayEngine, RelayError, SignalOptions, UnknownCall
+from sipproxy.media.engine import RelayEngine
+from sipproxy.media.errors import RelayError, UnknownCall
+from sipproxy.media.offer_answer import SignalOptions
+from sipproxy.media.settings import DEFAULT_CACHE_TTL
 from sipproxy.sdp import SdpError, parse_sdp
 
 __all__ = [
@@ -55,7 +58,6 @@ _log = Logger(namespace="sipproxy.media.ng")
 
 COMMANDS: Final = ("ping", "offer", "answer", "delete", "query", "list")
 MAX_COOKIE: Final = 128
-DEFAULT_CACHE_TTL: Final = 30.0
 DEFAULT_CACHE_SIZE: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 32
 
