@@ -21,6 +21,7 @@ from sipproxy.media.kernel import HEADER_BYTES, Unsuitable
 from sipproxy.media.ports import Address
 
 if TYPE_CHECKING:
+    from sipproxy.media.kernel import KernelForwarder, Offload
     from sipproxy.media.model import PacketStream
 
 __all__ = [
@@ -78,6 +79,13 @@ class KernelOffloader(Protocol[RulesT]):
 
     def counters(self) -> defer.Deferred[Counters]:
         """Every counter's current value."""
+
+
+if TYPE_CHECKING:
+
+    def _implements(forwarder: KernelForwarder) -> KernelOffloader[Offload]:
+        """(mypy checks here that the nftables forwarder is a :class:`KernelOffloader`)"""
+        return forwarder
 
 
 class StreamOffload:

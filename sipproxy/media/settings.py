@@ -74,7 +74,7 @@ class RelaySettings:
     offer_timeout: float = _setting(DEFAULT_OFFER_TIMEOUT,
                                     "seconds a call may wait for its answer", min=1, max=_WEEK)
     listen_ng: tuple[str, int] | None = _setting(
-        None, "ADDRESS:PORT to answer NG commands on (none: in process only)")
+        None, "ADDRESS:PORT (UDP) to answer NG commands on")
     kernel: str = _setting(
         "auto", "the kernel fast path (nftables netdev ingress rules; needs CAP_NET_ADMIN): "
         "auto (where nft and the kernel can), on, off")
