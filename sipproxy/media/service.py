@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from sipproxy.media.engine import RelayEngine
 from sipproxy.media.kernel import KernelForwarder, NftRunner, process_runner
 from sipproxy.media.ng import NGCommands, NGServerProtocol
-from sipproxy.media.settings import RelaySettings
+from sipproxy.media.settings import KERNEL_MODES, RelaySettings
 
 __all__ = ["RelayService", "makeRelayService"]
 
@@ -42,7 +42,7 @@ class RelayService(MultiService):
     def __init__(self, config: RelaySettings, reactor: Any, clock: Any,
                  kernel_runner: NftRunner | None = None) -> None:
         super().__init__()
-        if config.kernel not in ("auto", "on", "off"):
+        if config.kernel not in KERNEL_MODES:
             raise ValueError(f'kernel must be "auto", "on" or "off", got {config.kernel!r}')
         self.config = config
         self.reactor = reactor
