@@ -17,18 +17,13 @@ import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
-from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
@@ -49,14 +44,16 @@ from sipproxy.message import (
     parse_message,
 )
 from sipproxy.transaction import ITransportSender
+from sipproxy.transport.endpoints import ClientEndpoints, address_family, ip_address
+from sipproxy.transport.pool import ConnectionPool, peer_key, pool_key
 from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
 from sipproxy.transport.tls import (
     ServerCertificate,
     SIPTLSStreamProtocol,
     TLSClientPolicy,
-    TLSConnections,
     load_server_certificate,
 )
+from sipproxy.transport.tls_connections import TLSConnections
 from sipproxy.transport.udp import SIPDatagramProtocol
 
 if TYPE_CHECKING:
@@ -225,38 +222,6 @@ def _enlarge_receive_buffer(port: Any) -> None:
             continue
 
 
-# Address checks run several times per message: cache them (hosts repeat, the cache is bounded).
-@functools.lru_cache(maxsize=4096)
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return None
-
-
-def _is_ip(host: str) -> bool:
-    return _ip(host) is not None
-
-
-def _family(host: str) -> int | None:
-    """AF_INET/AF_INET6 for an IP literal, None for a name."""
-    ip = _ip(host)
-    if ip is None:
-        return None
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_host(host: str) -> str:
-    ip = _ip(host)
-    return str(ip) if ip is not None else host.lower()
-
-
-def _key(host: str, port: int) -> tuple[str, int]:
-    """Connection table key: IP literals in one canonical spelling."""
-    return _canonical_host(host), port
-
-
 @functools.lru_cache(maxsize=4096)
 def _not_unicast(host: str) -> bool:
     """Addresses a response must never be sent to (RFC 4475 3.3.10: broadcast Via)."""
@@ -283,7 +248,7 @@ def _is_local(host: str) -> bool:
 
 
 def _same_host(a: str, b: str) -> bool:
-    return _key(a, 0) == _key(b, 0)
+    return peer_key(a, 0) == peer_key(b, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,14 +319,6 @@ class _GuardedTLSFactory(TLSMemoryBIOFactory):
         if not self.manager._admit(unmapped(getattr(addr, "host", ""))):
             return None
         return super().buildProtocol(addr)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """An outgoing connection being set up, with what waits to be sent on it."""
-
-    queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
-    deferred: defer.Deferred[SIPStreamProtocol] | None = None
 
 
 class _DropLog:
@@ -447,16 +404,19 @@ class TransportManager(Service):
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.limits = limits
-        self._connections: dict[tuple[str, int], SIPStreamProtocol] = {}
+        self.endpoints = ClientEndpoints(reactor, connect_timeout)
+        #: the stream connections: the ones the proxy opened, and every one by its peer
+        self.pool = ConnectionPool()
         self._streams: set[SIPStreamProtocol] = set()
         # accepted connections, the one longest without a SIP message first
         self._incoming: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
         self.flows: FlowTracker | None = None
-        self._pending: dict[tuple[str, int], _Pending] = {}
         self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
-        self.tls = TLSConnections(self)
+        self.tls = TLSConnections(self, reactor, self.pool, self.endpoints,
+                                  idle_timeout=idle_timeout, limits=limits,
+                                  message_timeout=message_timeout)
         for i, (spec, listener) in enumerate(zip(specs, self.listeners, strict=True)):
             if listener.transport == "TLS":
                 listener.certificate = _listener_certificate(i, spec)
@@ -485,6 +445,7 @@ class TransportManager(Service):
                     listener.listening_port.stopListening()
                     listener.listening_port = None
             raise
+        self.tls.start()
         super().startService()
 
     def _listen(self, listener: Listener) -> None:
@@ -525,9 +486,7 @@ class TransportManager(Service):
                 waits.append(defer.maybeDeferred(listener.listening_port.stopListening))
                 listener.listening_port = None
                 listener.udp = None
-        for pending in list(self._pending.values()):
-            if pending.deferred is not None:
-                pending.deferred.cancel()
+        self.pool.cancel()
         for proto in list(self._streams):
             waits.append(self._close_stream(proto))
         done = defer.DeferredList(waits, consumeErrors=True)
@@ -571,7 +530,7 @@ class TransportManager(Service):
             candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
         if side is not None:
             candidates = [lst for lst in candidates if lst.side == side]
-        family = _family(target.host)
+        family = address_family(target.host)
         if family is not None:
             fitting = [lst for lst in candidates if lst.family == family]
             candidates = fitting or candidates
@@ -638,7 +597,7 @@ class TransportManager(Service):
         return wanted
 
     def _known_udp_only(self, target: Target) -> bool:
-        key = _key(target.host, target.port)
+        key = peer_key(target.host, target.port)
         until = self._udp_only.get(key)
         if until is not None and until <= self.reactor.seconds():
             del self._udp_only[key]
@@ -657,7 +616,7 @@ class TransportManager(Service):
         over_tcp: defer.Deferred[None] = defer.Deferred()
 
         def over_udp(_: object) -> None:
-            key = _key(target.host, target.port)
+            key = peer_key(target.host, target.port)
             self._udp_only.pop(key, None)
             while len(self._udp_only) >= UDP_ONLY_MAX:
                 del self._udp_only[next(iter(self._udp_only))]
@@ -781,8 +740,8 @@ class TransportManager(Service):
                 return done
             if route.transport in RELIABLE_TRANSPORTS:
                 if route.connection is not None:
-                    proto = self._connections.get(_key(*route.connection))
-                    if proto is not None and not proto.closing:
+                    proto = self._tcp_connection(*route.connection)
+                    if proto is not None:
                         proto.write(data)
                         done.callback(None)
                         return done
@@ -829,7 +788,7 @@ class TransportManager(Service):
         return message.to_bytes()
 
     def _side_listener(self, side: str, transport: str, host: str) -> Listener | None:
-        family = _family(host)
+        family = address_family(host)
         best: Listener | None = None
         for lst in self.listeners:
             if lst.transport != transport or (side and lst.side != side):
@@ -845,9 +804,9 @@ class TransportManager(Service):
         proto = listener.udp
         if proto is None:
             raise ConnectionError(f"{listener} is not listening")
-        if _is_ip(host):
+        if ip_address(host) is not None:
             address = host
-            if listener.family == socket.AF_INET6 and _family(host) == socket.AF_INET:
+            if listener.family == socket.AF_INET6 and address_family(host) == socket.AF_INET:
                 address = "::ffff:" + host
             proto.send(data, (address, port))
             done.callback(None)
@@ -872,70 +831,33 @@ class TransportManager(Service):
         done: defer.Deferred[None],
         connect_timeout: float | None = None,
     ) -> None:
-        key = _key(host, port)
-        proto = self._connections.get(key)
-        if proto is not None and not proto.closing:
+        """Over TCP: on any open connection with ``host:port`` (opened or accepted), else on
+        one the pool opens from ``bind`` (``connect_timeout``: the endpoint's unless given)."""
+        proto = self._tcp_connection(host, port)
+        if proto is not None:
             proto.write(data)
             done.callback(None)
             return
-        pending = self._pending.get(key)
-        if pending is not None:
-            pending.queue.append((data, done))
-            return
+        key = pool_key(host, port)
+        self.pool.send(key, data, done,
+                       lambda: self._open_tcp(side, bind, key[0], port, connect_timeout))
+
+    def _tcp_connection(self, host: str, port: int) -> SIPStreamProtocol | None:
+        return self.pool.get(pool_key(host, port)) or self.pool.peer("TCP", host, port)
+
+    def _open_tcp(self, side: str, bind: str | None, host: str, port: int,
+                  timeout: float | None) -> defer.Deferred[SIPStreamProtocol]:
+        """The pool's opener for TCP: one connection attempt, logged when it fails."""
         if not self.running:
             raise ConnectionError("the transport service is stopped")
-        pending = _Pending([(data, done)])
-        self._pending[key] = pending
         proto = self._new_stream(side, outgoing=True)
-        connecting = connectProtocol(
-            self._client_endpoint(key[0], port, bind, connect_timeout), proto)
-        pending.deferred = connecting
-        connecting.addCallbacks(
-            self._connected, self._connect_failed, callbackArgs=(key,), errbackArgs=(key,)
-        )
+        connecting = connectProtocol(self.endpoints.tcp(host, port, bind, timeout), proto)
+        return connecting.addErrback(self._connect_failed, host, port)
 
-    def _client_endpoint(self, host: str, port: int, bind: str | None,
-                         timeout: float | None = None) -> IStreamClientEndpoint:
-        timeout = timeout or self.connect_timeout
-        family = _family(host)
-        bind_address = None
-        if bind is not None and _family(bind) == family:
-            bind_address = (bind, 0)
-        if family == socket.AF_INET:
-            return TCP4ClientEndpoint(
-                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
-            )
-        if family == socket.AF_INET6:
-            return TCP6ClientEndpoint(
-                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
-            )
-        return HostnameEndpoint(self.reactor, host, port, timeout=timeout)
-
-    def _connected(self, proto: SIPStreamProtocol, key: tuple[str, int]) -> None:
-        pending = self._pending.pop(key, None)
-        queue = pending.queue if pending is not None else []
-        if proto.closing:
-            error = ConnectionError(f"connection to {key[0]}:{key[1]} closed at once")
-            for _, done in queue:
-                done.errback(Failure(error))
-            return
-        self._connections[key] = proto
-        for data, done in queue:
-            try:
-                proto.write(data)
-            except Exception:
-                done.errback()
-            else:
-                done.callback(None)
-
-    def _connect_failed(self, reason: Failure, key: tuple[str, int]) -> None:
-        pending = self._pending.pop(key, None)
-        self.log.info(
-            "cannot connect to {host}:{port}: {error}",
-            host=key[0], port=key[1], error=reason.getErrorMessage(),
-        )
-        for _, done in pending.queue if pending is not None else []:
-            done.errback(reason)
+    def _connect_failed(self, reason: Failure, host: str, port: int) -> Failure:
+        self.log.info("cannot connect to {host}:{port}: {error}",
+                      host=host, port=port, error=reason.getErrorMessage())
+        return reason
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -1001,9 +923,9 @@ class TransportManager(Service):
     def stream_connected(self, proto: SIPStreamProtocol) -> None:
         self._streams.add(proto)
         if isinstance(proto, SIPTLSStreamProtocol):
-            self.tls.connected(proto)  # never in the TCP table: no clear text on a TLS route
+            self.tls.connected(proto)  # found as TLS only: no clear text on a TLS route
             return
-        self._connections[_key(*proto.peer)] = proto
+        self.pool.register_peer(proto)
 
     def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
         peer, local = proto.peer, proto.local
@@ -1046,10 +968,9 @@ class TransportManager(Service):
             if self.flood is not None:
                 self.flood.connection_closed(proto.admitted)
             proto.admitted = None
+        self.pool.forget(proto)
         if isinstance(proto, SIPTLSStreamProtocol):
             self.tls.lost(proto, reason)
-        for key in [k for k, p in self._connections.items() if p is proto]:
-            del self._connections[key]
         for d in self._lost_waiters.pop(proto, []):
             d.callback(None)
 
