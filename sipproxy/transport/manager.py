@@ -1,12 +1,14 @@
 """
 The SIP transport layer (RFC 3261 section 18): listeners, connections, and where bytes go.
 
-L{TransportManager} is the service that owns every socket. Inbound, it turns datagrams and framed
-stream messages into L{Message}s stamped with their L{Source} (RFC 3261 18.2.1 / RFC 3581
-received and rport included) and hands them to the receiver; what does not parse is answered
-statelessly when it is a request and dropped when it is a response. Outbound, it implements
-L{ITransportSender}: requests go to a L{Target} (connections reused, RFC 3261 18.1.1 size rule),
-responses follow the Via rules of RFC 3261 18.2.2 and RFC 3581 (L{route_response}).
+:class:`TransportManager` is the service that owns every socket. Inbound, it turns datagrams
+and framed stream messages into messages (:class:`Message`) stamped with their
+:class:`Source` (RFC 3261 18.2.1 / RFC 3581 received and rport included) and hands them to the
+receiver; what does not parse is answered statelessly when it is a request and dropped when it
+is a response. Outbound, it implements :class:`ITransportSender`: requests go to a
+:class:`Target` (stream connections reused through the
+:class:`~sipproxy.transport.pool.ConnectionPool`, RFC 3261 18.1.1 size rule), responses follow
+the Via rules of RFC 3261 18.2.2 and RFC 3581 (:func:`route_response`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting 
 
 
 class ListenSpec(Protocol):
-    """What the manager reads from a listen entry (L{sipproxy.config.ListenConfig} fits)."""
+    """What the manager reads from a listen entry (:class:`sipproxy.config.ListenConfig` fits)."""
 
     @property
     def side(self) -> str: ...
@@ -111,11 +113,11 @@ class ResponseRoute:
     """
     Where a response goes.
 
-    @ivar transport: upper case, from the top Via (C{"UDP"}, C{"TCP"}, C{"TLS"} ...).
-    @ivar host: IP address (or, rarely, a name) to send to when no connection is reused.
-    @ivar port: port for C{host}.
-    @ivar connection: for a reliable transport, the C{(host, port)} of the peer whose connection
-        the request came on: use it if it is still open (RFC 3261 18.2.2), else C{host}/C{port}.
+    :ivar transport: upper case, from the top Via (``"UDP"``, ``"TCP"``, ``"TLS"`` ...).
+    :ivar host: IP address (or, rarely, a name) to send to when no connection is reused.
+    :ivar port: port for ``host``.
+    :ivar connection: for a reliable transport, the ``(host, port)`` of the peer whose connection
+        the request came on: use it if it is still open (RFC 3261 18.2.2), else ``host``/``port``.
     """
 
     transport: str
@@ -126,13 +128,13 @@ class ResponseRoute:
 
 def route_response(via: Via, source: Source | None) -> ResponseRoute:
     """
-    RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is C{via}.
+    RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is ``via``.
 
-    C{source} is where the request came from: the response goes to its address (the
-    C{received} the proxy wrote, L{stamp_via}), over its connection if still open, and for
-    C{rport} to its port; otherwise to the sent-by port. Nothing the requester wrote can send
-    the response to another host: a Via C{maddr} is ignored (RFC 3261 18.2.2 honours it for
-    multicast, which the proxy never answers to), and so is a client's own C{received}.
+    ``source`` is where the request came from: the response goes to its address (the
+    ``received`` the proxy wrote, :func:`stamp_via`), over its connection if still open, and for
+    ``rport`` to its port; otherwise to the sent-by port. Nothing the requester wrote can send
+    the response to another host: a Via ``maddr`` is ignored (RFC 3261 18.2.2 honours it for
+    multicast, which the proxy never answers to), and so is a client's own ``received``.
     """
     # the transport the request really arrived on wins over what its Via claims (a UDP
     # datagram whose Via says TLS is still answered over UDP: RFC 4475 3.3.5)
@@ -162,7 +164,7 @@ _LINE_END = re.compile(rb"\r?\n")
 
 def stateless_error_response(data: bytes, status: int, reason: str) -> bytes | None:
     """
-    A minimal response to a request that did not parse, or C{None} when it cannot be answered.
+    A minimal response to a request that did not parse, or ``None`` when it cannot be answered.
 
     The Via, From, To, Call-ID and CSeq lines are copied raw (unfolded) so the client can match
     the answer to its transaction; a To without a tag gets one. Nothing is sent for a response,
@@ -258,12 +260,12 @@ class Listener:
     """
     One listening socket and what the proxy needs to put in Via / Record-Route for it.
 
-    @ivar side: C{"inside"} or C{"outside"}.
-    @ivar transport: C{"UDP"}, C{"TCP"} or C{"TLS"} (upper case, as in a Via).
-    @ivar address: the bound IP (may be a wildcard such as C{0.0.0.0}).
-    @ivar port: the bound port (the real one once started, also when configured as 0).
-    @ivar via_host: the host to advertise (C{advertise} from the config, else C{address}).
-    @ivar certificate: TLS only: the certificate and key (C{certificate}/C{key} of the spec).
+    :ivar side: ``"inside"`` or ``"outside"``.
+    :ivar transport: ``"UDP"``, ``"TCP"`` or ``"TLS"`` (upper case, as in a Via).
+    :ivar address: the bound IP (may be a wildcard such as ``0.0.0.0``).
+    :ivar port: the bound port (the real one once started, also when configured as 0).
+    :ivar via_host: the host to advertise (``advertise`` from the config, else ``address``).
+    :ivar certificate: TLS only: the certificate and key (``certificate``/``key`` of the spec).
     """
 
     def __init__(self, spec: ListenSpec) -> None:
@@ -356,28 +358,34 @@ class TransportManager(Service):
     """
     All SIP sockets of the proxy, as one service.
 
-    @param reactor: provides C{IReactorUDP}, C{IReactorTCP} and C{IReactorTime} (every timer,
+    :param reactor: provides ``IReactorUDP``, ``IReactorTCP`` and ``IReactorTime`` (every timer,
         connect and listen goes through it).
-    @param receiver: called with every message that parsed; C{message.source} is a L{Source}
-        whose C{side} is the listener's side. Requests have had RFC 3261 18.2.1 C{received} and
-        RFC 3581 C{rport} added to their top Via already. Exceptions it raises are logged.
-    @param listens: listen entries (L{ListenSpec}; C{sipproxy.config.ListenConfig} objects).
-    @param idle_timeout: seconds without traffic after which a connection is closed (None: never).
-    @param connect_timeout: seconds an outgoing TCP connection may take to establish.
-    @param limits: message size limits for parsing and framing.
-    @param flood: the flood guard (L{sipproxy.flood.FloodGuard}): asked before any parse for
+    :param receiver: called with every message that parsed; ``message.source`` is a :class:`Source`
+        whose ``side`` is the listener's side. Requests have had RFC 3261 18.2.1 ``received`` and
+        RFC 3581 ``rport`` added to their top Via already. Exceptions it raises are logged.
+    :param listens: listen entries (:class:`ListenSpec`; ``sipproxy.config.ListenConfig`` objects).
+    :param idle_timeout: seconds without traffic after which a connection is closed (None: never).
+    :param connect_timeout: seconds an outgoing TCP connection may take to establish.
+    :param limits: message size limits for parsing and framing.
+    :param flood: the flood guard (:class:`sipproxy.flood.FloodGuard`): asked before any parse for
         every datagram and stream message (a banned source costs a dict lookup), at accept for
-        every connection, and after parse for every request (scanner User-Agents). C{None}: no
+        every connection, and after parse for every request (scanner User-Agents). ``None``: no
         flood protection.
-    @param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
+    :param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
         no limit).
 
-    @ivar flows: which connections carry a registration or a dialog (a
-        L{sipproxy.flows.FlowTracker}, set by whoever builds the proxy; None: all do). When the
-        flood guard's connection table is full, the accepted connection that has gone longest
-        without a SIP message and carries neither is closed to make room for a new one; a CRLF
-        keepalive re-arms the idle timer only on a connection that carries one (or that the
+    :ivar flows: which connections carry a registration or a dialog (a
+        :class:`sipproxy.flows.FlowTracker`, set by whoever builds the proxy; None: all do).
+        When the flood guard's connection table is full, the accepted connection that has gone
+        longest without a SIP message and carries neither is closed to make room for a new one;
+        a CRLF keepalive re-arms the idle timer only on a connection that carries one (or that the
         proxy opened).
+    :ivar pool: the stream connections (:class:`~sipproxy.transport.pool.ConnectionPool`):
+        the ones the proxy opened by host, port and TLS server name, every one by its peer.
+    :ivar endpoints: builds the outgoing TCP and TLS endpoints
+        (:class:`~sipproxy.transport.endpoints.ClientEndpoints`).
+    :ivar tls: the TLS connections: opening, reconnects, accepted ones
+        (:class:`~sipproxy.transport.tls_connections.TLSConnections`).
     """
 
     log = Logger()
@@ -405,7 +413,6 @@ class TransportManager(Service):
         self.connect_timeout = connect_timeout
         self.limits = limits
         self.endpoints = ClientEndpoints(reactor, connect_timeout)
-        #: the stream connections: the ones the proxy opened, and every one by its peer
         self.pool = ConnectionPool()
         self._streams: set[SIPStreamProtocol] = set()
         # accepted connections, the one longest without a SIP message first
@@ -423,7 +430,7 @@ class TransportManager(Service):
 
     @property
     def tls_client(self) -> TLSClientPolicy | None:
-        """How outgoing TLS connections are made (set by the C{tls} plugin); None: TLS targets
+        """How outgoing TLS connections are made (set by the ``tls`` plugin); None: TLS targets
         fail with "no TLS client configured"."""
         return self.tls.policy
 
@@ -512,11 +519,11 @@ class TransportManager(Service):
         self, target: Target, side: str | None = None, transport: str | None = None
     ) -> Listener | None:
         """
-        The listener a request to C{target} leaves from (its Via/Record-Route address).
+        The listener a request to ``target`` leaves from (its Via/Record-Route address).
 
-        Candidates have C{transport} (default C{target.transport}; a TCP target with no TCP
-        listener falls back to the UDP listener of that side), C{side} when given, and an address
-        family that fits an IP target. Without C{side}, a private/loopback IP target prefers an
+        Candidates have ``transport`` (default ``target.transport``; a TCP target with no TCP
+        listener falls back to the UDP listener of that side), ``side`` when given, and an address
+        family that fits an IP target. Without ``side``, a private/loopback IP target prefers an
         inside listener, anything else an outside one. The proxy may override this method.
         """
         wanted = (transport or target.transport).upper()
@@ -547,8 +554,8 @@ class TransportManager(Service):
 
     def flow_address(self, target: Target, listener: Listener | None) -> tuple[str, int] | None:
         """
-        What names us on our own connection to C{target}, when a request to it is to name
-        that connection rather than C{listener}: an outgoing TLS connection from a side with
+        What names us on our own connection to ``target``, when a request to it is to name
+        that connection rather than ``listener``: an outgoing TLS connection from a side with
         no TLS listener. The peer can reach nothing else of ours (nothing speaks TLS on the
         side's UDP/TCP port) and finds the connection by its address and port. The host is
         the listener's advertised one (1:1 NAT), else the connection's local address.
@@ -565,7 +572,7 @@ class TransportManager(Service):
         return local
 
     def open_flow(self, target: Target) -> defer.Deferred[Any] | None:
-        """A Deferred that fires once the connection L{flow_address} would name for C{target}
+        """A Deferred that fires once the connection :meth:`flow_address` would name for ``target``
         is open (fails as sending would), or None when nothing is to wait for."""
         if target.transport.upper() != "TLS":
             return None
@@ -579,16 +586,17 @@ class TransportManager(Service):
                              target.host, target.port, target.server_name or target.host)
 
     def is_flow_port(self, port: int) -> bool:
-        """Is C{port} the local port of a connection the proxy opened (now or recently)?"""
+        """Is ``port`` the local port of a connection the proxy opened (now or recently)?"""
         return self.tls.is_own_port(port)
 
     def transport_for(self, request_bytes_len: int, target: Target) -> str:
         """
-        The transport a request of that size goes over to C{target} (RFC 3261 18.1.1).
+        The transport a request of that size goes over to ``target`` (RFC 3261 18.1.1).
 
-        A UDP target gets C{"TCP"} when the request is larger than L{udp_size_limit} (1300) bytes;
-        the proxy calls this with the size it is about to send (including its own Via) and writes
-        the answer in its Via. L{send_request} then sends over TCP to the same host and port.
+        A UDP target gets ``"TCP"`` when the request is larger than :attr:`udp_size_limit`
+        (1300) bytes; the proxy calls this with the size it is about to send (including its own
+        Via) and writes the answer in its Via. :meth:`send_request` then sends over TCP to the
+        same host and port.
         """
         wanted = target.transport.upper()
         if (wanted == "UDP" and request_bytes_len > self.udp_size_limit
@@ -607,11 +615,11 @@ class TransportManager(Service):
     def _send_size_switched(self, request: Request, target: Target,
                             done: defer.Deferred[None]) -> None:
         """
-        A large request to a UDP target goes over TCP (L{transport_for}); most phones that
+        A large request to a UDP target goes over TCP (:meth:`transport_for`); most phones that
         register over UDP (desk phones, softphones) have no TCP listener, so when the connection
-        fails (or takes over L{SIZE_SWITCH_CONNECT_TIMEOUT}) the request goes over UDP after
+        fails (or takes over :data:`SIZE_SWITCH_CONNECT_TIMEOUT`) the request goes over UDP after
         all, its Via back to UDP, as it would without the size rule, and the target gets UDP
-        directly for L{UDP_ONLY_TTL} seconds.
+        directly for :data:`UDP_ONLY_TTL` seconds.
         """
         over_tcp: defer.Deferred[None] = defer.Deferred()
 
@@ -673,16 +681,16 @@ class TransportManager(Service):
 
     def send_request(self, request: Request, target: Target) -> defer.Deferred[None]:
         """
-        Send C{request} to C{target}.
+        Send ``request`` to ``target``.
 
         Returns a Deferred that fires with None once the bytes are handed to the kernel (UDP: at
         once; TCP: when written on an established connection) and fails otherwise (no listener,
         connection refused or timed out, socket error, service stopped). Never raises.
 
-        UDP leaves from the listener the top Via names (else L{choose_listener}); a UDP target
-        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP,
-        or over UDP when that connection fails (L{_send_size_switched}).
-        TCP reuses any open connection to C{(host, port)}, accepted or opened, else connects
+        UDP leaves from the listener the top Via names (else :meth:`choose_listener`); a UDP
+        target whose request has a top Via saying TCP (the proxy applied :meth:`transport_for`)
+        goes over TCP, or over UDP when that connection fails (:meth:`_send_size_switched`).
+        TCP reuses any open connection to ``(host, port)``, accepted or opened, else connects
         (bound to the listener's address) and queues the request until connected.
         """
         done: defer.Deferred[None] = defer.Deferred()
@@ -717,13 +725,13 @@ class TransportManager(Service):
         self, response: Response, request_source: Source | None
     ) -> defer.Deferred[None]:
         """
-        Send C{response} per its top Via (L{route_response}); the Deferred is as for requests.
+        Send ``response`` per its top Via (:func:`route_response`); the Deferred is as for requests.
 
         Reliable: over the connection the request came on if still open, else a new TCP
         connection to received-or-sent-by host and sent-by port. UDP: from the socket the request
         arrived on (else a UDP listener of the same side) to the source (rport) / sent-by port.
         Never to a broadcast, multicast or unspecified address, and never without
-        C{request_source}: a response leaves from the side its request came from.
+        ``request_source``: a response leaves from the side its request came from.
         """
         done: defer.Deferred[None] = defer.Deferred()
         try:
@@ -869,7 +877,7 @@ class TransportManager(Service):
         )
 
     def _admit(self, host: str) -> bool:
-        """May a connection from C{host} be accepted? (counted when it may)"""
+        """May a connection from ``host`` be accepted? (counted when it may)"""
         return self.flood is None or self.flood.admit_connection(host, self._make_room)
 
     def _accepted(self, proto: SIPStreamProtocol, host: str) -> None:
@@ -882,7 +890,7 @@ class TransportManager(Service):
 
     def _make_room(self) -> bool:
         """The connection table is full: close the accepted connection longest without a SIP
-        message that carries no registration or dialog. C{False}: every one does."""
+        message that carries no registration or dialog. ``False``: every one does."""
         incoming = self._incoming
         for _ in range(len(incoming)):
             proto = next(iter(incoming))
@@ -902,7 +910,7 @@ class TransportManager(Service):
         return False
 
     def keepalive_counts(self, proto: SIPStreamProtocol) -> bool:
-        """Does a CRLF keepalive on C{proto} count as traffic (re-arm its idle timer)? Only
+        """Does a CRLF keepalive on ``proto`` count as traffic (re-arm its idle timer)? Only
         on a connection that carries a registration or a dialog, or one the proxy opened."""
         return proto.outgoing or self._carries_state(proto)
 
@@ -1045,8 +1053,8 @@ def stamp_via(request: Request, source: Source) -> None:
     """
     RFC 3261 18.2.1 and RFC 3581: record in the top Via where the request really came from.
 
-    C{received} is added when the sent-by host is not the source address (or when C{rport} asks
-    for it), and a C{received} the client wrote itself is replaced; C{rport} gets the source port
+    ``received`` is added when the sent-by host is not the source address (or when ``rport`` asks
+    for it), and a ``received`` the client wrote itself is replaced; ``rport`` gets the source port
     (a value the client wrote included: RFC 3581 section 4).
     """
     via = request.top_via

@@ -1,22 +1,21 @@
 """SIP over TLS (RFC 3261 section 26.2, RFC 5922, RFC 5626 keepalives): the transport kind.
 
-TLS is framed like TCP (L{SIPTLSStreamProtocol} is a L{SIPStreamProtocol} under a
-C{TLSMemoryBIOProtocol}); what differs is the setup and what may be reused:
+TLS is framed like TCP (:class:`SIPTLSStreamProtocol` is a :class:`SIPStreamProtocol` under a
+``TLSMemoryBIOProtocol``); what differs is the setup, here:
 
-- A connection counts only once its handshake is complete: requests queued for a new connection
-  wait for it, and a handshake that fails fails them with a L{TLSConnectError} that says why
-  (C{TLS to provider.test:5061 (127.0.0.1) failed: certificate verify failed: certificate has
-  expired}). Nothing is ever sent in clear text instead.
-- Outgoing connections are reused per C{(address, port, server name)}: a connection verified for
-  one name is not used for another. An accepted connection (a phone's) is reused for requests to
-  its peer address.
+- A connection counts only once its handshake is complete (:attr:`SIPTLSStreamProtocol.handshake`);
+  a handshake that fails fails with a :class:`TLSConnectError` that says why (``TLS to
+  provider.test:5061 (127.0.0.1) failed: certificate verify failed: certificate has expired``).
+  Nothing is ever sent in clear text instead.
 - Outgoing connections are kept alive with RFC 5626 CRLF pings when idle; one that stops
-  answering, or that the peer closes, is opened again with a growing delay while it carried SIP
-  within the idle timeout.
+  answering is closed (and opened again by :mod:`sipproxy.transport.tls_connections`, which
+  decides which connection a message goes on).
+- Certificates, keys and trust roots are loaded here with one-line errors; connection creators
+  per server name come from :func:`client_creator_factory`.
 
-Which requests go over TLS, and how the server is verified, is policy: the C{tls} plugin
-decides it and hands the transport a L{TLSClientPolicy} (C{core.use_tls_client}). Without one,
-a TLS target fails at once ("no TLS client configured").
+Which requests go over TLS, and how the server is verified, is policy: the ``tls`` plugin
+decides it and hands the transport a :class:`TLSClientPolicy` (``core.use_tls_client``).
+Without one, a TLS target fails at once ("no TLS client configured").
 """
 
 from __future__ import annotations
@@ -101,9 +100,9 @@ def _verify_error_text(errno: int) -> str:
 
 
 class TLSConnectError(ConnectionError):
-    """A TLS connection could not be set up: C{str()} is the one line the log and the
-    caller's C{Warning} get. C{verification} is True when the server's certificate was the
-    reason (name, expiry, unknown CA). C{logged} is True once that line is in the log: the
+    """A TLS connection could not be set up: ``str()`` is the one line the log and the
+    caller's ``Warning`` get. ``verification`` is True when the server's certificate was the
+    reason (name, expiry, unknown CA). ``logged`` is True once that line is in the log: the
     layers above (the transaction that could not be sent) do not log it again."""
 
     logged = False
@@ -131,18 +130,18 @@ def _show_host(host: str) -> str:
 
 @dataclass(frozen=True)
 class TLSClientPolicy:
-    """How outgoing TLS connections are made (the C{tls} plugin builds it).
+    """How outgoing TLS connections are made (the ``tls`` plugin builds it).
 
-    @ivar creator: the connection creator for a server name (it checks the certificate against
-        that name and sends it as SNI), e.g. from L{client_creator_factory}.
-    @ivar keepalive_interval: seconds of silence on an outgoing connection before a CRLF ping
+    :ivar creator: the connection creator for a server name (it checks the certificate against
+        that name and sends it as SNI), e.g. from :func:`client_creator_factory`.
+    :ivar keepalive_interval: seconds of silence on an outgoing connection before a CRLF ping
         (RFC 5626 4.4.1); None: no pings.
-    @ivar pong_timeout: seconds a ping may go unanswered before the connection counts as lost.
-    @ivar reconnect: reopen an outgoing connection lost without our closing it.
-    @ivar max_backoff: the longest wait between reconnect attempts (1, 2, 4 ... seconds).
-    @ivar server_minimum: lowest TLS version the TLS listeners accept.
-    @ivar on_failure: called with every L{TLSConnectError} (before the requests waiting for that
-        connection fail), e.g. to tell the caller why.
+    :ivar pong_timeout: seconds a ping may go unanswered before the connection counts as lost.
+    :ivar reconnect: reopen an outgoing connection lost without our closing it.
+    :ivar max_backoff: the longest wait between reconnect attempts (1, 2, 4 ... seconds).
+    :ivar server_minimum: lowest TLS version the TLS listeners accept.
+    :ivar on_failure: called with every :class:`TLSConnectError` (before the requests waiting
+        for that connection fail), e.g. to tell the caller why.
     """
 
     creator: Callable[[str], IOpenSSLClientConnectionCreator]
@@ -194,7 +193,7 @@ def _brief(error: Exception) -> str:
 
 
 def trust_root(certificates: list[x509.Certificate]) -> Any:
-    """A trust root (Twisted's C{IOpenSSLTrustRoot}) of exactly these CA certificates, instead
+    """A trust root (Twisted's ``IOpenSSLTrustRoot``) of exactly these CA certificates, instead
     of the system's trust store."""
     return trustRootFromCertificates(
         [Certificate(X509.from_cryptography(c)) for c in certificates]
@@ -205,7 +204,7 @@ def trust_root(certificates: list[x509.Certificate]) -> Any:
 class ServerCertificate:
     """A certificate (with its chain) and its private key, loaded and checked to match.
 
-    The objects are C{cryptography}'s: pyOpenSSL deprecates passing its own C{X509} and C{PKey}
+    The objects are ``cryptography``'s: pyOpenSSL deprecates passing its own ``X509`` and ``PKey``
     to a context."""
 
     certificate: x509.Certificate
@@ -213,7 +212,7 @@ class ServerCertificate:
     chain: tuple[x509.Certificate, ...] = ()
 
     def certificate_options(self) -> dict[str, Any]:
-        """The C{CertificateOptions} arguments that present this certificate and its chain."""
+        """The ``CertificateOptions`` arguments that present this certificate and its chain."""
         return {
             "privateKey": self.key,
             "certificate": self.certificate,
@@ -269,10 +268,10 @@ def client_creator_factory(
     minimum: Any = TLSVersion.TLSv1_2,
     verify: bool = True,
 ) -> Callable[[str], IOpenSSLClientConnectionCreator]:
-    """Connection creators per server name: C{optionsForClientTLS} (service_identity checks the
-    name against the certificate's subjectAltName, SNI is sent) trusting C{ca_certificates}
-    (default: the system's trust store), presenting C{client_certificate} if given, refusing
-    anything older than C{minimum}."""
+    """Connection creators per server name: ``optionsForClientTLS`` (service_identity checks the
+    name against the certificate's subjectAltName, SNI is sent) trusting ``ca_certificates``
+    (default: the system's trust store), presenting ``client_certificate`` if given, refusing
+    anything older than ``minimum``."""
     trust = trust_root(ca_certificates) if ca_certificates else platformTrust()
     extra: dict[str, Any] = {"raiseMinimumTo": minimum}
     if client_certificate is not None:
@@ -343,12 +342,12 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
     One SIP-over-TLS connection: framed as TCP, but it counts (is registered with the owner)
     only once the TLS handshake is done.
 
-    @ivar handshake: fires with the protocol when the handshake completes, fails with a
-        L{TLSConnectError} when the connection ends before.
-    @ivar server_name: for an outgoing connection, the name its certificate was checked for.
-    @ivar verify_error: the first certificate verify error OpenSSL reported, if any.
-    @ivar established: True once the handshake completed (it stays True).
-    @ivar closed_by_us: True when the proxy closed it (idle, stop): no reconnect then.
+    :ivar handshake: fires with the protocol when the handshake completes, fails with a
+        :class:`TLSConnectError` when the connection ends before.
+    :ivar server_name: for an outgoing connection, the name its certificate was checked for.
+    :ivar verify_error: the first certificate verify error OpenSSL reported, if any.
+    :ivar established: True once the handshake completed (it stays True).
+    :ivar closed_by_us: True when the proxy closed it (idle, stop): no reconnect then.
     """
 
     kind = "TLS"
