@@ -214,6 +214,32 @@ class RealTLSTests(unittest.TestCase):
         self.assertEqual(len(self.failures), 1)
 
     @defer.inlineCallbacks
+    def test_a_connection_the_provider_drops_is_opened_again(self) -> Any:
+        """On real sockets: the provider hangs up, the proxy reconnects after 1 s (its service
+        and the TLS layers agree the first connection is over), the next request uses it."""
+        server = self.server(certs().good)
+        manager = self.manager(keepalive_interval=None)
+        target = Target("TLS", LOCAL, server.number, PROVIDER)
+        yield manager.send_request(invite(), target)
+        transport = server.connections[0].transport
+        assert transport is not None
+        transport.loseConnection()
+        for _ in range(250):
+            if len(server.connections) == 2:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(server.connections), 2)
+        for _ in range(100):  # the handshake on the new connection
+            if manager.pool.get(pool_key(LOCAL, server.number, PROVIDER)) is not None:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        arrived = server.next_data()
+        yield manager.send_request(invite(call_id="after"), target)
+        data = yield arrived
+        self.assertIn(b"Call-ID: after", data)
+        self.assertEqual((len(server.connections), self.failures), (2, []))
+
+    @defer.inlineCallbacks
     def _refused(self, pair: Any, expected: str) -> Any:
         server = self.server(pair)
         manager = self.manager()

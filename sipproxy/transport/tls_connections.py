@@ -45,7 +45,8 @@ OWN_PORTS_KEPT = 1024
 class _ReconnectingService(ClientService):
     """A :class:`ClientService` that leaves the logging to :class:`TLSConnections`: every
     failed attempt is logged there once, with its reason (ClientService would add a line
-    naming its endpoint object for each retry)."""
+    naming its endpoint object for each retry). Its class logger is replaced by one that
+    publishes to no observer."""
 
     _log = Logger(observer=LogPublisher())
 
@@ -59,7 +60,10 @@ class _Flow:
         a new start).
     :ivar established: a handshake completed once: a lost connection is opened again.
     :ivar attempting: an attempt is under way (TCP connect or handshake).
-    :ivar quiet: the attempt under way was started by the reconnect timer, not by a request.
+    :ivar quiet: the attempt under way was started by the reconnect timer, not by a request
+        (its failure is logged at info level, "(reconnecting)").
+    :ivar on_demand: the next attempt is started for a request (not quiet).
+    :ivar stopping: the service is stopped or stopping: no more attempts.
     :ivar waiters: fired with the protocol, or failed, when the attempt under way ends.
     """
 
