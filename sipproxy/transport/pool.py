@@ -99,10 +99,12 @@ class ConnectionPool:
 
     def forget(self, proto: SIPStreamProtocol) -> None:
         """``proto`` is gone: never hand it out again."""
-        for key in [k for k, p in self._open.items() if p is proto]:
-            del self._open[key]
-        for peer in [k for k, p in self._by_peer.items() if p is proto]:
+        peer = (proto.kind, *peer_key(*proto.peer))
+        if self._by_peer.get(peer) is proto:
             del self._by_peer[peer]
+        if proto.outgoing:  # only the proxy's own are in the pool by key
+            for key in [k for k, p in self._open.items() if p is proto]:
+                del self._open[key]
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, key: PoolKey, data: bytes, done: defer.Deferred[None],
