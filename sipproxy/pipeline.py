@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -12,9 +13,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Config, ConfigError
-from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory, IProxyCore, IProxyPlugin
 
-__all__ = ["HOOKS", "Pipeline", "Plugin", "find_factory", "load_plugins", "then"]
+__all__ = [
+    "HOOKS", "Pipeline", "Plugin", "find_factory", "implied_plugins", "load_plugins", "then",
+]
 
 ENTRY_POINT_GROUP = "sipproxy.plugins"
 HOOKS = (
@@ -137,6 +140,34 @@ def find_factory(name: str) -> Any:
         return found[0].load()
     except Exception as e:
         raise ConfigError.for_key("plugins.enabled", f"plugin {name!r} failed to load: {e}") from e
+
+
+@functools.cache
+def _implying_factories() -> tuple[tuple[str, Any], ...]:
+    """The installed plugin factories that provide ``IImpliedPluginFactory``, by entry-point
+    name (loaded once per process; one that fails to load implies nothing: it fails when
+    enabled)."""
+    found = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            factory = ep.load()
+        except Exception:
+            continue
+        if IImpliedPluginFactory.providedBy(factory):
+            found.append((ep.name, factory))
+    return tuple(found)
+
+
+def implied_plugins(config: Config) -> tuple[str, ...]:
+    """
+    The installed plugins that run although ``[plugins] enabled`` does not name them: those
+    whose factory provides :class:`~sipproxy.interfaces.IImpliedPluginFactory` and whose
+    ``implied_by(config)`` is true, e.g. ``acl`` when a listener faces the outside. They run
+    first, before the enabled ones; ``[plugins] open_relay = true`` turns them off (the config
+    does not call this then).
+    """
+    return tuple(name for name, factory in _implying_factories()
+                 if name not in config.plugins and factory.implied_by(config))
 
 
 def load_plugins(config: Config, core: IProxyCore) -> list[Any]:

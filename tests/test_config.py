@@ -260,11 +260,11 @@ CASES = [
     ),
     (
         '[[listen]]\naddress = "localhost"',
-        'listen[0].address: must be an IPv4 or IPv6 address, got "localhost"',
+        'listen[0].address: must be an IP address (IPv4 or IPv6), got "localhost"',
     ),
     (
         '[[listen]]\naddress = "[::1]"',
-        'listen[0].address: must be an IPv4 or IPv6 address, got "[::1]"',
+        'listen[0].address: must be an IP address (IPv4 or IPv6), got "[::1]"',
     ),
     ("[[listen]]\naddress = 127", "listen[0].address: must be a string, got 127"),
     ('[[listen]]\naddress = ""', "listen[0].address: must not be empty"),
@@ -775,7 +775,8 @@ def test_limits_values_typed_and_normalized() -> None:
         ("messages_per_second = 0", "limits.messages_per_second: must be a number > 0, got 0"),
         ("ban_time = -1", "limits.ban_time: must be a number > 0, got -1"),
         ('exempt = ["10.0.0.0/33"]',
-         'limits.exempt[0]: must be an IP address or network (CIDR), got "10.0.0.0/33"'),
+         'limits.exempt[0]: must be a network like 192.0.2.0/24 or an IP address,'
+         ' got "10.0.0.0/33"'),
         ('exempt = "10.0.0.0/8"', 'limits.exempt: must be an array of strings, got "10.0.0.0/8"'),
         ('blocked_user_agents = [""]', "limits.blocked_user_agents[0]: must not be empty"),
         ("enabled = 1", "limits.enabled: must be true or false, got 1"),
