@@ -47,6 +47,7 @@ from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.settings import Section, read_section, setting
+from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.tls import (
     TLS_VERSIONS,
     ServerCertificate,
@@ -54,7 +55,6 @@ from sipproxy.transport.tls import (
     TLSConnectError,
     client_creator_factory,
     load_certificates,
-    load_server_certificate,
 )
 from sipproxy.uri import URI, format_host, parse_name_addr
 
@@ -352,12 +352,7 @@ class TLSFactory:
             raise section.error(missing, "is required when "
                                 f"{'certificate' if missing == 'key' else 'key'} is set")
         if s.certificate is not None and s.key is not None:
-            try:
-                client = load_server_certificate(s.certificate, s.key)
-            except ValueError as e:
-                which = "key" if "key file" in str(e) and "does not match" not in str(e) \
-                    else "certificate"
-                raise section.error(which, str(e)) from None
+            client = load_certificate_pair(section, s.certificate, s.key)
         minimum = TLS_VERSIONS[s.minimum_version]
         creator = client_creator_factory(ca_certificates=ca, client_certificate=client,
                                          minimum=minimum, verify=s.verify)
