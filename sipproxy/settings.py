@@ -20,8 +20,9 @@ Annotations map to TOML types: ``bool``, ``int``, ``float`` (an integer is accep
 a ``Literal`` of strings (one of them), ``tuple[..., ...]`` (an array of non-empty strings,
 each passed through ``parse``), ``Mapping[str, Any]`` (a table); ``X | None`` with a default of
 ``None`` makes a key optional. A required key (no default) must come before the keys with a
-default, or the dataclass be ``kw_only``. Checks that involve two keys (``min_expires <= max_expires``)
-stay in the code that calls :func:`read_section`, with :meth:`Section.error`.
+default, or the dataclass be ``kw_only``. Checks that involve two keys
+(``min_expires <= max_expires``) stay in the code that calls :func:`read_section`, with
+:meth:`Section.error`.
 """
 
 from __future__ import annotations
