@@ -10,9 +10,10 @@ from typing import Any, Literal
 import pytest
 from zope.interface.verify import verifyObject
 
+from sipproxy import pipeline
 from sipproxy.config import parse_config
 from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory
-from sipproxy.pipeline import implied_plugins
+from sipproxy.pipeline import implied_plugins, implying_factories
 from sipproxy.plugins import acl, auth, nat, tls
 from sipproxy.settings import (
     REQUIRED,
@@ -140,3 +141,17 @@ def test_acl_is_implied_by_a_listener_on_the_outside() -> None:
     assert implied_plugins(parse_config(inside)) == ()
     placed = parse_config(outside + '[plugins]\nenabled = ["nat", "acl"]\n')
     assert implied_plugins(placed) == ()  # named: it runs where the list puts it
+
+
+def test_acl_is_implied_even_without_installed_entry_points(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a source tree that was never installed (no entry points), the outside listener
+    still brings acl: the safeguard does not depend on package metadata."""
+    monkeypatch.setattr(pipeline, "entry_points", lambda group: [])
+    implying_factories.cache_clear()
+    try:
+        config = parse_config('[[listen]]\nside = "outside"\naddress = "203.0.113.1"\n')
+        assert config.plugins == ("acl",)
+    finally:
+        monkeypatch.undo()
+        implying_factories.cache_clear()
