@@ -18,7 +18,8 @@ built-in plugin declare their settings this way, and so can a third-party plugin
 
 Annotations map to TOML types: ``bool``, ``int``, ``float`` (an integer is accepted), ``str``,
 a ``Literal`` of strings (one of them), ``tuple[..., ...]`` (an array of non-empty strings,
-each passed through ``parse``), ``Mapping[str, Any]`` (a table); ``X | None`` with a default of
+each passed through ``parse``), ``Mapping[str, Any]`` (a table), a union of several types
+(``str | bool``: ``parse`` judges the value as it is); ``X | None`` with a default of
 ``None`` makes a key optional. A required key (no default) must come before the keys with a
 default, or the dataclass be ``kw_only``. Checks that involve two keys
 (``min_expires <= max_expires``) stay in the code that calls :func:`read_section`, with
@@ -385,10 +386,13 @@ class SettingSpec:
     :ivar doc: one line saying what the key does.
     :ivar default: the default value, or :data:`REQUIRED`.
     :ivar kind: the TOML type the annotation calls for: ``"bool"``, ``"int"``, ``"float"``,
-        ``"str"``, ``"choice"``, ``"array"`` or ``"table"``.
+        ``"str"``, ``"choice"``, ``"array"``, ``"table"``, or ``"any"`` for a union of several
+        types (``str | bool``), whose ``parse`` gets the TOML value as it is.
     :ivar optional: the annotation allows ``None`` (the key may be left out, default ``None``).
     :ivar parse: turns a string (each element of an array) into the stored value, raising
         ``ValueError`` whose text is the problem (``must be ..., got ...``).
+
+    The other fields are the arguments of :func:`setting` of the same names.
     """
 
     key: str
@@ -429,7 +433,8 @@ def setting(
         (default yes).
     :param unique: arrays: no element may repeat another (after ``parse``).
     :param parse: strings, and each element of an array: returns the value to keep, or raises
-        ``ValueError("must be ..., got ...")``.
+        ``ValueError("must be ..., got ...")``; for a field of several types (``str | bool``)
+        it gets the TOML value as it is, and is required.
     :returns: a ``dataclasses.field`` carrying the spec in its metadata.
     """
     spec = SettingSpec(
@@ -448,8 +453,8 @@ def _kind(hint: Any) -> tuple[str, bool, tuple[str, ...]]:
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         optional = len(args) < len(typing.get_args(hint))
-        if len(args) != 1:
-            raise TypeError(f"a setting cannot be of type {hint!r}")
+        if len(args) > 1:
+            return "any", optional, ()
         hint = args[0]
     origin = typing.get_origin(hint) or hint
     if origin is Literal:
@@ -482,6 +487,8 @@ def _specs(cls: type) -> Mapping[str, SettingSpec]:
         if spec is None:
             continue
         kind, optional, choices = _kind(hints[f.name])
+        if kind == "any" and spec.parse is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: a setting of several types needs parse")
         specs[f.name] = dataclasses.replace(
             spec, key=f.name, kind=kind, optional=optional, choices=spec.choices or choices
         )
@@ -516,6 +523,13 @@ def _read(s: Section, spec: SettingSpec) -> Any:
         return s.get_section(key).mapping
     if spec.kind == "array":
         return _read_array(s, spec)
+    if spec.kind == "any":
+        if key not in s:
+            return s.get_str(key, default)  # absent: the default, or "is required"
+        try:
+            return cast(Callable[[Any], Any], spec.parse)(s.mapping[key])
+        except ValueError as e:
+            raise s.error(key, str(e)) from None
     if spec.kind == "choice" or spec.choices:
         return s.get_choice(key, spec.choices, default)
     value = s.get_str(key, default, allow_empty=bool(spec.allow_empty))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pytest
 from zope.interface.verify import verifyObject
@@ -26,6 +26,12 @@ from sipproxy.settings import (
 )
 
 
+def _switch(value: object) -> str | bool:
+    if isinstance(value, bool) or value == "auto":
+        return cast("str | bool", value)
+    raise ValueError(f'must be "auto", true or false, got {value!r}')
+
+
 def _even(text: str) -> int:
     if not text.isdigit() or int(text) % 2:
         raise ValueError(f"must be an even number, got {text!r}")
@@ -43,6 +49,7 @@ class Example:
     label: str | None = setting(None, doc="Optional.")
     evens: tuple[int, ...] = setting((), parse=_even, unique=True, doc="Parsed elements.")
     options: Mapping[str, Any] | None = setting(None, doc="A table.")
+    switch: str | bool = setting("auto", parse=_switch, doc="Several types: parse judges.")
     derived: int = 0
 
 
@@ -58,13 +65,15 @@ def problem(**values: object) -> str:
 
 
 def test_defaults_fill_what_the_table_leaves_out() -> None:
-    assert read(name="x") == Example("x", 3, 0.5, "fast", "plain", True, None, (), None, 7)
+    assert read(name="x") == Example("x", 3, 0.5, "fast", "plain", True, None, (), None, "auto",
+                                     7)
 
 
 def test_values_are_typed_and_parsed() -> None:
     got = read(name="x", count=9, ratio=2, mode="slow", flavour="salted", on=False, label="l",
-               evens=["2", "4"], options={"a": 1})
-    assert got == Example("x", 9, 2.0, "slow", "salted", False, "l", (2, 4), {"a": 1}, 7)
+               evens=["2", "4"], options={"a": 1}, switch=False)
+    assert got == Example("x", 9, 2.0, "slow", "salted", False, "l", (2, 4), {"a": 1}, False,
+                          7)
     assert type(got.ratio) is float
 
 
@@ -74,7 +83,7 @@ def test_values_are_typed_and_parsed() -> None:
         ({}, "ex.name: is required"),
         ({"name": ""}, "ex.name: must not be empty"),
         ({"name": "x", "cont": 1}, "ex.cont: unknown key (expected one of: count, evens, "
-                                   "flavour, label, mode, name, on, options, ratio)"),
+                                   "flavour, label, mode, name, on, options, ratio, switch)"),
         ({"name": "x", "count": 10}, "ex.count: must be an integer from 1 to 9, got 10"),
         ({"name": "x", "count": True}, "ex.count: must be an integer from 1 to 9, got true"),
         ({"name": "x", "ratio": 0}, "ex.ratio: must be a number > 0, got 0"),
@@ -86,6 +95,7 @@ def test_values_are_typed_and_parsed() -> None:
         ({"name": "x", "evens": ["2", "02"]}, 'ex.evens[1]: "02" repeats ex.evens[0]'),
         ({"name": "x", "evens": "2"}, 'ex.evens: must be an array of strings, got "2"'),
         ({"name": "x", "options": 1}, "ex.options: must be a table, got 1"),
+        ({"name": "x", "switch": 1}, "ex.switch: must be \"auto\", true or false, got 1"),
         ({"name": "x", "derived": 1}, "ex.derived: unknown key"),
     ],
 )
@@ -96,12 +106,13 @@ def test_each_mistake_is_one_line_naming_the_key(values: dict[str, Any], message
 def test_settings_of_lists_the_keys_with_their_docs() -> None:
     specs = settings_of(Example)
     assert list(specs) == ["name", "count", "ratio", "mode", "flavour", "on", "label", "evens",
-                           "options"]  # derived is not a key
+                           "options", "switch"]  # derived is not a key
     assert specs["name"].default is REQUIRED
     assert (specs["count"].kind, specs["count"].min, specs["count"].max) == ("int", 1, 9)
     assert specs["mode"].choices == ("fast", "slow")
     assert specs["label"].optional and specs["label"].kind == "str"
     assert specs["evens"].kind == "array" and specs["options"].kind == "table"
+    assert specs["switch"].kind == "any"
     assert all(spec.doc for spec in specs.values())
 
 
@@ -110,8 +121,13 @@ def test_a_field_type_the_reader_cannot_read_is_refused_at_declaration() -> None
     class Bad:
         when: complex = setting(0j, doc="no TOML type")
 
-    with pytest.raises(TypeError):
-        settings_of(Bad)
+    @dataclass(frozen=True)
+    class Unjudged:
+        mode: str | bool = setting("auto", doc="several types and no parse")
+
+    for cls in (Bad, Unjudged):
+        with pytest.raises(TypeError):
+            settings_of(cls)
 
 
 def test_network_normalizes_or_says_what_it_wants() -> None:
