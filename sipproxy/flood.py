@@ -48,19 +48,83 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from sipproxy.config import LimitsConfig
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import network, setting
 
 if TYPE_CHECKING:
     from sipproxy.message import Request
 
-__all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard"]
+__all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard", "LimitsConfig"]
 
-_DEFAULTS: Final = LimitsConfig()
-DEFAULT_BLOCKED_USER_AGENTS: Final = _DEFAULTS.blocked_user_agents
+DEFAULT_BLOCKED_USER_AGENTS: Final = (
+    "friendly-scanner", "sipvicious", "sipcli", "sip-scan", "sipscan", "sundayddr", "iwar",
+    "vaxsipuseragent", "pplsip", "siparmyknife",
+)
 """User-Agent substrings of well-known SIP scanners (matched lower case)."""
-DEFAULT_EXEMPT: Final = _DEFAULTS.exempt
+DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 """The proxy's own host: local tools, benchmarks and tests are not rate limited by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: flood protection and bounds on what one source may hold open
+    (:class:`FloodGuard`, the transports' timeouts)."""
+
+    enabled: bool = setting(
+        True, doc="False: no rate limit, ban, User-Agent block list, per-source limit or total"
+                  " at all (and the auth plugin's failures ban no one).")
+    messages_per_second: float = setting(
+        100.0, min=0, min_exclusive=True,
+        doc="Per source IP: messages (datagrams or framed stream messages, requests and"
+            " responses) per second, sustained.")
+    burst: int = setting(
+        400, min=1, doc="Per source IP: messages it may send at once above the sustained rate.")
+    ban_time: float = setting(
+        300.0, min=0, min_exclusive=True,
+        doc="Seconds a source that went over the rate is ignored.")
+    exempt: tuple[str, ...] = setting(
+        DEFAULT_EXEMPT, parse=network,
+        doc="Networks (CIDR, normalized) that no per-source check applies to: the proxy's host by"
+            " default; add the inside networks or the provider.")
+    blocked_user_agents: tuple[str, ...] = setting(
+        DEFAULT_BLOCKED_USER_AGENTS, parse=str.lower,
+        doc="Substrings (lower-cased): a request whose User-Agent contains one is dropped"
+            " silently.")
+    refusal_weight: int = setting(
+        10, min=0, doc="A refused request (blocked User-Agent, over a limit, unparsable) counts"
+                       " as this many messages toward the rate limit.")
+    max_transactions_per_source: int = setting(
+        500, min=0, doc="Open server transactions per source IP (0: no limit); over it requests"
+                        " get 503.")
+    max_dialogs_per_source: int = setting(
+        200, min=0, doc="Dialogs (calls) a source IP may have set up and not ended (0: no"
+                        " limit); over it new INVITEs from it get 503.")
+    max_connections_per_source: int = setting(
+        32, min=1, doc="Incoming TCP/TLS connections per source IP; more are refused at accept.")
+    max_connections: int = setting(
+        1000, min=1,
+        doc="Incoming TCP/TLS connections in all; when they are all open, the oldest idle one"
+            " that carries no registration or dialog is closed to make room for a new one.")
+    max_transactions: int = setting(
+        10_000, min=0,
+        doc="Open server transactions from sources that are not exempt, in all (0: no limit);"
+            " over it their requests get 503 (spoofed UDP sources cannot fill memory).")
+    max_dialogs: int = setting(
+        5_000, min=0, doc="Dialogs set up by sources that are not exempt, in all (0: no limit);"
+                          " over it their new INVITEs get 503.")
+    idle_timeout: float = setting(
+        600.0, min=0, min_exclusive=True,
+        doc="Seconds without traffic after which a TCP/TLS connection is closed (CRLF"
+            " keepalives count only on a connection that carries a registration or a dialog).")
+    message_timeout: float = setting(
+        30.0, min=0, doc="Seconds a TCP/TLS peer has to finish a message it started"
+                         " (slow-loris); 0: no limit.")
+    max_sources: int = setting(
+        100_000, min=1,
+        doc="Sources tracked (and banned) at most: bounds memory under a spoofed-source flood.")
+    log_interval: float = setting(
+        60.0, min=0, doc="Refusals are logged at most once per source per this many seconds (all"
+                         " are counted).")
 
 _PRUNE_INTERVAL: Final = 60.0
 

@@ -30,7 +30,7 @@ from sipproxy.context import Branch, RequestContext, Target
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from sipproxy.config import Section
+    from sipproxy.config import Config, Section
     from sipproxy.dialogs import Dialog
     from sipproxy.media.backends import RelayedSdp
     from sipproxy.message import Request, Response, Via
@@ -49,6 +49,7 @@ __all__ = [
     "Branch",
     "DropType",
     "ICredentialStore",
+    "IImpliedPluginFactory",
     "IMediaRelay",
     "IPluginFactory",
     "IProxyCore",
@@ -121,9 +122,24 @@ class IPluginFactory(Interface):
     name = Attribute("The default plugin name (its config section is [name]).")
 
     def build(core: IProxyCore, section: Section) -> IProxyPlugin:
-        """Validate ``section`` (raise ``ConfigError`` via ``section.error(key, problem)`` for a
-        mistake) and return the plugin. If the plugin also provides
-        ``twisted.application.service.IService`` it is started and stopped with the proxy."""
+        """Validate ``section`` and return the plugin. Declare the section's keys once, as a
+        frozen dataclass of :func:`sipproxy.settings.setting` fields, read it with
+        :func:`sipproxy.settings.read_section` (a one-line ``ConfigError`` naming the key for a
+        mistake; ``section.error(key, problem)`` for checks across keys) and keep the dataclass
+        in the factory's ``settings`` attribute, where tools find its keys, defaults and docs.
+        If the plugin also provides ``twisted.application.service.IService`` it is started and
+        stopped with the proxy."""
+
+
+class IImpliedPluginFactory(IPluginFactory):
+    """A plugin factory whose plugin may run although ``[plugins] enabled`` does not name it
+    (``acl``: a proxy with a listener facing the outside is never an open relay). Implied
+    plugins run first, before the enabled ones; ``[plugins] open_relay = true`` turns them off.
+    Only installed plugins (entry points) are asked."""
+
+    def implied_by(config: Config) -> bool:
+        """True when ``config`` (a :class:`sipproxy.config.Config` whose ``plugins`` are the
+        enabled ones) needs this plugin."""
 
 
 class IProxyCore(Interface):

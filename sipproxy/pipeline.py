@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
@@ -13,13 +15,22 @@ from zope.interface import implementer
 
 from sipproxy.config import Config, ConfigError
 from sipproxy.context import Branch, RequestContext
-from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory, IProxyCore, IProxyPlugin
 
 if TYPE_CHECKING:
     from sipproxy.dialogs import Dialog
     from sipproxy.message import Response
 
-__all__ = ["HOOKS", "Pipeline", "Plugin", "find_factory", "load_plugins", "then"]
+__all__ = [
+    "HOOKS",
+    "Pipeline",
+    "Plugin",
+    "find_factory",
+    "implied_plugins",
+    "implying_factories",
+    "load_plugins",
+    "then",
+]
 
 ENTRY_POINT_GROUP = "sipproxy.plugins"
 HOOKS = (
@@ -142,6 +153,52 @@ def find_factory(name: str) -> Any:
         return found[0].load()
     except Exception as e:
         raise ConfigError.for_key("plugins.enabled", f"plugin {name!r} failed to load: {e}") from e
+
+
+def _builtin_factory(module_name: str) -> Any:
+    return importlib.import_module(module_name).factory
+
+
+@functools.cache
+def implying_factories() -> tuple[tuple[str, Any], ...]:
+    """
+    The plugin factories that provide ``IImpliedPluginFactory``, by name: the installed ones
+    (entry points) and the built-in ones (``sipproxy.plugins.*``, also when sipproxy runs from a
+    source tree that was never installed: an implied plugin is a safeguard and must not vanish
+    with the package metadata). One that fails to load implies nothing (it fails when
+    enabled). Loaded once per process (``implying_factories.cache_clear()`` looks again).
+    """
+    import sipproxy.plugins
+
+    candidates: list[tuple[str, Callable[[], Any]]] = [
+        (ep.name, ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)
+    ]
+    for module in pkgutil.iter_modules(sipproxy.plugins.__path__, "sipproxy.plugins."):
+        short = module.name.rpartition(".")[2]
+        candidates.append((short, functools.partial(_builtin_factory, module.name)))
+    found: dict[str, Any] = {}
+    for name, load in candidates:
+        if name in found:
+            continue
+        try:
+            factory = load()
+        except Exception:
+            continue
+        if IImpliedPluginFactory.providedBy(factory):
+            found[name] = factory
+    return tuple(found.items())
+
+
+def implied_plugins(config: Config) -> tuple[str, ...]:
+    """
+    The plugins that run although ``[plugins] enabled`` does not name them: those
+    whose factory provides :class:`~sipproxy.interfaces.IImpliedPluginFactory` and whose
+    ``implied_by(config)`` is true, e.g. ``acl`` when a listener faces the outside. They run
+    first, before the enabled ones; ``[plugins] open_relay = true`` turns them off (the config
+    does not call this then).
+    """
+    return tuple(name for name, factory in implying_factories()
+                 if name not in config.plugins and factory.implied_by(config))
 
 
 def load_plugins(config: Config, core: IProxyCore) -> list[Any]:

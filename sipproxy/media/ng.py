@@ -9,7 +9,7 @@ rtpengine (Kamailio, OpenSIPS, ...) can drive this relay, and so that the client
 a real rtpengine.
 
 - :class:`NGCommands` turns a request dictionary into a reply dictionary, using a
-  :class:`~sipproxy.media.relay.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
+  :class:`~sipproxy.media.engine.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
   ``delete``, ``query``, ``list``. Keys are matched as rtpengine does: ``-``, ``_`` and space
   are the same, case does not matter (``received-from`` = ``received from``).
 - :class:`NGServerProtocol` is the UDP server, with a reply cache: a retransmitted request
@@ -35,7 +35,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from sipproxy.media import bencode
-from sipproxy.media.relay import RelayEngine, RelayError, SignalOptions, UnknownCall
+from sipproxy.media.engine import RelayEngine
+from sipproxy.media.errors import RelayError, UnknownCall
+from sipproxy.media.offer_answer import SignalOptions
+from sipproxy.media.settings import DEFAULT_CACHE_TTL
 from sipproxy.sdp import SdpError, parse_sdp
 
 __all__ = [
@@ -48,13 +51,13 @@ __all__ = [
     "decode_message",
     "encode_message",
     "normalize",
+    "to_text",
 ]
 
 _log = Logger(namespace="sipproxy.media.ng")
 
 COMMANDS: Final = ("ping", "offer", "answer", "delete", "query", "list")
 MAX_COOKIE: Final = 128
-DEFAULT_CACHE_TTL: Final = 30.0
 DEFAULT_CACHE_SIZE: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 32
 
@@ -112,14 +115,18 @@ def normalize(key: str) -> str:
     return key.replace("-", " ").replace("_", " ").lower()
 
 
-def _text(value: Any) -> Any:
-    """Bencode strings (bytes) to str, all the way down; bytes survive via surrogateescape."""
+def to_text(value: Any) -> Any:
+    """Bencode strings (bytes) to :class:`str`, all the way down.
+
+    Bytes that are not UTF-8 survive the round trip via ``surrogateescape``; both the NG server
+    and the in-process :class:`~sipproxy.media.backends.LocalRelay` hand commands over this way.
+    """
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, list):
-        return [_text(v) for v in value]
+        return [to_text(v) for v in value]
     if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
+        return {to_text(k): to_text(v) for k, v in value.items()}
     return value
 
 
@@ -135,7 +142,7 @@ def decode_message(datagram: bytes) -> tuple[bytes, dict[str, Any] | None, bool]
         if is_json:
             value = json.loads(payload.decode("utf-8", "surrogateescape"))
         else:
-            value = _text(bencode.decode(payload))
+            value = to_text(bencode.decode(payload))
     except (ValueError, RecursionError):
         return cookie, None, is_json
     if not isinstance(value, dict):

@@ -56,22 +56,24 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.config import Section
+from sipproxy.config import Config
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog, Party, uri_address
 from sipproxy.errors import ParseError
-from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
+from sipproxy.interfaces import AUTHENTICATED_USER, IImpliedPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import Section, network, read_section, setting
 from sipproxy.uri import URI, parse_name_addr
 
-__all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "factory"]
+__all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "AclSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.acl")
 
@@ -238,27 +240,32 @@ class AclPlugin(Plugin):
         return request.make_response(403, "Relaying denied")
 
 
-def _networks(section: Section, key: str, default: Iterable[str]) -> tuple[str, ...]:
-    values = section.get_list_of_str(key, tuple(default))
-    for i, text in enumerate(values):
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise section.item_error(
-                key, i, f"must be a network like 192.0.2.0/24 or an address, got {text!r}"
-            ) from None
-    return values
+@dataclass(frozen=True, slots=True)
+class AclSettings:
+    """``[acl]``: who is inside, who is trusted, and how often refusals are logged."""
+
+    inside_networks: tuple[str, ...] = setting(
+        DEFAULT_INSIDE, parse=network,
+        doc="Sources on an inside listener from these networks are inside (may send anything).")
+    trusted: tuple[str, ...] = setting(
+        (), parse=network, doc="Sources that may send anything, on any listener (the provider).")
+    log_interval: float = setting(
+        60.0, min=0.0, doc="One log line per refused source per this many seconds.")
 
 
-@implementer(IPluginFactory)
+@implementer(IImpliedPluginFactory)
 class AclFactory:
+    """Builds the ``acl`` plugin, and runs it by itself when a listener faces the outside."""
+
     name = "acl"
+    settings = AclSettings
+
+    def implied_by(self, config: Config) -> bool:
+        """A proxy with a socket on the outside is never an open relay."""
+        return any(lc.side == "outside" for lc in config.listen)
 
     def build(self, core: IProxyCore, section: Section) -> AclPlugin:
-        section.check_no_unknown({"inside_networks", "trusted", "log_interval"})
-        inside = _networks(section, "inside_networks", DEFAULT_INSIDE)
-        trusted = _networks(section, "trusted", ())
-        log_interval = section.get_float("log_interval", 60.0, min=0.0)
+        settings = read_section(AclSettings, section)
         plugins = getattr(core.config, "plugins", ())
         proxy = core.config.proxy  # local users only if it is a registrar (none on a
         has_users = bool(proxy.domains or proxy.host_addresses)  # firewall: domains = [])
@@ -270,7 +277,8 @@ class AclFactory:
         if unauthenticated and not inside_only:
             _log.warn("acl: the auth plugin is not enabled: anyone on the outside can register "
                       "as a local user")
-        return AclPlugin(core, inside, trusted, log_interval, inside_registrations=inside_only)
+        return AclPlugin(core, settings.inside_networks, settings.trusted, settings.log_interval,
+                         inside_registrations=inside_only)
 
 
 factory: Final = AclFactory()

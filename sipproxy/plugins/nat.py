@@ -56,7 +56,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
-from sipproxy.config import Section
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
@@ -66,9 +65,10 @@ from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import Section, ip_address, network, read_section, setting
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
-__all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "factory"]
+__all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "NatSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.nat")
 
@@ -607,42 +607,47 @@ class NatPlugin(Plugin, Service):
                                       reason="expired")
 
 
+@dataclass(frozen=True, slots=True)
+class NatSettings:
+    """``[nat]``: which addresses are private, and how NATed phones are kept reachable."""
+
+    inside_networks: tuple[str, ...] = setting(
+        DEFAULT_INSIDE, parse=network, allow_empty=False,
+        doc="Networks whose addresses are private: Contacts in them are hidden or NATed.")
+    external_address: str | None = setting(
+        None, parse=ip_address,
+        doc="The address the outside listeners' traffic appears from when this host is"
+            " itself behind a NAT.")
+    mapping_ttl: float = setting(
+        7200.0, min=60.0, doc="Seconds a call's Contact mapping lives after its last use.")
+    keepalive_interval: float = setting(
+        30.0, min=0.0, doc="Seconds between keepalives to NATed phones (0: none).")
+    keepalive_failures: int = setting(
+        3, min=1, max=100, doc="Keepalives missed in a row that remove a phone's binding.")
+    keepalive_method: str = setting(
+        "OPTIONS", choices=("OPTIONS", "NOTIFY"), doc="The keepalive request's method.")
+    max_mappings: int = setting(
+        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000, doc="Contact mappings kept at most.")
+
+
 @implementer(IPluginFactory)
 class NatFactory:
+    """Builds the ``nat`` plugin from ``[nat]``."""
+
     name = "nat"
+    settings = NatSettings
 
     def build(self, core: IProxyCore, section: Section) -> NatPlugin:
-        section.check_no_unknown({
-            "inside_networks", "external_address", "mapping_ttl", "keepalive_interval",
-            "keepalive_failures", "keepalive_method", "max_mappings",
-        })
-        networks = section.get_list_of_str("inside_networks", DEFAULT_INSIDE, allow_empty=False)
-        for i, text in enumerate(networks):
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise section.item_error(
-                    "inside_networks", i, f"must be a network like 192.168.0.0/16, got {text!r}"
-                ) from None
-        external = section.get_str("external_address", None)
-        if external is not None:
-            try:
-                ipaddress.ip_address(external)
-            except ValueError:
-                raise section.error(
-                    "external_address", f"must be an IP address, got {external!r}"
-                ) from None
+        s = read_section(NatSettings, section)
         return NatPlugin(
             core,
-            networks,
-            external,
-            mapping_ttl=section.get_float("mapping_ttl", 7200.0, min=60.0),
-            keepalive_interval=section.get_float("keepalive_interval", 30.0, min=0.0),
-            keepalive_failures=section.get_int("keepalive_failures", 3, min=1, max=100),
-            keepalive_method=section.get_choice("keepalive_method", ("OPTIONS", "NOTIFY"),
-                                                "OPTIONS"),
-            max_mappings=section.get_int("max_mappings", DEFAULT_MAX_MAPPINGS, min=1,
-                                         max=10_000_000),
+            s.inside_networks,
+            s.external_address,
+            mapping_ttl=s.mapping_ttl,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_failures=s.keepalive_failures,
+            keepalive_method=s.keepalive_method,
+            max_mappings=s.max_mappings,
         )
 
 

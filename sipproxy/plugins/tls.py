@@ -34,6 +34,7 @@ pass through byte for byte.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -41,7 +42,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.addressing import WILDCARD_ADDRESSES
-from sipproxy.config import Section
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import IPluginFactory, IProxyCore
@@ -52,6 +52,8 @@ from sipproxy.proxy.record_route import (
     record_route_value,
     replace_own_record_routes,
 )
+from sipproxy.settings import Section, read_section, setting
+from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.tls import (
     TLS_VERSIONS,
     ServerCertificate,
@@ -59,11 +61,10 @@ from sipproxy.transport.tls import (
     TLSConnectError,
     client_creator_factory,
     load_certificates,
-    load_server_certificate,
 )
 from sipproxy.uri import URI, format_host, parse_name_addr
 
-__all__ = ["TLSPlugin", "factory"]
+__all__ = ["TLSPlugin", "TLSSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.tls")
 
@@ -308,48 +309,58 @@ def _next_hop(out: Request) -> URI | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """``[tls]``: how the provider's certificate is checked, and the client side of TLS."""
+
+    ca: str | None = setting(
+        None, doc="CA bundle (PEM) that signs the provider's certificate; default: the"
+                  " system's trust store.")
+    certificate: str | None = setting(
+        None, doc="A client certificate (PEM), for providers that require one (with key).")
+    key: str | None = setting(None, doc="The client certificate's private key (PEM).")
+    verify: bool = setting(
+        True, doc="Check the provider's certificate (name, expiry, CA); false is for tests.")
+    minimum_version: str = setting(
+        "1.2", choices=tuple(TLS_VERSIONS), doc="Lowest TLS version, also for listeners.")
+    keepalive_interval: float = setting(
+        30.0, min=0.0, doc="Seconds of silence before a CRLF keepalive ping (0: none).")
+    keepalive_timeout: float = setting(
+        10.0, min=0.0, min_exclusive=True,
+        doc="Seconds an unanswered ping may take before the connection is closed.")
+    reconnect: bool = setting(True, doc="Open a lost connection to the provider again.")
+
+
 @implementer(IPluginFactory)
 class TLSFactory:
+    """Builds the ``tls`` plugin from ``[tls]``: the certificates are loaded here, so a bad
+    file is a config error naming its key."""
+
     name = "tls"
+    settings = TLSSettings
 
     def build(self, core: IProxyCore, section: Section) -> TLSPlugin:
-        section.check_no_unknown({
-            "ca", "certificate", "key", "verify", "minimum_version", "keepalive_interval",
-            "keepalive_timeout", "reconnect",
-        })
-        ca_path = section.get_str("ca", None)
+        s = read_section(TLSSettings, section)
         ca = None
-        if ca_path is not None:
+        if s.ca is not None:
             try:
-                ca = load_certificates(ca_path, "CA file")
+                ca = load_certificates(s.ca, "CA file")
             except ValueError as e:
                 raise section.error("ca", str(e)) from None
-        cert_path = section.get_str("certificate", None)
-        key_path = section.get_str("key", None)
         client: ServerCertificate | None = None
-        if (cert_path is None) != (key_path is None):
-            missing = "key" if key_path is None else "certificate"
+        if (s.certificate is None) != (s.key is None):
+            missing = "key" if s.key is None else "certificate"
             raise section.error(missing, "is required when "
                                 f"{'certificate' if missing == 'key' else 'key'} is set")
-        if cert_path is not None and key_path is not None:
-            try:
-                client = load_server_certificate(cert_path, key_path)
-            except ValueError as e:
-                which = "key" if "key file" in str(e) and "does not match" not in str(e) \
-                    else "certificate"
-                raise section.error(which, str(e)) from None
-        verify = section.get_bool("verify", True)
-        version = section.get_choice("minimum_version", tuple(TLS_VERSIONS), "1.2")
-        interval = section.get_float("keepalive_interval", 30.0, min=0.0)
-        timeout = section.get_float("keepalive_timeout", 10.0, min=0.0, min_exclusive=True)
-        reconnect = section.get_bool("reconnect", True)
-        minimum = TLS_VERSIONS[version]
+        if s.certificate is not None and s.key is not None:
+            client = load_certificate_pair(section, s.certificate, s.key)
+        minimum = TLS_VERSIONS[s.minimum_version]
         creator = client_creator_factory(ca_certificates=ca, client_certificate=client,
-                                         minimum=minimum, verify=verify)
-        policy = TLSClientPolicy(creator, keepalive_interval=interval or None,
-                                 pong_timeout=timeout, reconnect=reconnect,
+                                         minimum=minimum, verify=s.verify)
+        policy = TLSClientPolicy(creator, keepalive_interval=s.keepalive_interval or None,
+                                 pong_timeout=s.keepalive_timeout, reconnect=s.reconnect,
                                  server_minimum=minimum)
-        return TLSPlugin(core, policy, verify=verify)
+        return TLSPlugin(core, policy, verify=s.verify)
 
 
 factory = TLSFactory()
