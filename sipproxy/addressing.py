@@ -8,6 +8,8 @@ Two meanings of "private" exist and are kept apart by name:
 - :data:`NON_PUBLIC_NETWORKS` (:func:`is_non_public`): every range that cannot be reached from
   the Internet, as the ``media`` plugin judges an SDP address written by a party behind a
   NAT: the private networks plus carrier-grade NAT (RFC 6598) and IPv6 link-local.
+- :data:`INTERNAL_NETWORKS`: a host on the LAN or this machine, the ``acl`` plugin's default
+  inside (its ``inside_networks``): the private networks plus both link-locals and loopback.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 
 __all__ = [
+    "INTERNAL_NETWORKS",
     "NON_PUBLIC_NETWORKS",
     "PRIVATE_NETWORKS",
     "WILDCARD_ADDRESSES",
@@ -42,12 +45,20 @@ NON_PUBLIC_NETWORKS: tuple[str, ...] = (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
     "fc00::/7", "fe80::/10",
 )
+#: A host on the LAN or this machine (the ``acl`` plugin's default ``inside_networks``).
+INTERNAL_NETWORKS: tuple[str, ...] = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
+    "fc00::/7", "fe80::/10", "::1/128",
+)
 _PRIVATE = tuple(ipaddress.ip_network(n) for n in PRIVATE_NETWORKS)
 _NON_PUBLIC = tuple(ipaddress.ip_network(n) for n in NON_PUBLIC_NETWORKS)
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_of(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address ``host`` is the literal of (IPv6 bare or in brackets), None for a name."""
+    """The address ``host`` spells (IPv6 bare or in brackets), ``None`` for a name.
+
+    Cached: address checks run several times per message and hosts repeat."""
     try:
         return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
     except ValueError:

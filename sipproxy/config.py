@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
+from sipproxy.addressing import is_ip_literal
 from sipproxy.flood import LimitsConfig
 from sipproxy.settings import (
     ConfigError,
@@ -85,14 +86,6 @@ def _is_hostname(text: str) -> bool:
     return 0 < len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.split("."))
 
 
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _is_host(text: str) -> bool:
     """A host as it may appear in a SIP URI or Via: name, IPv4, or IPv6 (bare or bracketed)."""
     if text.startswith("[") and text.endswith("]"):
@@ -101,7 +94,7 @@ def _is_host(text: str) -> bool:
         except ValueError:
             return False
         return True
-    return _is_ip(text) or _is_hostname(text)
+    return is_ip_literal(text) or _is_hostname(text)
 
 
 def _freeze(value: Any) -> Any:
@@ -178,7 +171,7 @@ def _dns_server(text: str) -> tuple[str, int]:
         if not port_text.isdigit():
             raise ValueError(f"bad port in {show(text)}")
         port = int(port_text)
-    if not _is_ip(host):
+    if not is_ip_literal(host):
         raise ValueError(f"must be an IP address with an optional port, got {show(text)}")
     if not 0 < port < 65536:
         raise ValueError(f"port must be from 1 to 65535, got {port}")

@@ -21,7 +21,6 @@ a real rtpengine.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
 from collections import OrderedDict
@@ -34,6 +33,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from sipproxy.addressing import is_ip_literal
 from sipproxy.media import bencode
 from sipproxy.media.engine import RelayEngine
 from sipproxy.media.errors import RelayError, UnknownCall
@@ -307,12 +307,12 @@ class NGCommands:
             o.direction = (direction[0], direction[1])
         received = req.strings("received from")
         if received:
-            if len(received) != 2 or not _is_ip(received[1]):
+            if len(received) != 2 or not is_ip_literal(received[1]):
                 raise _BadRequest("Invalid value for 'received-from'")
             o.received_from = received[1]
         media_address = req.string("media address")
         if media_address is not None:
-            if not _is_ip(media_address):
+            if not is_ip_literal(media_address):
                 raise _BadRequest("Invalid value for 'media-address'")
             o.media_address = media_address
         o.sip_source_address = "sip source address" in flags and "trust address" not in flags
@@ -363,14 +363,6 @@ class NGCommands:
         for flag in sorted(flags - known - _IGNORED_FLAGS):
             _log.debug("NG: ignoring unknown flag {flag!r}", flag=flag)
         return o, warnings
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- the server

@@ -62,6 +62,7 @@ from typing import Any, Final
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from sipproxy.addressing import INTERNAL_NETWORKS, IPNetwork, in_networks
 from sipproxy.config import Config
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog, Party, uri_address
@@ -77,21 +78,10 @@ __all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "AclSettings", "factory"
 
 _log = Logger(namespace="sipproxy.plugins.acl")
 
-DEFAULT_INSIDE: Final = (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
-    "fc00::/7", "fe80::/10", "::1/128",
-)
+DEFAULT_INSIDE: Final = INTERNAL_NETWORKS
 _NEEDS_AUTH: Final = "acl.needs_auth"
 
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def _in(networks: Networks, host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in networks)
+Networks = tuple[IPNetwork, ...]
 
 
 def _ip(host: str) -> str:
@@ -134,9 +124,9 @@ class AclPlugin(Plugin):
 
     # -- sources ----------------------------------------------------------------------------------
     def _classify_uncached(self, host: str, side: str) -> str:
-        if _in(self.trusted, host):
+        if in_networks(host, self.trusted):
             return "trusted"
-        if side != "outside" and _in(self.inside, host):
+        if side != "outside" and in_networks(host, self.inside):
             return "inside"
         return "outside"
 

@@ -10,8 +10,6 @@ certificate checks and SNI are the policy's, the socket is the TCP one.
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import socket
 from typing import Any
 
@@ -23,18 +21,9 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 
+from sipproxy.addressing import ip_of as ip_address
+
 __all__ = ["ClientEndpoints", "address_family", "ip_address"]
-
-
-@functools.lru_cache(maxsize=4096)
-def ip_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP address ``host`` spells (``[::1]`` included), or ``None`` for a name.
-
-    Cached: address checks run several times per message and hosts repeat."""
-    try:
-        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return None
 
 
 def address_family(host: str) -> int | None:

@@ -33,6 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sipproxy.addressing import WILDCARD_ADDRESSES
 from sipproxy.message import (
     DEFAULT_LIMITS,
     Limits,
@@ -59,7 +60,7 @@ from sipproxy.transport.tls_connections import TLSConnections
 from sipproxy.transport.udp import SIPDatagramProtocol
 
 if TYPE_CHECKING:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
     from sipproxy.flood import FloodGuard
     from sipproxy.flows import FlowTracker
 
@@ -86,7 +87,6 @@ SIZE_SWITCH_CONNECT_TIMEOUT = 2.0
 """Seconds that TCP connection may take: a phone behind its own NAT drops the SYN silently,
 and its call should not wait the full connect timeout before going over UDP."""
 
-_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
 
 
@@ -284,7 +284,7 @@ class Listener:
     @property
     def bind_host(self) -> str | None:
         """The address outgoing connections of this side bind to, None for a wildcard."""
-        return None if self.address in _WILDCARDS else self.address
+        return None if self.address in WILDCARD_ADDRESSES else self.address
 
     def __repr__(self) -> str:
         where = f"{self.address}:{self.port} via {self.via_host}"
@@ -567,7 +567,7 @@ class TransportManager(Service):
                                         target.server_name or target.host)
         if local is None:
             return None
-        if listener is not None and listener.via_host not in _WILDCARDS:
+        if listener is not None and listener.via_host not in WILDCARD_ADDRESSES:
             return listener.via_host, local[1]
         return local
 
