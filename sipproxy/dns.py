@@ -118,13 +118,13 @@ class SipResolver:
         address_types: tuple[str, ...] = ("A", "AAAA"),
     ) -> None:
         """
-        @param resolver: the DNS client; default: /etc/hosts then the nameservers of
-            /etc/resolv.conf, driven by C{reactor} (which must then be a full reactor).
-        @param reactor: clock for per-lookup deadlines; default: the global reactor.
-        @param timeout: seconds one DNS lookup may take before it counts as "no answer".
-        @param rng: random source for SRV weight selection (RFC 2782); inject one in tests.
-        @param address_types: which address records to use for a name, in the order tried:
-            C{("A",)} for a proxy with no IPv6 connectivity, C{("AAAA", "A")} to prefer IPv6.
+        :param resolver: the DNS client; default: /etc/hosts then the nameservers of
+            /etc/resolv.conf, driven by ``reactor`` (which must then be a full reactor).
+        :param reactor: clock for per-lookup deadlines; default: the global reactor.
+        :param timeout: seconds one DNS lookup may take before it counts as "no answer".
+        :param rng: random source for SRV weight selection (RFC 2782); inject one in tests.
+        :param address_types: which address records to use for a name, in the order tried:
+            ``("A",)`` for a proxy with no IPv6 connectivity, ``("AAAA", "A")`` to prefer IPv6.
         """
         self._resolver = resolver
         self._reactor = reactor
@@ -187,7 +187,7 @@ class SipResolver:
     async def _locate(
         self, host: str, port: int | None, wanted: str | None, secure: bool, server_name: str
     ) -> list[Target]:
-        """The DNS part of L{resolve}, for a C{host} that is a name, not an IP literal."""
+        """The DNS part of :obj:`resolve`, for a ``host`` that is a name, not an IP literal."""
         if port is not None:  # 4.2: an explicit port means A/AAAA only
             chosen = wanted or self._default_transport(secure)
             if chosen is None:

@@ -2,38 +2,38 @@
 Flood protection: per-source rate limits with a temporary ban (like Kamailio's pike), a block
 list of scanner User-Agents, and per-source limits on open transactions and connections.
 
-L{FloodGuard} is policy only; the transports and the proxy ask it:
+:obj:`FloodGuard` is policy only; the transports and the proxy ask it:
 
-  - L{FloodGuard.allow} for every datagram and every framed stream message, before it is
-    parsed: a token bucket per source IP (C{messages_per_second}, C{burst}) on the injected
-    clock. A source that empties its bucket is banned for C{ban_time} seconds; while banned, its
-    datagrams cost one dict lookup (C{host in guard.banned}) and its connections are refused at
+  - :obj:`FloodGuard.allow` for every datagram and every framed stream message, before it is
+    parsed: a token bucket per source IP (``messages_per_second``, ``burst``) on the injected
+    clock. A source that empties its bucket is banned for ``ban_time`` seconds; while banned, its
+    datagrams cost one dict lookup (``host in guard.banned``) and its connections are refused at
     accept. The unban is a timer, so the hot path never reads the clock for a banned source.
-  - L{FloodGuard.screen} for every request that parsed: a blocked User-Agent (lower-case
+  - :obj:`FloodGuard.screen` for every request that parsed: a blocked User-Agent (lower-case
     substring match) is dropped silently (a scanner learns nothing) and counts toward a ban.
-  - L{FloodGuard.admit_connection} / L{FloodGuard.connection_closed}: TCP/TLS connections per
-    source IP and in all.
-  - L{FloodGuard.transaction_started} / L{FloodGuard.transaction_ended}: open server
-    transactions per source IP and in all; L{FloodGuard.may_start_dialog} /
-    L{FloodGuard.dialog_started} / L{FloodGuard.dialog_ended}: dialogs per source IP (the
+  - :obj:`FloodGuard.admit_connection` / :obj:`FloodGuard.connection_closed`: TCP/TLS
+    connections per source IP and in all.
+  - :obj:`FloodGuard.transaction_started` / :obj:`FloodGuard.transaction_ended`: open server
+    transactions per source IP and in all; :obj:`FloodGuard.may_start_dialog` /
+    :obj:`FloodGuard.dialog_started` / :obj:`FloodGuard.dialog_ended`: dialogs per source IP (the
     caller's) and in all. The totals count only sources that are not exempt: they bound what
     outsiders (spoofed UDP sources included) can make the proxy hold, and the inside keeps
     working when outsiders fill them.
-  - L{FloodGuard.failed}: a separate budget for failures such as wrong digest answers (like
-    fail2ban: C{limit} failures within C{window} seconds ban the source through the same ban
+  - :obj:`FloodGuard.failed`: a separate budget for failures such as wrong digest answers (like
+    fail2ban: ``limit`` failures within ``window`` seconds ban the source through the same ban
     list).
-  - When the connection table is full, L{FloodGuard.admit_connection} asks the transports to
+  - When the connection table is full, :obj:`FloodGuard.admit_connection` asks the transports to
     make room (close the oldest idle connection that carries no registration or dialog) before
     it refuses a new connection.
 
-Every refusal is counted (L{FloodGuard.counters}) and logged at most once per source per
-C{log_interval} (L{sipproxy.refusals.RefusalLog}); a refusal also takes C{refusal_weight} tokens
-from the source's bucket, so a source that keeps being refused is banned. Memory is bounded: at
-most C{max_sources} sources are tracked (idle ones are pruned; when the table is full of busy
-sources a new one is let through untracked and counted as C{"untracked"}), and at most
-C{max_sources} are banned. Sources in C{exempt} (CIDRs: the inside networks, the provider) skip
-every per-source check and the totals of transactions and dialogs; the total connection limit
-still applies to them.
+Every refusal is counted (:obj:`FloodGuard.counters`) and logged at most once per source per
+``log_interval`` (:obj:`sipproxy.refusals.RefusalLog`); a refusal also takes ``refusal_weight``
+tokens from the source's bucket, so a source that keeps being refused is banned. Memory is bounded:
+at most ``max_sources`` sources are tracked (idle ones are pruned; when the table is full of busy
+sources a new one is let through untracked and counted as ``"untracked"``), and at most
+``max_sources`` are banned. Sources in ``exempt`` (CIDRs: the inside networks, the provider) skip
+every per-source check and the totals of transactions and dialogs; the total connection limit still
+applies to them.
 """
 
 from __future__ import annotations
@@ -145,13 +145,13 @@ _EXEMPT: Final[list[float]] = [0.0, 0.0]
 
 class FloodGuard:
     """
-    Per-source limits; see the module docstring. All times come from C{clock}.
+    Per-source limits; see the module docstring. All times come from ``clock``.
 
-    @ivar banned: source IP -> ban; the transports test C{host in guard.banned} first.
-    @ivar counters: refusals and events by reason (C{"rate"}, C{"scanner"}, C{"transactions"},
-        C{"connections"}, C{"connections_evicted"}, C{"transactions_total"}, C{"dialogs_total"},
-        C{"banned"} (bans started), C{"unbanned"}, C{"dropped_banned"} (counted when a ban
-        ends), C{"untracked"} ...), for a metrics exporter.
+    :ivar banned: source IP -> ban; the transports test ``host in guard.banned`` first.
+    :ivar counters: refusals and events by reason (``"rate"``, ``"scanner"``, ``"transactions"``,
+        ``"connections"``, ``"connections_evicted"``, ``"transactions_total"``, ``"dialogs_total"``,
+        ``"banned"`` (bans started), ``"unbanned"``, ``"dropped_banned"`` (counted when a ban
+        ends), ``"untracked"`` ...), for a metrics exporter.
     """
 
     log = Logger(namespace="sipproxy.flood")
@@ -234,7 +234,7 @@ class FloodGuard:
     # -- the hot path ------------------------------------------------------------------------
 
     def allow(self, host: str) -> bool:
-        """Count one message from C{host}; C{False}: drop it unparsed (the source is banned)."""
+        """Count one message from ``host``; ``False``: drop it unparsed (the source is banned)."""
         ban = self.banned.get(host)
         if ban is not None:
             ban.dropped += 1
@@ -306,11 +306,11 @@ class FloodGuard:
         return host in self.banned
 
     def blocked_user_agent(self, user_agent: str) -> bool:
-        """Whether C{user_agent} contains one of the blocked substrings (case-insensitive)."""
+        """Whether ``user_agent`` contains one of the blocked substrings (case-insensitive)."""
         return self._ua is not None and self._ua.search(user_agent.lower()) is not None
 
     def screen(self, request: Request, host: str) -> bool:
-        """After parse: C{False} means drop C{request} silently (a blocked User-Agent)."""
+        """After parse: ``False`` means drop ``request`` silently (a blocked User-Agent)."""
         if self._ua is None or self._buckets.get(host) is _EXEMPT:
             return True
         user_agent = request.headers.get("User-Agent")
@@ -327,13 +327,13 @@ class FloodGuard:
     # -- refusals and bans -------------------------------------------------------------------
 
     def refuse(self, host: str, reason: str, message: str, **fields: Any) -> None:
-        """Count and (once per source per interval) log one refusal; charge C{host} for it."""
+        """Count and (once per source per interval) log one refusal; charge ``host`` for it."""
         self.refusals.refused(reason, host, message, host=host, **fields)
         self.penalize(host)
 
     def penalize(self, host: str, reason: str | None = None, weight: int | None = None) -> None:
-        """Take C{weight} (default C{refusal_weight}) tokens from C{host}; ban it when empty.
-        With C{reason}, also count it (for refusals the caller logged itself)."""
+        """Take ``weight`` (default ``refusal_weight``) tokens from ``host``; ban it when empty.
+        With ``reason``, also count it (for refusals the caller logged itself)."""
         if reason is not None:
             self.counters[reason] += 1
         if host in self.banned:
@@ -350,7 +350,7 @@ class FloodGuard:
                            f"toward {self.rate:g} messages/s, burst {self.burst:g})")
 
     def ban(self, host: str, reason: str) -> None:
-        """Ban C{host} for C{ban_time} seconds (a no-op if banned already or exempt)."""
+        """Ban ``host`` for ``ban_time`` seconds (a no-op if banned already or exempt)."""
         if host in self.banned or self.is_exempt(host):
             return
         if len(self.banned) >= self.max_sources:
@@ -364,8 +364,8 @@ class FloodGuard:
                       ban_time=self.ban_time, reason=reason)
 
     def failed(self, host: str, budget: str, limit: int, window: float) -> bool:
-        """One failure of kind C{budget} (e.g. C{"auth"}: a wrong digest answer) from C{host}.
-        C{limit} of them within C{window} seconds ban it (L{ban}); C{True}: it is banned now.
+        """One failure of kind ``budget`` (e.g. ``"auth"``: a wrong digest answer) from ``host``.
+        ``limit`` of them within ``window`` seconds ban it (:obj:`ban`); ``True``: it is banned now.
         Exempt sources are never banned. A budget of its own, apart from the message rate: a
         phone whose user mistyped once is not punished, a password guesser is stopped."""
         if host in self.banned:
@@ -418,10 +418,11 @@ class FloodGuard:
     def admit_connection(
         self, host: str, make_room: Callable[[], bool] | None = None
     ) -> bool:
-        """An incoming TCP/TLS connection from C{host}: C{True} counts it (call
-        L{connection_closed} when it goes), C{False} refuses it. When all C{max_connections}
-        are open, C{make_room} (the transports) may close an idle one first; it returns whether
-        it did (and called L{connection_closed} for it, and counted C{"connections_evicted"})."""
+        """An incoming TCP/TLS connection from ``host``: ``True`` counts it (call
+        :obj:`connection_closed` when it goes), ``False`` refuses it. When all ``max_connections``
+        are open, ``make_room`` (the transports) may close an idle one first; it returns whether
+        it did (and called :obj:`connection_closed` for it, and counted
+        ``"connections_evicted"``)."""
         ban = self.banned.get(host)
         if ban is not None:
             ban.dropped += 1
@@ -459,8 +460,8 @@ class FloodGuard:
     # -- transactions ------------------------------------------------------------------------
 
     def transaction_started(self, host: str) -> bool:
-        """A new server transaction from C{host}: C{False} refuses it (too many open from it,
-        or from outsiders in all); else it is counted until L{transaction_ended}."""
+        """A new server transaction from ``host``: ``False`` refuses it (too many open from it,
+        or from outsiders in all); else it is counted until :obj:`transaction_ended`."""
         limit, total = self.max_transactions_per_source, self.max_transactions
         if not (limit or total) or self.is_exempt(host):
             return True
@@ -493,7 +494,7 @@ class FloodGuard:
     # -- dialogs -----------------------------------------------------------------------------
 
     def may_start_dialog(self, host: str) -> bool:
-        """An initial INVITE from C{host}: C{False} refuses it (too many dialogs open from
+        """An initial INVITE from ``host``: ``False`` refuses it (too many dialogs open from
         it, or from outsiders in all)."""
         limit, total = self.max_dialogs_per_source, self.max_dialogs
         if not (limit or total) or self.is_exempt(host):
@@ -510,8 +511,8 @@ class FloodGuard:
         return True
 
     def dialog_started(self, host: str) -> bool:
-        """A dialog set up by C{host} exists now; C{True}: it was counted (call
-        L{dialog_ended} when it ends)."""
+        """A dialog set up by ``host`` exists now; ``True``: it was counted (call
+        :obj:`dialog_ended` when it ends)."""
         if not (self.max_dialogs_per_source or self.max_dialogs) or self.is_exempt(host):
             return False
         self._dialogs[host] = self._dialogs.get(host, 0) + 1

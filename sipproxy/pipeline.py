@@ -221,7 +221,7 @@ def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
 
 
 def _check_no_unknown_tables(config: Config, used: set[str]) -> None:
-    """A table no enabled or installed plugin owns is a typo (C{[limit]}, C{[nta]}): one line
+    """A table no enabled or installed plugin owns is a typo (``[limit]``, ``[nta]``): one line
     naming it, as for an unknown key, rather than settings silently ignored."""
     installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     for name in config.sections:

@@ -119,9 +119,9 @@ class ContactMapFull(Exception):
 class ContactMap:
     """Tokens for Contacts: reused for the same Contact and address, forgotten once expired.
 
-    At most C{max_mappings} are kept: when full, the least recently used mapping that is not
-    a registration's is evicted (C{on_evict} is told) to make room; if there is none,
-    L{token_for} raises L{ContactMapFull}."""
+    At most ``max_mappings`` are kept: when full, the least recently used mapping that is not
+    a registration's is evicted (``on_evict`` is told) to make room; if there is none,
+    :obj:`token_for` raises :obj:`ContactMapFull`."""
 
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
