@@ -21,7 +21,6 @@ from sipproxy.flood import FloodGuard
 from sipproxy.flows import FlowTracker
 from sipproxy.message import Limits, Message, Request
 from sipproxy.transport import TransportManager
-from sipproxy.transport.manager import _StreamFactory
 from sipproxy.transport.tcp import SIPStreamProtocol
 
 reactor: Any = _reactor
@@ -380,7 +379,7 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.manager.flood.counters["scanner"], 1)
 
     def test_connections_refused_at_accept_from_banned_and_over_limit(self) -> None:
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         guard = self.manager.flood
         assert guard is not None
         guard.ban(FLOODER, "test")
@@ -398,7 +397,7 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", OTHER, 5001)))
 
     def test_stream_from_a_source_that_gets_banned_is_cut(self) -> None:
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         proto = factory.buildProtocol(IPv4Address("TCP", FLOODER, 4000))
         assert proto is not None
         transport = StringTransport(peerAddress=IPv4Address("TCP", FLOODER, 4000))
@@ -422,7 +421,7 @@ class ConnectionTableTests(unittest.SynchronousTestCase):
         self.manager, self.inbox = manager_with_guard(self.clock, max_connections=3,
                                                       refusal_weight=0)
         self.manager.flows = FlowTracker()
-        self.factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        self.factory = self.manager.server_factory(self.manager.listeners[1])
 
     def connect(self, host: str, port: int) -> tuple[SIPStreamProtocol | None, StringTransport]:
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
@@ -493,7 +492,7 @@ class HostileStreamTests(unittest.SynchronousTestCase):
         self.clock = Clock()
         self.logs = LogCapture(self)
         self.manager, self.inbox = manager_with_guard(self.clock)
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         proto = factory.buildProtocol(IPv4Address("TCP", OTHER, 4000))
         assert isinstance(proto, SIPStreamProtocol)
         self.proto = proto
