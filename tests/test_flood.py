@@ -4,6 +4,8 @@ body, slow-loris), bounded memory; every refusal counted and logged once per int
 
 from __future__ import annotations
 
+from dataclasses import fields
+from inspect import signature
 from typing import Any
 
 from twisted.internet import defer
@@ -137,10 +139,13 @@ class RateAndBanTests(unittest.SynchronousTestCase):
         self.assertEqual(list(self.guard._buckets), ["192.0.2.200"])
 
     def test_from_config(self) -> None:
-        g = FloodGuard.from_config(self.clock, LimitsConfig(burst=3, exempt=()))
+        g = FloodGuard.from_config(self.clock, LimitsConfig(burst=3, exempt=(), max_dialogs=7))
         self.assertEqual([g.allow(FLOODER) for _ in range(4)], [True, True, True, False])
-        self.assertEqual(g.ban_time, 300.0)
+        self.assertEqual((g.ban_time, g.max_dialogs), (300.0, 7))
         g.stop()
+        # the guard takes its keys by name: every key but these reaches it
+        not_taken = {f.name for f in fields(LimitsConfig)} - set(signature(FloodGuard).parameters)
+        self.assertEqual(not_taken, {"enabled", "idle_timeout", "message_timeout"})
 
 
 class ScannerTests(unittest.SynchronousTestCase):
