@@ -15,6 +15,7 @@ from zope.interface.interface import InterfaceClass
 import sipproxy.context
 import sipproxy.interfaces
 import sipproxy.proxy.record_route
+import sipproxy.proxy.routing
 from sipproxy.interfaces import IProxyCore, IProxyPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,9 @@ CHECKED = [
     ROOT / "examples" / "blocklist_plugin.py",
     ROOT / "examples" / "embed_in_app.py",
 ]
-API_MODULES = [sipproxy.interfaces, sipproxy.context, sipproxy.proxy.record_route]
+API_MODULES = [
+    sipproxy.interfaces, sipproxy.context, sipproxy.proxy.record_route, sipproxy.proxy.routing,
+]
 
 
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
