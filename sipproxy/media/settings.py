@@ -29,9 +29,6 @@ __all__ = [
     "KERNEL_MODES",
     "RelaySettings",
     "check_port_range",
-    "kernel_mode",
-    "listen_address",
-    "nftables_name",
     "parse_address_port",
 ]
 
@@ -64,7 +61,7 @@ def parse_address_port(text: str) -> tuple[str, int] | None:
     return host, int(port_text)
 
 
-def listen_address(text: str) -> tuple[str, int]:
+def _listen_address(text: str) -> tuple[str, int]:
     """``ADDRESS:PORT`` (``[v6]:PORT`` too) with an IP address, as (address, port)."""
     address = parse_address_port(text)
     if address is None:
@@ -72,7 +69,7 @@ def listen_address(text: str) -> tuple[str, int]:
     return address
 
 
-def kernel_mode(value: object) -> str:
+def _kernel_mode(value: object) -> str:
     """One of :data:`KERNEL_MODES`; ``true`` and ``false`` are ``"on"`` and ``"off"``."""
     if value is True or value is False:
         return "on" if value else "off"
@@ -81,7 +78,7 @@ def kernel_mode(value: object) -> str:
     raise ValueError(f'must be "auto", "on" or "off" (or true, false), got {show(value)}')
 
 
-def nftables_name(text: str) -> str:
+def _nftables_name(text: str) -> str:
     """A name nftables takes for a table."""
     if not _TABLE_NAME.fullmatch(text):
         raise ValueError(f"must be an nftables name, got {show(text)}")
@@ -105,14 +102,14 @@ class RelaySettings:
     offer_timeout: float = setting(
         DEFAULT_OFFER_TIMEOUT, min=1, max=_WEEK, doc="Seconds a call may wait for its answer.")
     listen_ng: tuple[str, int] | None = setting(
-        None, kind="str", parse=listen_address,
+        None, kind="str", parse=_listen_address,
         doc="ADDRESS:PORT (UDP) to answer NG commands on.")
     kernel: str = setting(
-        "auto", kind="any", choices=KERNEL_MODES, parse=kernel_mode,
+        "auto", kind="any", choices=KERNEL_MODES, parse=_kernel_mode,
         doc="The kernel fast path (nftables netdev ingress rules; needs CAP_NET_ADMIN): auto"
             " (where nft and the kernel can), on, off.")
     kernel_table: str | None = setting(
-        None, parse=nftables_name,
+        None, parse=_nftables_name,
         doc="The fast path's nftables table (default sipproxy_relay_<pid>).")
     interfaces: tuple[RelayInterface, ...] = DEFAULT_INTERFACES
     cache_ttl: float = DEFAULT_CACHE_TTL

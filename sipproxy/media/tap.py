@@ -91,7 +91,7 @@ def _value(spec: SettingSpec, text: str) -> object:
             return number(text)
         except ValueError:
             continue
-    return text  # refused as text, in the key's own words (or parsed as the file's text)
+    return text  # text, or a number that is none: refused in the key's own words
 
 
 def _interfaces(texts: list[str]) -> tuple[RelayInterface, ...]:
