@@ -250,7 +250,7 @@ class RealTLSTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_connection_refused_is_one_clear_error(self) -> Any:
         manager = self.manager()
-        from tests.integration.harness import free_port
+        from tests.integration.support.harness import free_port
 
         port = free_port()
         with self.assertRaises(TLSConnectError) as caught:

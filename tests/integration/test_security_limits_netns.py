@@ -1,8 +1,8 @@
 """
 Exhaustion and guessing probes against a running proxy, from outside sources (issue 11, part B).
 
-Network namespaces (tests/integration/netns.py), so the flood guard's loopback exemption does
-not apply: the proxy (``px``) has one veth toward each of
+Network namespaces (tests/integration/support/netns.py), so the flood guard's loopback exemption
+does not apply: the proxy (``px``) has one veth toward each of
 
 - ``phone`` 192.0.2.10: the legitimate phone, sipp registering alice and bob (digest) and
   alice calling bob, all through the proxy while each probe runs;
@@ -39,8 +39,8 @@ import pytest
 from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1
 from sipproxy.message import Request, Response, parse_message
-from tests.integration.harness import SippProcess
-from tests.integration.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
+from tests.integration.support.harness import SippProcess
+from tests.integration.support.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
 
 pytestmark = [pytest.mark.netns]
 

@@ -2,7 +2,7 @@
 Issue 11, part A, against running proxies: outside probes that tried to make the proxy send
 traffic to a third party, each with an assertion that nothing reached the victim.
 
-One topology for the module (tests/integration/netns.py's NatNet, grown by two hosts that
+One topology for the module (tests/integration/support/netns.py's NatNet, grown by two hosts that
 ``provider`` routes to), so every source is a real, non-loopback address the flood guard does
 not exempt::
 
@@ -39,8 +39,8 @@ from sipproxy.credentials import format_line
 from sipproxy.digest import ha1
 from sipproxy.errors import ParseError
 from sipproxy.message import Request, Response, parse_message
-from tests.integration.harness import SippProcess
-from tests.integration.netns import (
+from tests.integration.support.harness import SippProcess
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     PHONE_IP,
@@ -49,7 +49,7 @@ from tests.integration.netns import (
     Namespace,
     NatNet,
 )
-from tests.integration.test_nat_netns import (
+from tests.integration.support.sites import (
     SIPP_TIMEOUT,
     Site,
     firewall_config,

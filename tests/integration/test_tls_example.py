@@ -27,7 +27,7 @@ import pytest
 
 from sipproxy.plugins.nat import TOKEN_PREFIX
 from sipproxy.uri import parse_name_addr, parse_uri
-from tests.integration.netns import (
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     LAN,
@@ -36,8 +36,7 @@ from tests.integration.netns import (
     NatNet,
     NsProxyProcess,
 )
-from tests.integration.test_tls_netns import WAIT, OwnCall, ProviderUA
-from tests.integration.tls_peers import (
+from tests.integration.support.tls_peers import (
     SipClient,
     header,
     headers,
@@ -45,6 +44,7 @@ from tests.integration.tls_peers import (
     response_to,
     status_of,
 )
+from tests.integration.support.tls_provider import WAIT, OwnCall, ProviderUA
 from tests.tls_certs import PROVIDER, Certificates, make_certificates
 
 pytestmark = [pytest.mark.netns]

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ __all__ = [
     "read_tail",
     "sipp_available",
     "to_toml",
+    "wait_for",
+    "wait_started",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 LOOPBACK = "127.0.0.1"
 
 
@@ -721,3 +723,29 @@ class Sipp:
 
     def __exit__(self, *exc_info: object) -> None:
         self.cleanup()
+
+
+def wait_started(process: subprocess.Popen[bytes], name: str, ready: Callable[[], bool],
+                 limit: float, log_tail: Callable[[], str]) -> bool:
+    """Poll ``ready`` every 0.1 s while ``process`` (just started) runs, for ``limit`` seconds.
+
+    :returns: whether it became ready; the caller stops the process and says what it waited
+        for when not.
+    :raises HarnessError: the process exited first (with its log's tail).
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise HarnessError(f"{name} exited with {process.returncode}\n{log_tail()}")
+        if ready():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_for(check: Callable[[], object], limit: float = 5.0) -> None:
+    """Poll ``check`` every 0.1 s until it is true or ``limit`` seconds are over; the caller
+    asserts what it needs afterwards (with what it saw in the message)."""
+    deadline = time.monotonic() + limit
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)
