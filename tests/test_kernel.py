@@ -28,7 +28,7 @@ from sipproxy.media.kernel import KernelError, KernelForwarder, Unsuitable, pars
 from sipproxy.media.relay import RelayEngine, RelayInterface, SignalOptions
 from sipproxy.media.service import RelayConfig, makeRelayService
 from sipproxy.sdp import parse_sdp
-from tests.test_relay import LOCAL, Phone, rtp, sdp
+from tests.relay_phones import LOCAL, Phone, rtp, sdp
 
 reactor: Any = _reactor
 PORT_MIN = 47000 + (os.getpid() % 50) * 100

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,13 @@ def make_certificates(directory: Path, provider_names: tuple[str, ...] = (PROVID
         proxy=_leaf(directory, "proxy", [PROXY, "127.0.0.1"], ca, **valid),
         client=_leaf(directory, "client", ["sipproxy.test"], ca, client=True, **valid),
     )
+
+
+_CERTS: Certificates | None = None
+
+
+def certs(tmp: Path | None = None) -> Certificates:
+    global _CERTS
+    if _CERTS is None:
+        _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
+    return _CERTS

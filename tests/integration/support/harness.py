@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sipproxy.testing import toml_text
+
 __all__ = [
     "REPO_ROOT",
     "SCENARIOS",
@@ -33,7 +35,6 @@ __all__ = [
     "options_probe",
     "read_tail",
     "sipp_available",
-    "to_toml",
     "wait_for",
     "wait_started",
 ]
@@ -81,39 +82,6 @@ def read_tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
         return f"<{path}: {e.strerror}>"
     text = data.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as a TOML value")
-
-
-def to_toml(config: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> str:
-    """
-    The proxy's config dict as TOML: top-level tables, and lists of tables (C{[[listen]]}).
-
-    Only what the proxy's config uses: scalars and arrays of scalars inside one level of tables.
-    """
-    out: list[str] = []
-    for name, body in config.items():
-        tables: Sequence[Mapping[str, Any]]
-        if isinstance(body, Mapping):
-            tables, header = [body], f"[{name}]"
-        else:
-            tables, header = body, f"[[{name}]]"
-        for table in tables:
-            out.append(header)
-            out.extend(f"{key} = {_toml_scalar(value)}" for key, value in table.items())
-            out.append("")
-    return "\n".join(out)
 
 
 def options_probe(
@@ -265,7 +233,7 @@ class ProxyProcess:
             if self._command is None:
                 # tests send traffic to loopback only: no DNS lookups toward resolv.conf servers
                 config.setdefault("dns", {"servers": []})
-            self.config_path.write_text(to_toml(config))
+            self.config_path.write_text(toml_text(config))
         env = dict(os.environ)
         # The checkout first, so `twist` finds this tree's sipproxy and twisted/plugins even
         # without an install; the real twisted package still wins (ours has no __init__.py).
