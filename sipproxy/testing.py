@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -253,7 +253,7 @@ class ProxyHarness:
     def build(cls, config: str | Mapping[str, Any] | Config, *,
               plugins: Sequence[Any] | None = None, clock: Clock | None = None,
               wire: RecordingWire | None = None, resolver: ResolverDouble | None = None,
-              source: str = "<string>", **fields: Any) -> Any:
+              source: str = "<string>") -> Self:
         """
         Build the proxy.
 
@@ -266,8 +266,7 @@ class ProxyHarness:
             listeners).
         :param resolver: the resolver (default: a :class:`ResolverDouble` knowing no names).
         :param source: the config's name in error messages.
-        :param fields: further fields of a subclass.
-        :returns: an instance of ``cls``.
+        :returns: an instance of ``cls`` (a subclass's own fields keep their defaults).
         """
         if isinstance(config, Mapping):
             config = toml_text(config)
@@ -281,7 +280,7 @@ class ProxyHarness:
         proxy = Proxy(config, clock, wire, location, registrar, resolver)  # type: ignore[arg-type]
         loaded = list(plugins) if plugins is not None else load_plugins(config, proxy)
         proxy.set_plugins(loaded)
-        return cls(clock, config, wire, resolver, location, registrar, proxy, loaded, **fields)
+        return cls(clock, config, wire, resolver, location, registrar, proxy, loaded)
 
     def receive(self, data: bytes | str, source: Source) -> Message:
         """Hand ``data`` to the proxy as the transports do: parsed, ``source`` attached."""

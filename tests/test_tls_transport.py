@@ -35,6 +35,7 @@ from tests.tls_certs import PROVIDER, certs
 LOCAL = "127.0.0.1"
 reactor: Any = _reactor
 
+
 def invite(via_transport: str = "TLS", call_id: str = "tls-1") -> Request:
     data = (
         "OPTIONS sip:service@provider.test SIP/2.0\r\n"

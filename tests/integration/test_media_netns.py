@@ -106,4 +106,3 @@ def test_media_through_rtpengine(media_net: NatNet, tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(reason)
     media_call(media_net, tmp_path, "rtpengine")
-

@@ -92,6 +92,7 @@ def inside(host: str) -> bool:
     except ValueError:
         return False
 
+
 _CLONE_NEWNET = 0x40000000
 _ETH_P_ALL = 0x0003
 _PACKET_OUTGOING = 4

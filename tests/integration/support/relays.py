@@ -38,6 +38,8 @@ RELAY_PORTS = (30000, 30999)
 NG_PORT = 2223
 #: the kernel fast path's nftables table in fw (test_media_kernel_netns.py)
 KERNEL_TABLE = "sipproxy_relay_test"
+#: every relay table's name starts so (a killed relay's is found by it)
+TABLE_PREFIX = "sipproxy_relay_"
 PHONE_RTP = 10000
 PROVIDER_RTP = 12000
 #: RTP packets each way, at least: the pcap sends 50 a second for ~4 s of the call
@@ -232,9 +234,6 @@ def judge(packets: list[Packet], net: NatNet, logs: str) -> None:
     assert min(after.values()) >= MIN_AFTER_RESUME, (after, logs)
     assert len({(p.sport) for p in to_provider}) == 1
     assert len({(p.sport) for p in to_phone}) == 1
-
-
-TABLE_PREFIX = "sipproxy_relay_"
 
 
 def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
