@@ -67,6 +67,9 @@ class ProviderUA(TLSProvider):
     """The provider stand-in: REGISTER is challenged once (401) and answered with its
     Contact; L{call} places a call to a registered Contact over a connection it has."""
 
+    #: answer an unauthorized REGISTER with a digest challenge (401) first
+    challenge = True
+
     def _handle(self, conn: Any, message: bytes) -> None:
         if method_of(message) != "REGISTER":
             super()._handle(conn, message)
@@ -74,11 +77,11 @@ class ProviderUA(TLSProvider):
         with self._lock:
             self.received.append((self._connections.index(conn), message))
         authorization = header(message, "authorization")
-        if authorization is None:
+        if authorization is None and self.challenge:
             nonce = uuid.uuid4().hex
             conn.sendall(response_to(message, 401, "Unauthorized", to_tag="reg", extra=[
                 f'WWW-Authenticate: Digest realm="{REALM}", nonce="{nonce}", algorithm=MD5']))
-        elif _digest_ok(authorization, "REGISTER"):
+        elif not self.challenge or _digest_ok(authorization or "", "REGISTER"):
             contacts = [f"Contact: {c};expires=3600" for c in headers(message, "contact")]
             conn.sendall(response_to(message, 200, "OK", to_tag="reg", extra=contacts))
         else:
