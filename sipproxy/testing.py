@@ -40,6 +40,7 @@ __all__ = [
     "ResolverDouble",
     "answer",
     "listeners_for",
+    "sip_request",
     "toml_text",
 ]
 
@@ -48,7 +49,7 @@ __all__ = [
 _INSIDE_NETS = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 #: a UDP request larger than this goes over TCP (RFC 3261 18.1.1), as the transports do it
-UDP_SIZE_LIMIT = 1300
+_UDP_SIZE_LIMIT = 1300
 
 
 @dataclass
@@ -163,7 +164,7 @@ class RecordingWire:
     def transport_for(self, size: int, target: Target) -> str:
         """TCP for a UDP request over 1300 bytes (RFC 3261 18.1.1), else the target's."""
         wanted = target.transport.upper()
-        return "TCP" if wanted == "UDP" and size > UDP_SIZE_LIMIT else wanted
+        return "TCP" if wanted == "UDP" and size > _UDP_SIZE_LIMIT else wanted
 
     # -- what a test reads -------------------------------------------------------------------
     def received(self, host: str, port: int | None = None) -> list[tuple[bytes, Message]]:
@@ -305,6 +306,24 @@ class ProxyHarness:
             self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
         if self.clock.getDelayedCalls():
             raise AssertionError("timers never stopped")
+
+
+def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
+                cseq: int = 1, headers: Sequence[str] = ()) -> bytes:
+    """
+    A request without a body as a user agent sends it: the bytes to hand to
+    :meth:`ProxyHarness.receive`.
+
+    :param via: the top Via's value, e.g.
+        ``"SIP/2.0/UDP 192.168.1.20:5060;rport;branch=z9hG4bK1"``.
+    :param from_: the From value, with its tag.
+    :param to: the To value (a tag only inside a dialog).
+    :param headers: further ``"Name: value"`` lines (Contact, Route, ...), in order.
+    """
+    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
+             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers,
+             "Content-Length: 0"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def answer(request: Request, status: int, to_tag: str | None = None,

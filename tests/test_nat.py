@@ -31,7 +31,7 @@ from sipproxy.plugins.nat import (
     NatPlugin,
     factory,
 )
-from sipproxy.testing import ProxyHarness, answer
+from sipproxy.testing import ProxyHarness, answer, sip_request
 from tests.nat_site import (
     FIREWALL,
     INSIDE,
@@ -135,23 +135,6 @@ def net() -> Iterator[Net]:
 # ------------------------------------------------------------------------------------------------
 # message builders and checks
 # ------------------------------------------------------------------------------------------------
-def sip_request(
-    method: str,
-    uri: str,
-    *,
-    via: str,
-    from_: str,
-    to: str,
-    call_id: str,
-    cseq: int = 1,
-    headers: tuple[str, ...] = (),
-) -> bytes:
-    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
-             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers,
-             "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def phone_request(method: str, uri: str, branch: str, **kw: Any) -> bytes:
     return sip_request(method, uri, via=PHONE_VIA + branch, **kw)
 

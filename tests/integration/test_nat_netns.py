@@ -25,6 +25,7 @@ import pytest
 
 from sipproxy.message import Request, Response
 from sipproxy.plugins.nat import TOKEN_PREFIX
+from sipproxy.testing import sip_request
 from tests.integration.support.harness import SippResult
 from tests.integration.support.netns import (
     FW_INSIDE,
@@ -208,19 +209,12 @@ def test_every_request_from_the_provider_reaches_the_phone(firewall: Site) -> No
 
 def _probe(call_id: str, method: str, uri: str, *, headers: tuple[str, ...] = (),
            to_tag: str | None = None, port: int = 5099) -> bytes:
-    lines = [
-        f"{method} {uri} SIP/2.0",
-        f"Via: SIP/2.0/UDP {PROVIDER_IP}:{port};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport",
-        "Max-Forwards: 70",
-        f"From: <sip:mallory@{PROVIDER_IP}>;tag=m{call_id[:6]}",
-        f"To: <sip:x@provider.example>{f';tag={to_tag}' if to_tag else ''}",
-        f"Call-ID: {call_id}",
-        f"CSeq: 1 {method}",
-        f"Contact: <sip:mallory@{PROVIDER_IP}:{port}>",
-        *headers,
-        "Content-Length: 0",
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return sip_request(
+        method, uri, call_id=call_id,
+        via=f"SIP/2.0/UDP {PROVIDER_IP}:{port};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport",
+        from_=f"<sip:mallory@{PROVIDER_IP}>;tag=m{call_id[:6]}",
+        to=f"<sip:x@provider.example>{f';tag={to_tag}' if to_tag else ''}",
+        headers=(f"Contact: <sip:mallory@{PROVIDER_IP}:{port}>", *headers))
 
 
 def test_the_outside_cannot_reach_the_inside(nat_net: NatNet, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ import pytest
 from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1
 from sipproxy.message import Request, Response, parse_message
+from sipproxy.testing import sip_request
 from tests.integration.support.harness import SippProcess
 from tests.integration.support.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
 
@@ -163,14 +164,6 @@ class Phone:
 # ------------------------------------------------------------------------------------------------
 # hand-made user agents
 # ------------------------------------------------------------------------------------------------
-def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
-                cseq: int, headers: tuple[str, ...] = ()) -> bytes:
-    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
-             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers,
-             "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def parsed(data: bytes) -> Request | Response | None:
     try:
         message = parse_message(data)
