@@ -65,7 +65,7 @@ class OwnCall:
 
 class ProviderUA(TLSProvider):
     """The provider stand-in: REGISTER is challenged once (401) and answered with its
-    Contact; L{call} places a call to a registered Contact over a connection it has."""
+    Contact; :meth:`call` places a call to a registered Contact over a connection it has."""
 
     #: answer an unauthorized REGISTER with a digest challenge (401) first
     challenge = True
@@ -120,7 +120,7 @@ class ProviderUA(TLSProvider):
         return self.wait_for(final, WAIT)
 
     def call(self, uri: str, connection: int) -> OwnCall:
-        """INVITE C{uri}, wait for the 200, ACK it along the route set."""
+        """INVITE ``uri``, wait for the 200, ACK it along the route set."""
         call = OwnCall(uuid.uuid4().hex, uuid.uuid4().hex[:8], f"<{uri}>", "", [], connection)
         sdp = (f"v=0\r\no=carol 1 1 IN IP4 {self.host}\r\ns=-\r\nc=IN IP4 {self.host}\r\n"
                "t=0 0\r\nm=audio 30000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
