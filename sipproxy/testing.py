@@ -26,7 +26,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from sipproxy.config import Config, parse_config
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.location import LocationService
 from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins

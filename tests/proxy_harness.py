@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.message import Message, Request, Response, Source
 from sipproxy.testing import ProxyHarness, ResolverDouble
 

@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 
 from sipproxy.config import ConfigError, Section, parse_config
 from sipproxy.media.backends import LocalRelay, NGRelay
-from sipproxy.media.ng import NGCommands, NGError, NGTimeout, _text
+from sipproxy.media.ng import NGCommands, NGError, NGTimeout, to_text
 from sipproxy.message import Request, Response, Source
 from sipproxy.plugins.media import MediaPlugin, factory
 from sipproxy.sdp import SessionDescription, parse_sdp
@@ -657,7 +657,7 @@ class LoopbackNGClient:
         self.clock = clock
 
     def command(self, message: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        reply = self.commands.handle(_text(message))
+        reply = self.commands.handle(to_text(message))
         if reply.get("result") == "error":
             return defer.fail(NGError(str(reply.get("error-reason"))))
         return defer.succeed(reply)

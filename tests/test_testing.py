@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from sipproxy.config import parse_config
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.message import Response, parse_message
 from sipproxy.testing import FakeListener, ProxyHarness, RecordingWire, ResolverDouble, toml_text
 

@@ -1,7 +1,7 @@
 """SIP over UDP: one datagram socket per listener; datagrams in, datagrams out, nothing else.
 
-SIP meaning (parsing, error answers, routing) lives in L{sipproxy.transport.manager}; this protocol
-only moves bytes, so it can be driven by a fake datagram transport in unit tests.
+SIP meaning (parsing, error answers, routing) lives in :mod:`sipproxy.transport.manager`; this
+protocol only moves bytes, so it can be driven by a fake datagram transport in unit tests.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def is_keepalive(data: bytes) -> bool:
 
 
 class SIPDatagramProtocol(DatagramProtocol):
-    """Hands every non-empty datagram to C{handler(data, (host, port))}; never raises."""
+    """Hands every non-empty datagram to ``handler(data, (host, port))``; never raises."""
 
     log = Logger()
 
