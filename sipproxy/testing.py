@@ -25,6 +25,7 @@ from typing import Any, Self
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from sipproxy.addressing import INTERNAL_NETWORKS, in_networks, ip_of
 from sipproxy.config import Config, parse_config
 from sipproxy.context import Target
 from sipproxy.location import LocationService
@@ -44,10 +45,8 @@ __all__ = [
     "toml_text",
 ]
 
-#: where a private, loopback or link-local target is: the networks the real transports treat
-#: as the inside when they pick a listener
-_INSIDE_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+#: a target here is inside: the LAN's and this machine's addresses, as the transports see it
+_INTERNAL = tuple(ipaddress.ip_network(n) for n in INTERNAL_NETWORKS)
 #: a UDP request larger than this goes over TCP (RFC 3261 18.1.1), as the transports do it
 _UDP_SIZE_LIMIT = 1300
 
@@ -68,13 +67,6 @@ def listeners_for(config: Config) -> list[FakeListener]:
     """One :class:`FakeListener` per ``[[listen]]`` entry of ``config``, in its order."""
     return [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
             for lc in config.listen]
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
 
 
 def _destination(response: Response) -> tuple[str, int]:
@@ -145,17 +137,15 @@ class RecordingWire:
             candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
         if side is not None:
             candidates = [lst for lst in candidates if lst.side == side]
-        ip = _ip(target.host)
+        ip = ip_of(target.host)
         if ip is not None:
-            fitting = [lst for lst in candidates if (a := _ip(lst.address)) is not None
+            fitting = [lst for lst in candidates if (a := ip_of(lst.address)) is not None
                        and a.version == ip.version]
             candidates = fitting or candidates
         if not candidates:
             return None
         if side is None and ip is not None:
-            local = ip.is_loopback or ip.is_link_local or any(
-                ip.version == net.version and ip in net for net in _INSIDE_NETS)
-            preferred = "inside" if local else "outside"
+            preferred = "inside" if in_networks(target.host, _INTERNAL) else "outside"
             for lst in candidates:
                 if lst.side == preferred:
                     return lst
@@ -213,7 +203,7 @@ class ResolverDouble:
                 server_name: str | None = None) -> Deferred[list[Target]]:
         """The targets for ``host``; a name the table does not have gives none."""
         self.calls.append((host, port, transport, secure))
-        if _ip(host) is None:
+        if ip_of(host) is None:
             targets = list(self.names.get(host.lower(), []))
         else:
             kind = "TLS" if secure or (transport or "").upper() == "TLS" else \

@@ -52,6 +52,7 @@ def test_wire_picks_listeners_as_the_transports_do() -> None:
     wire = RecordingWire([INSIDE, OUTSIDE, OUTSIDE_TCP])
     assert wire.choose_listener(Target("UDP", "10.1.2.3", 5060, "")) is INSIDE
     assert wire.choose_listener(Target("UDP", "127.0.0.1", 5060, "")) is INSIDE
+    assert wire.choose_listener(Target("UDP", "169.254.7.7", 5060, "")) is INSIDE
     assert wire.choose_listener(Target("UDP", "198.51.100.7", 5060, "")) is OUTSIDE
     assert wire.choose_listener(Target("TCP", "198.51.100.7", 5060, "")) is OUTSIDE_TCP
     # no TLS listener: outgoing TLS names the side's TCP listener
