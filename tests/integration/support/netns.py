@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sipproxy.addressing import in_networks
 from sipproxy.errors import ParseError
 from sipproxy.media.kernel import pid_alive
 from sipproxy.message import Request, Response, parse_message
@@ -87,10 +88,7 @@ NAT_PORTS = (40000, 40999)
 
 def inside(host: str) -> bool:
     """Whether ``host`` (an address, maybe in brackets) is on the LAN; a name is not."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")) in LAN
-    except ValueError:
-        return False
+    return in_networks(host, (LAN,))
 
 
 _CLONE_NEWNET = 0x40000000
