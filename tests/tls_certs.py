@@ -158,7 +158,9 @@ def make_certificates(directory: Path, provider_names: tuple[str, ...] = (PROVID
 _CERTS: Certificates | None = None
 
 
-def certs(tmp: Path | None = None) -> Certificates:
+def certs() -> Certificates:
+    """One set of certificates for the whole test run, made at the first call in a temporary
+    directory of its own (it outlives any one test's ``tmp_path``)."""
     global _CERTS
     if _CERTS is None:
         _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
