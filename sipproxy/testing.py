@@ -248,7 +248,7 @@ class ProxyHarness:
         """
         Build the proxy.
 
-        :param config: TOML text, the same as a dict (see :func:`toml_text`), or a parsed
+        :param config: TOML text, a dict of the same tables (see :func:`toml_text`), or a parsed
             :class:`~sipproxy.config.Config`.
         :param plugins: the plugin objects to run, in order; ``None``: the plugins the config
             enables, loaded as the service loads them (``acl`` first with an outside listener).
