@@ -12,10 +12,9 @@
   // path's counters are read every 2 s, so less would flag healthy kernel streams.
   const SILENT_AFTER = 3;
 
-  // api/status relative to the page, so a reverse proxy may serve it under a prefix; a token
-  // given to the page (?token=...) goes along.
-  const token = new URLSearchParams(location.search).get("token");
-  const API = "api/status" + (token ? "?token=" + encodeURIComponent(token) : "");
+  // Relative to the page, so a reverse proxy may serve both under a prefix. With an [admin]
+  // token the browser asked for it (basic auth) when it loaded the page and sends it along.
+  const API = "api/status";
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
