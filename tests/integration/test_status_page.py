@@ -46,15 +46,15 @@ BAN_TIME = 120
 DOMAIN = "lan.example"
 AOR = f"sip:alice@{DOMAIN}"
 #: the caller's RTP lasts the whole call; the phone's stops after PHONE_RTP seconds
-CALL_SECONDS = 8.0
+CALL_SECONDS = 10.0
 PHONE_RTP = 2.0
 #: the page's own threshold (status.js SILENT_AFTER) for flagging a direction silent
 SILENT_AFTER = 3.0
 #: the page lags the API by at most its poll period (1 s); what the issue asks is 2 s
 MAX_LAG = 2.0
 PHONE_WIDTH = 400
-#: the page's colour for trouble (status.css --bad, light scheme)
-RED = "rgba(198, 40, 40, 1)"
+#: the page's colour for trouble (status.css --bad, light scheme), as red, green, blue
+RED = (198, 40, 40)
 
 
 @pytest.fixture
@@ -114,6 +114,11 @@ def rows(driver: Any, section: str) -> list[dict[str, Any]]:
 def packets(text: str) -> int:
     """"1,520 packets" -> 1520"""
     return int(text.split()[0].replace(",", ""))
+
+
+def rgb(css: str) -> tuple[int, ...]:
+    """"rgb(198, 40, 40)" (or rgba) -> (198, 40, 40)"""
+    return tuple(int(float(n)) for n in css[css.index("(") + 1:-1].split(",")[:3])
 
 
 def api(admin: str) -> dict[str, Any]:
@@ -191,7 +196,8 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
           "the page says it is live", browser)
     listeners = rows(browser, "listeners")
     # (advertised: the address it names in Via and Record-Route, its own here)
-    assert [r["cells"] for r in listeners] == [["UDP", f"{LOOPBACK}:{sip_port}", "inside", LOOPBACK]]
+    assert [r["cells"] for r in listeners] == [
+        ["UDP", f"{LOOPBACK}:{sip_port}", "inside", LOOPBACK]]
     plugins = browser.find_element("id", "plugins").text
     assert "media" in plugins, plugins
 
@@ -259,9 +265,11 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
 
     flagged = until(phone_flagged, PHONE_RTP + SILENT_AFTER + MAX_LAG + 1,
                     "the silent direction flagged", browser)
-    assert flagged["callee->caller"]["color"] == RED, flagged
-    assert "silent" in flagged["callee->caller"]["text"], flagged
-    assert not flagged["caller->callee"]["silent"], flagged
+    assert rgb(flagged["callee->caller"]["color"]) == RED, flagged
+    assert flagged["callee->caller"]["text"].endswith("\nSILENT"), flagged  # (said, not only red)
+    caller_side = flagged["caller->callee"]
+    assert not caller_side["silent"] and "SILENT" not in caller_side["text"], flagged
+    assert rgb(caller_side["color"]) != RED, flagged
     assert caller.running(), "the call ended before the page showed all of it"
 
     scroll_width, width = page_width(browser)

@@ -73,7 +73,8 @@
       return box;
     }
     for (const stream of call.media) {
-      const line = el("div", "stream" + (silent(stream, call) ? " silent" : ""));
+      const quiet = silent(stream, call);
+      const line = el("div", "stream" + (quiet ? " silent" : ""));
       line.dataset.direction = stream.direction;
       line.append(
         el("span", "direction", direction(stream.direction) + " " + (stream.media || "")),
@@ -83,6 +84,7 @@
         el("span", "age num", stream.last_packet_age === null || stream.last_packet_age === undefined
           ? "no packet yet" : "last " + stream.last_packet_age.toFixed(1) + " s ago"),
       );
+      if (quiet) line.append(el("span", "flag", "silent"));
       box.append(line);
     }
     return box;
