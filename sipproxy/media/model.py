@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sipproxy.media.engine import RelayEngine
     from sipproxy.media.offload import StreamOffload
 
-__all__ = ["Call", "Component", "MediaLeg", "Monologue", "PacketStream"]
+__all__ = ["Call", "Component", "MediaLeg", "Monologue", "PacketStream", "StreamTotals"]
 
 Component = Literal["RTP", "RTCP"]
 
@@ -384,3 +384,34 @@ class Call:
             "tags": {tag: mono.describe() for tag, mono in self.monologues.items()},
             "totals": totals,
         }
+
+
+class StreamTotals:
+    """Packets and bytes relayed, summed by (interface name, path): the interface is the side
+    of the party that sent them, the path ``"userspace"`` or ``"kernel"``. The engine keeps
+    the totals of the calls that ended; the metrics add the live calls' counts to a copy."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def copy(self) -> StreamTotals:
+        """An independent copy."""
+        other = StreamTotals()
+        other.counts = {key: list(value) for key, value in self.counts.items()}
+        return other
+
+    def add(self, call: Call) -> None:
+        """Add what every stream of ``call`` relayed."""
+        for leg in call.legs():
+            interface = leg.monologue.interface.name
+            for stream in leg.streams:
+                self._add((interface, "userspace"), stream.packets, stream.bytes)
+                self._add((interface, "kernel"), stream.kernel_packets, stream.kernel_bytes)
+
+    def _add(self, key: tuple[str, str], packets: int, size: int) -> None:
+        if packets or size:
+            counts = self.counts.setdefault(key, [0, 0])
+            counts[0] += packets
+            counts[1] += size

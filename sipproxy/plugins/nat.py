@@ -86,6 +86,10 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
+    #: for a REGISTER: its address-of-record, and the token URI the registrar got (the
+    #: admin status page shows both)
+    aor: str = ""
+    public_contact: str = ""
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -443,6 +447,9 @@ class NatPlugin(Plugin, Service):
             mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
+            if registration:
+                mapping.aor = message.to.uri.aor()
+                mapping.public_contact = str(new_uri)
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
         message.set_contacts(changed)
 
