@@ -73,22 +73,18 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from sipproxy.interfaces import IStatusProvider
+from sipproxy.uri import format_host
 
 if TYPE_CHECKING:
     from sipproxy.location import Binding
     from sipproxy.proxy import Proxy
 
-__all__ = ["PARTS", "StatusModel", "address_text", "status_providers"]
+__all__ = ["PARTS", "StatusModel", "plugin_name", "status_providers"]
 
 _log = Logger(namespace="sipproxy.admin")
 
 #: The parts of ``/api/status``, each also served alone at ``/api/<part>``.
 PARTS = ("registrations", "calls", "bans", "listeners", "plugins")
-
-
-def address_text(host: str, port: int) -> str:
-    """``host:port``, IPv6 in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def plugin_name(plugin: object) -> str:
@@ -176,7 +172,7 @@ class StatusModel:
         return {
             "aor": binding.aor,
             "contact": binding.contact,
-            "source": address_text(source.host, source.port) if source is not None else None,
+            "source": f"{format_host(source.host)}:{source.port}" if source is not None else None,
             "transport": source.transport.lower() if source is not None else None,
             "expires_in": max(0, int(binding.remaining(now))),
             "user_agent": binding.user_agent,

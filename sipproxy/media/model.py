@@ -371,6 +371,33 @@ class Call:
             waits.extend(mono.close())
         return waits
 
+    def directions(self, caller_tag: str | None, now: float) -> list[dict[str, Any]]:
+        """Per media line and direction, what the RTP port of the sending party got: the
+        admin status page's ``media`` entries (:mod:`sipproxy.admin.status`). The party
+        ``caller_tag`` (None: the first one the relay heard of) sends ``caller->callee``."""
+        monologues = list(self.monologues.values())
+        if caller_tag is None and monologues:
+            caller_tag = monologues[0].tag
+        result = []
+        for mono in monologues:
+            direction = "caller->callee" if mono.tag == caller_tag else "callee->caller"
+            for index in sorted(mono.medias):
+                leg = mono.medias[index]
+                if leg.closed:
+                    continue
+                rtp = leg.rtp
+                kernel = rtp.offload is not None and rtp.offload.active
+                result.append({
+                    "direction": direction,
+                    "media": leg.type,
+                    "packets": rtp.packets + rtp.kernel_packets,
+                    "bytes": rtp.bytes + rtp.kernel_bytes,
+                    "path": "kernel" if kernel else "userspace",
+                    "last_packet_age": None if rtp.last_packet is None
+                    else round(max(0.0, now - rtp.last_packet), 3),
+                })
+        return sorted(result, key=lambda m: m["direction"] != "caller->callee")
+
     def describe(self) -> dict[str, Any]:
         """The call as an NG ``query`` or ``delete`` reply describes it."""
         totals = {c: {"packets": 0, "bytes": 0, "errors": 0} for c in ("RTP", "RTCP")}
