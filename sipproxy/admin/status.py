@@ -61,7 +61,17 @@ The contract of the JSON API (``sipproxy.admin.api``), each endpoint a ``GET`` r
     }
 
 A plugin that provides :class:`sipproxy.interfaces.IStatusProvider` adds its section under its
-``Plugin`` entry; keys the page does not know are shown as a generic table.
+``Plugin`` entry; keys the page does not know are shown as a generic table. ``media`` is filled
+by the ``media`` plugin with the built-in relay (an NG relay's calls have ``[]``); its
+``packets`` count what arrives on the sending party's RTP port (RTCP too when muxed), and a
+direction whose ``last_packet_age`` grows is silent. ``"now"`` and the times are the proxy's
+clock, so a page computes nothing from the browser's clock.
+
+The site (:func:`sipproxy.admin.service.admin_root`) has ``/metrics``, ``/api`` and a plain
+index at ``/`` that the status page replaces (``root.putChild(b"", page)``); with ``[admin]
+token`` every path, ``/`` included, needs the token (a browser asks for it: basic auth with
+the token as the password). A page resource gets the data with
+``StatusModel(proxy).status()`` (the same dict as ``/api/status``).
 """
 
 from __future__ import annotations
