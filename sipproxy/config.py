@@ -41,6 +41,7 @@ from sipproxy.settings import (
 
 __all__ = [
     "CORE_SECTIONS",
+    "AdminConfig",
     "Config",
     "ConfigError",
     "DnsConfig",
@@ -60,7 +61,7 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "admin"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
@@ -292,6 +293,22 @@ class PluginsConfig:
                    " only for a proxy meant to relay for anyone.")
 
 
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the HTTP listener for operators: ``/metrics`` (Prometheus), ``/api/...``
+    (JSON) and the status page."""
+
+    enabled: bool = setting(True, doc="Serve the admin listener.")
+    address: str = setting(
+        "127.0.0.1", parse=ip_address,
+        doc="IP literal to bind; any address but a loopback one requires token.")
+    port: int = setting(8080, min=0, max=65535, doc="TCP port to bind; 0: any free one.")
+    token: str | None = setting(
+        None, parse=no_control_characters,
+        doc="Secret every request must carry: 'Authorization: Bearer TOKEN', or basic auth"
+            " with TOKEN as the password (any user name).")
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -311,6 +328,7 @@ class Config:
     timers: TimerConfig = field(default_factory=TimerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     plugins: tuple[str, ...] = ()
     """Names of the plugins that run, in pipeline order: the implied ones (see
     :func:`sipproxy.pipeline.implied_plugins`), then ``[plugins] enabled``."""
@@ -376,6 +394,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     dns = read_section(DnsConfig, _table(root, "dns"))
     plugins = read_section(PluginsConfig, _table(root, "plugins"))
     limits = read_section(LimitsConfig, _table(root, "limits"))
+    admin = _admin(_table(root, "admin"))
     config = Config(
         proxy=proxy,
         listen=listen,
@@ -384,6 +403,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         timers=timers,
         dns=dns,
         limits=limits,
+        admin=admin,
         plugins=plugins.enabled,
         sections=MappingProxyType(sections),
         source=source,
@@ -472,6 +492,17 @@ def _registrar(s: Section) -> RegistrarConfig:
             f" got {r.default_expires}",
         )
     return r
+
+
+def _admin(s: Section) -> AdminConfig:
+    admin = read_section(AdminConfig, s)
+    if admin.token == "":
+        raise s.error("token", "must not be empty")
+    loopback = ipaddress.ip_address(admin.address).is_loopback
+    if admin.enabled and admin.token is None and not loopback:
+        raise s.error("token", f"is required to listen on {admin.address}, which is not a"
+                               " loopback address (anyone who reaches it would see every call)")
+    return admin
 
 
 def _timers(s: Section) -> TimerConfig:

@@ -45,10 +45,12 @@ import functools
 import ipaddress
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -59,12 +61,12 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore, IStatusProvider
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
-from sipproxy.refusals import RefusalLog
+from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, ip_address, network, read_section, setting
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
@@ -86,6 +88,10 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
+    #: for a REGISTER: its address-of-record, and the token URI the registrar got (the
+    #: admin status page shows both)
+    aor: str = ""
+    public_contact: str = ""
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -179,6 +185,10 @@ class ContactMap:
         self._evictable.pop(token, None)
         return mapping
 
+    def mappings(self) -> list[ContactMapping]:
+        """Every mapping held now (expired ones until the next purge)."""
+        return list(self._by_token.values())
+
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
@@ -209,7 +219,7 @@ class _Watched:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(ILocationListener)
+@implementer(ILocationListener, IStatusProvider)
 class NatPlugin(Plugin, Service):
     """The ``nat`` plugin (see the module docstring)."""
 
@@ -443,6 +453,9 @@ class NatPlugin(Plugin, Service):
             mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
+            if registration:
+                mapping.aor = message.to.uri.aor()
+                mapping.public_contact = str(new_uri)
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
         message.set_contacts(changed)
 
@@ -550,6 +563,35 @@ class NatPlugin(Plugin, Service):
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
         return None
+
+    # -- IStatusProvider -----------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Mappings held (registrations' and calls'), phones kept alive, refusals."""
+        mappings = GaugeMetricFamily("sipproxy_nat_mappings", "Contact tokens held, by what"
+                                     " they were made for.", labels=["kind"])
+        held = self.contacts.mappings()
+        registrations = sum(1 for m in held if m.registration)
+        mappings.add_metric(["registration"], registrations)
+        mappings.add_metric(["call"], len(held) - registrations)
+        watched = GaugeMetricFamily("sipproxy_nat_keepalive_bindings", "NATed bindings kept"
+                                    " alive with keepalive requests.")
+        watched.add_metric([], len(self.watched))
+        return [mappings, watched, refusal_metrics(self.name, self.counters)]
+
+    def status(self) -> Mapping[str, Any]:
+        """Counts, and the phones registered at the provider through us (firewall mode)."""
+        now = self.clock.seconds()
+        held = self.contacts.mappings()
+        registrations = [{
+            "aor": m.aor,
+            "contact": m.public_contact,
+            "source": f"{format_host(m.target.host)}:{m.target.port}",
+            "transport": m.target.transport.lower(),
+            "expires_in": max(0, int(m.expires_at - now - 60.0)),
+            "user_agent": None,
+        } for m in held if m.registration and m.aor and m.expires_at > now]
+        return {"mappings": len(held), "keepalive_bindings": len(self.watched),
+                "refusals": dict(self.counters), "registrations": registrations}
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------
     def binding_added(self, binding: Any, previous: Any) -> None:
