@@ -2,8 +2,9 @@
 The live status page (``/`` of ``[admin]``) in a real browser, against a real proxy.
 
 Headless Chromium (tests/integration/support/browser.py) opens the page of a proxy on
-127.0.0.1 with the ``media`` plugin and a flood guard; then, while the page stays loaded (it is
-never reloaded):
+127.0.0.1 with the ``media`` plugin, a flood guard and an ``[admin] token`` (given as the
+password in the address, as a user would type it: the page's own requests must carry it
+without putting it in their URL); then, while the page stays loaded (it is never reloaded):
 
 - a source (127.0.0.2, not exempt) floods the proxy and is banned: its row appears;
 - a phone (sipp) registers: its row shows the AOR, where the phone is, the transport and the
@@ -42,6 +43,7 @@ from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free
 from tests.integration.support.rtp import callee_scenario, write_rtp_pcap
 
 FLOODER = "127.0.0.2"
+TOKEN = "status-page-test"
 BAN_TIME = 120
 DOMAIN = "lan.example"
 AOR = f"sip:alice@{DOMAIN}"
@@ -80,7 +82,7 @@ def config(sip_port: int, admin_port: int) -> dict[str, Any]:
             "burst": 40,
             "ban_time": BAN_TIME,
         },
-        "admin": {"address": LOOPBACK, "port": admin_port},
+        "admin": {"address": LOOPBACK, "port": admin_port, "token": TOKEN},
     }
 
 
@@ -122,7 +124,9 @@ def rgb(css: str) -> tuple[int, ...]:
 
 
 def api(admin: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{admin}/api/status", timeout=2) as response:
+    request = urllib.request.Request(f"{admin}/api/status",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=2) as response:
         return dict(json.load(response))
 
 
@@ -190,7 +194,7 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
     target = proxy.address("udp")
     admin = f"http://{LOOPBACK}:{admin_port}"
 
-    browser.get(f"{admin}/")
+    browser.get(f"http://admin:{TOKEN}@{LOOPBACK}:{admin_port}/")
     browser.execute_script("window.loadedOnce = true")  # gone if the page were reloaded
     until(lambda: "live" in browser.find_element("id", "connection").text, 5,
           "the page says it is live", browser)

@@ -13,8 +13,10 @@
   const SILENT_AFTER = 3;
 
   // Relative to the page, so a reverse proxy may serve both under a prefix. With an [admin]
-  // token the browser asked for it (basic auth) when it loaded the page and sends it along.
-  const API = "api/status";
+  // token the browser asked for it (basic auth) when it loaded the page and sends it along;
+  // resolved against location.href, which has no user:password@ even when the address typed
+  // had one (fetch refuses a URL with credentials, and a relative one would inherit them).
+  const API = new URL("api/status", location.href).href;
 
   function el(tag, className, text) {
     const node = document.createElement(tag);
