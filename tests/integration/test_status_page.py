@@ -7,12 +7,13 @@ password in the address, as a user would type it: the page's own requests must c
 without putting it in their URL); then, while the page stays loaded (it is never reloaded):
 
 - a source (127.0.0.2, not exempt) floods the proxy and is banned: its row appears;
-- a phone (sipp) registers: its row shows the AOR, where the phone is, the transport and the
-  time left;
+- a phone (sipp) registers: its row shows the AOR, where the phone is, the transport, the
+  time left and its User-Agent, which is markup and shown as text (nothing injected);
 - a caller (sipp) calls the phone through the proxy; both play G.711 RTP through the relay, the
   phone for 2 s only: the call row appears within 2 s, its packet counts rise, and once the
   phone has been silent for a while its direction (alone) is flagged red;
-- the caller hangs up (BYE): the row is gone within 2 s.
+- the caller hangs up (BYE): the row is gone within 2 s;
+- the proxy stops: the page says it is offline.
 
 "Within 2 s" is measured two ways: against the test's own clock from the moment the proxy's
 API (``/api/status``, the page's source) shows the change, and, for the BYE, from sipp's
@@ -39,10 +40,18 @@ from tests.integration.support.browser import (
     chromium,
     resize,
 )
-from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free_port
+from tests.integration.support.harness import (
+    LOOPBACK,
+    SCENARIOS,
+    ProxyProcess,
+    Sipp,
+    free_port,
+)
 from tests.integration.support.rtp import callee_scenario, write_rtp_pcap
 
 FLOODER = "127.0.0.2"
+#: what a phone says it is: markup, which the page must show as text
+USER_AGENT = '<b id="injected">Phone</b><script>document.title = "x"</script>'
 TOKEN = "status-page-test"
 BAN_TIME = 120
 DOMAIN = "lan.example"
@@ -215,20 +224,24 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
     assert row["cells"][1], row  # a reason
     assert row["cells"][2].endswith(" s") and "min" in row["cells"][2], row  # ~2 min left
 
-    # a phone registers
-    register = sipp.run_uac("register.xml", target, local_port=phone_port, timeout=10, keys={
-        "user": "alice", "domain": DOMAIN, "contact": f"sip:alice@{LOOPBACK}:{phone_port}",
-        "expires": "3600"})
+    # a phone registers (with a User-Agent that is markup)
+    register = sipp.run_uac(register_scenario(tmp_path), target, local_port=phone_port,
+                            timeout=10, keys={
+                                "user": "alice", "domain": DOMAIN,
+                                "contact": f"sip:alice@{LOOPBACK}:{phone_port}",
+                                "expires": "3600"})
     assert register.ok(1), register.describe()
     registered = lag(admin, browser, lambda s: any(r["aor"] == AOR for r in s["registrations"]),
                      lambda: any(r["cells"][0] == AOR for r in rows(browser, "registrations")),
                      5, "the registration")
     assert registered <= MAX_LAG, registered
     [row] = rows(browser, "registrations")
-    _, contact, phone_at, transport, expires_in, _ = row["cells"]
+    _, contact, phone_at, transport, expires_in, user_agent = row["cells"]
     assert contact == f"sip:alice@{LOOPBACK}:{phone_port}", row
     assert (phone_at, transport) == (f"{LOOPBACK}:{phone_port}", "UDP"), row
     assert expires_in.startswith(("59 min", "1 h 0 min")), row
+    assert user_agent == USER_AGENT, row
+    assert browser.find_elements("id", "injected") == [], "the User-Agent became markup"
 
     # the phone answers and plays 2 s of RTP; the caller plays RTP for the whole call
     write_rtp_pcap(sipp.workdir / "audio.pcap", CALL_SECONDS + 2)
@@ -299,10 +312,25 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == [], errors
     assert phone_shot.stat().st_size > 0 and desktop_shot.stat().st_size > 0
+
+    # the proxy stops: the page says so (in red), within its request timeout and a poll
+    proxy.stop()
+    until(lambda: "offline" in browser.find_element("id", "connection").text, 8,
+          "the page says the proxy is offline", browser)
+    assert rgb(browser.find_element("id", "connection").value_of_css_property("color")) == RED
     print(f"status page: ban shown {banned:.2f} s, registration {registered:.2f} s, call "
           f"{appeared:.2f} s, hang-up {gone:.2f} s after the API ({after_bye:.2f} s after "
           f"sipp's BYE); whole test "
           f"{time.monotonic() - started:.1f} s")
+
+
+def register_scenario(directory: Path) -> Path:
+    """scenarios/register.xml with :data:`USER_AGENT`."""
+    path = directory / "register_ua.xml"
+    text = (SCENARIOS / "register.xml").read_text()
+    path.write_text(text.replace("Max-Forwards: 70", f"User-Agent: {USER_AGENT}\n"
+                                 "      Max-Forwards: 70", 1))
+    return path
 
 
 def phone_scenario(directory: Path, pcap: Path) -> Path:
