@@ -129,7 +129,7 @@ class ProxyCollector:
         dns = CounterMetricFamily("sipproxy_dns_lookups_failed", "DNS lookups that gave no"
                                   " answer (no such name or record, server failure, timeout),"
                                   " by record type.", labels=["type"])
-        for record_type, n in sorted(getattr(proxy.resolver, "failures", {}).items()):
+        for record_type, n in sorted(proxy.resolver.failures.items()):
             dns.add_metric([record_type], n)
         yield dns
         yield from self.flood_metrics()
