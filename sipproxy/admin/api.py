@@ -11,7 +11,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from sipproxy.admin.status import PARTS, StatusModel
@@ -49,8 +50,8 @@ class ApiResource(Resource):
         for part in PARTS:
             self.putChild(part.encode(), JsonPart(model, [part]))
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
-        return NoResource("no such API endpoint; try /api/status")
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return notFound("No such API endpoint", "Try /api/status.")
 
     def render_GET(self, request: Request) -> bytes:
         endpoints = ["/api/status", *(f"/api/{part}" for part in PARTS)]

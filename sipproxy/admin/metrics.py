@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -29,7 +30,8 @@ from sipproxy.refusals import refusal_metrics
 if TYPE_CHECKING:
     from sipproxy.proxy import Proxy
 
-__all__ = ["MetricsPage", "ProxyCollector", "merge_families", "proxy_registry"]
+__all__ = ["MetricsPage", "ProxyCollector", "merge_families", "process_registry",
+           "proxy_registry"]
 
 _log = Logger(namespace="sipproxy.admin")
 
@@ -127,7 +129,7 @@ class ProxyCollector:
         dns = CounterMetricFamily("sipproxy_dns_lookups_failed", "DNS lookups that gave no"
                                   " answer (no such name or record, server failure, timeout),"
                                   " by record type.", labels=["type"])
-        for record_type, n in sorted(getattr(proxy.resolver, "failures", {}).items()):
+        for record_type, n in sorted(proxy.resolver.failures.items()):
             dns.add_metric([record_type], n)
         yield dns
         yield from self.flood_metrics()
@@ -151,10 +153,15 @@ class ProxyCollector:
 
 
 def proxy_registry(proxy: Proxy) -> CollectorRegistry:
-    """A registry of its own for ``proxy``: its metrics and this process's (CPU, memory, open
+    """A registry of its own for ``proxy``: its metrics and this process's."""
+    return process_registry(ProxyCollector(proxy))
+
+
+def process_registry(collector: Collector) -> CollectorRegistry:
+    """A registry of its own with ``collector`` and this process's metrics (CPU, memory, open
     files, garbage collection, Python version)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ProxyCollector(proxy))
+    registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)

@@ -29,7 +29,7 @@ from sipproxy.admin.page import page_resource
 from sipproxy.admin.status import StatusModel
 from sipproxy.config import AdminConfig
 
-__all__ = ["AdminService", "TokenGuard", "admin_root"]
+__all__ = ["AdminService", "QuietSite", "TokenGuard", "admin_root"]
 
 _log = Logger(namespace="sipproxy.admin")
 
@@ -89,8 +89,8 @@ class TokenGuard(Resource):
         return self.wrapped.render(request)
 
 
-class _QuietSite(Site):
-    """No access log: the status page polls every second, Prometheus every few."""
+class QuietSite(Site):
+    """A site without access log: the status page polls every second, Prometheus every few."""
 
     noisy = False
 
@@ -118,7 +118,7 @@ class AdminService(Service):
         self.config = config
         self.reactor = reactor
         root = admin_root(proxy)
-        self.site = _QuietSite(TokenGuard(root, config.token) if config.token else root)
+        self.site = QuietSite(TokenGuard(root, config.token) if config.token else root)
         self.site.displayTracebacks = False
         self.port: IListeningPort | None = None
 

@@ -132,7 +132,8 @@ class RelayEngine:
         return found
 
     def port_usage(self) -> dict[str, tuple[int, int]]:
-        """Per interface name: (ports the relay holds open, ports of the range still free)."""
+        """Per interface name: (ports the relay holds open, ports of the range still free).
+        Interfaces on one address share its port range, and so its counts."""
         usage: dict[str, tuple[int, int]] = {}
         for name, interface in self.interfaces.items():
             allocator = self.allocator(interface)
