@@ -29,6 +29,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,18 +185,39 @@ def page_width(driver: Any) -> tuple[int, int]:
     return int(scroll), int(client)
 
 
-def screenshot(driver: Any, directory: Path, name: str) -> Path:
+def say(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """A line in the test run's output, also when the test passes."""
+    with capsys.disabled():
+        print(f"\n{text}")
+
+
+def screenshot(driver: Any, directory: Path, name: str,
+               capsys: pytest.CaptureFixture[str]) -> Path:
     path = directory / f"{name}.png"
     driver.save_screenshot(str(path))
-    print(f"status page screenshot: {path}")
+    say(capsys, f"status page screenshot: {path}")
     return path
+
+
+@contextmanager
+def screenshot_on_failure(driver: Any, directory: Path,
+                          capsys: pytest.CaptureFixture[str]) -> Iterator[None]:
+    """What the page showed when the test failed, as ``failure.png``."""
+    try:
+        yield
+    except BaseException:
+        try:
+            screenshot(driver, directory, "failure", capsys)
+        except Exception as e:  # the browser itself failed: the original error matters
+            say(capsys, f"status page: no failure screenshot ({e!r})")
+        raise
 
 
 # --- the test ----------------------------------------------------------------------------------
 
 
-def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
-                                       tmp_path: Path) -> None:
+def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     artifacts = artifacts_dir(tmp_path, "status_page")
     sip_port, admin_port, phone_port = free_port(), free_port(), free_port()
@@ -203,125 +225,126 @@ def test_status_page_live_in_a_browser(proxy_factory, sipp: Sipp, browser: Any,
     target = proxy.address("udp")
     admin = f"http://{LOOPBACK}:{admin_port}"
 
-    browser.get(f"http://admin:{TOKEN}@{LOOPBACK}:{admin_port}/")
-    browser.execute_script("window.loadedOnce = true")  # gone if the page were reloaded
-    until(lambda: "live" in browser.find_element("id", "connection").text, 5,
-          "the page says it is live", browser)
-    listeners = rows(browser, "listeners")
-    # (advertised: the address it names in Via and Record-Route, its own here)
-    assert [r["cells"] for r in listeners] == [
-        ["UDP", f"{LOOPBACK}:{sip_port}", "inside", LOOPBACK]]
-    plugins = browser.find_element("id", "plugins").text
-    assert "media" in plugins, plugins
+    with screenshot_on_failure(browser, artifacts, capsys):
+        browser.get(f"http://admin:{TOKEN}@{LOOPBACK}:{admin_port}/")
+        browser.execute_script("window.loadedOnce = true")  # gone if the page were reloaded
+        until(lambda: "live" in browser.find_element("id", "connection").text, 5,
+              "the page says it is live", browser)
+        listeners = rows(browser, "listeners")
+        # (advertised: the address it names in Via and Record-Route, its own here)
+        assert [r["cells"] for r in listeners] == [
+            ["UDP", f"{LOOPBACK}:{sip_port}", "inside", LOOPBACK]]
+        plugins = browser.find_element("id", "plugins").text
+        assert "media" in plugins, plugins
 
-    # a source floods the proxy and is banned
-    ban(FLOODER, target)
-    banned = lag(admin, browser, lambda s: any(b["source"] == FLOODER for b in s["bans"]),
-                 lambda: any(r["cells"][0] == FLOODER for r in rows(browser, "bans")),
-                 5, "the banned source")
-    assert banned <= MAX_LAG, banned
-    [row] = rows(browser, "bans")
-    assert row["cells"][1], row  # a reason
-    assert row["cells"][2].endswith(" s") and "min" in row["cells"][2], row  # ~2 min left
+        # a source floods the proxy and is banned
+        ban(FLOODER, target)
+        banned = lag(admin, browser, lambda s: any(b["source"] == FLOODER for b in s["bans"]),
+                     lambda: any(r["cells"][0] == FLOODER for r in rows(browser, "bans")),
+                     5, "the banned source")
+        assert banned <= MAX_LAG, banned
+        [row] = rows(browser, "bans")
+        assert row["cells"][1], row  # a reason
+        assert row["cells"][2].endswith(" s") and "min" in row["cells"][2], row  # ~2 min left
 
-    # a phone registers (with a User-Agent that is markup)
-    register = sipp.run_uac(register_scenario(tmp_path), target, local_port=phone_port,
-                            timeout=10, keys={
-                                "user": "alice", "domain": DOMAIN,
-                                "contact": f"sip:alice@{LOOPBACK}:{phone_port}",
-                                "expires": "3600"})
-    assert register.ok(1), register.describe()
-    registered = lag(admin, browser, lambda s: any(r["aor"] == AOR for r in s["registrations"]),
-                     lambda: any(r["cells"][0] == AOR for r in rows(browser, "registrations")),
-                     5, "the registration")
-    assert registered <= MAX_LAG, registered
-    [row] = rows(browser, "registrations")
-    _, contact, phone_at, transport, expires_in, user_agent = row["cells"]
-    assert contact == f"sip:alice@{LOOPBACK}:{phone_port}", row
-    assert (phone_at, transport) == (f"{LOOPBACK}:{phone_port}", "UDP"), row
-    assert expires_in.startswith(("59 min", "1 h 0 min")), row
-    assert user_agent == USER_AGENT, row
-    assert browser.find_elements("id", "injected") == [], "the User-Agent became markup"
+        # a phone registers (with a User-Agent that is markup)
+        register = sipp.run_uac(register_scenario(tmp_path), target, local_port=phone_port,
+                                timeout=10, keys={
+                                    "user": "alice", "domain": DOMAIN,
+                                    "contact": f"sip:alice@{LOOPBACK}:{phone_port}",
+                                    "expires": "3600"})
+        assert register.ok(1), register.describe()
+        registered = lag(admin, browser, lambda s: any(r["aor"] == AOR for r in s["registrations"]),
+                         lambda: any(r["cells"][0] == AOR for r in rows(browser, "registrations")),
+                         5, "the registration")
+        assert registered <= MAX_LAG, registered
+        [row] = rows(browser, "registrations")
+        _, contact, phone_at, transport, expires_in, user_agent = row["cells"]
+        assert contact == f"sip:alice@{LOOPBACK}:{phone_port}", row
+        assert (phone_at, transport) == (f"{LOOPBACK}:{phone_port}", "UDP"), row
+        assert expires_in.startswith(("59 min", "1 h 0 min")), row
+        assert user_agent == USER_AGENT, row
+        assert browser.find_elements("id", "injected") == [], "the User-Agent became markup"
 
-    # the phone answers and plays 2 s of RTP; the caller plays RTP for the whole call
-    write_rtp_pcap(sipp.workdir / "audio.pcap", CALL_SECONDS + 2)
-    write_rtp_pcap(tmp_path / "phone.pcap", PHONE_RTP)
-    phone = sipp.start_uas(phone_scenario(tmp_path, tmp_path / "phone.pcap"), phone_port,
-                           count=1, timeout=30)
-    caller = sipp.start_uac("uac_audio.xml", target, count=1, timeout=30,
-                            call_duration_ms=int(CALL_SECONDS * 1000),
-                            keys={"ruri": AOR, "caller": "bob"})
+        # the phone answers and plays 2 s of RTP; the caller plays RTP for the whole call
+        write_rtp_pcap(sipp.workdir / "audio.pcap", CALL_SECONDS + 2)
+        write_rtp_pcap(tmp_path / "phone.pcap", PHONE_RTP)
+        phone = sipp.start_uas(phone_scenario(tmp_path, tmp_path / "phone.pcap"), phone_port,
+                               count=1, timeout=30)
+        caller = sipp.start_uac("uac_audio.xml", target, count=1, timeout=30,
+                                call_duration_ms=int(CALL_SECONDS * 1000),
+                                keys={"ruri": AOR, "caller": "bob"})
 
-    def call_rows() -> list[dict[str, Any]]:
-        return rows(browser, "calls")
+        def call_rows() -> list[dict[str, Any]]:
+            return rows(browser, "calls")
 
-    appeared = lag(admin, browser, lambda s: bool(s["calls"]), lambda: bool(call_rows()),
-                   5, "the call")
-    assert appeared <= MAX_LAG, appeared
-    [call] = call_rows()
-    assert call["cells"][0].startswith("sip:bob@") and call["cells"][1] == AOR, call
-    assert call["cells"][2] == "established", call
+        appeared = lag(admin, browser, lambda s: bool(s["calls"]), lambda: bool(call_rows()),
+                       5, "the call")
+        assert appeared <= MAX_LAG, appeared
+        [call] = call_rows()
+        assert call["cells"][0].startswith("sip:bob@") and call["cells"][1] == AOR, call
+        assert call["cells"][2] == "established" and call["cells"][3].endswith(" s"), call
 
-    def media() -> dict[str, dict[str, Any]]:
-        """The call's media directions as shown, once both have packets (else {})."""
-        found = call_rows()
-        shown = {s["direction"]: s for s in found[0]["streams"]} if found else {}
-        return shown if len(shown) == 2 and all(packets(s["packets"]) for s in shown.values()) \
-            else {}
+        def media() -> dict[str, dict[str, Any]]:
+            """The call's media directions as shown, once both have packets (else {})."""
+            found = call_rows()
+            shown = {s["direction"]: s for s in found[0]["streams"]} if found else {}
+            return shown if len(shown) == 2 and all(packets(s["packets"]) for s in shown.values()) \
+                else {}
 
-    both = until(media, 3, "packets in both directions", browser)
-    assert set(both) == {"caller->callee", "callee->caller"}, both
-    first = packets(both["caller->callee"]["packets"])
-    until(lambda: media() and packets(media()["caller->callee"]["packets"]) > first + 25, 2.5,
-          "the caller's packet count rising", browser)
+        both = until(media, 3, "packets in both directions", browser)
+        assert set(both) == {"caller->callee", "callee->caller"}, both
+        first = packets(both["caller->callee"]["packets"])
+        until(lambda: media() and packets(media()["caller->callee"]["packets"]) > first + 25, 2.5,
+              "the caller's packet count rising", browser)
 
-    # the phone went quiet after 2 s: its direction alone is flagged (red), the caller's not
-    def phone_flagged() -> dict[str, dict[str, Any]]:
-        shown = media()
-        return shown if shown and shown["callee->caller"]["silent"] else {}
+        # the phone went quiet after 2 s: its direction alone is flagged (red), the caller's not
+        def phone_flagged() -> dict[str, dict[str, Any]]:
+            shown = media()
+            return shown if shown and shown["callee->caller"]["silent"] else {}
 
-    flagged = until(phone_flagged, PHONE_RTP + SILENT_AFTER + MAX_LAG + 1,
-                    "the silent direction flagged", browser)
-    assert rgb(flagged["callee->caller"]["color"]) == RED, flagged
-    assert flagged["callee->caller"]["text"].endswith("\nSILENT"), flagged  # (said, not only red)
-    caller_side = flagged["caller->callee"]
-    assert not caller_side["silent"] and "SILENT" not in caller_side["text"], flagged
-    assert rgb(caller_side["color"]) != RED, flagged
-    assert caller.running(), "the call ended before the page showed all of it"
+        flagged = until(phone_flagged, PHONE_RTP + SILENT_AFTER + MAX_LAG + 1,
+                        "the silent direction flagged", browser)
+        assert rgb(flagged["callee->caller"]["color"]) == RED, flagged
+        # said, not only shown in red
+        assert flagged["callee->caller"]["text"].endswith("\nSILENT"), flagged
+        caller_side = flagged["caller->callee"]
+        assert not caller_side["silent"] and "SILENT" not in caller_side["text"], flagged
+        assert rgb(caller_side["color"]) != RED, flagged
+        assert caller.running(), "the call ended before the page showed all of it"
 
-    scroll_width, width = page_width(browser)
-    assert scroll_width <= width == PHONE_WIDTH, (scroll_width, width)
-    phone_shot = screenshot(browser, artifacts, "phone")
-    resize(browser, 1280, 900)
-    desktop_shot = screenshot(browser, artifacts, "desktop")
-    resize(browser, PHONE_WIDTH, 900)
+        scroll_width, width = page_width(browser)
+        assert scroll_width <= width == PHONE_WIDTH, (scroll_width, width)
+        phone_shot = screenshot(browser, artifacts, "phone", capsys)
+        resize(browser, 1280, 900)
+        desktop_shot = screenshot(browser, artifacts, "desktop", capsys)
+        resize(browser, PHONE_WIDTH, 900)
 
-    # the caller hangs up: the row is gone within 2 s of its BYE's 200 (sipp's exit)
-    result = caller.wait()
-    hung_up = time.monotonic()
-    assert result.ok(1), result.describe()
-    gone = lag(admin, browser, lambda s: not s["calls"], lambda: not call_rows(), 5,
-               "the call's end")
-    after_bye = time.monotonic() - hung_up
-    assert gone <= MAX_LAG and after_bye <= MAX_LAG, (gone, after_bye)
-    assert phone.wait(10).ok(1)
+        # the caller hangs up: the row is gone within 2 s of its BYE's 200 (sipp's exit)
+        result = caller.wait()
+        hung_up = time.monotonic()
+        assert result.ok(1), result.describe()
+        gone = lag(admin, browser, lambda s: not s["calls"], lambda: not call_rows(), 5,
+                   "the call's end")
+        after_bye = time.monotonic() - hung_up
+        assert gone <= MAX_LAG and after_bye <= MAX_LAG, (gone, after_bye)
+        assert phone.wait(10).ok(1)
 
-    assert browser.execute_script("return window.loadedOnce") is True, "the page was reloaded"
-    assert [r["cells"][0] for r in rows(browser, "registrations")] == [AOR]
-    assert [r["cells"][0] for r in rows(browser, "bans")] == [FLOODER]
-    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-    assert errors == [], errors
-    assert phone_shot.stat().st_size > 0 and desktop_shot.stat().st_size > 0
+        assert browser.execute_script("return window.loadedOnce") is True, "the page was reloaded"
+        assert [r["cells"][0] for r in rows(browser, "registrations")] == [AOR]
+        assert [r["cells"][0] for r in rows(browser, "bans")] == [FLOODER]
+        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert errors == [], errors
+        assert phone_shot.stat().st_size > 0 and desktop_shot.stat().st_size > 0
 
-    # the proxy stops: the page says so (in red), within its request timeout and a poll
-    proxy.stop()
-    until(lambda: "offline" in browser.find_element("id", "connection").text, 8,
-          "the page says the proxy is offline", browser)
-    assert rgb(browser.find_element("id", "connection").value_of_css_property("color")) == RED
-    print(f"status page: ban shown {banned:.2f} s, registration {registered:.2f} s, call "
-          f"{appeared:.2f} s, hang-up {gone:.2f} s after the API ({after_bye:.2f} s after "
-          f"sipp's BYE); whole test "
-          f"{time.monotonic() - started:.1f} s")
+        # the proxy stops: the page says so (in red), within its request timeout and a poll
+        proxy.stop()
+        until(lambda: "offline" in browser.find_element("id", "connection").text, 8,
+              "the page says the proxy is offline", browser)
+        assert rgb(browser.find_element("id", "connection").value_of_css_property("color")) == RED
+        say(capsys, f"status page: ban shown {banned:.2f} s, registration {registered:.2f} s, "
+            f"call {appeared:.2f} s, hang-up {gone:.2f} s after the API ({after_bye:.2f} s "
+            f"after sipp's BYE); whole test {time.monotonic() - started:.1f} s")
 
 
 def register_scenario(directory: Path) -> Path:
