@@ -17,9 +17,10 @@ without putting it in their URL); then, while the page stays loaded (it is never
 
 "Within 2 s" is measured two ways: against the test's own clock from the moment the proxy's
 API (``/api/status``, the page's source) shows the change, and, for the BYE, from sipp's
-exit. At 400 px wide (a phone) nothing scrolls sideways. Screenshots (phone and desktop width)
-are saved as artifacts: ``$SIPPROXY_ARTIFACTS/status_page/`` or the test's tmp_path, printed
-in the test output.
+exit. At 400 px wide (a phone) nothing scrolls sideways. Screenshots (phone and desktop width,
+or ``failure.png`` when the test fails) are saved as artifacts in
+``$SIPPROXY_ARTIFACTS/status_page/``, else in the test's tmp_path; their paths are printed in
+the test output.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CHROMEDRIVER", "CHROMIUM", "artifacts_dir", "browser_unavailable", "chromium"]
+__all__ = ["CHROMEDRIVER", "CHROMIUM", "artifacts_dir", "browser_unavailable", "chromium",
+           "resize"]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
