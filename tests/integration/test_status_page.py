@@ -105,7 +105,6 @@ _READ = """
 const rows = [];
 for (const tr of document.querySelectorAll("#" + arguments[0] + " tbody tr")) {
   rows.push({
-    key: tr.dataset.key,
     cells: Array.from(tr.children, (td) => td.innerText.trim()),
     streams: Array.from(tr.querySelectorAll(".stream"), (s) => ({
       direction: s.dataset.direction,

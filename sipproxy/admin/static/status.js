@@ -92,20 +92,18 @@
     return box;
   }
 
-  // section id -> [key of a row, [cell of each column (text or node)]]
+  // section id -> the cells of a row (text, or a node), one per column of its table
   const SECTIONS = {
-    calls: (call) => [call.call_id, [
-      call.from, call.to, call.state, duration(call.duration), mediaCell(call),
-    ]],
-    registrations: (r) => [r.aor + " " + r.contact, [
+    calls: (call) => [call.from, call.to, call.state, duration(call.duration), mediaCell(call)],
+    registrations: (r) => [
       r.aor, r.contact, r.source || "unknown", (r.transport || "").toUpperCase(),
       duration(r.expires_in), r.user_agent || "\u2014",
-    ]],
-    bans: (b) => [b.source, [b.source, b.reason, duration(b.time_left)]],
-    listeners: (l) => [l.transport + " " + l.address + " " + l.port, [
+    ],
+    bans: (b) => [b.source, b.reason, duration(b.time_left)],
+    listeners: (l) => [
       (l.transport || "").toUpperCase(), hostPort(l.address, l.port), l.side || "\u2014",
       l.advertised || "\u2014",
-    ]],
+    ],
   };
 
   function hostPort(host, port) {
@@ -118,14 +116,12 @@
     const body = section.querySelector("tbody");
     const out = [];
     for (const row of rows) {
-      const [key, cells] = SECTIONS[id](row);
       const tr = el("tr");
-      tr.dataset.key = key;
-      cells.forEach((cell, i) => {
+      SECTIONS[id](row).forEach((value, i) => {
         const td = el("td", heads[i].className);
         td.dataset.label = heads[i].textContent;
-        if (cell instanceof Node) td.append(cell);
-        else td.textContent = cell === null || cell === undefined ? "" : String(cell);
+        if (value instanceof Node) td.append(value);
+        else td.textContent = value === null || value === undefined ? "" : String(value);
         tr.append(td);
       });
       out.push(tr);
@@ -182,7 +178,6 @@
     const section = document.getElementById("plugins");
     const cards = plugins.map((p) => {
       const card = el("div", "plugin");
-      card.dataset.key = p.name;
       card.append(el("h3", "", p.name));
       if (p.status && Object.keys(p.status).length) card.append(generic(p.status, 0));
       else card.append(el("span", "none", "no status"));
@@ -215,14 +210,18 @@
     const started = Date.now();
     const abort = new AbortController();
     const timer = setTimeout(() => abort.abort(), REQUEST_TIMEOUT);
+    let answered = false;
     try {
       const response = await fetch(API, {cache: "no-store", signal: abort.signal});
       if (!response.ok) throw new Error("HTTP " + response.status);
-      render(await response.json());
+      const status = await response.json();
+      answered = true;
+      render(status);
       connected(true, "live \u00b7 updated " + new Date().toLocaleTimeString());
     } catch (error) {
-      connected(false, "offline (" + (error.name === "AbortError" ? "no answer" : error.message)
-        + "), retrying");
+      const why = error.name === "AbortError" ? "no answer" : error.message;
+      connected(false, answered ? "cannot show the proxy's answer (" + why + ")"
+        : "offline (" + why + "), retrying");
     } finally {
       clearTimeout(timer);
       setTimeout(poll, Math.max(0, PERIOD - (Date.now() - started)));
