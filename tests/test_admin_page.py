@@ -65,6 +65,7 @@ class PageOverHTTPTests(unittest.TestCase):
         done: defer.Deferred[bytes] = defer.Deferred()
         response.deliverBody(Body(done))
         body = yield done
+        self.headers = response.headers
         types = response.headers.getRawHeaders(b"content-type") or [b""]
         return response.code, types[0].decode(), body
 
@@ -73,6 +74,12 @@ class PageOverHTTPTests(unittest.TestCase):
         code, ctype, body = yield self.get("/")
         self.assertEqual((code, ctype), (200, "text/html; charset=utf-8"))
         self.assertEqual(body, (STATIC / "index.html").read_bytes())
+        # nothing but its own files, no inline script, not framed (the browser test checks
+        # that the page works under it: no console error)
+        [policy] = self.headers.getRawHeaders(b"content-security-policy")
+        for directive in (b"default-src 'none'", b"script-src 'self'", b"connect-src 'self'",
+                          b"frame-ancestors 'none'"):
+            self.assertIn(directive, policy)
         for name, kind in (("status.js", "text/javascript"), ("status.css", "text/css")):
             code, ctype, body = yield self.get(f"/{name}")
             self.assertEqual((code, ctype), (200, f"{kind}; charset=utf-8"), name)

@@ -18,7 +18,7 @@ from twisted.web import pages
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 
-__all__ = ["FILES", "STATIC", "page_resource"]
+__all__ = ["CONTENT_SECURITY_POLICY", "FILES", "STATIC", "page_resource"]
 
 #: The directory of the page's files.
 STATIC: Final = Path(__file__).resolve().parent / "static"
@@ -30,17 +30,25 @@ FILES: Final = {
 }
 
 
+#: What the page may load and do: its own files and ``api/status``, nothing from elsewhere, no
+#: inline script, no frames around it (a second line of defence behind setting every value as
+#: text).
+CONTENT_SECURITY_POLICY: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
+    " img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
 class _PageNode(Resource):
-    """The page's root: its files as children; any other path (not put on it by the admin
-    service) is a 404, as is any path below a file."""
+    """A node of the page's tree (its root, or a file): a path not put on it is a 404."""
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         return pages.notFound("No such page", "The status page is at /.")
 
 
 class _PageFile(_PageNode):
-    """One file of the page, read once; ``no-cache``: a browser revalidates it, so it gets the
-    new version after an upgrade."""
+    """One file of the page, read when the site is built; ``no-cache``: a browser revalidates
+    it, so it gets the new version after an upgrade."""
 
     def __init__(self, body: bytes, content_type: str) -> None:
         super().__init__()
@@ -51,6 +59,8 @@ class _PageFile(_PageNode):
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
+        request.setHeader(b"referrer-policy", b"no-referrer")
         return self.body
 
 
