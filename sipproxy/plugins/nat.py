@@ -88,10 +88,11 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
-    #: for a REGISTER: its address-of-record, and the token URI the registrar got (the
-    #: admin status page shows both)
+    #: for a REGISTER: its address-of-record, the token URI the registrar got, and until when
+    #: the registrar's last 2xx granted it (the admin status page shows these)
     aor: str = ""
     public_contact: str = ""
+    registered_until: float = 0.0
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -525,6 +526,9 @@ class NatPlugin(Plugin, Service):
             if expires is not None and expires.strip().isdigit():
                 seconds = int(expires.strip())
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+                mapping = self.contacts.lookup(user)
+                if mapping is not None:
+                    mapping.registered_until = self.clock.seconds() + seconds
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
@@ -579,7 +583,8 @@ class NatPlugin(Plugin, Service):
         return [mappings, watched, refusal_metrics(self.name, self.counters)]
 
     def status(self) -> Mapping[str, Any]:
-        """Counts, and the phones registered at the provider through us (firewall mode)."""
+        """Counts, and the phones registered at the provider through us (firewall mode: those
+        the provider's last 2xx to their REGISTER still covers)."""
         now = self.clock.seconds()
         held = self.contacts.mappings()
         registrations = [{
@@ -587,9 +592,9 @@ class NatPlugin(Plugin, Service):
             "contact": m.public_contact,
             "source": f"{format_host(m.target.host)}:{m.target.port}",
             "transport": m.target.transport.lower(),
-            "expires_in": max(0, int(m.expires_at - now - 60.0)),
+            "expires_in": int(m.registered_until - now),
             "user_agent": None,
-        } for m in held if m.registration and m.aor and m.expires_at > now]
+        } for m in held if m.registration and m.aor and m.registered_until > now]
         return {"mappings": len(held), "keepalive_bindings": len(self.watched),
                 "refusals": dict(self.counters), "registrations": registrations}
 
