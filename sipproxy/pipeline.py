@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -140,6 +141,9 @@ def find_factory(name: str) -> Any:
         except (ImportError, AttributeError) as e:
             raise ConfigError.for_key("plugins.enabled", f"cannot load plugin {name!r}: {e}") from e
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    builtin = f"sipproxy.plugins.{name}"
+    if not found and name.isidentifier() and importlib.util.find_spec(builtin) is not None:
+        return _builtin_factory(builtin)  # a source tree whose package metadata is older
     if not found:
         known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
         raise ConfigError.for_key(

@@ -68,7 +68,7 @@ from zope.interface import implementer
 from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog
-from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, MEDIA_STATS, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
 from sipproxy.media.ng import NGClient, NGError
 from sipproxy.media.offer_answer import MAX_STREAMS
@@ -386,7 +386,18 @@ class MediaPlugin(Plugin, MultiService):
             dialog.data["media"] = call
 
     def dialog_ended(self, dialog: Dialog, reason: str) -> None:
-        self.end(dialog.call_id, f"dialog ended: {reason}")
+        deleted = self.end(dialog.call_id, f"dialog ended: {reason}")
+        if deleted is not None:
+            # the call's final counters, for other plugins (cdr): a Deferred of their own
+            stats: defer.Deferred[dict[str, Any]] = defer.Deferred()
+            deleted.addBoth(_hand_over, stats)
+            dialog.data[MEDIA_STATS] = stats
+
+
+def _hand_over(result: Any, stats: defer.Deferred[dict[str, Any]]) -> Any:
+    """Fire ``stats`` with the relay's final statistics (``{}`` when it had none)."""
+    stats.callback(result if isinstance(result, dict) else {})
+    return result
 
 
 # --------------------------------------------------------------------------------------------
