@@ -19,6 +19,8 @@ from sipproxy.context import Branch, RequestContext
 from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory, IProxyCore, IProxyPlugin
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from sipproxy.dialogs import Dialog
     from sipproxy.message import Response
 
@@ -116,12 +118,17 @@ class Pipeline:
     def notify(self, hook: str, *args: Any) -> None:
         """Call a notification hook (dialog events) on every plugin; errors are only logged."""
         for call in self._by_hook[hook]:
+            plugin = getattr(getattr(call, "__self__", None), "name", None)
             try:
                 result = call(*args)
                 if isinstance(result, Deferred):
-                    result.addErrback(lambda f: _log.failure("plugin hook {hook}", f, hook=hook))
+                    result.addErrback(_hook_failed, hook, plugin)
             except Exception:
-                _log.failure("plugin hook {hook} raised", hook=hook)
+                _log.failure("plugin hook {hook} raised", hook=hook, plugin=plugin)
+
+
+def _hook_failed(failure: Failure, hook: str, plugin: str | None) -> None:
+    _log.failure("plugin hook {hook}", failure, hook=hook, plugin=plugin)
 
 
 def then(result: Any, fn: Callable[[Any], Any]) -> Any:
