@@ -31,7 +31,7 @@ from twisted.application.service import IService
 from twisted.logger import FileLogObserver, ILogObserver, LogEvent, eventAsText
 from twisted.python.logfile import LogFile
 
-__all__ = ["event_as_json_line", "json_lines_observer", "use_json_log"]
+__all__ = ["event_as_json_line", "iso_utc", "json_lines_observer", "use_json_log"]
 
 _PLUGIN_NAMESPACE = "sipproxy.plugins."
 
@@ -43,14 +43,19 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def iso_utc(seconds: float) -> str:
+    """A POSIX time as ISO 8601 in UTC, to the millisecond: ``2026-12-05T17:20:01.120Z``."""
+    when = datetime.fromtimestamp(seconds, UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def event_as_json_line(event: LogEvent) -> str:
     """``event`` as one line of JSON, newline included (the fields the module docstring
     lists)."""
-    when = datetime.fromtimestamp(event.get("log_time", 0.0), UTC)
     level = event.get("log_level")
     namespace = event.get("log_namespace") or ""
     record: dict[str, Any] = {
-        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "time": iso_utc(event.get("log_time", 0.0)),
         "level": level.name if level is not None else "info",
         "namespace": namespace,
         "text": eventAsText(event, includeTimestamp=False, includeSystem=False),

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import signal
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.application.service import Service
@@ -53,6 +52,7 @@ from zope.interface import implementer
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog
 from sipproxy.interfaces import MEDIA_STATS, IPluginFactory, IProxyCore
+from sipproxy.logs import iso_utc
 from sipproxy.message import Response
 from sipproxy.pipeline import Plugin
 from sipproxy.settings import Section, read_section, setting
@@ -75,10 +75,7 @@ MEDIA_WAIT = 10.0
 
 
 def _iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    when = datetime.fromtimestamp(seconds, UTC)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return None if seconds is None else iso_utc(seconds)
 
 
 @dataclass(eq=False)
