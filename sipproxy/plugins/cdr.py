@@ -179,12 +179,21 @@ class CdrPlugin(Plugin, Service):
             self._file.write(record.as_json() + "\n")
             self._file.flush()
         except OSError as e:
-            _log.error("cdr: cannot write to {path}: {error}", path=self.path, error=str(e),
-                       plugin=self.name)
+            self._failed("write to", e)
+
+    def _failed(self, what: str, error: OSError) -> None:
+        _log.error("cdr: cannot {what} {path}: {error}", what=what, path=self.path,
+                   error=error.strerror or str(error), plugin=self.name)
+
+    def _reopen_after_hangup(self) -> None:
+        try:
+            self.reopen()
+        except OSError as e:
+            self._failed("reopen", e)  # the next record tries again
 
     def _hangup(self, signum: int, frame: Any) -> None:
         """SIGHUP: reopen the file in the reactor thread, then whatever handled it before."""
-        self.core.reactor.callFromThread(self.reopen)
+        self.core.reactor.callFromThread(self._reopen_after_hangup)
         previous = self._previous_handler
         if callable(previous):
             previous(signum, frame)

@@ -22,7 +22,9 @@ that forwards no RTP is no obstacle: the relay is the only path.
 - The relay's session ends (every port closed) on BYE (the dialog's end), on a failed or
   cancelled INVITE (a final response >= 300 to the initial INVITE), at shutdown, and when the
   dialog times out. When the relay ends a call itself (media silent too long, the relay lost
-  it), the proxy forgets the dialog (no BYE is sent).
+  it), the proxy forgets the dialog (no BYE is sent). The relay's final counters of a call
+  whose dialog ended go to other plugins (``cdr``) in ``dialog.data``
+  (:data:`~sipproxy.interfaces.MEDIA_STATS`).
 - Errors: when the relay refuses or does not answer an offer, the request is not forwarded:
   the caller gets a 5xx with a ``Warning`` (a branch's own 503 becomes 500 "Media Relay
   Unavailable", RFC 3261 16.7 step 6); an ACK is then not forwarded. A response whose SDP the
