@@ -118,17 +118,21 @@ class Pipeline:
     def notify(self, hook: str, *args: Any) -> None:
         """Call a notification hook (dialog events) on every plugin; errors are only logged."""
         for call in self._by_hook[hook]:
-            plugin = getattr(getattr(call, "__self__", None), "name", None)
             try:
                 result = call(*args)
                 if isinstance(result, Deferred):
-                    result.addErrback(_hook_failed, hook, plugin)
+                    result.addErrback(_hook_failed, hook, call)
             except Exception:
-                _log.failure("plugin hook {hook} raised", hook=hook, plugin=plugin)
+                _log.failure("plugin hook {hook} raised", hook=hook, plugin=_plugin_of(call))
 
 
-def _hook_failed(failure: Failure, hook: str, plugin: str | None) -> None:
-    _log.failure("plugin hook {hook}", failure, hook=hook, plugin=plugin)
+def _plugin_of(hook: Callable[..., Any]) -> str | None:
+    """The name of the plugin whose bound method ``hook`` is (for the log)."""
+    return getattr(getattr(hook, "__self__", None), "name", None)
+
+
+def _hook_failed(failure: Failure, hook: str, call: Callable[..., Any]) -> None:
+    _log.failure("plugin hook {hook}", failure, hook=hook, plugin=_plugin_of(call))
 
 
 def then(result: Any, fn: Callable[[Any], Any]) -> Any:

@@ -13,6 +13,7 @@ from twisted.scripts.twistd import ServerOptions
 
 from sipproxy.logs import event_as_json_line
 from sipproxy.message import Source
+from sipproxy.pipeline import Pipeline, Plugin
 from sipproxy.tap import makeService
 from sipproxy.testing import ProxyHarness, sip_request
 from tests.nat_site import OUTSIDE, PROVIDER, PROVIDER_IP
@@ -111,3 +112,20 @@ def test_text_format_leaves_twistds_log_alone(tmp_path: Path) -> None:
     application = Application("sipproxy")
     makeService(options.subOptions).setServiceParent(application)
     assert application.getComponent(ILogObserver) is None
+
+
+def test_a_failing_plugin_hook_is_logged_with_the_plugins_name() -> None:
+    class Broken(Plugin):
+        name = "broken"
+
+        def dialog_ended(self, dialog: Any, reason: str) -> None:
+            raise RuntimeError("oops")
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        Pipeline([Broken()]).notify("dialog_ended", None, "bye")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [failure] = [line_of(e) for e in events if "log_failure" in e]
+    assert failure["plugin"] == "broken" and "RuntimeError: oops" in failure["text"]
