@@ -190,6 +190,7 @@ def test_a_call_nobody_answers_times_out(harness: ProxyHarness, cdr_path: Path) 
     assert (record["code"], record["hangup_by"], record["hangup_reason"]) \
         == (408, "proxy", "timeout")
     assert record["answer"] is None
+    assert (record["call_id_inside"], record["call_id_outside"]) == ("call-1", None)
 
 
 def test_a_call_that_outlives_the_dialog_lifetime_times_out(

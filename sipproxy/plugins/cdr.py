@@ -13,7 +13,8 @@ not. When it ends, the ``cdr`` plugin appends one line of JSON to ``[cdr] file``
 
 - ``call_id_inside``/``call_id_outside``: the Call-ID on the messages of that side of the
   proxy: the caller's as its INVITE carried it, the callee's as its responses carried it;
-  ``null`` for a side the call never crossed (a call between two phones inside).
+  ``null`` for a side the call never crossed (a call between two phones inside) or that never
+  answered (the proxy's own 408).
 - ``start``: the INVITE arrived; ``answer``: the 2xx (``null``: never answered); ``end``: the
   final response (unanswered) or the dialog's end; all ISO 8601, UTC. ``duration``: seconds
   from ``answer`` to ``end`` (0 when unanswered).
