@@ -16,13 +16,21 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free_port
+from tests.integration.support.harness import (
+    LOOPBACK,
+    REPO_ROOT,
+    ProxyProcess,
+    Sipp,
+    free_port,
+    options_probe,
+)
 
 
 def wait_until(condition: Callable[[], bool], limit: float, what: str) -> None:
@@ -123,3 +131,30 @@ def test_json_log_and_call_records(proxy_factory, sipp: Sipp, tmp_path: Path) ->
         jq = subprocess.run(["jq", "-c", "select(.call_id) | .call_id", str(proxy.log_path)],
                             capture_output=True, text=True, timeout=30, check=True)
         assert '"stray-call@ops-test"' in jq.stdout.splitlines()
+
+
+def test_twistd_writes_its_log_as_json_lines(tmp_path: Path) -> None:
+    """``twistd -n --logfile FILE sipproxy`` (as the README runs it) with [log] format = "json":
+    the file twistd writes is JSON lines from its first line to its last."""
+    config = tmp_path / "sipproxy.toml"
+    port = free_port()
+    config.write_text(f'[[listen]]\naddress = "{LOOPBACK}"\nport = {port}\n'
+                      '[dns]\nservers = []\n[log]\nformat = "json"\n')
+    log_file = tmp_path / "twistd.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    twistd = subprocess.Popen(
+        [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+         "--pidfile=", "--logfile",
+         str(log_file), "sipproxy", "--config", str(config)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: options_probe(LOOPBACK, port) is not None, 20, "twistd answering")
+    finally:
+        twistd.send_signal(signal.SIGTERM)
+        _, stderr = twistd.communicate(timeout=20)
+    assert twistd.returncode in (0, -signal.SIGTERM), stderr  # twistd re-raises the signal
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert logged[0]["text"].startswith("twistd ") and "starting up" in logged[0]["text"]
+    assert any(e["namespace"] == "sipproxy.service" for e in logged)
+    assert any(e["text"] == "Main loop terminated." for e in logged)  # to the very end
