@@ -83,6 +83,8 @@ def _iso(seconds: float | None) -> str | None:
 class CallRecord:
     """What the plugin knows of one call attempt; :meth:`as_json` is its line."""
 
+    #: (Call-ID, caller's tag): what the attempt's dialogs find it by
+    key: tuple[str, str]
     start: float
     from_uri: str
     to_uri: str
@@ -228,17 +230,18 @@ class CdrPlugin(Plugin, Service):
             request = ctx.request
             source = request.source
             side = source.side if source is not None and source.side else "inside"
-            record = CallRecord(self.clock.seconds(), str(request.from_.uri),
-                                str(request.to.uri), {side: request.call_id})
+            record = CallRecord((request.call_id, request.from_.tag or ""), self.clock.seconds(),
+                                str(request.from_.uri), str(request.to.uri),
+                                {side: request.call_id})
             ctx.data[RECORD] = record
-            self._open[(request.call_id, request.from_.tag or "")] = record
+            self._open[record.key] = record
         return record
 
     def _finish(self, record: CallRecord, code: int | None, by: str | None,
                 reason: str | None) -> None:
         """The attempt is over: write its line (once)."""
-        for key in [k for k, r in self._open.items() if r is record]:
-            del self._open[key]
+        if self._open.get(record.key) is record:
+            del self._open[record.key]
         if record.written:
             return
         if record.end is None:
