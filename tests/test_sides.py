@@ -17,12 +17,13 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from sipproxy.config import parse_config
+from sipproxy.config import Section, parse_config
 from sipproxy.context import Target
 from sipproxy.media.backends import RelayedSdp
 from sipproxy.message import Request, Source
 from sipproxy.plugins.media import MediaPlugin
 from sipproxy.plugins.nat import TOKEN_PREFIX
+from sipproxy.plugins.nat import factory as nat_factory
 from sipproxy.testing import (
     FakeListener,
     ProxyHarness,
@@ -281,3 +282,42 @@ def test_the_media_relay_is_told_the_provider_is_outside() -> None:
     net.proxy.set_plugins([MediaPlugin(net.proxy, relay)])
     invite(net)
     assert relay.directions == [["inside", "outside"]]
+
+
+def nat_only(text: str, routes: dict[str, str] | None = None) -> ProxyHarness:
+    """The nat plugin alone (no acl): what it refuses by itself."""
+    net = build(text, routes, plugins=[])
+    net.proxy.set_plugins([nat_factory.build(net.proxy, Section("nat", {}))])
+    return net
+
+
+def provider_invite(net: ProxyHarness, uri: str, headers: tuple[str, ...] = (),
+                    source: Source = PROVIDER) -> int:
+    """The status the proxy answers a new INVITE from the outside to ``uri`` with."""
+    net.wire.new()
+    net.receive(sip_request(
+        "INVITE", uri, via=f"SIP/2.0/UDP {source.host}:5060;branch=z9hG4bKevil",
+        call_id="evil-1", from_="<sip:mallory@evil.example>;tag=m1",
+        to="<sip:x@provider.example>", headers=headers), source)
+    return next(m.status for _, m, _to in net.wire.new() if hasattr(m, "status"))
+
+
+@pytest.mark.parametrize(("uri", "headers"), [
+    ("sip:x@192.168.77.10", ()),
+    (f"sip:x@{PROVIDER_IP}", (f"Route: <sip:{INSIDE}:5060;lr>",)),
+])
+def test_the_outside_still_cannot_reach_the_routed_inside(
+    uri: str, headers: tuple[str, ...],
+) -> None:
+    net = nat_only(firewall())
+    assert provider_invite(net, uri, headers) == 403
+    assert net.wire.requests_to("192.168.77.10") == []
+
+
+def test_a_public_proxy_still_refuses_private_addresses_routed_outside() -> None:
+    """Public-proxy mode is unchanged: with outside listeners only, everything routes out
+    of the one interface, and the nat plugin's inside_networks alone say what is inside."""
+    text = firewall().replace('side = "inside"', 'side = "outside"')
+    net = nat_only(text, routes={"0.0.0.0/0": TRUNK})
+    outsider = Source("UDP", "198.51.100.9", 5060, TRUNK, 5060, "outside")
+    assert provider_invite(net, "sip:x@10.0.0.5", source=outsider) == 403

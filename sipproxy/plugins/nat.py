@@ -15,9 +15,9 @@ side where to send something leaves on the outside with an inside address.
   out and put back into what comes in; inside Route/Path values are removed.
 - Inside and outside: a host is on the side the network puts it (the kernel's route to it, or
   ``[upstream] side``: :meth:`~sipproxy.interfaces.IProxyCore.routed_side`), so a provider on a
-  private address behind the outside interface is outside; where the network does not say, a
-  host in ``inside_networks`` is inside. A request goes to the side of the listener it leaves
-  from.
+  private address behind the outside interface is outside (firewall mode; with outside
+  listeners only, as where the network does not say, a host in ``inside_networks`` is inside).
+  A request goes to the side of the listener it leaves from.
 - Requests from the outside addressed to an inside host, or to an unknown token, are refused
   (403 / 404): nothing reaches the inside that a phone did not ask for (a token, or a binding
   of a local user); a name that resolves to an inside address is refused too. (A response
@@ -248,6 +248,9 @@ class NatPlugin(Plugin, Service):
         self._purge: LoopingCall | None = None
         self._keepalive: LoopingCall | None = None
         self._is_inside = functools.lru_cache(maxsize=4096)(self._inside_uncached)
+        #: firewall mode (listeners of both sides): the network tells inside from outside;
+        #: on a public proxy everything is routed outside, and inside_networks alone decides
+        self._two_sided = {lst.side for lst in core.listeners} >= {"inside", "outside"}
         if external_address:
             for listener in core.listeners:
                 if listener.side == "outside":
@@ -281,10 +284,10 @@ class NatPlugin(Plugin, Service):
         return bool(self._is_inside(host))
 
     def faces_inside(self, host: str) -> bool:
-        """Is ``host`` on the inside? On the side the network puts it (the kernel's route,
-        ``[upstream] side``: a provider on a private address behind the outside interface is
-        outside); where it does not say, in ``inside_networks``."""
-        side = self.core.routed_side(host)
+        """Is ``host`` on the inside? In firewall mode, on the side the network puts it (the
+        kernel's route, ``[upstream] side``: a provider on a private address behind the
+        outside interface is outside); where it does not say, in ``inside_networks``."""
+        side = self.core.routed_side(host) if self._two_sided else None
         return side == "inside" if side is not None else self.is_inside(host)
 
     def is_private(self, host: str) -> bool:
