@@ -163,6 +163,20 @@ def test_a_pinned_side_wins_over_the_route() -> None:
     assert sides.routed_side("sip.provider.example") is None
 
 
+def test_a_side_follows_a_route_that_changed_once_its_lookup_expired() -> None:
+    """A VPN to the carrier comes up: within a route lookup's lifetime the provider moves
+    from the address class's side to the side its new route goes through."""
+    clock = Clock()
+    table: dict[str, str] = {}
+    sides = DestinationSides([IN, OUT], SourceAddresses(clock, table.get, ttl=30.0))
+    assert (sides.routed_side(PROVIDER_IP), sides.side_of(PROVIDER_IP)) == (None, "inside")
+    table[PROVIDER_IP] = TRUNK
+    clock.advance(29)
+    assert sides.side_of(PROVIDER_IP) == "inside"
+    clock.advance(1)
+    assert (sides.routed_side(PROVIDER_IP), sides.side_of(PROVIDER_IP)) == ("outside", "outside")
+
+
 def test_the_real_transports_follow_the_route() -> None:
     """TransportManager picks the listener by the kernel's route (a table here), and the
     address-class rule without one."""

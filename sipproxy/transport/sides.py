@@ -92,17 +92,21 @@ class SourceAddresses:
 
     def source_for(self, host: str) -> str | None:
         """The address the kernel sends from toward ``host``; ``None``: no route, or a name."""
+        return self.looked_up(host)[1]
+
+    def looked_up(self, host: str) -> tuple[float, str | None]:
+        """Until when the lookup for ``host`` holds, and its :meth:`source_for` answer."""
         now = self.clock.seconds()
         cached = self._cache.get(host)
         if cached is not None and cached[0] > now:
             self._cache.move_to_end(host)
-            return cached[1]
-        source = self.lookup(host)
-        self._cache[host] = (now + self.ttl, source)
+            return cached
+        entry = (now + self.ttl, self.lookup(host))
+        self._cache[host] = entry
         self._cache.move_to_end(host)
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return source
+        return entry
 
 
 class Sided(Protocol):
@@ -130,6 +134,9 @@ class DestinationSides:
         self.listeners = listeners
         self.sources = sources
         self._pinned: OrderedDict[str, str] = OrderedDict()
+        #: host -> (until when, routed side, side): every request asks, the answer is kept as
+        #: long as the route lookup it came from (the oldest forgotten first)
+        self._answers: OrderedDict[str, tuple[float, str | None, str | None]] = OrderedDict()
 
     def pin(self, host: str, side: str) -> None:
         """Requests to ``host`` (an IP literal: an address of the upstream) leave from
@@ -137,9 +144,10 @@ class DestinationSides:
         ip = ip_of(host)
         if ip is None:
             return
-        key = str(ip)
-        self._pinned[key] = side
-        self._pinned.move_to_end(key)
+        for key in {host, str(ip)}:
+            self._pinned[key] = side
+            self._pinned.move_to_end(key)
+            self._answers.pop(key, None)
         while len(self._pinned) > _PINNED_MAX:
             self._pinned.popitem(last=False)
 
@@ -150,28 +158,43 @@ class DestinationSides:
         say: a name, a loopback address (every one is routed through ``lo``), no route, only
         wildcard listeners, or a source address no listener, or listeners of both sides, have.
         """
-        ip = ip_of(host)
-        if ip is None:
-            return None
-        key = str(ip)
-        pinned = self._pinned.get(key)
-        if pinned is not None:
-            return pinned
-        if ip.is_loopback:
-            return None
-        source = self.sources.source_for(key)
-        if source is None:
-            return None
-        sides = {lst.side for lst in self.listeners
-                 if lst.address not in WILDCARD_ADDRESSES and ip_of(lst.address) == ip_of(source)}
-        return sides.pop() if len(sides) == 1 else None
+        return self._answer(host)[0]
 
     def side_of(self, host: str) -> str | None:
         """:meth:`routed_side`, else by address class (``None`` for a name)."""
-        routed = self.routed_side(host)
-        if routed is not None or ip_of(host) is None:
-            return routed
-        return "inside" if in_networks(host, _INTERNAL) else "outside"
+        return self._answer(host)[1]
+
+    def _answer(self, host: str) -> tuple[str | None, str | None]:
+        pinned = self._pinned.get(host)
+        if pinned is not None:
+            return pinned, pinned
+        now = self.sources.clock.seconds()
+        cached = self._answers.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        ip = ip_of(host)
+        if ip is None:
+            return None, None
+        until, routed = self._routed(ip, now)
+        side = routed or ("inside" if in_networks(host, _INTERNAL) else "outside")
+        self._answers[host] = (until, routed, side)
+        self._answers.move_to_end(host)
+        while len(self._answers) > self.sources.size:
+            self._answers.popitem(last=False)
+        return routed, side
+
+    def _routed(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                now: float) -> tuple[float, str | None]:
+        """The routed side of ``ip`` and until when that holds (the route lookup's expiry)."""
+        pinned = self._pinned.get(str(ip))  # pinned as spelled otherwise
+        if pinned is not None or ip.is_loopback:
+            return now + self.sources.ttl, pinned
+        until, source = self.sources.looked_up(str(ip))
+        if source is None:
+            return until, None
+        sides = {lst.side for lst in self.listeners
+                 if lst.address not in WILDCARD_ADDRESSES and ip_of(lst.address) == ip_of(source)}
+        return until, sides.pop() if len(sides) == 1 else None
 
 
 def _version(address: str) -> int:
