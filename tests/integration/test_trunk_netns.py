@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.netns]
 
 TRUNK = "10.97.0.1"  # fw's address on the carrier's network: its outside listener
 PROVIDER = "10.97.0.150"
+OUTSIDE_PORT = 5070  # the outside listener's port where both listen on every address
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,42 @@ def test_the_media_relay_offers_each_side_its_own_address(trunk: Site) -> None:
     assert to_provider and to_phone, describe_packets(with_sdp)
     assert set().union(*map(connection_addresses, to_provider)) == {TRUNK}
     assert set().union(*map(connection_addresses, to_phone)) == {FW_INSIDE}
+
+
+def test_upstream_side_names_the_side_where_the_routing_cannot(
+        netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Listeners on every address (inside :5060, outside :5070): the route lookup names no
+    listener, so by address class the provider would be inside; ``[upstream] side =
+    "outside"`` sends the REGISTER and the call from the outside listener."""
+    net = NatNet.build(fw_outside=TRUNK, provider_ip=PROVIDER)
+    config = firewall_config(TRUNK, PROVIDER)
+    del config["nat"]
+    config["listen"] = [
+        {"side": "inside", "transport": "udp", "address": "0.0.0.0", "port": SIP},
+        {"side": "outside", "transport": "udp", "address": "0.0.0.0", "port": OUTSIDE_PORT},
+    ]
+    config["upstream"]["side"] = "outside"
+    try:
+        site = start_site(net, tmp_path_factory.mktemp("trunk-side"), config)
+        try:
+            results = [register_with_challenge(site), outgoing_call(site, "uac_rr.xml",
+                                                                    "uas_rr.xml")]
+            site.capture.settle()
+        finally:
+            site.stop()
+    finally:
+        net.close()
+    for server, client in results:
+        assert client.ok(1), f"{client.describe()}\n{site.logs()}"
+        assert server.ok(1), f"{server.describe()}\n{site.logs()}"
+    outside = site.outside()
+    to_provider = [(p, m) for p, m in outside if p.dst == PROVIDER]
+    assert {m.method for _, m in to_provider if isinstance(m, Request)} >= \
+        {"REGISTER", "INVITE", "ACK", "BYE"}, describe_packets(outside)
+    wrong = [(p, m) for p, m in to_provider if (p.src, p.sport) != (TRUNK, OUTSIDE_PORT)]
+    assert not wrong, describe_packets(wrong)
+    for _, message in to_provider:
+        if isinstance(message, Request):
+            assert [(v.host, v.port) for v in message.vias] == [(TRUNK, OUTSIDE_PORT)]
+    leaks = [(p, m) for p, m in outside if inside_addresses(m)]
+    assert not leaks, describe_packets(leaks)
