@@ -66,8 +66,8 @@ by the ``media`` plugin with the built-in relay (an NG relay's calls have ``[]``
 ``packets`` count what arrives on the sending party's RTP port (RTCP too when muxed), and a
 direction whose ``last_packet_age`` grows is silent. On the kernel path the relay reads the
 kernel's counters every 2 s, so there ``last_packet_age`` (and the counts) move in steps of up
-to ~2 s while media flows: call a direction silent only after ~3 s or more. ``"now"`` and the times are the proxy's
-clock, so a page computes nothing from the browser's clock.
+to ~2 s while media flows: call a direction silent only after ~3 s or more. ``"now"`` and
+the times are the proxy's clock, so a page computes nothing from the browser's clock.
 
 The site (:func:`sipproxy.admin.service.admin_root`) has ``/metrics``, ``/api`` and a plain
 index at ``/`` that the status page replaces (``root.putChild(b"", page)``); with ``[admin]

@@ -1002,6 +1002,12 @@ class TransportManager(Service):
                 if self.flood is not None and not self.flood.screen(message, source.host):
                     return  # a scanner: dropped without an answer
                 stamp_via(message, source)
+                try:
+                    self.counts.requests_received[message.method] += 1
+                except KeyError:
+                    self.counts.requests_received["OTHER"] += 1
+            else:
+                self.counts.responses_received[message.status] += 1
         except ParseError as e:
             if self.flood is not None:
                 self.flood.penalize(source.host, "unparsable")
@@ -1016,13 +1022,6 @@ class TransportManager(Service):
             if answer is not None:
                 reply(answer)
             return
-        if isinstance(message, Request):
-            try:
-                self.counts.requests_received[message.method] += 1
-            except KeyError:
-                self.counts.requests_received["OTHER"] += 1
-        else:
-            self.counts.responses_received[message.status] += 1
         try:
             self.receiver(message)
         except Exception:
