@@ -516,6 +516,11 @@ class Message:
         text = f"{start}{eol}{head}{eol}{eol}" if head else f"{start}{eol}{eol}"
         return text.encode("utf-8", "surrogateescape") + body
 
+    def compact(self) -> None:
+        """Keep the header section as one string until it is next read (see
+        :meth:`Headers.pack`): for a message kept only to be sent again or matched."""
+        self.headers.pack(self._eol)
+
     def ensure_content_length(self) -> None:
         """Streams need Content-Length (RFC 3261 18.3); add it where a datagram did without."""
         if "content-length" not in self.headers:

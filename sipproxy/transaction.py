@@ -344,8 +344,7 @@ class _Transaction:
         messages as text, not as parsed views, so thousands of them stay small."""
         for message in (self.request, self.last_response):
             if message is not None:
-                message.headers.forget_parsed()
-                message.headers.drop_plain_raw()
+                message.compact()
 
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
