@@ -642,6 +642,14 @@ class Request(Message):
             return self.start_line()
         return start
 
+    def compact(self) -> None:
+        """Also let go of the parsed Request-URI while it still renders as the request line's
+        text (it is parsed again from that text when next read)."""
+        super().compact()
+        uri = self._uri
+        if uri is not None and uri._raw is self._uri_text:
+            self._uri = None
+
     def touch_uri(self) -> None:
         """Call after changing ``uri`` in place so the start line is rendered anew."""
         self._start = None

@@ -486,3 +486,15 @@ def test_compacted_message_changes_like_an_unpacked_one(gen: GenMessage, value: 
         msg.headers.add("X-Added", value, first=True)
         msg.pop_via()
     assert packed.to_bytes() == plain.to_bytes()
+
+
+@SETTINGS
+@given(gen_message.filter(lambda g: g.status is None))
+def test_compacted_request_reads_its_uri_back(gen: GenMessage) -> None:
+    msg = parse_message(gen.data())
+    assert isinstance(msg, Request)
+    text = str(msg.uri)
+    msg.compact()
+    assert str(msg.uri) == text and msg.uri.host == gen.ruri.host
+    msg.uri.set_param("x-changed", None)  # a URI changed in place after compaction still counts
+    assert msg.to_bytes().split(b" ", 2)[1] == f"{text};x-changed".encode()
