@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from twisted.logger import Logger
@@ -47,11 +48,11 @@ from zope.interface import implementer
 from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.settings import Section, read_section, setting
 from sipproxy.uri import URI, unescape
 
 if TYPE_CHECKING:
-    from sipproxy.config import Section
-    from sipproxy.proxy import Branch, RequestContext
+    from sipproxy.context import Branch, RequestContext
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -59,6 +60,7 @@ __all__ = [
     "SCREENED_VALUE",
     "BlocklistFactory",
     "BlocklistPlugin",
+    "BlocklistSettings",
     "dialed_number",
     "factory",
 ]
@@ -155,37 +157,43 @@ def refusal(request: Request, prefix: str) -> Response:
     return response
 
 
+def _prefix(text: str) -> str:
+    if not _PREFIX.match(text):
+        raise ValueError(f'must be digits with an optional leading "+", got {json.dumps(text)}')
+    return text
+
+
+def _method(text: str) -> str:
+    if not _METHOD.match(text):
+        raise ValueError(
+            f'must be a SIP method in upper case, like "INVITE", got {json.dumps(text)}')
+    if text in _UNSCREENABLE:
+        raise ValueError(f"{text} cannot be refused; screen the INVITE instead")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class BlocklistSettings:
+    """``[blocklist]``, declared once: ``read_section`` checks every key against this."""
+
+    prefixes: tuple[str, ...] = setting(
+        parse=_prefix, allow_empty=False, unique=True,
+        doc='Dialed numbers starting with one of these are refused ("+" and digits).')
+    methods: tuple[str, ...] = setting(
+        DEFAULT_METHODS, parse=_method, allow_empty=False, unique=True,
+        doc="The methods screened (upper case).")
+
+
 @implementer(IPluginFactory)
 class BlocklistFactory:
     """Validates ``[blocklist]`` and builds the plugin."""
 
     name = "blocklist"
+    settings = BlocklistSettings
 
     def build(self, core: IProxyCore, section: Section) -> BlocklistPlugin:
-        section.check_no_unknown({"prefixes", "methods"})
-        prefixes = section.get_list_of_str("prefixes", allow_empty=False, unique=True)
-        for i, prefix in enumerate(prefixes):
-            if not _PREFIX.match(prefix):
-                raise section.item_error(
-                    "prefixes",
-                    i,
-                    f'must be digits with an optional leading "+", got {json.dumps(prefix)}',
-                )
-        methods = section.get_list_of_str(
-            "methods", DEFAULT_METHODS, allow_empty=False, unique=True
-        )
-        for i, method in enumerate(methods):
-            if not _METHOD.match(method):
-                raise section.item_error(
-                    "methods",
-                    i,
-                    f'must be a SIP method in upper case, like "INVITE", got {json.dumps(method)}',
-                )
-            if method in _UNSCREENABLE:
-                raise section.item_error(
-                    "methods", i, f"{method} cannot be refused; screen the INVITE instead"
-                )
-        return BlocklistPlugin(prefixes, methods)
+        s = read_section(BlocklistSettings, section)
+        return BlocklistPlugin(s.prefixes, s.methods)
 
 
 #: What ``enabled = ["examples.blocklist_plugin:factory"]`` (or an entry point) names.

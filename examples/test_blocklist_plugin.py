@@ -21,10 +21,10 @@ from examples.blocklist_plugin import (
     factory,
 )
 from sipproxy.config import Config, ConfigError, Section, parse_config
+from sipproxy.context import Branch, RequestContext
 from sipproxy.interfaces import IPluginFactory, IProxyPlugin
 from sipproxy.message import Message, Request, Response, parse_message
 from sipproxy.pipeline import Pipeline, find_factory, load_plugins
-from sipproxy.proxy import Branch, RequestContext
 from sipproxy.service import makeService
 from sipproxy.uri import parse_uri
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from sipproxy.uri import URI
+
+if TYPE_CHECKING:
+    from sipproxy.flows import Flow
 
 __all__ = ["Address", "Dialog", "DialogTracker", "Party", "uri_address"]
 
@@ -75,6 +78,10 @@ class Dialog:
     callee_side: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     ended: bool = False
+    #: the source IP the flood guard counts this dialog for (None: not counted)
+    flood_source: str | None = None
+    #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
+    flows: list[Flow] = field(default_factory=list)
     _timer: IDelayedCall | None = None
     #: what the proxy saw of the party that sent the INVITE, and of the one that answered it
     caller: Party = field(default_factory=Party)

@@ -11,7 +11,6 @@ import functools
 import ipaddress
 import random
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import (
@@ -27,6 +26,8 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
+
+from sipproxy.context import Target
 
 if TYPE_CHECKING:
     from sipproxy.uri import URI
@@ -58,18 +59,6 @@ _SECURE = frozenset({"TLS", "TLS-SCTP"})
 _SECURE_FORM = {"TCP": "TLS", "SCTP": "TLS-SCTP"}
 # the client.Resolver retry ladder, cut to what fits inside our own deadline
 _RETRY_LADDER = (1, 3, 11, 45)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One place to send a request: try the targets of a resolution in list order."""
-
-    transport: str  # "UDP" | "TCP" | "TLS"
-    host: str  # an IP literal (IPv6 without brackets)
-    port: int
-    # The URI's host, not an SRV/NAPTR-derived name: RFC 5922 section 4 says a TLS client checks
-    # the certificate against the domain it was asked to reach, since DNS itself is not trusted.
-    server_name: str
 
 
 @functools.lru_cache(maxsize=256)
@@ -129,13 +118,13 @@ class SipResolver:
         address_types: tuple[str, ...] = ("A", "AAAA"),
     ) -> None:
         """
-        @param resolver: the DNS client; default: /etc/hosts then the nameservers of
-            /etc/resolv.conf, driven by C{reactor} (which must then be a full reactor).
-        @param reactor: clock for per-lookup deadlines; default: the global reactor.
-        @param timeout: seconds one DNS lookup may take before it counts as "no answer".
-        @param rng: random source for SRV weight selection (RFC 2782); inject one in tests.
-        @param address_types: which address records to use for a name, in the order tried:
-            C{("A",)} for a proxy with no IPv6 connectivity, C{("AAAA", "A")} to prefer IPv6.
+        :param resolver: the DNS client; default: /etc/hosts then the nameservers of
+            /etc/resolv.conf, driven by ``reactor`` (which must then be a full reactor).
+        :param reactor: clock for per-lookup deadlines; default: the global reactor.
+        :param timeout: seconds one DNS lookup may take before it counts as "no answer".
+        :param rng: random source for SRV weight selection (RFC 2782); inject one in tests.
+        :param address_types: which address records to use for a name, in the order tried:
+            ``("A",)`` for a proxy with no IPv6 connectivity, ``("AAAA", "A")`` to prefer IPv6.
         """
         self._resolver = resolver
         self._reactor = reactor
@@ -198,7 +187,7 @@ class SipResolver:
     async def _locate(
         self, host: str, port: int | None, wanted: str | None, secure: bool, server_name: str
     ) -> list[Target]:
-        """The DNS part of L{resolve}, for a C{host} that is a name, not an IP literal."""
+        """The DNS part of :obj:`resolve`, for a ``host`` that is a name, not an IP literal."""
         if port is not None:  # 4.2: an explicit port means A/AAAA only
             chosen = wanted or self._default_transport(secure)
             if chosen is None:

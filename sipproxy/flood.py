@@ -2,38 +2,38 @@
 Flood protection: per-source rate limits with a temporary ban (like Kamailio's pike), a block
 list of scanner User-Agents, and per-source limits on open transactions and connections.
 
-L{FloodGuard} is policy only; the transports and the proxy ask it:
+:obj:`FloodGuard` is policy only; the transports and the proxy ask it:
 
-  - L{FloodGuard.allow} for every datagram and every framed stream message, before it is
-    parsed: a token bucket per source IP (C{messages_per_second}, C{burst}) on the injected
-    clock. A source that empties its bucket is banned for C{ban_time} seconds; while banned, its
-    datagrams cost one dict lookup (C{host in guard.banned}) and its connections are refused at
+  - :obj:`FloodGuard.allow` for every datagram and every framed stream message, before it is
+    parsed: a token bucket per source IP (``messages_per_second``, ``burst``) on the injected
+    clock. A source that empties its bucket is banned for ``ban_time`` seconds; while banned, its
+    datagrams cost one dict lookup (``host in guard.banned``) and its connections are refused at
     accept. The unban is a timer, so the hot path never reads the clock for a banned source.
-  - L{FloodGuard.screen} for every request that parsed: a blocked User-Agent (lower-case
+  - :obj:`FloodGuard.screen` for every request that parsed: a blocked User-Agent (lower-case
     substring match) is dropped silently (a scanner learns nothing) and counts toward a ban.
-  - L{FloodGuard.admit_connection} / L{FloodGuard.connection_closed}: TCP/TLS connections per
-    source IP and in all.
-  - L{FloodGuard.transaction_started} / L{FloodGuard.transaction_ended}: open server
-    transactions per source IP and in all; L{FloodGuard.may_start_dialog} /
-    L{FloodGuard.dialog_started} / L{FloodGuard.dialog_ended}: dialogs per source IP (the
+  - :obj:`FloodGuard.admit_connection` / :obj:`FloodGuard.connection_closed`: TCP/TLS
+    connections per source IP and in all.
+  - :obj:`FloodGuard.transaction_started` / :obj:`FloodGuard.transaction_ended`: open server
+    transactions per source IP and in all; :obj:`FloodGuard.may_start_dialog` /
+    :obj:`FloodGuard.dialog_started` / :obj:`FloodGuard.dialog_ended`: dialogs per source IP (the
     caller's) and in all. The totals count only sources that are not exempt: they bound what
     outsiders (spoofed UDP sources included) can make the proxy hold, and the inside keeps
     working when outsiders fill them.
-  - L{FloodGuard.failed}: a separate budget for failures such as wrong digest answers (like
-    fail2ban: C{limit} failures within C{window} seconds ban the source through the same ban
+  - :obj:`FloodGuard.failed`: a separate budget for failures such as wrong digest answers (like
+    fail2ban: ``limit`` failures within ``window`` seconds ban the source through the same ban
     list).
-  - When the connection table is full, L{FloodGuard.admit_connection} asks the transports to
+  - When the connection table is full, :obj:`FloodGuard.admit_connection` asks the transports to
     make room (close the oldest idle connection that carries no registration or dialog) before
     it refuses a new connection.
 
-Every refusal is counted (L{FloodGuard.counters}) and logged at most once per source per
-C{log_interval} (L{sipproxy.refusals.RefusalLog}); a refusal also takes C{refusal_weight} tokens
-from the source's bucket, so a source that keeps being refused is banned. Memory is bounded: at
-most C{max_sources} sources are tracked (idle ones are pruned; when the table is full of busy
-sources a new one is let through untracked and counted as C{"untracked"}), and at most
-C{max_sources} are banned. Sources in C{exempt} (CIDRs: the inside networks, the provider) skip
-every per-source check and the totals of transactions and dialogs; the total connection limit
-still applies to them.
+Every refusal is counted (:obj:`FloodGuard.counters`) and logged at most once per source per
+``log_interval`` (:obj:`sipproxy.refusals.RefusalLog`); a refusal also takes ``refusal_weight``
+tokens from the source's bucket, so a source that keeps being refused is banned. Memory is bounded:
+at most ``max_sources`` sources are tracked (idle ones are pruned; when the table is full of busy
+sources a new one is let through untracked and counted as ``"untracked"``), and at most
+``max_sources`` are banned. Sources in ``exempt`` (CIDRs: the inside networks, the provider) skip
+every per-source check and the totals of transactions and dialogs; the total connection limit still
+applies to them.
 """
 
 from __future__ import annotations
@@ -48,19 +48,83 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from sipproxy.config import LimitsConfig
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import network, setting
 
 if TYPE_CHECKING:
     from sipproxy.message import Request
 
-__all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard"]
+__all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard", "LimitsConfig"]
 
-_DEFAULTS: Final = LimitsConfig()
-DEFAULT_BLOCKED_USER_AGENTS: Final = _DEFAULTS.blocked_user_agents
+DEFAULT_BLOCKED_USER_AGENTS: Final = (
+    "friendly-scanner", "sipvicious", "sipcli", "sip-scan", "sipscan", "sundayddr", "iwar",
+    "vaxsipuseragent", "pplsip", "siparmyknife",
+)
 """User-Agent substrings of well-known SIP scanners (matched lower case)."""
-DEFAULT_EXEMPT: Final = _DEFAULTS.exempt
+DEFAULT_EXEMPT: Final = ("127.0.0.0/8", "::1/128")
 """The proxy's own host: local tools, benchmarks and tests are not rate limited by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """``[limits]``: flood protection and bounds on what one source may hold open
+    (:class:`FloodGuard`, the transports' timeouts)."""
+
+    enabled: bool = setting(
+        True, doc="False: no rate limit, ban, User-Agent block list, per-source limit or total"
+                  " at all (and the auth plugin's failures ban no one).")
+    messages_per_second: float = setting(
+        100.0, min=0, min_exclusive=True,
+        doc="Per source IP: messages (datagrams or framed stream messages, requests and"
+            " responses) per second, sustained.")
+    burst: int = setting(
+        400, min=1, doc="Per source IP: messages it may send at once above the sustained rate.")
+    ban_time: float = setting(
+        300.0, min=0, min_exclusive=True,
+        doc="Seconds a source that went over the rate is ignored.")
+    exempt: tuple[str, ...] = setting(
+        DEFAULT_EXEMPT, parse=network,
+        doc="Networks (CIDR, normalized) that no per-source check applies to: the proxy's host by"
+            " default; add the inside networks or the provider.")
+    blocked_user_agents: tuple[str, ...] = setting(
+        DEFAULT_BLOCKED_USER_AGENTS, parse=str.lower,
+        doc="Substrings (lower-cased): a request whose User-Agent contains one is dropped"
+            " silently.")
+    refusal_weight: int = setting(
+        10, min=0, doc="A refused request (blocked User-Agent, over a limit, unparsable) counts"
+                       " as this many messages toward the rate limit.")
+    max_transactions_per_source: int = setting(
+        500, min=0, doc="Open server transactions per source IP (0: no limit); over it requests"
+                        " get 503.")
+    max_dialogs_per_source: int = setting(
+        200, min=0, doc="Dialogs (calls) a source IP may have set up and not ended (0: no"
+                        " limit); over it new INVITEs from it get 503.")
+    max_connections_per_source: int = setting(
+        32, min=1, doc="Incoming TCP/TLS connections per source IP; more are refused at accept.")
+    max_connections: int = setting(
+        1000, min=1,
+        doc="Incoming TCP/TLS connections in all; when they are all open, the oldest idle one"
+            " that carries no registration or dialog is closed to make room for a new one.")
+    max_transactions: int = setting(
+        10_000, min=0,
+        doc="Open server transactions from sources that are not exempt, in all (0: no limit);"
+            " over it their requests get 503 (spoofed UDP sources cannot fill memory).")
+    max_dialogs: int = setting(
+        5_000, min=0, doc="Dialogs set up by sources that are not exempt, in all (0: no limit);"
+                          " over it their new INVITEs get 503.")
+    idle_timeout: float = setting(
+        600.0, min=0, min_exclusive=True,
+        doc="Seconds without traffic after which a TCP/TLS connection is closed (CRLF"
+            " keepalives count only on a connection that carries a registration or a dialog).")
+    message_timeout: float = setting(
+        30.0, min=0, doc="Seconds a TCP/TLS peer has to finish a message it started"
+                         " (slow-loris); 0: no limit.")
+    max_sources: int = setting(
+        100_000, min=1,
+        doc="Sources tracked (and banned) at most: bounds memory under a spoofed-source flood.")
+    log_interval: float = setting(
+        60.0, min=0, doc="Refusals are logged at most once per source per this many seconds (all"
+                         " are counted).")
 
 _PRUNE_INTERVAL: Final = 60.0
 
@@ -81,13 +145,13 @@ _EXEMPT: Final[list[float]] = [0.0, 0.0]
 
 class FloodGuard:
     """
-    Per-source limits; see the module docstring. All times come from C{clock}.
+    Per-source limits; see the module docstring. All times come from ``clock``.
 
-    @ivar banned: source IP -> ban; the transports test C{host in guard.banned} first.
-    @ivar counters: refusals and events by reason (C{"rate"}, C{"scanner"}, C{"transactions"},
-        C{"connections"}, C{"connections_evicted"}, C{"transactions_total"}, C{"dialogs_total"},
-        C{"banned"} (bans started), C{"unbanned"}, C{"dropped_banned"} (counted when a ban
-        ends), C{"untracked"} ...), for a metrics exporter.
+    :ivar banned: source IP -> ban; the transports test ``host in guard.banned`` first.
+    :ivar counters: refusals and events by reason (``"rate"``, ``"scanner"``, ``"transactions"``,
+        ``"connections"``, ``"connections_evicted"``, ``"transactions_total"``, ``"dialogs_total"``,
+        ``"banned"`` (bans started), ``"unbanned"``, ``"dropped_banned"`` (counted when a ban
+        ends), ``"untracked"`` ...), for a metrics exporter.
     """
 
     log = Logger(namespace="sipproxy.flood")
@@ -170,7 +234,7 @@ class FloodGuard:
     # -- the hot path ------------------------------------------------------------------------
 
     def allow(self, host: str) -> bool:
-        """Count one message from C{host}; C{False}: drop it unparsed (the source is banned)."""
+        """Count one message from ``host``; ``False``: drop it unparsed (the source is banned)."""
         ban = self.banned.get(host)
         if ban is not None:
             ban.dropped += 1
@@ -242,11 +306,11 @@ class FloodGuard:
         return host in self.banned
 
     def blocked_user_agent(self, user_agent: str) -> bool:
-        """Whether C{user_agent} contains one of the blocked substrings (case-insensitive)."""
+        """Whether ``user_agent`` contains one of the blocked substrings (case-insensitive)."""
         return self._ua is not None and self._ua.search(user_agent.lower()) is not None
 
     def screen(self, request: Request, host: str) -> bool:
-        """After parse: C{False} means drop C{request} silently (a blocked User-Agent)."""
+        """After parse: ``False`` means drop ``request`` silently (a blocked User-Agent)."""
         if self._ua is None or self._buckets.get(host) is _EXEMPT:
             return True
         user_agent = request.headers.get("User-Agent")
@@ -263,13 +327,13 @@ class FloodGuard:
     # -- refusals and bans -------------------------------------------------------------------
 
     def refuse(self, host: str, reason: str, message: str, **fields: Any) -> None:
-        """Count and (once per source per interval) log one refusal; charge C{host} for it."""
+        """Count and (once per source per interval) log one refusal; charge ``host`` for it."""
         self.refusals.refused(reason, host, message, host=host, **fields)
         self.penalize(host)
 
     def penalize(self, host: str, reason: str | None = None, weight: int | None = None) -> None:
-        """Take C{weight} (default C{refusal_weight}) tokens from C{host}; ban it when empty.
-        With C{reason}, also count it (for refusals the caller logged itself)."""
+        """Take ``weight`` (default ``refusal_weight``) tokens from ``host``; ban it when empty.
+        With ``reason``, also count it (for refusals the caller logged itself)."""
         if reason is not None:
             self.counters[reason] += 1
         if host in self.banned:
@@ -286,7 +350,7 @@ class FloodGuard:
                            f"toward {self.rate:g} messages/s, burst {self.burst:g})")
 
     def ban(self, host: str, reason: str) -> None:
-        """Ban C{host} for C{ban_time} seconds (a no-op if banned already or exempt)."""
+        """Ban ``host`` for ``ban_time`` seconds (a no-op if banned already or exempt)."""
         if host in self.banned or self.is_exempt(host):
             return
         if len(self.banned) >= self.max_sources:
@@ -300,8 +364,8 @@ class FloodGuard:
                       ban_time=self.ban_time, reason=reason)
 
     def failed(self, host: str, budget: str, limit: int, window: float) -> bool:
-        """One failure of kind C{budget} (e.g. C{"auth"}: a wrong digest answer) from C{host}.
-        C{limit} of them within C{window} seconds ban it (L{ban}); C{True}: it is banned now.
+        """One failure of kind ``budget`` (e.g. ``"auth"``: a wrong digest answer) from ``host``.
+        ``limit`` of them within ``window`` seconds ban it (:obj:`ban`); ``True``: it is banned now.
         Exempt sources are never banned. A budget of its own, apart from the message rate: a
         phone whose user mistyped once is not punished, a password guesser is stopped."""
         if host in self.banned:
@@ -354,10 +418,11 @@ class FloodGuard:
     def admit_connection(
         self, host: str, make_room: Callable[[], bool] | None = None
     ) -> bool:
-        """An incoming TCP/TLS connection from C{host}: C{True} counts it (call
-        L{connection_closed} when it goes), C{False} refuses it. When all C{max_connections}
-        are open, C{make_room} (the transports) may close an idle one first; it returns whether
-        it did (and called L{connection_closed} for it, and counted C{"connections_evicted"})."""
+        """An incoming TCP/TLS connection from ``host``: ``True`` counts it (call
+        :obj:`connection_closed` when it goes), ``False`` refuses it. When all ``max_connections``
+        are open, ``make_room`` (the transports) may close an idle one first; it returns whether
+        it did (and called :obj:`connection_closed` for it, and counted
+        ``"connections_evicted"``)."""
         ban = self.banned.get(host)
         if ban is not None:
             ban.dropped += 1
@@ -395,8 +460,8 @@ class FloodGuard:
     # -- transactions ------------------------------------------------------------------------
 
     def transaction_started(self, host: str) -> bool:
-        """A new server transaction from C{host}: C{False} refuses it (too many open from it,
-        or from outsiders in all); else it is counted until L{transaction_ended}."""
+        """A new server transaction from ``host``: ``False`` refuses it (too many open from it,
+        or from outsiders in all); else it is counted until :obj:`transaction_ended`."""
         limit, total = self.max_transactions_per_source, self.max_transactions
         if not (limit or total) or self.is_exempt(host):
             return True
@@ -429,7 +494,7 @@ class FloodGuard:
     # -- dialogs -----------------------------------------------------------------------------
 
     def may_start_dialog(self, host: str) -> bool:
-        """An initial INVITE from C{host}: C{False} refuses it (too many dialogs open from
+        """An initial INVITE from ``host``: ``False`` refuses it (too many dialogs open from
         it, or from outsiders in all)."""
         limit, total = self.max_dialogs_per_source, self.max_dialogs
         if not (limit or total) or self.is_exempt(host):
@@ -446,8 +511,8 @@ class FloodGuard:
         return True
 
     def dialog_started(self, host: str) -> bool:
-        """A dialog set up by C{host} exists now; C{True}: it was counted (call
-        L{dialog_ended} when it ends)."""
+        """A dialog set up by ``host`` exists now; ``True``: it was counted (call
+        :obj:`dialog_ended` when it ends)."""
         if not (self.max_dialogs_per_source or self.max_dialogs) or self.is_exempt(host):
             return False
         self._dialogs[host] = self._dialogs.get(host, 0) + 1

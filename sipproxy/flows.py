@@ -4,9 +4,9 @@ A phone that registered over a connection is reached over that same connection (
 source), and a call set up over a connection has its in-dialog requests and responses on it.
 When the connection table is full, the transports close an idle connection to make room for a
 new one, and a CRLF keepalive keeps a connection open only while it carries such state: both
-ask L{FlowTracker.in_use}.
+ask :obj:`FlowTracker.in_use`.
 
-A flow is C{(transport, host, port)} as in a message's L{sipproxy.message.Source}; UDP sources
+A flow is ``(transport, host, port)`` as in a message's :obj:`sipproxy.message.Source`; UDP sources
 are not tracked (there is no connection to keep).
 """
 
@@ -43,13 +43,13 @@ def flow_of(source: Source | None) -> Flow | None:
 @implementer(ILocationListener)
 class FlowTracker:
     """Counts, per flow, the bindings registered over it and the dialogs set up over it.
-    A location listener for the bindings; the proxy reports dialogs (L{hold}/L{release})."""
+    A location listener for the bindings; the proxy reports dialogs (:obj:`hold`/:obj:`release`)."""
 
     def __init__(self) -> None:
         self._uses: Counter[Flow] = Counter()
 
     def in_use(self, transport: str, host: str, port: int) -> bool:
-        """Does the connection C{(transport, host, port)} carry a binding or a dialog?"""
+        """Does the connection ``(transport, host, port)`` carry a binding or a dialog?"""
         return (transport.upper(), host, port) in self._uses
 
     def hold(self, flows: Iterable[Flow]) -> None:

@@ -20,31 +20,54 @@ Response hooks may return ``None`` (go on) or :data:`DROP` (the response goes no
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from zope.interface import Attribute, Interface
 
+from sipproxy.context import Branch, RequestContext, Target
+
 if TYPE_CHECKING:
-    from sipproxy.config import Section
+    from twisted.internet.defer import Deferred
+
+    from sipproxy.config import Config, Section
+    from sipproxy.dialogs import Dialog
+    from sipproxy.media.backends import RelayedSdp
+    from sipproxy.message import Request, Response, Via
+    from sipproxy.transaction import ClientTransaction
+    from sipproxy.transport.tls import TLSClientPolicy
+    from sipproxy.uri import URI
+
+    #: What a request hook returns: go on (None), answer (a Response), or wait (a Deferred).
+    RequestHookResult: TypeAlias = "Response | Deferred[Response | None] | None"
+    #: What a response hook returns: go on (None), stop (DROP), or wait (a Deferred).
+    ResponseHookResult: TypeAlias = "DropType | Deferred[DropType | None] | None"
 
 __all__ = [
     "AUTHENTICATED_USER",
     "DROP",
+    "Branch",
+    "DropType",
     "ICredentialStore",
+    "IImpliedPluginFactory",
     "IMediaRelay",
     "IPluginFactory",
     "IProxyCore",
     "IProxyPlugin",
+    "RequestContext",
+    "Target",
 ]
 
 
-class _Drop:
+class DropType:
+    """The type of :data:`DROP` (one instance; compare with ``is``)."""
+
     def __repr__(self) -> str:
         return "DROP"
 
 
 #: Returned by a response hook: forward this response no further.
-DROP: Final = _Drop()
+DROP: Final = DropType()
 
 #: Key in ``RequestContext.data``: the user name an authentication plugin (``auth``) verified
 #: for this request, e.g. ``"alice"``; absent when nobody authenticated it. Other plugins
@@ -58,33 +81,36 @@ class IProxyPlugin(Interface):
 
     name = Attribute("The plugin's name, as written in [plugins] enabled.")
 
-    def request_received(ctx: Any) -> Any:
-        """A new request (``ctx.request``, a :class:`~sipproxy.proxy.RequestContext`) passed
-        validation; routing has not happened yet. Also called for an ACK to a 2xx (then
-        ``ctx.server_transaction`` is None; ACKs are never answered, so a returned Response
-        only means "drop this ACK") and for in-dialog requests (``ctx.dialog`` is set). Setting
-        ``ctx.destination`` (a Target) sends the request there, skipping routing."""
+    def request_received(ctx: RequestContext) -> RequestHookResult:
+        """A new request (``ctx.request``; ``ctx`` is a
+        :class:`~sipproxy.context.RequestContext`) passed validation; routing has not happened
+        yet. Also called for an ACK to a 2xx (then ``ctx.server_transaction`` is None; ACKs are
+        never answered, so a returned Response only means "drop this ACK") and for in-dialog
+        requests (``ctx.dialog`` is set). Setting ``ctx.destination`` (a
+        :class:`~sipproxy.context.Target`) sends the request there, skipping routing."""
 
-    def request_forwarding(ctx: Any, branch: Any) -> Any:
+    def request_forwarding(ctx: RequestContext, branch: Branch) -> RequestHookResult:
         """``branch.request`` (a copy, with the new Request-URI, Record-Route and the proxy's
         Via) is about to go to ``branch.target``. Change it here (NAT rewriting, SDP for the
         media relay); each fork of a request has its own branch. ``branch.target`` may be
         changed; ``branch.hide_vias = True`` sends only the proxy's own Via (the others are put
         back into the responses by the proxy)."""
 
-    def response_received(ctx: Any, branch: Any, response: Any) -> Any:
+    def response_received(
+        ctx: RequestContext, branch: Branch, response: Response
+    ) -> ResponseHookResult:
         """``response`` to ``branch`` arrived (the proxy's Via already removed). 100 Trying is
         not passed on. Return DROP to stop it here."""
 
-    def response_forwarding(ctx: Any, response: Any) -> Any:
+    def response_forwarding(ctx: RequestContext, response: Response) -> ResponseHookResult:
         """``response`` is about to be sent back toward the caller (for a forked request, the
         one the proxy chose). Return DROP to stop it here."""
 
-    def dialog_established(dialog: Any) -> None:
+    def dialog_established(dialog: Dialog) -> None:
         """A 2xx to an INVITE created ``dialog`` (a :class:`~sipproxy.dialogs.Dialog`): per-call
         state can hang off ``dialog.data``."""
 
-    def dialog_ended(dialog: Any, reason: str) -> None:
+    def dialog_ended(dialog: Dialog, reason: str) -> None:
         """``dialog`` ended: ``reason`` is "bye", "timeout" (no BYE within the maximum dialog
         lifetime) or "shutdown". Free what the call held here."""
 
@@ -96,9 +122,24 @@ class IPluginFactory(Interface):
     name = Attribute("The default plugin name (its config section is [name]).")
 
     def build(core: IProxyCore, section: Section) -> IProxyPlugin:
-        """Validate ``section`` (raise ``ConfigError`` via ``section.error(key, problem)`` for a
-        mistake) and return the plugin. If the plugin also provides
-        ``twisted.application.service.IService`` it is started and stopped with the proxy."""
+        """Validate ``section`` and return the plugin. Declare the section's keys once, as a
+        frozen dataclass of :func:`sipproxy.settings.setting` fields, read it with
+        :func:`sipproxy.settings.read_section` (a one-line ``ConfigError`` naming the key for a
+        mistake; ``section.error(key, problem)`` for checks across keys) and keep the dataclass
+        in the factory's ``settings`` attribute, where tools find its keys, defaults and docs.
+        If the plugin also provides ``twisted.application.service.IService`` it is started and
+        stopped with the proxy."""
+
+
+class IImpliedPluginFactory(IPluginFactory):
+    """A plugin factory whose plugin may run although ``[plugins] enabled`` does not name it
+    (``acl``: a proxy with a listener facing the outside is never an open relay). Implied
+    plugins run first, before the enabled ones; ``[plugins] open_relay = true`` turns them off.
+    Only installed plugins (entry points) are asked."""
+
+    def implied_by(config: Config) -> bool:
+        """True when ``config`` (a :class:`sipproxy.config.Config` whose ``plugins`` are the
+        enabled ones) needs this plugin."""
 
 
 class IProxyCore(Interface):
@@ -120,27 +161,29 @@ class IProxyCore(Interface):
     def is_local_domain(host: str) -> bool:
         """True when the proxy is registrar for ``host`` (a configured domain or own address)."""
 
-    def is_local_uri(uri: Any) -> bool:
+    def is_local_uri(uri: URI) -> bool:
         """True when routing would send the Request-URI ``uri`` (a ``sipproxy.uri.URI``) to the
         location service: a URI of our domains or of one of our sockets (host *and* port;
         ``is_local_domain`` ignores the port)."""
 
-    def is_own_uri(uri: Any) -> bool:
+    def is_own_uri(uri: URI) -> bool:
         """True when ``uri`` names one of our sockets (host and port): a Route entry the proxy
         removes as its own (RFC 3261 16.4)."""
 
-    def send_request(request: Any, target: Any, on_response: Any) -> Any:
+    def send_request(
+        request: Request, target: Target, on_response: Callable[[Response], None]
+    ) -> ClientTransaction:
         """Send a request the plugin made itself (e.g. a keepalive OPTIONS) in a client
         transaction; ``request`` needs a top Via (``core.make_via(target)``)."""
 
-    def retarget(ctx: Any, branch: Any, target: Any) -> None:
+    def retarget(ctx: RequestContext, branch: Branch, target: Target) -> None:
         """In request_forwarding: send ``branch`` to ``target`` instead; the proxy's Via and
         Record-Route are rebuilt for the socket facing ``target``."""
 
-    def make_via(target: Any) -> Any:
+    def make_via(target: Target) -> Via:
         """A Via for a request of the proxy's own to ``target``, with a fresh branch."""
 
-    def use_tls_client(policy: Any) -> None:
+    def use_tls_client(policy: TLSClientPolicy) -> None:
         """Make outgoing TLS connections (targets whose transport is "TLS") as ``policy`` says:
         a :class:`sipproxy.transport.tls.TLSClientPolicy` (certificate checks, client
         certificate, keepalives, a callback for failures). Until a plugin calls this, a TLS
@@ -161,29 +204,35 @@ class IMediaRelay(Interface):
     (``.reason`` is rtpengine's ``error-reason``), no answer at all with ``NGTimeout``.
     """
 
-    def ping() -> Any:
+    def ping() -> Deferred[None]:
         """Deferred firing with None when the relay answers."""
 
     def offer(
-        call_id: str, from_tag: str, sdp: bytes, to_tag: str | None = None, options: Any = None
-    ) -> Any:
+        call_id: str, from_tag: str, sdp: bytes, to_tag: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> Deferred[RelayedSdp]:
         """Relay the SDP offer of the party ``from_tag``: Deferred of a ``RelayedSdp`` (the SDP
         to forward, with the relay's addresses and ports, and a warning or None)."""
 
-    def answer(call_id: str, from_tag: str, to_tag: str, sdp: bytes, options: Any = None) -> Any:
+    def answer(
+        call_id: str, from_tag: str, to_tag: str, sdp: bytes,
+        options: Mapping[str, Any] | None = None,
+    ) -> Deferred[RelayedSdp]:
         """Relay the SDP answer of ``to_tag`` to the offer of ``from_tag``: Deferred of a
         ``RelayedSdp``."""
 
-    def delete(call_id: str, from_tag: str | None = None, options: Any = None) -> Any:
+    def delete(
+        call_id: str, from_tag: str | None = None, options: Mapping[str, Any] | None = None
+    ) -> Deferred[dict[str, Any]]:
         """End the call's media (every port closed): Deferred of the final statistics (the
         ``query`` dict; empty when the relay no longer knew the call)."""
 
-    def query(call_id: str) -> Any:
+    def query(call_id: str) -> Deferred[dict[str, Any]]:
         """Deferred of the call's statistics, rtpengine's ``query`` reply: ``created``,
         ``last signal``, ``tags`` (per party: ``medias`` with ``streams``, each with
         ``local port``, ``endpoint`` and ``stats`` {packets, bytes, errors}) and ``totals``."""
 
-    def add_end_observer(observer: Any) -> None:
+    def add_end_observer(observer: Callable[[str, str], None]) -> None:
         """Call ``observer(call_id, reason)`` when the relay ends a call on its own: media
         silent too long ("timeout"), the relay stopped ("shutdown") or lost it ("gone")."""
 
@@ -193,7 +242,7 @@ class ICredentialStore(Interface):
     (``sipproxy.credentials.FileCredentialStore``); a database or directory store provides this
     interface and is passed to ``sipproxy.plugins.auth.AuthPlugin``."""
 
-    def ha1(username: str, realm: str, algorithm: str) -> Any:
+    def ha1(username: str, realm: str, algorithm: str) -> str | Deferred[str | None] | None:
         """HA1 = H(username:realm:password) in hex for ``algorithm`` ("MD5" or "SHA-256"),
         or None when the user (or that algorithm's secret) is unknown; or a Deferred firing
         with either. Must not block the reactor."""

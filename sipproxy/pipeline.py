@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import Config, ConfigError
-from sipproxy.interfaces import IPluginFactory, IProxyCore, IProxyPlugin
+from sipproxy.context import Branch, RequestContext
+from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory, IProxyCore, IProxyPlugin
 
-__all__ = ["HOOKS", "Pipeline", "Plugin", "find_factory", "load_plugins", "then"]
+if TYPE_CHECKING:
+    from sipproxy.dialogs import Dialog
+    from sipproxy.message import Response
+
+__all__ = [
+    "HOOKS",
+    "Pipeline",
+    "Plugin",
+    "find_factory",
+    "implied_plugins",
+    "implying_factories",
+    "load_plugins",
+    "then",
+]
 
 ENTRY_POINT_GROUP = "sipproxy.plugins"
 HOOKS = (
@@ -36,22 +52,22 @@ class Plugin:
 
     name = "plugin"
 
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         return None
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         return None
 
-    def response_received(self, ctx: Any, branch: Any, response: Any) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         return None
 
-    def response_forwarding(self, ctx: Any, response: Any) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         return None
 
-    def dialog_established(self, dialog: Any) -> None:
+    def dialog_established(self, dialog: Dialog) -> None:
         return None
 
-    def dialog_ended(self, dialog: Any, reason: str) -> None:
+    def dialog_ended(self, dialog: Dialog, reason: str) -> None:
         return None
 
 
@@ -139,6 +155,52 @@ def find_factory(name: str) -> Any:
         raise ConfigError.for_key("plugins.enabled", f"plugin {name!r} failed to load: {e}") from e
 
 
+def _builtin_factory(module_name: str) -> Any:
+    return importlib.import_module(module_name).factory
+
+
+@functools.cache
+def implying_factories() -> tuple[tuple[str, Any], ...]:
+    """
+    The plugin factories that provide ``IImpliedPluginFactory``, by name: the installed ones
+    (entry points) and the built-in ones (``sipproxy.plugins.*``, also when sipproxy runs from a
+    source tree that was never installed: an implied plugin is a safeguard and must not vanish
+    with the package metadata). One that fails to load implies nothing (it fails when
+    enabled). Loaded once per process (``implying_factories.cache_clear()`` looks again).
+    """
+    import sipproxy.plugins
+
+    candidates: list[tuple[str, Callable[[], Any]]] = [
+        (ep.name, ep.load) for ep in entry_points(group=ENTRY_POINT_GROUP)
+    ]
+    for module in pkgutil.iter_modules(sipproxy.plugins.__path__, "sipproxy.plugins."):
+        short = module.name.rpartition(".")[2]
+        candidates.append((short, functools.partial(_builtin_factory, module.name)))
+    found: dict[str, Any] = {}
+    for name, load in candidates:
+        if name in found:
+            continue
+        try:
+            factory = load()
+        except Exception:
+            continue
+        if IImpliedPluginFactory.providedBy(factory):
+            found[name] = factory
+    return tuple(found.items())
+
+
+def implied_plugins(config: Config) -> tuple[str, ...]:
+    """
+    The plugins that run although ``[plugins] enabled`` does not name them: those
+    whose factory provides :class:`~sipproxy.interfaces.IImpliedPluginFactory` and whose
+    ``implied_by(config)`` is true, e.g. ``acl`` when a listener faces the outside. They run
+    first, before the enabled ones; ``[plugins] open_relay = true`` turns them off (the config
+    does not call this then).
+    """
+    return tuple(name for name, factory in implying_factories()
+                 if name not in config.plugins and factory.implied_by(config))
+
+
 def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
     """Build the enabled plugins in config order; each validates its own section."""
     plugins = []
@@ -159,7 +221,7 @@ def load_plugins(config: Config, core: IProxyCore) -> list[Any]:
 
 
 def _check_no_unknown_tables(config: Config, used: set[str]) -> None:
-    """A table no enabled or installed plugin owns is a typo (C{[limit]}, C{[nta]}): one line
+    """A table no enabled or installed plugin owns is a typo (``[limit]``, ``[nta]``): one line
     naming it, as for an unknown key, rather than settings silently ignored."""
     installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
     for name in config.sections:

@@ -197,7 +197,7 @@ class Registrar:
 
     ``domains`` are the domains it serves. ``own_host``, when given, says whether a host is
     an address of this machine: such hosts are served too, and all as one domain
-    (L{HOST_DOMAIN}), so a phone registered as ``alice@127.0.0.1`` is found by
+    (:obj:`HOST_DOMAIN`), so a phone registered as ``alice@127.0.0.1`` is found by
     ``sip:alice@192.0.2.2`` when that is another address of the host: the user part is the key.
     """
 
@@ -237,7 +237,7 @@ class Registrar:
         return self._is_host_address(host)
 
     def _is_host_address(self, host: str) -> bool:
-        """An address of this machine, served as L{HOST_DOMAIN} (``own_host`` given)."""
+        """An address of this machine, served as :obj:`HOST_DOMAIN` (``own_host`` given)."""
         if self.own_host is None:
             return False
         return self.own_host(host.strip("[]").lower())
@@ -250,8 +250,8 @@ class Registrar:
         return host is not None and self.is_local_host(host)
 
     def aor(self, uri: URI | str) -> str:
-        """The key the bindings of ``uri`` are stored under: L{aor_of}, with every address of
-        this host folded into L{HOST_DOMAIN} when the registrar serves them (``own_host``)."""
+        """The key the bindings of ``uri`` are stored under: :obj:`aor_of`, with every address of
+        this host folded into :obj:`HOST_DOMAIN` when the registrar serves them (``own_host``)."""
         key = aor_of(uri)
         host = _aor_host(key)
         if host is None or format_host(host.lower()) in self.domains or \

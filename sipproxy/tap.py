@@ -1,5 +1,5 @@
 """
-The C{twistd sipproxy} command line: options, and the service built from the config file.
+The ``twistd sipproxy`` command line: options, and the service built from the config file.
 
 A bad config file ends the command with one line on stderr and exit status 2, never a traceback:
 the operator needs the key to fix, not our stack.
@@ -21,7 +21,7 @@ EXIT_CONFIG_ERROR = 2
 
 
 class Options(usage.Options):
-    """Options of C{twistd sipproxy}."""
+    """Options of ``twistd sipproxy``."""
 
     synopsis = "[--config FILE]"
     longdesc = (

@@ -41,7 +41,7 @@ from sipproxy.headers import Headers
 from sipproxy.message import MAGIC_COOKIE, Request, Response, Source
 
 if TYPE_CHECKING:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
 
 __all__ = [
     "ClientTransaction",

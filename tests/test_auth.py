@@ -618,7 +618,7 @@ def test_users_file_errors_name_the_line(text: str, problem: str) -> None:
     [
         ('algorithms = ["SHA-512"]', 'auth.algorithms[0]: must be "SHA-256" or "MD5"'),
         ('algorithms = []', "auth.algorithms: must not be empty"),
-        ('algorithms = ["MD5", "md5"]', 'auth.algorithms[1]: "md5" repeats MD5'),
+        ('algorithms = ["MD5", "md5"]', 'auth.algorithms[1]: "md5" repeats auth.algorithms[0]'),
         ("nonce_ttl = 0", "auth.nonce_ttl: must be a number from 1.0 to 86400.0"),
         ('exempt_networks = ["x"]', "auth.exempt_networks[0]: must be a network"),
         ("colour = 1", "auth.colour: unknown key"),

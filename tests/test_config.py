@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tomllib
 from pathlib import Path
 from types import MappingProxyType
 
@@ -16,8 +17,10 @@ from sipproxy.config import (
     CORE_SECTIONS,
     Config,
     ConfigError,
+    DnsConfig,
     LimitsConfig,
     ListenConfig,
+    PluginsConfig,
     ProxyConfig,
     RegistrarConfig,
     Section,
@@ -26,6 +29,7 @@ from sipproxy.config import (
     load_config,
     parse_config,
 )
+from sipproxy.settings import settings_of
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sipproxy.toml"
 SRC = "sipproxy.toml"
@@ -260,11 +264,11 @@ CASES = [
     ),
     (
         '[[listen]]\naddress = "localhost"',
-        'listen[0].address: must be an IPv4 or IPv6 address, got "localhost"',
+        'listen[0].address: must be an IP address (IPv4 or IPv6), got "localhost"',
     ),
     (
         '[[listen]]\naddress = "[::1]"',
-        'listen[0].address: must be an IPv4 or IPv6 address, got "[::1]"',
+        'listen[0].address: must be an IP address (IPv4 or IPv6), got "[::1]"',
     ),
     ("[[listen]]\naddress = 127", "listen[0].address: must be a string, got 127"),
     ('[[listen]]\naddress = ""', "listen[0].address: must not be empty"),
@@ -775,7 +779,8 @@ def test_limits_values_typed_and_normalized() -> None:
         ("messages_per_second = 0", "limits.messages_per_second: must be a number > 0, got 0"),
         ("ban_time = -1", "limits.ban_time: must be a number > 0, got -1"),
         ('exempt = ["10.0.0.0/33"]',
-         'limits.exempt[0]: must be an IP address or network (CIDR), got "10.0.0.0/33"'),
+         'limits.exempt[0]: must be a network like 192.0.2.0/24 or an IP address,'
+         ' got "10.0.0.0/33"'),
         ('exempt = "10.0.0.0/8"', 'limits.exempt: must be an array of strings, got "10.0.0.0/8"'),
         ('blocked_user_agents = [""]', "limits.blocked_user_agents[0]: must not be empty"),
         ("enabled = 1", "limits.enabled: must be true or false, got 1"),
@@ -841,6 +846,61 @@ def test_the_reference_file_documents_every_key() -> None:
     """examples/sipproxy.toml shows every key of the core and of every built-in plugin (set, or
     commented out where it needs files or is an alternative), and no key the code refuses."""
     assert _documented_keys(EXAMPLE.read_text()) == _accepted_keys()
+
+
+CORE_TABLES = {
+    "proxy": ProxyConfig, "listen": ListenConfig, "upstream": UpstreamConfig,
+    "registrar": RegistrarConfig, "timers": TimerConfig, "dns": DnsConfig,
+    "plugins": PluginsConfig, "limits": LimitsConfig,
+}
+
+
+def _declared_tables() -> dict[str, type]:
+    """Every table whose keys are declared with sipproxy.settings.setting: the core's, and the
+    built-in plugins' (a factory's ``settings``)."""
+    from sipproxy.plugins import acl, auth, media, nat, tls
+
+    tables = dict(CORE_TABLES)
+    for module in (acl, auth, media, nat, tls):
+        declared = getattr(module.factory, "settings", None)
+        if declared is not None:
+            tables[module.factory.name] = declared
+    return tables
+
+
+def test_the_declared_keys_are_the_accepted_keys() -> None:
+    """The field metadata is the one declaration: what the loaders accept is what it lists."""
+    accepted = _accepted_keys()
+    declared = _declared_tables()
+    assert set(CORE_TABLES) == CORE_SECTIONS
+    for table, cls in declared.items():
+        assert set(settings_of(cls)) == accepted[table], table
+
+
+_DOC_DEFAULT = re.compile(r"^#?\s*([a-z_0-9]+\s*=\s*.*?)\s+#\s*default\b")
+
+
+def test_the_reference_file_shows_the_declared_defaults() -> None:
+    """Every line of examples/sipproxy.toml that gives a key's value and says "# default"
+    (set, or commented out) gives the default its declaration has, in every declared table."""
+    declared = _declared_tables()
+    checked, table = 0, ""
+    for line in EXAMPLE.read_text().splitlines():
+        header = _DOC_TABLE.match(line)
+        if header:
+            table = header.group(1)
+            continue
+        found = _DOC_DEFAULT.match(line)
+        if not found or table not in declared:
+            continue
+        try:
+            ((key, value),) = tomllib.loads(found.group(1)).items()
+        except tomllib.TOMLDecodeError:
+            continue  # an array that goes on over several lines
+        default = settings_of(declared[table])[key].default
+        assert (tuple(value) if isinstance(value, list) else value) == default, (table, key)
+        checked += 1
+    assert checked >= 40
 
 
 def test_the_reference_file_shows_the_core_defaults() -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
@@ -24,9 +25,13 @@ from twisted.trial import unittest
 
 from sipproxy.config import ConfigError
 from sipproxy.media import tap
+from sipproxy.media.engine import RelayEngine
 from sipproxy.media.kernel import KernelError, KernelForwarder, Unsuitable, parse_counters
-from sipproxy.media.relay import RelayEngine, RelayInterface, SignalOptions
-from sipproxy.media.service import RelayConfig, makeRelayService
+from sipproxy.media.offer_answer import SignalOptions
+from sipproxy.media.offload import KernelOffloader
+from sipproxy.media.ports import RelayInterface
+from sipproxy.media.service import makeRelayService
+from sipproxy.media.settings import RelaySettings
 from sipproxy.sdp import parse_sdp
 from tests.test_relay import LOCAL, Phone, rtp, sdp
 
@@ -642,9 +647,77 @@ def deferLater(seconds: float) -> defer.Deferred[None]:
     return d
 
 
+@dataclass(eq=False)
+class FakeRules:
+    """The rules a FakeOffloader "installed": what OffloadRules asks for, and the pair."""
+
+    a: tuple[tuple[str, int], tuple[str, int]]
+    b: tuple[tuple[str, int], tuple[str, int]]
+    counters: tuple[str, str] = ("ab", "ba")
+    seen: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0), (0, 0)])
+
+
+class FakeOffloader:
+    """A KernelOffloader without nftables: records installs and removals, counts what the
+    test says; the engine's bookkeeping needs nothing more of a fast path."""
+
+    def __init__(self) -> None:
+        self.lost: Callable[[list[FakeRules]], None] | None = None
+        self.installed: list[FakeRules] = []
+        self.removed: list[FakeRules] = []
+        self.counted: dict[str, tuple[int, int]] = {}
+
+    def install(self, a: tuple[tuple[str, int], tuple[str, int]],
+                b: tuple[tuple[str, int], tuple[str, int]]) -> defer.Deferred[FakeRules]:
+        rules = FakeRules(a, b)
+        self.installed.append(rules)
+        return defer.succeed(rules)
+
+    def remove(self, rules: FakeRules, *, first: bool = False) -> defer.Deferred[
+            dict[str, tuple[int, int]]]:
+        self.removed.append(rules)
+        return defer.succeed(dict(self.counted))
+
+    def counters(self) -> defer.Deferred[dict[str, tuple[int, int]]]:
+        return defer.succeed(dict(self.counted))
+
+
+class OffloaderProtocolTests(unittest.TestCase):
+    """The engine against any KernelOffloader (offload.py), here a fake one."""
+
+    timeout = 10
+
+    @defer.inlineCallbacks
+    def test_a_latched_pair_is_offloaded_counted_and_removed(self) -> Any:
+        clock = Clock()
+        engine = RelayEngine(reactor, clock, [RelayInterface("default", LOCAL)], PORT_MIN,
+                             PORT_MAX, kernel_poll=2.0)
+        self.addCleanup(lambda: defer.gatherResults(engine.stop()))
+        fake = FakeOffloader()
+        offloader: KernelOffloader[FakeRules] = fake
+        engine.use_kernel(offloader)
+        (a, a_port), (b, b_port) = phone(self), phone(self)
+        offer = engine.offer("c1", "A", parse_sdp(sdp(a_port)), SignalOptions())
+        answer = engine.answer("c1", "A", "B", parse_sdp(sdp(b_port)), SignalOptions())
+        a.send(rtp(1), answer.media[0].port)
+        yield b.received.get()
+        b.send(rtp(2), offer.media[0].port)
+        yield a.received.get()
+        [rules] = fake.installed
+        # each party's latched source and the relay port it sends to
+        self.assertEqual({rules.a, rules.b}, {((LOCAL, a_port), (LOCAL, answer.media[0].port)),
+                                              ((LOCAL, b_port), (LOCAL, offer.media[0].port))})
+        fake.counted = {"ab": (10, 10 * (28 + 17)), "ba": (0, 0)}
+        clock.advance(2.0)
+        stats = engine.query("c1")["totals"]["RTP"]
+        self.assertEqual((stats["packets"], stats["bytes"]), (2 + 10, 17 * 2 + 10 * 17))
+        engine.delete("c1")
+        self.assertEqual(fake.removed, [rules])
+
+
 class ServiceTests(unittest.TestCase):
-    def config(self, kernel: str) -> RelayConfig:
-        return RelayConfig(interfaces=(RelayInterface("default", LOCAL),), port_min=PORT_MIN,
+    def config(self, kernel: str) -> RelaySettings:
+        return RelaySettings(interfaces=(RelayInterface("default", LOCAL),), port_min=PORT_MIN,
                            port_max=PORT_MAX, kernel=kernel, kernel_table=TABLE)
 
     @defer.inlineCallbacks

@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from sipproxy.config import ConfigError, Section, parse_config
 from sipproxy.location import LocationService
 from sipproxy.media.backends import LocalRelay, NGRelay
-from sipproxy.media.ng import NGCommands, NGError, NGTimeout, _text
+from sipproxy.media.ng import NGCommands, NGError, NGTimeout, to_text
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
 from sipproxy.plugins.media import MediaPlugin, factory
@@ -696,7 +696,7 @@ class LoopbackNGClient:
         self.clock = clock
 
     def command(self, message: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        reply = self.commands.handle(_text(message))
+        reply = self.commands.handle(to_text(message))
         if reply.get("result") == "error":
             return defer.fail(NGError(str(reply.get("error-reason"))))
         return defer.succeed(reply)

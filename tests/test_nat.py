@@ -22,7 +22,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from sipproxy.config import ConfigError, Section, parse_config
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
@@ -772,7 +772,7 @@ def test_a_wildcard_outside_listener_advertises_the_real_address(
                             'address = "0.0.0.0"\nport = 5070')
     net = make_net(text)
     # what the kernel would pick toward the outside (the real one sends no packet either)
-    monkeypatch.setattr(net.proxy, "_local_address_for", lambda remote: OUTSIDE)
+    monkeypatch.setattr(net.proxy.addresses, "local_address_for", lambda remote: OUTSIDE)
     provider = Source("UDP", PROVIDER_IP, 5060, "0.0.0.0", 5070, "outside")
     net.send(phone_request(
         "REGISTER", "sip:provider.example", "z9hG4bKreg1", call_id="reg-1",

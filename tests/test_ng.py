@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from sipproxy.interfaces import IMediaRelay
 from sipproxy.media import bencode
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
+from sipproxy.media.engine import RelayEngine
 from sipproxy.media.ng import (
     NGClient,
     NGCommands,
@@ -23,7 +24,7 @@ from sipproxy.media.ng import (
     NGTimeout,
     decode_message,
 )
-from sipproxy.media.relay import RelayEngine, RelayInterface
+from sipproxy.media.ports import RelayInterface
 from sipproxy.sdp import parse_sdp
 
 reactor: Any = _reactor

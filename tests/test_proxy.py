@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 
 from sipproxy.config import Config, parse_config
+from sipproxy.context import Target
 from sipproxy.dialogs import Dialog
-from sipproxy.dns import Target
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import DROP
 from sipproxy.location import LocationService
@@ -695,7 +695,7 @@ def first_branch(h: Harness) -> Request:
 
 
 def test_two_failures_of_one_class_give_the_first_branch_s(h: Harness) -> None:
-    """404 and 486 are the same class with the same preference in _select_best: the tie goes
+    """404 and 486 are the same class with the same preference in select_best: the tie goes
     to the first branch (the newest contact), not to the first or last to arrive."""
     a, b = forked(h)
     first = first_branch(h)

@@ -1,5 +1,6 @@
-"""sipproxy.media.relay: real UDP on 127.0.0.1 crossing the relay, latching, strict source,
-rtcp-mux, counters, timeouts (task.Clock), and every port closed on every end path."""
+"""The relay engine (sipproxy.media.engine): real UDP on 127.0.0.1 crossing the relay,
+latching, strict source, rtcp-mux, counters, timeouts (task.Clock), and every port closed on
+every end path."""
 
 from __future__ import annotations
 
@@ -13,14 +14,10 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from sipproxy.media.relay import (
-    MAX_STREAMS,
-    OutOfPorts,
-    RelayEngine,
-    RelayError,
-    RelayInterface,
-    SignalOptions,
-)
+from sipproxy.media.engine import RelayEngine
+from sipproxy.media.errors import OutOfPorts, RelayError
+from sipproxy.media.offer_answer import MAX_STREAMS, SignalOptions
+from sipproxy.media.ports import RelayInterface
 from sipproxy.sdp import parse_sdp
 
 LOCAL = "127.0.0.1"

@@ -14,7 +14,7 @@ import pytest
 from twisted.python import usage
 
 from sipproxy.media import bencode, tap
-from sipproxy.media.relay import RelayInterface
+from sipproxy.media.ports import RelayInterface
 from sipproxy.sdp import parse_sdp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,8 +57,9 @@ def test_defaults() -> None:
 BAD_OPTIONS = [
     (["--listen-ng", "nowhere"], '--listen-ng: must be ADDRESS:PORT, got "nowhere"'),
     (["--port-min", "abc"], '--port-min: must be an integer from 1024 to 65534, got "abc"'),
-    (["--port-min", "5000", "--port-max", "5001"], None),
-    (["--port-min", "5001", "--port-max", "5002"], "--port-max: must leave room"),
+    (["--port-min", "5000", "--port-max", "5003"], None),  # two pairs: one call
+    (["--port-min", "5000", "--port-max", "5001"], "--port-max: must be at least 5003"),
+    (["--port-min", "5001", "--port-max", "5004"], "--port-max: must be at least 5005"),
     (["--interface", "inside/bogus"], "--interface: not an IP address: 'bogus'"),
     (["-i", "a/127.0.0.1", "-i", "a/127.0.0.2"], '--interface: "a" given twice'),
     (["--timeout", "0"], '--timeout: must be a number from 1 to 86400, got "0"'),

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from sipproxy.config import ConfigError, Section, parse_config
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins

@@ -17,9 +17,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial import unittest
 
 from sipproxy.config import ConfigError, ListenConfig
-from sipproxy.dns import Target
+from sipproxy.context import Target
 from sipproxy.message import Message, Request, parse_message
 from sipproxy.transport import TransportManager
+from sipproxy.transport.pool import pool_key
 from sipproxy.transport.tls import (
     PING,
     SIPTLSStreamProtocol,
@@ -213,6 +214,32 @@ class RealTLSTests(unittest.TestCase):
         self.assertEqual(len(self.failures), 1)
 
     @defer.inlineCallbacks
+    def test_a_connection_the_provider_drops_is_opened_again(self) -> Any:
+        """On real sockets: the provider hangs up, the proxy reconnects after 1 s (its service
+        and the TLS layers agree the first connection is over), the next request uses it."""
+        server = self.server(certs().good)
+        manager = self.manager(keepalive_interval=None)
+        target = Target("TLS", LOCAL, server.number, PROVIDER)
+        yield manager.send_request(invite(), target)
+        transport = server.connections[0].transport
+        assert transport is not None
+        transport.loseConnection()
+        for _ in range(250):
+            if len(server.connections) == 2:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(server.connections), 2)
+        for _ in range(100):  # the handshake on the new connection
+            if manager.pool.get(pool_key(LOCAL, server.number, PROVIDER)) is not None:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        arrived = server.next_data()
+        yield manager.send_request(invite(call_id="after"), target)
+        data = yield arrived
+        self.assertIn(b"Call-ID: after", data)
+        self.assertEqual((len(server.connections), self.failures), (2, []))
+
+    @defer.inlineCallbacks
     def _refused(self, pair: Any, expected: str) -> Any:
         server = self.server(pair)
         manager = self.manager()
@@ -281,7 +308,7 @@ class RealTLSTests(unittest.TestCase):
         d.addErrback(lambda f: None)
         yield deferLater(reactor, 0.3, lambda: None)
         self.assertNotIn(b"OPTIONS", server.received)
-        self.assertEqual(manager.tls._out, {})
+        self.assertIsNone(manager.pool.get(pool_key(LOCAL, server.number, PROVIDER)))
 
     @defer.inlineCallbacks
     def test_unverified_policy_connects_to_anything(self) -> Any:
@@ -472,46 +499,180 @@ class KeepaliveTests(unittest.SynchronousTestCase):
 class ReconnectTests(unittest.SynchronousTestCase):
     """A lost provider connection is opened again, with growing delays, on a fake clock."""
 
-    def test_reconnect_with_backoff_until_it_works(self) -> None:
+    def setUp(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        mr = MemoryReactorClock()
-        manager = TransportManager(mr, lambda m: None, [])
-        manager.tls_client = policy(keepalive_interval=None)
-        manager.startService()
-        done = manager.send_request(invite(), Target("TLS", LOCAL, 5061, PROVIDER))
-        self.assertEqual(len(mr.tcpClients), 1)
-        proto = self._connect(mr, 0)
+        self.mr = MemoryReactorClock()
+        self.manager = TransportManager(self.mr, lambda m: None, [])
+        self.manager.tls_client = policy(keepalive_interval=None)
+        self.manager.startService()
+        self.wires: list[Any] = []
+
+    def send(self) -> defer.Deferred[None]:
+        return self.manager.send_request(invite(), Target("TLS", LOCAL, 5061, PROVIDER))
+
+    def open_connection(self, **kw: Any) -> SIPTLSStreamProtocol:
+        """The first request's connection, up; then the provider goes away."""
+        if kw:
+            self.manager.tls_client = policy(keepalive_interval=None, **kw)
+        done = self.send()
+        self.assertEqual(len(self.mr.tcpClients), 1)
+        proto = self._connect(0)
         self.assertIsNone(self.successResultOf(done))
+        return proto
+
+    def test_reconnect_with_backoff_until_it_works(self) -> None:
+        mr, manager = self.mr, self.manager
+        self.open_connection()
         # the provider goes away: reconnect after 1 s, then 2 s after a failed attempt
-        proto.connectionLost(_failure())
+        self._lose(0)
         self.assertEqual(len(mr.tcpClients), 1)
         mr.advance(1)
         self.assertEqual(len(mr.tcpClients), 2)
-        mr.tcpClients[1][2].clientConnectionFailed(None, _failure())
+        self._refuse(1)
         mr.advance(1.9)
         self.assertEqual(len(mr.tcpClients), 2)
         mr.advance(0.1)
         self.assertEqual(len(mr.tcpClients), 3)
-        again = self._connect(mr, 2)
-        self.assertIs(manager.tls._out[(LOCAL, 5061, PROVIDER)], again)
+        again = self._connect(2)
+        self.assertIs(manager.pool.get(pool_key(LOCAL, 5061, PROVIDER)), again)
         # closed by us (idle, stop): no reconnect
         again.close()
-        again.connectionLost(_failure())
+        self._lose(2)
         mr.advance(100)
         self.assertEqual(len(mr.tcpClients), 3)
         manager.stopService()
         self.assertEqual([c for c in mr.getDelayedCalls() if c.active()], [])
 
-    @staticmethod
-    def _connect(mr: Any, index: int) -> SIPTLSStreamProtocol:
-        factory = mr.tcpClients[index][2]
-        wrapper = factory.buildProtocol(None)
-        wrapper.makeConnection(FakeTLSTransport())
-        proto = wrapper._wrappedProtocol.wrappedProtocol
-        assert isinstance(proto, SIPTLSStreamProtocol)
-        proto.handshakeCompleted()
+    def test_backoff_grows_to_the_maximum_and_a_handshake_resets_it(self) -> None:
+        mr = self.mr
+        self.open_connection(max_backoff=4.0)
+        self._lose(0)
+        delays = []
+        for attempt in range(1, 6):
+            before = mr.seconds()
+            while len(mr.tcpClients) == attempt:
+                mr.advance(0.5)
+            delays.append(mr.seconds() - before)
+            if attempt < 5:
+                self._connect(attempt, handshake=False)
+                self._lose(attempt)  # TCP up, TLS never: not a success for the backoff
+        self.assertEqual(delays, [1.0, 2.0, 4.0, 4.0, 4.0])
+        self._connect(5)
+        self._lose(5)
+        before = mr.seconds()
+        while len(mr.tcpClients) == 6:
+            mr.advance(0.5)
+        self.assertEqual(mr.seconds() - before, 1.0)
+
+    def test_each_failed_attempt_is_one_log_line(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.open_connection()
+        self._lose(0)
+        self.mr.advance(1)
+        self._refuse(1)
+        self.mr.advance(2)
+        self._refuse(2)
+        from twisted.logger import formatEvent
+
+        lines = [formatEvent(e) for e in events]
+        failed = [line for line in lines if "failed" in line]
+        self.assertEqual(len(failed), 2, lines)
+        self.assertTrue(all(line.endswith("(reconnecting)") for line in failed), failed)
+        self.assertEqual([line for line in lines if "Scheduling retry" in line], [])
+
+    def test_a_request_does_not_wait_out_the_backoff(self) -> None:
+        mr = self.mr
+        self.open_connection()
+        self._lose(0)
+        mr.advance(1)
+        self._refuse(1)  # the next attempt is 2 s away
+        done = self.send()
+        self.assertEqual(len(mr.tcpClients), 3)  # at once
+        self._connect(2)
+        self.assertIsNone(self.successResultOf(done))
+        mr.advance(10)
+        self.assertEqual(len(mr.tcpClients), 3)  # the scheduled attempt was dropped
+
+    def test_a_connection_unused_for_the_idle_timeout_is_not_reopened(self) -> None:
+        mr = self.mr
+        proto = self.open_connection()
+        self.assertEqual(self.manager.idle_timeout, 600.0)
+        mr.advance(599)
+        proto.dataReceived(b"\r\n")  # traffic keeps it open, but carries no SIP of ours
+        mr.advance(2)
+        self._lose(0)
+        mr.advance(100)
+        self.assertEqual(len(mr.tcpClients), 1)
+        self.assertEqual([c for c in mr.getDelayedCalls() if c.active()], [])
+
+    def test_a_certificate_that_does_not_verify_stops_the_retries(self) -> None:
+        from service_identity import VerificationError
+        from twisted.python.failure import Failure
+
+        mr = self.mr
+        self.open_connection()
+        self._lose(0)
+        mr.advance(1)
+        self._connect(1, handshake=False)
+        # what the TLS layer reports when service_identity refuses the name
+        self._above_tls(1).connectionLost(Failure(VerificationError([])))
+        mr.advance(100)
+        self.assertEqual(len(mr.tcpClients), 2)
+        self.assertEqual([c for c in mr.getDelayedCalls() if c.active()], [])
+
+    def test_first_attempt_is_not_retried(self) -> None:
+        mr = self.mr
+        done = self.send()
+        self._refuse(0)
+        error = self.failureResultOf(done, TLSConnectError).value
+        self.assertIn("TLS to provider.test:5061 (127.0.0.1) failed: cannot connect", str(error))
+        mr.advance(100)
+        self.assertEqual(len(mr.tcpClients), 1)
+        self.assertEqual([c for c in mr.getDelayedCalls() if c.active()], [])
+
+    def test_stop_cancels_an_attempt_and_fails_its_requests(self) -> None:
+        done = self.send()
+        self.manager.stopService()
+        error = self.failureResultOf(done, TLSConnectError).value
+        self.assertIn("cancelled (the proxy is stopping)", str(error))
+        self.assertEqual([c for c in self.mr.getDelayedCalls() if c.active()], [])
+
+    def _connect(self, index: int, *, handshake: bool = True) -> SIPTLSStreamProtocol:
+        factory = self.mr.tcpClients[index][2]
+        wire = factory.buildProtocol(None)
+        wire.makeConnection(FakeTLSTransport())
+        while len(self.wires) <= index:
+            self.wires.append(None)
+        self.wires[index] = wire
+        proto = wire
+        while not isinstance(proto, SIPTLSStreamProtocol):  # the TLS and ClientService layers
+            proto = getattr(proto, "wrappedProtocol", None) or getattr(proto, "_protocol", None) \
+                or proto._wrappedProtocol
+        if handshake:
+            proto.handshakeCompleted()
         return proto
+
+    def _above_tls(self, index: int) -> Any:
+        """The layer the TLS protocol hands the connection's end to (ClientService's)."""
+        layer = self.wires[index]
+        while getattr(layer, "wrappedProtocol", None) is None:
+            layer = layer._wrappedProtocol
+        return layer.wrappedProtocol
+
+    def _lose(self, index: int) -> None:
+        """The connection ends as the reactor would end it (all layers hear of it)."""
+        self.wires[index].connectionLost(_failure())
+
+    def _refuse(self, index: int) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.python.failure import Failure
+
+        self.mr.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
 
 
 def _failure() -> Any:

@@ -29,7 +29,7 @@ from sipproxy.transaction import (
 )
 
 try:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
 except ImportError:  # sipproxy.dns is being written elsewhere; same shape, tests only
 
     @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from sipproxy.transport import (
     stateless_error_response,
 )
 from sipproxy.transport.manager import SIZE_SWITCH_CONNECT_TIMEOUT
+from sipproxy.transport.pool import ConnectionPool, pool_key
 from sipproxy.transport.tcp import SIPStreamProtocol
 
 try:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
 except ImportError:  # dns.py is written in parallel; the transports only read these fields
 
     @dataclass(frozen=True)
@@ -399,6 +400,118 @@ class StreamProtocolTests(unittest.SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
 
+class ConnectionPoolTests(unittest.SynchronousTestCase):
+    """The queue-until-connected logic TCP and TLS share."""
+
+    def setUp(self) -> None:
+        self.pool = ConnectionPool()
+        self.opened: list[defer.Deferred[SIPStreamProtocol]] = []
+        self.key = pool_key("[2001:DB8::1]", 5061, "Provider.Test")
+
+    def opener(self) -> defer.Deferred[SIPStreamProtocol]:
+        self.opened.append(defer.Deferred())
+        return self.opened[-1]
+
+    def connection(self) -> tuple[SIPStreamProtocol, StringTransport]:
+        proto = SIPStreamProtocol(RecordingOwner(), Clock(), "outside", outgoing=True,
+                                  idle_timeout=None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_keys_spell_a_host_one_way(self) -> None:
+        self.assertEqual(self.key, ("2001:db8::1", 5061, "provider.test"))
+        self.assertEqual(pool_key("Example.COM", 5060), ("example.com", 5060, None))
+
+    def test_requests_wait_for_one_connection_and_go_in_order(self) -> None:
+        sent = [defer.Deferred() for _ in range(3)]
+        for n, done in enumerate(sent):
+            self.pool.send(self.key, b"m%d" % n, done, self.opener)
+        waited = self.pool.wait(self.key, self.opener)
+        self.assertEqual((len(self.opened), self.pool.opening), (1, 1))
+        self.assertNoResult(sent[0])
+        proto, transport = self.connection()
+        self.opened[0].callback(proto)
+        self.assertEqual(transport.value(), b"m0m1m2")
+        self.assertEqual([self.successResultOf(d) for d in sent], [None] * 3)
+        self.assertIs(self.successResultOf(waited), proto)
+        self.assertEqual(self.pool.opening, 0)
+        # reused, not opened again; forgotten once lost
+        self.pool.send(self.key, b"m3", defer.Deferred(), self.opener)
+        self.assertEqual((len(self.opened), transport.value()[-2:]), (1, b"m3"))
+        self.pool.forget(proto)
+        self.assertIsNone(self.pool.get(self.key))
+
+    def test_a_failed_connection_fails_everything_that_waited(self) -> None:
+        sent = [defer.Deferred() for _ in range(2)]
+        for done in sent:
+            self.pool.send(self.key, b"m", done, self.opener)
+        waited = self.pool.wait(self.key, self.opener)
+        self.opened[0].errback(error.ConnectionRefusedError())
+        for d in [*sent, waited]:
+            self.failureResultOf(d, error.ConnectionRefusedError)
+        self.assertEqual(self.pool.opening, 0)
+        self.pool.send(self.key, b"m", defer.Deferred(), self.opener)
+        self.assertEqual(len(self.opened), 2)  # the next request tries again
+
+    def test_a_connection_closed_at_once_fails_them(self) -> None:
+        done: defer.Deferred[None] = defer.Deferred()
+        self.pool.send(self.key, b"m", done, self.opener)
+        proto, _ = self.connection()
+        proto.close()
+        self.opened[0].callback(proto)
+        self.assertIn("closed at once", str(self.failureResultOf(done, ConnectionError).value))
+        self.assertIsNone(self.pool.get(self.key))
+
+    def test_an_opener_that_raises(self) -> None:
+        def refuse() -> defer.Deferred[SIPStreamProtocol]:
+            raise ConnectionError("the transport service is stopped")
+
+        with self.assertRaises(ConnectionError):
+            self.pool.send(self.key, b"m", defer.Deferred(), refuse)
+        self.failureResultOf(self.pool.wait(self.key, refuse), ConnectionError)
+        self.assertEqual(self.pool.opening, 0)
+
+    def test_peers_are_found_per_kind(self) -> None:
+        proto, _ = self.connection()
+        proto.peer = ("192.0.2.1", 5060)
+        self.pool.register_peer(proto)
+        self.assertIs(self.pool.peer("TCP", "192.0.2.1", 5060), proto)
+        self.assertIsNone(self.pool.peer("TLS", "192.0.2.1", 5060))
+        proto.close()
+        self.assertIsNone(self.pool.peer("TCP", "192.0.2.1", 5060))
+
+
+class ImportTests(unittest.SynchronousTestCase):
+    def test_no_import_cycle_between_transport_modules(self) -> None:
+        """Each transport module may import the ones below it, never one that imports it back
+        (imports for type checking included)."""
+        import ast
+
+        package = Path(__file__).parent.parent / "sipproxy" / "transport"
+        graph: dict[str, set[str]] = {}
+        for path in package.glob("*.py"):
+            if path.stem == "__init__":
+                continue
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    name = node.module
+                    if name.startswith("sipproxy.transport."):
+                        found.add(name.rsplit(".", 1)[1])
+            graph[path.stem] = found
+        self.assertIn("pool", graph)
+
+        def reaches(start: str, goal: str, seen: set[str]) -> bool:
+            for nxt in graph.get(start, set()):
+                if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                    return True
+            return False
+
+        cycles = [m for m in graph if reaches(m, m, {m})]
+        self.assertEqual(cycles, [])
+
+
 # --------------------------------------------------------------------------------------------
 # Real sockets on 127.0.0.1
 # --------------------------------------------------------------------------------------------
@@ -644,7 +757,7 @@ class TCPSocketTests(SocketTestCase):
             self.assertEqual((got.call_id, got.source.transport, got.body), (f"u{n}", "UDP", body))
             self.assertEqual(got.top_via.transport, "UDP")
             self.assertEqual(got.source.port, a.listeners[0].port)
-        self.assertEqual(a._pending, {})
+        self.assertEqual(a.pool.opening, 0)
 
     @defer.inlineCallbacks
     def test_connect_failure_fails_the_deferred(self):
@@ -656,7 +769,7 @@ class TCPSocketTests(SocketTestCase):
         req = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-f"))
         d = a.send_request(req, Target("TCP", LOCAL, dead, None))
         yield self.assertFailure(d, error.ConnectError)
-        self.assertEqual(a._pending, {})
+        self.assertEqual(a.pool.opening, 0)
 
     @defer.inlineCallbacks
     def test_keepalive_framing_error_and_split_messages_on_a_real_socket(self):

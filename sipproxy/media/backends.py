@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.interfaces import IMediaRelay
-from sipproxy.media.ng import NGClient, NGCommands, NGError, NGTimeout, _text
-from sipproxy.media.relay import RelayEngine
+from sipproxy.media.engine import RelayEngine
+from sipproxy.media.ng import NGClient, NGCommands, NGError, NGTimeout, to_text
 
 __all__ = ["LocalRelay", "NGRelay", "RelayedSdp"]
 
@@ -116,7 +116,7 @@ class LocalRelay(_NGDictRelay):
         self.commands = NGCommands(engine)
 
     def _command(self, message: dict[str, Any]) -> defer.Deferred[dict[str, Any]]:
-        reply = self.commands.handle(_text(message))
+        reply = self.commands.handle(to_text(message))
         if reply.get("result") == "error":
             return defer.fail(NGError(str(reply.get("error-reason"))))
         return defer.succeed(reply)

@@ -193,7 +193,8 @@ def chain_name(device: str) -> str:
 
 
 class KernelForwarder:
-    """The nftables table of one relay and the rules in it (see the module docstring)."""
+    """The nftables table of one relay and the rules in it (see the module docstring); the
+    engine uses it as a :class:`~sipproxy.media.offload.KernelOffloader` of :class:`Offload`."""
 
     def __init__(self, runner: NftRunner, table: str | None = None) -> None:
         table = table or default_table()

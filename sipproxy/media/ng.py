@@ -9,7 +9,7 @@ rtpengine (Kamailio, OpenSIPS, ...) can drive this relay, and so that the client
 a real rtpengine.
 
 - :class:`NGCommands` turns a request dictionary into a reply dictionary, using a
-  :class:`~sipproxy.media.relay.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
+  :class:`~sipproxy.media.engine.RelayEngine`. Commands: ``ping``, ``offer``, ``answer``,
   ``delete``, ``query``, ``list``. Keys are matched as rtpengine does: ``-``, ``_`` and space
   are the same, case does not matter (``received-from`` = ``received from``).
 - :class:`NGServerProtocol` is the UDP server, with a reply cache: a retransmitted request
@@ -21,7 +21,6 @@ a real rtpengine.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
 from collections import OrderedDict
@@ -34,8 +33,12 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
+from sipproxy.addressing import is_ip_literal
 from sipproxy.media import bencode
-from sipproxy.media.relay import RelayEngine, RelayError, SignalOptions, UnknownCall
+from sipproxy.media.engine import RelayEngine
+from sipproxy.media.errors import RelayError, UnknownCall
+from sipproxy.media.offer_answer import SignalOptions
+from sipproxy.media.settings import DEFAULT_CACHE_TTL
 from sipproxy.sdp import SdpError, parse_sdp
 
 __all__ = [
@@ -48,13 +51,13 @@ __all__ = [
     "decode_message",
     "encode_message",
     "normalize",
+    "to_text",
 ]
 
 _log = Logger(namespace="sipproxy.media.ng")
 
 COMMANDS: Final = ("ping", "offer", "answer", "delete", "query", "list")
 MAX_COOKIE: Final = 128
-DEFAULT_CACHE_TTL: Final = 30.0
 DEFAULT_CACHE_SIZE: Final = 10_000
 DEFAULT_LIST_LIMIT: Final = 32
 
@@ -112,14 +115,18 @@ def normalize(key: str) -> str:
     return key.replace("-", " ").replace("_", " ").lower()
 
 
-def _text(value: Any) -> Any:
-    """Bencode strings (bytes) to str, all the way down; bytes survive via surrogateescape."""
+def to_text(value: Any) -> Any:
+    """Bencode strings (bytes) to :class:`str`, all the way down.
+
+    Bytes that are not UTF-8 survive the round trip via ``surrogateescape``; both the NG server
+    and the in-process :class:`~sipproxy.media.backends.LocalRelay` hand commands over this way.
+    """
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     if isinstance(value, list):
-        return [_text(v) for v in value]
+        return [to_text(v) for v in value]
     if isinstance(value, dict):
-        return {_text(k): _text(v) for k, v in value.items()}
+        return {to_text(k): to_text(v) for k, v in value.items()}
     return value
 
 
@@ -135,7 +142,7 @@ def decode_message(datagram: bytes) -> tuple[bytes, dict[str, Any] | None, bool]
         if is_json:
             value = json.loads(payload.decode("utf-8", "surrogateescape"))
         else:
-            value = _text(bencode.decode(payload))
+            value = to_text(bencode.decode(payload))
     except (ValueError, RecursionError):
         return cookie, None, is_json
     if not isinstance(value, dict):
@@ -300,12 +307,12 @@ class NGCommands:
             o.direction = (direction[0], direction[1])
         received = req.strings("received from")
         if received:
-            if len(received) != 2 or not _is_ip(received[1]):
+            if len(received) != 2 or not is_ip_literal(received[1]):
                 raise _BadRequest("Invalid value for 'received-from'")
             o.received_from = received[1]
         media_address = req.string("media address")
         if media_address is not None:
-            if not _is_ip(media_address):
+            if not is_ip_literal(media_address):
                 raise _BadRequest("Invalid value for 'media-address'")
             o.media_address = media_address
         o.sip_source_address = "sip source address" in flags and "trust address" not in flags
@@ -356,14 +363,6 @@ class NGCommands:
         for flag in sorted(flags - known - _IGNORED_FLAGS):
             _log.debug("NG: ignoring unknown flag {flag!r}", flag=flag)
         return o, warnings
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- the server

@@ -2,8 +2,8 @@
 
 In process (what the ``media`` plugin will do)::
 
-    service = makeRelayService(RelayConfig(interfaces=(RelayInterface("inside", "192.168.1.1"),
-                                                       RelayInterface("outside", "203.0.113.1"))))
+    service = makeRelayService(RelaySettings(interfaces=(RelayInterface("inside", "192.168.1.1"),
+                                                         RelayInterface("outside", "203.0.113.1"))))
     service.setServiceParent(parent)
     relay = LocalRelay(service.engine)          # an IMediaRelay
 
@@ -19,57 +19,30 @@ they do not, ``on`` logs a warning then. Stopping deletes its nftables table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from sipproxy.media.engine import RelayEngine
 from sipproxy.media.kernel import KernelForwarder, NftRunner, process_runner
-from sipproxy.media.ng import DEFAULT_CACHE_TTL, NGCommands, NGServerProtocol
-from sipproxy.media.relay import (
-    DEFAULT_KERNEL_POLL,
-    DEFAULT_OFFER_TIMEOUT,
-    DEFAULT_SILENT_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    RelayEngine,
-    RelayInterface,
-)
+from sipproxy.media.ng import NGCommands, NGServerProtocol
+from sipproxy.media.settings import KERNEL_MODES, RelaySettings
 
-__all__ = ["RelayConfig", "RelayService", "makeRelayService"]
+__all__ = ["RelayService", "makeRelayService"]
 
 _log = Logger(namespace="sipproxy.media.service")
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """What the relay needs: its interfaces (the first is the default), the port range, the
-    timeouts, and the NG control address (None: in process only)."""
-
-    interfaces: tuple[RelayInterface, ...]
-    port_min: int = 30000
-    port_max: int = 40000
-    timeout: float = DEFAULT_TIMEOUT
-    silent_timeout: float = DEFAULT_SILENT_TIMEOUT
-    offer_timeout: float = DEFAULT_OFFER_TIMEOUT
-    listen_ng: tuple[str, int] | None = None
-    cache_ttl: float = DEFAULT_CACHE_TTL
-    #: the kernel fast path: "auto", "on" or "off"
-    kernel: str = "off"
-    #: its nftables table (default sipproxy_relay_<pid>)
-    kernel_table: str | None = None
-    kernel_poll: float = DEFAULT_KERNEL_POLL
 
 
 class RelayService(MultiService):
     """The relay engine, and the NG server when configured. ``ng_port`` is the listening
     port while running (``ng_port.getHost().port`` when ``listen_ng`` asked for port 0)."""
 
-    def __init__(self, config: RelayConfig, reactor: Any, clock: Any,
+    def __init__(self, config: RelaySettings, reactor: Any, clock: Any,
                  kernel_runner: NftRunner | None = None) -> None:
         super().__init__()
-        if config.kernel not in ("auto", "on", "off"):
+        if config.kernel not in KERNEL_MODES:
             raise ValueError(f'kernel must be "auto", "on" or "off", got {config.kernel!r}')
         self.config = config
         self.reactor = reactor
@@ -144,7 +117,7 @@ class RelayService(MultiService):
         return defer.gatherResults([w for w in waits if isinstance(w, defer.Deferred)])
 
 
-def makeRelayService(config: RelayConfig, reactor: Any = None, clock: Any = None,
+def makeRelayService(config: RelaySettings, reactor: Any = None, clock: Any = None,
                      kernel_runner: NftRunner | None = None) -> RelayService:
     """Build the relay; ``clock`` (an IReactorTime) defaults to the reactor; ``kernel_runner``
     runs nft and ip for the kernel fast path (default: child processes)."""

@@ -8,9 +8,8 @@ A bad option ends the command with one line on stderr naming the option, and exi
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import sys
+from dataclasses import fields
 from typing import Any, NoReturn
 
 from twisted.application.service import IService
@@ -18,15 +17,38 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from sipproxy.config import ConfigError
+from sipproxy.media.settings import RELAY_KEYS, RelaySettings, read_relay_settings
 
 __all__ = ["EXIT_CONFIG_ERROR", "Options", "makeService", "relay_config"]
 
 EXIT_CONFIG_ERROR = 2
 _PREFIX = "sipproxy-relay"
+#: the NG address when none is given (the relay on its own is driven over NG)
+DEFAULT_LISTEN_NG = "127.0.0.1:2223"
+
+
+def _option(name: str) -> str:
+    """The option of the relay setting ``name`` (``port_min``: ``port-min``)."""
+    return "interface" if name == "interfaces" else name.replace("_", "-")
+
+
+def _parameters() -> list[list[Any]]:
+    """The options of the settings that take one value, their help from the settings' docs."""
+    found: list[list[Any]] = []
+    for f in fields(RelaySettings):
+        if f.name not in RELAY_KEYS or f.name == "interfaces":
+            continue
+        default = DEFAULT_LISTEN_NG if f.name == "listen_ng" else f.default
+        if isinstance(default, float):
+            default = f"{default:g}"
+        found.append([_option(f.name), "n" if f.name == "listen_ng" else None,
+                      None if default is None else str(default), f.metadata["doc"]])
+    return found
 
 
 class Options(usage.Options):
-    """Options of ``twistd sipproxy-relay``."""
+    """Options of ``twistd sipproxy-relay``, one per setting of
+    :class:`~sipproxy.media.settings.RelaySettings`."""
 
     synopsis = "[--listen-ng HOST:PORT] [--interface NAME/ADDRESS[!ADVERTISED]]..."
     longdesc = (
@@ -36,18 +58,7 @@ class Options(usage.Options):
         "the default, and NG 'direction' names select them (internal/external mean "
         "inside/outside)."
     )
-    optParameters = [
-        ["listen-ng", "n", "127.0.0.1:2223", "UDP address of the NG control protocol"],
-        ["port-min", None, "30000", "lowest media port"],
-        ["port-max", None, "40000", "highest media port"],
-        ["timeout", None, "60", "seconds of RTP silence that end a call"],
-        ["silent-timeout", None, "3600", "the same for a stream on hold"],
-        ["offer-timeout", None, "3600", "seconds a call may wait for its answer"],
-        ["kernel", None, "auto", "the kernel fast path (nftables netdev ingress rules; needs "
-         "CAP_NET_ADMIN): auto (when nft and the kernel can), on, off"],
-        ["kernel-table", None, None, "the fast path's nftables table (default "
-         "sipproxy_relay_<pid>)"],
-    ]
+    optParameters = _parameters()
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,68 +72,15 @@ class Options(usage.Options):
     opt_i = opt_interface
 
 
-def _number(options: usage.Options, key: str, lo: float, hi: float, integer: bool) -> Any:
-    text = options[key]
-    try:
-        value: float = int(text) if integer else float(text)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not lo <= value <= hi:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError.for_key(f"--{key}", f'must be {kind} from {lo} to {hi}, got "{text}"')
-    return value
+def relay_config(options: usage.Options) -> RelaySettings:
+    """The settings the options describe.
 
-
-def relay_config(options: usage.Options) -> Any:
-    """The RelayConfig the options describe; ConfigError (one line, naming the option)."""
-    from sipproxy.media.relay import RelayInterface
-    from sipproxy.media.service import RelayConfig
-
-    host, sep, port_text = str(options["listen-ng"]).rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(host)
-        port = int(port_text)
-        if not sep or not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError.for_key(
-            "--listen-ng", f'must be ADDRESS:PORT, got "{options["listen-ng"]}"'
-        ) from None
-    port_min = _number(options, "port-min", 1024, 65534, True)
-    port_max = _number(options, "port-max", 1025, 65535, True)
-    if port_max - port_min < 1 or port_max - (port_min + port_min % 2) < 1:
-        raise ConfigError.for_key(
-            "--port-max", f"must leave room for an even/odd pair above --port-min {port_min}"
-        )
-    interfaces = []
-    names: set[str] = set()
-    for text in options["interface"] or ["default/127.0.0.1"]:
-        try:
-            interface = RelayInterface.parse(text)
-        except ValueError as e:
-            raise ConfigError.for_key("--interface", f'{e} in "{text}"') from None
-        if interface.name in names:
-            raise ConfigError.for_key("--interface", f'"{interface.name}" given twice')
-        names.add(interface.name)
-        interfaces.append(interface)
-    kernel = str(options["kernel"])
-    if kernel not in ("auto", "on", "off"):
-        raise ConfigError.for_key("--kernel", f'must be auto, on or off, got "{kernel}"')
-    table = options["kernel-table"]
-    if table is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
-        raise ConfigError.for_key("--kernel-table", f'must be an nftables name, got "{table}"')
-    return RelayConfig(
-        interfaces=tuple(interfaces),
-        port_min=port_min,
-        port_max=port_max,
-        timeout=_number(options, "timeout", 1, 86400, False),
-        silent_timeout=_number(options, "silent-timeout", 1, 86400 * 7, False),
-        offer_timeout=_number(options, "offer-timeout", 1, 86400 * 7, False),
-        listen_ng=(host, port),
-        kernel=kernel,
-        kernel_table=table,
-    )
+    :raises ConfigError: one line, naming the option.
+    """
+    values = {name: options[_option(name)] for name in RELAY_KEYS}
+    return read_relay_settings(
+        values, lambda name, problem: ConfigError.for_key(f"--{_option(name)}", problem),
+        text=True)
 
 
 def _fail(text: str) -> NoReturn:

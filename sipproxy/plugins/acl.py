@@ -56,39 +56,32 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.config import Section
+from sipproxy.addressing import INTERNAL_NETWORKS, IPNetwork, in_networks
+from sipproxy.config import Config
+from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog, Party, uri_address
 from sipproxy.errors import ParseError
-from sipproxy.interfaces import AUTHENTICATED_USER, IPluginFactory, IProxyCore
+from sipproxy.interfaces import AUTHENTICATED_USER, IImpliedPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import Section, network, read_section, setting
 from sipproxy.uri import URI, parse_name_addr
 
-__all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "factory"]
+__all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "AclSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.acl")
 
-DEFAULT_INSIDE: Final = (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8",
-    "fc00::/7", "fe80::/10", "::1/128",
-)
+DEFAULT_INSIDE: Final = INTERNAL_NETWORKS
 _NEEDS_AUTH: Final = "acl.needs_auth"
 
-Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-def _in(networks: Networks, host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return False
-    return any(ip.version == n.version and ip in n for n in networks)
+Networks = tuple[IPNetwork, ...]
 
 
 def _ip(host: str) -> str:
@@ -131,9 +124,9 @@ class AclPlugin(Plugin):
 
     # -- sources ----------------------------------------------------------------------------------
     def _classify_uncached(self, host: str, side: str) -> str:
-        if _in(self.trusted, host):
+        if in_networks(host, self.trusted):
             return "trusted"
-        if side != "outside" and _in(self.inside, host):
+        if side != "outside" and in_networks(host, self.inside):
             return "inside"
         return "outside"
 
@@ -197,7 +190,7 @@ class AclPlugin(Plugin):
         return any(self._classify_host(host, side) != "outside" for host in party.hosts)
 
     # -- hooks ------------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         if self.classify(request) != "outside":
             return None
@@ -218,7 +211,7 @@ class AclPlugin(Plugin):
             return None
         return self._deny(ctx)
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         if ctx.data.get(_NEEDS_AUTH) and AUTHENTICATED_USER not in ctx.data:
             return self._deny(ctx)
         return None
@@ -237,27 +230,32 @@ class AclPlugin(Plugin):
         return request.make_response(403, "Relaying denied")
 
 
-def _networks(section: Section, key: str, default: Iterable[str]) -> tuple[str, ...]:
-    values = section.get_list_of_str(key, tuple(default))
-    for i, text in enumerate(values):
-        try:
-            ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise section.item_error(
-                key, i, f"must be a network like 192.0.2.0/24 or an address, got {text!r}"
-            ) from None
-    return values
+@dataclass(frozen=True, slots=True)
+class AclSettings:
+    """``[acl]``: who is inside, who is trusted, and how often refusals are logged."""
+
+    inside_networks: tuple[str, ...] = setting(
+        DEFAULT_INSIDE, parse=network,
+        doc="Sources on an inside listener from these networks are inside (may send anything).")
+    trusted: tuple[str, ...] = setting(
+        (), parse=network, doc="Sources that may send anything, on any listener (the provider).")
+    log_interval: float = setting(
+        60.0, min=0.0, doc="One log line per refused source per this many seconds.")
 
 
-@implementer(IPluginFactory)
+@implementer(IImpliedPluginFactory)
 class AclFactory:
+    """Builds the ``acl`` plugin, and runs it by itself when a listener faces the outside."""
+
     name = "acl"
+    settings = AclSettings
+
+    def implied_by(self, config: Config) -> bool:
+        """A proxy with a socket on the outside is never an open relay."""
+        return any(lc.side == "outside" for lc in config.listen)
 
     def build(self, core: IProxyCore, section: Section) -> AclPlugin:
-        section.check_no_unknown({"inside_networks", "trusted", "log_interval"})
-        inside = _networks(section, "inside_networks", DEFAULT_INSIDE)
-        trusted = _networks(section, "trusted", ())
-        log_interval = section.get_float("log_interval", 60.0, min=0.0)
+        settings = read_section(AclSettings, section)
         plugins = getattr(core.config, "plugins", ())
         proxy = core.config.proxy  # local users only if it is a registrar (none on a
         has_users = bool(proxy.domains or proxy.host_addresses)  # firewall: domains = [])
@@ -269,7 +267,8 @@ class AclFactory:
         if unauthenticated and not inside_only:
             _log.warn("acl: the auth plugin is not enabled: anyone on the outside can register "
                       "as a local user")
-        return AclPlugin(core, inside, trusted, log_interval, inside_registrations=inside_only)
+        return AclPlugin(core, settings.inside_networks, settings.trusted, settings.log_interval,
+                         inside_registrations=inside_only)
 
 
 factory: Final = AclFactory()

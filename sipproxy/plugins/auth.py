@@ -65,7 +65,7 @@ import importlib
 import ipaddress
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -73,7 +73,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.config import Section
+from sipproxy.context import RequestContext
 from sipproxy.credentials import CredentialsFileError, FileCredentialStore, format_line
 from sipproxy.digest import (
     ALGORITHMS,
@@ -93,9 +93,10 @@ from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore, IPluginFac
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import Section, network, no_control_characters, read_section, setting
 from sipproxy.uri import URI, unescape
 
-__all__ = ["AuthFactory", "AuthPlugin", "factory", "main"]
+__all__ = ["AuthFactory", "AuthPlugin", "AuthSettings", "factory", "main"]
 
 _log = Logger(namespace="sipproxy.plugins.auth")
 
@@ -181,7 +182,7 @@ class AuthPlugin(Plugin):
             return _PROXY
         return None
 
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         try:
             role = self._role_for(ctx)
@@ -312,67 +313,88 @@ def _config_relative(section: Section, path: str) -> str:
     return os.path.join(os.path.dirname(source), path)
 
 
+def _algorithm(name: str) -> str:
+    canonical = next((a for a in ALGORITHMS if a.lower() == name.lower()), None)
+    if canonical is None:
+        raise ValueError(f'must be "SHA-256" or "MD5", got "{name}"')
+    return canonical
+
+
+def _callable_path(name: str) -> str:
+    module_name, colon, attribute = name.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f'must be "package.module:callable", got "{name}"')
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """``[auth]``: the realm, where the users are, what is offered and when a source is banned."""
+
+    realm: str | None = setting(
+        None, parse=no_control_characters,
+        doc="Realm of the challenges; default: the first [proxy] domain (required without).")
+    users_file: str | None = setting(
+        None, doc='"user:realm:md5=HA1:sha-256=HA1" lines (relative to the config file);'
+                  " required unless store is given.")
+    store: str | None = setting(
+        None, parse=_callable_path,
+        doc='Another credential store: "package.module:callable" (proxy, store_config) ->'
+            " ICredentialStore.")
+    store_config: Mapping[str, Any] | None = setting(
+        None, doc="The table passed to store: the store's own settings.")
+    algorithms: tuple[str, ...] = setting(
+        DEFAULT_ALGORITHMS, parse=_algorithm, unique=True, allow_empty=False,
+        doc="Algorithms offered, one challenge each, in this order (RFC 8760).")
+    nonce_ttl: float = setting(
+        300.0, min=1.0, max=86400.0, doc="Seconds a nonce is fresh.")
+    exempt_networks: tuple[str, ...] = setting(
+        (), parse=network, doc="Sources never challenged (a PBX that cannot answer).")
+    log_interval: float = setting(
+        60.0, min=0.0, doc="One log line per refused source per this many seconds.")
+    max_failures: int = setting(
+        10, min=0, max=100_000,
+        doc="Wrong answers from one source within window seconds that ban it (0: never).")
+    window: float = setting(
+        600.0, min=1.0, max=86400.0, doc="Seconds over which max_failures are counted.")
+
+
 @implementer(IPluginFactory)
 class AuthFactory:
+    """Builds the ``auth`` plugin from ``[auth]``."""
+
     name = "auth"
+    settings = AuthSettings
 
     def build(self, core: IProxyCore, section: Section) -> AuthPlugin:
-        section.check_no_unknown({
-            "realm", "users_file", "store", "store_config", "algorithms", "nonce_ttl",
-            "exempt_networks", "log_interval", "max_failures", "window",
-        })
-        realm = section.get_str("realm", None)
+        s = read_section(AuthSettings, section)
+        realm = s.realm
         if realm is None:
             domains = core.config.proxy.domains
             if not domains:
                 raise section.error("realm", "is required when [proxy] domains is empty")
             realm = domains[0]
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in realm):
-            raise section.error("realm", "must not contain control characters")
-        names = section.get_list_of_str("algorithms", DEFAULT_ALGORITHMS, allow_empty=False,
-                                        unique=True)
-        algorithms = []
-        for i, name in enumerate(names):
-            canonical = next((a for a in ALGORITHMS if a.lower() == name.lower()), None)
-            if canonical is None:
-                raise section.item_error("algorithms", i,
-                                         f'must be "SHA-256" or "MD5", got "{name}"')
-            if canonical in algorithms:
-                raise section.item_error("algorithms", i, f'"{name}" repeats {canonical}')
-            algorithms.append(canonical)
-        nonce_ttl = section.get_float("nonce_ttl", 300.0, min=1.0, max=86400.0)
-        exempt = section.get_list_of_str("exempt_networks", ())
-        for i, text in enumerate(exempt):
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise section.item_error(
-                    "exempt_networks", i, f"must be a network like 192.0.2.0/24, got {text!r}"
-                ) from None
-        log_interval = section.get_float("log_interval", 60.0, min=0.0)
-        max_failures = section.get_int("max_failures", 10, min=0, max=100_000)
-        window = section.get_float("window", 600.0, min=1.0, max=86400.0)
-        store = self._store(core, section, realm)
-        return AuthPlugin(core, store, realm, algorithms, nonce_ttl, exempt, log_interval,
-                          max_failures=max_failures, window=window)
+        store = self._store(core, section, s, realm)
+        return AuthPlugin(core, store, realm, list(s.algorithms), s.nonce_ttl,
+                          s.exempt_networks, s.log_interval, max_failures=s.max_failures,
+                          window=s.window)
 
-    def _store(self, core: IProxyCore, section: Section, realm: str) -> Any:
-        if "store" in section:
-            if "users_file" in section:
+    def _store(self, core: IProxyCore, section: Section, s: AuthSettings, realm: str) -> Any:
+        if s.store is not None:
+            if s.users_file is not None:
                 raise section.error("users_file", "cannot be combined with store")
-            name = section.get_str("store")
-            module_name, colon, attribute = name.partition(":")
-            if not colon or not module_name or not attribute:
-                raise section.error("store", f'must be "package.module:callable", got "{name}"')
+            module_name, _, attribute = s.store.partition(":")
             try:
                 make = getattr(importlib.import_module(module_name), attribute)
             except (ImportError, AttributeError) as e:
-                raise section.error("store", f"cannot load {name!r}: {e}") from None
+                raise section.error("store", f"cannot load {s.store!r}: {e}") from None
             store = make(core, section.get_section("store_config", {}))
             if not ICredentialStore.providedBy(store):
-                raise section.error("store", f"{name!r} returned no ICredentialStore")
+                raise section.error("store", f"{s.store!r} returned no ICredentialStore")
             return store
-        path = _config_relative(section, section.get_str("users_file"))
+        if s.users_file is None:
+            raise section.error("users_file", "is required")
+        path = _config_relative(section, s.users_file)
         try:
             store = FileCredentialStore.from_file(path)
         except CredentialsFileError as e:

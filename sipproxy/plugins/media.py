@@ -54,8 +54,6 @@ Config (``[media]``)::
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,12 +65,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.config import Section
+from sipproxy.context import Branch, RequestContext
+from sipproxy.dialogs import Dialog
 from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
 from sipproxy.media.ng import NGClient, NGError
-from sipproxy.media.relay import MAX_STREAMS, RelayInterface
-from sipproxy.media.service import RelayConfig, RelayService, makeRelayService
+from sipproxy.media.offer_answer import MAX_STREAMS
+from sipproxy.media.ports import RelayInterface
+from sipproxy.media.service import RelayService, makeRelayService
+from sipproxy.media.settings import RELAY_KEYS, parse_address_port, read_relay_settings
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.sdp import SdpError, parse_sdp
@@ -85,28 +88,7 @@ _log = Logger(namespace="sipproxy.plugins.media")
 SDP_REQUESTS = frozenset({"INVITE", "UPDATE", "PRACK", "ACK"})
 SDP_RESPONSES = frozenset({"INVITE", "UPDATE", "PRACK"})
 SIDES = ("inside", "outside")
-_WILDCARDS = ("0.0.0.0", "::", "")
 _CACHE = 16
-_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16",
-    "fc00::/7", "fe80::/10",
-))
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _private(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in _PRIVATE)
 
 
 def has_sdp(message: Request | Response) -> bool:
@@ -233,7 +215,7 @@ class MediaPlugin(Plugin, MultiService):
 
     def _options(self, sdp_body: bytes, source_host: str | None) -> dict[str, Any]:
         options: dict[str, Any] = {"replace": ["origin", "session-connection"], "ICE": "remove"}
-        if source_host and _is_ip(source_host.strip("[]")):
+        if source_host and is_ip_literal(source_host.strip("[]")):
             host = source_host.strip("[]")
             options["received-from"] = ["IP6" if ":" in host else "IP4", host]
             if self._behind_nat(sdp_body, host):
@@ -249,7 +231,7 @@ class MediaPlugin(Plugin, MultiService):
             return False
         addresses = {m.effective_connection.address for m in sdp.media
                      if m.effective_connection is not None and not m.effective_connection.is_hold}
-        return any(a != source_host and _private(a) for a in addresses)
+        return any(a != source_host and is_non_public(a) for a in addresses)
 
     def relay_sdp(
         self,
@@ -298,7 +280,7 @@ class MediaPlugin(Plugin, MultiService):
         return d.addCallback(relayed)
 
     # -- requests ------------------------------------------------------------------------------
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         out: Request = branch.request
         if out.method not in SDP_REQUESTS or not has_sdp(out):
             return None
@@ -345,7 +327,7 @@ class MediaPlugin(Plugin, MultiService):
         return response
 
     # -- responses -----------------------------------------------------------------------------
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         method = response.cseq.method
         if method not in SDP_RESPONSES:
             return None
@@ -396,14 +378,14 @@ class MediaPlugin(Plugin, MultiService):
             ctx.dialog.data["media"] = call
 
     # -- dialogs -------------------------------------------------------------------------------
-    def dialog_established(self, dialog: Any) -> None:
+    def dialog_established(self, dialog: Dialog) -> None:
         call = self.calls.get(dialog.call_id)
         if call is not None:
             call.established = True
             call.dialog = dialog
             dialog.data["media"] = call
 
-    def dialog_ended(self, dialog: Any, reason: str) -> None:
+    def dialog_ended(self, dialog: Dialog, reason: str) -> None:
         self.end(dialog.call_id, f"dialog ended: {reason}")
 
 
@@ -413,19 +395,18 @@ class MediaPlugin(Plugin, MultiService):
 
 
 def _parse_hostport(section: Section, key: str, text: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not _is_ip(host) or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    address = parse_address_port(text)
+    if address is None or address[1] == 0:
         raise section.error(key, f"must be ADDRESS:PORT with an IP address, got {text!r}")
-    return host, int(port_text)
+    return address
 
 
 def _default_interface(core: IProxyCore, side: str) -> RelayInterface | None:
     for listener in core.listeners:
-        if listener.side != side or listener.address in _WILDCARDS:
+        if listener.side != side or listener.address in WILDCARD_ADDRESSES:
             continue
         advertised = listener.via_host
-        if advertised == listener.address or not _is_ip(advertised.strip("[]")):
+        if advertised == listener.address or not is_ip_literal(advertised.strip("[]")):
             return RelayInterface(side, listener.address)
         return RelayInterface(side, listener.address, advertised.strip("[]"))
     return None
@@ -437,10 +418,9 @@ class MediaFactory:
 
     def build(self, core: IProxyCore, section: Section) -> MediaPlugin:
         section.check_no_unknown({
-            "relay", "port_min", "port_max", "inside_address", "outside_address", "timeout",
-            "silent_timeout", "offer_timeout", "listen_ng", "inside_interface",
-            "outside_interface", "ng_timeout", "poll_interval", "kernel", "kernel_table",
-        })
+            "relay", *RELAY_KEYS, "inside_address", "outside_address", "inside_interface",
+            "outside_interface", "ng_timeout", "poll_interval",
+        } - {"interfaces"})
         relay_text = section.get_str("relay", "builtin")
         names = {side: section.get_str(f"{side}_interface", side) for side in SIDES}
         for side, value in names.items():
@@ -450,9 +430,7 @@ class MediaFactory:
         if relay_text == "builtin":
             return self._builtin(core, section, names)
         if relay_text.startswith("ng:"):
-            for key in ("port_min", "port_max", "inside_address", "outside_address", "timeout",
-                        "silent_timeout", "offer_timeout", "listen_ng", "kernel",
-                        "kernel_table"):
+            for key in (*RELAY_KEYS, "inside_address", "outside_address"):
                 if key in section:
                     raise section.error(key, "only for relay = \"builtin\" (an NG relay has "
                                              "its own settings)")
@@ -470,11 +448,6 @@ class MediaFactory:
         for key in ("ng_timeout", "poll_interval"):
             if key in section:
                 raise section.error(key, 'only for relay = "ng:ADDRESS:PORT"')
-        port_min = section.get_int("port_min", 30000, min=1024, max=65534)
-        port_max = section.get_int("port_max", 40000, min=1025, max=65535)
-        if port_max - port_min < 3:
-            raise section.error("port_max", f"must be at least port_min + 3 ({port_min + 3}), "
-                                            f"got {port_max}")
         sides = [s for s in SIDES if any(lst.side == s for lst in core.listeners)]
         interfaces: list[RelayInterface] = []
         for side in sides or ["outside"]:
@@ -495,28 +468,9 @@ class MediaFactory:
         for side in SIDES:
             if side not in sides and f"{side}_address" in section:
                 raise section.error(f"{side}_address", f"no listener has side = \"{side}\"")
-        listen_ng = section.get_str("listen_ng", None)
-        kernel_value = section.mapping.get("kernel", "auto")
-        if kernel_value is True or kernel_value is False:
-            kernel = "on" if kernel_value else "off"
-        elif kernel_value == "auto":
-            kernel = "auto"
-        else:
-            raise section.error("kernel", f'must be "auto", true or false, got {kernel_value!r}')
-        table = section.get_str("kernel_table", None)
-        if table is not None and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", table):
-            raise section.error("kernel_table", f"must be an nftables name, got {table!r}")
-        config = RelayConfig(
-            interfaces=tuple(interfaces),
-            port_min=port_min,
-            port_max=port_max,
-            timeout=section.get_float("timeout", 60.0, min=1.0),
-            silent_timeout=section.get_float("silent_timeout", 3600.0, min=1.0),
-            offer_timeout=section.get_float("offer_timeout", 3600.0, min=1.0),
-            listen_ng=_parse_hostport(section, "listen_ng", listen_ng) if listen_ng else None,
-            kernel=kernel,
-            kernel_table=table,
-        )
+        values: dict[str, object] = {k: section.mapping[k] for k in RELAY_KEYS if k in section}
+        values["interfaces"] = interfaces
+        config = read_relay_settings(values, section.error)
         service = makeRelayService(config, reactor=core.reactor, clock=core.clock)
         relay: IMediaRelay = LocalRelay(service.engine)
         return MediaPlugin(core, relay, names, relay_service=service)

@@ -55,38 +55,28 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.config import Section
-from sipproxy.dns import Target
+from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
+from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
 from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog
+from sipproxy.settings import Section, ip_address, network, read_section, setting
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
-__all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "factory"]
+__all__ = ["ContactMap", "ContactMapFull", "NatPlugin", "NatSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.nat")
 
 TOKEN_PREFIX = "nat-"
-DEFAULT_INSIDE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "fc00::/7")
+DEFAULT_INSIDE = PRIVATE_NETWORKS
 DEFAULT_MAX_MAPPINGS = 20_000
 #: seconds a request refused because the token table is full is told to wait
 FULL_RETRY_AFTER = 30
-
-
-_PRIVATE = tuple(ipaddress.ip_network(n) for n in DEFAULT_INSIDE)
-
-
-@functools.lru_cache(maxsize=4096)
-def _private(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return False
-    return any(ip.version == net.version and ip in net for net in _PRIVATE)
 
 
 @dataclass(slots=True)
@@ -129,9 +119,9 @@ class ContactMapFull(Exception):
 class ContactMap:
     """Tokens for Contacts: reused for the same Contact and address, forgotten once expired.
 
-    At most C{max_mappings} are kept: when full, the least recently used mapping that is not
-    a registration's is evicted (C{on_evict} is told) to make room; if there is none,
-    L{token_for} raises L{ContactMapFull}."""
+    At most ``max_mappings`` are kept: when full, the least recently used mapping that is not
+    a registration's is evicted (``on_evict`` is told) to make room; if there is none,
+    :obj:`token_for` raises :obj:`ContactMapFull`."""
 
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
@@ -279,11 +269,7 @@ class NatPlugin(Plugin, Service):
 
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-        except ValueError:
-            return False
-        return any(ip.version == net.version and ip in net for net in self.networks)
+        return in_networks(host, self.networks)
 
     def is_inside(self, host: str) -> bool:
         """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
@@ -292,7 +278,7 @@ class NatPlugin(Plugin, Service):
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
         else's NAT, e.g. a home office, when ``inside_networks`` names only our LAN)."""
-        return bool(self._is_inside(host)) or bool(_private(host))
+        return bool(self._is_inside(host)) or is_private(host)
 
     def _side_of_source(self, message: Request | Response) -> str:
         source = message.source
@@ -324,7 +310,7 @@ class NatPlugin(Plugin, Service):
         return Target(source.transport.upper(), source.host, source.port, source.host)
 
     # -- requests ------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
@@ -362,10 +348,10 @@ class NatPlugin(Plugin, Service):
                   source=request.source, uri=str(request.uri), status=status)
         return request.make_response(status, reason)
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         request: Request = ctx.request
         out: Request = branch.request
-        binding = branch.data.get("binding")
+        binding = branch.binding
         if binding is not None and binding.source is not None:
             self._route_to_registered_address(ctx, branch, binding)
         out_side = branch.listener.side if branch.listener is not None else ""
@@ -461,33 +447,17 @@ class NatPlugin(Plugin, Service):
         message.set_contacts(changed)
 
     def _remove_inside_values(self, message: Request | Response, name: str) -> list[str]:
-        values = message.headers.get_all(name)
-        if not values:
-            return []
-        kept: list[str] = []
-        removed: list[str] = []
-        for value in values:
-            try:
-                uri = parse_name_addr(value).uri
-            except ParseError:
-                removed.append(value)
-                continue
-            (removed if uri.is_sip and self.is_inside(uri.host) else kept).append(value)
-        if removed:
-            message.headers.remove(name)
-            for value in kept:
-                message.headers.add(name.title(), value)
-        return removed
+        return remove_uri_values(message, name, lambda uri: self.is_inside(uri.host))
 
     # -- responses -----------------------------------------------------------------------------
-    def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         request: Request = ctx.request
         to_side = self._side_of_source(request)
         from_side = branch.listener.side if branch.listener is not None else ""
         removed = branch.data.get("nat_rr")
         if removed:
-            self._restore_record_route(response, removed, len(request.headers.get_all(
-                "record-route")))
+            # our inside-facing entry goes back below our outside one
+            insert_record_routes(response, removed, len(request.headers.get_all("record-route")))
         if request.method == "REGISTER":
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
@@ -527,20 +497,6 @@ class NatPlugin(Plugin, Service):
             if listener.transport == source.transport:
                 return listener
         return side[0] if side else None
-
-    def _restore_record_route(self, response: Response, removed: list[str], theirs: int) -> None:
-        """Put our inside-facing Record-Route back where it was: below our outside one (the
-        request arrived with ``theirs`` entries; everything above them that we added stays)."""
-        values = response.headers.get_all("record-route")
-        if not values:
-            return
-        position = len(values) - theirs
-        if position < 0:
-            return
-        values[position:position] = removed
-        response.headers.remove("record-route")
-        for value in values:
-            response.headers.add("Record-Route", value)
 
     def _refresh_register_tokens(self, response: Response) -> None:
         try:
@@ -589,7 +545,7 @@ class NatPlugin(Plugin, Service):
             return None
         return self.contacts.lookup(user)
 
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
@@ -615,7 +571,7 @@ class NatPlugin(Plugin, Service):
             try:
                 request = self._keepalive_request(watched)
                 self.core.send_request(request, watched.target,
-                                       lambda r, k=key, w=watched: self._keepalive_answer(k, w, r))
+                                       functools.partial(self._keepalive_answer, key, watched))
             except Exception:
                 watched.pending = False
                 _log.failure("keepalive to {target}", target=watched.target)
@@ -651,42 +607,47 @@ class NatPlugin(Plugin, Service):
                                       reason="expired")
 
 
+@dataclass(frozen=True, slots=True)
+class NatSettings:
+    """``[nat]``: which addresses are private, and how NATed phones are kept reachable."""
+
+    inside_networks: tuple[str, ...] = setting(
+        DEFAULT_INSIDE, parse=network, allow_empty=False,
+        doc="Networks whose addresses are private: Contacts in them are hidden or NATed.")
+    external_address: str | None = setting(
+        None, parse=ip_address,
+        doc="The address the outside listeners' traffic appears from when this host is"
+            " itself behind a NAT.")
+    mapping_ttl: float = setting(
+        7200.0, min=60.0, doc="Seconds a call's Contact mapping lives after its last use.")
+    keepalive_interval: float = setting(
+        30.0, min=0.0, doc="Seconds between keepalives to NATed phones (0: none).")
+    keepalive_failures: int = setting(
+        3, min=1, max=100, doc="Keepalives missed in a row that remove a phone's binding.")
+    keepalive_method: str = setting(
+        "OPTIONS", choices=("OPTIONS", "NOTIFY"), doc="The keepalive request's method.")
+    max_mappings: int = setting(
+        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000, doc="Contact mappings kept at most.")
+
+
 @implementer(IPluginFactory)
 class NatFactory:
+    """Builds the ``nat`` plugin from ``[nat]``."""
+
     name = "nat"
+    settings = NatSettings
 
     def build(self, core: IProxyCore, section: Section) -> NatPlugin:
-        section.check_no_unknown({
-            "inside_networks", "external_address", "mapping_ttl", "keepalive_interval",
-            "keepalive_failures", "keepalive_method", "max_mappings",
-        })
-        networks = section.get_list_of_str("inside_networks", DEFAULT_INSIDE, allow_empty=False)
-        for i, text in enumerate(networks):
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise section.item_error(
-                    "inside_networks", i, f"must be a network like 192.168.0.0/16, got {text!r}"
-                ) from None
-        external = section.get_str("external_address", None)
-        if external is not None:
-            try:
-                ipaddress.ip_address(external)
-            except ValueError:
-                raise section.error(
-                    "external_address", f"must be an IP address, got {external!r}"
-                ) from None
+        s = read_section(NatSettings, section)
         return NatPlugin(
             core,
-            networks,
-            external,
-            mapping_ttl=section.get_float("mapping_ttl", 7200.0, min=60.0),
-            keepalive_interval=section.get_float("keepalive_interval", 30.0, min=0.0),
-            keepalive_failures=section.get_int("keepalive_failures", 3, min=1, max=100),
-            keepalive_method=section.get_choice("keepalive_method", ("OPTIONS", "NOTIFY"),
-                                                "OPTIONS"),
-            max_mappings=section.get_int("max_mappings", DEFAULT_MAX_MAPPINGS, min=1,
-                                         max=10_000_000),
+            s.inside_networks,
+            s.external_address,
+            mapping_ttl=s.mapping_ttl,
+            keepalive_interval=s.keepalive_interval,
+            keepalive_failures=s.keepalive_failures,
+            keepalive_method=s.keepalive_method,
+            max_mappings=s.max_mappings,
         )
 
 

@@ -34,18 +34,26 @@ pass through byte for byte.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.config import Section
-from sipproxy.dns import Target
+from sipproxy.addressing import WILDCARD_ADDRESSES
+from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import IPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
+from sipproxy.proxy.record_route import (
+    own_record_routes,
+    record_route_value,
+    replace_own_record_routes,
+)
+from sipproxy.settings import Section, read_section, setting
+from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.tls import (
     TLS_VERSIONS,
     ServerCertificate,
@@ -53,15 +61,13 @@ from sipproxy.transport.tls import (
     TLSConnectError,
     client_creator_factory,
     load_certificates,
-    load_server_certificate,
 )
 from sipproxy.uri import URI, format_host, parse_name_addr
 
-__all__ = ["TLSPlugin", "factory"]
+__all__ = ["TLSPlugin", "TLSSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.tls")
 
-_WILDCARDS = ("0.0.0.0", "::", "")
 _FAILURE_MEMORY = 60.0  # seconds a connection failure explains a 503 of ours
 _DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER", "NOTIFY"})
 
@@ -111,7 +117,7 @@ class TLSPlugin(Plugin, Service):
         return found[0]
 
     # -- requests --------------------------------------------------------------------------------
-    def request_received(self, ctx: Any) -> Any:
+    def request_received(self, ctx: RequestContext) -> Any:
         """Note whether the proxy's own Route entry facing the next hop says TLS (the core
         removes those entries after this hook)."""
         last_own: URI | None = None
@@ -149,7 +155,7 @@ class TLSPlugin(Plugin, Service):
                 ctx.data["tls_next_hop"] = ""
         return None
 
-    def request_forwarding(self, ctx: Any, branch: Any) -> Any:
+    def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
         target: Target | None = branch.target
         if target is None:
             return None
@@ -179,8 +185,7 @@ class TLSPlugin(Plugin, Service):
         request: Request = ctx.request
         if out.method not in _DIALOG_CREATING or out.to.tag:
             return
-        values = out.headers.get_all("record-route")
-        added = len(values) - len(request.headers.get_all("record-route"))
+        added = own_record_routes(out, request)
         if added <= 0:
             return
         target: Target = branch.target
@@ -189,7 +194,7 @@ class TLSPlugin(Plugin, Service):
         in_tls = source is not None and source.transport.upper() == "TLS"
         if not out_tls and not in_tls:
             return
-        ours = values[:added]
+        ours = out.headers.get_all("record-route")[:added]
         new_out = self._tls_entry(ours[0], None) if out_tls else ours[0]
         new_in = self._tls_entry(ours[-1], source) if in_tls else ours[-1]
         if not out_tls and len(ours) == 1:
@@ -197,11 +202,8 @@ class TLSPlugin(Plugin, Service):
         if not in_tls and len(ours) == 1:
             new_in = ours[0]
         new = [new_out] if new_out == new_in else [new_out, new_in]
-        if new == ours:
-            return
-        out.headers.remove("record-route")
-        for value in new + values[added:]:
-            out.headers.add("Record-Route", value)
+        if new != ours:
+            replace_own_record_routes(out, request, new)
 
     def _tls_entry(self, value: str, source: Any) -> str:
         """A Record-Route entry of ours as it must read on a TLS side: ``transport=tls``;
@@ -221,9 +223,9 @@ class TLSPlugin(Plugin, Service):
             listener = self._side_listener(source.side)
             if listener is not None:
                 port = listener.port
-                if listener.via_host not in _WILDCARDS:
+                if listener.via_host not in WILDCARD_ADDRESSES:
                     host = listener.via_host
-        return f"<sip:{format_host(host)}:{port};transport=tls;lr>"
+        return record_route_value(host, port, "TLS")
 
     def _side_listener(self, side: str) -> Any:
         for transport in ("TLS", "TCP", "UDP"):
@@ -247,12 +249,12 @@ class TLSPlugin(Plugin, Service):
                 continue
             if host in (lst.via_host.lower(), lst.address):
                 return lst
-            if lst.address in _WILDCARDS and self.core.is_local_domain(host):
+            if lst.address in WILDCARD_ADDRESSES and self.core.is_local_domain(host):
                 return lst
         return None
 
     # -- responses -------------------------------------------------------------------------------
-    def response_received(self, ctx: Any, branch: Any, response: Response) -> Any:
+    def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
         target: Target | None = branch.target
         if target is None or target.transport.upper() != "TLS":
             return None
@@ -269,7 +271,7 @@ class TLSPlugin(Plugin, Service):
                 ctx.data["tls_failure"] = failure
         return None
 
-    def response_forwarding(self, ctx: Any, response: Response) -> Any:
+    def response_forwarding(self, ctx: RequestContext, response: Response) -> Any:
         peer = ctx.data.get("tls_peer")
         if peer is not None and ctx.dialog is not None and 200 <= response.status < 300:
             ctx.dialog.data.setdefault("tls_peer", peer)
@@ -286,7 +288,7 @@ class TLSPlugin(Plugin, Service):
         source = ctx.request.source
         for lst in self.core.listeners:
             if source is not None and lst.side == source.side and \
-                    lst.via_host not in _WILDCARDS:
+                    lst.via_host not in WILDCARD_ADDRESSES:
                 return format_host(lst.via_host)
         return "sipproxy"
 
@@ -307,48 +309,58 @@ def _next_hop(out: Request) -> URI | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """``[tls]``: how the provider's certificate is checked, and the client side of TLS."""
+
+    ca: str | None = setting(
+        None, doc="CA bundle (PEM) that signs the provider's certificate; default: the"
+                  " system's trust store.")
+    certificate: str | None = setting(
+        None, doc="A client certificate (PEM), for providers that require one (with key).")
+    key: str | None = setting(None, doc="The client certificate's private key (PEM).")
+    verify: bool = setting(
+        True, doc="Check the provider's certificate (name, expiry, CA); false is for tests.")
+    minimum_version: str = setting(
+        "1.2", choices=tuple(TLS_VERSIONS), doc="Lowest TLS version, also for listeners.")
+    keepalive_interval: float = setting(
+        30.0, min=0.0, doc="Seconds of silence before a CRLF keepalive ping (0: none).")
+    keepalive_timeout: float = setting(
+        10.0, min=0.0, min_exclusive=True,
+        doc="Seconds an unanswered ping may take before the connection is closed.")
+    reconnect: bool = setting(True, doc="Open a lost connection to the provider again.")
+
+
 @implementer(IPluginFactory)
 class TLSFactory:
+    """Builds the ``tls`` plugin from ``[tls]``: the certificates are loaded here, so a bad
+    file is a config error naming its key."""
+
     name = "tls"
+    settings = TLSSettings
 
     def build(self, core: IProxyCore, section: Section) -> TLSPlugin:
-        section.check_no_unknown({
-            "ca", "certificate", "key", "verify", "minimum_version", "keepalive_interval",
-            "keepalive_timeout", "reconnect",
-        })
-        ca_path = section.get_str("ca", None)
+        s = read_section(TLSSettings, section)
         ca = None
-        if ca_path is not None:
+        if s.ca is not None:
             try:
-                ca = load_certificates(ca_path, "CA file")
+                ca = load_certificates(s.ca, "CA file")
             except ValueError as e:
                 raise section.error("ca", str(e)) from None
-        cert_path = section.get_str("certificate", None)
-        key_path = section.get_str("key", None)
         client: ServerCertificate | None = None
-        if (cert_path is None) != (key_path is None):
-            missing = "key" if key_path is None else "certificate"
+        if (s.certificate is None) != (s.key is None):
+            missing = "key" if s.key is None else "certificate"
             raise section.error(missing, "is required when "
                                 f"{'certificate' if missing == 'key' else 'key'} is set")
-        if cert_path is not None and key_path is not None:
-            try:
-                client = load_server_certificate(cert_path, key_path)
-            except ValueError as e:
-                which = "key" if "key file" in str(e) and "does not match" not in str(e) \
-                    else "certificate"
-                raise section.error(which, str(e)) from None
-        verify = section.get_bool("verify", True)
-        version = section.get_choice("minimum_version", tuple(TLS_VERSIONS), "1.2")
-        interval = section.get_float("keepalive_interval", 30.0, min=0.0)
-        timeout = section.get_float("keepalive_timeout", 10.0, min=0.0, min_exclusive=True)
-        reconnect = section.get_bool("reconnect", True)
-        minimum = TLS_VERSIONS[version]
+        if s.certificate is not None and s.key is not None:
+            client = load_certificate_pair(section, s.certificate, s.key)
+        minimum = TLS_VERSIONS[s.minimum_version]
         creator = client_creator_factory(ca_certificates=ca, client_certificate=client,
-                                         minimum=minimum, verify=verify)
-        policy = TLSClientPolicy(creator, keepalive_interval=interval or None,
-                                 pong_timeout=timeout, reconnect=reconnect,
+                                         minimum=minimum, verify=s.verify)
+        policy = TLSClientPolicy(creator, keepalive_interval=s.keepalive_interval or None,
+                                 pong_timeout=s.keepalive_timeout, reconnect=s.reconnect,
                                  server_minimum=minimum)
-        return TLSPlugin(core, policy, verify=verify)
+        return TLSPlugin(core, policy, verify=s.verify)
 
 
 factory = TLSFactory()

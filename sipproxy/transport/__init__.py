@@ -1,4 +1,5 @@
-"""SIP transports: UDP and TCP sockets, connection reuse, and Via-based response routing."""
+"""SIP transports: UDP, TCP and TLS sockets, one pool of stream connections, and Via-based
+response routing."""
 
 from sipproxy.transport.manager import (
     RELIABLE_TRANSPORTS,

@@ -1,12 +1,14 @@
 """
 The SIP transport layer (RFC 3261 section 18): listeners, connections, and where bytes go.
 
-L{TransportManager} is the service that owns every socket. Inbound, it turns datagrams and framed
-stream messages into L{Message}s stamped with their L{Source} (RFC 3261 18.2.1 / RFC 3581
-received and rport included) and hands them to the receiver; what does not parse is answered
-statelessly when it is a request and dropped when it is a response. Outbound, it implements
-L{ITransportSender}: requests go to a L{Target} (connections reused, RFC 3261 18.1.1 size rule),
-responses follow the Via rules of RFC 3261 18.2.2 and RFC 3581 (L{route_response}).
+:class:`TransportManager` is the service that owns every socket. Inbound, it turns datagrams
+and framed stream messages into messages (:class:`Message`) stamped with their
+:class:`Source` (RFC 3261 18.2.1 / RFC 3581 received and rport included) and hands them to the
+receiver; what does not parse is answered statelessly when it is a request and dropped when it
+is a response. Outbound, it implements :class:`ITransportSender`: requests go to a
+:class:`Target` (stream connections reused through the
+:class:`~sipproxy.transport.pool.ConnectionPool`, RFC 3261 18.1.1 size rule), responses follow
+the Via rules of RFC 3261 18.2.2 and RFC 3581 (:func:`route_response`).
 """
 
 from __future__ import annotations
@@ -17,18 +19,13 @@ import re
 import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    connectProtocol,
-)
-from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
@@ -36,6 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from sipproxy.addressing import WILDCARD_ADDRESSES
 from sipproxy.message import (
     DEFAULT_LIMITS,
     Limits,
@@ -49,18 +47,20 @@ from sipproxy.message import (
     parse_message,
 )
 from sipproxy.transaction import ITransportSender
+from sipproxy.transport.endpoints import ClientEndpoints, address_family, ip_address
+from sipproxy.transport.pool import ConnectionPool, peer_key, pool_key
 from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
 from sipproxy.transport.tls import (
     ServerCertificate,
     SIPTLSStreamProtocol,
     TLSClientPolicy,
-    TLSConnections,
     load_server_certificate,
 )
+from sipproxy.transport.tls_connections import TLSConnections
 from sipproxy.transport.udp import SIPDatagramProtocol
 
 if TYPE_CHECKING:
-    from sipproxy.dns import Target
+    from sipproxy.context import Target
     from sipproxy.flood import FloodGuard
     from sipproxy.flows import FlowTracker
 
@@ -87,12 +87,11 @@ SIZE_SWITCH_CONNECT_TIMEOUT = 2.0
 """Seconds that TCP connection may take: a phone behind its own NAT drops the SYN silently,
 and its call should not wait the full connect timeout before going over UDP."""
 
-_WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
 
 
 class ListenSpec(Protocol):
-    """What the manager reads from a listen entry (L{sipproxy.config.ListenConfig} fits)."""
+    """What the manager reads from a listen entry (:class:`sipproxy.config.ListenConfig` fits)."""
 
     @property
     def side(self) -> str: ...
@@ -114,11 +113,11 @@ class ResponseRoute:
     """
     Where a response goes.
 
-    @ivar transport: upper case, from the top Via (C{"UDP"}, C{"TCP"}, C{"TLS"} ...).
-    @ivar host: IP address (or, rarely, a name) to send to when no connection is reused.
-    @ivar port: port for C{host}.
-    @ivar connection: for a reliable transport, the C{(host, port)} of the peer whose connection
-        the request came on: use it if it is still open (RFC 3261 18.2.2), else C{host}/C{port}.
+    :ivar transport: upper case, from the top Via (``"UDP"``, ``"TCP"``, ``"TLS"`` ...).
+    :ivar host: IP address (or, rarely, a name) to send to when no connection is reused.
+    :ivar port: port for ``host``.
+    :ivar connection: for a reliable transport, the ``(host, port)`` of the peer whose connection
+        the request came on: use it if it is still open (RFC 3261 18.2.2), else ``host``/``port``.
     """
 
     transport: str
@@ -129,13 +128,13 @@ class ResponseRoute:
 
 def route_response(via: Via, source: Source | None) -> ResponseRoute:
     """
-    RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is C{via}.
+    RFC 3261 18.2.2 with RFC 3581: where to send a response whose top Via is ``via``.
 
-    C{source} is where the request came from: the response goes to its address (the
-    C{received} the proxy wrote, L{stamp_via}), over its connection if still open, and for
-    C{rport} to its port; otherwise to the sent-by port. Nothing the requester wrote can send
-    the response to another host: a Via C{maddr} is ignored (RFC 3261 18.2.2 honours it for
-    multicast, which the proxy never answers to), and so is a client's own C{received}.
+    ``source`` is where the request came from: the response goes to its address (the
+    ``received`` the proxy wrote, :func:`stamp_via`), over its connection if still open, and for
+    ``rport`` to its port; otherwise to the sent-by port. Nothing the requester wrote can send
+    the response to another host: a Via ``maddr`` is ignored (RFC 3261 18.2.2 honours it for
+    multicast, which the proxy never answers to), and so is a client's own ``received``.
     """
     # the transport the request really arrived on wins over what its Via claims (a UDP
     # datagram whose Via says TLS is still answered over UDP: RFC 4475 3.3.5)
@@ -165,7 +164,7 @@ _LINE_END = re.compile(rb"\r?\n")
 
 def stateless_error_response(data: bytes, status: int, reason: str) -> bytes | None:
     """
-    A minimal response to a request that did not parse, or C{None} when it cannot be answered.
+    A minimal response to a request that did not parse, or ``None`` when it cannot be answered.
 
     The Via, From, To, Call-ID and CSeq lines are copied raw (unfolded) so the client can match
     the answer to its transaction; a To without a tag gets one. Nothing is sent for a response,
@@ -225,38 +224,6 @@ def _enlarge_receive_buffer(port: Any) -> None:
             continue
 
 
-# Address checks run several times per message: cache them (hosts repeat, the cache is bounded).
-@functools.lru_cache(maxsize=4096)
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
-    except ValueError:
-        return None
-
-
-def _is_ip(host: str) -> bool:
-    return _ip(host) is not None
-
-
-def _family(host: str) -> int | None:
-    """AF_INET/AF_INET6 for an IP literal, None for a name."""
-    ip = _ip(host)
-    if ip is None:
-        return None
-    return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-
-
-@functools.lru_cache(maxsize=4096)
-def _canonical_host(host: str) -> str:
-    ip = _ip(host)
-    return str(ip) if ip is not None else host.lower()
-
-
-def _key(host: str, port: int) -> tuple[str, int]:
-    """Connection table key: IP literals in one canonical spelling."""
-    return _canonical_host(host), port
-
-
 @functools.lru_cache(maxsize=4096)
 def _not_unicast(host: str) -> bool:
     """Addresses a response must never be sent to (RFC 4475 3.3.10: broadcast Via)."""
@@ -283,7 +250,7 @@ def _is_local(host: str) -> bool:
 
 
 def _same_host(a: str, b: str) -> bool:
-    return _key(a, 0) == _key(b, 0)
+    return peer_key(a, 0) == peer_key(b, 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,12 +260,12 @@ class Listener:
     """
     One listening socket and what the proxy needs to put in Via / Record-Route for it.
 
-    @ivar side: C{"inside"} or C{"outside"}.
-    @ivar transport: C{"UDP"}, C{"TCP"} or C{"TLS"} (upper case, as in a Via).
-    @ivar address: the bound IP (may be a wildcard such as C{0.0.0.0}).
-    @ivar port: the bound port (the real one once started, also when configured as 0).
-    @ivar via_host: the host to advertise (C{advertise} from the config, else C{address}).
-    @ivar certificate: TLS only: the certificate and key (C{certificate}/C{key} of the spec).
+    :ivar side: ``"inside"`` or ``"outside"``.
+    :ivar transport: ``"UDP"``, ``"TCP"`` or ``"TLS"`` (upper case, as in a Via).
+    :ivar address: the bound IP (may be a wildcard such as ``0.0.0.0``).
+    :ivar port: the bound port (the real one once started, also when configured as 0).
+    :ivar via_host: the host to advertise (``advertise`` from the config, else ``address``).
+    :ivar certificate: TLS only: the certificate and key (``certificate``/``key`` of the spec).
     """
 
     def __init__(self, spec: ListenSpec) -> None:
@@ -317,7 +284,7 @@ class Listener:
     @property
     def bind_host(self) -> str | None:
         """The address outgoing connections of this side bind to, None for a wildcard."""
-        return None if self.address in _WILDCARDS else self.address
+        return None if self.address in WILDCARD_ADDRESSES else self.address
 
     def __repr__(self) -> str:
         where = f"{self.address}:{self.port} via {self.via_host}"
@@ -356,14 +323,6 @@ class _GuardedTLSFactory(TLSMemoryBIOFactory):
         return super().buildProtocol(addr)
 
 
-@dataclass(slots=True)
-class _Pending:
-    """An outgoing connection being set up, with what waits to be sent on it."""
-
-    queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
-    deferred: defer.Deferred[SIPStreamProtocol] | None = None
-
-
 class _DropLog:
     """Log dropped input without letting a flood of garbage flood the log."""
 
@@ -399,28 +358,34 @@ class TransportManager(Service):
     """
     All SIP sockets of the proxy, as one service.
 
-    @param reactor: provides C{IReactorUDP}, C{IReactorTCP} and C{IReactorTime} (every timer,
+    :param reactor: provides ``IReactorUDP``, ``IReactorTCP`` and ``IReactorTime`` (every timer,
         connect and listen goes through it).
-    @param receiver: called with every message that parsed; C{message.source} is a L{Source}
-        whose C{side} is the listener's side. Requests have had RFC 3261 18.2.1 C{received} and
-        RFC 3581 C{rport} added to their top Via already. Exceptions it raises are logged.
-    @param listens: listen entries (L{ListenSpec}; C{sipproxy.config.ListenConfig} objects).
-    @param idle_timeout: seconds without traffic after which a connection is closed (None: never).
-    @param connect_timeout: seconds an outgoing TCP connection may take to establish.
-    @param limits: message size limits for parsing and framing.
-    @param flood: the flood guard (L{sipproxy.flood.FloodGuard}): asked before any parse for
+    :param receiver: called with every message that parsed; ``message.source`` is a :class:`Source`
+        whose ``side`` is the listener's side. Requests have had RFC 3261 18.2.1 ``received`` and
+        RFC 3581 ``rport`` added to their top Via already. Exceptions it raises are logged.
+    :param listens: listen entries (:class:`ListenSpec`; ``sipproxy.config.ListenConfig`` objects).
+    :param idle_timeout: seconds without traffic after which a connection is closed (None: never).
+    :param connect_timeout: seconds an outgoing TCP connection may take to establish.
+    :param limits: message size limits for parsing and framing.
+    :param flood: the flood guard (:class:`sipproxy.flood.FloodGuard`): asked before any parse for
         every datagram and stream message (a banned source costs a dict lookup), at accept for
-        every connection, and after parse for every request (scanner User-Agents). C{None}: no
+        every connection, and after parse for every request (scanner User-Agents). ``None``: no
         flood protection.
-    @param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
+    :param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
         no limit).
 
-    @ivar flows: which connections carry a registration or a dialog (a
-        L{sipproxy.flows.FlowTracker}, set by whoever builds the proxy; None: all do). When the
-        flood guard's connection table is full, the accepted connection that has gone longest
-        without a SIP message and carries neither is closed to make room for a new one; a CRLF
-        keepalive re-arms the idle timer only on a connection that carries one (or that the
+    :ivar flows: which connections carry a registration or a dialog (a
+        :class:`sipproxy.flows.FlowTracker`, set by whoever builds the proxy; None: all do).
+        When the flood guard's connection table is full, the accepted connection that has gone
+        longest without a SIP message and carries neither is closed to make room for a new one;
+        a CRLF keepalive re-arms the idle timer only on a connection that carries one (or that the
         proxy opened).
+    :ivar pool: the stream connections (:class:`~sipproxy.transport.pool.ConnectionPool`):
+        the ones the proxy opened by host, port and TLS server name, every one by its peer.
+    :ivar endpoints: builds the outgoing TCP and TLS endpoints
+        (:class:`~sipproxy.transport.endpoints.ClientEndpoints`).
+    :ivar tls: the TLS connections: opening, reconnects, accepted ones
+        (:class:`~sipproxy.transport.tls_connections.TLSConnections`).
     """
 
     log = Logger()
@@ -447,23 +412,25 @@ class TransportManager(Service):
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.limits = limits
-        self._connections: dict[tuple[str, int], SIPStreamProtocol] = {}
+        self.endpoints = ClientEndpoints(reactor, connect_timeout)
+        self.pool = ConnectionPool()
         self._streams: set[SIPStreamProtocol] = set()
         # accepted connections, the one longest without a SIP message first
         self._incoming: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
         self.flows: FlowTracker | None = None
-        self._pending: dict[tuple[str, int], _Pending] = {}
         self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         self._drop_log = _DropLog(self.log, reactor)
-        self.tls = TLSConnections(self)
+        self.tls = TLSConnections(self, reactor, self.pool, self.endpoints,
+                                  idle_timeout=idle_timeout, limits=limits,
+                                  message_timeout=message_timeout)
         for i, (spec, listener) in enumerate(zip(specs, self.listeners, strict=True)):
             if listener.transport == "TLS":
                 listener.certificate = _listener_certificate(i, spec)
 
     @property
     def tls_client(self) -> TLSClientPolicy | None:
-        """How outgoing TLS connections are made (set by the C{tls} plugin); None: TLS targets
+        """How outgoing TLS connections are made (set by the ``tls`` plugin); None: TLS targets
         fail with "no TLS client configured"."""
         return self.tls.policy
 
@@ -485,6 +452,7 @@ class TransportManager(Service):
                     listener.listening_port.stopListening()
                     listener.listening_port = None
             raise
+        self.tls.start()
         super().startService()
 
     def _listen(self, listener: Listener) -> None:
@@ -525,9 +493,7 @@ class TransportManager(Service):
                 waits.append(defer.maybeDeferred(listener.listening_port.stopListening))
                 listener.listening_port = None
                 listener.udp = None
-        for pending in list(self._pending.values()):
-            if pending.deferred is not None:
-                pending.deferred.cancel()
+        self.pool.cancel()
         for proto in list(self._streams):
             waits.append(self._close_stream(proto))
         done = defer.DeferredList(waits, consumeErrors=True)
@@ -553,11 +519,11 @@ class TransportManager(Service):
         self, target: Target, side: str | None = None, transport: str | None = None
     ) -> Listener | None:
         """
-        The listener a request to C{target} leaves from (its Via/Record-Route address).
+        The listener a request to ``target`` leaves from (its Via/Record-Route address).
 
-        Candidates have C{transport} (default C{target.transport}; a TCP target with no TCP
-        listener falls back to the UDP listener of that side), C{side} when given, and an address
-        family that fits an IP target. Without C{side}, a private/loopback IP target prefers an
+        Candidates have ``transport`` (default ``target.transport``; a TCP target with no TCP
+        listener falls back to the UDP listener of that side), ``side`` when given, and an address
+        family that fits an IP target. Without ``side``, a private/loopback IP target prefers an
         inside listener, anything else an outside one. The proxy may override this method.
         """
         wanted = (transport or target.transport).upper()
@@ -571,7 +537,7 @@ class TransportManager(Service):
             candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
         if side is not None:
             candidates = [lst for lst in candidates if lst.side == side]
-        family = _family(target.host)
+        family = address_family(target.host)
         if family is not None:
             fitting = [lst for lst in candidates if lst.family == family]
             candidates = fitting or candidates
@@ -588,8 +554,8 @@ class TransportManager(Service):
 
     def flow_address(self, target: Target, listener: Listener | None) -> tuple[str, int] | None:
         """
-        What names us on our own connection to C{target}, when a request to it is to name
-        that connection rather than C{listener}: an outgoing TLS connection from a side with
+        What names us on our own connection to ``target``, when a request to it is to name
+        that connection rather than ``listener``: an outgoing TLS connection from a side with
         no TLS listener. The peer can reach nothing else of ours (nothing speaks TLS on the
         side's UDP/TCP port) and finds the connection by its address and port. The host is
         the listener's advertised one (1:1 NAT), else the connection's local address.
@@ -601,12 +567,12 @@ class TransportManager(Service):
                                         target.server_name or target.host)
         if local is None:
             return None
-        if listener is not None and listener.via_host not in _WILDCARDS:
+        if listener is not None and listener.via_host not in WILDCARD_ADDRESSES:
             return listener.via_host, local[1]
         return local
 
     def open_flow(self, target: Target) -> defer.Deferred[Any] | None:
-        """A Deferred that fires once the connection L{flow_address} would name for C{target}
+        """A Deferred that fires once the connection :meth:`flow_address` would name for ``target``
         is open (fails as sending would), or None when nothing is to wait for."""
         if target.transport.upper() != "TLS":
             return None
@@ -620,16 +586,17 @@ class TransportManager(Service):
                              target.host, target.port, target.server_name or target.host)
 
     def is_flow_port(self, port: int) -> bool:
-        """Is C{port} the local port of a connection the proxy opened (now or recently)?"""
+        """Is ``port`` the local port of a connection the proxy opened (now or recently)?"""
         return self.tls.is_own_port(port)
 
     def transport_for(self, request_bytes_len: int, target: Target) -> str:
         """
-        The transport a request of that size goes over to C{target} (RFC 3261 18.1.1).
+        The transport a request of that size goes over to ``target`` (RFC 3261 18.1.1).
 
-        A UDP target gets C{"TCP"} when the request is larger than L{udp_size_limit} (1300) bytes;
-        the proxy calls this with the size it is about to send (including its own Via) and writes
-        the answer in its Via. L{send_request} then sends over TCP to the same host and port.
+        A UDP target gets ``"TCP"`` when the request is larger than :attr:`udp_size_limit`
+        (1300) bytes; the proxy calls this with the size it is about to send (including its own
+        Via) and writes the answer in its Via. :meth:`send_request` then sends over TCP to the
+        same host and port.
         """
         wanted = target.transport.upper()
         if (wanted == "UDP" and request_bytes_len > self.udp_size_limit
@@ -638,7 +605,7 @@ class TransportManager(Service):
         return wanted
 
     def _known_udp_only(self, target: Target) -> bool:
-        key = _key(target.host, target.port)
+        key = peer_key(target.host, target.port)
         until = self._udp_only.get(key)
         if until is not None and until <= self.reactor.seconds():
             del self._udp_only[key]
@@ -648,16 +615,16 @@ class TransportManager(Service):
     def _send_size_switched(self, request: Request, target: Target,
                             done: defer.Deferred[None]) -> None:
         """
-        A large request to a UDP target goes over TCP (L{transport_for}); most phones that
+        A large request to a UDP target goes over TCP (:meth:`transport_for`); most phones that
         register over UDP (desk phones, softphones) have no TCP listener, so when the connection
-        fails (or takes over L{SIZE_SWITCH_CONNECT_TIMEOUT}) the request goes over UDP after
+        fails (or takes over :data:`SIZE_SWITCH_CONNECT_TIMEOUT`) the request goes over UDP after
         all, its Via back to UDP, as it would without the size rule, and the target gets UDP
-        directly for L{UDP_ONLY_TTL} seconds.
+        directly for :data:`UDP_ONLY_TTL` seconds.
         """
         over_tcp: defer.Deferred[None] = defer.Deferred()
 
         def over_udp(_: object) -> None:
-            key = _key(target.host, target.port)
+            key = peer_key(target.host, target.port)
             self._udp_only.pop(key, None)
             while len(self._udp_only) >= UDP_ONLY_MAX:
                 del self._udp_only[next(iter(self._udp_only))]
@@ -714,16 +681,16 @@ class TransportManager(Service):
 
     def send_request(self, request: Request, target: Target) -> defer.Deferred[None]:
         """
-        Send C{request} to C{target}.
+        Send ``request`` to ``target``.
 
         Returns a Deferred that fires with None once the bytes are handed to the kernel (UDP: at
         once; TCP: when written on an established connection) and fails otherwise (no listener,
         connection refused or timed out, socket error, service stopped). Never raises.
 
-        UDP leaves from the listener the top Via names (else L{choose_listener}); a UDP target
-        whose request has a top Via saying TCP (the proxy applied L{transport_for}) goes over TCP,
-        or over UDP when that connection fails (L{_send_size_switched}).
-        TCP reuses any open connection to C{(host, port)}, accepted or opened, else connects
+        UDP leaves from the listener the top Via names (else :meth:`choose_listener`); a UDP
+        target whose request has a top Via saying TCP (the proxy applied :meth:`transport_for`)
+        goes over TCP, or over UDP when that connection fails (:meth:`_send_size_switched`).
+        TCP reuses any open connection to ``(host, port)``, accepted or opened, else connects
         (bound to the listener's address) and queues the request until connected.
         """
         done: defer.Deferred[None] = defer.Deferred()
@@ -758,13 +725,13 @@ class TransportManager(Service):
         self, response: Response, request_source: Source | None
     ) -> defer.Deferred[None]:
         """
-        Send C{response} per its top Via (L{route_response}); the Deferred is as for requests.
+        Send ``response`` per its top Via (:func:`route_response`); the Deferred is as for requests.
 
         Reliable: over the connection the request came on if still open, else a new TCP
         connection to received-or-sent-by host and sent-by port. UDP: from the socket the request
         arrived on (else a UDP listener of the same side) to the source (rport) / sent-by port.
         Never to a broadcast, multicast or unspecified address, and never without
-        C{request_source}: a response leaves from the side its request came from.
+        ``request_source``: a response leaves from the side its request came from.
         """
         done: defer.Deferred[None] = defer.Deferred()
         try:
@@ -781,8 +748,8 @@ class TransportManager(Service):
                 return done
             if route.transport in RELIABLE_TRANSPORTS:
                 if route.connection is not None:
-                    proto = self._connections.get(_key(*route.connection))
-                    if proto is not None and not proto.closing:
+                    proto = self._tcp_connection(*route.connection)
+                    if proto is not None:
                         proto.write(data)
                         done.callback(None)
                         return done
@@ -829,7 +796,7 @@ class TransportManager(Service):
         return message.to_bytes()
 
     def _side_listener(self, side: str, transport: str, host: str) -> Listener | None:
-        family = _family(host)
+        family = address_family(host)
         best: Listener | None = None
         for lst in self.listeners:
             if lst.transport != transport or (side and lst.side != side):
@@ -845,9 +812,9 @@ class TransportManager(Service):
         proto = listener.udp
         if proto is None:
             raise ConnectionError(f"{listener} is not listening")
-        if _is_ip(host):
+        if ip_address(host) is not None:
             address = host
-            if listener.family == socket.AF_INET6 and _family(host) == socket.AF_INET:
+            if listener.family == socket.AF_INET6 and address_family(host) == socket.AF_INET:
                 address = "::ffff:" + host
             proto.send(data, (address, port))
             done.callback(None)
@@ -872,70 +839,33 @@ class TransportManager(Service):
         done: defer.Deferred[None],
         connect_timeout: float | None = None,
     ) -> None:
-        key = _key(host, port)
-        proto = self._connections.get(key)
-        if proto is not None and not proto.closing:
+        """Over TCP: on any open connection with ``host:port`` (opened or accepted), else on
+        one the pool opens from ``bind`` (``connect_timeout``: the endpoint's unless given)."""
+        proto = self._tcp_connection(host, port)
+        if proto is not None:
             proto.write(data)
             done.callback(None)
             return
-        pending = self._pending.get(key)
-        if pending is not None:
-            pending.queue.append((data, done))
-            return
+        key = pool_key(host, port)
+        self.pool.send(key, data, done,
+                       lambda: self._open_tcp(side, bind, key[0], port, connect_timeout))
+
+    def _tcp_connection(self, host: str, port: int) -> SIPStreamProtocol | None:
+        return self.pool.get(pool_key(host, port)) or self.pool.peer("TCP", host, port)
+
+    def _open_tcp(self, side: str, bind: str | None, host: str, port: int,
+                  timeout: float | None) -> defer.Deferred[SIPStreamProtocol]:
+        """The pool's opener for TCP: one connection attempt, logged when it fails."""
         if not self.running:
             raise ConnectionError("the transport service is stopped")
-        pending = _Pending([(data, done)])
-        self._pending[key] = pending
         proto = self._new_stream(side, outgoing=True)
-        connecting = connectProtocol(
-            self._client_endpoint(key[0], port, bind, connect_timeout), proto)
-        pending.deferred = connecting
-        connecting.addCallbacks(
-            self._connected, self._connect_failed, callbackArgs=(key,), errbackArgs=(key,)
-        )
+        connecting = connectProtocol(self.endpoints.tcp(host, port, bind, timeout), proto)
+        return connecting.addErrback(self._connect_failed, host, port)
 
-    def _client_endpoint(self, host: str, port: int, bind: str | None,
-                         timeout: float | None = None) -> IStreamClientEndpoint:
-        timeout = timeout or self.connect_timeout
-        family = _family(host)
-        bind_address = None
-        if bind is not None and _family(bind) == family:
-            bind_address = (bind, 0)
-        if family == socket.AF_INET:
-            return TCP4ClientEndpoint(
-                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
-            )
-        if family == socket.AF_INET6:
-            return TCP6ClientEndpoint(
-                self.reactor, host, port, timeout=timeout, bindAddress=bind_address
-            )
-        return HostnameEndpoint(self.reactor, host, port, timeout=timeout)
-
-    def _connected(self, proto: SIPStreamProtocol, key: tuple[str, int]) -> None:
-        pending = self._pending.pop(key, None)
-        queue = pending.queue if pending is not None else []
-        if proto.closing:
-            error = ConnectionError(f"connection to {key[0]}:{key[1]} closed at once")
-            for _, done in queue:
-                done.errback(Failure(error))
-            return
-        self._connections[key] = proto
-        for data, done in queue:
-            try:
-                proto.write(data)
-            except Exception:
-                done.errback()
-            else:
-                done.callback(None)
-
-    def _connect_failed(self, reason: Failure, key: tuple[str, int]) -> None:
-        pending = self._pending.pop(key, None)
-        self.log.info(
-            "cannot connect to {host}:{port}: {error}",
-            host=key[0], port=key[1], error=reason.getErrorMessage(),
-        )
-        for _, done in pending.queue if pending is not None else []:
-            done.errback(reason)
+    def _connect_failed(self, reason: Failure, host: str, port: int) -> Failure:
+        self.log.info("cannot connect to {host}:{port}: {error}",
+                      host=host, port=port, error=reason.getErrorMessage())
+        return reason
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -947,7 +877,7 @@ class TransportManager(Service):
         )
 
     def _admit(self, host: str) -> bool:
-        """May a connection from C{host} be accepted? (counted when it may)"""
+        """May a connection from ``host`` be accepted? (counted when it may)"""
         return self.flood is None or self.flood.admit_connection(host, self._make_room)
 
     def _accepted(self, proto: SIPStreamProtocol, host: str) -> None:
@@ -960,7 +890,7 @@ class TransportManager(Service):
 
     def _make_room(self) -> bool:
         """The connection table is full: close the accepted connection longest without a SIP
-        message that carries no registration or dialog. C{False}: every one does."""
+        message that carries no registration or dialog. ``False``: every one does."""
         incoming = self._incoming
         for _ in range(len(incoming)):
             proto = next(iter(incoming))
@@ -980,7 +910,7 @@ class TransportManager(Service):
         return False
 
     def keepalive_counts(self, proto: SIPStreamProtocol) -> bool:
-        """Does a CRLF keepalive on C{proto} count as traffic (re-arm its idle timer)? Only
+        """Does a CRLF keepalive on ``proto`` count as traffic (re-arm its idle timer)? Only
         on a connection that carries a registration or a dialog, or one the proxy opened."""
         return proto.outgoing or self._carries_state(proto)
 
@@ -1001,9 +931,9 @@ class TransportManager(Service):
     def stream_connected(self, proto: SIPStreamProtocol) -> None:
         self._streams.add(proto)
         if isinstance(proto, SIPTLSStreamProtocol):
-            self.tls.connected(proto)  # never in the TCP table: no clear text on a TLS route
+            self.tls.connected(proto)  # found as TLS only: no clear text on a TLS route
             return
-        self._connections[_key(*proto.peer)] = proto
+        self.pool.register_peer(proto)
 
     def stream_message(self, proto: SIPStreamProtocol, data: bytes) -> None:
         peer, local = proto.peer, proto.local
@@ -1046,10 +976,9 @@ class TransportManager(Service):
             if self.flood is not None:
                 self.flood.connection_closed(proto.admitted)
             proto.admitted = None
+        self.pool.forget(proto)
         if isinstance(proto, SIPTLSStreamProtocol):
             self.tls.lost(proto, reason)
-        for key in [k for k, p in self._connections.items() if p is proto]:
-            del self._connections[key]
         for d in self._lost_waiters.pop(proto, []):
             d.callback(None)
 
@@ -1124,8 +1053,8 @@ def stamp_via(request: Request, source: Source) -> None:
     """
     RFC 3261 18.2.1 and RFC 3581: record in the top Via where the request really came from.
 
-    C{received} is added when the sent-by host is not the source address (or when C{rport} asks
-    for it), and a C{received} the client wrote itself is replaced; C{rport} gets the source port
+    ``received`` is added when the sent-by host is not the source address (or when ``rport`` asks
+    for it), and a ``received`` the client wrote itself is replaced; ``rport`` gets the source port
     (a value the client wrote included: RFC 3581 section 4).
     """
     via = request.top_via

@@ -1,12 +1,12 @@
 """SIP over TCP: one protocol per connection that frames the byte stream into messages.
 
-The protocol owns what is about the stream itself: framing (L{StreamFramer}, whose size limits
-cut off an endless header or body), RFC 5626 CRLF keepalives (a C{CRLFCRLF} ping is answered
-with a C{CRLF} pong; it keeps the connection from the idle timeout only when the owner says it
-counts, L{StreamOwner.keepalive_counts}: pings alone must not hold a connection forever), the
+The protocol owns what is about the stream itself: framing (:class:`StreamFramer`, whose size limits
+cut off an endless header or body), RFC 5626 CRLF keepalives (a ``CRLFCRLF`` ping is answered
+with a ``CRLF`` pong; it keeps the connection from the idle timeout only when the owner says it
+counts, :meth:`StreamOwner.keepalive_counts`: pings alone must not hold a connection forever), the
 idle timeout, the message timeout (a peer that starts a message must finish it in time: a
 slow-loris trickling bytes is cut off) and write buffering. What a message means is the
-owner's business (L{StreamOwner}, the transport manager).
+owner's business (:class:`StreamOwner`, the transport manager).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _MAPPED = "::ffff:"
 
 
 def unmapped(host: str) -> str:
-    """An IPv4 peer of a dual-stack (C{::}) socket shows as C{::ffff:a.b.c.d}: its IPv4 form,
+    """An IPv4 peer of a dual-stack (``::``) socket shows as ``::ffff:a.b.c.d``: its IPv4 form,
     so that networks, bans and connection lookups see one address (sending maps it back)."""
     if host[:7].lower() == _MAPPED and "." in host:
         return host[7:]
@@ -36,7 +36,7 @@ def unmapped(host: str) -> str:
 
 
 class StreamOwner(TypingProtocol):
-    """What a L{SIPStreamProtocol} reports to (the transport manager)."""
+    """What a :class:`SIPStreamProtocol` reports to (the transport manager)."""
 
     def stream_connected(self, proto: SIPStreamProtocol) -> None:
         """The connection is up: register it for reuse."""
@@ -47,7 +47,7 @@ class StreamOwner(TypingProtocol):
     def stream_framing_error(
         self, proto: SIPStreamProtocol, error: ParseError, data: bytes
     ) -> None:
-        """The stream cannot be framed any more; C{data} starts with the message that broke it.
+        """The stream cannot be framed any more; ``data`` starts with the message that broke it.
 
         The protocol closes the connection right after this returns.
         """
@@ -68,10 +68,10 @@ class SIPStreamProtocol(Protocol):
     """
     One SIP connection, accepted or opened by us.
 
-    @ivar side: the listener side (C{"inside"}/C{"outside"}) this connection belongs to.
-    @ivar outgoing: C{True} when we opened it.
-    @ivar peer: C{(host, port)} of the other end, known once connected.
-    @ivar local: C{(host, port)} of our end, known once connected.
+    :ivar side: the listener side (``"inside"``/``"outside"``) this connection belongs to.
+    :ivar outgoing: ``True`` when we opened it.
+    :ivar peer: ``(host, port)`` of the other end, known once connected.
+    :ivar local: ``(host, port)`` of our end, known once connected.
     """
 
     log = Logger()
@@ -208,7 +208,7 @@ class SIPStreamProtocol(Protocol):
         self.close()
 
     def _watch_partial(self) -> None:
-        """A started message must be complete within C{message_timeout} of its first byte."""
+        """A started message must be complete within ``message_timeout`` of its first byte."""
         if self.framer.buffered:
             if self._partial is None and not self.closing:
                 assert self.message_timeout is not None

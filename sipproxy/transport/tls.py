@@ -1,31 +1,29 @@
 """SIP over TLS (RFC 3261 section 26.2, RFC 5922, RFC 5626 keepalives): the transport kind.
 
-TLS is framed like TCP (L{SIPTLSStreamProtocol} is a L{SIPStreamProtocol} under a
-C{TLSMemoryBIOProtocol}); what differs is the setup and what may be reused:
+TLS is framed like TCP (:class:`SIPTLSStreamProtocol` is a :class:`SIPStreamProtocol` under a
+``TLSMemoryBIOProtocol``); what differs is the setup, here:
 
-- A connection counts only once its handshake is complete: requests queued for a new connection
-  wait for it, and a handshake that fails fails them with a L{TLSConnectError} that says why
-  (C{TLS to provider.test:5061 (127.0.0.1) failed: certificate verify failed: certificate has
-  expired}). Nothing is ever sent in clear text instead.
-- Outgoing connections are reused per C{(address, port, server name)}: a connection verified for
-  one name is not used for another. An accepted connection (a phone's) is reused for requests to
-  its peer address.
+- A connection counts only once its handshake is complete (:attr:`SIPTLSStreamProtocol.handshake`);
+  a handshake that fails fails with a :class:`TLSConnectError` that says why (``TLS to
+  provider.test:5061 (127.0.0.1) failed: certificate verify failed: certificate has expired``).
+  Nothing is ever sent in clear text instead.
 - Outgoing connections are kept alive with RFC 5626 CRLF pings when idle; one that stops
-  answering, or that the peer closes, is opened again with a growing delay while it carried SIP
-  within the idle timeout.
+  answering is closed (and opened again by :mod:`sipproxy.transport.tls_connections`, which
+  decides which connection a message goes on).
+- Certificates, keys and trust roots are loaded here with one-line errors; connection creators
+  per server name come from :func:`client_creator_factory`.
 
-Which requests go over TLS, and how the server is verified, is policy: the C{tls} plugin
-decides it and hands the transport a L{TLSClientPolicy} (C{core.use_tls_client}). Without one,
-a TLS target fails at once ("no TLS client configured").
+Which requests go over TLS, and how the server is verified, is policy: the ``tls`` plugin
+decides it and hands the transport a :class:`TLSClientPolicy` (``core.use_tls_client``).
+Without one, a TLS target fails at once ("no TLS client configured").
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -54,10 +52,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sipproxy.message import DEFAULT_LIMITS, KeepAlive, Limits
+from sipproxy.transport.endpoints import ip_address
 from sipproxy.transport.tcp import SIPStreamProtocol, StreamOwner, unmapped
-
-if TYPE_CHECKING:
-    from sipproxy.transport.manager import TransportManager
 
 __all__ = [
     "PING",
@@ -66,7 +62,6 @@ __all__ = [
     "ServerCertificate",
     "TLSClientPolicy",
     "TLSConnectError",
-    "TLSConnections",
     "client_creator_factory",
     "load_certificates",
     "load_server_certificate",
@@ -105,9 +100,9 @@ def _verify_error_text(errno: int) -> str:
 
 
 class TLSConnectError(ConnectionError):
-    """A TLS connection could not be set up: C{str()} is the one line the log and the
-    caller's C{Warning} get. C{verification} is True when the server's certificate was the
-    reason (name, expiry, unknown CA). C{logged} is True once that line is in the log: the
+    """A TLS connection could not be set up: ``str()`` is the one line the log and the
+    caller's ``Warning`` get. ``verification`` is True when the server's certificate was the
+    reason (name, expiry, unknown CA). ``logged`` is True once that line is in the log: the
     layers above (the transaction that could not be sent) do not log it again."""
 
     logged = False
@@ -135,18 +130,18 @@ def _show_host(host: str) -> str:
 
 @dataclass(frozen=True)
 class TLSClientPolicy:
-    """How outgoing TLS connections are made (the C{tls} plugin builds it).
+    """How outgoing TLS connections are made (the ``tls`` plugin builds it).
 
-    @ivar creator: the connection creator for a server name (it checks the certificate against
-        that name and sends it as SNI), e.g. from L{client_creator_factory}.
-    @ivar keepalive_interval: seconds of silence on an outgoing connection before a CRLF ping
+    :ivar creator: the connection creator for a server name (it checks the certificate against
+        that name and sends it as SNI), e.g. from :func:`client_creator_factory`.
+    :ivar keepalive_interval: seconds of silence on an outgoing connection before a CRLF ping
         (RFC 5626 4.4.1); None: no pings.
-    @ivar pong_timeout: seconds a ping may go unanswered before the connection counts as lost.
-    @ivar reconnect: reopen an outgoing connection lost without our closing it.
-    @ivar max_backoff: the longest wait between reconnect attempts (1, 2, 4 ... seconds).
-    @ivar server_minimum: lowest TLS version the TLS listeners accept.
-    @ivar on_failure: called with every L{TLSConnectError} (before the requests waiting for that
-        connection fail), e.g. to tell the caller why.
+    :ivar pong_timeout: seconds a ping may go unanswered before the connection counts as lost.
+    :ivar reconnect: reopen an outgoing connection lost without our closing it.
+    :ivar max_backoff: the longest wait between reconnect attempts (1, 2, 4 ... seconds).
+    :ivar server_minimum: lowest TLS version the TLS listeners accept.
+    :ivar on_failure: called with every :class:`TLSConnectError` (before the requests waiting
+        for that connection fail), e.g. to tell the caller why.
     """
 
     creator: Callable[[str], IOpenSSLClientConnectionCreator]
@@ -198,7 +193,7 @@ def _brief(error: Exception) -> str:
 
 
 def trust_root(certificates: list[x509.Certificate]) -> Any:
-    """A trust root (Twisted's C{IOpenSSLTrustRoot}) of exactly these CA certificates, instead
+    """A trust root (Twisted's ``IOpenSSLTrustRoot``) of exactly these CA certificates, instead
     of the system's trust store."""
     return trustRootFromCertificates(
         [Certificate(X509.from_cryptography(c)) for c in certificates]
@@ -209,7 +204,7 @@ def trust_root(certificates: list[x509.Certificate]) -> Any:
 class ServerCertificate:
     """A certificate (with its chain) and its private key, loaded and checked to match.
 
-    The objects are C{cryptography}'s: pyOpenSSL deprecates passing its own C{X509} and C{PKey}
+    The objects are ``cryptography``'s: pyOpenSSL deprecates passing its own ``X509`` and ``PKey``
     to a context."""
 
     certificate: x509.Certificate
@@ -217,7 +212,7 @@ class ServerCertificate:
     chain: tuple[x509.Certificate, ...] = ()
 
     def certificate_options(self) -> dict[str, Any]:
-        """The C{CertificateOptions} arguments that present this certificate and its chain."""
+        """The ``CertificateOptions`` arguments that present this certificate and its chain."""
         return {
             "privateKey": self.key,
             "certificate": self.certificate,
@@ -260,18 +255,10 @@ class _UnverifiedCreator:
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self.options.getContext(), None)
         connection.set_app_data(tlsProtocol)
-        if not _is_ip(self.server_name):
+        if ip_address(self.server_name) is None:
             connection.set_tlsext_host_name(self.server_name.encode("idna"))
         connection.set_connect_state()
         return connection
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def client_creator_factory(
@@ -281,10 +268,10 @@ def client_creator_factory(
     minimum: Any = TLSVersion.TLSv1_2,
     verify: bool = True,
 ) -> Callable[[str], IOpenSSLClientConnectionCreator]:
-    """Connection creators per server name: C{optionsForClientTLS} (service_identity checks the
-    name against the certificate's subjectAltName, SNI is sent) trusting C{ca_certificates}
-    (default: the system's trust store), presenting C{client_certificate} if given, refusing
-    anything older than C{minimum}."""
+    """Connection creators per server name: ``optionsForClientTLS`` (service_identity checks the
+    name against the certificate's subjectAltName, SNI is sent) trusting ``ca_certificates``
+    (default: the system's trust store), presenting ``client_certificate`` if given, refusing
+    anything older than ``minimum``."""
     trust = trust_root(ca_certificates) if ca_certificates else platformTrust()
     extra: dict[str, Any] = {"raiseMinimumTo": minimum}
     if client_certificate is not None:
@@ -355,12 +342,12 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
     One SIP-over-TLS connection: framed as TCP, but it counts (is registered with the owner)
     only once the TLS handshake is done.
 
-    @ivar handshake: fires with the protocol when the handshake completes, fails with a
-        L{TLSConnectError} when the connection ends before.
-    @ivar server_name: for an outgoing connection, the name its certificate was checked for.
-    @ivar verify_error: the first certificate verify error OpenSSL reported, if any.
-    @ivar established: True once the handshake completed (it stays True).
-    @ivar closed_by_us: True when the proxy closed it (idle, stop): no reconnect then.
+    :ivar handshake: fires with the protocol when the handshake completes, fails with a
+        :class:`TLSConnectError` when the connection ends before.
+    :ivar server_name: for an outgoing connection, the name its certificate was checked for.
+    :ivar verify_error: the first certificate verify error OpenSSL reported, if any.
+    :ivar established: True once the handshake completed (it stays True).
+    :ivar closed_by_us: True when the proxy closed it (idle, stop): no reconnect then.
     """
 
     kind = "TLS"
@@ -489,306 +476,3 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
             if call is not None and call.active():
                 call.cancel()
         self._ping = self._pong = None
-
-
-@dataclass(slots=True)
-class _Pending:
-    queue: list[tuple[bytes, defer.Deferred[None]]] = field(default_factory=list)
-    deferred: defer.Deferred[Any] | None = None
-    #: fired with the connection once it is up (L{TLSConnections.open})
-    waiters: list[defer.Deferred[SIPTLSStreamProtocol]] = field(default_factory=list)
-
-
-_OWN_PORTS_KEPT = 1024  # local ports of closed outgoing connections still recognized as ours
-
-
-@dataclass(slots=True)
-class _Reconnect:
-    side: str
-    bind: str | None
-    attempt: int = 0
-    last_used: float = 0.0
-    call: IDelayedCall | None = None
-
-
-class TLSConnections:
-    """The TLS connections of a L{TransportManager}: reuse, setup, failures, reconnects."""
-
-    def __init__(self, manager: TransportManager) -> None:
-        self.manager = manager
-        self.policy: TLSClientPolicy | None = None
-        # outgoing, handshake done, by (address, port, server name)
-        self._out: dict[tuple[str, int, str], SIPTLSStreamProtocol] = {}
-        # every registered TLS connection by its peer (responses; requests to phones)
-        self._by_peer: dict[tuple[str, int], SIPTLSStreamProtocol] = {}
-        self._pending: dict[tuple[str, int, str], _Pending] = {}
-        self._reconnects: dict[tuple[str, int, str], _Reconnect] = {}
-        # local ports of our outgoing connections, oldest first: a Route or Via naming one
-        # names us (requests the provider sends back over the connection, RFC 5923)
-        self._own_ports: dict[int, None] = {}
-        self._stopped = False
-
-    # -- protocols --------------------------------------------------------------------------------
-    def new_protocol(
-        self, side: str, *, outgoing: bool, server_name: str = "",
-        target: tuple[str, int] = ("", 0),
-    ) -> SIPTLSStreamProtocol:
-        m = self.manager
-        policy = self.policy
-        proto = SIPTLSStreamProtocol(
-            m, m.reactor, side, outgoing=outgoing, idle_timeout=m.idle_timeout,
-            limits=m.limits, server_name=server_name, target=target,
-            keepalive_interval=policy.keepalive_interval if policy and outgoing else None,
-            pong_timeout=policy.pong_timeout if policy else 10.0,
-            message_timeout=m.message_timeout,
-        )
-        if not outgoing:
-            # nobody waits for an accepted connection's handshake: a peer that hangs up or
-            # speaks no TLS is only logged, not an unhandled error
-            proto.handshake.addErrback(self._accept_failed, proto)
-        return proto
-
-    def _accept_failed(self, reason: Failure, proto: SIPTLSStreamProtocol) -> None:
-        _log.debug("TLS handshake with {peer} failed: {error}", peer=proto.peer,
-                   error=reason.getErrorMessage())
-
-    def connected(self, proto: SIPTLSStreamProtocol) -> None:
-        """A handshake completed: the connection may be reused from now on."""
-        self._by_peer[_peer_key(proto.peer)] = proto
-        if proto.outgoing:
-            self._own_ports.pop(proto.local[1], None)
-            self._own_ports[proto.local[1]] = None
-            if len(self._own_ports) > _OWN_PORTS_KEPT:
-                del self._own_ports[next(iter(self._own_ports))]
-            key = _out_key(proto.target[0], proto.target[1], proto.server_name)
-            self._out[key] = proto
-            state = self._reconnects.get(key)
-            if state is not None:
-                state.attempt = 0
-
-    def lost(self, proto: SIPTLSStreamProtocol, reason: Failure) -> None:
-        for out_key in [k for k, p in self._out.items() if p is proto]:
-            del self._out[out_key]
-        for peer_key in [k for k, p in self._by_peer.items() if p is proto]:
-            del self._by_peer[peer_key]
-        if not proto.outgoing or not proto.established:
-            return  # a failed handshake is handled where the connection was asked for
-        key = _out_key(proto.target[0], proto.target[1], proto.server_name)
-        state = self._reconnects.get(key)
-        if proto.closed_by_us or self._stopped or self.policy is None or \
-                not self.policy.reconnect or state is None:
-            self._reconnects.pop(key, None)
-            return
-        idle = self.manager.idle_timeout
-        if idle is not None and self.manager.reactor.seconds() - state.last_used > idle:
-            self._reconnects.pop(key, None)
-            return
-        _log.info("TLS connection to {name}:{port} ({host}) lost ({why}); reconnecting",
-                  name=proto.server_name, port=key[1], host=key[0],
-                  why="no keepalive answer" if proto.keepalive_failed
-                  else reason.getErrorMessage())
-        self._schedule_reconnect(key, state)
-
-    def _schedule_reconnect(self, key: tuple[str, int, str], state: _Reconnect) -> None:
-        policy = self.policy
-        max_backoff = policy.max_backoff if policy is not None else 60.0
-        delay = min(float(2 ** state.attempt), max_backoff)
-        state.attempt += 1
-        if state.call is not None and state.call.active():
-            state.call.cancel()
-        state.call = self.manager.reactor.callLater(delay, self._reconnect, key)
-
-    def _reconnect(self, key: tuple[str, int, str]) -> None:
-        state = self._reconnects.get(key)
-        if state is None or self._stopped:
-            return
-        state.call = None
-        if key in self._out or key in self._pending:
-            return
-        host, port, name = key
-        try:
-            self._connect(state.side, state.bind, host, port, name, _Pending([]), quiet=True)
-        except Exception:
-            self._reconnect_failed(key)
-
-    def _reconnect_failed(self, key: tuple[str, int, str]) -> None:
-        state = self._reconnects.get(key)
-        if state is None or self._stopped:
-            return
-        idle = self.manager.idle_timeout
-        if idle is not None and self.manager.reactor.seconds() - state.last_used > idle:
-            del self._reconnects[key]
-            return
-        self._schedule_reconnect(key, state)
-
-    # -- sending ----------------------------------------------------------------------------------
-    def connection_to(self, peer: tuple[str, int]) -> SIPTLSStreamProtocol | None:
-        """The open TLS connection with this peer (the one a request came on), if any."""
-        proto = self._by_peer.get(_peer_key(peer))
-        if proto is not None and not proto.closing:
-            return proto
-        return None
-
-    def outgoing_local(self, host: str, port: int, server_name: str) -> tuple[str, int] | None:
-        """The local address and port of our open connection to C{host:port} (verified for
-        C{server_name}, else any we opened to that peer): what names us on that connection."""
-        proto = self._out.get(_out_key(host, port, server_name or host))
-        if proto is None or proto.closing:
-            proto = self._by_peer.get(_peer_key((host, port)))
-        if proto is None or proto.closing or not proto.outgoing:
-            return None
-        return proto.local
-
-    def is_own_port(self, port: int) -> bool:
-        """Is C{port} the local port of a connection we opened (now or recently)?"""
-        return port in self._own_ports
-
-    def open(
-        self, side: str, bind: str | None, host: str, port: int, server_name: str,
-    ) -> defer.Deferred[SIPTLSStreamProtocol]:
-        """Our connection to C{host:port} verified for C{server_name}, opened if needed. Fails
-        as a send would (a L{TLSConnectError}, logged once, C{logged} set)."""
-        name = (server_name or host).lower()
-        key = _out_key(host, port, name)
-        proto = self._out.get(key)
-        if proto is not None and not proto.closing:
-            return defer.succeed(proto)
-        pending = self._pending.get(key)
-        if pending is None:
-            if not self.manager.running:
-                return defer.fail(ConnectionError("the transport service is stopped"))
-            if self.policy is None:
-                return defer.fail(TLSConnectError(
-                    host, port, name, "no TLS client configured (enable the tls plugin)"))
-            pending = _Pending()
-            self._connect(side, bind, host, port, name, pending)
-        waiter: defer.Deferred[SIPTLSStreamProtocol] = defer.Deferred()
-        pending.waiters.append(waiter)
-        return waiter
-
-    def send(
-        self, side: str, bind: str | None, data: bytes, host: str, port: int,
-        server_name: str, done: defer.Deferred[None],
-    ) -> None:
-        """Write C{data} to C{host:port} over TLS verified for C{server_name}."""
-        name = (server_name or host).lower()
-        key = _out_key(host, port, name)
-        state = self._reconnects.get(key)
-        if state is not None:
-            state.last_used = self.manager.reactor.seconds()
-        proto = self._out.get(key)
-        if proto is None:
-            accepted = self._by_peer.get(_peer_key((host, port)))
-            if accepted is not None and not accepted.outgoing:
-                proto = accepted  # a phone's own connection: requests to it go back on it
-        if proto is not None and not proto.closing:
-            proto.write(data)
-            done.callback(None)
-            return
-        pending = self._pending.get(key)
-        if pending is not None:
-            pending.queue.append((data, done))
-            return
-        if not self.manager.running:
-            raise ConnectionError("the transport service is stopped")
-        if self.policy is None:
-            raise TLSConnectError(host, port, name,
-                                  "no TLS client configured (enable the tls plugin)")
-        self._connect(side, bind, host, port, name, _Pending([(data, done)]))
-
-    def _connect(
-        self, side: str, bind: str | None, host: str, port: int, name: str, pending: _Pending,
-        *, quiet: bool = False,
-    ) -> None:
-        from twisted.internet.endpoints import connectProtocol, wrapClientTLS
-
-        assert self.policy is not None
-        key = _out_key(host, port, name)
-        self._pending[key] = pending
-        state = self._reconnects.setdefault(key, _Reconnect(side, bind))
-        if not quiet:
-            state.last_used = self.manager.reactor.seconds()
-        proto = self.new_protocol(side, outgoing=True, server_name=name, target=(key[0], port))
-        creator = self.policy.creator(name)
-        endpoint = wrapClientTLS(creator, self.manager._client_endpoint(key[0], port, bind))
-        connecting: defer.Deferred[Any] = connectProtocol(endpoint, proto)
-        connecting.addCallback(lambda p: p.handshake)
-        pending.deferred = connecting
-        connecting.addCallbacks(self._connected, self._failed, callbackArgs=(key,),
-                                errbackArgs=(key, quiet))
-
-    def _connected(self, proto: SIPTLSStreamProtocol, key: tuple[str, int, str]) -> None:
-        pending = self._pending.pop(key, None)
-        queue = pending.queue if pending is not None else []
-        waiters = pending.waiters if pending is not None else []
-        if proto.closing:
-            error = TLSConnectError(key[0], key[1], key[2], "connection closed at once")
-            for done in [d for _, d in queue] + waiters:
-                done.errback(Failure(error))
-            return
-        for data, done in queue:
-            try:
-                proto.write(data)
-            except Exception:
-                done.errback()
-            else:
-                done.callback(None)
-        for waiter in waiters:
-            waiter.callback(proto)
-
-    def _failed(self, reason: Failure, key: tuple[str, int, str], quiet: bool) -> None:
-        pending = self._pending.pop(key, None)
-        host, port, name = key
-        error = reason.value
-        if not isinstance(error, TLSConnectError):
-            if isinstance(error, defer.CancelledError):
-                detail = "cancelled (the proxy is stopping)"
-            else:
-                detail = f"cannot connect: {reason.getErrorMessage()}"
-            error = TLSConnectError(host, port, name, detail)
-        if error.verification:
-            self._reconnects.pop(key, None)  # never retried by itself: the name or CA is wrong
-        if quiet:
-            _log.info("{error} (reconnecting)", error=str(error))
-            self._reconnect_failed(key)
-        else:
-            _log.warn("{error}", error=str(error))
-        error.logged = True
-        policy = self.policy
-        if policy is not None and policy.on_failure is not None:
-            try:
-                policy.on_failure(error)
-            except Exception:
-                _log.failure("TLS failure callback raised")
-        failure = Failure(error)
-        for _, done in pending.queue if pending is not None else []:
-            done.errback(failure)
-        for waiter in pending.waiters if pending is not None else []:
-            waiter.errback(failure)
-
-    def stop(self) -> None:
-        self._stopped = True
-        for state in self._reconnects.values():
-            if state.call is not None and state.call.active():
-                state.call.cancel()
-        self._reconnects.clear()
-        for pending in list(self._pending.values()):
-            if pending.deferred is not None:
-                pending.deferred.cancel()
-
-    def start(self) -> None:
-        self._stopped = False
-
-
-def _peer_key(peer: tuple[str, int]) -> tuple[str, int]:
-    host = peer[0]
-    try:
-        host = str(ipaddress.ip_address(host[1:-1] if host.startswith("[") else host))
-    except ValueError:
-        host = host.lower()
-    return host, peer[1]
-
-
-def _out_key(host: str, port: int, name: str) -> tuple[str, int, str]:
-    h, p = _peer_key((host, port))
-    return h, p, name.lower()

@@ -1,0 +1,88 @@
+"""The plugin API as a plugin author meets it: typed hooks, documented public names, and no
+private names imported across modules by the core and the built-in plugins."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from zope.interface.interface import InterfaceClass
+
+import sipproxy.context
+import sipproxy.interfaces
+import sipproxy.proxy.record_route
+from sipproxy.interfaces import IProxyCore, IProxyPlugin
+
+ROOT = Path(__file__).resolve().parent.parent
+#: the modules this rule is enforced on (the plugin API, the core and the built-in plugins)
+CHECKED = [
+    *sorted((ROOT / "sipproxy" / "proxy").glob("*.py")),
+    *sorted((ROOT / "sipproxy" / "plugins").glob("*.py")),
+    ROOT / "sipproxy" / "context.py",
+    ROOT / "sipproxy" / "interfaces.py",
+    ROOT / "sipproxy" / "addressing.py",
+    ROOT / "examples" / "blocklist_plugin.py",
+    ROOT / "examples" / "embed_in_app.py",
+]
+API_MODULES = [sipproxy.interfaces, sipproxy.context, sipproxy.proxy.record_route]
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_private_name_is_imported_from_another_module(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    private = [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+    assert private == []
+
+
+@pytest.mark.parametrize("module", API_MODULES, ids=lambda m: m.__name__)
+def test_every_public_name_of_the_plugin_api_has_a_docstring(module: ModuleType) -> None:
+    names: list[str] = module.__all__
+    undocumented = []
+    for name in names:
+        value = getattr(module, name)
+        if not (inspect.isclass(value) or inspect.isfunction(value)):
+            continue  # constants are documented with #: comments
+        if not inspect.getdoc(value):
+            undocumented.append(name)
+        if isinstance(value, InterfaceClass):
+            undocumented += [f"{name}.{m}" for m in value.names()
+                             if not value[m].getDoc()]
+        elif inspect.isclass(value):
+            undocumented += [
+                f"{name}.{m}" for m, member in vars(value).items()
+                if not m.startswith("_") and inspect.isfunction(member)
+                and not inspect.getdoc(member)
+            ]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("interface", [IProxyPlugin, IProxyCore], ids=lambda i: i.__name__)
+def test_hooks_and_core_methods_take_no_untyped_parameter(interface: InterfaceClass) -> None:
+    source = inspect.getsource(inspect.getmodule(interface))  # type: ignore[arg-type]
+    tree = ast.parse(source)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == interface.__name__)
+    untyped = [
+        f"{fn.name}({arg.arg})"
+        for fn in cls.body if isinstance(fn, ast.FunctionDef)
+        for arg in fn.args.args
+        if arg.annotation is None or ast.unparse(arg.annotation) == "Any"
+    ]
+    assert untyped == []
+
+
+def test_context_types_are_one_and_the_same_wherever_imported() -> None:
+    # a plugin may import them from sipproxy.interfaces or sipproxy.context
+    for name in ("RequestContext", "Branch", "Target"):
+        assert getattr(sipproxy.interfaces, name) is getattr(sipproxy.context, name)
+    # the core's own state is in typed fields, not in keys of the plugins' ``data``
+    fields = {f.name for f in dataclasses.fields(sipproxy.context.Branch)}
+    assert {"targets", "binding", "flow_failed", "data"} <= fields
