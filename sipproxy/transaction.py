@@ -299,7 +299,9 @@ class _Transaction:
         self.is_invite = request.method == "INVITE"
         self.last_response: Response | None = None
         self._timers: dict[str, _Timer] = {}
-        self._waiters: list[Deferred[None]] = []
+        # Deferreds and (function, arguments) to fire on termination; None while there are none
+        self._waiters: list[Deferred[None] | tuple[Callable[..., object], tuple[Any, ...]]] \
+            | None = None
         self._interval = layer.t1
 
     @property
@@ -316,9 +318,29 @@ class _Transaction:
         d: Deferred[None] = Deferred()
         if self.state is State.TERMINATED:
             d.callback(None)
+        elif self._waiters is None:
+            self._waiters = [d]
         else:
             self._waiters.append(d)
         return d
+
+    def call_when_terminated(self, fn: Callable[..., object], *args: Any) -> None:
+        """Call ``fn(*args)`` once this transaction has terminated (at once if it has): what
+        :meth:`when_terminated` does without a Deferred, for a caller on the hot path (every
+        request the proxy handles). An exception from ``fn`` is logged."""
+        if self.state is State.TERMINATED:
+            self._call_waiter(fn, args)
+        elif self._waiters is None:
+            self._waiters = [(fn, args)]
+        else:
+            self._waiters.append((fn, args))
+
+    @staticmethod
+    def _call_waiter(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            _log.failure("on termination: {fn} failed", fn=getattr(fn, "__name__", fn))
 
     def _start_timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` (a method of this transaction) after ``delay``, unless the transaction
@@ -353,9 +375,12 @@ class _Transaction:
         for name in list(self._timers):
             self._cancel_timer(name)
         self._layer._forget(self)
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if isinstance(waiter, Deferred):
+                waiter.callback(None)
+            else:
+                self._call_waiter(*waiter)
 
     def _guarded(self, send: Callable[[], object]) -> None:
         """Send, and route any failure to ``_transport_failed`` on the next reactor turn."""
@@ -594,6 +619,7 @@ class ClientTransaction(_Transaction):
                 self._cancel_timer("E")
                 self._cancel_timer("F")
                 self._deliver(response)
+                self._compact()
                 self._start_timer("K", 0 if self.reliable else self._layer.t4, self._terminate)
 
     def _send_ack(self) -> None:
