@@ -23,9 +23,10 @@ from examples.blocklist_plugin import (
 from sipproxy.config import Config, ConfigError, Section, parse_config
 from sipproxy.context import Branch, RequestContext
 from sipproxy.interfaces import IPluginFactory, IProxyPlugin
-from sipproxy.message import Message, Request, Response, parse_message
+from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import Pipeline, find_factory, load_plugins
 from sipproxy.service import makeService
+from sipproxy.testing import ProxyHarness, answer
 from sipproxy.uri import parse_uri
 
 reactor: Any = _reactor
@@ -267,6 +268,54 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(ConfigError) as caught:
             load_plugins(config, cast(Any, None))
         self.assertEqual(str(caught.exception), "p.toml: blocklist.prefixes: is required")
+
+
+# -- through a proxy on a Clock (sipproxy.testing) -----------------------------------------------
+
+PHONE = Source("UDP", "192.168.1.20", 5062, "192.168.1.1", 5060, "inside")
+PROVIDER = Source("UDP", "203.0.113.50", 5060, "203.0.113.10", 5060, "outside")
+PHONE_VIA = f"SIP/2.0/UDP {PHONE.host}:{PHONE.port};rport;branch=z9hG4bK-"
+
+
+class ClockedProxyTests(unittest.SynchronousTestCase):
+    """The plugin in a real proxy with in-memory transports: what the phone and the provider
+    get, and nothing left running afterwards."""
+
+    def setUp(self) -> None:
+        self.harness = ProxyHarness.build({
+            "listen": [
+                {"side": "inside", "transport": "udp", "address": "192.168.1.1", "port": 5060},
+                {"side": "outside", "transport": "udp", "address": "203.0.113.10", "port": 5060},
+            ],
+            "upstream": {"uri": f"sip:{PROVIDER.host}:5060"},
+            "plugins": {"enabled": ["examples.blocklist_plugin:factory"]},
+            "blocklist": {"prefixes": ["0900", "+1900"]},
+        })
+
+    def finals_to_phone(self) -> list[int]:
+        return [r.status for r in self.harness.wire.responses_to(PHONE.host, "INVITE")
+                if r.status >= 200]
+
+    def test_blocked_invite_is_answered_and_never_reaches_the_provider(self) -> None:
+        h = self.harness
+        h.receive(sip_request("INVITE", "sip:+19005550100@provider.example",
+                              via=PHONE_VIA + "b1", call_id="blocked"), PHONE)
+        self.assertEqual(self.finals_to_phone(), [403])
+        self.assertEqual(h.wire.requests_to(PROVIDER.host), [])
+        h.settle()  # the 403 is retransmitted until Timer H: then the transaction is gone
+        self.assertEqual(len(h.proxy.transactions), 0)
+
+    def test_allowed_invite_is_marked_and_its_answer_comes_back(self) -> None:
+        h = self.harness
+        h.receive(sip_request("INVITE", "sip:+14155550100@provider.example",
+                              via=PHONE_VIA + "a1", call_id="allowed"), PHONE)
+        [out] = h.wire.requests_to(PROVIDER.host, "INVITE")
+        self.assertEqual(out.headers.get_all(SCREENED_HEADER), [SCREENED_VALUE])
+        h.receive(answer(out, 200, "provider-tag", (f"Contact: <sip:bob@{PROVIDER.host}>",)),
+                  PROVIDER)
+        self.assertEqual(self.finals_to_phone(), [200])
+        h.settle()
+        self.assertEqual(len(h.proxy.transactions), 0)
 
 
 # -- end to end ----------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from twisted.logger import formatEvent
 from sipproxy.config import ConfigError, Section
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.plugins.acl import AclPlugin, factory
+from sipproxy.testing import answer
 from sipproxy.uri import parse_uri
-from tests.test_auth import (
+from tests.auth_net import (
     DOMAIN,
     INSIDE,
     OUTSIDE,
@@ -25,7 +26,6 @@ from tests.test_auth import (
     credentials,
     make_net,
 )
-from tests.test_nat import answer
 
 ATTACKER = Source("UDP", "198.51.100.66", 5060, OUTSIDE, 5060, "outside")
 ATTACKER2 = Source("UDP", "198.51.100.67", 5060, OUTSIDE, 5060, "outside")

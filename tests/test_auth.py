@@ -6,183 +6,47 @@ the users file and the hash helper."""
 from __future__ import annotations
 
 import io
-import itertools
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from sipproxy.config import ConfigError, parse_config
 from sipproxy.credentials import (
     CredentialsFileError,
     FileCredentialStore,
-    format_line,
     parse_credentials_file,
 )
-from sipproxy.digest import authorization, ha1, parse_challenge, parse_credentials
-from sipproxy.flood import FloodGuard
+from sipproxy.digest import authorization, ha1, parse_credentials
 from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore
-from sipproxy.location import LocationService
-from sipproxy.message import Request, Response, Source, parse_message
-from sipproxy.pipeline import load_plugins
+from sipproxy.message import Request, Response, Source
 from sipproxy.plugins import auth as auth_module
 from sipproxy.plugins.auth import AuthPlugin
-from sipproxy.proxy import Proxy
-from sipproxy.registrar import Registrar
-from tests.test_nat import Wire, answer
-from tests.test_proxy import FakeListener, ResolverDouble
-
-INSIDE = "192.168.77.1"
-OUTSIDE = "203.0.113.1"
-PROVIDER_IP = "203.0.113.50"
-DOMAIN = "lan.example"
-PHONE = Source("UDP", "192.168.77.10", 5060, INSIDE, 5060, "inside")
-PHONE2 = Source("UDP", "192.168.77.11", 5060, INSIDE, 5060, "inside")
-PROVIDER = Source("UDP", PROVIDER_IP, 5060, OUTSIDE, 5060, "outside")
-PASSWORDS = {"alice": "wonderland", "bob": "builder"}
-
-
-def users_file(tmp_path: Path, realm: str = DOMAIN) -> Path:
-    lines = ["# test users", ""]
-    for user, password in PASSWORDS.items():
-        lines.append(format_line(user, realm, {a: ha1(a, user, realm, password)
-                                               for a in ("MD5", "SHA-256")}))
-    # an htdigest line: MD5 only
-    lines.append(f"carol:{realm}:{ha1('MD5', 'carol', realm, 'c4rol')}")
-    path = tmp_path / "users.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def config_text(users: Path, auth: str = "", plugins: str = '["auth"]',
-                domains: str = f'["{DOMAIN}"]') -> str:
-    return f"""
-[proxy]
-domains = {domains}
-
-[[listen]]
-side = "inside"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-address = "{OUTSIDE}"
-port = 5060
-
-[upstream]
-uri = "sip:{PROVIDER_IP}:5060"
-
-[plugins]
-enabled = {plugins}
-
-[auth]
-users_file = "{users}"
-{auth}
-[acl]
-inside_networks = ["192.168.77.0/24"]
-trusted = ["{PROVIDER_IP}/32"]
-"""
-
-
-@dataclass
-class Net:
-    clock: Clock
-    wire: Wire
-    location: LocationService
-    proxy: Proxy
-    plugins: list[Any]
-    logged: list[dict[str, Any]] = field(default_factory=list)
-    seen: int = 0
-    _n: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-
-    @property
-    def auth(self) -> AuthPlugin:
-        return next(p for p in self.plugins if isinstance(p, AuthPlugin))
-
-    def send(self, data: bytes, source: Source) -> None:
-        message = parse_message(data)
-        message.source = source
-        self.proxy.receive(message)
-
-    def new(self) -> list[Any]:
-        fresh = self.wire.datagrams[self.seen:]
-        self.seen = len(self.wire.datagrams)
-        parsed = [parse_message(d) for d, _ in fresh]
-        return [m for m in parsed if not (isinstance(m, Response) and m.status == 100)]
-
-    def branch(self) -> str:
-        return f"z9hG4bKt{next(self._n)}"
-
-    def request(self, method: str, uri: str, source: Source = PHONE, *, from_user: str = "alice",
-                to: str | None = None, call_id: str = "c1", cseq: int = 1,
-                headers: tuple[str, ...] = (), from_domain: str = DOMAIN,
-                to_tag: str | None = None, from_tag: str | None = None) -> list[Any]:
-        to = to or f"<{uri}>"
-        if to_tag:
-            to += f";tag={to_tag}"
-        lines = [f"{method} {uri} SIP/2.0",
-                 f"Via: SIP/2.0/UDP {source.host}:{source.port};branch={self.branch()}",
-                 "Max-Forwards: 70",
-                 f"From: <sip:{from_user}@{from_domain}>;tag={from_tag or 'f' + call_id}",
-                 f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}",
-                 f"Contact: <sip:{from_user}@{source.host}:{source.port}>", *headers,
-                 "Content-Length: 0"]
-        self.send(("\r\n".join(lines) + "\r\n\r\n").encode(), source)
-        return self.new()
-
-    def register(self, user: str = "alice", headers: tuple[str, ...] = (), cseq: int = 1,
-                 source: Source = PHONE, to_user: str | None = None) -> Response:
-        [r] = self.request("REGISTER", f"sip:{DOMAIN}", source, from_user=user,
-                           to=f"<sip:{to_user or user}@{DOMAIN}>", call_id=f"reg-{user}",
-                           cseq=cseq, headers=(*headers, "Expires: 600"))
-        assert isinstance(r, Response)
-        return r
-
-
-def make_net(tmp_path: Path, auth: str = "", plugins: str = '["auth"]',
-             flood: bool = False) -> Net:
-    clock = Clock()
-    clock.advance(1_000_000)
-    config = parse_config(config_text(users_file(tmp_path), auth, plugins),
-                          str(tmp_path / "sipproxy.toml"))
-    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
-                              lc.advertised_host) for lc in config.listen]
-    wire = Wire(listeners)
-    if flood:  # as the transports have it: the flood guard of [limits]
-        wire.flood = FloodGuard.from_config(clock, config.limits)  # type: ignore[attr-defined]
-    location = LocationService(clock)
-    registrar = Registrar(location, clock, list(config.proxy.domains))
-    proxy = Proxy(config, clock, wire, location, registrar,  # type: ignore[arg-type]
-                  ResolverDouble({}))
-    plugins_ = load_plugins(config, proxy)
-    proxy.set_plugins(plugins_)
-    net = Net(clock, wire, location, proxy, plugins_)
-    for p in plugins_:
-        p.refusals.log = Logger(namespace="test", observer=net.logged.append)
-    return net
+from sipproxy.testing import ProxyHarness, answer
+from tests.auth_net import (
+    DOMAIN,
+    INSIDE,
+    OUTSIDE,
+    PASSWORDS,
+    PHONE,
+    PHONE2,
+    PROVIDER,
+    PROVIDER_IP,
+    Net,
+    challenges,
+    config_text,
+    credentials,
+    make_net,
+    users_file,
+)
 
 
 @pytest.fixture
 def net(tmp_path: Path) -> Net:
     return make_net(tmp_path)
-
-
-def challenges(response: Response, header: str = "WWW-Authenticate") -> list[Any]:
-    return [parse_challenge(v) for v in response.headers.get_all(header)]
-
-
-def credentials(response: Response, user: str, password: str, method: str, uri: str,
-                algorithm: str = "SHA-256", nc: int = 1, header: str = "WWW-Authenticate"
-                ) -> str:
-    [chal] = [c for c in challenges(response, header) if c.algorithm == algorithm]
-    return authorization(chal, user, password, method, uri, nc=nc)
 
 
 def bindings(net: Net, user: str) -> list[str]:
@@ -696,13 +560,7 @@ def test_example_public_config(tmp_path: Path) -> None:
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(str(root / "examples" / "public.toml"))
-    clock = Clock()
-    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
-                              lc.advertised_host) for lc in config.listen]
-    location = LocationService(clock)
-    proxy = Proxy(config, clock, Wire(listeners), location,  # type: ignore[arg-type]
-                  Registrar(location, clock, list(config.proxy.domains)), ResolverDouble({}))
-    plugins = load_plugins(config, proxy)
+    plugins = ProxyHarness.build(config).plugins
     assert [type(p) for p in plugins][:2] == [AclPlugin, AuthPlugin]
     auth = plugins[1]
     assert auth.realm == "sip.example.com"

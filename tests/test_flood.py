@@ -23,6 +23,8 @@ from sipproxy.message import Limits, Message, Request
 from sipproxy.transport import TransportManager
 from sipproxy.transport.manager import _StreamFactory
 from sipproxy.transport.tcp import SIPStreamProtocol
+from tests.proxy_harness import ALICE, BOB_1, INSIDE, invite, make_harness, only, request
+from tests.tls_certs import certs
 
 reactor: Any = _reactor
 FLOODER = "203.0.113.9"
@@ -552,8 +554,6 @@ class RealSocketTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_banned_source_is_refused_at_accept_over_tcp_and_tls(self):
-        from tests.test_tls_transport import certs
-
         pair = certs().proxy
         specs = [
             ListenConfig(side="inside", transport="tcp", address="127.0.0.1", port=0),
@@ -598,16 +598,12 @@ class ProxyLimitTests(unittest.SynchronousTestCase):
     """The proxy asks the guard: open transactions and dialogs per source (503 over them)."""
 
     def harness(self, **kw: Any) -> Any:
-        from tests.test_proxy import make_harness
-
         h = make_harness()
         self.guard = guard(h.clock, exempt=(), refusal_weight=0, **kw)
         h.proxy._flood = self.guard
         return h
 
     def test_dialogs_per_source(self) -> None:
-        from tests.test_proxy import ALICE, BOB_1, INSIDE, invite, only, request
-
         h = self.harness(max_dialogs_per_source=1)
         h.register("bob", BOB_1)
         h.receive(invite())
@@ -631,15 +627,13 @@ class ProxyLimitTests(unittest.SynchronousTestCase):
         self.assertEqual(self.guard._transactions, {})
 
     def test_transactions_per_source(self) -> None:
-        from tests.test_proxy import request
-
         h = self.harness(max_transactions_per_source=3)
         for i in range(5):  # to the provider, which never answers: they stay open
             h.receive(request("OPTIONS", "sip:carol@example.com", call_id=f"c{i}",
                               branch=f"z9hG4bKo{i}"))
         self.assertEqual(len(h.sent("OPTIONS")), 3)
         self.assertEqual(h.finals(), [503, 503])
-        refused = [r for r, _ in h.transports.responses if r.status == 503]
+        refused = [r for r, _ in h.wire.responses if r.status == 503]
         self.assertEqual({r.headers.get("Retry-After") for r in refused}, {"5"})
         h.settle()  # they time out (408) and end: the counts come back to zero
         self.assertEqual(self.guard._transactions, {})

@@ -26,10 +26,11 @@ from sipproxy.location import LocationService
 from sipproxy.message import Limits, Request, StreamFramer, parse_message
 from sipproxy.proxy import Proxy
 from sipproxy.registrar import Registrar
+from sipproxy.testing import ResolverDouble
 from sipproxy.transport import TransportManager, stateless_error_response
 from sipproxy.transport.udp import SIPDatagramProtocol
 from tests.fuzzing import chunked, examples, mutated
-from tests.test_proxy import PROVIDER, ResolverDouble
+from tests.proxy_harness import PROVIDER
 
 pytestmark = pytest.mark.fuzz
 

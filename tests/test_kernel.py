@@ -33,7 +33,7 @@ from sipproxy.media.ports import RelayInterface
 from sipproxy.media.service import makeRelayService
 from sipproxy.media.settings import RelaySettings
 from sipproxy.sdp import parse_sdp
-from tests.test_relay import LOCAL, Phone, rtp, sdp
+from tests.relay_phones import LOCAL, Phone, rtp, sdp
 
 reactor: Any = _reactor
 PORT_MIN = 47000 + (os.getpid() % 50) * 100

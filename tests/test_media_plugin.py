@@ -20,17 +20,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from sipproxy.config import ConfigError, Section, parse_config
-from sipproxy.location import LocationService
 from sipproxy.media.backends import LocalRelay, NGRelay
 from sipproxy.media.ng import NGCommands, NGError, NGTimeout, to_text
-from sipproxy.message import Request, Response, Source, parse_message
-from sipproxy.pipeline import load_plugins
+from sipproxy.message import Request, Response, Source
 from sipproxy.plugins.media import MediaPlugin, factory
-from sipproxy.proxy import Proxy
-from sipproxy.registrar import Registrar
 from sipproxy.sdp import SessionDescription, parse_sdp
-from tests.test_nat import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP, Wire
-from tests.test_proxy import FakeListener, ResolverDouble
+from sipproxy.testing import ProxyHarness
+from tests.nat_site import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP
 
 LAN = re.compile(rb"192\.168\.\d+\.\d+")
 MEDIA_FIREWALL = FIREWALL.replace('enabled = ["nat"]', 'enabled = ["nat", "media"]') + """
@@ -79,20 +75,6 @@ class UdpClock(Clock):
         fake = FakePort(self, port, interface, protocol)
         protocol.makeConnection(fake)
         return fake
-
-
-class ViaWire(Wire):
-    """A stateless response (no request source) goes where its top Via says."""
-
-    def send_response(self, response: Response, source: Source | None) -> None:
-        if source is None:
-            via = response.top_via
-            assert via is not None
-            host = via.received or via.host
-            rport = via.rport
-            port = rport if type(rport) is int else (via.port or 5060)
-            source = Source("UDP", host, port, OUTSIDE, 5060, "outside")
-        super().send_response(response, source)
 
 
 class RecordingRelay:
@@ -155,35 +137,31 @@ class RecordingRelay:
 
 
 @dataclass
-class Net:
-    clock: UdpClock
-    wire: Wire
-    proxy: Proxy
-    media: MediaPlugin
-    relay: RecordingRelay
-    seen: int = 0
+class Net(ProxyHarness):
+    """sipproxy.testing's proxy with the nat and media plugins, the relay's calls recorded."""
+
     stopped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def media(self) -> MediaPlugin:
+        return next(p for p in self.plugins if isinstance(p, MediaPlugin))
+
+    @property
+    def relay(self) -> RecordingRelay:
+        relay = self.media.relay
+        assert isinstance(relay, RecordingRelay)
+        return relay
 
     @property
     def engine(self) -> Any:
         return self.relay.inner.engine
 
     def send(self, data: bytes, source: Source) -> None:
-        message = parse_message(data)
-        message.source = source
-        self.proxy.receive(message)
+        self.receive(data, source)
 
     def new(self) -> list[tuple[bytes, Any, tuple[str, int]]]:
-        fresh = self.wire.datagrams[self.seen:]
-        self.seen = len(self.wire.datagrams)
-        out = []
-        for data, to in fresh:
-            message = parse_message(data)
-            if isinstance(message, Response) and message.status == 100:
-                continue
-            out.append((data, message, to))
-        return out
+        return self.wire.new()
 
     def one(self, to_host: str) -> tuple[bytes, Any]:
         """The one message since the last look (100 Trying aside); it went to ``to_host``."""
@@ -204,11 +182,7 @@ class Net:
             if getattr(plugin, "running", False):
                 plugin.stopService()
         self.stopped = True
-        for _ in range(1000):
-            calls = self.clock.getDelayedCalls()
-            if not calls:
-                break
-            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
+        self.settle(1000)
         assert self.clock.getDelayedCalls() == []
         assert self.engine.calls == {}
         assert self.clock.open == set()
@@ -216,26 +190,13 @@ class Net:
 
 
 def make_net(config_text: str = MEDIA_FIREWALL) -> Net:
-    clock = UdpClock()
-    config = parse_config(config_text)
-    listeners = [
-        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
-        for lc in config.listen
-    ]
-    wire = ViaWire(listeners)
-    location = LocationService(clock)
-    registrar = Registrar(location, clock, list(config.proxy.domains))
-    proxy = Proxy(config, clock, wire, location, registrar,  # type: ignore[arg-type]
-                  ResolverDouble({}))
-    plugins = load_plugins(config, proxy)
-    [media] = [p for p in plugins if isinstance(p, MediaPlugin)]
-    recording = RecordingRelay(media.relay)
-    media.relay = recording
-    proxy.set_plugins(plugins)
+    net: Net = Net.build(config_text, clock=UdpClock())
+    net.media.relay = RecordingRelay(net.media.relay)
+    plugins = net.plugins
     for plugin in plugins:
         if hasattr(plugin, "startService"):
             plugin.startService()
-    return Net(clock, wire, proxy, media, recording)
+    return net
 
 
 @pytest.fixture
@@ -750,16 +711,8 @@ def test_a_2xx_retransmission_gets_the_same_sdp() -> None:
 # config
 # ------------------------------------------------------------------------------------------------
 def _build(media: dict[str, Any], config_text: str = MEDIA_FIREWALL) -> Any:
-    clock = UdpClock()
-    config = parse_config(config_text)
-    listeners = [
-        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
-        for lc in config.listen
-    ]
-    location = LocationService(clock)
-    proxy = Proxy(config, clock, Wire(listeners), location,  # type: ignore[arg-type]
-                  Registrar(location, clock, []), ResolverDouble({}))
-    return factory.build(proxy, Section("media", media))
+    harness = ProxyHarness.build(config_text, clock=UdpClock(), plugins=[])
+    return factory.build(harness.proxy, Section("media", media))
 
 
 def test_the_builtin_relay_defaults_to_the_listeners_addresses() -> None:

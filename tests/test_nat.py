@@ -5,14 +5,13 @@ Firewall mode: listeners 192.168.77.1:5060 (inside) and 203.0.113.1:5060 (outsid
 from port 5062 although its Via and Contact say 5060 (what rport records). Public-proxy mode:
 one outside listener, phones behind someone else's NAT register for lan.example.
 
-Everything the proxy sends is recorded as bytes by ``Wire`` (the in-memory transports of
-tests/test_proxy.py) and re-parsed here, so an assertion about "what the provider sees" is
+Everything the proxy sends is recorded as bytes by ``RecordingWire`` (the in-memory transports
+of sipproxy.testing) and re-parsed here, so an assertion about "what the provider sees" is
 about what would be on the wire. Timers run on a ``task.Clock``.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,9 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from sipproxy.config import ConfigError, Section, parse_config
+from sipproxy.config import ConfigError, Section
 from sipproxy.context import Target
-from sipproxy.location import LocationService
-from sipproxy.message import Request, Response, Source, parse_message
-from sipproxy.pipeline import load_plugins
+from sipproxy.message import Request, Response, Source
 from sipproxy.plugins.nat import (
     TOKEN_PREFIX,
     ContactMap,
@@ -34,48 +31,21 @@ from sipproxy.plugins.nat import (
     NatPlugin,
     factory,
 )
-from sipproxy.proxy import Proxy
-from sipproxy.registrar import Registrar
-from tests.test_proxy import FakeListener, RecordingTransports, ResolverDouble
+from sipproxy.testing import ProxyHarness, answer, sip_request
+from tests.nat_site import (
+    FIREWALL,
+    INSIDE,
+    OUTSIDE,
+    PHONE,
+    PHONE_CONTACT,
+    PHONE_VIA,
+    PROVIDER,
+    PROVIDER_IP,
+)
 
-INSIDE = "192.168.77.1"
-OUTSIDE = "203.0.113.1"
-PROVIDER_IP = "203.0.113.50"
-PHONE = Source("UDP", "192.168.77.10", 5062, INSIDE, 5060, "inside")
-PROVIDER = Source("UDP", PROVIDER_IP, 5060, OUTSIDE, 5060, "outside")
-PHONE_CONTACT = "sip:alice@192.168.77.10:5060"
-PHONE_VIA = "SIP/2.0/UDP 192.168.77.10:5060;rport;branch="
 RR_INSIDE = f"<sip:{INSIDE}:5060;lr>"
 RR_OUTSIDE = f"<sip:{OUTSIDE}:5060;lr>"
 LAN = re.compile(rb"192\.168\.\d+\.\d+")
-PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
-
-FIREWALL = f"""
-[proxy]
-domains = []
-user_agent = "sipproxy-test"
-
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
-[upstream]
-uri = "sip:{PROVIDER_IP}:5060"
-
-[plugins]
-enabled = ["nat"]
-
-[nat]
-inside_networks = ["192.168.77.0/24"]
-"""
 
 PUBLIC = f"""
 [proxy]
@@ -99,63 +69,24 @@ keepalive_failures = 2
 # ------------------------------------------------------------------------------------------------
 # harness
 # ------------------------------------------------------------------------------------------------
-class Wire(RecordingTransports):
-    """Records every datagram as bytes, with the address it goes to."""
-
-    def __init__(self, listeners: list[FakeListener]) -> None:
-        super().__init__(listeners)
-        self.datagrams: list[tuple[bytes, tuple[str, int]]] = []
-
-    def send_request(self, request: Request, target: Target) -> None:
-        self.datagrams.append((request.to_bytes(), (target.host, target.port)))
-        super().send_request(request, target)
-
-    def send_response(self, response: Response, source: Source | None) -> None:
-        assert source is not None
-        self.datagrams.append((response.to_bytes(), (source.host, source.port)))
-        super().send_response(response, source)
-
-    def choose_listener(self, target: Target) -> FakeListener | None:
-        """As the real TransportManager: a private target prefers an inside listener."""
-        ip = ipaddress.ip_address(target.host)
-        preferred = "inside" if any(ip in net for net in PRIVATE) else "outside"
-        fitting = [lst for lst in self.listeners if lst.transport == target.transport.upper()]
-        if not fitting and target.transport.upper() == "TLS":  # outgoing TLS: no TLS listener
-            fitting = [lst for lst in self.listeners if lst.transport in ("TCP", "UDP")]
-        for lst in fitting:
-            if lst.side == preferred:
-                return lst
-        return fitting[0] if fitting else None
-
-
 @dataclass
-class Net:
-    clock: Clock
-    wire: Wire
-    resolver: ResolverDouble
-    location: LocationService
-    proxy: Proxy
-    nat: NatPlugin
-    seen: int = 0
+class Net(ProxyHarness):
+    """sipproxy.testing's proxy with the nat plugin, and what these tests read of the wire."""
+
+    @property
+    def nat(self) -> NatPlugin:
+        return next(p for p in self.plugins if isinstance(p, NatPlugin))
 
     def send(self, data: bytes | str, source: Source) -> None:
-        message = parse_message(data.encode() if isinstance(data, str) else data)
-        message.source = source
-        self.proxy.receive(message)
+        self.receive(data, source)
 
     def received(self, host: str, port: int | None = None) -> list[tuple[bytes, Any]]:
         """Every datagram (bytes, parsed) sent to ``host`` (and ``port``), oldest first."""
-        return [
-            (data, parse_message(data)) for data, (h, p) in self.wire.datagrams
-            if h == host and (port is None or p == port)
-        ]
+        return self.wire.received(host, port)
 
     def new(self) -> list[tuple[bytes, Any]]:
         """The datagrams sent since the last call, but the 100 Trying (hop by hop)."""
-        fresh = self.wire.datagrams[self.seen:]
-        self.seen = len(self.wire.datagrams)
-        parsed = [(data, parse_message(data)) for data, _ in fresh]
-        return [(d, m) for d, m in parsed if not (isinstance(m, Response) and m.status == 100)]
+        return [(data, message) for data, message, _ in self.wire.new()]
 
     @property
     def last_to(self) -> tuple[str, int]:
@@ -165,12 +96,10 @@ class Net:
                     if not data.startswith(b"SIP/2.0 100 "))
 
     def requests_to(self, host: str, method: str, port: int | None = None) -> list[Request]:
-        return [m for _, m in self.received(host, port)
-                if isinstance(m, Request) and m.method == method]
+        return self.wire.requests_to(host, method, port)
 
     def responses_to(self, host: str, method: str, port: int | None = None) -> list[Response]:
-        return [m for _, m in self.received(host, port)
-                if isinstance(m, Response) and m.cseq.method == method]
+        return self.wire.responses_to(host, method, port)
 
     def nothing_inside(self) -> bool:
         return not any(LAN.match(h.encode()) for _, (h, _p) in self.wire.datagrams)
@@ -178,11 +107,7 @@ class Net:
     def run_out(self) -> None:
         """Stop the plugin's loops, run every timer (bounded); nothing may be left."""
         self.nat.stopService()
-        for _ in range(500):
-            calls = self.clock.getDelayedCalls()
-            if not calls:
-                break
-            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
+        self.settle(500)
         assert self.clock.getDelayedCalls() == []
         assert len(self.proxy.transactions) == 0
         assert self.proxy._contexts == {}
@@ -190,26 +115,13 @@ class Net:
 
 def make_net(config_text: str = FIREWALL, nat: dict[str, Any] | None = None) -> Net:
     """A proxy with the nat plugin; from the config's [nat], or built from ``nat`` if given."""
-    clock = Clock()
-    config = parse_config(config_text)
-    listeners = [
-        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
-        for lc in config.listen
-    ]
-    wire = Wire(listeners)
-    resolver = ResolverDouble({})
-    location = LocationService(clock)
-    registrar = Registrar(location, clock, list(config.proxy.domains))
-    proxy = Proxy(config, clock, wire, location, registrar, resolver)  # type: ignore[arg-type]
-    if nat is None:
-        plugins = load_plugins(config, proxy)
-    else:
-        plugins = [factory.build(proxy, Section("nat", nat))]
-    proxy.set_plugins(plugins)
-    # with an outside socket the core puts acl first (never an open relay): it runs here too
-    [plugin] = [p for p in plugins if isinstance(p, NatPlugin)]
-    plugin.startService()
-    return Net(clock, wire, resolver, location, proxy, plugin)
+    # from the config: with an outside socket the core puts acl first (never an open relay)
+    net: Net = Net.build(config_text, plugins=None if nat is None else [])
+    if nat is not None:
+        net.plugins = [factory.build(net.proxy, Section("nat", nat))]
+        net.proxy.set_plugins(net.plugins)
+    net.nat.startService()
+    return net
 
 
 @pytest.fixture
@@ -223,48 +135,12 @@ def net() -> Iterator[Net]:
 # ------------------------------------------------------------------------------------------------
 # message builders and checks
 # ------------------------------------------------------------------------------------------------
-def sip_request(
-    method: str,
-    uri: str,
-    *,
-    via: str,
-    from_: str,
-    to: str,
-    call_id: str,
-    cseq: int = 1,
-    headers: tuple[str, ...] = (),
-) -> bytes:
-    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
-             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers,
-             "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def phone_request(method: str, uri: str, branch: str, **kw: Any) -> bytes:
     return sip_request(method, uri, via=PHONE_VIA + branch, **kw)
 
 
 def provider_request(method: str, uri: str, branch: str, **kw: Any) -> bytes:
     return sip_request(method, uri, via=f"SIP/2.0/UDP {PROVIDER_IP}:5060;branch={branch}", **kw)
-
-
-def answer(
-    request: Request, status: int, to_tag: str | None = None, headers: tuple[str, ...] = (),
-    record_route: bool = False,
-) -> bytes:
-    """The response a UA sends to ``request`` (as it received it)."""
-    response = request.make_response(status)
-    if to_tag is not None and not response.to.tag:
-        to = response.to.copy()
-        to.tag = to_tag
-        response.set_name_addr("To", to)
-    if record_route:
-        for value in request.headers.get_all("record-route"):
-            response.headers.add("Record-Route", value)
-    for line in headers:
-        name, _, value = line.partition(": ")
-        response.headers.add(name, value)
-    return response.to_bytes()
 
 
 def head(data: bytes) -> bytes:

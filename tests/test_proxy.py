@@ -1,144 +1,51 @@
 """RFC 3261 section 16 proxy rules, driven through ``Proxy.receive`` with in-memory transports.
 
 Every message goes in as bytes parsed by ``parse_message`` (with ``source`` set, as the
-transports do) and every message the proxy sends is recorded by ``RecordingTransports``,
-re-parsed from the bytes it would put on the wire. Timers run on a ``task.Clock``.
+transports do) and every message the proxy sends is recorded by ``RecordingWire``
+(sipproxy.testing), re-parsed from the bytes it would put on the wire. Timers run on a
+``task.Clock``.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import ILogObserver, globalLogPublisher
 
-from sipproxy.config import Config, parse_config
 from sipproxy.context import Target
 from sipproxy.dialogs import Dialog
 from sipproxy.errors import ParseError
 from sipproxy.interfaces import DROP
-from sipproxy.location import LocationService
 from sipproxy.message import MAGIC_COOKIE, Request, Response, Source, parse_message
 from sipproxy.pipeline import Pipeline, Plugin
-from sipproxy.proxy import TIMER_C, Proxy
-from sipproxy.registrar import Registrar
+from sipproxy.proxy import TIMER_C
+from tests.proxy_harness import (
+    ALICE,
+    BOB_1,
+    BOB_2,
+    CONFIG,
+    INSIDE,
+    OUTSIDE,
+    PROVIDER,
+    PROVIDER_SOURCE,
+    Harness,
+    invite,
+    make_harness,
+    only,
+    request,
+)
 
 DATA = Path(__file__).parent / "data" / "rfc4475"
-
-INSIDE = "192.168.1.1"  # the proxy's inside UDP listener
-OUTSIDE = "203.0.113.10"  # the proxy's outside UDP listener
-ALICE = Source("UDP", "192.168.1.20", 5060, INSIDE, 5060, "inside")
-PROVIDER = Target("UDP", "198.51.100.7", 5070, "provider.example")
-PROVIDER_SOURCE = Source("UDP", PROVIDER.host, PROVIDER.port, OUTSIDE, 5060, "outside")
-LAN = ipaddress.ip_network("192.168.0.0/16")  # the fake transports' idea of "inside"
-BOB_1 = "sip:bob@192.168.1.30:5062"
-BOB_2 = "sip:bob@192.168.1.31:5062"
-
-CONFIG = f"""
-[proxy]
-domains = ["lan.example"]
-user_agent = "sipproxy-test"
-
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
-[upstream]
-uri = "sip:provider.example:5070;transport=udp"
-"""
 
 
 # ------------------------------------------------------------------------------------------------
 # test doubles
 # ------------------------------------------------------------------------------------------------
-@dataclass
-class FakeListener:
-    """The attributes of ``sipproxy.transport.manager.Listener`` the proxy reads."""
-
-    side: str
-    transport: str
-    address: str
-    port: int
-    via_host: str
-
-
-class RecordingTransports:
-    """A ``TransportManager`` stand-in: records what would go on the wire, re-parsed."""
-
-    def __init__(self, listeners: list[FakeListener]) -> None:
-        self.listeners = listeners
-        self.requests: list[tuple[Request, Target]] = []
-        self.responses: list[tuple[Response, Source | None]] = []
-
-    def send_request(self, request: Request, target: Target) -> None:
-        parsed = parse_message(request.to_bytes())
-        assert isinstance(parsed, Request)
-        self.requests.append((parsed, target))
-
-    def send_response(self, response: Response, source: Source | None) -> None:
-        parsed = parse_message(response.to_bytes())
-        assert isinstance(parsed, Response)
-        self.responses.append((parsed, source))
-
-    def choose_listener(self, target: Target) -> FakeListener | None:
-        side = "inside" if ipaddress.ip_address(target.host) in LAN else "outside"
-        for lst in self.listeners:
-            if lst.side == side and lst.transport == target.transport.upper():
-                return lst
-        return self.listeners[0] if self.listeners else None
-
-    def transport_for(self, size: int, target: Target) -> str:
-        wanted = target.transport.upper()
-        return "TCP" if wanted == "UDP" and size > 1300 else wanted
-
-
-class ResolverDouble:
-    """A ``SipResolver`` test double: IP literals resolve to themselves, names by table."""
-
-    def __init__(self, names: dict[str, list[Target]]) -> None:
-        self.names = names
-        self.calls: list[tuple[str, int | None, str | None, bool]] = []
-        self.hold = False
-        self.held: list[tuple[Deferred[list[Target]], list[Target]]] = []
-
-    def resolve(
-        self, host: str, port: int | None, transport: str | None, secure: bool,
-        server_name: str | None = None,
-    ) -> Deferred[list[Target]]:
-        self.calls.append((host, port, transport, secure))
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            targets = list(self.names.get(host.lower(), []))
-        else:
-            targets = [Target((transport or "UDP").upper(), host, port or 5060, host)]
-        if self.hold:
-            d: Deferred[list[Target]] = Deferred()
-            self.held.append((d, targets))
-            return d
-        return succeed(targets)
-
-    def release(self) -> None:
-        held, self.held = self.held, []
-        for d, targets in held:
-            d.callback(targets)
-
-
 class RecordingPlugin(Plugin):
     """Records the dialog hooks."""
 
@@ -153,149 +60,6 @@ class RecordingPlugin(Plugin):
 
     def dialog_ended(self, dialog: Any, reason: str) -> None:
         self.ended.append((dialog, reason))
-
-
-@dataclass
-class Harness:
-    clock: Clock
-    config: Config
-    transports: RecordingTransports
-    resolver: ResolverDouble
-    location: LocationService
-    proxy: Proxy
-    counter: list[int] = field(default_factory=lambda: [0])
-
-    # -- input -----------------------------------------------------------------------------------
-    def receive(self, data: bytes | str, source: Source = ALICE) -> Request | Response:
-        if isinstance(data, str):
-            data = data.encode()
-        message = parse_message(data)
-        message.source = source
-        self.proxy.receive(message)
-        return message
-
-    def respond(
-        self,
-        request: Request,
-        status: int,
-        to_tag: str | None = "callee",
-        source: Source | None = None,
-        extra: str = "",
-    ) -> Response:
-        """The response a downstream element sends to ``request`` (as we sent it)."""
-        response = request.make_response(status)
-        text = response.to_bytes().decode()
-        if to_tag and status > 100 and ";tag=" not in (request.headers.get("to") or ""):
-            text = text.replace(f"To: {request.headers.get('to')}",
-                                f"To: {request.headers.get('to')};tag={to_tag}", 1)
-        if extra:
-            text = text.replace("\r\n\r\n", f"\r\n{extra}\r\n\r\n", 1)
-        if source is None:
-            target = self.target_of(request)
-            source = Source(target.transport, target.host, target.port, INSIDE, 5060, "inside")
-        parsed = self.receive(text, source)
-        assert isinstance(parsed, Response)
-        return parsed
-
-    def target_of(self, request: Request) -> Target:
-        for sent, target in self.transports.requests:
-            if sent is request:
-                return target
-        raise AssertionError(f"{request!r} was not sent")
-
-    # -- output ----------------------------------------------------------------------------------
-    def sent(self, method: str | None = None) -> list[Request]:
-        return [r for r, _ in self.transports.requests if method is None or r.method == method]
-
-    def replies(self, status: int | None = None) -> list[Response]:
-        return [r for r, _ in self.transports.responses if status is None or r.status == status]
-
-    def statuses(self) -> list[int]:
-        return [r.status for r, _ in self.transports.responses]
-
-    def finals(self, method: str | None = None) -> list[int]:
-        """Final statuses sent upstream (for ``method`` only, if given); a retransmission
-        (the same bytes again, Timer G) is counted once."""
-        seen: set[bytes] = set()
-        result = []
-        for r, _ in self.transports.responses:
-            if r.status >= 200 and (method is None or r.cseq.method == method):
-                data = r.to_bytes()
-                if data not in seen:
-                    seen.add(data)
-                    result.append(r.status)
-        return result
-
-    # -- setup helpers ---------------------------------------------------------------------------
-    def register(self, user: str, contact: str, call_id: str | None = None) -> Response:
-        self.counter[0] += 1
-        n = self.counter[0]
-        before = len(self.transports.responses)
-        self.receive(request(
-            "REGISTER", "sip:lan.example", call_id=call_id or f"reg-{user}-{n}", cseq=n,
-            to=f"<sip:{user}@lan.example>", from_=f"<sip:{user}@lan.example>;tag=r{n}",
-            branch=f"z9hG4bKreg{n}", extra=f"Contact: <{contact}>\r\nExpires: 3600",
-        ))
-        answers = self.transports.responses[before:]
-        assert len(answers) == 1
-        return answers[0][0]
-
-    def settle(self, limit: int = 200) -> None:
-        """Run every pending timer, bounded in count."""
-        for _ in range(limit):
-            calls = self.clock.getDelayedCalls()
-            if not calls:
-                return
-            self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
-        raise AssertionError("timers never stopped")
-
-    def assert_no_leaks(self) -> None:
-        self.settle()
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
-
-
-def make_harness(config_text: str = CONFIG, plugins: list[Any] | None = None) -> Harness:
-    clock = Clock()
-    config = parse_config(config_text)
-    listeners = [
-        FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port, lc.advertised_host)
-        for lc in config.listen
-    ]
-    transports = RecordingTransports(listeners)
-    resolver = ResolverDouble({"provider.example": [PROVIDER]})
-    location = LocationService(clock)
-    registrar = Registrar(location, clock, list(config.proxy.domains))
-    proxy = Proxy(config, clock, transports, location, registrar, resolver)  # type: ignore[arg-type]
-    if plugins:
-        proxy.set_plugins(plugins)
-    return Harness(clock, config, transports, resolver, location, proxy)
-
-
-def request(
-    method: str,
-    uri: str,
-    *,
-    call_id: str = "call-1",
-    cseq: int = 1,
-    branch: str = "z9hG4bKalice1",
-    via: str | None = None,
-    to: str = "<sip:bob@lan.example>",
-    from_: str = "<sip:alice@lan.example>;tag=a1",
-    max_forwards: int | None = 70,
-    extra: str = "",
-    body: str = "",
-) -> str:
-    lines = [f"{method} {uri} SIP/2.0"]
-    lines.append(via or f"Via: SIP/2.0/UDP {ALICE.host}:{ALICE.port};branch={branch}")
-    if max_forwards is not None:
-        lines.append(f"Max-Forwards: {max_forwards}")
-    lines += [f"To: {to}", f"From: {from_}", f"Call-ID: {call_id}",
-              f"CSeq: {cseq} {method}"]
-    if extra:
-        lines.append(extra)
-    lines.append(f"Content-Length: {len(body.encode())}")
-    return "\r\n".join(lines) + "\r\n\r\n" + body
 
 
 @pytest.fixture
@@ -320,16 +84,6 @@ def failures() -> Any:
     globalLogPublisher.addObserver(cast(ILogObserver, observer))
     yield events
     globalLogPublisher.removeObserver(cast(ILogObserver, observer))
-
-
-def invite(uri: str = "sip:bob@lan.example", **kw: Any) -> str:
-    kw.setdefault("extra", f"Contact: <sip:alice@{ALICE.host}:{ALICE.port}>")
-    return request("INVITE", uri, **kw)
-
-
-def only(items: list[Any]) -> Any:
-    assert len(items) == 1, items
-    return items[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -882,7 +636,7 @@ def test_stray_responses_are_dropped_and_counted(
     """RFC 6026 7.3: a response no client transaction matches is never forwarded."""
     h.receive(stray(status, method, top), PROVIDER_SOURCE)
     h.receive(stray(status, method, top), PROVIDER_SOURCE)
-    assert h.transports.responses == []
+    assert h.wire.responses == []
     assert h.sent() == []
     assert h.proxy.refusals.counters["stray_response"] == 2
     h.assert_no_leaks()
@@ -901,11 +655,11 @@ def test_2xx_retransmissions_reach_the_caller_until_timer_m(h: Harness) -> None:
     assert h.finals("INVITE") == [200]
     h.clock.advance(10)
     h.receive(ok, bob)  # a retransmission by the callee
-    oks = [(r.status, src) for r, src in h.transports.responses if r.cseq.method == "INVITE"]
+    oks = [(r.status, src) for r, src in h.wire.responses if r.cseq.method == "INVITE"]
     assert oks == [(100, ALICE), (200, ALICE), (200, ALICE)]
     h.clock.advance(64 * h.config.timers.t1 - 10 + 1)  # Timer L and Timer M fired
     h.receive(ok, bob)
-    assert len(h.transports.responses) == len(oks) + 1  # the REGISTER's 200 and these
+    assert len(h.wire.responses) == len(oks) + 1  # the REGISTER's 200 and these
     assert h.proxy.refusals.counters["stray_response"] == 1
     h.assert_no_leaks()
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet import reactor as _reactor
-from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -19,20 +18,12 @@ from sipproxy.media.errors import OutOfPorts, RelayError
 from sipproxy.media.offer_answer import MAX_STREAMS, SignalOptions
 from sipproxy.media.ports import RelayInterface
 from sipproxy.sdp import parse_sdp
+from tests.relay_phones import LOCAL, Phone, rtp, sdp
 
-LOCAL = "127.0.0.1"
 reactor: Any = _reactor
 # A range of its own per test process, away from the ephemeral ports the tests' clients get.
 PORT_MIN = 42000 + (os.getpid() % 50) * 100
 PORT_MAX = PORT_MIN + 99
-
-
-def sdp(port: int, host: str = LOCAL, extra: str = "", media: str = "") -> bytes:
-    text = (
-        f"v=0\r\no=- 1 1 IN IP4 {host}\r\ns=-\r\nc=IN IP4 {host}\r\nt=0 0\r\n"
-        f"m=audio {port} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n{extra}{media}"
-    )
-    return text.encode()
 
 
 def port_is_free(port: int) -> bool:
@@ -42,24 +33,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-class Phone(DatagramProtocol):
-    """One end of a call: a UDP socket that queues what it receives."""
-
-    def __init__(self) -> None:
-        self.received: defer.DeferredQueue[tuple[bytes, tuple[str, int]]] = defer.DeferredQueue()
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.received.put((datagram, (addr[0], addr[1])))
-
-    def send(self, data: bytes, port: int) -> None:
-        assert self.transport is not None
-        self.transport.write(data, (LOCAL, port))
-
-
-def rtp(seq: int, payload: bytes = b"voice") -> bytes:
-    return bytes([0x80, 0, 0, seq & 0xFF]) + b"\0" * 8 + payload
 
 
 class RelayTestCase(unittest.TestCase):

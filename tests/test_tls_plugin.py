@@ -4,23 +4,20 @@ the 503 a phone gets when the provider's certificate does not verify."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from sipproxy.config import ConfigError, Section, parse_config
 from sipproxy.context import Target
-from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
-from sipproxy.pipeline import load_plugins
 from sipproxy.plugins.tls import TLSPlugin, factory
 from sipproxy.proxy import Proxy
-from sipproxy.registrar import Registrar
+from sipproxy.testing import FakeListener, ProxyHarness, RecordingWire, listeners_for
 from sipproxy.transport.tls import TLSClientPolicy, TLSConnectError
-from tests.test_proxy import FakeListener, RecordingTransports, ResolverDouble
 from tests.tls_certs import make_certificates
 
 PROXY_IP = "192.168.1.1"
@@ -47,18 +44,7 @@ enabled = ["tls"]
 """
 
 
-class NamedResolver(ResolverDouble):
-    """IP literals resolve to themselves; sips: and transport=tls give TLS targets."""
-
-    def resolve(self, host: str, port: int | None, transport: str | None, secure: bool,
-                server_name: str | None = None) -> Deferred[list[Target]]:
-        kind = "TLS" if secure or (transport or "").lower() == "tls" else \
-            (transport or "UDP").upper()
-        default = 5061 if kind == "TLS" else 5060
-        return succeed([Target(kind, host, port or default, server_name or host)])
-
-
-class Wire(RecordingTransports):
+class Wire(RecordingWire):
     """Fails TLS sends to ``refuse`` as the real transport does (on_failure, then errback)."""
 
     tls_client: TLSClientPolicy | None = None
@@ -71,34 +57,15 @@ class Wire(RecordingTransports):
             assert self.tls_client is not None and self.tls_client.on_failure is not None
             self.tls_client.on_failure(error)
             return fail(error)
-        super().send_request(request, target)
-        return succeed(None)
-
-    def send_response(self, response: Response, source: Source | None) -> Any:
-        super().send_response(response, source)
-        return succeed(None)
-
-    def choose_listener(self, target: Target) -> FakeListener | None:
-        """As the real TransportManager: outgoing TLS leaves from a UDP listener of the side."""
-        if target.transport.upper() != "TLS":
-            return super().choose_listener(target)
-        return super().choose_listener(Target("UDP", target.host, target.port, target.host))
+        return super().send_request(request, target)
 
 
 def make(config_text: str = CONFIG) -> tuple[Proxy, Wire, TLSPlugin]:
-    clock = Clock()
     config = parse_config(config_text)
-    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
-                              lc.advertised_host) for lc in config.listen]
-    wire = Wire(listeners)
-    location = LocationService(clock)
-    registrar = Registrar(location, clock, list(config.proxy.domains))
-    proxy = Proxy(config, clock, wire, location, registrar, NamedResolver({}))  # type: ignore
-    plugins = load_plugins(config, proxy)
-    proxy.set_plugins(plugins)
-    [plugin] = [p for p in plugins if isinstance(p, TLSPlugin)]  # acl runs too (outside socket)
-    assert wire.tls_client is plugin.policy  # the plugin configured the transport
-    return proxy, wire, plugin
+    harness = ProxyHarness.build(config, wire=Wire(listeners_for(config)))
+    [plugin] = [p for p in harness.plugins if isinstance(p, TLSPlugin)]  # acl runs too
+    assert harness.wire.tls_client is plugin.policy  # the plugin configured the transport
+    return harness.proxy, cast(Wire, harness.wire), plugin
 
 
 def send(proxy: Proxy, text: str, source: Source = PHONE) -> None:
@@ -427,14 +394,8 @@ class FlowWire(Wire):
 
 def make_flow(advertise: str | None = None) -> tuple[Proxy, FlowWire]:
     config = parse_config(two_sides(advertise))
-    listeners = [FakeListener(lc.side, lc.transport.upper(), lc.address, lc.port,
-                              lc.advertised_host) for lc in config.listen]
-    wire = FlowWire(listeners)
-    location = LocationService(Clock())
-    proxy = Proxy(config, Clock(), wire, location,
-                  Registrar(location, Clock(), list(config.proxy.domains)), NamedResolver({}))
-    proxy.set_plugins(load_plugins(config, proxy))
-    return proxy, wire
+    harness = ProxyHarness.build(config, wire=FlowWire(listeners_for(config)))
+    return harness.proxy, cast(FlowWire, harness.wire)
 
 
 @pytest.mark.parametrize("advertise", [None, EXTERNAL_IP])

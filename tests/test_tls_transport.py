@@ -31,19 +31,10 @@ from sipproxy.transport.tls import (
     load_server_certificate,
     trust_root,
 )
-from tests.tls_certs import PROVIDER, Certificates, make_certificates
+from tests.tls_certs import PROVIDER, certs
 
 LOCAL = "127.0.0.1"
 reactor: Any = _reactor
-
-_CERTS: Certificates | None = None
-
-
-def certs(tmp: Path | None = None) -> Certificates:
-    global _CERTS
-    if _CERTS is None:
-        _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
-    return _CERTS
 
 
 def invite(via_transport: str = "TLS", call_id: str = "tls-1") -> Request:
@@ -277,7 +268,7 @@ class RealTLSTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_connection_refused_is_one_clear_error(self) -> Any:
         manager = self.manager()
-        from tests.integration.harness import free_port
+        from tests.integration.support.harness import free_port
 
         port = free_port()
         with self.assertRaises(TLSConnectError) as caught:

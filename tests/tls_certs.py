@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,15 @@ def make_certificates(directory: Path, provider_names: tuple[str, ...] = (PROVID
         proxy=_leaf(directory, "proxy", [PROXY, "127.0.0.1"], ca, **valid),
         client=_leaf(directory, "client", ["sipproxy.test"], ca, client=True, **valid),
     )
+
+
+_CERTS: Certificates | None = None
+
+
+def certs() -> Certificates:
+    """One set of certificates for the whole test run, made at the first call in a temporary
+    directory of its own (it outlives any one test's ``tmp_path``)."""
+    global _CERTS
+    if _CERTS is None:
+        _CERTS = make_certificates(Path(tempfile.mkdtemp(prefix="sipproxy-tls-")))
+    return _CERTS

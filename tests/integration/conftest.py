@@ -1,6 +1,6 @@
 """
 Fixtures for the integration tests: real proxy processes and sipp on loopback, and (C{nat_net})
-network namespaces with a real NAT (tests/integration/netns.py).
+network namespaces with a real NAT (tests/integration/support/netns.py).
 
 Without sipp (Debian package sip-tester; scripts/test installs it) every test in this directory
 is skipped with that reason. On a failure the report gets the tails of the proxies' logs.
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import ProxyProcess, Sipp, sipp_available
-from tests.integration.netns import NatNet, delete_leftovers, netns_unavailable
+from tests.integration.support.harness import ProxyProcess, Sipp, sipp_available
+from tests.integration.support.netns import NatNet, delete_leftovers, netns_unavailable
 
 _HERE = Path(__file__).resolve().parent
 _NO_SIPP = "sipp is not installed (Debian package sip-tester; scripts/test installs it)"

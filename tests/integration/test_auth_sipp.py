@@ -22,7 +22,7 @@ import pytest
 from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1, parse_challenge
 from sipproxy.message import Response, parse_message
-from tests.integration.harness import LOOPBACK, ProxyProcess, Sipp, free_port
+from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free_port
 
 DOMAIN = "lan.example"
 OUTSIDE_IP = "127.0.0.2"

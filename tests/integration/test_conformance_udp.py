@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import (
+from tests.integration.support.harness import (
     LOOPBACK,
     REPO_ROOT,
     ProxyProcess,

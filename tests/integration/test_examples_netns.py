@@ -52,10 +52,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.baresip import Account, Baresip, baresip_unavailable
-from tests.integration.harness import REPO_ROOT, HarnessError, SippProcess, SippResult
-from tests.integration.kamailio import Kamailio, kamailio_unavailable
-from tests.integration.netns import (
+from tests.integration.support.baresip import Account, Baresip, baresip_unavailable
+from tests.integration.support.harness import REPO_ROOT, HarnessError, SippProcess, SippResult
+from tests.integration.support.kamailio import Kamailio, kamailio_unavailable
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     LAN,
@@ -65,12 +65,12 @@ from tests.integration.netns import (
     Capture,
     Namespace,
     NatNet,
+    NoConfigProxy,
     NsProxyProcess,
     NsSipp,
     Packet,
 )
-from tests.integration.rtp import is_rtp, loss, rtp_id, write_rtp_pcap
-from tests.integration.test_no_config import NoConfigProxy
+from tests.integration.support.rtp import is_rtp, loss, rtp_id, write_rtp_pcap
 from tests.tls_certs import Certificates, make_certificates
 
 pytestmark = [pytest.mark.netns]

@@ -1,8 +1,8 @@
 """
 Flood protection end to end: a real proxy process on 127.0.0.1, a bounded garbage generator
-(tests/integration/flooder.py, another process) flooding it from 127.0.0.2, and 100 sipp calls
-from 127.0.0.1 (exempt) through the proxy to a sipp UAS at the same time: every call completes,
-the flooder is banned, and it is answered again once the ban time is over.
+(tests/integration/support/flooder.py, another process) flooding it from 127.0.0.2, and 100
+sipp calls from 127.0.0.1 (exempt) through the proxy to a sipp UAS at the same time: every call
+completes, the flooder is banned, and it is answered again once the ban time is over.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.integration.harness import LOOPBACK, REPO_ROOT, ProxyProcess, Sipp, free_port
+from tests.integration.support.harness import LOOPBACK, REPO_ROOT, ProxyProcess, Sipp, free_port
 
 FLOODER = "127.0.0.2"
 BAN_TIME = 3.0
@@ -99,7 +99,7 @@ def test_flood_is_banned_while_calls_complete(proxy_factory, sipp: Sipp, tmp_pat
     report_path = tmp_path / "flood.json"
     cpu_before = proxy.cpu_seconds()
     flooder = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tests/integration/flooder.py"),
+        [sys.executable, str(REPO_ROOT / "tests/integration/support/flooder.py"),
          "--source", FLOODER, "--target", f"{target[0]}:{target[1]}",
          "--rate", str(FLOOD_RATE), "--duration", str(FLOOD_SECONDS),
          "--report", str(report_path)],

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzzing import chunked, examples, mutated
-from tests.integration.harness import LOOPBACK, ProxyProcess, free_port, options_probe
+from tests.integration.support.harness import LOOPBACK, ProxyProcess, free_port, options_probe
 
 pytestmark = pytest.mark.fuzz
 

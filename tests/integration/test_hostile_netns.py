@@ -26,15 +26,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, PROVIDER_IP, Namespace, NatNet
-from tests.integration.test_linphone import firewall_example
-from tests.integration.test_nat_netns import (
+from tests.integration.support.netns import (
+    FW_INSIDE,
+    FW_OUTSIDE,
+    PHONE_IP,
+    PROVIDER_IP,
+    Namespace,
+    NatNet,
+    NoConfigProxy,
+)
+from tests.integration.support.sites import (
+    firewall_example,
     incoming_call,
     register_with_challenge,
     start_site,
     token_seen_by_provider,
 )
-from tests.integration.test_no_config import NoConfigProxy
 
 pytestmark = [pytest.mark.netns]
 

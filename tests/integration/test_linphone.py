@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import REPO_ROOT, HarnessError
-from tests.integration.linphone import Linphone, linphone_available
-from tests.integration.netns import (
+from tests.integration.support.harness import REPO_ROOT, HarnessError
+from tests.integration.support.linphone import Linphone, linphone_available
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     PHONE_IP,
@@ -39,9 +39,10 @@ from tests.integration.netns import (
     Capture,
     Namespace,
     NatNet,
+    NoConfigProxy,
     NsProxyProcess,
 )
-from tests.integration.test_no_config import NoConfigProxy
+from tests.integration.support.sites import firewall_example
 from tests.tls_certs import make_certificates
 
 pytestmark = [
@@ -139,12 +140,6 @@ def test_linphone_no_config(nat_net: NatNet, tmp_path: Path, transport: str) -> 
     finally:
         proxy.stop()
     _assert_clean_log(proxy)
-
-
-def firewall_example() -> dict[str, object]:
-    """examples/firewall.toml as written; only the provider's name is its address here."""
-    text = (REPO_ROOT / "examples" / "firewall.toml").read_text()
-    return tomllib.loads(text.replace("sip.provider.example", PROVIDER_IP))
 
 
 class ProviderProxy(NoConfigProxy):

@@ -29,8 +29,6 @@ the relay, as in issue 12.
 
 from __future__ import annotations
 
-import json
-import secrets
 import socket
 import struct
 import sys
@@ -42,9 +40,9 @@ from typing import Any
 
 import pytest
 
-from sipproxy.media.ng import decode_message, encode_message
-from tests.integration.kamailio import NgKamailio, kamailio_unavailable
-from tests.integration.netns import (
+from tests.integration.support.harness import wait_for
+from tests.integration.support.kamailio import NgKamailio, kamailio_unavailable
+from tests.integration.support.netns import (
     FIREWALL_RULES,
     FW_INSIDE,
     FW_OUTSIDE,
@@ -59,8 +57,7 @@ from tests.integration.netns import (
     NsSipp,
     Topology,
 )
-from tests.integration.rtp import callee_scenario, caller_scenario, loss, write_rtp_pcap
-from tests.integration.test_media_netns import (
+from tests.integration.support.relays import (
     KERNEL_TABLE,
     MIN_PACKETS,
     NG_PORT,
@@ -68,19 +65,27 @@ from tests.integration.test_media_netns import (
     PHONE_RTP,
     PROVIDER_RTP,
     RELAY_PORTS,
+    TABLE_PREFIX,
     RelayProcess,
     describe_sip,
-    is_rtp,
+    firewall_tables,
     judge,
     media_config,
+    ng,
     open_relay_ports,
+    relay_table,
     standalone_relay,
 )
-from tests.integration.test_nat_netns import SIP, SIPP_TIMEOUT, pair, start_site
+from tests.integration.support.rtp import (
+    callee_scenario,
+    caller_scenario,
+    is_rtp,
+    loss,
+    write_rtp_pcap,
+)
+from tests.integration.support.sites import SIP, SIPP_TIMEOUT, pair, start_site
 
 pytestmark = [pytest.mark.netns]
-
-TABLE_PREFIX = "sipproxy_relay_"
 
 
 @pytest.fixture
@@ -93,55 +98,6 @@ def seed_net(netns_ready: None) -> Iterator[NatNet]:
         yield net
     finally:
         net.close()
-
-
-def ng(ns: Namespace, message: dict[str, Any], timeout: float = 1.0) -> dict[str, Any] | None:
-    """One NG command to the relay on fw's loopback; None without a reply. (A fresh cookie:
-    the relay's reply cache answers a cookie seen from the same address within 30 s, and the
-    new socket may get an earlier one's port.)"""
-    sock = ns.socket()
-    try:
-        sock.settimeout(timeout)
-        sock.sendto(encode_message(secrets.token_hex(6).encode(), message),
-                    ("127.0.0.1", NG_PORT))
-        data = sock.recv(65535)
-    except TimeoutError:
-        return None
-    finally:
-        sock.close()
-    return decode_message(data)[1]
-
-
-def relay_table(ns: Namespace) -> dict[str, Any] | None:
-    """The relay's netdev table in ``ns``: {"rules": n, "packets": what its counters
-    counted}; None: no such table."""
-    tables = json.loads(ns.run("nft", "-j", "list", "tables", "netdev").stdout)["nftables"]
-    names = [t["table"]["name"] for t in tables if "table" in t
-             and t["table"]["name"].startswith(TABLE_PREFIX)]
-    if not names:
-        return None
-    assert len(names) == 1, names
-    result = ns.run("nft", "-j", "list", "table", "netdev", names[0], check=False)
-    if result.returncode != 0:
-        return None
-    items = json.loads(result.stdout)["nftables"]
-    return {"rules": sum("rule" in item for item in items),
-            "packets": sum(i["counter"]["packets"] for i in items if "counter" in i)}
-
-
-def firewall_tables(ns: Namespace) -> str:
-    """fw's ruleset without the relay's own table."""
-    text = ns.run("nft", "list", "ruleset").stdout
-    out, skip = [], False
-    for line in text.splitlines():
-        if line.startswith("table ") and TABLE_PREFIX in line:
-            skip = True
-        elif skip and line == "}":
-            skip = False
-            continue
-        if not skip:
-            out.append(line)
-    return "\n".join(out)
 
 
 def rtp_stats(reply: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -184,12 +140,6 @@ class Sampler(threading.Thread):
         self.join(10)
 
 
-def wait_for(check: Any, limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("seconds", [4, 30])
 def test_calls_through_the_kernel_path_behind_the_seeds_firewall(
         seed_net: NatNet, tmp_path: Path, seconds: int) -> None:
@@ -222,8 +172,8 @@ def test_calls_through_the_kernel_path_behind_the_seeds_firewall(
         assert client.ok(1), f"{client.describe()}\n{logs}"
         assert server.ok(1), f"{server.describe()}\n{logs}"
 
-        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p)]
-        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p)]
+        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p, audio_only=False)]
+        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p, audio_only=False)]
         from_phone = [p for p in lan if p.src == PHONE_IP]
         to_provider = [p for p in wan if p.dst == PROVIDER_IP]
         from_provider = [p for p in wan if p.src == PROVIDER_IP]
@@ -502,8 +452,8 @@ def test_kamailio_drives_the_relay_over_ng(seed_net: NatNet, tmp_path: Path) -> 
         assert client.ok(KAMAILIO_CALLS), f"{client.describe()}\n{logs}"
         assert server.ok(KAMAILIO_CALLS), f"{server.describe()}\n{logs}"
 
-        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p)]
-        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p)]
+        lan = [p for p in packets if p.interface == net.lan_if and is_rtp(p, audio_only=False)]
+        wan = [p for p in packets if p.interface == net.wan_if and is_rtp(p, audio_only=False)]
         # per call, told apart by the relay's port on each side
         from_phone = [p for p in lan if p.src == PHONE_IP]
         to_provider = loss(from_phone, [p for p in wan if p.dst == PROVIDER_IP],

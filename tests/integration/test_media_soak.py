@@ -1,6 +1,6 @@
 """
 A bounded soak of the media plugin and its relay's kernel fast path, behind the seed's firewall
-(tests/integration/netns.py: phone | fw | provider, fw's forward chain dropping UDP
+(tests/integration/support/netns.py: phone | fw | provider, fw's forward chain dropping UDP
 10000-60000, no exception for the relay): 1,000 calls from sipp on the phone through the proxy
 on fw (``nat`` + ``media``, the default ``kernel = "auto"``) to sipp on the provider, every
 INVITE and 200 with SDP, two callers side by side:
@@ -30,24 +30,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.netns import FW_INSIDE, LAN, PHONE_IP, SEED_RTP_PORTS, NatNet
-from tests.integration.rtp import callee_scenario, caller_scenario, is_rtp, write_rtp_pcap
-from tests.integration.test_media_kernel_netns import (
-    TABLE_PREFIX,
-    firewall_tables,
-    ng,
-    relay_table,
-    wait_for,
-)
-from tests.integration.test_media_netns import (
+from tests.integration.support.harness import wait_for
+from tests.integration.support.netns import FW_INSIDE, LAN, PHONE_IP, SEED_RTP_PORTS, NatNet
+from tests.integration.support.relays import (
     NG_PORT,
     PHONE_RTP,
     PROVIDER_RTP,
     RELAY_PORTS,
+    TABLE_PREFIX,
+    firewall_tables,
     media_config,
+    ng,
     open_relay_ports,
+    relay_table,
 )
-from tests.integration.test_nat_netns import SIP, start_site
+from tests.integration.support.rtp import callee_scenario, caller_scenario, is_rtp, write_rtp_pcap
+from tests.integration.support.sites import SIP, start_site
 
 pytestmark = [pytest.mark.netns]
 

@@ -1,6 +1,6 @@
 """
 The nat plugin end to end, across a real NAT: network namespaces, veth pairs, nftables
-masquerading, the real proxy process and real sipp (tests/integration/netns.py).
+masquerading, the real proxy process and real sipp (tests/integration/support/netns.py).
 
 Firewall mode: the proxy runs in ``fw`` (inside 192.168.77.1, outside 203.0.113.1), the phone
 (sipp in ``phone``, 192.168.77.10) registers with the provider (sipp in ``provider``,
@@ -15,11 +15,9 @@ binding.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,126 +25,41 @@ import pytest
 
 from sipproxy.message import Request, Response
 from sipproxy.plugins.nat import TOKEN_PREFIX
-from tests.integration.harness import SippResult
-from tests.integration.netns import (
+from sipproxy.testing import sip_request
+from tests.integration.support.harness import SippResult
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
-    LAN,
     NAT_PORTS,
     PHONE_IP,
     PROVIDER_IP,
     RTP_PORTS,
-    Capture,
     NatNet,
-    NsProxyProcess,
-    NsSipp,
     Packet,
+    inside,
+)
+from tests.integration.support.sites import (
+    PHONE_CONTACT,
+    SIP,
+    SIPP_TIMEOUT,
+    USER,
+    Site,
+    describe_packets,
+    firewall_config,
+    incoming_call,
+    inside_addresses,
+    outgoing_call,
+    pair,
+    register_with_challenge,
+    start_site,
+    token_seen_by_provider,
 )
 
 pytestmark = [pytest.mark.netns]
 
-SIP = 5060
-USER, PASSWORD = "alice", "secret"
-PHONE_CONTACT = f"sip:{USER}@{PHONE_IP}:{SIP}"
-#: the headers that tell the far side where to send something (compact forms included)
-ADDRESS_HEADERS = ("via", "contact", "record-route", "route", "path")
-SIPP_TIMEOUT = 20.0
-
-
-def _inside(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")) in LAN
-    except ValueError:
-        return False
-
-
-def inside_addresses(message: Request | Response) -> list[str]:
-    """Every Via, Contact, Record-Route, Route and Path value that names an inside host."""
-    found = []
-    for via in message.vias:
-        if _inside(via.host) or _inside(via.received or "") or _inside(via.maddr or ""):
-            found.append(f"Via: {via}")
-    for name in ADDRESS_HEADERS[1:]:
-        values = message.contacts if name == "contact" else message.name_addrs(name)
-        for addr in values:
-            uri = addr.uri
-            if uri.is_sip and (_inside(uri.host) or _inside(uri.get_param("maddr") or "")):
-                found.append(f"{name}: {addr}")
-    return found
-
 
 def key_of(message: Request | Response) -> tuple[str, int, str]:
     return (message.call_id, message.cseq.number, message.cseq.method)
-
-
-def describe_packets(packets: list[tuple[Packet, Request | Response]], limit: int = 40) -> str:
-    lines = []
-    for packet, message in packets[-limit:]:
-        first = message.start_line() if hasattr(message, "start_line") else "?"
-        lines.append(f"{packet.interface} {'out' if packet.outgoing else 'in '} "
-                     f"{packet.src}:{packet.sport} -> {packet.dst}:{packet.dport}  {first}")
-    return "\n".join(lines)
-
-
-def firewall_config() -> dict[str, Any]:
-    """examples/firewall.toml, with the provider at 203.0.113.50."""
-    return {
-        "proxy": {"domains": []},
-        "listen": [
-            {"side": "inside", "transport": "udp", "address": FW_INSIDE, "port": SIP},
-            {"side": "outside", "transport": "udp", "address": FW_OUTSIDE, "port": SIP},
-        ],
-        "upstream": {"uri": f"sip:{PROVIDER_IP}:{SIP}"},
-        "plugins": {"enabled": ["nat"]},
-        "nat": {"inside_networks": [str(LAN)]},
-    }
-
-
-@dataclass
-class Site:
-    """One topology with the proxy running and both captures going."""
-
-    net: NatNet
-    proxy: NsProxyProcess
-    capture: Capture
-    phone: NsSipp
-    provider: NsSipp
-    results: dict[str, tuple[SippResult, SippResult]] = field(default_factory=dict)
-
-    def logs(self) -> str:
-        return self.proxy.log_tail(80)
-
-    def outside(self) -> list[tuple[Packet, Request | Response]]:
-        return self.capture.sip_on(self.net.wan_if)
-
-    def lan(self) -> list[tuple[Packet, Request | Response]]:
-        return self.capture.sip_on(self.net.lan_if)
-
-    def stop(self) -> None:
-        self.phone.cleanup()
-        self.provider.cleanup()
-        self.proxy.stop()
-        self.capture.stop()
-
-
-def start_site(net: NatNet, workdir: Path, config: dict[str, Any], proxy_ns: str = "fw") -> Site:
-    capture = Capture(net.fw, [net.lan_if, net.wan_if])
-    ns = net.fw if proxy_ns == "fw" else net.provider
-    proxy = NsProxyProcess(ns, config, workdir / "proxy", name="proxy")
-    try:
-        proxy.start()
-    except BaseException:
-        capture.stop()
-        raise
-    return Site(net, proxy, capture, NsSipp(net.phone, workdir / "phone"),
-                NsSipp(net.provider, workdir / "provider"))
-
-
-def pair(uas: Any, uac: Any) -> tuple[SippResult, SippResult]:
-    """Wait for a client and then its server (bounded); both are dead afterwards."""
-    client = uac.wait()
-    server = uas.wait(10)
-    return server, client
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,60 +98,6 @@ def test_the_topology_is_a_real_nat(nat_net: NatNet) -> None:
 # ------------------------------------------------------------------------------------------------
 # firewall mode: one registration and four calls, judged by the tests below
 # ------------------------------------------------------------------------------------------------
-
-REGISTER_KEYS = {"user": USER, "domain": "provider.example", "contact": PHONE_CONTACT,
-                 "expires": "3600"}
-
-
-def register_with_challenge(site: Site) -> tuple[SippResult, SippResult]:
-    uas = site.provider.start_uas("uas_register_auth.xml", SIP, count=1, timeout=SIPP_TIMEOUT)
-    uac = site.phone.start_uac(
-        "register_auth.xml", (FW_INSIDE, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
-        keys=REGISTER_KEYS, variables={"contact": PHONE_CONTACT},
-        extra_args=["-au", USER, "-ap", PASSWORD],
-    )
-    return pair(uas, uac)
-
-
-def token_seen_by_provider(site: Site) -> str:
-    """The phone's Contact as the provider got it in the authorized REGISTER."""
-    site.capture.settle()
-    for packet, message in site.outside():
-        if isinstance(message, Request) and message.method == "REGISTER" and \
-                packet.dst == PROVIDER_IP and "authorization" in message.headers:
-            [contact] = message.contacts
-            assert contact.uri.user and contact.uri.user.startswith(TOKEN_PREFIX), str(contact)
-            return contact.uri.user
-    raise AssertionError(f"no authorized REGISTER reached the provider\n"
-                         f"{describe_packets(site.outside())}\n{site.logs()}")
-
-
-def incoming_call(site: Site, token: str, phone_scenario: str,
-                  provider_scenario: str) -> tuple[SippResult, SippResult]:
-    """The provider calls the phone's token (what it registered); the phone answers."""
-    uas = site.phone.start_uas(phone_scenario, SIP, count=1, timeout=SIPP_TIMEOUT)
-    uac = site.provider.start_uac(
-        provider_scenario, (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
-        keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"},
-        # the provider sees one Via in the phone's BYE: the phone's are hidden (hide_vias)
-        variables={"direct": "1"} if provider_scenario == "uac_waitbye.xml" else None,
-    )
-    return pair(uas, uac)
-
-
-def outgoing_call(site: Site, phone_scenario: str,
-                  provider_scenario: str) -> tuple[SippResult, SippResult]:
-    """The phone calls bob at the provider through its outbound proxy, the firewall."""
-    # the provider sees one Via in the phone's requests (hide_vias): its "came through a proxy"
-    # check counts Vias, so it is off there; Record-Route is checked on the wire instead
-    uas = site.provider.start_uas(provider_scenario, SIP, count=1, timeout=SIPP_TIMEOUT,
-                                  variables={"direct": "1"})
-    uac = site.phone.start_uac(
-        phone_scenario, (FW_INSIDE, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
-        keys={"ruri": "sip:bob@provider.example"},
-    )
-    return pair(uas, uac)
-
 
 CALLS = {
     # name: (direction, phone's scenario, provider's scenario)
@@ -308,7 +167,7 @@ def test_no_inside_address_leaves_on_the_outside(firewall: Site) -> None:
         for p, _m, found in leaks[:3]
     )
     for packet in firewall.capture.on(firewall.net.wan_if):
-        assert not _inside(packet.src) and not _inside(packet.dst), packet
+        assert not inside(packet.src) and not inside(packet.dst), packet
     # what the provider got from the proxy stays in the dialog: our outside Record-Route
     invites = [m for p, m in outside if isinstance(m, Request) and m.method == "INVITE"
                and p.dst == PROVIDER_IP]
@@ -350,19 +209,12 @@ def test_every_request_from_the_provider_reaches_the_phone(firewall: Site) -> No
 
 def _probe(call_id: str, method: str, uri: str, *, headers: tuple[str, ...] = (),
            to_tag: str | None = None, port: int = 5099) -> bytes:
-    lines = [
-        f"{method} {uri} SIP/2.0",
-        f"Via: SIP/2.0/UDP {PROVIDER_IP}:{port};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport",
-        "Max-Forwards: 70",
-        f"From: <sip:mallory@{PROVIDER_IP}>;tag=m{call_id[:6]}",
-        f"To: <sip:x@provider.example>{f';tag={to_tag}' if to_tag else ''}",
-        f"Call-ID: {call_id}",
-        f"CSeq: 1 {method}",
-        f"Contact: <sip:mallory@{PROVIDER_IP}:{port}>",
-        *headers,
-        "Content-Length: 0",
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return sip_request(
+        method, uri, call_id=call_id,
+        via=f"SIP/2.0/UDP {PROVIDER_IP}:{port};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport",
+        from_=f"<sip:mallory@{PROVIDER_IP}>;tag=m{call_id[:6]}",
+        to=f"<sip:x@provider.example>{f';tag={to_tag}' if to_tag else ''}",
+        headers=(f"Contact: <sip:mallory@{PROVIDER_IP}:{port}>", *headers))
 
 
 def test_the_outside_cannot_reach_the_inside(nat_net: NatNet, tmp_path: Path) -> None:

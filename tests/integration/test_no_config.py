@@ -9,21 +9,20 @@ complete through the proxy (Record-Route, BYE through it), and the log has no wa
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.harness import SippResult
-from tests.integration.netns import (
+from tests.integration.support.harness import SippResult
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     PHONE_IP,
     PROVIDER_IP,
     NatNet,
-    NsProxyProcess,
+    NoConfigProxy,
     NsSipp,
 )
 
@@ -31,18 +30,6 @@ pytestmark = [pytest.mark.netns]
 
 SIP = 5060
 TIMEOUT = 20.0
-TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
-
-
-class NoConfigProxy(NsProxyProcess):
-    """``twistd -n sipproxy``: no --config, no file; probed on the host's first address."""
-
-    def command(self) -> list[str]:
-        return [*self.ns.prefix(), sys.executable, "-c", TWISTD, "-n", "--pidfile=",
-                f"--logfile={self.log_path}", "sipproxy"]
-
-    def listeners(self) -> list[tuple[str, str, int]]:
-        return [("udp", FW_INSIDE, SIP)]
 
 
 @pytest.fixture

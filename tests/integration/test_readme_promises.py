@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from sipproxy.credentials import parse_credentials_file
-from tests.integration.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, NatNet
-from tests.integration.test_no_config import NoConfigProxy
+from tests.integration.support.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, NatNet, NoConfigProxy
 
 needs_sipsak = pytest.mark.skipif(shutil.which("sipsak") is None,
                                   reason="sipsak not installed")

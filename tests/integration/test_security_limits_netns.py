@@ -1,8 +1,8 @@
 """
 Exhaustion and guessing probes against a running proxy, from outside sources (issue 11, part B).
 
-Network namespaces (tests/integration/netns.py), so the flood guard's loopback exemption does
-not apply: the proxy (``px``) has one veth toward each of
+Network namespaces (tests/integration/support/netns.py), so the flood guard's loopback exemption
+does not apply: the proxy (``px``) has one veth toward each of
 
 - ``phone`` 192.0.2.10: the legitimate phone, sipp registering alice and bob (digest) and
   alice calling bob, all through the proxy while each probe runs;
@@ -39,8 +39,9 @@ import pytest
 from sipproxy.credentials import format_line
 from sipproxy.digest import authorization, ha1
 from sipproxy.message import Request, Response, parse_message
-from tests.integration.harness import SippProcess
-from tests.integration.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
+from sipproxy.testing import sip_request
+from tests.integration.support.harness import SippProcess
+from tests.integration.support.netns import Capture, Namespace, NsProxyProcess, NsSipp, Topology
 
 pytestmark = [pytest.mark.netns]
 
@@ -163,14 +164,6 @@ class Phone:
 # ------------------------------------------------------------------------------------------------
 # hand-made user agents
 # ------------------------------------------------------------------------------------------------
-def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
-                cseq: int, headers: tuple[str, ...] = ()) -> bytes:
-    lines = [f"{method} {uri} SIP/2.0", f"Via: {via}", "Max-Forwards: 70", f"From: {from_}",
-             f"To: {to}", f"Call-ID: {call_id}", f"CSeq: {cseq} {method}", *headers,
-             "Content-Length: 0"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def parsed(data: bytes) -> Request | Response | None:
     try:
         message = parse_message(data)

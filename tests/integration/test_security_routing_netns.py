@@ -2,7 +2,7 @@
 Issue 11, part A, against running proxies: outside probes that tried to make the proxy send
 traffic to a third party, each with an assertion that nothing reached the victim.
 
-One topology for the module (tests/integration/netns.py's NatNet, grown by two hosts that
+One topology for the module (tests/integration/support/netns.py's NatNet, grown by two hosts that
 ``provider`` routes to), so every source is a real, non-loopback address the flood guard does
 not exempt::
 
@@ -35,12 +35,13 @@ from typing import Any
 
 import pytest
 
+from sipproxy import testing
 from sipproxy.credentials import format_line
 from sipproxy.digest import ha1
 from sipproxy.errors import ParseError
 from sipproxy.message import Request, Response, parse_message
-from tests.integration.harness import SippProcess
-from tests.integration.netns import (
+from tests.integration.support.harness import SippProcess
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     PHONE_IP,
@@ -49,7 +50,7 @@ from tests.integration.netns import (
     Namespace,
     NatNet,
 )
-from tests.integration.test_nat_netns import (
+from tests.integration.support.sites import (
     SIPP_TIMEOUT,
     Site,
     firewall_config,
@@ -105,20 +106,13 @@ def lab(netns_ready: None) -> Iterator[Lab]:
 
 def sip_request(method: str, uri: str, call_id: str, *, cseq: int = 1, to_tag: str | None = None,
                 via_params: str = ";rport", headers: tuple[str, ...] = ()) -> bytes:
-    lines = [
-        f"{method} {uri} SIP/2.0",
-        f"Via: SIP/2.0/UDP {ATTACKER_IP}:{ATTACKER_PORT};branch=z9hG4bK{uuid.uuid4().hex[:16]}"
-        f"{via_params}",
-        "Max-Forwards: 70",
-        "From: <sip:mallory@evil.example>;tag=mallory1",
-        f"To: <sip:x@{DOMAIN}>{f';tag={to_tag}' if to_tag else ''}",
-        f"Call-ID: {call_id}",
-        f"CSeq: {cseq} {method}",
-        f"Contact: <sip:mallory@{ATTACKER_IP}:{ATTACKER_PORT}>",
-        *headers,
-        "Content-Length: 0",
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    return testing.sip_request(
+        method, uri, call_id=call_id, cseq=cseq,
+        via=f"SIP/2.0/UDP {ATTACKER_IP}:{ATTACKER_PORT};branch=z9hG4bK{uuid.uuid4().hex[:16]}"
+            f"{via_params}",
+        from_="<sip:mallory@evil.example>;tag=mallory1",
+        to=f"<sip:x@{DOMAIN}>{f';tag={to_tag}' if to_tag else ''}",
+        headers=(f"Contact: <sip:mallory@{ATTACKER_IP}:{ATTACKER_PORT}>", *headers))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import LOOPBACK, ProxyProcess, Sipp, free_port
+from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free_port
 
 DOMAIN = "lan.example"
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import LOOPBACK, ProxyProcess, Sipp, free_port
-from tests.integration.tls_peers import (
+from tests.integration.support.harness import LOOPBACK, ProxyProcess, Sipp, free_port
+from tests.integration.support.tls_peers import (
     SipClient,
     TLSProvider,
     body,

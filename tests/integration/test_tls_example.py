@@ -27,7 +27,7 @@ import pytest
 
 from sipproxy.plugins.nat import TOKEN_PREFIX
 from sipproxy.uri import parse_name_addr, parse_uri
-from tests.integration.netns import (
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     LAN,
@@ -36,8 +36,7 @@ from tests.integration.netns import (
     NatNet,
     NsProxyProcess,
 )
-from tests.integration.test_tls_netns import WAIT, OwnCall, ProviderUA
-from tests.integration.tls_peers import (
+from tests.integration.support.tls_peers import (
     SipClient,
     header,
     headers,
@@ -45,6 +44,7 @@ from tests.integration.tls_peers import (
     response_to,
     status_of,
 )
+from tests.integration.support.tls_provider import WAIT, OwnCall, ProviderUA
 from tests.tls_certs import PROVIDER, Certificates, make_certificates
 
 pytestmark = [pytest.mark.netns]
@@ -79,14 +79,7 @@ def example_config(name: str, certs: Certificates) -> dict[str, Any]:
 class RoutingProvider(ProviderUA):
     """ProviderUA that answers REGISTER with 200 at once and finds connections as Kamailio."""
 
-    def _handle(self, conn: Any, message: bytes) -> None:
-        if method_of(message) != "REGISTER":
-            super()._handle(conn, message)
-            return
-        with self._lock:
-            self.received.append((self._connections.index(conn), message))
-        contacts = [f"Contact: {c};expires=3600" for c in headers(message, "contact")]
-        conn.sendall(response_to(message, 200, "OK", to_tag="reg", extra=contacts))
+    challenge = False
 
     def connection_for(self, uri: str) -> int:
         """The open connection whose peer is the URI's host and port (transport=tls)."""

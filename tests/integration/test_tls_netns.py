@@ -17,9 +17,6 @@ namespace and challenging REGISTER with a digest 401) reached over TLS only, at
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,8 +28,8 @@ import pytest
 
 from sipproxy.message import parse_message
 from sipproxy.plugins.nat import TOKEN_PREFIX
-from tests.integration.harness import HarnessError, SippResult
-from tests.integration.netns import (
+from tests.integration.support.harness import HarnessError, SippResult
+from tests.integration.support.netns import (
     FW_INSIDE,
     FW_OUTSIDE,
     LAN,
@@ -43,146 +40,23 @@ from tests.integration.netns import (
     NsProxyProcess,
     NsSipp,
     Packet,
+    inside,
 )
-from tests.integration.test_nat_netns import inside_addresses
-from tests.integration.tls_peers import (
+from tests.integration.support.sites import PASSWORD, USER, inside_addresses
+from tests.integration.support.tls_peers import (
     SipClient,
-    TLSProvider,
     header,
-    headers,
     method_of,
-    response_to,
     status_of,
 )
+from tests.integration.support.tls_provider import WAIT, ProviderUA
 from tests.tls_certs import PROVIDER, Certificates, CertPair, make_certificates
 
 pytestmark = [pytest.mark.netns]
 
 SIP, SIPS = 5060, 5061
-USER, PASSWORD, REALM = "alice", "secret", PROVIDER
 PHONE_CONTACT = f"sip:{USER}@{PHONE_IP}:{SIP}"
 SIPP_TIMEOUT = 20.0
-WAIT = 10.0
-
-
-def _inside(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host) in LAN
-    except ValueError:
-        return False
-
-
-# ------------------------------------------------------------------------------------------------
-# the provider: TLSProvider with a digest challenge for REGISTER, and calls of its own
-# ------------------------------------------------------------------------------------------------
-
-_PARAM = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
-
-
-def _digest_ok(authorization: str, method: str) -> bool:
-    """RFC 2617 MD5 digest (with or without qop=auth) for USER/PASSWORD."""
-    if not authorization.lower().startswith("digest "):
-        return False
-    params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
-              for m in _PARAM.finditer(authorization[7:])}
-
-    def md5(text: str) -> str:
-        return hashlib.md5(text.encode()).hexdigest()
-
-    ha1 = md5(f"{params.get('username')}:{params.get('realm')}:{PASSWORD}")
-    ha2 = md5(f"{method}:{params.get('uri')}")
-    if params.get("qop"):
-        want = md5(f"{ha1}:{params.get('nonce')}:{params.get('nc')}:{params.get('cnonce')}:"
-                   f"{params['qop']}:{ha2}")
-    else:
-        want = md5(f"{ha1}:{params.get('nonce')}:{ha2}")
-    return params.get("username") == USER and params.get("response") == want
-
-
-@dataclass
-class OwnCall:
-    """A call the provider placed (its side of the dialog)."""
-
-    call_id: str
-    from_tag: str
-    to: str  # the phone's To, with its tag
-    remote: str  # the phone's Contact (through the proxy)
-    routes: list[str]  # the route set, in the order to send
-    connection: int
-
-
-class ProviderUA(TLSProvider):
-    """The provider stand-in: REGISTER is challenged once (401) and answered with its
-    Contact; L{call} places a call to a registered Contact over a connection it has."""
-
-    def _handle(self, conn: Any, message: bytes) -> None:
-        if method_of(message) != "REGISTER":
-            super()._handle(conn, message)
-            return
-        with self._lock:
-            self.received.append((self._connections.index(conn), message))
-        authorization = header(message, "authorization")
-        if authorization is None:
-            nonce = uuid.uuid4().hex
-            conn.sendall(response_to(message, 401, "Unauthorized", to_tag="reg", extra=[
-                f'WWW-Authenticate: Digest realm="{REALM}", nonce="{nonce}", algorithm=MD5']))
-        elif _digest_ok(authorization, "REGISTER"):
-            contacts = [f"Contact: {c};expires=3600" for c in headers(message, "contact")]
-            conn.sendall(response_to(message, 200, "OK", to_tag="reg", extra=contacts))
-        else:
-            conn.sendall(response_to(message, 403, "Bad digest", to_tag="reg"))
-
-    def send_on(self, connection: int, data: bytes) -> None:
-        with self._lock:
-            conn = self._connections[connection]
-        conn.sendall(data)
-
-    def _request(self, method: str, uri: str, call: OwnCall, cseq: int, *,
-                 routes: list[str] = (), sdp: bytes = b"") -> bytes:  # type: ignore[assignment]
-        lines = [
-            f"{method} {uri} SIP/2.0",
-            f"Via: SIP/2.0/TLS {self.host}:{self.port};branch=z9hG4bK{uuid.uuid4().hex[:12]}",
-            *[f"Route: {r}" for r in routes],
-            "Max-Forwards: 70",
-            f"From: <sip:carol@{PROVIDER}>;tag={call.from_tag}",
-            f"To: {call.to}",
-            f"Call-ID: {call.call_id}",
-            f"CSeq: {cseq} {method}",
-            f"Contact: <sip:uas@{self.host}:{self.port};transport=tls>",
-        ]
-        if sdp:
-            lines.append("Content-Type: application/sdp")
-        lines.append(f"Content-Length: {len(sdp)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode() + sdp
-
-    def _final(self, call_id: str, method: str) -> bytes:
-        def final(m: bytes) -> bool:
-            status = status_of(m)
-            return status is not None and status >= 200 and \
-                header(m, "call-id") == call_id and \
-                (header(m, "cseq") or "").endswith(f" {method}")
-
-        return self.wait_for(final, WAIT)
-
-    def call(self, uri: str, connection: int) -> OwnCall:
-        """INVITE C{uri}, wait for the 200, ACK it along the route set."""
-        call = OwnCall(uuid.uuid4().hex, uuid.uuid4().hex[:8], f"<{uri}>", "", [], connection)
-        sdp = (f"v=0\r\no=carol 1 1 IN IP4 {self.host}\r\ns=-\r\nc=IN IP4 {self.host}\r\n"
-               "t=0 0\r\nm=audio 30000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
-        self.send_on(connection, self._request("INVITE", uri, call, 1, sdp=sdp))
-        ok = self._final(call.call_id, "INVITE")
-        assert status_of(ok) == 200, ok
-        call.to = header(ok, "to") or ""
-        call.remote = (header(ok, "contact") or "").strip().strip("<>").split(">")[0]
-        call.routes = [part.strip() for value in headers(ok, "record-route")
-                       for part in value.split(",")][::-1]
-        self.send_on(connection, self._request("ACK", call.remote, call, 1, routes=call.routes))
-        return call
-
-    def hang_up_own(self, call: OwnCall) -> bytes:
-        self.send_on(call.connection, self._request("BYE", call.remote, call, 2,
-                                                    routes=call.routes))
-        return self._final(call.call_id, "BYE")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,7 +316,7 @@ def test_outside_is_tls_only(tls_firewall: TLSSite) -> None:
     assert not cleartext_sip(wan), cleartext_sip(wan)[:3]
     assert not [p for p in wan if p.proto == "udp"], "UDP left on the outside"
     for p in wan:
-        assert not _inside(p.src) and not _inside(p.dst), p
+        assert not inside(p.src) and not inside(p.dst), p
         assert {p.src, p.dst} == {FW_OUTSIDE, PROVIDER_IP}, p
 
 
@@ -494,4 +368,4 @@ def test_bad_provider_certificate_across_the_nat(nat_net: NatNet, tmp_path: Path
     assert not [p for p in wan if p.proto == "udp"], "UDP left on the outside"
     assert not tls_stream_problems(wan), tls_stream_problems(wan)[:5]
     for p in wan:
-        assert not _inside(p.src) and not _inside(p.dst), p
+        assert not inside(p.src) and not inside(p.dst), p

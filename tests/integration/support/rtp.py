@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.netns import Packet
+from tests.integration.support.harness import SCENARIOS
+from tests.integration.support.netns import Packet
 
 __all__ = ["PACKET_INTERVAL", "Loss", "callee_scenario", "caller_scenario", "is_rtp", "loss",
            "rtp_id", "write_rtp_pcap"]
@@ -33,11 +34,15 @@ _SIP_PORTS = frozenset({5060, 5061, 5070, 5090})
 PacketId = tuple[object, int, int]  # (stream, SSRC, sequence number)
 
 
-def is_rtp(packet: Packet) -> bool:
-    """A G.711 RTP (or SRTP) packet: version 2, PCMU or PCMA, not to or from a SIP port."""
+def is_rtp(packet: Packet, *, audio_only: bool = True) -> bool:
+    """A G.711 RTP (or SRTP) packet: version 2, PCMU or PCMA, not to or from a SIP port.
+
+    :param audio_only: ``False`` counts any version-2 datagram of 12 bytes or more (RTCP
+        too): what a check that nothing leaks past the relay must look at.
+    """
     payload = packet.payload
     return (packet.proto == "udp" and len(payload) >= 12 and payload[0] >> 6 == 2
-            and payload[1] & 0x7F in _AUDIO_TYPES
+            and (not audio_only or payload[1] & 0x7F in _AUDIO_TYPES)
             and not {packet.sport, packet.dport} & _SIP_PORTS)
 
 
@@ -147,7 +152,7 @@ def caller_scenario(path: Path, pcap: Path, seconds: float) -> Path:
 def callee_scenario(path: Path) -> Path:
     """scenarios/uas_media.xml without its hold and resume, answering PCMU: INVITE -> 180,
     200 (SDP) -> ACK, BYE -> 200 (run it with -rtp_echo)."""
-    text = (Path(__file__).parent / "scenarios" / "uas_media.xml").read_text()
+    text = (SCENARIOS / "uas_media.xml").read_text()
     ack = '<recv request="ACK" crlf="true"/>'
     text = text[:text.index(ack) + len(ack)] + "\n\n  " + \
         text[text.index('<recv request="BYE"/>'):]

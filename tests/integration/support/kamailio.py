@@ -33,13 +33,17 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.integration.harness import HarnessError, options_probe, read_tail
-from tests.integration.netns import Namespace
+from tests.integration.support.harness import (
+    HarnessError,
+    options_probe,
+    read_tail,
+    wait_started,
+)
+from tests.integration.support.netns import Namespace
 
 __all__ = ["Kamailio", "NgKamailio", "kamailio_unavailable"]
 
@@ -236,15 +240,13 @@ route[AUTH] {{
                  "-w", str(self.workdir), "-m", "64", "-M", "8"],
                 cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise HarnessError(f"kamailio exited with {self.process.returncode}\n"
-                                   f"{self.log_tail()}")
+
+        def answers() -> bool:
             with self.ns.entered():
-                if options_probe(self.address, self.port) is not None:
-                    return self
-            time.sleep(0.1)
+                return options_probe(self.address, self.port) is not None
+
+        if wait_started(self.process, "kamailio", answers, timeout, self.log_tail):
+            return self
         self.stop()
         raise HarnessError(f"kamailio did not answer within {timeout} s\n{self.log_tail()}")
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.harness import HarnessError, read_tail
-from tests.integration.netns import Namespace
+from tests.integration.support.harness import HarnessError, read_tail
+from tests.integration.support.netns import Namespace
 
 __all__ = ["Account", "Baresip", "baresip_unavailable", "write_tone"]
 

@@ -2,7 +2,7 @@
 A bounded garbage generator for the flood test: malformed and random UDP datagrams from one
 loopback address to the proxy, at a bounded rate for a bounded time; it stops by itself.
 
-    python3 tests/integration/flooder.py --source 127.0.0.2 --target 127.0.0.1:5060 \\
+    python3 tests/integration/support/flooder.py --source 127.0.0.2 --target 127.0.0.1:5060 \\
         --rate 10000 --duration 10 --report flood.json
 
 The report (JSON) says what was really sent: datagrams, bytes, seconds, the rate achieved, and

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sipproxy.testing import toml_text
 
 __all__ = [
     "REPO_ROOT",
@@ -33,11 +35,12 @@ __all__ = [
     "options_probe",
     "read_tail",
     "sipp_available",
-    "to_toml",
+    "wait_for",
+    "wait_started",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 LOOPBACK = "127.0.0.1"
 
 
@@ -79,39 +82,6 @@ def read_tail(path: Path, lines: int = 60, max_bytes: int = 64 * 1024) -> str:
         return f"<{path}: {e.strerror}>"
     text = data.decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as a TOML value")
-
-
-def to_toml(config: Mapping[str, Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> str:
-    """
-    The proxy's config dict as TOML: top-level tables, and lists of tables (C{[[listen]]}).
-
-    Only what the proxy's config uses: scalars and arrays of scalars inside one level of tables.
-    """
-    out: list[str] = []
-    for name, body in config.items():
-        tables: Sequence[Mapping[str, Any]]
-        if isinstance(body, Mapping):
-            tables, header = [body], f"[{name}]"
-        else:
-            tables, header = body, f"[[{name}]]"
-        for table in tables:
-            out.append(header)
-            out.extend(f"{key} = {_toml_scalar(value)}" for key, value in table.items())
-            out.append("")
-    return "\n".join(out)
 
 
 def options_probe(
@@ -263,7 +233,7 @@ class ProxyProcess:
             if self._command is None:
                 # tests send traffic to loopback only: no DNS lookups toward resolv.conf servers
                 config.setdefault("dns", {"servers": []})
-            self.config_path.write_text(to_toml(config))
+            self.config_path.write_text(toml_text(config))
         env = dict(os.environ)
         # The checkout first, so `twist` finds this tree's sipproxy and twisted/plugins even
         # without an install; the real twisted package still wins (ours has no __init__.py).
@@ -721,3 +691,29 @@ class Sipp:
 
     def __exit__(self, *exc_info: object) -> None:
         self.cleanup()
+
+
+def wait_started(process: subprocess.Popen[bytes], name: str, ready: Callable[[], bool],
+                 limit: float, log_tail: Callable[[], str]) -> bool:
+    """Poll ``ready`` every 0.1 s while ``process`` (just started) runs, for ``limit`` seconds.
+
+    :returns: whether it became ready; the caller stops the process and says what it waited
+        for when not.
+    :raises HarnessError: the process exited first (with its log's tail).
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise HarnessError(f"{name} exited with {process.returncode}\n{log_tail()}")
+        if ready():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_for(check: Callable[[], object], limit: float = 5.0) -> None:
+    """Poll ``check`` every 0.1 s until it is true or ``limit`` seconds are over; the caller
+    asserts what it needs afterwards (with what it saw in the message)."""
+    deadline = time.monotonic() + limit
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.1)

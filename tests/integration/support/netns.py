@@ -36,6 +36,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,10 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sipproxy.addressing import in_networks
 from sipproxy.errors import ParseError
 from sipproxy.media.kernel import pid_alive
 from sipproxy.message import Request, Response, parse_message
-from tests.integration.harness import HarnessError, ProxyProcess, Sipp, SippProcess
+from tests.integration.support.harness import HarnessError, ProxyProcess, Sipp, SippProcess
 
 __all__ = [
     "FW_INSIDE",
@@ -58,15 +60,19 @@ __all__ = [
     "Capture",
     "Namespace",
     "NatNet",
+    "NoConfigProxy",
     "NsProxyProcess",
     "NsSipp",
     "Packet",
     "Topology",
     "delete_leftovers",
+    "inside",
     "netns_unavailable",
 ]
 
 PREFIX = "sipnt"
+#: ``twistd`` as the README runs it, from this interpreter
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
 LAN = ipaddress.ip_network("192.168.77.0/24")
 PHONE_IP = "192.168.77.10"
 FW_INSIDE = "192.168.77.1"
@@ -78,6 +84,12 @@ RTP_PORTS = (10000, 20000)
 SEED_RTP_PORTS = (10000, 60000)
 #: the source ports the firewall's masquerading maps the LAN to (never the phone's own)
 NAT_PORTS = (40000, 40999)
+
+
+def inside(host: str) -> bool:
+    """Whether ``host`` (an address, maybe in brackets) is on the LAN; a name is not."""
+    return in_networks(host, (LAN,))
+
 
 _CLONE_NEWNET = 0x40000000
 _ETH_P_ALL = 0x0003
@@ -329,6 +341,17 @@ class NsProxyProcess(ProxyProcess):
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+
+class NoConfigProxy(NsProxyProcess):
+    """``twistd -n sipproxy``: no --config, no file; probed on the host's first address."""
+
+    def command(self) -> list[str]:
+        return [*self.ns.prefix(), sys.executable, "-c", TWISTD, "-n", "--pidfile=",
+                f"--logfile={self.log_path}", "sipproxy"]
+
+    def listeners(self) -> list[tuple[str, str, int]]:
+        return [("udp", FW_INSIDE, 5060)]
 
 
 class NsSipp(Sipp):

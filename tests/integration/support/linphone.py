@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.integration.harness import HarnessError
-from tests.integration.netns import Namespace
+from tests.integration.support.harness import HarnessError
+from tests.integration.support.netns import Namespace
 
 __all__ = ["HELLO_WAV", "Linphone", "linphone_available"]
 

@@ -1,0 +1,98 @@
+"""sipproxy.testing's doubles behave as what they stand in for: the resolver as RFC 3263 has it
+for IP literals, the wire as the transports pick listeners and route stateless responses, and
+a config dict reads as the TOML it stands for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sipproxy.config import parse_config
+from sipproxy.context import Target
+from sipproxy.message import Response, parse_message
+from sipproxy.testing import FakeListener, ProxyHarness, RecordingWire, ResolverDouble, toml_text
+
+INSIDE = FakeListener("inside", "UDP", "192.168.1.1", 5060, "192.168.1.1")
+OUTSIDE = FakeListener("outside", "UDP", "203.0.113.10", 5060, "203.0.113.10")
+OUTSIDE_TCP = FakeListener("outside", "TCP", "203.0.113.10", 5060, "203.0.113.10")
+
+
+def resolved(resolver: ResolverDouble, *args: Any) -> list[Target]:
+    results: list[list[Target]] = []
+    resolver.resolve(*args).addCallback(results.append)
+    [targets] = results
+    return targets
+
+
+def test_resolver_names_come_from_the_table_and_literals_resolve_to_themselves() -> None:
+    provider = Target("UDP", "198.51.100.7", 5070, "provider.example")
+    resolver = ResolverDouble({"Provider.Example": [provider]})
+    assert resolved(resolver, "provider.example", None, None, False) == [provider]
+    assert resolved(resolver, "unknown.example", None, None, False) == []
+    assert resolved(resolver, "192.0.2.1", None, None, False) == [
+        Target("UDP", "192.0.2.1", 5060, "192.0.2.1")]
+    assert resolved(resolver, "192.0.2.1", None, "tcp", False) == [
+        Target("TCP", "192.0.2.1", 5060, "192.0.2.1")]
+    assert resolved(resolver, "192.0.2.1", None, None, True, "provider.test") == [
+        Target("TLS", "192.0.2.1", 5061, "provider.test")]
+    assert [c[0] for c in resolver.calls] == ["provider.example", "unknown.example",
+                                              "192.0.2.1", "192.0.2.1", "192.0.2.1"]
+
+
+def test_resolver_holds_answers_until_released() -> None:
+    resolver = ResolverDouble()
+    resolver.hold = True
+    results: list[list[Target]] = []
+    resolver.resolve("192.0.2.1", 5062, None, False).addCallback(results.append)
+    assert results == []
+    resolver.release()
+    assert results == [[Target("UDP", "192.0.2.1", 5062, "192.0.2.1")]]
+
+
+def test_wire_picks_listeners_as_the_transports_do() -> None:
+    wire = RecordingWire([INSIDE, OUTSIDE, OUTSIDE_TCP])
+    assert wire.choose_listener(Target("UDP", "10.1.2.3", 5060, "")) is INSIDE
+    assert wire.choose_listener(Target("UDP", "127.0.0.1", 5060, "")) is INSIDE
+    assert wire.choose_listener(Target("UDP", "169.254.7.7", 5060, "")) is INSIDE
+    assert wire.choose_listener(Target("UDP", "198.51.100.7", 5060, "")) is OUTSIDE
+    assert wire.choose_listener(Target("TCP", "198.51.100.7", 5060, "")) is OUTSIDE_TCP
+    # no TLS listener: outgoing TLS names the side's TCP listener
+    assert wire.choose_listener(Target("TLS", "198.51.100.7", 5061, "")) is OUTSIDE_TCP
+    # no TCP listener at all: TCP leaves from the side's UDP one
+    assert RecordingWire([INSIDE, OUTSIDE]).choose_listener(
+        Target("TCP", "192.168.1.20", 5060, "")) is INSIDE
+    assert wire.choose_listener(Target("UDP", "198.51.100.7", 5060, ""), side="inside") is INSIDE
+    assert wire.transport_for(1301, Target("UDP", "198.51.100.7", 5060, "")) == "TCP"
+    assert wire.transport_for(1300, Target("UDP", "198.51.100.7", 5060, "")) == "UDP"
+
+
+def test_a_stateless_response_goes_where_its_top_via_says() -> None:
+    wire = RecordingWire([INSIDE])
+    response = parse_message(
+        b"SIP/2.0 400 Bad Request\r\n"
+        b"Via: SIP/2.0/UDP 10.0.0.5:5060;received=192.0.2.9;rport=40000;branch=z9hG4bKx\r\n"
+        b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\n"
+        b"Content-Length: 0\r\n\r\n")
+    assert isinstance(response, Response)
+    wire.send_response(response, None)
+    assert [to for _, to in wire.datagrams] == [("192.0.2.9", 40000)]
+    assert [r.status for r in wire.responses_to("192.0.2.9")] == [400]
+    assert [m.status for _, m, _ in wire.new()] == [400]
+    assert wire.new() == []
+
+
+def test_a_config_dict_reads_as_its_toml() -> None:
+    config = {
+        "proxy": {"domains": ["lan.example"], "user_agent": 'say "hi"'},
+        "listen": [{"side": "inside", "transport": "udp", "address": "192.168.1.1", "port": 5060},
+                   {"side": "outside", "transport": "udp", "address": "203.0.113.10",
+                    "port": 5060}],
+        "upstream": {"uri": "sip:203.0.113.50:5060"},
+    }
+    parsed = parse_config(toml_text(config))
+    assert parsed.proxy.domains == ("lan.example",)
+    assert parsed.proxy.user_agent == 'say "hi"'
+    assert [(lc.side, lc.address) for lc in parsed.listen] == [
+        ("inside", "192.168.1.1"), ("outside", "203.0.113.10")]
+    harness = ProxyHarness.build(config, plugins=[])
+    assert [lst.address for lst in harness.wire.listeners] == ["192.168.1.1", "203.0.113.10"]
+    assert harness.plugins == []
