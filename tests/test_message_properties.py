@@ -498,3 +498,40 @@ def test_compacted_request_reads_its_uri_back(gen: GenMessage) -> None:
     assert str(msg.uri) == text and msg.uri.host == gen.ruri.host
     msg.uri.set_param("x-changed", None)  # a URI changed in place after compaction still counts
     assert msg.to_bytes().split(b" ", 2)[1] == f"{text};x-changed".encode()
+
+
+# -- forwarding re-uses the received lines -------------------------------------------------------
+def _rendered_anew(msg: Request | Response) -> bytes:
+    """The old way: every header line rendered from its name and value."""
+    dup = msg.copy()
+    for f in dup.headers.fields:
+        f.raw = None
+    return dup.to_bytes()
+
+
+@SETTINGS
+@given(gen_message.filter(lambda g: g.status is None), gen_via, st.booleans(), st.booleans())
+def test_forwarded_copy_equals_a_full_re_serialization(gen: GenMessage, via: GenVia,
+                                                       compact: bool, rr: bool) -> None:
+    received = parse_message(gen.data())
+    assert isinstance(received, Request)
+    if compact:  # a transaction's kept request, packed, forwarded again
+        received.compact()
+    out = received.copy()
+    out.push_via(Via.build(via.transport, via.host, via.port, via.branch, rport=True))
+    mf = out.max_forwards
+    out.max_forwards = mf - 1 if mf else 70
+    if rr:
+        host = f"[{via.host}]" if ":" in via.host else via.host
+        out.headers.add("Record-Route", f"<sip:{host};lr>", first=True)
+    edited, anew = parse_message(out.to_bytes()), parse_message(_rendered_anew(out))
+    # header by header, the same fields and values; the body and start line untouched
+    assert list(edited.headers) == list(anew.headers)
+    assert field_view(edited) == field_view(anew)
+    assert edited.body == received.body
+    # and every line nobody touched is the very line that was received
+    received_lines = set(gen.data().split(b"\r\n\r\n")[0].split(b"\r\n")[1:])
+    touched = (b"via", b"v", b"max-forwards", b"record-route")
+    for line in out.to_bytes().split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        if line.split(b":", 1)[0].strip().lower() not in touched:
+            assert line in received_lines
