@@ -726,16 +726,21 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
     m = _NA_FULL.match(text)
     if m is not None:
         display, uri_text, scheme, user, host, port_text, uparams, ptext = m.groups()
-        if port_text is None or int(port_text) <= 65535:
-            na = NameAddr(
-                None,  # type: ignore[arg-type]  # built from _uri_parts when read
-                display.rstrip() if display else None,
-                Params([(n, v if eq else None) for n, eq, v in
-                        (p.partition("=") for p in ptext[1:].split(";"))]) if ptext else Params(),
-                angle=True,
-            )
+        if port_text is None or len(port_text) < 5 or int(port_text) <= 65535:
+            # slots filled here (no __init__: a hot path); the URI is built from _uri_parts
+            na = NameAddr.__new__(NameAddr)
+            na._uri = None
             na._uri_parts = (uri_text, scheme, user, host, port_text, uparams)
+            na._display = display.rstrip() if display else None
+            items: list[tuple[str, str | None]] = []
+            if ptext:
+                for param in ptext[1:].split(";"):
+                    name, eq, value = param.partition("=")
+                    items.append((name, value if eq else None))
+            na._params = Params(items)
+            na.angle = True
             na._raw = text
+            na._uri_raw = None
             return na
     m = _NA_FAST.match(text)
     if m is not None:
