@@ -237,20 +237,6 @@ class Headers:
     def copy(self) -> Headers:
         return Headers([Field(f.name, f.key, f.value, f.raw) for f in self.fields])
 
-    def forget_parsed(self) -> None:
-        """Drop the parsed views (they are rebuilt on demand): for messages kept a while."""
-        self._cache.clear()
-
-    def drop_plain_raw(self) -> None:
-        """Forget each line kept as received where it renders back the same ("Name: value"):
-        half the memory of a message that is only kept to be sent again."""
-        for f in self.fields:
-            raw = f.raw
-            if raw is not None and len(raw) == len(f.name) + 2 + len(f.value) and (
-                raw == f"{f.name}: {f.value}"
-            ):
-                f.raw = None
-
     def cached(self, key: str) -> object | None:
         return self._cache.get(key)
 
