@@ -183,13 +183,15 @@ class HookTests(unittest.TestCase):
 
     def test_pipeline_calls_both_hooks(self) -> None:
         pipeline = Pipeline([self.plugin])
-        self.assertTrue(pipeline.has("request_received"))
-        self.assertTrue(pipeline.has("request_forwarding"))
-        self.assertFalse(pipeline.has("response_received"))
         ctx = RequestContext(parsed_request("INVITE", "sip:0900@provider.example"), None)
         result = pipeline.run("request_received", ctx)
         assert isinstance(result, Response)
         self.assertEqual(result.status, 403)
+        ctx = RequestContext(parsed_request("INVITE", "sip:bob@provider.example"), None)
+        self.assertIsNone(pipeline.run("request_received", ctx))
+        branch = Branch(ctx.request.copy(), None, None)
+        self.assertIsNone(pipeline.run("request_forwarding", ctx, branch))
+        self.assertEqual(branch.request.headers.get_all(SCREENED_HEADER), [SCREENED_VALUE])
 
 
 class ConfigTests(unittest.TestCase):

@@ -38,11 +38,12 @@ applies to them.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -213,23 +214,11 @@ class FloodGuard:
 
     @classmethod
     def from_config(cls, clock: IReactorTime, config: LimitsConfig) -> FloodGuard:
-        return cls(
-            clock,
-            messages_per_second=config.messages_per_second,
-            burst=config.burst,
-            ban_time=config.ban_time,
-            exempt=config.exempt,
-            blocked_user_agents=config.blocked_user_agents,
-            refusal_weight=config.refusal_weight,
-            max_transactions_per_source=config.max_transactions_per_source,
-            max_dialogs_per_source=config.max_dialogs_per_source,
-            max_connections_per_source=config.max_connections_per_source,
-            max_connections=config.max_connections,
-            max_transactions=config.max_transactions,
-            max_dialogs=config.max_dialogs,
-            max_sources=config.max_sources,
-            log_interval=config.log_interval,
-        )
+        """A guard with the limits of ``config``: each of its keys this class takes by name
+        (``enabled`` and the transports' timeouts are not the guard's)."""
+        taken = inspect.signature(cls).parameters
+        return cls(clock, **{f.name: getattr(config, f.name) for f in fields(config)
+                             if f.name in taken})
 
     # -- the hot path ------------------------------------------------------------------------
 

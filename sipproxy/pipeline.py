@@ -92,9 +92,6 @@ class Pipeline:
             for hook in HOOKS
         }
 
-    def has(self, hook: str) -> bool:
-        return bool(self._by_hook[hook])
-
     def run(self, hook: str, *args: Any) -> Any:
         """The first non-None result of the hook, or None; a Deferred if a plugin waits."""
         return self._run_from(self._by_hook[hook], 0, args)

@@ -385,9 +385,10 @@ class SettingSpec:
     :ivar key: the TOML key (the field's name).
     :ivar doc: one line saying what the key does.
     :ivar default: the default value, or :data:`REQUIRED`.
-    :ivar kind: the TOML type the annotation calls for: ``"bool"``, ``"int"``, ``"float"``,
-        ``"str"``, ``"choice"``, ``"array"``, ``"table"``, or ``"any"`` for a union of several
-        types (``str | bool``), whose ``parse`` gets the TOML value as it is.
+    :ivar kind: the TOML type the annotation calls for (or :func:`setting`'s ``kind``):
+        ``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"choice"``, ``"array"``, ``"table"``,
+        or ``"any"`` for a union of several types (``str | bool``), whose ``parse`` gets the
+        TOML value as it is.
     :ivar optional: the annotation allows ``None`` (the key may be left out, default ``None``).
     :ivar parse: turns a string (each element of an array) into the stored value, raising
         ``ValueError`` whose text is the problem (``must be ..., got ...``).
@@ -420,6 +421,7 @@ def setting(
     allow_empty: bool | None = None,
     unique: bool = False,
     parse: Callable[[str], Any] | None = None,
+    kind: str = "",
 ) -> Any:
     """
     A dataclass field that is a config key: its default and what :func:`read_section` checks.
@@ -435,11 +437,14 @@ def setting(
     :param parse: strings, and each element of an array: returns the value to keep, or raises
         ``ValueError("must be ..., got ...")``; for a field of several types (``str | bool``)
         it gets the TOML value as it is, and is required.
+    :param kind: the TOML type, where ``parse`` makes a value of another type than the key's
+        (see :class:`SettingSpec`): ``"str"`` for text read into a ``tuple[str, int]``,
+        ``"any"`` for a key of several TOML types kept as one (``"on"`` for ``true``).
     :returns: a ``dataclasses.field`` carrying the spec in its metadata.
     """
     spec = SettingSpec(
         key="", doc=doc, default=default, min=min, max=max, min_exclusive=min_exclusive,
-        choices=tuple(choices), allow_empty=allow_empty, unique=unique, parse=parse,
+        choices=tuple(choices), allow_empty=allow_empty, unique=unique, parse=parse, kind=kind,
     )
     metadata = {_METADATA_KEY: spec}
     if default is REQUIRED:
@@ -487,6 +492,7 @@ def _specs(cls: type) -> Mapping[str, SettingSpec]:
         if spec is None:
             continue
         kind, optional, choices = _kind(hints[f.name])
+        kind = spec.kind or kind
         if kind == "any" and spec.parse is None:
             raise TypeError(f"{cls.__name__}.{f.name}: a setting of several types needs parse")
         specs[f.name] = dataclasses.replace(

@@ -824,11 +824,10 @@ class TransactionLayer:
         """Send without a transaction (an ACK for a 2xx); failures are only logged."""
         self._stateless(lambda: self.transport.send_request(request, target), request)
 
-    def send_stateless_response(
-        self, response: Response, request_source: Source | None = None
-    ) -> None:
+    def send_stateless_response(self, response: Response, request_source: Source | None) -> None:
         """Send without a transaction (a 2xx after the INVITE server transaction ended) back
-        where its request came from; failures are only logged."""
+        where its request came from (``request_source``: None for a request made in this
+        process); failures are only logged."""
         self._stateless(lambda: self.transport.send_response(response, request_source), response)
 
     def _stateless(self, send: Callable[[], Deferred[Any] | None], what: object) -> None:

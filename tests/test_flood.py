@@ -4,6 +4,8 @@ body, slow-loris), bounded memory; every refusal counted and logged once per int
 
 from __future__ import annotations
 
+from dataclasses import fields
+from inspect import signature
 from typing import Any
 
 from twisted.internet import defer
@@ -21,7 +23,6 @@ from sipproxy.flood import FloodGuard
 from sipproxy.flows import FlowTracker
 from sipproxy.message import Limits, Message, Request
 from sipproxy.transport import TransportManager
-from sipproxy.transport.manager import _StreamFactory
 from sipproxy.transport.tcp import SIPStreamProtocol
 from tests.proxy_harness import ALICE, BOB_1, INSIDE, invite, make_harness, only, request
 from tests.tls_certs import certs
@@ -140,10 +141,13 @@ class RateAndBanTests(unittest.SynchronousTestCase):
         self.assertEqual(list(self.guard._buckets), ["192.0.2.200"])
 
     def test_from_config(self) -> None:
-        g = FloodGuard.from_config(self.clock, LimitsConfig(burst=3, exempt=()))
+        g = FloodGuard.from_config(self.clock, LimitsConfig(burst=3, exempt=(), max_dialogs=7))
         self.assertEqual([g.allow(FLOODER) for _ in range(4)], [True, True, True, False])
-        self.assertEqual(g.ban_time, 300.0)
+        self.assertEqual((g.ban_time, g.max_dialogs), (300.0, 7))
         g.stop()
+        # the guard takes its keys by name: every key but these reaches it
+        not_taken = {f.name for f in fields(LimitsConfig)} - set(signature(FloodGuard).parameters)
+        self.assertEqual(not_taken, {"enabled", "idle_timeout", "message_timeout"})
 
 
 class ScannerTests(unittest.SynchronousTestCase):
@@ -382,7 +386,7 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertEqual(self.manager.flood.counters["scanner"], 1)
 
     def test_connections_refused_at_accept_from_banned_and_over_limit(self) -> None:
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         guard = self.manager.flood
         assert guard is not None
         guard.ban(FLOODER, "test")
@@ -400,7 +404,7 @@ class ManagerTests(unittest.SynchronousTestCase):
         self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", OTHER, 5001)))
 
     def test_stream_from_a_source_that_gets_banned_is_cut(self) -> None:
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         proto = factory.buildProtocol(IPv4Address("TCP", FLOODER, 4000))
         assert proto is not None
         transport = StringTransport(peerAddress=IPv4Address("TCP", FLOODER, 4000))
@@ -424,7 +428,7 @@ class ConnectionTableTests(unittest.SynchronousTestCase):
         self.manager, self.inbox = manager_with_guard(self.clock, max_connections=3,
                                                       refusal_weight=0)
         self.manager.flows = FlowTracker()
-        self.factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        self.factory = self.manager.server_factory(self.manager.listeners[1])
 
     def connect(self, host: str, port: int) -> tuple[SIPStreamProtocol | None, StringTransport]:
         transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
@@ -495,7 +499,7 @@ class HostileStreamTests(unittest.SynchronousTestCase):
         self.clock = Clock()
         self.logs = LogCapture(self)
         self.manager, self.inbox = manager_with_guard(self.clock)
-        factory = _StreamFactory(self.manager, self.manager.listeners[1])
+        factory = self.manager.server_factory(self.manager.listeners[1])
         proto = factory.buildProtocol(IPv4Address("TCP", OTHER, 4000))
         assert isinstance(proto, SIPStreamProtocol)
         self.proto = proto

@@ -6,29 +6,41 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from zope.interface.interface import InterfaceClass
 
+import sipproxy.addressing
 import sipproxy.context
 import sipproxy.interfaces
 import sipproxy.proxy.record_route
+import sipproxy.proxy.routing
+import sipproxy.settings
+import sipproxy.testing
 from sipproxy.interfaces import IProxyCore, IProxyPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the modules this rule is enforced on (the plugin API, the core and the built-in plugins)
+#: every Python source of the project: no private name is imported across modules anywhere
 CHECKED = [
-    *sorted((ROOT / "sipproxy" / "proxy").glob("*.py")),
-    *sorted((ROOT / "sipproxy" / "plugins").glob("*.py")),
-    ROOT / "sipproxy" / "context.py",
-    ROOT / "sipproxy" / "interfaces.py",
-    ROOT / "sipproxy" / "addressing.py",
-    ROOT / "examples" / "blocklist_plugin.py",
-    ROOT / "examples" / "embed_in_app.py",
+    *(
+        path
+        for folder in ("sipproxy", "tests", "examples", "twisted/plugins")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    ),
+    ROOT / "bench" / "cps",
+    ROOT / "bench" / "relay",
 ]
-API_MODULES = [sipproxy.interfaces, sipproxy.context, sipproxy.proxy.record_route]
+#: epytext markup; the project's docstrings are reST (``code``, :class:`X`, :param x:)
+EPYTEXT = re.compile(
+    r"(?<![A-Za-z])[LCI]\{[^}]*\}|^\s*@(param|returns?|type|rtype|ivar|raises?)\b", re.M
+)
+API_MODULES = [
+    sipproxy.interfaces, sipproxy.context, sipproxy.proxy.record_route, sipproxy.proxy.routing,
+    sipproxy.settings, sipproxy.testing, sipproxy.addressing,
+]
 
 
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
@@ -86,3 +98,18 @@ def test_context_types_are_one_and_the_same_wherever_imported() -> None:
     # the core's own state is in typed fields, not in keys of the plugins' ``data``
     fields = {f.name for f in dataclasses.fields(sipproxy.context.Branch)}
     assert {"targets", "binding", "flow_failed", "data"} <= fields
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "sipproxy").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_docstrings_are_in_one_dialect(path: Path) -> None:
+    tree = ast.parse(path.read_text(), str(path))
+    epytext = [
+        f"line {getattr(node, 'lineno', 1)}: {match.group(0)!r}"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        for match in [EPYTEXT.search(ast.get_docstring(node, clean=False) or "")]
+        if match
+    ]
+    assert epytext == []

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 from twisted.python import usage
 
 from sipproxy.config import ConfigError, Section
 from sipproxy.media import tap
 from sipproxy.media.ports import RelayInterface
-from sipproxy.media.settings import RELAY_KEYS, RelaySettings, read_relay_settings
+from sipproxy.media.settings import RelaySettings, check_port_range
+from sipproxy.settings import read_section, settings_of
 
 
 def from_file(**values: object) -> RelaySettings:
     """As the media plugin reads them: TOML values, errors named ``media.<key>``."""
     section = Section("media", values)
-    return read_relay_settings({k: v for k, v in values.items() if k in RELAY_KEYS},
-                               section.error)
+    settings = read_section(RelaySettings, section)
+    check_port_range(settings, section)
+    return settings
 
 
 def from_options(*args: str) -> RelaySettings:
@@ -44,13 +44,12 @@ def test_defaults_are_the_fields_defaults() -> None:
 def test_both_read_the_same_values() -> None:
     file = from_file(port_min=31000, port_max=31003, timeout=30, silent_timeout=600.5,
                      offer_timeout=90, listen_ng="[::1]:2299", kernel=False,
-                     kernel_table="mine", interfaces=["a/192.0.2.1!203.0.113.1"])
+                     kernel_table="mine")
     options = from_options("--port-min", "31000", "--port-max", "31003", "--timeout", "30",
                            "--silent-timeout", "600.5", "--offer-timeout", "90",
                            "--listen-ng", "[::1]:2299", "--kernel", "off",
-                           "--kernel-table", "mine", "-i", "a/192.0.2.1!203.0.113.1")
+                           "--kernel-table", "mine")
     assert file == options
-    assert file.interfaces == (RelayInterface("a", "192.0.2.1", "203.0.113.1"),)
     assert (file.port_min, file.timeout, file.listen_ng) == (31000, 30.0, ("::1", 2299))
 
 
@@ -91,6 +90,9 @@ def test_types_are_config_file_types() -> None:
 
 
 def test_interfaces() -> None:
+    # not a key of [media]: the media plugin takes them from its listeners
+    assert from_options("-i", "a/192.0.2.1!203.0.113.1").interfaces == (
+        RelayInterface("a", "192.0.2.1", "203.0.113.1"),)
     assert error(from_options, "-i", "a/1.2.3.4", "-i", "a/1.2.3.5") == \
         '--interface: "a" given twice'
     assert error(from_options, "-i", "a/bogus") == \
@@ -99,9 +101,8 @@ def test_interfaces() -> None:
 
 def test_every_setting_is_an_option_with_its_doc() -> None:
     help_text = " ".join(str(tap.Options()).split())
-    for f in fields(RelaySettings):
-        if f.name in RELAY_KEYS and f.name != "interfaces":
-            assert f"--{f.name.replace('_', '-')}=" in help_text
-            assert " ".join(f.metadata["doc"].split())[:40] in help_text
+    for key, spec in settings_of(RelaySettings).items():
+        assert f"--{key.replace('_', '-')}=" in help_text
+        assert " ".join(spec.doc.split())[:40] in help_text
     with pytest.raises(usage.UsageError):
         from_options("--frobnicate")

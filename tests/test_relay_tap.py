@@ -62,7 +62,9 @@ BAD_OPTIONS = [
     (["--port-min", "5001", "--port-max", "5004"], "--port-max: must be at least 5005"),
     (["--interface", "inside/bogus"], "--interface: not an IP address: 'bogus'"),
     (["-i", "a/127.0.0.1", "-i", "a/127.0.0.2"], '--interface: "a" given twice'),
-    (["--timeout", "0"], '--timeout: must be a number from 1 to 86400, got "0"'),
+    (["--timeout", "0"], "--timeout: must be a number from 1 to 86400, got 0"),
+    (["--timeout", "1e9"], "--timeout: must be a number from 1 to 86400, got 1000000000.0"),
+    (["--kernel", "true"], '--kernel: must be auto, on or off, got "true"'),
 ]
 
 

@@ -116,6 +116,34 @@ def test_settings_of_lists_the_keys_with_their_docs() -> None:
     assert all(spec.doc for spec in specs.values())
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _on_off(value: object) -> bool:
+    if isinstance(value, bool) or value in ("on", "off"):
+        return value in (True, "on")
+    raise ValueError(f"must be on, off, true or false, got {value!r}")
+
+
+def test_kind_names_the_toml_type_where_parse_makes_another() -> None:
+    @dataclass(frozen=True)
+    class Kinds:
+        address: tuple[str, int] | None = setting(
+            None, kind="str", parse=_host_port, doc="text read into a (host, port)")
+        fast: bool = setting(False, kind="any", parse=_on_off, doc="true or \"on\"")
+
+    assert (settings_of(Kinds)["address"].kind, settings_of(Kinds)["fast"].kind) == ("str", "any")
+    read = read_section(Kinds, Section("k", {"address": "a.example:5", "fast": "on"}))
+    assert (read.address, read.fast) == (("a.example", 5), True)
+    assert read_section(Kinds, Section("k", {})) == Kinds()
+    with pytest.raises(ConfigError, match=r"^k\.address: must be a string, got \["):
+        read_section(Kinds, Section("k", {"address": ["a.example", 5]}))
+
+
 def test_a_field_type_the_reader_cannot_read_is_refused_at_declaration() -> None:
     @dataclass(frozen=True)
     class Bad:

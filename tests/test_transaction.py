@@ -758,12 +758,13 @@ def test_send_request_refuses_ack_missing_branch_and_duplicates(h: Harness) -> N
 def test_stateless_sends(h: Harness) -> None:
     ack = build_ack(outgoing(), reply(outgoing(), 200))
     h.layer.send_stateless_request(ack, udp_target())
-    ok = reply(outgoing(), 200)
-    h.layer.send_stateless_response(ok)
+    invite = incoming()
+    ok = reply(invite, 200)
+    h.layer.send_stateless_response(ok, invite.source)
     h.transport.raise_error = OSError("unreachable")
-    h.layer.send_stateless_response(ok)  # logged, never raised
+    h.layer.send_stateless_response(ok, invite.source)  # logged, never raised
     assert [r for _, r, _ in h.transport.requests] == [ack]
-    assert [(r, s) for _, r, s in h.transport.responses] == [(ok, None), (ok, None)]
+    assert [(r, s) for _, r, s in h.transport.responses] == [(ok, invite.source)] * 2
     assert len(h.layer) == 0
 
 

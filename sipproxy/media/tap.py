@@ -9,15 +9,15 @@ A bad option ends the command with one line on stderr naming the option, and exi
 from __future__ import annotations
 
 import sys
-from dataclasses import fields
 from typing import Any, NoReturn
 
 from twisted.application.service import IService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
-from sipproxy.config import ConfigError
-from sipproxy.media.settings import RELAY_KEYS, RelaySettings, read_relay_settings
+from sipproxy.media.ports import RelayInterface
+from sipproxy.media.settings import DEFAULT_INTERFACES, RelaySettings, check_port_range
+from sipproxy.settings import ConfigError, Section, SettingSpec, read_section, settings_of, show
 
 __all__ = ["EXIT_CONFIG_ERROR", "Options", "makeService", "relay_config"]
 
@@ -27,22 +27,21 @@ _PREFIX = "sipproxy-relay"
 DEFAULT_LISTEN_NG = "127.0.0.1:2223"
 
 
-def _option(name: str) -> str:
-    """The option of the relay setting ``name`` (``port_min``: ``port-min``)."""
-    return "interface" if name == "interfaces" else name.replace("_", "-")
+def _option(key: str) -> str:
+    """The option of the relay setting ``key`` (``port_min``: ``port-min``)."""
+    return key.replace("_", "-")
 
 
 def _parameters() -> list[list[Any]]:
-    """The options of the settings that take one value, their help from the settings' docs."""
+    """An option per key of :class:`~sipproxy.media.settings.RelaySettings`, its help the
+    key's doc."""
     found: list[list[Any]] = []
-    for f in fields(RelaySettings):
-        if f.name not in RELAY_KEYS or f.name == "interfaces":
-            continue
-        default = DEFAULT_LISTEN_NG if f.name == "listen_ng" else f.default
+    for key, spec in settings_of(RelaySettings).items():
+        default = DEFAULT_LISTEN_NG if key == "listen_ng" else spec.default
         if isinstance(default, float):
             default = f"{default:g}"
-        found.append([_option(f.name), "n" if f.name == "listen_ng" else None,
-                      None if default is None else str(default), f.metadata["doc"]])
+        found.append([_option(key), "n" if key == "listen_ng" else None,
+                      None if default is None else str(default), spec.doc])
     return found
 
 
@@ -72,15 +71,54 @@ class Options(usage.Options):
     opt_i = opt_interface
 
 
+class _OptionTable(Section):
+    """The options as a config table, for :func:`read_section`: errors name the option."""
+
+    def path(self, key: str) -> str:
+        return f"--{_option(key)}"
+
+
+def _value(spec: SettingSpec, text: str) -> object:
+    """An option's text as the config file would give the key's value (``"60"``: 60)."""
+    choices = spec.choices
+    if choices and text not in choices:  # "on", not the config file's true
+        spelled = ", ".join(choices[:-1]) + " or " + choices[-1]
+        raise ConfigError.for_key(f"--{_option(spec.key)}", f"must be {spelled}, got {show(text)}")
+    numbers: tuple[type[int | float], ...] = {"int": (int,), "float": (int, float)}.get(
+        spec.kind, ())
+    for number in numbers:
+        try:
+            return number(text)
+        except ValueError:
+            continue
+    return text  # text, or a number that is none: refused in the key's own words
+
+
+def _interfaces(texts: list[str]) -> tuple[RelayInterface, ...]:
+    found: list[RelayInterface] = []
+    for text in texts:
+        try:
+            interface = RelayInterface.parse(text)
+        except ValueError as e:
+            raise ConfigError.for_key("--interface", f'{e} in "{text}"') from None
+        if any(f.name == interface.name for f in found):
+            raise ConfigError.for_key("--interface", f'"{interface.name}" given twice')
+        found.append(interface)
+    return tuple(found) or DEFAULT_INTERFACES
+
+
 def relay_config(options: usage.Options) -> RelaySettings:
     """The settings the options describe.
 
     :raises ConfigError: one line, naming the option.
     """
-    values = {name: options[_option(name)] for name in RELAY_KEYS}
-    return read_relay_settings(
-        values, lambda name, problem: ConfigError.for_key(f"--{_option(name)}", problem),
-        text=True)
+    given = {key: _value(spec, options[_option(key)])
+             for key, spec in settings_of(RelaySettings).items()
+             if options[_option(key)] is not None}
+    table = _OptionTable("", given)
+    settings = read_section(RelaySettings, table, interfaces=_interfaces(options["interface"]))
+    check_port_range(settings, table)
+    return settings
 
 
 def _fail(text: str) -> NoReturn:

@@ -70,9 +70,10 @@ from sipproxy.errors import ParseError
 from sipproxy.interfaces import AUTHENTICATED_USER, IImpliedPluginFactory, IProxyCore
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
+from sipproxy.proxy.routing import next_hop
 from sipproxy.refusals import RefusalLog
 from sipproxy.settings import Section, network, read_section, setting
-from sipproxy.uri import URI, parse_name_addr
+from sipproxy.uri import URI
 
 __all__ = ["DEFAULT_INSIDE", "AclFactory", "AclPlugin", "AclSettings", "factory"]
 
@@ -142,20 +143,12 @@ class AclPlugin(Plugin):
         return uri.is_sip and self.core.is_local_domain(uri.host)
 
     def next_hop(self, request: Request) -> tuple[URI, bool] | None:
-        """Where the core sends this request (RFC 3261 16.4), and whether that is a Route
-        entry: the first Route entry that is not the proxy's own, else the Request-URI (a
-        strict router's rewrite undone); None for a Route that does not parse."""
+        """Where the core sends this request, and whether that is a Route entry
+        (:func:`sipproxy.proxy.routing.next_hop`); None for a Route that does not parse."""
         try:
-            routes = [parse_name_addr(v).uri for v in request.headers.get_all("route")]
+            return next_hop(request, self.core.is_own_uri)
         except ParseError:
             return None
-        uri = request.uri
-        core = self.core
-        if routes and core.is_own_uri(uri) and (uri.has_param("lr") or uri.has_param("sipproxy")):
-            uri = routes.pop()  # a strict router put our Record-Route in the Request-URI
-        while routes and core.is_own_uri(routes[0]):
-            routes.pop(0)
-        return (routes[0], True) if routes else (uri, False)
 
     def resolved_here(self, request: Request) -> bool:
         """Does the proxy itself decide where this request goes (local user, own address, nat

@@ -56,8 +56,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -66,7 +66,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
-from sipproxy.config import Section
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog
 from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
@@ -75,12 +74,13 @@ from sipproxy.media.ng import NGClient, NGError
 from sipproxy.media.offer_answer import MAX_STREAMS
 from sipproxy.media.ports import RelayInterface
 from sipproxy.media.service import RelayService, makeRelayService
-from sipproxy.media.settings import RELAY_KEYS, parse_address_port, read_relay_settings
+from sipproxy.media.settings import RelaySettings, check_port_range, parse_address_port
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.sdp import SdpError, parse_sdp
+from sipproxy.settings import Section, read_section, setting, settings_of, show
 
-__all__ = ["MediaCall", "MediaFactory", "MediaPlugin", "factory"]
+__all__ = ["MediaCall", "MediaFactory", "MediaPlugin", "MediaSettings", "factory"]
 
 _log = Logger(namespace="sipproxy.plugins.media")
 
@@ -394,11 +394,61 @@ class MediaPlugin(Plugin, MultiService):
 # --------------------------------------------------------------------------------------------
 
 
-def _parse_hostport(section: Section, key: str, text: str) -> tuple[str, int]:
-    address = parse_address_port(text)
+def _relay(text: str) -> str:
+    if text == "builtin":
+        return text
+    if not text.startswith("ng:"):
+        raise ValueError(f'must be "builtin" or "ng:ADDRESS:PORT", got {show(text)}')
+    address = parse_address_port(text[3:])
     if address is None or address[1] == 0:
-        raise section.error(key, f"must be ADDRESS:PORT with an IP address, got {text!r}")
-    return address
+        raise ValueError(f"must be ADDRESS:PORT with an IP address, got {show(text[3:])}")
+    return text
+
+
+def _relay_address(text: str) -> str:
+    try:
+        RelayInterface.parse(f"side/{text}")
+    except ValueError as e:
+        raise ValueError(f"must be ADDRESS or ADDRESS!ADVERTISED ({e})") from None
+    return text
+
+
+def _interface_name(text: str) -> str:
+    if any(c in text for c in " /!"):
+        raise ValueError(f"must be a relay interface name, got {show(text)}")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSettings(RelaySettings):
+    """``[media]``: which relay; for the builtin one, its settings (the keys of
+    :class:`~sipproxy.media.settings.RelaySettings`, ``twistd sipproxy-relay``'s options) and
+    its address per side; for an NG relay, how it is spoken to."""
+
+    relay: str = setting(
+        "builtin", parse=_relay,
+        doc='"builtin": the relay in this process; "ng:ADDRESS:PORT": a relay spoken to over'
+            " rtpengine's NG protocol.")
+    inside_address: str | None = setting(
+        None, parse=_relay_address,
+        doc="builtin: the relay's address on the inside, ADDRESS or ADDRESS!ADVERTISED"
+            " (default: the first inside listener's).")
+    outside_address: str | None = setting(
+        None, parse=_relay_address,
+        doc="builtin: the relay's address on the outside (default: the first outside"
+            " listener's).")
+    inside_interface: str = setting(
+        "inside", parse=_interface_name, doc="The relay's name for the inside in NG offers.")
+    outside_interface: str = setting(
+        "outside", parse=_interface_name, doc="The relay's name for the outside in NG offers.")
+    ng_timeout: float = setting(
+        2.0, min=0.1, max=60.0, doc="NG relay: seconds until an unanswered command fails.")
+    poll_interval: float = setting(
+        10.0, min=1.0, doc="NG relay: seconds between asking whether its calls still exist.")
+
+
+#: the keys only the builtin relay takes
+_BUILTIN_KEYS: Final = (*settings_of(RelaySettings), "inside_address", "outside_address")
 
 
 def _default_interface(core: IProxyCore, side: str) -> RelayInterface | None:
@@ -414,51 +464,40 @@ def _default_interface(core: IProxyCore, side: str) -> RelayInterface | None:
 
 @implementer(IPluginFactory)
 class MediaFactory:
+    """Builds the ``media`` plugin from ``[media]``."""
+
     name = "media"
+    settings = MediaSettings
 
     def build(self, core: IProxyCore, section: Section) -> MediaPlugin:
-        section.check_no_unknown({
-            "relay", *RELAY_KEYS, "inside_address", "outside_address", "inside_interface",
-            "outside_interface", "ng_timeout", "poll_interval",
-        } - {"interfaces"})
-        relay_text = section.get_str("relay", "builtin")
-        names = {side: section.get_str(f"{side}_interface", side) for side in SIDES}
-        for side, value in names.items():
-            if not value or any(c in value for c in " /!"):
-                raise section.error(f"{side}_interface",
-                                    f"must be a relay interface name, got {value!r}")
-        if relay_text == "builtin":
-            return self._builtin(core, section, names)
-        if relay_text.startswith("ng:"):
-            for key in (*RELAY_KEYS, "inside_address", "outside_address"):
-                if key in section:
-                    raise section.error(key, "only for relay = \"builtin\" (an NG relay has "
-                                             "its own settings)")
-            host, port = _parse_hostport(section, "relay", relay_text[3:])
-            timeout = section.get_float("ng_timeout", 2.0, min=0.1, max=60.0)
-            tries = 4
-            client = NGClient(core.reactor, host, port, clock=core.clock,
-                              interval=timeout / tries, tries=tries)
-            relay = NGRelay(client, clock=core.clock,
-                            poll_interval=section.get_float("poll_interval", 10.0, min=1.0))
-            return MediaPlugin(core, relay, names, ng_client=client)
-        raise section.error("relay", f'must be "builtin" or "ng:ADDRESS:PORT", got {relay_text!r}')
+        s = read_section(MediaSettings, section)
+        names = {"inside": s.inside_interface, "outside": s.outside_interface}
+        if s.relay == "builtin":
+            return self._builtin(core, s, section, names)
+        for key in _BUILTIN_KEYS:
+            if key in section:
+                raise section.error(key, "only for relay = \"builtin\" (an NG relay has "
+                                         "its own settings)")
+        address = parse_address_port(s.relay[3:])
+        assert address is not None  # (checked by _relay)
+        tries = 4
+        client = NGClient(core.reactor, *address, clock=core.clock,
+                          interval=s.ng_timeout / tries, tries=tries)
+        relay = NGRelay(client, clock=core.clock, poll_interval=s.poll_interval)
+        return MediaPlugin(core, relay, names, ng_client=client)
 
-    def _builtin(self, core: IProxyCore, section: Section, names: dict[str, str]) -> MediaPlugin:
+    def _builtin(self, core: IProxyCore, s: MediaSettings, section: Section,
+                 names: dict[str, str]) -> MediaPlugin:
         for key in ("ng_timeout", "poll_interval"):
             if key in section:
                 raise section.error(key, 'only for relay = "ng:ADDRESS:PORT"')
-        sides = [s for s in SIDES if any(lst.side == s for lst in core.listeners)]
+        sides = [side for side in SIDES if any(lst.side == side for lst in core.listeners)]
         interfaces: list[RelayInterface] = []
         for side in sides or ["outside"]:
             key = f"{side}_address"
-            text = section.get_str(key, None)
+            text = getattr(s, key)
             if text is not None:
-                try:
-                    interfaces.append(RelayInterface.parse(f"{names[side]}/{text}"))
-                except ValueError as e:
-                    raise section.error(key, f"must be ADDRESS or ADDRESS!ADVERTISED ({e})") \
-                        from None
+                interfaces.append(RelayInterface.parse(f"{names[side]}/{text}"))
                 continue
             found = _default_interface(core, side)
             if found is None:
@@ -468,9 +507,8 @@ class MediaFactory:
         for side in SIDES:
             if side not in sides and f"{side}_address" in section:
                 raise section.error(f"{side}_address", f"no listener has side = \"{side}\"")
-        values: dict[str, object] = {k: section.mapping[k] for k in RELAY_KEYS if k in section}
-        values["interfaces"] = interfaces
-        config = read_relay_settings(values, section.error)
+        check_port_range(s, section)
+        config = replace(s, interfaces=tuple(interfaces))
         service = makeRelayService(config, reactor=core.reactor, clock=core.clock)
         relay: IMediaRelay = LocalRelay(service.engine)
         return MediaPlugin(core, relay, names, relay_service=service)

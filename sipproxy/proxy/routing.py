@@ -4,6 +4,7 @@ resolution into :class:`~sipproxy.context.Target` s (RFC 3263)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,15 @@ if TYPE_CHECKING:
     from sipproxy.refusals import RefusalLog
     from sipproxy.registrar import Registrar
 
-__all__ = ["DEFAULT_MAX_BREADTH", "LocalRoute", "Router", "first_list_value", "max_breadth"]
+__all__ = [
+    "DEFAULT_MAX_BREADTH",
+    "LocalRoute",
+    "Router",
+    "first_list_value",
+    "max_breadth",
+    "next_hop",
+    "preprocess_routes",
+]
 
 #: RFC 5393 section 4.3: the breadth of a request without Max-Breadth
 DEFAULT_MAX_BREADTH = 60
@@ -37,6 +46,53 @@ def max_breadth(request: Request) -> int:
 def first_list_value(value: str) -> str:
     """The first value of a comma-separated header value."""
     return split_header_values(value)[0]
+
+
+def preprocess_routes(request: Request, is_own_uri: Callable[[URI], bool]) -> None:
+    """
+    RFC 3261 16.4 on ``request``: undo a strict router's rewrite (our Record-Route in the
+    Request-URI: the last Route entry is the real one), and remove the Route entries at the
+    top that name us (``is_own_uri``).
+    """
+    if is_own_uri(request.uri) and request.headers.get("route") is not None and (
+        request.uri.has_param("lr") or request.uri.has_param("sipproxy")
+    ):
+        routes = request.headers.get_all("route")
+        last = parse_name_addr(routes[-1])
+        request.uri = last.uri
+        request.headers.remove("route")
+        for route_value in routes[:-1]:
+            request.headers.add("Route", route_value)
+    while True:
+        value = request.headers.get("route")
+        if value is None:
+            break
+        try:
+            first = parse_name_addr(first_list_value(value))
+        except ParseError:
+            break
+        if not is_own_uri(first.uri):
+            break
+        request.headers.remove_first_value("route")
+
+
+def next_hop(request: Request, is_own_uri: Callable[[URI], bool]) -> tuple[URI, bool]:
+    """
+    Where the core will send ``request``, worked out without changing it: for a plugin that
+    judges a request in ``request_received``, before the core routes it (the ``acl`` plugin).
+
+    :param is_own_uri: the core's :meth:`~sipproxy.interfaces.IProxyCore.is_own_uri`.
+    :returns: the first Route entry once the proxy's own are removed and a strict router's
+        rewrite is undone (:func:`preprocess_routes`), and ``True``; or, with no Route left,
+        the Request-URI and ``False``.
+    :raises ParseError: the Route entry the request would go to does not parse.
+    """
+    routed = request.copy()
+    preprocess_routes(routed, is_own_uri)
+    route = routed.headers.get("route")
+    if route is None:
+        return routed.uri, False
+    return parse_name_addr(first_list_value(route)).uri, True
 
 
 @dataclass
@@ -67,27 +123,7 @@ class Router:
 
     def preprocess_routes(self, request: Request) -> None:
         """16.4: undo a strict router's rewrite, and remove the Route entries that name us."""
-        is_own_uri = self.addresses.is_own_uri
-        if is_own_uri(request.uri) and request.headers.get("route") is not None and (
-            request.uri.has_param("lr") or request.uri.has_param("sipproxy")
-        ):
-            routes = request.headers.get_all("route")
-            last = parse_name_addr(routes[-1])
-            request.uri = last.uri
-            request.headers.remove("route")
-            for route_value in routes[:-1]:
-                request.headers.add("Route", route_value)
-        while True:
-            value = request.headers.get("route")
-            if value is None:
-                break
-            try:
-                first = parse_name_addr(first_list_value(value))
-            except ParseError:
-                break
-            if not is_own_uri(first.uri):
-                break
-            request.headers.remove_first_value("route")
+        preprocess_routes(request, self.addresses.is_own_uri)
 
     def registrar_aor(self, uri: URI) -> str:
         """The location service key of a Request-URI the proxy routes itself."""

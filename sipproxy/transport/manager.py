@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import TLSVersion
 from twisted.logger import Logger
@@ -46,7 +46,9 @@ from sipproxy.message import (
     new_tag,
     parse_message,
 )
+from sipproxy.settings import Section
 from sipproxy.transaction import ITransportSender
+from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.endpoints import ClientEndpoints, address_family, ip_address
 from sipproxy.transport.pool import ConnectionPool, peer_key, pool_key
 from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
@@ -54,7 +56,6 @@ from sipproxy.transport.tls import (
     ServerCertificate,
     SIPTLSStreamProtocol,
     TLSClientPolicy,
-    load_server_certificate,
 )
 from sipproxy.transport.tls_connections import TLSConnections
 from sipproxy.transport.udp import SIPDatagramProtocol
@@ -466,21 +467,29 @@ class TransportManager(Service):
                                           maxPacketSize=65535)
             _enlarge_receive_buffer(port)
             listener.udp = proto
-        elif listener.transport == "TLS":
-            assert listener.certificate is not None
-            policy = self.tls.policy
-            options = listener.certificate.options(
-                policy.server_minimum if policy is not None else TLSVersion.TLSv1_2
-            )
-            factory = _GuardedTLSFactory(options, self, _StreamFactory(self, listener))
-            port = self.reactor.listenTCP(listener.port, factory, interface=interface)
         else:
             port = self.reactor.listenTCP(
-                listener.port, _StreamFactory(self, listener), interface=interface
+                listener.port, self.server_factory(listener), interface=interface
             )
         listener.listening_port = port
         listener.port = port.getHost().port
         self.log.info("SIP listening: {listener}", listener=listener)
+
+    def server_factory(self, listener: Listener) -> IProtocolFactory:
+        """
+        The factory of the connections the stream ``listener`` (TCP, or TLS) accepts: what
+        its port listens with. A banned or over-limit source gets no protocol (Twisted closes
+        its socket at once); tests drive it with made-up peer addresses.
+        """
+        factory = _StreamFactory(self, listener)
+        if listener.transport != "TLS":
+            return factory
+        assert listener.certificate is not None
+        policy = self.tls.policy
+        options = listener.certificate.options(
+            policy.server_minimum if policy is not None else TLSVersion.TLSv1_2
+        )
+        return _GuardedTLSFactory(options, self, factory)
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
@@ -1035,18 +1044,12 @@ class TransportManager(Service):
 
 def _listener_certificate(index: int, spec: ListenSpec) -> ServerCertificate:
     """Load a TLS listener's certificate and key now, so a bad file is a config error."""
-    from sipproxy.config import ConfigError
-
+    table = Section(f"listen[{index}]")
     cert = getattr(spec, "certificate", None)
     key = getattr(spec, "key", None)
     if not cert or not key:
-        raise ConfigError.for_key(f"listen[{index}].certificate",
-                                  'a TLS listener needs "certificate" and "key"')
-    try:
-        return load_server_certificate(cert, key)
-    except ValueError as e:
-        which = "key" if "key file" in str(e) and "does not match" not in str(e) else "certificate"
-        raise ConfigError.for_key(f"listen[{index}].{which}", str(e)) from None
+        raise table.error("certificate", 'a TLS listener needs "certificate" and "key"')
+    return load_certificate_pair(table, cert, key)
 
 
 def stamp_via(request: Request, source: Source) -> None:
