@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sipproxy.errors import ParseError
@@ -464,6 +464,7 @@ def test_compacted_message_renders_and_reads_back_the_same(gen: GenMessage, lf: 
     data = gen.data()
     if lf:  # an LF-only message packs with its own line end
         head, _, body = data.partition(b"\r\n\r\n")
+        assume(b"\r\n\r\n" not in body)  # the parser looks for a CRLF blank line first
         data = head.replace(b"\r\n", b"\n") + b"\n\n" + body
     msg = parse_message(data)
     before = [(f.name, f.key, f.value, f.render()) for f in msg.headers.fields]
