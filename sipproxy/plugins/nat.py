@@ -59,7 +59,7 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore, IStateStore, SavedToken
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
@@ -126,10 +126,12 @@ class ContactMap:
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
         on_evict: Callable[[ContactMapping], None] | None = None,
+        on_expire: Callable[[ContactMapping], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_mappings = max_mappings
         self.on_evict = on_evict
+        self.on_expire = on_expire
         self._by_token: dict[str, ContactMapping] = {}
         self._by_contact: dict[tuple[str, Target], str] = {}
         # tokens that may be evicted (not a registration's), least recently used first
@@ -179,6 +181,20 @@ class ContactMap:
         self._evictable.pop(token, None)
         return mapping
 
+    def restore(self, token: str, contact: str, target: Target, expires_at: float) -> bool:
+        """Put back a registration's mapping from before a restart; False (nothing changed)
+        when the table is full or knows the token or the Contact and address already."""
+        if len(self._by_token) >= self.max_mappings or token in self._by_token or \
+                (contact, target) in self._by_contact:
+            return False
+        self._by_token[token] = ContactMapping(token, contact, target, expires_at, True)
+        self._by_contact[(contact, target)] = token
+        return True
+
+    def get(self, token: str) -> ContactMapping | None:
+        """The mapping of ``token``, expired or not, without counting it as used."""
+        return self._by_token.get(token)
+
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
@@ -194,9 +210,11 @@ class ContactMap:
 
     def purge(self) -> int:
         now = self.clock.seconds()
-        gone = [m.token for m in self._by_token.values() if m.expires_at < now]
-        for token in gone:
-            self._forget(token)
+        gone = [m for m in self._by_token.values() if m.expires_at < now]
+        for mapping in gone:
+            self._forget(mapping.token)
+            if self.on_expire is not None:
+                self.on_expire(mapping)
         return len(gone)
 
 
@@ -237,7 +255,9 @@ class NatPlugin(Plugin, Service):
         self.refusals = RefusalLog(self.clock, _log)
         #: evictions and refusals because the token table is full ("nat.evicted", "nat.full")
         self.counters = self.refusals.counters
-        self.contacts = ContactMap(self.clock, max_mappings, self._evicted)
+        self.contacts = ContactMap(self.clock, max_mappings, self._evicted, self._expired)
+        #: where registration tokens are saved to survive a restart (a durable core.state)
+        self.state: IStateStore | None = None
         self._requester = "?"  # the source whose message needs a mapping now (for the log)
         self.watched: dict[tuple[str, str], _Watched] = {}
         self._purge: LoopingCall | None = None
@@ -251,6 +271,7 @@ class NatPlugin(Plugin, Service):
     # -- service -------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        self._restore_tokens()
         self._purge = LoopingCall(self.contacts.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
@@ -266,6 +287,35 @@ class NatPlugin(Plugin, Service):
             if loop is not None and loop.running:
                 loop.stop()
         self.core.location.remove_listener(self)
+
+    # -- registration tokens that survive a restart ([registrar] store) ------------------------
+    def _restore_tokens(self) -> None:
+        """Take back the registrations' tokens the provider still has on file (the phones are
+        reached by them without a new REGISTER), and save them from now on."""
+        state = self.core.state
+        if not state.durable:
+            return
+        restored = sum(
+            self.contacts.restore(saved.token, saved.contact, saved.target, saved.expires_at)
+            for saved in state.saved_tokens(self.clock.seconds()))
+        if restored:
+            _log.info("nat: {count} registration tokens restored", count=restored)
+        self.state = state
+
+    def _save_token(self, token: str) -> None:
+        """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
+        mapping = self.contacts.get(token)
+        if self.state is None or mapping is None or not mapping.registration:
+            return
+        if mapping.expires_at > self.clock.seconds():
+            self.state.save_token(
+                SavedToken(mapping.token, mapping.contact, mapping.target, mapping.expires_at))
+        else:
+            self.state.delete_token(mapping.token)
+
+    def _expired(self, mapping: ContactMapping) -> None:
+        if self.state is not None and mapping.registration:
+            self.state.delete_token(mapping.token)
 
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
@@ -512,6 +562,7 @@ class NatPlugin(Plugin, Service):
             if expires is not None and expires.strip().isdigit():
                 seconds = int(expires.strip())
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+            self._save_token(user)
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
