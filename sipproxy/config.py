@@ -41,16 +41,16 @@ from sipproxy.settings import (
 
 __all__ = [
     "CORE_SECTIONS",
+    "MEMORY_STORE",
+    "SQLITE_STORE",
     "Config",
     "ConfigError",
     "DnsConfig",
     "LimitsConfig",
     "ListenConfig",
-    "MEMORY_STORE",
     "PluginsConfig",
     "ProxyConfig",
     "RegistrarConfig",
-    "SQLITE_STORE",
     "Section",
     "TimerConfig",
     "UpstreamConfig",

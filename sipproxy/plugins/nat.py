@@ -304,8 +304,10 @@ class NatPlugin(Plugin, Service):
 
     def _save_token(self, token: str) -> None:
         """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
+        if self.state is None:
+            return
         mapping = self.contacts.get(token)
-        if self.state is None or mapping is None or not mapping.registration:
+        if mapping is None or not mapping.registration:
             return
         if mapping.expires_at > self.clock.seconds():
             self.state.save_token(
@@ -512,6 +514,8 @@ class NatPlugin(Plugin, Service):
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
                 self._refresh_register_tokens(response)
+                if self.state is not None:
+                    self._refresh_register_tokens(branch.request, removed_only=True)
                 self._restore_register_contacts(response)
             return None
         if "contact" not in response.headers:
@@ -548,19 +552,29 @@ class NatPlugin(Plugin, Service):
                 return listener
         return side[0] if side else None
 
-    def _refresh_register_tokens(self, response: Response) -> None:
+    def _refresh_register_tokens(self, message: Request | Response,
+                                 removed_only: bool = False) -> None:
+        """After a REGISTER's 2xx: each token's mapping lives as long as the registrar keeps
+        its binding (the 2xx's expires). With a durable store also: one the REGISTER removed
+        goes now (``message`` is then the REGISTER we forwarded, ``removed_only``: a registrar
+        lists only the bindings that remain), and each is saved or forgotten there."""
         try:
-            contacts = response.contacts
+            contacts = message.contacts
         except ParseError:
             return
-        default = response.headers.get("expires")
+        default = message.headers.get("expires")
         for contact in contacts:
-            user = contact.uri.user
+            user = contact.uri.user if contact.uri.is_sip else None
             if not user or not user.startswith(TOKEN_PREFIX):
                 continue
             expires = contact.get_param("expires") or default
-            if expires is not None and expires.strip().isdigit():
+            if expires is None or not expires.strip().isdigit():
+                seconds = None
+            else:
                 seconds = int(expires.strip())
+            if removed_only and seconds != 0:
+                continue
+            if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
             self._save_token(user)
 
