@@ -304,16 +304,15 @@ class NatPlugin(Plugin, Service):
 
     def _save_token(self, token: str) -> None:
         """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
-        if self.state is None:
-            return
+        state = self.state
         mapping = self.contacts.get(token)
-        if mapping is None or not mapping.registration:
+        if state is None or mapping is None or not mapping.registration:
             return
         if mapping.expires_at > self.clock.seconds():
-            self.state.save_token(
+            state.save_token(
                 SavedToken(mapping.token, mapping.contact, mapping.target, mapping.expires_at))
         else:
-            self.state.delete_token(mapping.token)
+            state.delete_token(mapping.token)
 
     def _expired(self, mapping: ContactMapping) -> None:
         if self.state is not None and mapping.registration:
@@ -576,7 +575,8 @@ class NatPlugin(Plugin, Service):
                 continue
             if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
-            self._save_token(user)
+            if self.state is not None:
+                self._save_token(user)
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
