@@ -5,7 +5,7 @@ Every mistake is a :class:`ConfigError` whose ``str()`` is one line naming the f
 path and the problem, so an operator sees exactly what to fix and nothing else.
 
 Each core table (``proxy``, ``listen``, ``upstream``, ``registrar``, ``timers``, ``dns``,
-``plugins``, ``limits``) is a frozen dataclass whose fields are declared once, with their
+``plugins``, ``limits``, ``log``) is a frozen dataclass whose fields are declared once, with their
 defaults, bounds and docs, by :func:`sipproxy.settings.setting`, and read by
 :func:`sipproxy.settings.read_section`; the loaders here add only what involves two keys. Any
 other top-level table belongs to the plugin of that name: it is kept, read-only, in
@@ -48,6 +48,7 @@ __all__ = [
     "DnsConfig",
     "LimitsConfig",
     "ListenConfig",
+    "LogConfig",
     "PluginsConfig",
     "ProxyConfig",
     "RegistrarConfig",
@@ -62,7 +63,7 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
@@ -311,6 +312,17 @@ class PluginsConfig:
                    " only for a proxy meant to relay for anyone.")
 
 
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how the proxy's log (what ``twistd``/``twist`` writes) is written."""
+
+    format: Literal["text", "json"] = setting(
+        "text",
+        doc='"text": twistd\'s own lines; "json": one JSON object per line (time, level,'
+            " namespace, text, and call_id, source, plugin when the event has them), for jq"
+            " and log shippers.")
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -330,6 +342,7 @@ class Config:
     timers: TimerConfig = field(default_factory=TimerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     plugins: tuple[str, ...] = ()
     """Names of the plugins that run, in pipeline order: the implied ones (see
     :func:`sipproxy.pipeline.implied_plugins`), then ``[plugins] enabled``."""
@@ -395,6 +408,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     dns = read_section(DnsConfig, _table(root, "dns"))
     plugins = read_section(PluginsConfig, _table(root, "plugins"))
     limits = read_section(LimitsConfig, _table(root, "limits"))
+    log = read_section(LogConfig, _table(root, "log"))
     config = Config(
         proxy=proxy,
         listen=listen,
@@ -403,6 +417,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         timers=timers,
         dns=dns,
         limits=limits,
+        log=log,
         plugins=plugins.enabled,
         sections=MappingProxyType(sections),
         source=source,

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTHENTICATED_USER",
     "DROP",
+    "MEDIA_STATS",
     "Branch",
     "DropType",
     "ICredentialStore",
@@ -78,6 +79,12 @@ DROP: Final = DropType()
 #: for this request, e.g. ``"alice"``; absent when nobody authenticated it. Other plugins
 #: (``acl``) read it in ``request_forwarding``, after every ``request_received`` hook ran.
 AUTHENTICATED_USER: Final = "authenticated_user"
+
+#: Key in ``Dialog.data``: set by the ``media`` plugin when the dialog ends and it closes the
+#: call's relay session, a ``Deferred`` of the relay's final statistics (the ``delete`` reply,
+#: in the form :meth:`IMediaRelay.query` describes; ``{}`` when the relay had none). Absent
+#: when the call's media was not relayed. Read it in ``dialog_ended`` or later (``cdr``).
+MEDIA_STATS: Final = "media_stats"
 
 
 class IProxyPlugin(Interface):

@@ -396,7 +396,8 @@ class NatPlugin(Plugin, Service):
     def _refuse(self, request: Request, status: int, reason: str) -> Response:
         # for an ACK the core sends nothing back: a Response only means "drop it"
         _log.info("refused {method} from {source} to {uri}: {status}", method=request.method,
-                  source=request.source, uri=str(request.uri), status=status)
+                  source=request.source, uri=str(request.uri), status=status,
+                  call_id=request.call_id)
         return request.make_response(status, reason)
 
     def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:

@@ -203,7 +203,8 @@ class Proxy:
         except ParseError as e:
             responder.answer(tx, request, e.status, e.reason)
         except Exception:
-            _log.failure("handling {request!r}", request=request)
+            _log.failure("handling {request!r}", request=request, call_id=request.call_id,
+                         source=request.source)
             responder.answer(tx, request, 500, "Server Internal Error")
 
     def _forget_context(self, result: object, tx: ServerTransaction) -> object:
@@ -230,9 +231,11 @@ class Proxy:
             then(result,
                  lambda r: None if isinstance(r, Response) else self.forker.forward_ack(ctx))
         except ParseError as e:  # an ACK nobody can route (e.g. a non-SIP URI) is dropped
-            _log.debug("dropped {request!r}: {e}", request=request, e=e)
+            _log.debug("dropped {request!r}: {e}", request=request, e=e,
+                       call_id=request.call_id, source=request.source)
         except Exception:
-            _log.failure("forwarding {request!r}", request=request)
+            _log.failure("forwarding {request!r}", request=request, call_id=request.call_id,
+                         source=request.source)
 
     def stray_response(self, response: Response) -> None:
         """A response no client transaction matches is never forwarded (RFC 6026 section 7.3):
@@ -246,7 +249,7 @@ class Proxy:
         self.refusals.refused(
             "stray_response", source.host if source is not None else "?",
             "dropped a {status} response to {method} from {refused_source}: it matches no "
-            "transaction", status=response.status, method=method,
+            "transaction", status=response.status, method=method, call_id=response.call_id,
         )
 
     def server_transaction_failed(self, tx: ServerTransaction, reason: Failure) -> None:
