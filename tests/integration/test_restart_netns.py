@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import signal
+import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +108,25 @@ def call_from_provider(caller: NsSipp, user: str) -> SippProcess:
                             keys={"ruri": f"sip:{user}@{DOMAIN}"})
 
 
+def saved(path: Path, table: str, limit: float = 5.0) -> float:
+    """Wait (at most ``limit`` s) until the proxy has written a row of ``table`` to its state
+    file: a ``kill -9`` loses the writes still in flight, so the test kills it after that.
+    Returns how long it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if path.exists():
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+            try:
+                if db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                    return time.monotonic() - start
+            except sqlite3.OperationalError:
+                pass  # no table yet
+            finally:
+                db.close()
+        time.sleep(0.02)
+    raise AssertionError(f"no row in {table} of {path} after {limit} s")
+
+
 def log_of(proxy: ProxyProcess) -> str:
     return proxy.log_path.read_text(errors="replace")
 
@@ -144,7 +165,8 @@ def test_a_registered_phone_is_called_after_a_restart(
         assert registered.ok(1), f"{registered.describe()}\n{logs()}"
         registers = provider.registers_seen(user)
         assert registers == 2, logs()  # the one challenged, the one with the digest
-
+        if run != "memory":
+            saved(tmp_path / "state.db", "tokens")
         stop(first, signal.SIGKILL if run == "sigkill" else signal.SIGTERM)
         second.start()
 
@@ -187,6 +209,7 @@ def test_a_user_registered_with_the_proxy_is_called_after_kill_9(
         keys={"user": "alice", "domain": "lan.example",
               "contact": f"sip:alice@{LOOPBACK}:{phone_port}", "expires": "3600"})
     assert registered.ok(1), f"{registered.describe()}\n{first.log_tail()}"
+    saved(tmp_path / "state.db", "bindings")
     stop(first, signal.SIGKILL)
 
     second = proxy_factory(config, name="second")
