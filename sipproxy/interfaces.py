@@ -297,8 +297,9 @@ class IStateStore(Interface):
     applied in the order they were made. A write that fails is logged by the store and its
     ``Deferred`` fires all the same: while the proxy runs, what it holds in memory is the
     truth. The built-in stores are ``sipproxy.state.MemoryStateStore`` (the default: nothing
-    survives) and ``sipproxy.sqlite_state.SqliteStateStore``; a shared one (several proxies
-    behind one name) provides this interface and nothing else changes.
+    survives) and ``sipproxy.sqlite_state.SqliteStateStore``; another (e.g. Redis) provides
+    this interface and nothing else changes. Proxies sharing one store see each other's changes
+    only at their next start: live sharing would need a way for the store to report them.
     """
 
     durable = Attribute(

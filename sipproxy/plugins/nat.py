@@ -36,6 +36,11 @@ that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Bo
 (``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
 per minute.
 
+With a durable ``[registrar] store`` (``core.state``) a registration's token survives a
+restart: it is saved when the registrar's 2xx grants it (and forgotten when it expires or the
+REGISTER removed it), and taken back when the plugin starts, so the provider's calls to it
+reach the phone without a new REGISTER. Tokens of calls are not kept.
+
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
 
