@@ -258,6 +258,9 @@ class UpstreamConfig:
     """``[upstream]``: the provider (or next proxy) that requests for other domains go to."""
 
     uri: str = setting(parse=_sip_uri, doc="A sip: or sips: URI; ;transport= picks udp, tcp, tls.")
+    side: Side | None = setting(
+        None, doc="The side whose listener requests to the upstream leave from; default: the"
+                  " side whose interface the kernel routes the upstream through.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,8 +404,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
 
     proxy = _proxy(_table(root, "proxy"))
     listen = _listens(root)
-    upstream = read_section(UpstreamConfig, root.get_section("upstream")) \
-        if "upstream" in root else None
+    upstream = _upstream(root, listen)
     registrar = _registrar(_table(root, "registrar"))
     timers = _timers(_table(root, "timers"))
     dns = read_section(DnsConfig, _table(root, "dns"))
@@ -492,6 +494,16 @@ def _listen(s: Section) -> ListenConfig:
             if name in s:
                 raise s.error(name, 'is only valid with transport = "tls"')
     return entry
+
+
+def _upstream(root: Section, listen: tuple[ListenConfig, ...]) -> UpstreamConfig | None:
+    if "upstream" not in root:
+        return None
+    s = root.get_section("upstream")
+    upstream = read_section(UpstreamConfig, s)
+    if upstream.side is not None and all(lc.side != upstream.side for lc in listen):
+        raise s.error("side", f'no listener has side = "{upstream.side}"')
+    return upstream
 
 
 def _registrar(s: Section) -> RegistrarConfig:

@@ -186,6 +186,15 @@ class IProxyCore(Interface):
         """True when ``uri`` names one of our sockets (host and port): a Route entry the proxy
         removes as its own (RFC 3261 16.4)."""
 
+    def routed_side(host: str) -> str | None:
+        """The side (``"inside"``/``"outside"``) the network puts ``host`` (an IP address) on:
+        the side ``[upstream] side`` names for the upstream's addresses, else the side of the
+        listeners bound to the address the kernel sends from toward ``host``, i.e. the side
+        whose interface routes it. ``None`` when the network does not say (a name, a loopback
+        address, only wildcard listeners, a source address no listener has): then the
+        caller's own rule applies (the transports': the address class). A request to ``host``
+        leaves from a listener of this side (``branch.listener``)."""
+
     def send_request(
         request: Request, target: Target, on_response: Callable[[Response], None]
     ) -> ClientTransaction:

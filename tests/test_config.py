@@ -345,7 +345,15 @@ CASES = [
     ),
     (
         '[upstream]\nuri = "sip:x"\ntransport = "tls"',
-        "upstream.transport: unknown key (expected one of: uri)",
+        "upstream.transport: unknown key (expected one of: side, uri)",
+    ),
+    (
+        '[upstream]\nuri = "sip:x"\nside = "left"',
+        'upstream.side: must be "inside" or "outside", got "left"',
+    ),
+    (
+        '[[listen]]\nside = "outside"\n[upstream]\nuri = "sip:x"\nside = "inside"',
+        'upstream.side: no listener has side = "inside"',
     ),
     # [registrar]
     ("[registrar]\nmin_expires = -1", "registrar.min_expires: must be an integer >= 0, got -1"),
@@ -658,6 +666,7 @@ CORE_KEYS = [
     ("proxy", "max_forwards"),
     ("proxy", "user_agent"),
     ("upstream", "uri"),
+    ("upstream", "side"),
     ("registrar", "min_expires"),
     ("registrar", "max_expires"),
     ("registrar", "default_expires"),

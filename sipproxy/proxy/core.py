@@ -92,6 +92,8 @@ class Proxy:
         self.dialogs = DialogTracker(reactor, self.dialog_glue.dialog_ended)
         self.domains = frozenset(d.lower() for d in config.proxy.domains)
         self.upstream: URI | None = parse_uri(config.upstream.uri) if config.upstream else None
+        #: ``[upstream] side``: requests to the upstream's addresses leave from this side
+        self.upstream_side = config.upstream.side if config.upstream else None
         self._contexts: dict[ServerTransaction, RequestContext] = {}
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: FloodGuard | None = getattr(transports, "flood", None)
@@ -110,6 +112,8 @@ class Proxy:
                              self.refusals)
         self.responder = Responder(self)
         self.forker = Forker(self)
+        if self.upstream is not None:
+            self.upstream_resolved([self.upstream.get_param("maddr") or self.upstream.host])
 
     @property
     def flood(self) -> FloodGuard | None:
@@ -154,6 +158,18 @@ class Proxy:
     def use_tls_client(self, policy: TLSClientPolicy) -> None:
         """Outgoing TLS connections follow ``policy`` (a TLSClientPolicy, from the tls plugin)."""
         self.transports.tls_client = policy
+
+    def routed_side(self, host: str) -> str | None:
+        """The side the network puts ``host`` on (``[upstream] side`` for the upstream's
+        addresses, else the kernel's route), None when it does not say. (IProxyCore)"""
+        return self.transports.sides.routed_side(host)
+
+    def upstream_resolved(self, hosts: list[str]) -> None:
+        """``hosts`` are the upstream's addresses: with ``[upstream] side``, requests to them
+        (in-dialog ones, ACKs and CANCELs included) leave from that side."""
+        if self.upstream_side is not None:
+            for host in hosts:
+                self.transports.sides.pin(host, self.upstream_side)
 
     def make_via(self, target: Target) -> Via:
         """A Via for a request of the proxy's own to ``target``. (IProxyCore)"""

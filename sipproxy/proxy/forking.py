@@ -110,6 +110,8 @@ class Forker:
                 d: Deferred[list[Target]] = succeed([destination])
             else:
                 d = core.router.resolve(next_hop or core.router.next_hop_uri(out))
+                if next_hop is not None and next_hop is core.upstream:
+                    d.addCallback(self._upstream_resolved)
             d.addCallback(self._resolved, ctx, out, binding)
             d.addErrback(self._resolve_failed, ctx)
 
@@ -123,6 +125,10 @@ class Forker:
             self._branch_gone(ctx, out.make_response(487))
             return
         self._start_branch(ctx, out, targets, binding, {})
+
+    def _upstream_resolved(self, targets: list[Target]) -> list[Target]:
+        self.core.upstream_resolved([target.host for target in targets])
+        return targets
 
     def _resolve_failed(self, failure: Failure, ctx: RequestContext) -> None:
         request = ctx.request
