@@ -51,15 +51,19 @@ class _ProxyLifecycle(Service):
 
 class _RestoreBindings(Service):
     """Puts the saved bindings back once the plugins listen to the location service (the
-    ``nat`` plugin keeps NATed ones alive) and before the transports open."""
+    ``nat`` plugin keeps NATed ones alive) and before the transports open; at the first start
+    only (what was saved is older than what the location service holds after that)."""
 
     def __init__(self, location: LocationService, state: IStateStore) -> None:
         self.location = location
-        self.state = state
+        self.state: IStateStore | None = state
 
     def startService(self) -> None:
         super().startService()
+        if self.state is None:
+            return
         restored = restore_bindings(self.location, self.state)
+        self.state = None
         if restored:
             _log.info("{count} bindings restored", count=restored)
 
