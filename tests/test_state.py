@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
 
 from sipproxy.config import ConfigError, parse_config
 from sipproxy.context import Target
@@ -85,9 +86,9 @@ def binding(contact: str, expires_at: float) -> Binding:
 # ------------------------------------------------------------------------------------------------
 # the store
 # ------------------------------------------------------------------------------------------------
-def test_the_store_provides_the_interface(tmp_path: Path, threads: FromThreads) -> None:
-    assert IStateStore.providedBy(open_store(tmp_path / "state.db", threads))
-    assert IStateStore.providedBy(MemoryStateStore())
+def test_the_stores_provide_the_interface(tmp_path: Path, threads: FromThreads) -> None:
+    assert verifyObject(IStateStore, open_store(tmp_path / "state.db", threads))
+    assert verifyObject(IStateStore, MemoryStateStore())
     assert not MemoryStateStore().durable
 
 
