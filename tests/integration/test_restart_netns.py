@@ -108,17 +108,16 @@ def call_from_provider(caller: NsSipp, user: str) -> SippProcess:
                             keys={"ruri": f"sip:{user}@{DOMAIN}"})
 
 
-def saved(path: Path, table: str, limit: float = 5.0) -> float:
+def saved(path: Path, table: str, limit: float = 5.0) -> None:
     """Wait (at most ``limit`` s) until the proxy has written a row of ``table`` to its state
-    file: a ``kill -9`` loses the writes still in flight, so the test kills it after that.
-    Returns how long it took."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
+    file: a ``kill -9`` loses the writes still in flight, so the test kills it after that."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         if path.exists():
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
             try:
                 if db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
-                    return time.monotonic() - start
+                    return
             except sqlite3.OperationalError:
                 pass  # no table yet
             finally:
