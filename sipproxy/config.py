@@ -5,7 +5,7 @@ Every mistake is a :class:`ConfigError` whose ``str()`` is one line naming the f
 path and the problem, so an operator sees exactly what to fix and nothing else.
 
 Each core table (``proxy``, ``listen``, ``upstream``, ``registrar``, ``timers``, ``dns``,
-``plugins``, ``limits``) is a frozen dataclass whose fields are declared once, with their
+``plugins``, ``limits``, ``log``) is a frozen dataclass whose fields are declared once, with their
 defaults, bounds and docs, by :func:`sipproxy.settings.setting`, and read by
 :func:`sipproxy.settings.read_section`; the loaders here add only what involves two keys. Any
 other top-level table belongs to the plugin of that name: it is kept, read-only, in
@@ -41,12 +41,15 @@ from sipproxy.settings import (
 
 __all__ = [
     "CORE_SECTIONS",
+    "MEMORY_STORE",
+    "SQLITE_STORE",
     "AdminConfig",
     "Config",
     "ConfigError",
     "DnsConfig",
     "LimitsConfig",
     "ListenConfig",
+    "LogConfig",
     "PluginsConfig",
     "ProxyConfig",
     "RegistrarConfig",
@@ -61,11 +64,16 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "admin"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log",
+     "admin"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
 _TRANSPORTS: Final = ("udp", "tcp", "tls")
+#: ``[registrar] store`` of the default store: nothing survives a restart
+MEMORY_STORE: Final = "memory"
+#: ``[registrar] store`` prefix of an SQLite file: ``"sqlite:/var/lib/sipproxy/state.db"``
+SQLITE_STORE: Final = "sqlite:"
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _TOML_POSITION = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\s*\Z")
 
@@ -158,6 +166,13 @@ def _uri_problem(uri: str) -> str | None:
     return None
 
 
+def _store(text: str) -> str:
+    if text == MEMORY_STORE or (
+            text.startswith(SQLITE_STORE) and text[len(SQLITE_STORE):].strip()):
+        return text
+    raise ValueError(f'must be "memory" or "sqlite:PATH", got {show(text)}')
+
+
 def _dns_server(text: str) -> tuple[str, int]:
     """``ADDRESS``, ``ADDRESS:PORT`` or ``[IPv6]:PORT`` as (address, port)."""
     host, port = text, 53
@@ -245,11 +260,15 @@ class UpstreamConfig:
     """``[upstream]``: the provider (or next proxy) that requests for other domains go to."""
 
     uri: str = setting(parse=_sip_uri, doc="A sip: or sips: URI; ;transport= picks udp, tcp, tls.")
+    side: Side | None = setting(
+        None, doc="The side whose listener requests to the upstream leave from; default: the"
+                  " side whose interface the kernel routes the upstream through.")
 
 
 @dataclass(frozen=True, slots=True)
 class RegistrarConfig:
-    """``[registrar]``: expiry limits for REGISTER (seconds); the store is in memory."""
+    """``[registrar]``: expiry limits for REGISTER (seconds), and where state that must
+    survive a restart is kept."""
 
     min_expires: int = setting(60, min=0, doc="Shortest Expires accepted (423 below it).")
     max_expires: int = setting(3600, min=0, doc="Longest Expires granted.")
@@ -258,6 +277,11 @@ class RegistrarConfig:
         10, min=1, max=1000,
         doc="Bindings one address-of-record may have; a REGISTER that would make more gets"
             " 403 Too Many Registered Contacts (refreshes and removals always pass).")
+    store: str = setting(
+        MEMORY_STORE, parse=_store,
+        doc='"memory": bindings, nat registration tokens and bans are lost on restart;'
+            ' "sqlite:PATH": kept in that SQLite file (created if missing) and restored at'
+            ' start.')
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +333,17 @@ class AdminConfig:
             " with TOKEN as the password (any user name).")
 
 
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how the proxy's log (what ``twistd``/``twist`` writes) is written."""
+
+    format: Literal["text", "json"] = setting(
+        "text",
+        doc='"text": twistd\'s own lines; "json": one JSON object per line (time, level,'
+            " namespace, text, and call_id, source, plugin when the event has them), for jq"
+            " and log shippers.")
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -329,6 +364,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     plugins: tuple[str, ...] = ()
     """Names of the plugins that run, in pipeline order: the implied ones (see
     :func:`sipproxy.pipeline.implied_plugins`), then ``[plugins] enabled``."""
@@ -387,14 +423,14 @@ def _build(doc: dict[str, Any], source: str) -> Config:
 
     proxy = _proxy(_table(root, "proxy"))
     listen = _listens(root)
-    upstream = read_section(UpstreamConfig, root.get_section("upstream")) \
-        if "upstream" in root else None
+    upstream = _upstream(root, listen)
     registrar = _registrar(_table(root, "registrar"))
     timers = _timers(_table(root, "timers"))
     dns = read_section(DnsConfig, _table(root, "dns"))
     plugins = read_section(PluginsConfig, _table(root, "plugins"))
     limits = read_section(LimitsConfig, _table(root, "limits"))
     admin = _admin(_table(root, "admin"))
+    log = read_section(LogConfig, _table(root, "log"))
     config = Config(
         proxy=proxy,
         listen=listen,
@@ -404,6 +440,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         dns=dns,
         limits=limits,
         admin=admin,
+        log=log,
         plugins=plugins.enabled,
         sections=MappingProxyType(sections),
         source=source,
@@ -478,6 +515,16 @@ def _listen(s: Section) -> ListenConfig:
             if name in s:
                 raise s.error(name, 'is only valid with transport = "tls"')
     return entry
+
+
+def _upstream(root: Section, listen: tuple[ListenConfig, ...]) -> UpstreamConfig | None:
+    if "upstream" not in root:
+        return None
+    s = root.get_section("upstream")
+    upstream = read_section(UpstreamConfig, s)
+    if upstream.side is not None and all(lc.side != upstream.side for lc in listen):
+        raise s.error("side", f'no listener has side = "{upstream.side}"')
+    return upstream
 
 
 def _registrar(s: Section) -> RegistrarConfig:

@@ -21,6 +21,7 @@ Response hooks may return ``None`` (go on) or :data:`DROP` (the response goes no
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from zope.interface import Attribute, Interface
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from sipproxy.config import Config, Section
     from sipproxy.dialogs import Dialog
+    from sipproxy.location import Binding
     from sipproxy.media.backends import RelayedSdp
     from sipproxy.message import Request, Response, Via
     from sipproxy.transaction import ClientTransaction
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTHENTICATED_USER",
     "DROP",
+    "MEDIA_STATS",
     "Branch",
     "DropType",
     "ICredentialStore",
@@ -55,8 +58,11 @@ __all__ = [
     "IPluginFactory",
     "IProxyCore",
     "IProxyPlugin",
+    "IStateStore",
     "IStatusProvider",
     "RequestContext",
+    "SavedBan",
+    "SavedToken",
     "Target",
 ]
 
@@ -75,6 +81,12 @@ DROP: Final = DropType()
 #: for this request, e.g. ``"alice"``; absent when nobody authenticated it. Other plugins
 #: (``acl``) read it in ``request_forwarding``, after every ``request_received`` hook ran.
 AUTHENTICATED_USER: Final = "authenticated_user"
+
+#: Key in ``Dialog.data``: set by the ``media`` plugin when the dialog ends and it closes the
+#: call's relay session, a ``Deferred`` of the relay's final statistics (the ``delete`` reply,
+#: in the form :meth:`IMediaRelay.query` describes; ``{}`` when the relay had none). Absent
+#: when the call's media was not relayed. Read it in ``dialog_ended`` or later (``cdr``).
+MEDIA_STATS: Final = "media_stats"
 
 
 class IProxyPlugin(Interface):
@@ -155,6 +167,10 @@ class IProxyCore(Interface):
         "The sockets, each with side ('inside'/'outside'), transport, address, port, via_host."
     )
     dialogs = Attribute("The sipproxy.dialogs.DialogTracker.")
+    state = Attribute(
+        "The IStateStore ([registrar] store) where state that must survive a restart is kept; "
+        "its ``durable`` is False for the default, in memory: then there is nothing to save."
+    )
     flood = Attribute(
         "The sipproxy.flood.FloodGuard ([limits]: rate limits and the ban list; failed() is a "
         "failure budget such as wrong passwords), or None when [limits] enabled = false."
@@ -171,6 +187,15 @@ class IProxyCore(Interface):
     def is_own_uri(uri: URI) -> bool:
         """True when ``uri`` names one of our sockets (host and port): a Route entry the proxy
         removes as its own (RFC 3261 16.4)."""
+
+    def routed_side(host: str) -> str | None:
+        """The side (``"inside"``/``"outside"``) the network puts ``host`` (an IP address) on:
+        the side ``[upstream] side`` names for the upstream's addresses, else the side of the
+        listeners bound to the address the kernel sends from toward ``host``, i.e. the side
+        whose interface routes it. ``None`` when the network does not say (a name, a loopback
+        address, only wildcard listeners, a source address no listener has): then the
+        caller's own rule applies (the transports': the address class). A request to ``host``
+        leaves from a listener of this side (``branch.listener``)."""
 
     def send_request(
         request: Request, target: Target, on_response: Callable[[Response], None]
@@ -273,3 +298,77 @@ class IStatusProvider(Interface):
         plugin's phones registered at the provider through the proxy), and ``"media"``, a
         mapping of Call-ID to the list of per-direction media entries of that call (the
         ``media`` plugin)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedToken:
+    """A ``nat`` plugin registration token: ``sip:TOKEN@<proxy>`` is what the provider has on
+    file as the Contact of the phone whose Contact is ``contact``, reached at ``target``."""
+
+    token: str
+    contact: str
+    target: Target
+    expires_at: float  # absolute, in the proxy clock's seconds (wall-clock time)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedBan:
+    """A flood guard ban: ``host`` is ignored until ``until`` (the clock's seconds)."""
+
+    host: str
+    reason: str
+    until: float
+
+
+class IStateStore(Interface):
+    """Where the state that must survive a restart is kept (``[registrar] store``): the
+    registrar's bindings, the ``nat`` plugin's registration tokens (what the provider has on
+    file as a phone's Contact) and the flood guard's bans.
+
+    Reading happens once, at start-up, before any listener opens: the store reads what it
+    holds when it is opened (it may block then: the proxy opens it while it builds its
+    service, before the reactor runs), and the ``saved_*`` methods return what of it is still
+    valid at ``now``: expired state is never brought back. Writing happens while the proxy
+    runs and never blocks the reactor: every write returns a ``Deferred`` and writes are
+    applied in the order they were made. A write that fails is logged by the store and its
+    ``Deferred`` fires all the same: while the proxy runs, what it holds in memory is the
+    truth. The built-in stores are ``sipproxy.state.MemoryStateStore`` (the default: nothing
+    survives) and ``sipproxy.sqlite_state.SqliteStateStore``; another (e.g. Redis) provides
+    this interface and nothing else changes. Proxies sharing one store see each other's changes
+    only at their next start: live sharing would need a way for the store to report them.
+    """
+
+    durable = Attribute(
+        "False when nothing outlives the process (the memory store): callers then save "
+        "nothing at all, so the default adds no work to REGISTER handling."
+    )
+
+    def saved_bindings(now: float) -> list[Binding]:
+        """The bindings saved before the start whose ``expires_at`` is after ``now``."""
+
+    def saved_tokens(now: float) -> list[SavedToken]:
+        """The registration tokens saved before the start that expire after ``now``."""
+
+    def saved_bans(now: float) -> list[SavedBan]:
+        """The bans saved before the start that end after ``now``."""
+
+    def save_binding(binding: Binding) -> Deferred[None]:
+        """Keep ``binding`` (a new one, or a refresh of the one with its aor and contact)."""
+
+    def delete_binding(aor: str, contact: str) -> Deferred[None]:
+        """Forget the binding of ``aor`` with ``contact`` (none: nothing happens)."""
+
+    def save_token(token: SavedToken) -> Deferred[None]:
+        """Keep ``token`` (a new one, or a new expiry of the one with its name)."""
+
+    def delete_token(token: str) -> Deferred[None]:
+        """Forget the token named ``token``."""
+
+    def save_ban(ban: SavedBan) -> Deferred[None]:
+        """Keep ``ban`` (replacing a ban of the same host)."""
+
+    def delete_ban(host: str) -> Deferred[None]:
+        """Forget the ban of ``host``."""
+
+    def close() -> Deferred[None]:
+        """Fires once every write made before it is done; later writes are ignored."""

@@ -95,6 +95,8 @@ def test_a_phone_registered_at_the_provider_through_the_nat_plugin_is_listed() -
     ), PHONE)
     [register] = harness.wire.requests_to(PROVIDER_IP, "REGISTER")
     [contact] = register.contacts
+    status = StatusModel(harness.proxy).status()
+    assert status["registrations"] == []  # not before the provider accepted it
     harness.receive(answer(register, 200, "p1", [f"Contact: <{contact.uri}>;expires=300"]),
                     PROVIDER)
     harness.advance(10)
@@ -113,6 +115,19 @@ def test_a_phone_registered_at_the_provider_through_the_nat_plugin_is_listed() -
     assert plugin["status"]["mappings"] == 1
     assert "registrations" not in plugin["status"]  # merged into the top-level list
     json.dumps(status)  # JSON-able as it is
+
+    # unregistered: gone at once
+    harness.receive(sip_request(
+        "REGISTER", "sip:provider.example",
+        via=f"SIP/2.0/UDP {PHONE.host}:5060;rport;branch=z9hG4bKr2",
+        from_="<sip:alice@provider.example>;tag=r1", to="<sip:alice@provider.example>",
+        call_id="reg-1", cseq=2,
+        headers=[f"Contact: <sip:alice@{PHONE.host}:5060>", "Expires: 0"],
+    ), PHONE)
+    unregister = harness.wire.requests_to(PROVIDER_IP, "REGISTER")[-1]
+    harness.receive(answer(unregister, 200, "p1", [f"Contact: <{contact.uri}>;expires=0"]),
+                    PROVIDER)
+    assert StatusModel(harness.proxy).status()["registrations"] == []
 
 
 # -- over HTTP -------------------------------------------------------------------------------------

@@ -64,8 +64,10 @@ A plugin that provides :class:`sipproxy.interfaces.IStatusProvider` adds its sec
 ``Plugin`` entry; keys the page does not know are shown as a generic table. ``media`` is filled
 by the ``media`` plugin with the built-in relay (an NG relay's calls have ``[]``); its
 ``packets`` count what arrives on the sending party's RTP port (RTCP too when muxed), and a
-direction whose ``last_packet_age`` grows is silent. ``"now"`` and the times are the proxy's
-clock, so a page computes nothing from the browser's clock.
+direction whose ``last_packet_age`` grows is silent. On the kernel path the relay reads the
+kernel's counters every 2 s, so there ``last_packet_age`` (and the counts) move in steps of up
+to ~2 s while media flows: call a direction silent only after ~3 s or more. ``"now"`` and
+the times are the proxy's clock, so a page computes nothing from the browser's clock.
 
 The site (:func:`sipproxy.admin.service.admin_root`) is the status page
 (:func:`sipproxy.admin.page.page_resource`: ``/`` and its files) with ``/metrics`` and ``/api``

@@ -13,6 +13,11 @@ side where to send something leaves on the outside with an inside address.
 - Via: the phone's Vias are hidden on the outside (the proxy keeps them; ``Branch.hide_vias``).
 - Record-Route, Route, Path: the proxy's inside-facing Record-Route is removed from what goes
   out and put back into what comes in; inside Route/Path values are removed.
+- Inside and outside: a host is on the side the network puts it (the kernel's route to it, or
+  ``[upstream] side``: :meth:`~sipproxy.interfaces.IProxyCore.routed_side`), so a provider on a
+  private address behind the outside interface is outside (firewall mode; with outside
+  listeners only, as where the network does not say, a host in ``inside_networks`` is inside).
+  A request goes to the side of the listener it leaves from.
 - Requests from the outside addressed to an inside host, or to an unknown token, are refused
   (403 / 404): nothing reaches the inside that a phone did not ask for (a token, or a binding
   of a local user); a name that resolves to an inside address is refused too. (A response
@@ -35,6 +40,11 @@ forgotten this way: if every mapping is one, the request that needs a new one is
 that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Both are counted
 (``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
 per minute.
+
+With a durable ``[registrar] store`` (``core.state``) a registration's token survives a
+restart: it is saved when the registrar's 2xx grants it (and forgotten when it expires or the
+REGISTER removed it), and taken back when the plugin starts, so the provider's calls to it
+reach the phone without a new REGISTER. Tokens of calls are not kept.
 
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
@@ -61,7 +71,14 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore, IStatusProvider
+from sipproxy.interfaces import (
+    DROP,
+    IPluginFactory,
+    IProxyCore,
+    IStateStore,
+    IStatusProvider,
+    SavedToken,
+)
 from sipproxy.location import ILocationListener
 from sipproxy.message import Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
@@ -88,10 +105,11 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
-    #: for a REGISTER: its address-of-record, and the token URI the registrar got (the
-    #: admin status page shows both)
+    #: for a REGISTER: its address-of-record, the token URI the registrar got, and until when
+    #: the registrar's last 2xx granted it (the admin status page shows these)
     aor: str = ""
     public_contact: str = ""
+    registered_until: float = 0.0
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -132,10 +150,12 @@ class ContactMap:
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
         on_evict: Callable[[ContactMapping], None] | None = None,
+        on_expire: Callable[[ContactMapping], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_mappings = max_mappings
         self.on_evict = on_evict
+        self.on_expire = on_expire
         self._by_token: dict[str, ContactMapping] = {}
         self._by_contact: dict[tuple[str, Target], str] = {}
         # tokens that may be evicted (not a registration's), least recently used first
@@ -189,6 +209,20 @@ class ContactMap:
         """Every mapping held now (expired ones until the next purge)."""
         return list(self._by_token.values())
 
+    def restore(self, token: str, contact: str, target: Target, expires_at: float) -> bool:
+        """Put back a registration's mapping from before a restart; False (nothing changed)
+        when the table is full or knows the token or the Contact and address already."""
+        if len(self._by_token) >= self.max_mappings or token in self._by_token or \
+                (contact, target) in self._by_contact:
+            return False
+        self._by_token[token] = ContactMapping(token, contact, target, expires_at, True)
+        self._by_contact[(contact, target)] = token
+        return True
+
+    def get(self, token: str) -> ContactMapping | None:
+        """The mapping of ``token``, expired or not, without counting it as used."""
+        return self._by_token.get(token)
+
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
@@ -204,9 +238,11 @@ class ContactMap:
 
     def purge(self) -> int:
         now = self.clock.seconds()
-        gone = [m.token for m in self._by_token.values() if m.expires_at < now]
-        for token in gone:
-            self._forget(token)
+        gone = [m for m in self._by_token.values() if m.expires_at < now]
+        for mapping in gone:
+            self._forget(mapping.token)
+            if self.on_expire is not None:
+                self.on_expire(mapping)
         return len(gone)
 
 
@@ -247,12 +283,17 @@ class NatPlugin(Plugin, Service):
         self.refusals = RefusalLog(self.clock, _log)
         #: evictions and refusals because the token table is full ("nat.evicted", "nat.full")
         self.counters = self.refusals.counters
-        self.contacts = ContactMap(self.clock, max_mappings, self._evicted)
+        self.contacts = ContactMap(self.clock, max_mappings, self._evicted, self._expired)
+        #: where registration tokens are saved to survive a restart (a durable core.state)
+        self.state: IStateStore | None = None
         self._requester = "?"  # the source whose message needs a mapping now (for the log)
         self.watched: dict[tuple[str, str], _Watched] = {}
         self._purge: LoopingCall | None = None
         self._keepalive: LoopingCall | None = None
         self._is_inside = functools.lru_cache(maxsize=4096)(self._inside_uncached)
+        #: firewall mode (listeners of both sides): the network tells inside from outside;
+        #: on a public proxy everything is routed outside, and inside_networks alone decides
+        self._two_sided = {lst.side for lst in core.listeners} >= {"inside", "outside"}
         if external_address:
             for listener in core.listeners:
                 if listener.side == "outside":
@@ -261,6 +302,7 @@ class NatPlugin(Plugin, Service):
     # -- service -------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        self._restore_tokens()
         self._purge = LoopingCall(self.contacts.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
@@ -277,6 +319,36 @@ class NatPlugin(Plugin, Service):
                 loop.stop()
         self.core.location.remove_listener(self)
 
+    # -- registration tokens that survive a restart ([registrar] store) ------------------------
+    def _restore_tokens(self) -> None:
+        """Take back the registrations' tokens the provider still has on file (the phones are
+        reached by them without a new REGISTER), and save them from now on."""
+        state = self.core.state
+        if not state.durable:
+            return
+        restored = sum(
+            self.contacts.restore(saved.token, saved.contact, saved.target, saved.expires_at)
+            for saved in state.saved_tokens(self.clock.seconds()))
+        if restored:
+            _log.info("nat: {count} registration tokens restored", count=restored)
+        self.state = state
+
+    def _save_token(self, token: str) -> None:
+        """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
+        state = self.state
+        mapping = self.contacts.get(token)
+        if state is None or mapping is None or not mapping.registration:
+            return
+        if mapping.expires_at > self.clock.seconds():
+            state.save_token(
+                SavedToken(mapping.token, mapping.contact, mapping.target, mapping.expires_at))
+        else:
+            state.delete_token(mapping.token)
+
+    def _expired(self, mapping: ContactMapping) -> None:
+        if self.state is not None and mapping.registration:
+            self.state.delete_token(mapping.token)
+
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
         return in_networks(host, self.networks)
@@ -284,6 +356,13 @@ class NatPlugin(Plugin, Service):
     def is_inside(self, host: str) -> bool:
         """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
         return bool(self._is_inside(host))
+
+    def faces_inside(self, host: str) -> bool:
+        """Is ``host`` on the inside? In firewall mode, on the side the network puts it (the
+        kernel's route, ``[upstream] side``: a provider on a private address behind the
+        outside interface is outside); where it does not say, in ``inside_networks``."""
+        side = self.core.routed_side(host) if self._two_sided else None
+        return side == "inside" if side is not None else self.is_inside(host)
 
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
@@ -341,21 +420,22 @@ class NatPlugin(Plugin, Service):
     def _leads_inside(self, request: Request) -> bool:
         """Would this request from the outside be sent to an inside address by itself?"""
         uri = request.uri
-        if uri.is_sip and self.is_inside(uri.get_param("maddr") or uri.host):
+        if uri.is_sip and self.faces_inside(uri.get_param("maddr") or uri.host):
             return True
         for value in request.headers.get_all("route"):
             try:
                 route = parse_name_addr(value)
             except ParseError:
                 return True
-            if route.uri.is_sip and self.is_inside(route.uri.host):
+            if route.uri.is_sip and self.faces_inside(route.uri.host):
                 return True
         return False
 
     def _refuse(self, request: Request, status: int, reason: str) -> Response:
         # for an ACK the core sends nothing back: a Response only means "drop it"
         _log.info("refused {method} from {source} to {uri}: {status}", method=request.method,
-                  source=request.source, uri=str(request.uri), status=status)
+                  source=request.source, uri=str(request.uri), status=status,
+                  call_id=request.call_id)
         return request.make_response(status, reason)
 
     def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
@@ -408,8 +488,12 @@ class NatPlugin(Plugin, Service):
             count=self.contacts.max_mappings, what=message.start_line())
 
     def _goes_inside(self, branch: Any, out_side: str) -> bool:
+        """Does the branch go inside: leave from an inside listener (the side the request goes
+        to), or, with no listener, to an inside host?"""
+        if out_side:
+            return out_side == "inside"
         target = branch.target
-        return out_side == "inside" or (target is not None and self.is_inside(target.host))
+        return target is not None and self.faces_inside(target.host)
 
     def _route_to_registered_address(self, ctx: Any, branch: Any, binding: Any) -> None:
         """Public-proxy mode: a NATed phone is reached where its REGISTER came from (and the
@@ -460,7 +544,7 @@ class NatPlugin(Plugin, Service):
         message.set_contacts(changed)
 
     def _remove_inside_values(self, message: Request | Response, name: str) -> list[str]:
-        return remove_uri_values(message, name, lambda uri: self.is_inside(uri.host))
+        return remove_uri_values(message, name, lambda uri: self.faces_inside(uri.host))
 
     # -- responses -----------------------------------------------------------------------------
     def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
@@ -475,6 +559,8 @@ class NatPlugin(Plugin, Service):
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
                 self._refresh_register_tokens(response)
+                if self.state is not None:
+                    self._refresh_register_tokens(branch.request, removed_only=True)
                 self._restore_register_contacts(response)
             return None
         if "contact" not in response.headers:
@@ -511,20 +597,35 @@ class NatPlugin(Plugin, Service):
                 return listener
         return side[0] if side else None
 
-    def _refresh_register_tokens(self, response: Response) -> None:
+    def _refresh_register_tokens(self, message: Request | Response,
+                                 removed_only: bool = False) -> None:
+        """After a REGISTER's 2xx: each token's mapping lives as long as the registrar keeps
+        its binding (the 2xx's expires). With a durable store also: one the REGISTER removed
+        goes now (``message`` is then the REGISTER we forwarded, ``removed_only``: a registrar
+        lists only the bindings that remain), and each is saved or forgotten there."""
         try:
-            contacts = response.contacts
+            contacts = message.contacts
         except ParseError:
             return
-        default = response.headers.get("expires")
+        default = message.headers.get("expires")
         for contact in contacts:
-            user = contact.uri.user
+            user = contact.uri.user if contact.uri.is_sip else None
             if not user or not user.startswith(TOKEN_PREFIX):
                 continue
             expires = contact.get_param("expires") or default
-            if expires is not None and expires.strip().isdigit():
+            if expires is None or not expires.strip().isdigit():
+                seconds = None
+            else:
                 seconds = int(expires.strip())
+            if removed_only and seconds != 0:
+                continue
+            if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+                mapping = self.contacts.get(user)
+                if mapping is not None:
+                    mapping.registered_until = self.clock.seconds() + seconds
+            if self.state is not None:
+                self._save_token(user)
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
@@ -579,7 +680,8 @@ class NatPlugin(Plugin, Service):
         return [mappings, watched, refusal_metrics(self.name, self.counters)]
 
     def status(self) -> Mapping[str, Any]:
-        """Counts, and the phones registered at the provider through us (firewall mode)."""
+        """Counts, and the phones registered at the provider through us (firewall mode: those
+        the provider's last 2xx to their REGISTER still covers)."""
         now = self.clock.seconds()
         held = self.contacts.mappings()
         registrations = [{
@@ -587,9 +689,9 @@ class NatPlugin(Plugin, Service):
             "contact": m.public_contact,
             "source": f"{format_host(m.target.host)}:{m.target.port}",
             "transport": m.target.transport.lower(),
-            "expires_in": max(0, int(m.expires_at - now - 60.0)),
+            "expires_in": int(m.registered_until - now),
             "user_agent": None,
-        } for m in held if m.registration and m.aor and m.expires_at > now]
+        } for m in held if m.registration and m.aor and m.registered_until > now]
         return {"mappings": len(held), "keepalive_bindings": len(self.watched),
                 "refusals": dict(self.counters), "registrations": registrations}
 
