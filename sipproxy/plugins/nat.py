@@ -36,6 +36,12 @@ that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Bo
 (``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
 per minute.
 
+Topology hiding (``hide_topology``, on by default in firewall mode): no inside address or
+inside host name (``inside_domains``) in any other byte either: Call-ID, From, To, Refer-To,
+Referred-By, Replaces, every other header and every non-SDP body part are mapped, or removed
+when they cannot be (:mod:`sipproxy.plugins.topology` says which), and mapped back on the way
+in.
+
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
 
@@ -61,8 +67,9 @@ from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
 from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
-from sipproxy.message import Request, Response, new_branch, new_tag
+from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.plugins.topology import Hiding, TopologyHider
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog
 from sipproxy.settings import Section, ip_address, network, read_section, setting
@@ -225,6 +232,9 @@ class NatPlugin(Plugin, Service):
         keepalive_failures: int = 3,
         keepalive_method: str = "OPTIONS",
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
+        hide_topology: bool = False,
+        inside_domains: Iterable[str] = (),
+        strip_user_agent: bool = False,
     ) -> None:
         self.core = core
         self.clock: IReactorTime = core.clock
@@ -243,6 +253,10 @@ class NatPlugin(Plugin, Service):
         self._purge: LoopingCall | None = None
         self._keepalive: LoopingCall | None = None
         self._is_inside = functools.lru_cache(maxsize=4096)(self._inside_uncached)
+        #: firewall mode's topology hiding (None: off)
+        self.topology = TopologyHider(
+            self.clock, self.networks, inside_domains, mapping_ttl, max_mappings,
+            strip_user_agent) if hide_topology else None
         if external_address:
             for listener in core.listeners:
                 if listener.side == "outside":
@@ -251,7 +265,7 @@ class NatPlugin(Plugin, Service):
     # -- service -------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
-        self._purge = LoopingCall(self.contacts.purge)
+        self._purge = LoopingCall(self.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
         self.core.location.add_listener(self)
@@ -266,6 +280,12 @@ class NatPlugin(Plugin, Service):
             if loop is not None and loop.running:
                 loop.stop()
         self.core.location.remove_listener(self)
+
+    def purge(self) -> None:
+        """Forget the expired mappings."""
+        self.contacts.purge()
+        if self.topology is not None:
+            self.topology.purge()
 
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
@@ -312,6 +332,8 @@ class NatPlugin(Plugin, Service):
     # -- requests ------------------------------------------------------------------------------
     def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
+        if self.topology is not None and self._side_of_source(request) == "outside":
+            self._reveal_request(ctx)
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
                 self.core.is_local_domain(uri.host):
@@ -382,6 +404,8 @@ class NatPlugin(Plugin, Service):
                     response = request.make_response(503, "Too Many NAT Mappings")
                     response.headers.add("Retry-After", str(FULL_RETRY_AFTER))
                     return response
+        if self.topology is not None and out_side == "outside":
+            self._hide_request(ctx, branch, from_inside)
         return None
 
     def _evicted(self, mapping: ContactMapping) -> None:
@@ -454,6 +478,10 @@ class NatPlugin(Plugin, Service):
         request: Request = ctx.request
         to_side = self._side_of_source(request)
         from_side = branch.listener.side if branch.listener is not None else ""
+        if self.topology is not None and from_side == "outside":
+            self._reveal(response)
+            if "nat_call_id" in branch.data:  # also when its mapping was forgotten meanwhile
+                self._set_call_id(response, request.call_id)
         removed = branch.data.get("nat_rr")
         if removed:
             # our inside-facing entry goes back below our outside one
@@ -549,7 +577,142 @@ class NatPlugin(Plugin, Service):
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
+            requester = self._target_of(ctx.request)
+            if self.topology is not None and requester is not None:
+                outside = ctx.data.get("nat_call_id")
+                entry = None
+                if outside is not None:
+                    self._set_call_id(response, outside)
+                    entry = self.topology.reveal(outside)
+                via = self.core.make_via(requester)
+                listener = self._listener_of(ctx.request)
+                port = via.port or (listener.port if listener is not None else 5060)
+                self._hide(response, Hiding(via.host, self._tokenizer(via.host, port), entry))
         return None
+
+    def dialog_ended(self, dialog: Any, reason: str) -> None:
+        if self.topology is not None:
+            self.topology.dialog_ended(dialog.call_id)
+
+    # -- topology hiding -----------------------------------------------------------------------
+    def _reveal_request(self, ctx: RequestContext) -> None:
+        """A request from the outside: an outside Call-ID of ours (an in-dialog request, a
+        NOTIFY...) becomes the inside one again (the dialog is the inside one's), and the
+        other mapped fields their inside values."""
+        request: Request = ctx.request
+        outside = request.call_id
+        entry = self._reveal(request)
+        if entry is None:
+            return
+        ctx.data["nat_call_id"] = outside
+        to_tag = request.to.tag
+        if to_tag:
+            ctx.dialog = self.core.dialogs.find(entry.inside, request.from_.tag, to_tag)
+
+    def _reveal(self, message: Message) -> Any:
+        """Map what comes from the outside back (see :mod:`sipproxy.plugins.topology`);
+        the Call-ID's entry, None when it is not one of ours."""
+        assert self.topology is not None
+        topology = self.topology
+        entry = topology.reveal(message.call_id.strip())
+        changed = False
+        for f in message.headers.fields:
+            if f.key == "call-id" and entry is not None:
+                new = entry.inside
+            else:
+                new = topology.reveal_field(f.key, f.value, entry, self._untokenize)
+            if new != f.value:
+                f.value, f.raw, changed = new, None, True
+        if changed:
+            message.headers.forget_parsed()
+        return entry
+
+    def _hide_request(self, ctx: RequestContext, branch: Branch, from_inside: bool) -> None:
+        """A request leaving on the outside: its Call-ID hidden when an inside phone made
+        it (a new request from the inside, or a dialog an inside phone started), the rest
+        as :meth:`_hide` does."""
+        assert self.topology is not None
+        out: Request = branch.request
+        request: Request = ctx.request
+        outside = ctx.data.get("nat_call_id")
+        entry = None
+        if outside is not None:
+            self._set_call_id(out, outside)
+            entry = self.topology.reveal(outside)
+        elif from_inside:
+            call_id = request.call_id
+            dialog = ctx.dialog
+            if not request.to.tag or self.topology.should_hide(call_id) or (
+                    dialog is not None and dialog.caller_side == "inside"):
+                entry = self.topology.hide_call_id(call_id, self._ttl_of(out))
+                self._set_call_id(out, self.topology.outside_call_id(call_id))
+                branch.data["nat_call_id"] = True
+        via = out.top_via
+        if via is not None and branch.listener is not None:
+            self._hide(out, Hiding(via.host, self._tokenizer(
+                via.host, via.port or branch.listener.port), entry))
+
+    @staticmethod
+    def _set_call_id(message: Message, call_id: str) -> None:
+        if message.call_id != call_id:
+            message.headers.set("Call-ID", call_id)
+
+    def _hide(self, message: Message, hiding: Hiding) -> None:
+        """Every header but Call-ID (decided by the caller) and the body, mapped or removed
+        (:mod:`sipproxy.plugins.topology`)."""
+        assert self.topology is not None
+        topology = self.topology
+        fields = []
+        changed = False
+        for f in message.headers.fields:
+            new = f.value if f.key == "call-id" else topology.hide_field(f.key, f.value, hiding)
+            if new is None:
+                changed = True
+                continue
+            if new != f.value:
+                f.value, f.raw, changed = new, None, True
+            fields.append(f)
+        if changed:
+            message.headers.fields = fields
+            message.headers.forget_parsed()
+        body = message.body
+        if body:
+            ctype = message.headers.get("content-type") or ""
+            new_body = topology.hide_body(ctype, body, hiding)
+            if new_body is None:
+                message.body = b""
+                for name in ("Content-Type", "Content-Disposition", "Content-Encoding"):
+                    message.headers.remove(name)
+            elif new_body != body:
+                message.body = new_body
+
+    def _tokenizer(self, host: str, port: int) -> Callable[[str], str | None]:
+        """For Refer-To/Referred-By: a token URI at our ``host:port`` for an inside URI (an
+        INVITE to it reaches that URI's host, as one to a Contact's token does)."""
+
+        def tokenize(uri_text: str) -> str | None:
+            try:
+                uri = parse_uri(uri_text)
+            except ParseError:
+                return None
+            if not uri.is_sip:
+                return None
+            transport = (uri.get_param("transport") or "udp").upper()
+            target = Target(transport, uri.host, uri.port or 5060, uri.host)
+            try:
+                mapping = self.contacts.token_for(uri_text, target, self.mapping_ttl)
+            except ContactMapFull:
+                return None
+            return f"sip:{mapping.token}@{format_host(host)}:{port}"
+
+        return tokenize
+
+    def _untokenize(self, uri_text: str) -> str | None:
+        try:
+            mapping = self._own_mapping(parse_uri(uri_text))
+        except ParseError:
+            return None
+        return mapping.contact if mapping is not None else None
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------
     def binding_added(self, binding: Any, previous: Any) -> None:
@@ -607,6 +770,14 @@ class NatPlugin(Plugin, Service):
                                       reason="expired")
 
 
+def _domain_name(text: str) -> str:
+    name = text.strip().strip(".").lower()
+    if not name or not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+                            for label in name.split(".")):
+        raise ValueError(f"must be a domain name, got {text!r}")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class NatSettings:
     """``[nat]``: which addresses are private, and how NATed phones are kept reachable."""
@@ -627,7 +798,17 @@ class NatSettings:
     keepalive_method: str = setting(
         "OPTIONS", choices=("OPTIONS", "NOTIFY"), doc="The keepalive request's method.")
     max_mappings: int = setting(
-        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000, doc="Contact mappings kept at most.")
+        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000,
+        doc="Contact mappings (and hidden Call-IDs) kept at most.")
+    hide_topology: bool | None = setting(
+        None, doc="No inside address or name in any header or body that leaves on the outside"
+                  " (default: on in firewall mode, with inside and outside listeners).")
+    inside_domains: tuple[str, ...] = setting(
+        (), parse=_domain_name,
+        doc="Host names at or under these domains are inside ones: hide_topology hides them"
+            " too.")
+    strip_user_agent: bool = setting(
+        False, doc="hide_topology also removes User-Agent and Server from what leaves.")
 
 
 @implementer(IPluginFactory)
@@ -648,7 +829,16 @@ class NatFactory:
             keepalive_failures=s.keepalive_failures,
             keepalive_method=s.keepalive_method,
             max_mappings=s.max_mappings,
+            hide_topology=_firewall(core) if s.hide_topology is None else s.hide_topology,
+            inside_domains=s.inside_domains,
+            strip_user_agent=s.strip_user_agent,
         )
+
+
+def _firewall(core: IProxyCore) -> bool:
+    """Firewall mode: the proxy has listeners on both sides."""
+    sides = {listener.side for listener in core.listeners}
+    return {"inside", "outside"} <= sides
 
 
 factory = NatFactory()
