@@ -21,7 +21,9 @@ plugin the SDP. This module does the rest, header by header and body part by bod
 - Any other header value carrying an inside address or name is removed (Warning, Call-Info,
   Error-Info, Alert-Info, P-Asserted-Identity, Reply-To, unknown headers...); a value of a list
   header is removed alone. Via, CSeq, Max-Forwards, Content-Type, Content-Length are the
-  nat plugin's or pass.
+  nat plugin's or pass; so do Authorization and Proxy-Authorization (the digest covers its
+  ``uri``, which phones set to the Request-URI; a phone that puts the proxy's inside address
+  there shows it).
 - Bodies: SDP passes (the media plugin's); ``message/sipfrag`` gets the header mapping above
   (its request line's URI like Refer-To); any other body carrying an inside address is
   removed; a multipart body is checked part by part (SDP and sipfrag parts as above, other
@@ -55,8 +57,10 @@ AFTER_DIALOG = 32.0
 
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![0-9A-Za-z:])")
-#: header fields that are never removed: the nat plugin rewrites them, or they pass
-_KEPT = frozenset({"via", "cseq", "max-forwards", "content-length", "content-type"})
+#: header fields that are never removed: the nat plugin rewrites them, or they pass (a
+#: digest's ``uri`` cannot be changed without breaking it: phones put the Request-URI there)
+_KEPT = frozenset({"via", "cseq", "max-forwards", "content-length", "content-type",
+                   "authorization", "proxy-authorization"})
 _AGENT = frozenset({"user-agent", "server"})
 _URI_HEADERS = frozenset({"refer-to", "referred-by"})
 _CRLF = "\r\n"
