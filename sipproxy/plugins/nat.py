@@ -610,22 +610,9 @@ class NatPlugin(Plugin, Service):
             ctx.dialog = self.core.dialogs.find(entry.inside, request.from_.tag, to_tag)
 
     def _reveal(self, message: Message) -> Any:
-        """Map what comes from the outside back (see :mod:`sipproxy.plugins.topology`);
-        the Call-ID's entry, None when it is not one of ours."""
+        """Map what comes from the outside back; the Call-ID's entry (None: not ours)."""
         assert self.topology is not None
-        topology = self.topology
-        entry = topology.reveal(message.call_id.strip())
-        changed = False
-        for f in message.headers.fields:
-            if f.key == "call-id" and entry is not None:
-                new = entry.inside
-            else:
-                new = topology.reveal_field(f.key, f.value, entry, self._untokenize)
-            if new != f.value:
-                f.value, f.raw, changed = new, None, True
-        if changed:
-            message.headers.forget_parsed()
-        return entry
+        return self.topology.reveal_message(message, self._untokenize)
 
     def _hide_request(self, ctx: RequestContext, branch: Branch, from_inside: bool) -> None:
         """A request leaving on the outside: its Call-ID hidden when an inside phone made
@@ -658,33 +645,8 @@ class NatPlugin(Plugin, Service):
             message.headers.set("Call-ID", call_id)
 
     def _hide(self, message: Message, hiding: Hiding) -> None:
-        """Every header but Call-ID (decided by the caller) and the body, mapped or removed
-        (:mod:`sipproxy.plugins.topology`)."""
         assert self.topology is not None
-        topology = self.topology
-        fields = []
-        changed = False
-        for f in message.headers.fields:
-            new = f.value if f.key == "call-id" else topology.hide_field(f.key, f.value, hiding)
-            if new is None:
-                changed = True
-                continue
-            if new != f.value:
-                f.value, f.raw, changed = new, None, True
-            fields.append(f)
-        if changed:
-            message.headers.fields = fields
-            message.headers.forget_parsed()
-        body = message.body
-        if body:
-            ctype = message.headers.get("content-type") or ""
-            new_body = topology.hide_body(ctype, body, hiding)
-            if new_body is None:
-                message.body = b""
-                for name in ("Content-Type", "Content-Disposition", "Content-Encoding"):
-                    message.headers.remove(name)
-            elif new_body != body:
-                message.body = new_body
+        self.topology.hide_message(message, hiding)
 
     def _tokenizer(self, host: str, port: int) -> Callable[[str], str | None]:
         """For Refer-To/Referred-By: a token URI at our ``host:port`` for an inside URI (an

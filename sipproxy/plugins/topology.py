@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IReactorTime
 from sipproxy.addressing import IPNetwork, in_networks
 from sipproxy.errors import ParseError
 from sipproxy.headers import LIST_HEADERS, canonical
+from sipproxy.message import Message
 from sipproxy.uri import format_host, parse_uri, split_header_values
 
 __all__ = ["HIDDEN_PREFIX", "Hiding", "TopologyHider", "uri_span"]
@@ -353,6 +354,52 @@ class TopologyHider:
             start, end = uri_span(value)
             return value[:start] + self.reveal_uri(value[start:end], untokenize) + value[end:]
         return value
+
+    # -- whole messages --------------------------------------------------------------------
+    def reveal_message(
+        self, message: Message, untokenize: Callable[[str], str | None]
+    ) -> _Hidden | None:
+        """Map a message from the outside back in place: an outside Call-ID of ours (and
+        From/To under it), Replaces, Refer-To, Referred-By. Returns the Call-ID's entry (None:
+        the Call-ID is not one of ours)."""
+        entry = self.reveal(message.call_id.strip())
+        changed = False
+        for f in message.headers.fields:
+            if f.key == "call-id" and entry is not None:
+                new = entry.inside
+            else:
+                new = self.reveal_field(f.key, f.value, entry, untokenize)
+            if new != f.value:
+                f.value, f.raw, changed = new, None, True
+        if changed:
+            message.headers.forget_parsed()
+        return entry
+
+    def hide_message(self, message: Message, hiding: Hiding) -> None:
+        """Map or remove, in place, every header but Call-ID (the caller decides that one: it
+        knows which side made it) and the body of a message about to leave on the outside."""
+        fields = []
+        changed = False
+        for f in message.headers.fields:
+            new = f.value if f.key == "call-id" else self.hide_field(f.key, f.value, hiding)
+            if new is None:
+                changed = True
+                continue
+            if new != f.value:
+                f.value, f.raw, changed = new, None, True
+            fields.append(f)
+        if changed:
+            message.headers.fields = fields
+            message.headers.forget_parsed()
+        body = message.body
+        if body:
+            new_body = self.hide_body(message.headers.get("content-type") or "", body, hiding)
+            if new_body is None:
+                message.body = b""
+                for name in ("Content-Type", "Content-Disposition", "Content-Encoding"):
+                    message.headers.remove(name)
+            elif new_body != body:
+                message.body = new_body
 
     # -- bodies ----------------------------------------------------------------------------
     def hide_body(self, content_type: str, body: bytes, hiding: Hiding) -> bytes | None:
