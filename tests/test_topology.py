@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from sipproxy.config import ConfigError, Section
-from sipproxy.message import Request, Response
+from sipproxy.message import Request, Response, parse_message
 from sipproxy.plugins.nat import TOKEN_PREFIX, factory
 from sipproxy.plugins.topology import HIDDEN_PREFIX, Hiding, TopologyHider
 from sipproxy.testing import answer
@@ -263,6 +263,32 @@ def test_an_outgoing_call_leaves_no_inside_byte_and_comes_back_as_the_phone_sent
     [(data, ok)] = net.new()
     assert isinstance(ok, Response) and ok.status == 200 and no_lan(data), data.decode()
     assert ok.call_id == out.call_id and str(ok.to) == str(out.from_)
+    net.run_out()
+
+
+def test_a_reinvite_from_the_provider_is_answered_with_the_outside_call_id() -> None:
+    """The proxy's own 100 Trying (and the phone's answers) to the provider's re-INVITE in a
+    call the phone made carry the outside Call-ID; the phone gets the inside one."""
+    net = leaky_net()
+    _, out = call_out(net)
+    net.send(answer(out, 200, "b1", ("Contact: <sip:bob@203.0.113.60>",)), PROVIDER)
+    net.new()
+    before = len(net.wire.datagrams)
+    net.send(provider_request(
+        "INVITE", str(out.contacts[0].uri), "z9hG4bKthre", call_id=out.call_id, cseq=5,
+        from_="<sip:bob@provider.example>;tag=b1", to=str(out.from_),
+        headers=("Contact: <sip:bob@203.0.113.60>",),
+    ), PROVIDER)
+    sent = net.new()
+    trying = [parse_message(data) for data, _ in net.wire.datagrams[before:]
+              if data.startswith(b"SIP/2.0 100 ")]
+    assert [m.call_id for m in trying] == [out.call_id]
+    [reinvite] = [m for _, m in sent if isinstance(m, Request)]
+    assert reinvite.call_id == PHONE_CALL_ID and reinvite.headers.get("to") == PHONE_FROM
+    net.send(answer(reinvite, 200, None, (f"Contact: <sip:sipp@{PHONE.host}:5064>",)), PHONE)
+    [(data, ok)] = net.new()
+    assert isinstance(ok, Response) and ok.status == 200 and ok.call_id == out.call_id
+    assert no_lan(data), data.decode()
     net.run_out()
 
 

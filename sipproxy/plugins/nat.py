@@ -598,9 +598,14 @@ class NatPlugin(Plugin, Service):
     def _reveal_request(self, ctx: RequestContext) -> None:
         """A request from the outside: an outside Call-ID of ours (an in-dialog request, a
         NOTIFY...) becomes the inside one again (the dialog is the inside one's), and the
-        other mapped fields their inside values."""
+        other mapped fields their inside values. The context gets a copy: the transaction
+        keeps the request as it came, so what it answers itself (100 Trying, retransmissions)
+        carries the outside Call-ID."""
+        assert self.topology is not None
         request: Request = ctx.request
         outside = request.call_id
+        if self.topology.reveal(outside.strip()) is not None:
+            ctx.request = request = request.copy()
         entry = self._reveal(request)
         if entry is None:
             return
