@@ -153,6 +153,21 @@ def test_other_headers_naming_the_inside_are_removed(name: str, uri: str) -> Non
         "<http://www.example.com/x>"
 
 
+def test_multipart_parts_naming_the_inside_are_removed_sdp_ones_too() -> None:
+    topology = hider()
+    hiding = Hiding(OUTSIDE, Tokens().tokenize)
+    sdp = b"v=0\r\no=- 1 1 IN IP4 192.168.77.10\r\nc=IN IP4 192.168.77.10\r\n"
+    body = (b"--xx\r\nContent-Type: application/sdp\r\n\r\n" + sdp + b"\r\n"
+            b"--xx\r\nContent-Type: application/pidf+xml\r\n\r\n<presence/>\r\n--xx--\r\n")
+    out = topology.hide_body('multipart/mixed; boundary="xx"', body, hiding)
+    assert out == (b"--xx\r\nContent-Type: application/pidf+xml\r\n\r\n<presence/>\r\n"
+                   b"--xx--\r\n")
+    # a plain SDP body is the media plugin's
+    assert topology.hide_body("application/sdp", sdp, hiding) == sdp
+    assert topology.hide_body("multipart/mixed;boundary=xx", body.replace(
+        b"<presence/>", b"<presence note='192.168.77.3'/>"), hiding) is None
+
+
 def test_a_list_header_loses_only_its_inside_values() -> None:
     topology = hider()
     value = '<http://192.168.77.5/photo.png>;purpose=icon, <http://example.com/a>;purpose=info'

@@ -24,10 +24,11 @@ plugin the SDP. This module does the rest, header by header and body part by bod
   nat plugin's or pass; so do Authorization and Proxy-Authorization (the digest covers its
   ``uri``, which phones set to the Request-URI; a phone that puts the proxy's inside address
   there shows it).
-- Bodies: SDP passes (the media plugin's); ``message/sipfrag`` gets the header mapping above
-  (its request line's URI like Refer-To); any other body carrying an inside address is
-  removed; a multipart body is checked part by part (SDP and sipfrag parts as above, other
-  parts removed when they carry one).
+- Bodies: a plain SDP body passes (the media plugin's); ``message/sipfrag`` gets the header
+  mapping above (its request line's URI like Refer-To); any other body carrying an inside
+  address is removed; a multipart body is checked part by part (sipfrag parts as above, other
+  parts, SDP ones too, removed when they carry one: the media plugin relays only a plain SDP
+  body).
 """
 
 from __future__ import annotations
@@ -402,10 +403,14 @@ class TopologyHider:
                 message.body = new_body
 
     # -- bodies ----------------------------------------------------------------------------
-    def hide_body(self, content_type: str, body: bytes, hiding: Hiding) -> bytes | None:
-        """A body on its way out: as it is, mapped, or None (removed)."""
+    def hide_body(
+        self, content_type: str, body: bytes, hiding: Hiding, part: bool = False
+    ) -> bytes | None:
+        """A body on its way out: as it is, mapped, or None (removed). A plain SDP body is
+        the media plugin's; an SDP part of a multipart body is not (the media plugin relays
+        only a plain one): it is removed when it names the inside, as any other part."""
         kind = content_type.split(";")[0].strip().lower()
-        if kind == "application/sdp" or not body:
+        if (kind == "application/sdp" and not part) or not body:
             return body
         if kind == "message/sipfrag":
             return self._hide_sipfrag(body, hiding)
@@ -448,7 +453,7 @@ class TopologyHider:
             head, sep, content = part.partition(b"\r\n\r\n")
             match = re.search(rb"(?im)^content-type:[ \t]*([^\r\n]*)", head)
             ctype = match.group(1).decode("latin-1") if match else "text/plain"
-            new = self.hide_body(ctype, content.removesuffix(b"\r\n"), hiding)
+            new = self.hide_body(ctype, content.removesuffix(b"\r\n"), hiding, part=True)
             if new is None or self.leaks(head.decode("latin-1")):
                 continue
             if new != content.removesuffix(b"\r\n"):
