@@ -69,7 +69,7 @@ from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
 from sipproxy.location import ILocationListener
 from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
-from sipproxy.plugins.topology import Hiding, TopologyHider
+from sipproxy.plugins.topology import HiddenCallId, Hiding, TopologyHider
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog
 from sipproxy.settings import Section, ip_address, network, read_section, setting
@@ -587,7 +587,8 @@ class NatPlugin(Plugin, Service):
                 via = self.core.make_via(requester)
                 listener = self._listener_of(ctx.request)
                 port = via.port or (listener.port if listener is not None else 5060)
-                self._hide(response, Hiding(via.host, self._tokenizer(via.host, port), entry))
+                self.topology.hide_message(
+                    response, Hiding(via.host, self._tokenizer(via.host, port), entry))
         return None
 
     def dialog_ended(self, dialog: Any, reason: str) -> None:
@@ -614,7 +615,7 @@ class NatPlugin(Plugin, Service):
         if to_tag:
             ctx.dialog = self.core.dialogs.find(entry.inside, request.from_.tag, to_tag)
 
-    def _reveal(self, message: Message) -> Any:
+    def _reveal(self, message: Message) -> HiddenCallId | None:
         """Map what comes from the outside back; the Call-ID's entry (None: not ours)."""
         assert self.topology is not None
         return self.topology.reveal_message(message, self._untokenize)
@@ -622,7 +623,7 @@ class NatPlugin(Plugin, Service):
     def _hide_request(self, ctx: RequestContext, branch: Branch, from_inside: bool) -> None:
         """A request leaving on the outside: its Call-ID hidden when an inside phone made
         it (a new request from the inside, or a dialog an inside phone started), the rest
-        as :meth:`_hide` does."""
+        as :meth:`TopologyHider.hide_message` does."""
         assert self.topology is not None
         out: Request = branch.request
         request: Request = ctx.request
@@ -641,17 +642,13 @@ class NatPlugin(Plugin, Service):
                 branch.data["nat_call_id"] = True
         via = out.top_via
         if via is not None and branch.listener is not None:
-            self._hide(out, Hiding(via.host, self._tokenizer(
+            self.topology.hide_message(out, Hiding(via.host, self._tokenizer(
                 via.host, via.port or branch.listener.port), entry))
 
     @staticmethod
     def _set_call_id(message: Message, call_id: str) -> None:
         if message.call_id != call_id:
             message.headers.set("Call-ID", call_id)
-
-    def _hide(self, message: Message, hiding: Hiding) -> None:
-        assert self.topology is not None
-        self.topology.hide_message(message, hiding)
 
     def _tokenizer(self, host: str, port: int) -> Callable[[str], str | None]:
         """For Refer-To/Referred-By: a token URI at our ``host:port`` for an inside URI (an

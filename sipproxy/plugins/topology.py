@@ -50,7 +50,7 @@ from sipproxy.headers import LIST_HEADERS, canonical
 from sipproxy.message import Message
 from sipproxy.uri import format_host, parse_uri, split_header_values
 
-__all__ = ["HIDDEN_PREFIX", "Hiding", "TopologyHider", "uri_span"]
+__all__ = ["HIDDEN_PREFIX", "HiddenCallId", "Hiding", "TopologyHider", "uri_span"]
 
 #: the start of every outside Call-ID this module makes
 HIDDEN_PREFIX = "th-"
@@ -72,7 +72,7 @@ Tokenize = Callable[[str], "str | None"]
 
 
 @dataclass(slots=True)
-class _Hidden:
+class HiddenCallId:
     """What the outside Call-ID of one inside Call-ID maps back."""
 
     inside: str
@@ -89,7 +89,7 @@ class Hiding:
 
     host: str
     tokenize: Tokenize
-    entry: _Hidden | None = None
+    entry: HiddenCallId | None = None
 
 
 def uri_span(value: str) -> tuple[int, int]:
@@ -139,7 +139,7 @@ class TopologyHider:
         self.max_mappings = max_mappings
         self.strip_user_agent = strip_user_agent
         self._secret = os.urandom(32)
-        self._hidden: OrderedDict[str, _Hidden] = OrderedDict()
+        self._hidden: OrderedDict[str, HiddenCallId] = OrderedDict()
         names = [n.strip(".").lower() for n in names if n.strip(".")]
         self._names = re.compile(
             r"(?<![0-9A-Za-z.-])(?:[0-9A-Za-z-]+\.)*(?:"
@@ -174,7 +174,7 @@ class TopologyHider:
                           hashlib.sha256).hexdigest()
         return HIDDEN_PREFIX + digest[:32]
 
-    def hide_call_id(self, call_id: str, ttl: float | None = None) -> _Hidden:
+    def hide_call_id(self, call_id: str, ttl: float | None = None) -> HiddenCallId:
         """Hide ``call_id``: its entry (made, or found and kept ``ttl`` longer)."""
         hidden = self.outside_call_id(call_id)
         now = self.clock.seconds()
@@ -182,16 +182,16 @@ class TopologyHider:
         if entry is None:
             while len(self._hidden) >= self.max_mappings:
                 self._hidden.popitem(last=False)
-            entry = self._hidden[hidden] = _Hidden(call_id, 0.0)
+            entry = self._hidden[hidden] = HiddenCallId(call_id, 0.0)
         self._hidden.move_to_end(hidden)
         entry.expires_at = max(entry.expires_at, now + (self.ttl if ttl is None else ttl))
         return entry
 
-    def hidden_entry(self, call_id: str) -> _Hidden | None:
+    def hidden_entry(self, call_id: str) -> HiddenCallId | None:
         """The entry of an inside Call-ID hidden before (in-dialog requests from the inside)."""
         return self._live(self.outside_call_id(call_id))
 
-    def _live(self, hidden: str) -> _Hidden | None:
+    def _live(self, hidden: str) -> HiddenCallId | None:
         entry = self._hidden.get(hidden)
         if entry is None:
             return None
@@ -201,7 +201,7 @@ class TopologyHider:
         self._hidden.move_to_end(hidden)
         return entry
 
-    def reveal(self, outside: str) -> _Hidden | None:
+    def reveal(self, outside: str) -> HiddenCallId | None:
         """The entry an outside Call-ID of ours stands for (None: not ours, or forgotten)."""
         return self._live(outside) if outside.startswith(HIDDEN_PREFIX) else None
 
@@ -243,7 +243,7 @@ class TopologyHider:
         params = [p for p in value[end:].lstrip(">").split(";") if p and not self.leaks(p)]
         return "".join([f"<{value[start:end]}>", *(";" + p for p in params)])
 
-    def reveal_party(self, value: str, entry: _Hidden) -> str:
+    def reveal_party(self, value: str, entry: HiddenCallId) -> str:
         start, end = uri_span(value)
         inside = entry.parties.get(value[start:end])
         return value if inside is None else value[:start] + inside + value[end:]
@@ -343,7 +343,7 @@ class TopologyHider:
         return None if self.leaks(value) else value
 
     def reveal_field(
-        self, key: str, value: str, entry: _Hidden | None,
+        self, key: str, value: str, entry: HiddenCallId | None,
         untokenize: Callable[[str], str | None],
     ) -> str:
         """One header value on its way in (from the outside)."""
@@ -359,7 +359,7 @@ class TopologyHider:
     # -- whole messages --------------------------------------------------------------------
     def reveal_message(
         self, message: Message, untokenize: Callable[[str], str | None]
-    ) -> _Hidden | None:
+    ) -> HiddenCallId | None:
         """Map a message from the outside back in place: an outside Call-ID of ours (and
         From/To under it), Replaces, Refer-To, Referred-By. Returns the Call-ID's entry (None:
         the Call-ID is not one of ours)."""
