@@ -5,7 +5,7 @@ Every mistake is a :class:`ConfigError` whose ``str()`` is one line naming the f
 path and the problem, so an operator sees exactly what to fix and nothing else.
 
 Each core table (``proxy``, ``listen``, ``upstream``, ``registrar``, ``timers``, ``dns``,
-``plugins``, ``limits``) is a frozen dataclass whose fields are declared once, with their
+``plugins``, ``limits``, ``log``) is a frozen dataclass whose fields are declared once, with their
 defaults, bounds and docs, by :func:`sipproxy.settings.setting`, and read by
 :func:`sipproxy.settings.read_section`; the loaders here add only what involves two keys. Any
 other top-level table belongs to the plugin of that name: it is kept, read-only, in
@@ -46,6 +46,7 @@ __all__ = [
     "DnsConfig",
     "LimitsConfig",
     "ListenConfig",
+    "LogConfig",
     "PluginsConfig",
     "ProxyConfig",
     "RegistrarConfig",
@@ -60,7 +61,7 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
@@ -244,6 +245,9 @@ class UpstreamConfig:
     """``[upstream]``: the provider (or next proxy) that requests for other domains go to."""
 
     uri: str = setting(parse=_sip_uri, doc="A sip: or sips: URI; ;transport= picks udp, tcp, tls.")
+    side: Side | None = setting(
+        None, doc="The side whose listener requests to the upstream leave from; default: the"
+                  " side whose interface the kernel routes the upstream through.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +296,17 @@ class PluginsConfig:
                    " only for a proxy meant to relay for anyone.")
 
 
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: how the proxy's log (what ``twistd``/``twist`` writes) is written."""
+
+    format: Literal["text", "json"] = setting(
+        "text",
+        doc='"text": twistd\'s own lines; "json": one JSON object per line (time, level,'
+            " namespace, text, and call_id, source, plugin when the event has them), for jq"
+            " and log shippers.")
+
+
 def _default_listen() -> tuple[ListenConfig, ...]:
     return (ListenConfig(transport="udp"), ListenConfig(transport="tcp"))
 
@@ -311,6 +326,7 @@ class Config:
     timers: TimerConfig = field(default_factory=TimerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     plugins: tuple[str, ...] = ()
     """Names of the plugins that run, in pipeline order: the implied ones (see
     :func:`sipproxy.pipeline.implied_plugins`), then ``[plugins] enabled``."""
@@ -369,13 +385,13 @@ def _build(doc: dict[str, Any], source: str) -> Config:
 
     proxy = _proxy(_table(root, "proxy"))
     listen = _listens(root)
-    upstream = read_section(UpstreamConfig, root.get_section("upstream")) \
-        if "upstream" in root else None
+    upstream = _upstream(root, listen)
     registrar = _registrar(_table(root, "registrar"))
     timers = _timers(_table(root, "timers"))
     dns = read_section(DnsConfig, _table(root, "dns"))
     plugins = read_section(PluginsConfig, _table(root, "plugins"))
     limits = read_section(LimitsConfig, _table(root, "limits"))
+    log = read_section(LogConfig, _table(root, "log"))
     config = Config(
         proxy=proxy,
         listen=listen,
@@ -384,6 +400,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         timers=timers,
         dns=dns,
         limits=limits,
+        log=log,
         plugins=plugins.enabled,
         sections=MappingProxyType(sections),
         source=source,
@@ -458,6 +475,16 @@ def _listen(s: Section) -> ListenConfig:
             if name in s:
                 raise s.error(name, 'is only valid with transport = "tls"')
     return entry
+
+
+def _upstream(root: Section, listen: tuple[ListenConfig, ...]) -> UpstreamConfig | None:
+    if "upstream" not in root:
+        return None
+    s = root.get_section("upstream")
+    upstream = read_section(UpstreamConfig, s)
+    if upstream.side is not None and all(lc.side != upstream.side for lc in listen):
+        raise s.error("side", f'no listener has side = "{upstream.side}"')
+    return upstream
 
 
 def _registrar(s: Section) -> RegistrarConfig:

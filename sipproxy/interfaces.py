@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUTHENTICATED_USER",
     "DROP",
+    "MEDIA_STATS",
     "Branch",
     "DropType",
     "ICredentialStore",
@@ -73,6 +74,12 @@ DROP: Final = DropType()
 #: for this request, e.g. ``"alice"``; absent when nobody authenticated it. Other plugins
 #: (``acl``) read it in ``request_forwarding``, after every ``request_received`` hook ran.
 AUTHENTICATED_USER: Final = "authenticated_user"
+
+#: Key in ``Dialog.data``: set by the ``media`` plugin when the dialog ends and it closes the
+#: call's relay session, a ``Deferred`` of the relay's final statistics (the ``delete`` reply,
+#: in the form :meth:`IMediaRelay.query` describes; ``{}`` when the relay had none). Absent
+#: when the call's media was not relayed. Read it in ``dialog_ended`` or later (``cdr``).
+MEDIA_STATS: Final = "media_stats"
 
 
 class IProxyPlugin(Interface):
@@ -169,6 +176,15 @@ class IProxyCore(Interface):
     def is_own_uri(uri: URI) -> bool:
         """True when ``uri`` names one of our sockets (host and port): a Route entry the proxy
         removes as its own (RFC 3261 16.4)."""
+
+    def routed_side(host: str) -> str | None:
+        """The side (``"inside"``/``"outside"``) the network puts ``host`` (an IP address) on:
+        the side ``[upstream] side`` names for the upstream's addresses, else the side of the
+        listeners bound to the address the kernel sends from toward ``host``, i.e. the side
+        whose interface routes it. ``None`` when the network does not say (a name, a loopback
+        address, only wildcard listeners, a source address no listener has): then the
+        caller's own rule applies (the transports': the address class). A request to ``host``
+        leaves from a listener of this side (``branch.listener``)."""
 
     def send_request(
         request: Request, target: Target, on_response: Callable[[Response], None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -18,6 +19,8 @@ from sipproxy.context import Branch, RequestContext
 from sipproxy.interfaces import IImpliedPluginFactory, IPluginFactory, IProxyCore, IProxyPlugin
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from sipproxy.dialogs import Dialog
     from sipproxy.message import Response
 
@@ -118,9 +121,18 @@ class Pipeline:
             try:
                 result = call(*args)
                 if isinstance(result, Deferred):
-                    result.addErrback(lambda f: _log.failure("plugin hook {hook}", f, hook=hook))
+                    result.addErrback(_hook_failed, hook, call)
             except Exception:
-                _log.failure("plugin hook {hook} raised", hook=hook)
+                _log.failure("plugin hook {hook} raised", hook=hook, plugin=_plugin_of(call))
+
+
+def _plugin_of(hook: Callable[..., Any]) -> str | None:
+    """The name of the plugin whose bound method ``hook`` is (for the log)."""
+    return getattr(getattr(hook, "__self__", None), "name", None)
+
+
+def _hook_failed(failure: Failure, hook: str, call: Callable[..., Any]) -> None:
+    _log.failure("plugin hook {hook}", failure, hook=hook, plugin=_plugin_of(call))
 
 
 def then(result: Any, fn: Callable[[Any], Any]) -> Any:
@@ -140,6 +152,9 @@ def find_factory(name: str) -> Any:
         except (ImportError, AttributeError) as e:
             raise ConfigError.for_key("plugins.enabled", f"cannot load plugin {name!r}: {e}") from e
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    builtin = f"sipproxy.plugins.{name}"
+    if not found and name.isidentifier() and importlib.util.find_spec(builtin) is not None:
+        return _builtin_factory(builtin)  # a source tree whose package metadata is older
     if not found:
         known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
         raise ConfigError.for_key(

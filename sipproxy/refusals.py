@@ -32,7 +32,7 @@ class RefusalLog:
         # source -> (time last logged, refusals not logged since)
         self._sources: dict[str, tuple[float, int]] = {}
 
-    def refused(self, reason: str, source: str, message: str, **fields: Any) -> bool:
+    def refused(self, reason: str, source: str, message: str, /, **fields: Any) -> bool:
         """Count one refusal for ``reason`` from ``source`` (an address) and log ``message``
         (a twisted.logger format using ``fields``) unless ``source`` was logged within the
         interval. Returns whether it was logged."""

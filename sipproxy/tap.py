@@ -36,6 +36,7 @@ class Options(usage.Options):
 def makeService(options: usage.Options) -> IService:
     """Load the config named by the options and build the proxy's service from it."""
     # Imported late: `twistd --help` and option parsing must not import the whole proxy.
+    from sipproxy.logs import use_json_log
     from sipproxy.service import makeService as makeProxyService
     from sipproxy.service import tune_garbage_collector
 
@@ -49,6 +50,8 @@ def makeService(options: usage.Options) -> IService:
         sys.stderr.write(f"sipproxy: {e}\n")
         sys.stderr.flush()
         raise SystemExit(EXIT_CONFIG_ERROR) from None
+    if config.log.format == "json":
+        use_json_log(service, options)
     tune_garbage_collector()
     _explain_listen_errors(service)
     return service

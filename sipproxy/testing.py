@@ -25,7 +25,7 @@ from typing import Any, Self
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from sipproxy.addressing import INTERNAL_NETWORKS, in_networks, ip_of
+from sipproxy.addressing import in_networks, ip_of
 from sipproxy.config import Config, parse_config
 from sipproxy.context import Target
 from sipproxy.location import LocationService
@@ -33,6 +33,7 @@ from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
 from sipproxy.registrar import Registrar
+from sipproxy.transport.sides import DestinationSides, SourceAddresses, pick_listener
 
 __all__ = [
     "FakeListener",
@@ -45,8 +46,6 @@ __all__ = [
     "toml_text",
 ]
 
-#: a target here is inside: the LAN's and this machine's addresses, as the transports see it
-_INTERNAL = tuple(ipaddress.ip_network(n) for n in INTERNAL_NETWORKS)
 #: a UDP request larger than this goes over TCP (RFC 3261 18.1.1), as the transports do it
 _UDP_SIZE_LIMIT = 1300
 
@@ -89,6 +88,11 @@ class RecordingWire:
     :ivar responses: every response sent, re-parsed, with the source of its request (``None``
         for a stateless response, which goes where its top Via says).
     :ivar tls_client: the TLS client policy a plugin installed (the ``tls`` plugin does).
+    :ivar sides: the side of a destination, as the real transports tell it; ``routes`` (a
+        network, e.g. ``"10.97.0.0/24"``, to the local address the kernel sends from toward it:
+        the most specific one wins) stands for the kernel's routing table. Without a route, a
+        destination's side is its address class, and the address that names a wildcard
+        listener toward it is loopback.
     :ivar flood: set a :class:`~sipproxy.flood.FloodGuard` before the proxy is built to have
         ``[limits]`` applied as with the real transports; ``None``: no limits.
     """
@@ -96,8 +100,16 @@ class RecordingWire:
     tls_client: Any = None
     flood: Any = None
 
-    def __init__(self, listeners: Sequence[FakeListener]) -> None:
+    def __init__(self, listeners: Sequence[FakeListener],
+                 routes: Mapping[str, str] | None = None) -> None:
         self.listeners = list(listeners)
+        table = [(ipaddress.ip_network(net), source) for net, source in (routes or {}).items()]
+        table.sort(key=lambda entry: entry[0].prefixlen, reverse=True)
+
+        def lookup(host: str) -> str | None:
+            return next((source for net, source in table if in_networks(host, (net,))), None)
+
+        self.sides = DestinationSides(self.listeners, SourceAddresses(Clock(), lookup))
         self.datagrams: list[tuple[bytes, tuple[str, int]]] = []
         self.requests: list[tuple[Request, Target]] = []
         self.responses: list[tuple[Response, Source | None]] = []
@@ -125,31 +137,9 @@ class RecordingWire:
 
     def choose_listener(self, target: Target, side: str | None = None,
                         transport: str | None = None) -> FakeListener | None:
-        """The listener a request to ``target`` leaves from, by the real transports' rules:
-        the target's transport (outgoing TLS from a TCP, else UDP, listener; TCP falls back to
-        UDP), ``side`` when given, else the inside for a private or loopback address."""
-        wanted = (transport or target.transport).upper()
-        candidates = [lst for lst in self.listeners if lst.transport == wanted]
-        if wanted == "TLS":
-            candidates += [lst for lst in self.listeners if lst.transport == "TCP"]
-            candidates += [lst for lst in self.listeners if lst.transport == "UDP"]
-        if not candidates and wanted == "TCP":
-            candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
-        if side is not None:
-            candidates = [lst for lst in candidates if lst.side == side]
-        ip = ip_of(target.host)
-        if ip is not None:
-            fitting = [lst for lst in candidates if (a := ip_of(lst.address)) is not None
-                       and a.version == ip.version]
-            candidates = fitting or candidates
-        if not candidates:
-            return None
-        if side is None and ip is not None:
-            preferred = "inside" if in_networks(target.host, _INTERNAL) else "outside"
-            for lst in candidates:
-                if lst.side == preferred:
-                    return lst
-        return candidates[0]
+        """The listener a request to ``target`` leaves from, by the real transports' rules
+        (:func:`~sipproxy.transport.sides.pick_listener`), with the routes the wire was given."""
+        return pick_listener(self.listeners, self.sides, target, side, transport)
 
     def transport_for(self, size: int, target: Target) -> str:
         """TCP for a UDP request over 1300 bytes (RFC 3261 18.1.1), else the target's."""

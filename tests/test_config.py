@@ -20,6 +20,7 @@ from sipproxy.config import (
     DnsConfig,
     LimitsConfig,
     ListenConfig,
+    LogConfig,
     PluginsConfig,
     ProxyConfig,
     RegistrarConfig,
@@ -344,7 +345,15 @@ CASES = [
     ),
     (
         '[upstream]\nuri = "sip:x"\ntransport = "tls"',
-        "upstream.transport: unknown key (expected one of: uri)",
+        "upstream.transport: unknown key (expected one of: side, uri)",
+    ),
+    (
+        '[upstream]\nuri = "sip:x"\nside = "left"',
+        'upstream.side: must be "inside" or "outside", got "left"',
+    ),
+    (
+        '[[listen]]\nside = "outside"\n[upstream]\nuri = "sip:x"\nside = "inside"',
+        'upstream.side: no listener has side = "inside"',
     ),
     # [registrar]
     ("[registrar]\nmin_expires = -1", "registrar.min_expires: must be an integer >= 0, got -1"),
@@ -657,6 +666,7 @@ CORE_KEYS = [
     ("proxy", "max_forwards"),
     ("proxy", "user_agent"),
     ("upstream", "uri"),
+    ("upstream", "side"),
     ("registrar", "min_expires"),
     ("registrar", "max_expires"),
     ("registrar", "default_expires"),
@@ -700,7 +710,7 @@ def test_any_listen_value_is_accepted_or_blamed_on_that_key(key: str, value: str
 
 def test_core_section_names() -> None:
     assert {
-        "proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits"
+        "proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log"
     } == CORE_SECTIONS
 
 
@@ -822,7 +832,7 @@ def _documented_keys(text: str) -> dict[str, set[str]]:
 def _accepted_keys() -> dict[str, set[str]]:
     """Every key the loader and the built-in plugins accept, per table, as their own "unknown
     key" errors list them."""
-    from sipproxy.plugins import acl, auth, media, nat, tls
+    from sipproxy.plugins import acl, auth, cdr, media, nat, tls
 
     def expected(error: ConfigError) -> set[str]:
         found = re.search(r"expected one of: (.*)\)$", error.problem)
@@ -834,7 +844,7 @@ def _accepted_keys() -> dict[str, set[str]]:
         with pytest.raises(ConfigError) as info:
             parse_config(f"[{'[listen]' if table == 'listen' else table}]\nnot_a_key = 1\n")
         accepted[table] = expected(info.value)
-    for module in (acl, auth, media, nat, tls):
+    for module in (acl, auth, cdr, media, nat, tls):
         factory = module.factory
         with pytest.raises(ConfigError) as info:
             factory.build(None, Section(factory.name, {"not_a_key": 1}))  # type: ignore[arg-type]
@@ -851,17 +861,17 @@ def test_the_reference_file_documents_every_key() -> None:
 CORE_TABLES = {
     "proxy": ProxyConfig, "listen": ListenConfig, "upstream": UpstreamConfig,
     "registrar": RegistrarConfig, "timers": TimerConfig, "dns": DnsConfig,
-    "plugins": PluginsConfig, "limits": LimitsConfig,
+    "plugins": PluginsConfig, "limits": LimitsConfig, "log": LogConfig,
 }
 
 
 def _declared_tables() -> dict[str, type]:
     """Every table whose keys are declared with sipproxy.settings.setting: the core's, and the
     built-in plugins' (a factory's ``settings``)."""
-    from sipproxy.plugins import acl, auth, media, nat, tls
+    from sipproxy.plugins import acl, auth, cdr, media, nat, tls
 
     tables = dict(CORE_TABLES)
-    for module in (acl, auth, media, nat, tls):
+    for module in (acl, auth, cdr, media, nat, tls):
         declared = getattr(module.factory, "settings", None)
         if declared is not None:
             tables[module.factory.name] = declared
@@ -907,7 +917,7 @@ def test_the_reference_file_shows_the_core_defaults() -> None:
     """Where examples/sipproxy.toml sets a core key and says "default", the value is the
     default: the file gives the same configuration without those lines."""
     text = EXAMPLE.read_text()
-    plugin_tables = {"nat", "media", "tls", "auth", "acl"}
+    plugin_tables = {"nat", "media", "tls", "auth", "acl", "cdr"}
     kept, table = [], ""
     for line in text.splitlines():
         header = _DOC_TABLE.match(line)

@@ -8,6 +8,7 @@ set-up: phone 192.168.77.10 inside, provider 203.0.113.50 outside) by the bytes 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from sipproxy.addressing import in_networks
 from sipproxy.config import ConfigError, Section
 from sipproxy.message import Request, Response, parse_message
 from sipproxy.plugins.nat import TOKEN_PREFIX, factory
@@ -32,8 +34,8 @@ PHONE2 = "sip:bob@192.168.77.11:5060"
 
 
 def hider(**kw: Any) -> TopologyHider:
-    import ipaddress
-    return TopologyHider(Clock(), [ipaddress.ip_network(n) for n in NETWORKS],
+    networks = [ipaddress.ip_network(n) for n in NETWORKS]
+    return TopologyHider(Clock(), lambda address: in_networks(address, networks),
                          names=["office.lan"], **kw)
 
 

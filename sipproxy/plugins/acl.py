@@ -217,7 +217,8 @@ class AclPlugin(Plugin):
         self.refusals.refused(
             "acl.ack_dropped" if ack else "acl.relay_denied", host,
             "acl: relaying denied: {method} {uri} from {refused_source} ({why})",
-            method=request.method, uri=str(request.uri), why=why,
+            method=request.method, uri=str(request.uri), why=why, call_id=request.call_id,
+            plugin="acl",
         )
         # for an ACK nothing is sent: a Response only means "drop it"
         return request.make_response(403, "Relaying denied")

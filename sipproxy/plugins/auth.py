@@ -211,7 +211,8 @@ class AuthPlugin(Plugin):
         self.refusals.refused(
             counter, self._source_text(request),
             "auth: refused {method} from {refused_source} (user {user}): {why}",
-            method=request.method, user=user or "-", why=why,
+            method=request.method, user=user or "-", why=why, call_id=request.call_id,
+            plugin="auth",
         )
         flood = self.core.flood
         if flood is not None and request.source is not None and flood.failed(

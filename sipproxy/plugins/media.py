@@ -22,7 +22,9 @@ that forwards no RTP is no obstacle: the relay is the only path.
 - The relay's session ends (every port closed) on BYE (the dialog's end), on a failed or
   cancelled INVITE (a final response >= 300 to the initial INVITE), at shutdown, and when the
   dialog times out. When the relay ends a call itself (media silent too long, the relay lost
-  it), the proxy forgets the dialog (no BYE is sent).
+  it), the proxy forgets the dialog (no BYE is sent). The relay's final counters of a call
+  whose dialog ended go to other plugins (``cdr``) in ``dialog.data``
+  (:data:`~sipproxy.interfaces.MEDIA_STATS`).
 - Errors: when the relay refuses or does not answer an offer, the request is not forwarded:
   the caller gets a 5xx with a ``Warning`` (a branch's own 503 becomes 500 "Media Relay
   Unavailable", RFC 3261 16.7 step 6); an ACK is then not forwarded. A response whose SDP the
@@ -68,7 +70,7 @@ from zope.interface import implementer
 from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog
-from sipproxy.interfaces import DROP, IMediaRelay, IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, MEDIA_STATS, IMediaRelay, IPluginFactory, IProxyCore
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
 from sipproxy.media.ng import NGClient, NGError
 from sipproxy.media.offer_answer import MAX_STREAMS
@@ -387,7 +389,18 @@ class MediaPlugin(Plugin, MultiService):
             dialog.data["media"] = call
 
     def dialog_ended(self, dialog: Dialog, reason: str) -> None:
-        self.end(dialog.call_id, f"dialog ended: {reason}")
+        deleted = self.end(dialog.call_id, f"dialog ended: {reason}")
+        if deleted is not None:
+            # the call's final counters, for other plugins (cdr): a Deferred of their own
+            stats: defer.Deferred[dict[str, Any]] = defer.Deferred()
+            deleted.addBoth(_hand_over, stats)
+            dialog.data[MEDIA_STATS] = stats
+
+
+def _hand_over(result: Any, stats: defer.Deferred[dict[str, Any]]) -> Any:
+    """Fire ``stats`` with the relay's final statistics (``{}`` when it had none)."""
+    stats.callback(result if isinstance(result, dict) else {})
+    return result
 
 
 # --------------------------------------------------------------------------------------------

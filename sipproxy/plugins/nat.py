@@ -13,6 +13,11 @@ side where to send something leaves on the outside with an inside address.
 - Via: the phone's Vias are hidden on the outside (the proxy keeps them; ``Branch.hide_vias``).
 - Record-Route, Route, Path: the proxy's inside-facing Record-Route is removed from what goes
   out and put back into what comes in; inside Route/Path values are removed.
+- Inside and outside: a host is on the side the network puts it (the kernel's route to it, or
+  ``[upstream] side``: :meth:`~sipproxy.interfaces.IProxyCore.routed_side`), so a provider on a
+  private address behind the outside interface is outside (firewall mode; with outside
+  listeners only, as where the network does not say, a host in ``inside_networks`` is inside).
+  A request goes to the side of the listener it leaves from.
 - Requests from the outside addressed to an inside host, or to an unknown token, are refused
   (403 / 404): nothing reaches the inside that a phone did not ask for (a token, or a binding
   of a local user); a name that resolves to an inside address is refused too. (A response
@@ -232,7 +237,7 @@ class NatPlugin(Plugin, Service):
         keepalive_failures: int = 3,
         keepalive_method: str = "OPTIONS",
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
-        hide_topology: bool = False,
+        hide_topology: bool | None = None,
         inside_domains: Iterable[str] = (),
         strip_user_agent: bool = False,
     ) -> None:
@@ -253,9 +258,14 @@ class NatPlugin(Plugin, Service):
         self._purge: LoopingCall | None = None
         self._keepalive: LoopingCall | None = None
         self._is_inside = functools.lru_cache(maxsize=4096)(self._inside_uncached)
+        #: firewall mode (listeners of both sides): the network tells inside from outside;
+        #: on a public proxy everything is routed outside, and inside_networks alone decides
+        self._two_sided = {lst.side for lst in core.listeners} >= {"inside", "outside"}
+        if hide_topology is None:
+            hide_topology = self._two_sided
         #: firewall mode's topology hiding (None: off)
         self.topology = TopologyHider(
-            self.clock, self.networks, inside_domains, mapping_ttl, max_mappings,
+            self.clock, self._inside_address, inside_domains, mapping_ttl, max_mappings,
             strip_user_agent) if hide_topology else None
         if external_address:
             for listener in core.listeners:
@@ -294,6 +304,18 @@ class NatPlugin(Plugin, Service):
     def is_inside(self, host: str) -> bool:
         """Is ``host`` an address of the private network(s) (``inside_networks``)?"""
         return bool(self._is_inside(host))
+
+    def faces_inside(self, host: str) -> bool:
+        """Is ``host`` on the inside? In firewall mode, on the side the network puts it (the
+        kernel's route, ``[upstream] side``: a provider on a private address behind the
+        outside interface is outside); where it does not say, in ``inside_networks``."""
+        side = self.core.routed_side(host) if self._two_sided else None
+        return side == "inside" if side is not None else self.is_inside(host)
+
+    def _inside_address(self, address: str) -> bool:
+        """For topology hiding: an address found in a message is an inside one when it faces
+        the inside (our own outside address on a private network does not)."""
+        return self.faces_inside(address) and self.is_inside(address)
 
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
@@ -353,21 +375,22 @@ class NatPlugin(Plugin, Service):
     def _leads_inside(self, request: Request) -> bool:
         """Would this request from the outside be sent to an inside address by itself?"""
         uri = request.uri
-        if uri.is_sip and self.is_inside(uri.get_param("maddr") or uri.host):
+        if uri.is_sip and self.faces_inside(uri.get_param("maddr") or uri.host):
             return True
         for value in request.headers.get_all("route"):
             try:
                 route = parse_name_addr(value)
             except ParseError:
                 return True
-            if route.uri.is_sip and self.is_inside(route.uri.host):
+            if route.uri.is_sip and self.faces_inside(route.uri.host):
                 return True
         return False
 
     def _refuse(self, request: Request, status: int, reason: str) -> Response:
         # for an ACK the core sends nothing back: a Response only means "drop it"
         _log.info("refused {method} from {source} to {uri}: {status}", method=request.method,
-                  source=request.source, uri=str(request.uri), status=status)
+                  source=request.source, uri=str(request.uri), status=status,
+                  call_id=request.call_id)
         return request.make_response(status, reason)
 
     def request_forwarding(self, ctx: RequestContext, branch: Branch) -> Any:
@@ -422,8 +445,12 @@ class NatPlugin(Plugin, Service):
             count=self.contacts.max_mappings, what=message.start_line())
 
     def _goes_inside(self, branch: Any, out_side: str) -> bool:
+        """Does the branch go inside: leave from an inside listener (the side the request goes
+        to), or, with no listener, to an inside host?"""
+        if out_side:
+            return out_side == "inside"
         target = branch.target
-        return out_side == "inside" or (target is not None and self.is_inside(target.host))
+        return target is not None and self.faces_inside(target.host)
 
     def _route_to_registered_address(self, ctx: Any, branch: Any, binding: Any) -> None:
         """Public-proxy mode: a NATed phone is reached where its REGISTER came from (and the
@@ -471,7 +498,7 @@ class NatPlugin(Plugin, Service):
         message.set_contacts(changed)
 
     def _remove_inside_values(self, message: Request | Response, name: str) -> list[str]:
-        return remove_uri_values(message, name, lambda uri: self.is_inside(uri.host))
+        return remove_uri_values(message, name, lambda uri: self.faces_inside(uri.host))
 
     # -- responses -----------------------------------------------------------------------------
     def response_received(self, ctx: RequestContext, branch: Branch, response: Response) -> Any:
@@ -793,16 +820,10 @@ class NatFactory:
             keepalive_failures=s.keepalive_failures,
             keepalive_method=s.keepalive_method,
             max_mappings=s.max_mappings,
-            hide_topology=_firewall(core) if s.hide_topology is None else s.hide_topology,
+            hide_topology=s.hide_topology,
             inside_domains=s.inside_domains,
             strip_user_agent=s.strip_user_agent,
         )
-
-
-def _firewall(core: IProxyCore) -> bool:
-    """Firewall mode: the proxy has listeners on both sides."""
-    sides = {listener.side for listener in core.listeners}
-    return {"inside", "outside"} <= sides
 
 
 factory = NatFactory()

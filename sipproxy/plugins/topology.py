@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
-from sipproxy.addressing import IPNetwork, in_networks
 from sipproxy.errors import ParseError
 from sipproxy.headers import LIST_HEADERS, canonical
 from sipproxy.message import Message
@@ -122,7 +121,7 @@ class TopologyHider:
     """Maps what leaves on the outside and what comes back (see the module docstring).
 
     :param clock: the reactor time the table's expiry runs on.
-    :param networks: the inside networks.
+    :param is_inside: whether an IP address (text, IPv6 without brackets) is an inside one.
     :param names: inside domain names: a host name equal to one or under it is inside.
     :param ttl: seconds an outside Call-ID maps back after its last use.
     :param max_mappings: outside Call-IDs kept at most (the least recently used go first).
@@ -130,11 +129,11 @@ class TopologyHider:
     """
 
     def __init__(
-        self, clock: IReactorTime, networks: Iterable[IPNetwork], names: Iterable[str] = (),
+        self, clock: IReactorTime, is_inside: Callable[[str], bool], names: Iterable[str] = (),
         ttl: float = 7200.0, max_mappings: int = 20_000, strip_user_agent: bool = False,
     ) -> None:
         self.clock = clock
-        self.networks = tuple(networks)
+        self.is_inside = is_inside
         self.ttl = ttl
         self.max_mappings = max_mappings
         self.strip_user_agent = strip_user_agent
@@ -155,7 +154,7 @@ class TopologyHider:
             ipaddress.ip_address(text)
         except ValueError:
             return False
-        return in_networks(text, self.networks)
+        return self.is_inside(text)
 
     def leaks(self, text: str) -> bool:
         """Does ``text`` carry an inside address or an inside host name?"""

@@ -3,7 +3,6 @@ URI or Via names one of its sockets."""
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 from sipproxy.addressing import WILDCARD_ADDRESSES as WILDCARDS
@@ -13,6 +12,7 @@ if TYPE_CHECKING:
     from sipproxy.context import Target
     from sipproxy.message import Source, Via
     from sipproxy.transport.manager import Listener, TransportManager
+    from sipproxy.transport.sides import SourceAddresses
     from sipproxy.uri import URI
 
 __all__ = ["OwnAddresses"]
@@ -34,7 +34,8 @@ class OwnAddresses:
         self.domains = domains
         #: the transports know the connections the proxy opened (RFC 5923 reuse); doubles may not
         self.opens_flows = hasattr(transports, "flow_address")
-        self._local_addr_cache: dict[str, str] = {}
+        #: the route lookups (the transports' own, shared with their choice of listener)
+        self.sources: SourceAddresses = transports.sides.sources
         self._own_cache: dict[tuple[str, int], bool] = {}
 
     @property
@@ -42,20 +43,12 @@ class OwnAddresses:
         return self.transports.listeners
 
     def local_address_for(self, remote: str) -> str:
-        """The local IP the kernel would use toward ``remote`` (no packet is sent)."""
-        cached = self._local_addr_cache.get(remote)
-        if cached is not None:
-            return cached
-        family = socket.AF_INET6 if ":" in remote else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as s:
-                s.connect((remote, 9))
-                local = str(s.getsockname()[0])
-        except OSError:
-            local = "127.0.0.1" if family == socket.AF_INET else "::1"
-        if len(self._local_addr_cache) < _CACHE_SIZE:
-            self._local_addr_cache[remote] = local
-        return local
+        """The local IP the kernel would use toward ``remote`` (no packet is sent; loopback
+        when it has no route there), from the transports' route lookups."""
+        local = self.sources.source_for(remote)
+        if local is not None:
+            return local
+        return "::1" if ":" in remote else "127.0.0.1"
 
     def advertised(
         self, listener: Listener | None, remote: str, target: Target | None = None

@@ -88,6 +88,8 @@ class Proxy:
         self.dialogs = DialogTracker(reactor, self.dialog_glue.dialog_ended)
         self.domains = frozenset(d.lower() for d in config.proxy.domains)
         self.upstream: URI | None = parse_uri(config.upstream.uri) if config.upstream else None
+        #: ``[upstream] side``: requests to the upstream's addresses leave from this side
+        self.upstream_side = config.upstream.side if config.upstream else None
         self._contexts: dict[ServerTransaction, RequestContext] = {}
         #: per-source limits (sipproxy.flood.FloodGuard) from the transports, if any
         self._flood: FloodGuard | None = getattr(transports, "flood", None)
@@ -106,6 +108,8 @@ class Proxy:
                              self.refusals)
         self.responder = Responder(self)
         self.forker = Forker(self)
+        if self.upstream is not None:
+            self.upstream_resolved([self.upstream.get_param("maddr") or self.upstream.host])
 
     @property
     def flood(self) -> FloodGuard | None:
@@ -150,6 +154,18 @@ class Proxy:
     def use_tls_client(self, policy: TLSClientPolicy) -> None:
         """Outgoing TLS connections follow ``policy`` (a TLSClientPolicy, from the tls plugin)."""
         self.transports.tls_client = policy
+
+    def routed_side(self, host: str) -> str | None:
+        """The side the network puts ``host`` on (``[upstream] side`` for the upstream's
+        addresses, else the kernel's route), None when it does not say. (IProxyCore)"""
+        return self.transports.sides.routed_side(host)
+
+    def upstream_resolved(self, hosts: list[str]) -> None:
+        """``hosts`` are the upstream's addresses: with ``[upstream] side``, requests to them
+        (in-dialog ones, ACKs and CANCELs included) leave from that side."""
+        if self.upstream_side is not None:
+            for host in hosts:
+                self.transports.sides.pin(host, self.upstream_side)
 
     def make_via(self, target: Target) -> Via:
         """A Via for a request of the proxy's own to ``target``. (IProxyCore)"""
@@ -199,7 +215,8 @@ class Proxy:
         except ParseError as e:
             responder.answer(tx, request, e.status, e.reason)
         except Exception:
-            _log.failure("handling {request!r}", request=request)
+            _log.failure("handling {request!r}", request=request, call_id=request.call_id,
+                         source=request.source)
             responder.answer(tx, request, 500, "Server Internal Error")
 
     def _forget_context(self, result: object, tx: ServerTransaction) -> object:
@@ -226,9 +243,11 @@ class Proxy:
             then(result,
                  lambda r: None if isinstance(r, Response) else self.forker.forward_ack(ctx))
         except ParseError as e:  # an ACK nobody can route (e.g. a non-SIP URI) is dropped
-            _log.debug("dropped {request!r}: {e}", request=request, e=e)
+            _log.debug("dropped {request!r}: {e}", request=request, e=e,
+                       call_id=request.call_id, source=request.source)
         except Exception:
-            _log.failure("forwarding {request!r}", request=request)
+            _log.failure("forwarding {request!r}", request=request, call_id=request.call_id,
+                         source=request.source)
 
     def stray_response(self, response: Response) -> None:
         """A response no client transaction matches is never forwarded (RFC 6026 section 7.3):
@@ -242,7 +261,7 @@ class Proxy:
         self.refusals.refused(
             "stray_response", source.host if source is not None else "?",
             "dropped a {status} response to {method} from {refused_source}: it matches no "
-            "transaction", status=response.status, method=method,
+            "transaction", status=response.status, method=method, call_id=response.call_id,
         )
 
     def server_transaction_failed(self, tx: ServerTransaction, reason: Failure) -> None:

@@ -64,7 +64,8 @@ class DialogGlue:
             core.refusals.refused(
                 "dialogs_per_request", answered.host if answered is not None else "?",
                 "dropped a 2xx from {refused_source} to {request}: one INVITE sets up at most "
-                "{limit} dialogs ([proxy] max_branches)", request=repr(request), limit=limit)
+                "{limit} dialogs ([proxy] max_branches)", request=repr(request), limit=limit,
+                call_id=request.call_id)
             return False
         source = request.source
         dialog, new = core.dialogs.establish(

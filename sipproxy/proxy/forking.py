@@ -110,6 +110,8 @@ class Forker:
                 d: Deferred[list[Target]] = succeed([destination])
             else:
                 d = core.router.resolve(next_hop or core.router.next_hop_uri(out))
+                if next_hop is not None and next_hop is core.upstream:
+                    d.addCallback(self._upstream_resolved)
             d.addCallback(self._resolved, ctx, out, binding)
             d.addErrback(self._resolve_failed, ctx)
 
@@ -124,8 +126,14 @@ class Forker:
             return
         self._start_branch(ctx, out, targets, binding, {})
 
+    def _upstream_resolved(self, targets: list[Target]) -> list[Target]:
+        self.core.upstream_resolved([target.host for target in targets])
+        return targets
+
     def _resolve_failed(self, failure: Failure, ctx: RequestContext) -> None:
-        _log.info("no route for {ctx.request!r}: {f}", ctx=ctx, f=failure.getErrorMessage())
+        request = ctx.request
+        _log.info("no route for {request!r}: {f}", request=request, f=failure.getErrorMessage(),
+                  call_id=request.call_id, source=request.source)
         self._branch_gone(ctx, ctx.request.make_response(503, "DNS Lookup Failed"))
 
     def _branch_gone(self, ctx: RequestContext, response: Response) -> None:
@@ -182,7 +190,8 @@ class Forker:
 
     def _forwarding_failed(self, failure: Failure, ctx: RequestContext, branch: Branch) -> None:
         """A request_forwarding hook failed: nothing went out, the branch ends with 500."""
-        _log.failure("plugin hook for {req!r}", failure, req=branch.request)
+        _log.failure("plugin hook for {req!r}", failure, req=branch.request,
+                     call_id=branch.request.call_id)
         if branch.final is None and branch.transaction is None:
             branch.final = ctx.request.make_response(500)
             self.check_complete(ctx)
@@ -222,7 +231,7 @@ class Forker:
                 branch.request, branch.target, lambda r: self._branch_response(ctx, branch, r)
             )
         except Exception:
-            _log.failure("sending {req!r}", req=branch.request)
+            _log.failure("sending {req!r}", req=branch.request, call_id=branch.request.call_id)
             branch.final = ctx.request.make_response(500)  # not branch.request: our Via
             self.check_complete(ctx)
             return
@@ -256,7 +265,7 @@ class Forker:
         try:
             self._on_branch_response(ctx, branch, response)
         except Exception:
-            _log.failure("handling {response!r}", response=response)
+            _log.failure("handling {response!r}", response=response, call_id=response.call_id)
 
     def _on_branch_response(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         status = response.status
@@ -312,7 +321,8 @@ class Forker:
         self, failure: Failure, ctx: RequestContext, branch: Branch, response: Response
     ) -> None:
         """A response_received hook failed: the response goes no further, as with DROP."""
-        _log.failure("plugin hook for {response!r}", failure, response=response)
+        _log.failure("plugin hook for {response!r}", failure, response=response,
+                     call_id=response.call_id)
         self._after_response(ctx, branch, response, DROP)
 
     def _failover(self, ctx: RequestContext, branch: Branch) -> None:
@@ -404,7 +414,8 @@ class Forker:
         try:
             self.core.transactions.send_request(cancel, branch.target, lambda r: None)
         except Exception:
-            _log.failure("sending CANCEL for {req!r}", req=branch.request)
+            _log.failure("sending CANCEL for {req!r}", req=branch.request,
+                         call_id=branch.request.call_id)
 
     # -- ACK for 2xx ---------------------------------------------------------------------------
     def forward_ack(self, ctx: RequestContext) -> None:
@@ -453,4 +464,5 @@ class Forker:
             then(core.pipeline.run("request_forwarding", ctx, branch), forward)
 
         d.addCallback(send)
-        d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage()))
+        d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage(),
+                                         call_id=request.call_id, source=request.source))

@@ -63,7 +63,8 @@ class Responder:
     ) -> None:
         """A response_forwarding hook failed: the response is dropped; if it was the final
         one, the caller gets a 500 instead, so the transaction still ends."""
-        _log.failure("plugin hook for {response!r}", failure, response=response)
+        _log.failure("plugin hook for {response!r}", failure, response=response,
+                     call_id=response.call_id)
         if final:
             error = ctx.request.make_response(500)
             ensure_to_tag(error)
@@ -79,7 +80,7 @@ class Responder:
             if final and not ctx.final_sent and tx is not None:
                 # the caller must still get a final answer, or its transaction hangs
                 _log.info("a plugin dropped the final response to {req!r}; answering 500",
-                          req=ctx.request)
+                          req=ctx.request, call_id=ctx.request.call_id)
                 self.reply(ctx, 500, "Server Internal Error")
             return
         if tx is None:
@@ -100,7 +101,7 @@ class Responder:
         try:
             tx.respond(response)
         except Exception:
-            _log.failure("responding to {req!r}", req=ctx.request)
+            _log.failure("responding to {req!r}", req=ctx.request, call_id=ctx.request.call_id)
         if final:
             self.release(ctx)
 
@@ -151,7 +152,7 @@ class Responder:
             self.add_server(response)
             tx.respond(response)
         except Exception:
-            _log.failure("answering {request!r}", request=request)
+            _log.failure("answering {request!r}", request=request, call_id=request.call_id)
 
     def add_server(self, response: Response) -> None:
         """Add ``Server: [proxy] user_agent`` to a response of the proxy's own."""
@@ -161,6 +162,7 @@ class Responder:
 
     def hook_failed(self, failure: Failure, ctx: RequestContext) -> None:
         """A request hook failed: the caller gets a 500 unless it was answered already."""
-        _log.failure("plugin hook for {req!r}", failure, req=ctx.request)
+        _log.failure("plugin hook for {req!r}", failure, req=ctx.request,
+                     call_id=ctx.request.call_id, source=ctx.request.source)
         if not ctx.final_sent and ctx.server_transaction is not None:
             self.reply(ctx, 500, "Server Internal Error")

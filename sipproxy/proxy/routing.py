@@ -140,7 +140,8 @@ class Router:
             self.refusals.refused(
                 "branches", bindings[0].aor, "{refused_source} has {n} bindings: forking "
                 "{request} to the {limit} with the highest q", n=len(bindings),
-                request=repr(request), limit=limit)
+                request=repr(request), limit=limit, call_id=request.call_id,
+                source=request.source)
             bindings = bindings[:limit]
         targets: list[URI] = []
         routes: list[tuple[str, ...]] = []
@@ -155,7 +156,8 @@ class Router:
                 # again (RFC 5393's amplification): a Contact that names this proxy is skipped
                 self.refusals.refused(
                     "self_contact", binding.aor, "{refused_source}: skipped the binding "
-                    "{contact}: it names this proxy", contact=binding.contact)
+                    "{contact}: it names this proxy", contact=binding.contact,
+                    call_id=request.call_id, source=request.source)
                 continue
             targets.append(target)
             routes.append(binding.path)

@@ -51,6 +51,7 @@ from sipproxy.transaction import ITransportSender
 from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.endpoints import ClientEndpoints, address_family, ip_address
 from sipproxy.transport.pool import ConnectionPool, peer_key, pool_key
+from sipproxy.transport.sides import DestinationSides, Sided, SourceAddresses, pick_listener
 from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
 from sipproxy.transport.tls import (
     ServerCertificate,
@@ -91,15 +92,11 @@ and its call should not wait the full connect timeout before going over UDP."""
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
 
 
-class ListenSpec(Protocol):
-    """What the manager reads from a listen entry (:class:`sipproxy.config.ListenConfig` fits)."""
+class ListenSpec(Sided, Protocol):
+    """What the manager reads from a listen entry (:class:`sipproxy.config.ListenConfig` fits):
+    its side, transport and address (:class:`~sipproxy.transport.sides.Sided`), port and
+    advertised host."""
 
-    @property
-    def side(self) -> str: ...
-    @property
-    def transport(self) -> str: ...
-    @property
-    def address(self) -> str: ...
     @property
     def port(self) -> int: ...
     @property
@@ -235,21 +232,6 @@ def _not_unicast(host: str) -> bool:
     return ip.is_multicast or ip.is_unspecified or str(ip) == "255.255.255.255"
 
 
-_LOCAL_NETS = tuple(
-    ipaddress.ip_network(net)
-    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
-)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_local(host: str) -> bool:
-    """RFC 1918 / ULA / loopback / link-local: an address of the inside, for listener choice."""
-    ip = ipaddress.ip_address(host)
-    if ip.is_loopback or ip.is_link_local:
-        return True
-    return any(ip.version == net.version and ip in net for net in _LOCAL_NETS)
-
-
 def _same_host(a: str, b: str) -> bool:
     return peer_key(a, 0) == peer_key(b, 0)
 
@@ -374,6 +356,8 @@ class TransportManager(Service):
         flood protection.
     :param message_timeout: seconds a TCP/TLS peer has to finish a message it started (None:
         no limit).
+    :param sources: the route lookups that tell a destination's side (default: the kernel's,
+        cached on ``reactor``'s clock).
 
     :ivar flows: which connections carry a registration or a dialog (a
         :class:`sipproxy.flows.FlowTracker`, set by whoever builds the proxy; None: all do).
@@ -387,6 +371,9 @@ class TransportManager(Service):
         (:class:`~sipproxy.transport.endpoints.ClientEndpoints`).
     :ivar tls: the TLS connections: opening, reconnects, accepted ones
         (:class:`~sipproxy.transport.tls_connections.TLSConnections`).
+    :ivar sides: the side of a destination
+        (:class:`~sipproxy.transport.sides.DestinationSides`): the route the kernel takes
+        there, or ``[upstream] side`` for the upstream's addresses.
     """
 
     log = Logger()
@@ -403,6 +390,7 @@ class TransportManager(Service):
         limits: Limits = DEFAULT_LIMITS,
         flood: FloodGuard | None = None,
         message_timeout: float | None = None,
+        sources: SourceAddresses | None = None,
     ) -> None:
         self.reactor = reactor
         self.flood = flood
@@ -410,6 +398,7 @@ class TransportManager(Service):
         self.receiver = receiver
         specs = list(listens)
         self.listeners = [Listener(spec) for spec in specs]
+        self.sides = DestinationSides(self.listeners, sources or SourceAddresses(reactor))
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.limits = limits
@@ -528,36 +517,12 @@ class TransportManager(Service):
         self, target: Target, side: str | None = None, transport: str | None = None
     ) -> Listener | None:
         """
-        The listener a request to ``target`` leaves from (its Via/Record-Route address).
-
-        Candidates have ``transport`` (default ``target.transport``; a TCP target with no TCP
-        listener falls back to the UDP listener of that side), ``side`` when given, and an address
-        family that fits an IP target. Without ``side``, a private/loopback IP target prefers an
-        inside listener, anything else an outside one. The proxy may override this method.
+        The listener a request to ``target`` leaves from (its Via/Record-Route address), by
+        :func:`~sipproxy.transport.sides.pick_listener`: without ``side``, one on the side
+        whose interface the kernel routes ``target`` through (:attr:`sides`). The proxy may
+        override this method.
         """
-        wanted = (transport or target.transport).upper()
-        candidates = [lst for lst in self.listeners if lst.transport == wanted]
-        if wanted == "TLS":
-            # outgoing TLS needs no TLS listener: a TCP (else UDP) socket of the side names us
-            # (a TLS listener for the phones inside does not name us toward the provider)
-            candidates += [lst for lst in self.listeners if lst.transport == "TCP"] + [
-                lst for lst in self.listeners if lst.transport == "UDP"]
-        if not candidates and wanted == "TCP":
-            candidates = [lst for lst in self.listeners if lst.transport == "UDP"]
-        if side is not None:
-            candidates = [lst for lst in candidates if lst.side == side]
-        family = address_family(target.host)
-        if family is not None:
-            fitting = [lst for lst in candidates if lst.family == family]
-            candidates = fitting or candidates
-        if not candidates:
-            return None
-        if side is None and family is not None:
-            preferred = "inside" if _is_local(target.host) else "outside"
-            for lst in candidates:
-                if lst.side == preferred:
-                    return lst
-        return candidates[0]
+        return pick_listener(self.listeners, self.sides, target, side, transport)
 
     # -- connections the proxy opened (RFC 5923 reuse) --------------------------------------
 

@@ -289,25 +289,30 @@ class NatNet:
     provider: Namespace
     lan_if: str = "lan0"  # fw's interface toward the phone
     wan_if: str = "wan0"  # fw's interface toward the provider
+    fw_outside: str = FW_OUTSIDE  # fw's address on the outside link
+    provider_ip: str = PROVIDER_IP
 
     @classmethod
-    def build(cls, rtp_ports: tuple[int, int] = RTP_PORTS) -> NatNet:
+    def build(cls, rtp_ports: tuple[int, int] = RTP_PORTS, *, fw_outside: str = FW_OUTSIDE,
+              provider_ip: str = PROVIDER_IP) -> NatNet:
         """The namespaces, veths and fw's ruleset; fw's forward chain drops UDP to
-        ``rtp_ports``."""
+        ``rtp_ports``. The outside link is the /24 of ``fw_outside`` and ``provider_ip`` (a
+        private one, 10.97.0.0/24, for a SIP trunk on a carrier's network)."""
         topology = Topology()
         try:
             phone = topology.namespace("phone")
             fw = topology.namespace("fw")
             provider = topology.namespace("provider")
             topology.veth(phone, "eth0", f"{PHONE_IP}/24", fw, "lan0", f"{FW_INSIDE}/24")
-            topology.veth(fw, "wan0", f"{FW_OUTSIDE}/24", provider, "eth0", f"{PROVIDER_IP}/24")
+            topology.veth(fw, "wan0", f"{fw_outside}/24", provider, "eth0", f"{provider_ip}/24")
             phone.run("ip", "route", "add", "default", "via", FW_INSIDE)
             fw.sysctl("net.ipv4.ip_forward", 1)
             fw.nft(FIREWALL_RULES.format(lan=LAN, nat=NAT_PORTS, rtp=rtp_ports))
         except BaseException:
             topology.close()
             raise
-        return cls(topology, phone, fw, provider)
+        return cls(topology, phone, fw, provider, fw_outside=fw_outside,
+                   provider_ip=provider_ip)
 
     def nat_timeout(self, seconds: int) -> None:
         """How long the firewall keeps an idle UDP mapping (conntrack, this namespace only)."""

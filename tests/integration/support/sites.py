@@ -61,15 +61,16 @@ def describe_packets(packets: list[tuple[Packet, Request | Response]], limit: in
     return "\n".join(lines)
 
 
-def firewall_config() -> dict[str, Any]:
-    """examples/firewall.toml, with the provider at 203.0.113.50."""
+def firewall_config(outside: str = FW_OUTSIDE, provider: str = PROVIDER_IP) -> dict[str, Any]:
+    """examples/firewall.toml, with the provider at 203.0.113.50 (or ``provider``, the
+    outside listener on ``outside``)."""
     return {
         "proxy": {"domains": []},
         "listen": [
             {"side": "inside", "transport": "udp", "address": FW_INSIDE, "port": SIP},
-            {"side": "outside", "transport": "udp", "address": FW_OUTSIDE, "port": SIP},
+            {"side": "outside", "transport": "udp", "address": outside, "port": SIP},
         ],
-        "upstream": {"uri": f"sip:{PROVIDER_IP}:{SIP}"},
+        "upstream": {"uri": f"sip:{provider}:{SIP}"},
         "plugins": {"enabled": ["nat"]},
         "nat": {"inside_networks": [str(LAN)]},
     }
@@ -141,7 +142,7 @@ def token_seen_by_provider(site: Site) -> str:
     site.capture.settle()
     for packet, message in site.outside():
         if isinstance(message, Request) and message.method == "REGISTER" and \
-                packet.dst == PROVIDER_IP and "authorization" in message.headers:
+                packet.dst == site.net.provider_ip and "authorization" in message.headers:
             [contact] = message.contacts
             assert contact.uri.user and contact.uri.user.startswith(TOKEN_PREFIX), str(contact)
             return contact.uri.user
@@ -154,8 +155,8 @@ def incoming_call(site: Site, token: str, phone_scenario: str,
     """The provider calls the phone's token (what it registered); the phone answers."""
     uas = site.phone.start_uas(phone_scenario, SIP, count=1, timeout=SIPP_TIMEOUT)
     uac = site.provider.start_uac(
-        provider_scenario, (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
-        keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"},
+        provider_scenario, (site.net.fw_outside, SIP), count=1, timeout=SIPP_TIMEOUT,
+        keys={"ruri": f"sip:{token}@{site.net.fw_outside}:{SIP}"},
         # the provider sees one Via in the phone's BYE: the phone's are hidden (hide_vias)
         variables={"direct": "1"} if provider_scenario == "uac_waitbye.xml" else None,
     )
