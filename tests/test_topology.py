@@ -170,6 +170,22 @@ def test_multipart_parts_naming_the_inside_are_removed_sdp_ones_too() -> None:
         b"<presence/>", b"<presence note='192.168.77.3'/>"), hiding) is None
 
 
+def test_our_own_outside_address_on_a_private_network_is_not_hidden() -> None:
+    """A trunk over a carrier's private network: the outside listener's 10.97.0.1 is in the
+    inside networks by its class, but it is the address that stands for the inside."""
+    networks = [ipaddress.ip_network("10.0.0.0/8")]
+    topology = TopologyHider(Clock(), lambda a: in_networks(a, networks))
+    request = parse_message(
+        b"INVITE sip:bob@10.97.0.150 SIP/2.0\r\nVia: SIP/2.0/UDP 10.97.0.1:5060;branch=z9hG4bK1\r\n"
+        b"From: <sip:alice@10.20.0.5>;tag=1\r\nTo: <sip:bob@10.97.0.150>\r\nCall-ID: c1\r\n"
+        b"CSeq: 1 INVITE\r\nContact: <sip:nat-1@10.97.0.1:5060>\r\n"
+        b"Record-Route: <sip:10.97.0.1;lr>\r\nContent-Length: 0\r\n\r\n")
+    topology.hide_message(request, Hiding("10.97.0.1", Tokens().tokenize))
+    assert request.headers.get("contact") == "<sip:nat-1@10.97.0.1:5060>"
+    assert request.headers.get("record-route") == "<sip:10.97.0.1;lr>"
+    assert request.headers.get("from") == "<sip:alice@10.97.0.1>;tag=1"
+
+
 def test_a_list_header_loses_only_its_inside_values() -> None:
     topology = hider()
     value = '<http://192.168.77.5/photo.png>;purpose=icon, <http://example.com/a>;purpose=info'

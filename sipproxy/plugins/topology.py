@@ -55,6 +55,9 @@ __all__ = ["HIDDEN_PREFIX", "HiddenCallId", "Hiding", "TopologyHider", "uri_span
 HIDDEN_PREFIX = "th-"
 #: seconds an outside Call-ID is still mapped back after its dialog ended (late NOTIFYs...)
 AFTER_DIALOG = 32.0
+#: our own outside addresses remembered at most (one per outside listener, or per local
+#: address a wildcard listener sends from)
+MAX_OWN = 64
 
 _IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![0-9A-Za-z:])")
@@ -134,6 +137,9 @@ class TopologyHider:
     ) -> None:
         self.clock = clock
         self.is_inside = is_inside
+        #: the addresses that stand for the inside on the outside (ours): never inside ones,
+        #: also where inside_networks covers them (an outside interface on a private network)
+        self.own: set[str] = set()
         self.ttl = ttl
         self.max_mappings = max_mappings
         self.strip_user_agent = strip_user_agent
@@ -154,7 +160,7 @@ class TopologyHider:
             ipaddress.ip_address(text)
         except ValueError:
             return False
-        return self.is_inside(text)
+        return text not in self.own and self.is_inside(text)
 
     def leaks(self, text: str) -> bool:
         """Does ``text`` carry an inside address or an inside host name?"""
@@ -378,6 +384,8 @@ class TopologyHider:
     def hide_message(self, message: Message, hiding: Hiding) -> None:
         """Map or remove, in place, every header but Call-ID (the caller decides that one: it
         knows which side made it) and the body of a message about to leave on the outside."""
+        if hiding.host not in self.own and len(self.own) < MAX_OWN:
+            self.own.add(hiding.host)
         fields = []
         changed = False
         for f in message.headers.fields:
