@@ -87,12 +87,45 @@ class Headers:
     proxy only inspects serializes identically; a changed field keeps the name as it was sent.
     """
 
-    __slots__ = ("_cache", "fields")
+    __slots__ = ("_cache", "_fields", "_packed")
 
     def __init__(self, fields: list[Field] | None = None) -> None:
-        self.fields: list[Field] = fields if fields is not None else []
+        self._fields: list[Field] | None = fields if fields is not None else []
         # parsed values (Via list, CSeq, ...) keyed by canonical name; dropped on change
         self._cache: dict[str, object] = {}
+        # (rendered header section, line end) while packed (see ``pack``), else None
+        self._packed: tuple[str, str] | None = None
+
+    @property
+    def fields(self) -> list[Field]:
+        """The fields in order (a packed section is parsed back into fields on first use)."""
+        fields = self._fields
+        if fields is None:
+            fields = self._unpack()
+        return fields
+
+    @fields.setter
+    def fields(self, fields: list[Field]) -> None:
+        self._fields = fields
+        self._packed = None
+
+    def _unpack(self) -> list[Field]:
+        assert self._packed is not None
+        text, eol = self._packed
+        self._packed = None
+        fields = self._fields = parse_header_lines(text.split(eol), eol)._fields if text else []
+        assert fields is not None
+        return fields
+
+    def pack(self, eol: str = "\r\n") -> None:
+        """Keep the header section as its rendered text, one string, until it is next read or
+        changed: for a message kept a while only to be sent again (a transaction's request and
+        last response), which then holds no per-line objects for the garbage collector to scan
+        and renders at no cost. Reading it parses the text back into the same fields."""
+        if self._fields is not None:
+            self._packed = (self.render(eol), eol)
+            self._fields = None
+            self._cache.clear()
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -204,20 +237,6 @@ class Headers:
     def copy(self) -> Headers:
         return Headers([Field(f.name, f.key, f.value, f.raw) for f in self.fields])
 
-    def forget_parsed(self) -> None:
-        """Drop the parsed views (they are rebuilt on demand): for messages kept a while."""
-        self._cache.clear()
-
-    def drop_plain_raw(self) -> None:
-        """Forget each line kept as received where it renders back the same ("Name: value"):
-        half the memory of a message that is only kept to be sent again."""
-        for f in self.fields:
-            raw = f.raw
-            if raw is not None and len(raw) == len(f.name) + 2 + len(f.value) and (
-                raw == f"{f.name}: {f.value}"
-            ):
-                f.raw = None
-
     def cached(self, key: str) -> object | None:
         return self._cache.get(key)
 
@@ -225,8 +244,15 @@ class Headers:
         self._cache[key] = value
 
     def render(self, eol: str = "\r\n") -> str:
+        fields = self._fields
+        if fields is None:
+            packed = self._packed
+            assert packed is not None
+            if packed[1] == eol:
+                return packed[0]
+            fields = self._unpack()
         return eol.join([f.raw if f.raw is not None else f"{f.name}: {f.value}"
-                         for f in self.fields])
+                         for f in fields])
 
 
 def parse_header_lines(lines: list[str], eol: str) -> Headers:

@@ -516,6 +516,11 @@ class Message:
         text = f"{start}{eol}{head}{eol}{eol}" if head else f"{start}{eol}{eol}"
         return text.encode("utf-8", "surrogateescape") + body
 
+    def compact(self) -> None:
+        """Keep the header section as one string until it is next read (see
+        :meth:`Headers.pack`): for a message kept only to be sent again or matched."""
+        self.headers.pack(self._eol)
+
     def ensure_content_length(self) -> None:
         """Streams need Content-Length (RFC 3261 18.3); add it where a datagram did without."""
         if "content-length" not in self.headers:
@@ -636,6 +641,14 @@ class Request(Message):
         if start is None or (uri is not None and uri._raw is not self._uri_text):
             return self.start_line()
         return start
+
+    def compact(self) -> None:
+        """Also let go of the parsed Request-URI while it still renders as the request line's
+        text (it is parsed again from that text when next read)."""
+        super().compact()
+        uri = self._uri
+        if uri is not None and uri._raw is self._uri_text:
+            self._uri = None
 
     def touch_uri(self) -> None:
         """Call after changing ``uri`` in place so the start line is rendered anew."""

@@ -26,6 +26,7 @@ step 11) sends a CANCEL through ``send_request``, which gives it 64*T1 more (RFC
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +189,104 @@ def _server_key(request: Request) -> tuple[_OuterKey, bool]:
     ), False
 
 
+class _Timer:
+    """One transaction timer in its :class:`_TimerQueue`: what to call on which transaction, and
+    when. Cancelling only marks it (and lets go of the transaction); the queue skips it."""
+
+    __slots__ = ("func", "name", "queue", "tx", "when")
+
+    def __init__(self, tx: _Transaction, name: str, func: Callable[[Any], None],
+                 when: float, queue: _TimerQueue) -> None:
+        self.tx: _Transaction | None = tx
+        self.name = name
+        self.func = func
+        self.when = when
+        self.queue = queue
+
+    def cancel(self) -> None:
+        if self.tx is not None:
+            self.tx = None
+            self.queue.cancelled()
+
+
+class _TimerQueue:
+    """Every timer of one duration, in the order they were started, behind one ``DelayedCall``.
+
+    Timers of one duration expire in the order they start, so a FIFO is already sorted: a
+    transaction's timer costs a small object in a deque instead of a ``DelayedCall`` (with its
+    bound method, argument tuple and keyword dict) in the reactor's heap, and the thousands of
+    transactions that wait out Timer J/L/M hold far fewer objects for the garbage collector to
+    scan. The clock is the layer's injected ``IReactorTime``, so tests still drive it with
+    ``Clock``; a timer fires at exactly ``start + delay`` as before.
+    """
+
+    __slots__ = ("_call", "_clock", "_live", "_timers")
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._timers: deque[_Timer] = deque()
+        self._call: IDelayedCall | None = None
+        self._live = 0  # timers in the deque not cancelled
+
+    def __len__(self) -> int:
+        return self._live
+
+    def add(self, timer: _Timer) -> None:
+        self._timers.append(timer)
+        self._live += 1
+        call = self._call
+        if call is None:
+            self._arm(timer.when)
+        elif timer.when < call.getTime():  # the clock went back: do not fire late
+            call.reset(max(0.0, timer.when - self._clock.seconds()))
+
+    def _arm(self, when: float) -> None:
+        self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._run)
+
+    def cancelled(self) -> None:
+        """A timer of this queue was cancelled: with none left, nothing stays scheduled."""
+        self._live -= 1
+        if not self._live:
+            self.stop()
+
+    def _run(self) -> None:
+        self._call = None
+        timers = self._timers
+        now = self._clock.seconds()
+        while timers and timers[0].when <= now:
+            timer = timers.popleft()
+            tx = timer.tx
+            if tx is None:
+                continue  # cancelled
+            timer.tx = None
+            self._live -= 1
+            if tx._timers.get(timer.name) is timer:
+                del tx._timers[timer.name]
+            if tx.state is not State.TERMINATED:
+                try:
+                    timer.func(tx)
+                except Exception:
+                    _log.failure("transaction timer {name} of {tx!r} failed",
+                                 name=timer.name, tx=tx)
+        # drop cancelled timers at the head now, so an idle queue holds nothing
+        while timers and timers[0].tx is None:
+            timers.popleft()
+        if timers:
+            when = timers[0].when
+            call = self._call  # a timer started by one that fired may have armed it
+            if call is None:
+                self._arm(when)
+            elif call.getTime() > when:
+                call.reset(max(0.0, when - now))
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._live = 0
+        self._timers.clear()
+
+
 class _Transaction:
     """Timers and termination, shared by both kinds of transaction."""
 
@@ -199,8 +298,10 @@ class _Transaction:
         self.reliable = reliable
         self.is_invite = request.method == "INVITE"
         self.last_response: Response | None = None
-        self._timers: dict[str, IDelayedCall] = {}
-        self._waiters: list[Deferred[None]] = []
+        self._timers: dict[str, _Timer] = {}
+        # Deferreds and (function, arguments) to fire on termination; None while there are none
+        self._waiters: list[Deferred[None] | tuple[Callable[..., object], tuple[Any, ...]]] \
+            | None = None
         self._interval = layer.t1
 
     @property
@@ -217,35 +318,55 @@ class _Transaction:
         d: Deferred[None] = Deferred()
         if self.state is State.TERMINATED:
             d.callback(None)
+        elif self._waiters is None:
+            self._waiters = [d]
         else:
             self._waiters.append(d)
         return d
 
+    def call_when_terminated(self, fn: Callable[..., object], *args: Any) -> None:
+        """Call ``fn(*args)`` once this transaction has terminated (at once if it has): what
+        :meth:`when_terminated` does without a Deferred, for a caller on the hot path (every
+        request the proxy handles). An exception from ``fn`` is logged."""
+        if self.state is State.TERMINATED:
+            self._call_waiter(fn, args)
+        elif self._waiters is None:
+            self._waiters = [(fn, args)]
+        else:
+            self._waiters.append((fn, args))
+
+    @staticmethod
+    def _call_waiter(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            _log.failure("on termination: {fn} failed", fn=getattr(fn, "__name__", fn))
+
     def _start_timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` after ``delay``; a zero wait (reliable transports) runs it at once."""
+        """Run ``fn`` (a method of this transaction) after ``delay``, unless the transaction
+        has terminated by then; a zero wait (reliable transports) runs it at once."""
         self._cancel_timer(name)
         if delay <= 0:
             fn()
             return
-        self._timers[name] = self._layer.clock.callLater(delay, self._fire, name, fn)
-
-    def _fire(self, name: str, fn: Callable[[], None]) -> None:
-        self._timers.pop(name, None)
-        if self.state is not State.TERMINATED:
-            fn()
+        layer = self._layer
+        queue = layer.timer_queue(delay)
+        timer = _Timer(self, name, fn.__func__,  # type: ignore[attr-defined]
+                       layer.clock.seconds() + delay, queue)
+        self._timers[name] = timer
+        queue.add(timer)
 
     def _cancel_timer(self, name: str) -> None:
-        call = self._timers.pop(name, None)
-        if call is not None and call.active():
-            call.cancel()
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
 
     def _compact(self) -> None:
         """After the final response a transaction mostly waits (up to 64*T1): keep its
         messages as text, not as parsed views, so thousands of them stay small."""
         for message in (self.request, self.last_response):
             if message is not None:
-                message.headers.forget_parsed()
-                message.headers.drop_plain_raw()
+                message.compact()
 
     def _terminate(self) -> None:
         if self.state is State.TERMINATED:
@@ -254,9 +375,12 @@ class _Transaction:
         for name in list(self._timers):
             self._cancel_timer(name)
         self._layer._forget(self)
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if isinstance(waiter, Deferred):
+                waiter.callback(None)
+            else:
+                self._call_waiter(*waiter)
 
     def _guarded(self, send: Callable[[], object]) -> None:
         """Send, and route any failure to ``_transport_failed`` on the next reactor turn."""
@@ -495,6 +619,7 @@ class ClientTransaction(_Transaction):
                 self._cancel_timer("E")
                 self._cancel_timer("F")
                 self._deliver(response)
+                self._compact()
                 self._start_timer("K", 0 if self.reliable else self._layer.t4, self._terminate)
 
     def _send_ack(self) -> None:
@@ -572,6 +697,7 @@ class TransactionLayer:
         self.timer_d = timer_d
         self.send_trying = send_trying
         self._server: dict[_OuterKey, dict[str, ServerTransaction]] = {}
+        self._queues: dict[float, _TimerQueue] = {}
         self._client: dict[tuple[str, str], ClientTransaction] = {}
         self._live_server: set[ServerTransaction] = set()
 
@@ -588,6 +714,14 @@ class TransactionLayer:
     @property
     def server_count(self) -> int:
         return len(self._live_server)
+
+    def timer_queue(self, delay: float) -> _TimerQueue:
+        """The queue of the timers that run ``delay`` seconds (a handful of distinct delays:
+        T1 doubling up to T2, T4, 64*T1, Timer D)."""
+        queue = self._queues.get(delay)
+        if queue is None:
+            queue = self._queues[delay] = _TimerQueue(self.clock)
+        return queue
 
     # -- from the transports -----------------------------------------------------------------
     def receive(self, message: Request | Response) -> None:
@@ -712,6 +846,8 @@ class TransactionLayer:
         """Terminate every live transaction and cancel its timers (the proxy is stopping)."""
         for tx in [*self._client.values(), *self._live_server]:
             tx._terminate()
+        for queue in self._queues.values():
+            queue.stop()
 
     # -- internals ---------------------------------------------------------------------------
     def _call_tu(self, fn: Callable[..., object], *args: object) -> None:

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from operator import attrgetter
-from typing import Any, Generic, Self, TypeVar, overload
+from typing import Any, Generic, Self, TypeVar, cast, overload
 from urllib.parse import unquote_to_bytes
 
 from sipproxy.errors import ParseError
@@ -474,6 +474,17 @@ _URI_FAST = re.compile(
 )
 
 
+#: a name-addr in its usual shape whose URI has the shape of :data:`_URI_FAST`, in one step:
+#: display, URI text, the URI's scheme, user, host, port and parameters, header parameters
+_NA_FULL = re.compile(
+    rf'((?:"[^"\\]*"|{_TOKEN_RE}(?:[ \t]+{_TOKEN_RE})*)[ \t]*)?'
+    r"<(([sS][iI][pP][sS]?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]+)@)?"
+    rf"((?:{_LABEL}\.)*{_LABEL}\.?)(?::([0-9]{{1,5}}))?"
+    rf"((?:;{_PCHARS}(?:={_PCHARS})?)*))>"
+    rf"((?:;{_TOKEN_RE}(?:={_TOKEN_RE})?)*)\Z"
+)
+_UriParts = tuple[str, str, "str | None", str, "str | None", str]
+
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _SIP_URI_BASE = (
     r"[sS][iI][pP][sS]?:(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]+@)?"
@@ -496,15 +507,8 @@ def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
     """Parse a URI; raise ``ParseError`` (400) when a sip/sips URI is malformed."""
     m = _URI_FAST.match(text)
     if m is not None:
-        scheme, fuser, host, port_text, ptext = m.groups()
-        port = int(port_text) if port_text is not None else None
-        if port is None or port <= 65535:
-            params = Params(
-                [(n, v if eq else None) for n, eq, v in
-                 (p.partition("=") for p in ptext[1:].split(";"))]
-            ) if ptext else Params()
-            fast = URI(scheme, fuser, host, port, params)
-            fast._raw = text
+        fast = _fast_uri(text, cast(_UriGroups, m.groups()))
+        if fast is not None:
             return fast
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME.match(scheme):
@@ -556,6 +560,25 @@ def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
     return uri
 
 
+_UriGroups = tuple[str, "str | None", str, "str | None", str]
+
+
+def _fast_uri(text: str, parts: _UriGroups) -> URI | None:
+    """The URI from the groups of :data:`_URI_FAST` (scheme, user, host, port, params), or
+    None when the port is out of range (the full parser then says why)."""
+    scheme, user, host, port_text, ptext = parts
+    port = int(port_text) if port_text is not None else None
+    if port is not None and port > 65535:
+        return None
+    params = Params(
+        [(n, v if eq else None) for n, eq, v in
+         (p.partition("=") for p in ptext[1:].split(";"))]
+    ) if ptext else Params()
+    uri = URI(scheme, user, host, port, params)
+    uri._raw = text
+    return uri
+
+
 def _parse_display_name(text: str) -> str | None:
     """Validate a display-name (quoted-string or tokens separated by LWS)."""
     text = text.strip()
@@ -588,7 +611,10 @@ class NameAddr:
 
     # ``_raw`` is valid only while the URI still renders as ``_uri_raw`` (the very string it was
     # rendered from): a URI changed in place, even one rendered anew since, invalidates it.
-    __slots__ = ("_display", "_params", "_raw", "_uri", "_uri_raw", "angle")
+    # A parsed name-addr may leave its URI unbuilt (``_uri`` None): ``_uri_parts`` then holds
+    # the text and the checked parts it is built from when first read (most readers want the
+    # tag only).
+    __slots__ = ("_display", "_params", "_raw", "_uri", "_uri_parts", "_uri_raw", "angle")
 
     def __init__(
         self,
@@ -597,7 +623,8 @@ class NameAddr:
         params: Params | None = None,
         angle: bool = True,
     ) -> None:
-        self._uri = uri
+        self._uri: URI | None = uri
+        self._uri_parts: _UriParts | None = None
         self._display = display
         self._params = params if params is not None else Params()
         self.angle = angle
@@ -607,12 +634,26 @@ class NameAddr:
     @property
     def uri(self) -> URI:
         """The URI; after changing it in place call ``touch()`` (or assign a new one)."""
-        return self._uri
+        uri = self._uri
+        if uri is None:
+            uri = self._build_uri()
+        return uri
 
     @uri.setter
     def uri(self, value: URI) -> None:
         self._uri = value
+        self._uri_parts = None
         self._raw = None
+
+    def _build_uri(self) -> URI:
+        parts = self._uri_parts
+        assert parts is not None
+        uri = _fast_uri(parts[0], parts[1:])
+        assert uri is not None  # the port was checked when the name-addr was parsed
+        self._uri = uri
+        self._uri_parts = None
+        self._uri_raw = uri._raw
+        return uri
 
     @property
     def display(self) -> str | None:
@@ -651,23 +692,26 @@ class NameAddr:
 
     def __str__(self) -> str:
         raw = self._raw
-        if raw is not None and self._uri._raw is self._uri_raw is not None:
+        if raw is not None and (self._uri is None or self._uri._raw is self._uri_raw is not None):
             return raw
-        uri = str(self._uri)
+        uri = str(self.uri)
         if self.angle or self._display or any(c in uri for c in ",;?"):
             text = f"{self._display} <{uri}>" if self._display else f"<{uri}>"
         else:
             text = uri
         text += str(self._params)
         self._raw = text
-        self._uri_raw = self._uri._raw
+        self._uri_raw = self.uri._raw
         return text
 
     def __repr__(self) -> str:
         return f"NameAddr({self!s})"
 
     def copy(self) -> NameAddr:
-        new = NameAddr(self._uri.copy(), self._display, self._params.copy(), self.angle)
+        uri = self._uri
+        new = NameAddr(uri.copy() if uri is not None else None,  # type: ignore[arg-type]
+                       self._display, self._params.copy(), self.angle)
+        new._uri_parts = self._uri_parts  # immutable: shared
         new._raw = self._raw
         new._uri_raw = self._uri_raw  # URI.copy keeps the same raw string object
         return new
@@ -679,6 +723,25 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
     In the addr-spec form (no ``<>``) parameters belong to the header, not the URI, and the URI
     may carry no ``?headers`` (RFC 3261 20.10).
     """
+    m = _NA_FULL.match(text)
+    if m is not None:
+        display, uri_text, scheme, user, host, port_text, uparams, ptext = m.groups()
+        if port_text is None or len(port_text) < 5 or int(port_text) <= 65535:
+            # slots filled here (no __init__: a hot path); the URI is built from _uri_parts
+            na = NameAddr.__new__(NameAddr)
+            na._uri = None
+            na._uri_parts = (uri_text, scheme, user, host, port_text, uparams)
+            na._display = display.rstrip() if display else None
+            items: list[tuple[str, str | None]] = []
+            if ptext:
+                for param in ptext[1:].split(";"):
+                    name, eq, value = param.partition("=")
+                    items.append((name, value if eq else None))
+            na._params = Params(items)
+            na.angle = True
+            na._raw = text
+            na._uri_raw = None
+            return na
     m = _NA_FAST.match(text)
     if m is not None:
         display, uri_text, ptext = m.groups()
@@ -690,7 +753,7 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
             angle=True,
         )
         na._raw = text
-        na._uri_raw = na._uri._raw
+        na._uri_raw = na.uri._raw
         return na
     raw = text
     text = text.strip()

@@ -7,7 +7,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sipproxy.errors import ParseError
@@ -455,3 +455,84 @@ def test_push_then_pop_via_restores_message(gen: GenMessage, via: GenVia) -> Non
     assert parse_message(msg.to_bytes()).vias[0].branch == via.branch
     assert msg.pop_via() is pushed
     assert msg.to_bytes() == data
+
+
+# -- packed header sections (a transaction's kept messages) ---------------------------------------
+@SETTINGS
+@given(gen_message, st.booleans())
+def test_compacted_message_renders_and_reads_back_the_same(gen: GenMessage, lf: bool) -> None:
+    data = gen.data()
+    if lf:  # an LF-only message packs with its own line end
+        head, _, body = data.partition(b"\r\n\r\n")
+        assume(b"\r\n\r\n" not in body)  # the parser looks for a CRLF blank line first
+        data = head.replace(b"\r\n", b"\n") + b"\n\n" + body
+    msg = parse_message(data)
+    before = [(f.name, f.key, f.value, f.render()) for f in msg.headers.fields]
+    view = field_view(msg)
+    msg.compact()
+    assert msg.to_bytes() == data  # rendered from the packed text
+    assert msg.copy().to_bytes() == data
+    assert [(f.name, f.key, f.value, f.render()) for f in msg.headers.fields] == before
+    assert field_view(msg) == view
+    assert msg.to_bytes() == data
+
+
+@SETTINGS
+@given(gen_message, token)
+def test_compacted_message_changes_like_an_unpacked_one(gen: GenMessage, value: str) -> None:
+    packed, plain = parse_message(gen.data()), parse_message(gen.data())
+    packed.compact()
+    for msg in (packed, plain):
+        msg.headers.set("Subject", value)
+        msg.headers.add("X-Added", value, first=True)
+        msg.pop_via()
+    assert packed.to_bytes() == plain.to_bytes()
+
+
+@SETTINGS
+@given(gen_message.filter(lambda g: g.status is None))
+def test_compacted_request_reads_its_uri_back(gen: GenMessage) -> None:
+    msg = parse_message(gen.data())
+    assert isinstance(msg, Request)
+    text = str(msg.uri)
+    msg.compact()
+    assert str(msg.uri) == text and msg.uri.host == gen.ruri.host
+    msg.uri.set_param("x-changed", None)  # a URI changed in place after compaction still counts
+    assert msg.to_bytes().split(b" ", 2)[1] == f"{text};x-changed".encode()
+
+
+# -- forwarding re-uses the received lines -------------------------------------------------------
+def _rendered_anew(msg: Request | Response) -> bytes:
+    """The old way: every header line rendered from its name and value."""
+    dup = msg.copy()
+    for f in dup.headers.fields:
+        f.raw = None
+    return dup.to_bytes()
+
+
+@SETTINGS
+@given(gen_message.filter(lambda g: g.status is None), gen_via, st.booleans(), st.booleans())
+def test_forwarded_copy_equals_a_full_re_serialization(gen: GenMessage, via: GenVia,
+                                                       compact: bool, rr: bool) -> None:
+    received = parse_message(gen.data())
+    assert isinstance(received, Request)
+    if compact:  # a transaction's kept request, packed, forwarded again
+        received.compact()
+    out = received.copy()
+    out.push_via(Via.build(via.transport, via.host, via.port, via.branch, rport=True))
+    mf = out.max_forwards
+    out.max_forwards = mf - 1 if mf else 70
+    if rr:
+        host = f"[{via.host}]" if ":" in via.host else via.host
+        out.headers.add("Record-Route", f"<sip:{host};lr>", first=True)
+    edited, anew = parse_message(out.to_bytes()), parse_message(_rendered_anew(out))
+    # header by header, the same fields and values; the body and start line untouched
+    assert list(edited.headers) == list(anew.headers)
+    assert field_view(edited) == field_view(anew)
+    assert edited.body == received.body
+    # and every line nobody touched is the very line that was received
+    received_lines = set(gen.data().split(b"\r\n\r\n")[0].split(b"\r\n")[1:])
+    touched = (b"via", b"v", b"max-forwards", b"record-route")
+    for line in out.to_bytes().split(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        if line.split(b":", 1)[0].strip().lower() not in touched:
+            assert line in received_lines

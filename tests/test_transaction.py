@@ -961,3 +961,24 @@ def test_any_interleaving_ends_with_empty_tables(script: list[tuple[Any, ...]]) 
         assert finals, "every client transaction ends with a final response"
         non2xx = [s for s in finals if s >= 300]
         assert len(non2xx) <= 1 and (not non2xx or finals == non2xx)
+
+
+def test_call_when_terminated_calls_once_in_order(h: Harness) -> None:
+    req = incoming("OPTIONS")
+    h.layer.receive(req)
+    tx = h.tu.requests[0][0]
+    calls: list[object] = []
+
+    def boom() -> None:
+        raise RuntimeError("a waiter's bug")
+
+    tx.call_when_terminated(calls.append, "first")
+    tx.call_when_terminated(boom)  # logged; the next one is still called
+    tx.when_terminated().addCallback(calls.append)
+    tx.call_when_terminated(calls.append, "last")
+    tx.respond(reply(req, 200))
+    assert calls == []
+    h.advance(64 * T1)
+    assert calls == ["first", None, "last"]
+    tx.call_when_terminated(calls.append, "late")  # already terminated: at once
+    assert calls == ["first", None, "last", "late"]

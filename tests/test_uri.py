@@ -401,3 +401,17 @@ def test_check_host() -> None:
     for bad in ("-a.example.com", "a..b", "a_b", "[1::2::3]", "[::1", ""):
         with pytest.raises(ParseError):
             check_host(bad)
+
+
+def test_name_addr_builds_its_uri_when_first_read():
+    text = '"Bob" <sip:bob@example.com:5070;transport=udp>;tag=9'
+    na = parse_name_addr(text)
+    assert na.tag == "9" and str(na) == text
+    twin = na.copy()
+    assert na.uri.port == 5070 and na.uri.transport == "UDP" and str(na.uri) == (
+        "sip:bob@example.com:5070;transport=udp")
+    na.uri.set_param("transport", "tcp")  # changed in place: the name-addr renders anew
+    assert str(na) == '"Bob" <sip:bob@example.com:5070;transport=tcp>;tag=9'
+    assert str(twin) == text and twin.uri.user == "bob"  # the copy kept its own parts
+    with pytest.raises(ParseError):
+        parse_name_addr("<sip:bob@example.com:65536>;tag=1")

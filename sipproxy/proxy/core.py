@@ -202,7 +202,7 @@ class Proxy:
                     return
             ctx = RequestContext(request, tx)
             self._contexts[tx] = ctx
-            tx.when_terminated().addBoth(self._forget_context, tx)
+            tx.call_when_terminated(self.drop_context, tx)
             error = self._validate(request)
             if error is not None:
                 responder.reply(ctx, error[0], error[1], error[2])
@@ -218,10 +218,6 @@ class Proxy:
             _log.failure("handling {request!r}", request=request, call_id=request.call_id,
                          source=request.source)
             responder.answer(tx, request, 500, "Server Internal Error")
-
-    def _forget_context(self, result: object, tx: ServerTransaction) -> object:
-        self.drop_context(tx)
-        return None
 
     def drop_context(self, tx: ServerTransaction) -> None:
         """Forget the request of ``tx`` (its transaction ended, or nothing will need it)."""
