@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from twisted.internet.interfaces import IReactorTime
 
 from sipproxy.errors import ParseError
-from sipproxy.headers import LIST_HEADERS, canonical
+from sipproxy.headers import LIST_HEADERS, Field, Headers, canonical
 from sipproxy.message import Message
 from sipproxy.uri import format_host, parse_uri, split_header_values
 
@@ -369,6 +369,7 @@ class TopologyHider:
         From/To under it), Replaces, Refer-To, Referred-By. Returns the Call-ID's entry (None:
         the Call-ID is not one of ours)."""
         entry = self.reveal(message.call_id.strip())
+        fields = []
         changed = False
         for f in message.headers.fields:
             if f.key == "call-id" and entry is not None:
@@ -376,9 +377,10 @@ class TopologyHider:
             else:
                 new = self.reveal_field(f.key, f.value, entry, untokenize)
             if new != f.value:
-                f.value, f.raw, changed = new, None, True
+                f, changed = Field(f.name, f.key, new, None), True
+            fields.append(f)
         if changed:
-            message.headers.forget_parsed()
+            message.headers = Headers(fields)  # no parsed view of the old values left
         return entry
 
     def hide_message(self, message: Message, hiding: Hiding) -> None:
@@ -394,11 +396,10 @@ class TopologyHider:
                 changed = True
                 continue
             if new != f.value:
-                f.value, f.raw, changed = new, None, True
+                f, changed = Field(f.name, f.key, new, None), True
             fields.append(f)
         if changed:
-            message.headers.fields = fields
-            message.headers.forget_parsed()
+            message.headers = Headers(fields)  # no parsed view of the old values left
         body = message.body
         if body:
             new_body = self.hide_body(message.headers.get("content-type") or "", body, hiding)
