@@ -41,6 +41,8 @@ from sipproxy.settings import (
 
 __all__ = [
     "CORE_SECTIONS",
+    "MEMORY_STORE",
+    "SQLITE_STORE",
     "Config",
     "ConfigError",
     "DnsConfig",
@@ -66,6 +68,10 @@ CORE_SECTIONS: Final = frozenset(
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
 _TRANSPORTS: Final = ("udp", "tcp", "tls")
+#: ``[registrar] store`` of the default store: nothing survives a restart
+MEMORY_STORE: Final = "memory"
+#: ``[registrar] store`` prefix of an SQLite file: ``"sqlite:/var/lib/sipproxy/state.db"``
+SQLITE_STORE: Final = "sqlite:"
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _TOML_POSITION = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\s*\Z")
 
@@ -156,6 +162,13 @@ def _uri_problem(uri: str) -> str | None:
     if transport is not None and transport.lower() not in _TRANSPORTS:
         return "must have ;transport=udp, tcp or tls (or none)"
     return None
+
+
+def _store(text: str) -> str:
+    if text == MEMORY_STORE or (
+            text.startswith(SQLITE_STORE) and text[len(SQLITE_STORE):].strip()):
+        return text
+    raise ValueError(f'must be "memory" or "sqlite:PATH", got {show(text)}')
 
 
 def _dns_server(text: str) -> tuple[str, int]:
@@ -252,7 +265,8 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class RegistrarConfig:
-    """``[registrar]``: expiry limits for REGISTER (seconds); the store is in memory."""
+    """``[registrar]``: expiry limits for REGISTER (seconds), and where state that must
+    survive a restart is kept."""
 
     min_expires: int = setting(60, min=0, doc="Shortest Expires accepted (423 below it).")
     max_expires: int = setting(3600, min=0, doc="Longest Expires granted.")
@@ -261,6 +275,11 @@ class RegistrarConfig:
         10, min=1, max=1000,
         doc="Bindings one address-of-record may have; a REGISTER that would make more gets"
             " 403 Too Many Registered Contacts (refreshes and removals always pass).")
+    store: str = setting(
+        MEMORY_STORE, parse=_store,
+        doc='"memory": bindings, nat registration tokens and bans are lost on restart;'
+            ' "sqlite:PATH": kept in that SQLite file (created if missing) and restored at'
+            ' start.')
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,7 +380,7 @@ CASES = [
     (
         "[registrar]\nexpires = 1",
         "registrar.expires: unknown key (expected one of: default_expires, max_contacts,"
-        " max_expires, min_expires)",
+        " max_expires, min_expires, store)",
     ),
     ("[registrar]\nmax_contacts = 0",
      "registrar.max_contacts: must be an integer from 1 to 1000, got 0"),

@@ -41,6 +41,11 @@ that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Bo
 (``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
 per minute.
 
+With a durable ``[registrar] store`` (``core.state``) a registration's token survives a
+restart: it is saved when the registrar's 2xx grants it (and forgotten when it expires or the
+REGISTER removed it), and taken back when the plugin starts, so the provider's calls to it
+reach the phone without a new REGISTER. Tokens of calls are not kept.
+
 Topology hiding (``hide_topology``, on by default in firewall mode): no inside address or
 inside host name (``inside_domains``) in any other byte either: Call-ID, From, To, Refer-To,
 Referred-By, Replaces, every other header and every non-SDP body part are mapped, or removed
@@ -70,7 +75,7 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
+from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore, IStateStore, SavedToken
 from sipproxy.location import ILocationListener
 from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
@@ -138,10 +143,12 @@ class ContactMap:
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
         on_evict: Callable[[ContactMapping], None] | None = None,
+        on_expire: Callable[[ContactMapping], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_mappings = max_mappings
         self.on_evict = on_evict
+        self.on_expire = on_expire
         self._by_token: dict[str, ContactMapping] = {}
         self._by_contact: dict[tuple[str, Target], str] = {}
         # tokens that may be evicted (not a registration's), least recently used first
@@ -191,6 +198,20 @@ class ContactMap:
         self._evictable.pop(token, None)
         return mapping
 
+    def restore(self, token: str, contact: str, target: Target, expires_at: float) -> bool:
+        """Put back a registration's mapping from before a restart; False (nothing changed)
+        when the table is full or knows the token or the Contact and address already."""
+        if len(self._by_token) >= self.max_mappings or token in self._by_token or \
+                (contact, target) in self._by_contact:
+            return False
+        self._by_token[token] = ContactMapping(token, contact, target, expires_at, True)
+        self._by_contact[(contact, target)] = token
+        return True
+
+    def get(self, token: str) -> ContactMapping | None:
+        """The mapping of ``token``, expired or not, without counting it as used."""
+        return self._by_token.get(token)
+
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
@@ -206,9 +227,11 @@ class ContactMap:
 
     def purge(self) -> int:
         now = self.clock.seconds()
-        gone = [m.token for m in self._by_token.values() if m.expires_at < now]
-        for token in gone:
-            self._forget(token)
+        gone = [m for m in self._by_token.values() if m.expires_at < now]
+        for mapping in gone:
+            self._forget(mapping.token)
+            if self.on_expire is not None:
+                self.on_expire(mapping)
         return len(gone)
 
 
@@ -252,7 +275,9 @@ class NatPlugin(Plugin, Service):
         self.refusals = RefusalLog(self.clock, _log)
         #: evictions and refusals because the token table is full ("nat.evicted", "nat.full")
         self.counters = self.refusals.counters
-        self.contacts = ContactMap(self.clock, max_mappings, self._evicted)
+        self.contacts = ContactMap(self.clock, max_mappings, self._evicted, self._expired)
+        #: where registration tokens are saved to survive a restart (a durable core.state)
+        self.state: IStateStore | None = None
         self._requester = "?"  # the source whose message needs a mapping now (for the log)
         self.watched: dict[tuple[str, str], _Watched] = {}
         self._purge: LoopingCall | None = None
@@ -275,6 +300,7 @@ class NatPlugin(Plugin, Service):
     # -- service -------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
+        self._restore_tokens()
         self._purge = LoopingCall(self.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
@@ -296,6 +322,36 @@ class NatPlugin(Plugin, Service):
         self.contacts.purge()
         if self.topology is not None:
             self.topology.purge()
+
+    # -- registration tokens that survive a restart ([registrar] store) ------------------------
+    def _restore_tokens(self) -> None:
+        """Take back the registrations' tokens the provider still has on file (the phones are
+        reached by them without a new REGISTER), and save them from now on."""
+        state = self.core.state
+        if not state.durable:
+            return
+        restored = sum(
+            self.contacts.restore(saved.token, saved.contact, saved.target, saved.expires_at)
+            for saved in state.saved_tokens(self.clock.seconds()))
+        if restored:
+            _log.info("nat: {count} registration tokens restored", count=restored)
+        self.state = state
+
+    def _save_token(self, token: str) -> None:
+        """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
+        state = self.state
+        mapping = self.contacts.get(token)
+        if state is None or mapping is None or not mapping.registration:
+            return
+        if mapping.expires_at > self.clock.seconds():
+            state.save_token(
+                SavedToken(mapping.token, mapping.contact, mapping.target, mapping.expires_at))
+        else:
+            state.delete_token(mapping.token)
+
+    def _expired(self, mapping: ContactMapping) -> None:
+        if self.state is not None and mapping.registration:
+            self.state.delete_token(mapping.token)
 
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
@@ -517,6 +573,8 @@ class NatPlugin(Plugin, Service):
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
                 self._refresh_register_tokens(response)
+                if self.state is not None:
+                    self._refresh_register_tokens(branch.request, removed_only=True)
                 self._restore_register_contacts(response)
             return None
         if "contact" not in response.headers:
@@ -553,20 +611,32 @@ class NatPlugin(Plugin, Service):
                 return listener
         return side[0] if side else None
 
-    def _refresh_register_tokens(self, response: Response) -> None:
+    def _refresh_register_tokens(self, message: Request | Response,
+                                 removed_only: bool = False) -> None:
+        """After a REGISTER's 2xx: each token's mapping lives as long as the registrar keeps
+        its binding (the 2xx's expires). With a durable store also: one the REGISTER removed
+        goes now (``message`` is then the REGISTER we forwarded, ``removed_only``: a registrar
+        lists only the bindings that remain), and each is saved or forgotten there."""
         try:
-            contacts = response.contacts
+            contacts = message.contacts
         except ParseError:
             return
-        default = response.headers.get("expires")
+        default = message.headers.get("expires")
         for contact in contacts:
-            user = contact.uri.user
+            user = contact.uri.user if contact.uri.is_sip else None
             if not user or not user.startswith(TOKEN_PREFIX):
                 continue
             expires = contact.get_param("expires") or default
-            if expires is not None and expires.strip().isdigit():
+            if expires is None or not expires.strip().isdigit():
+                seconds = None
+            else:
                 seconds = int(expires.strip())
+            if removed_only and seconds != 0:
+                continue
+            if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+            if self.state is not None:
+                self._save_token(user)
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
