@@ -20,7 +20,7 @@ Response hooks may return ``None`` (go on) or :data:`DROP` (the response goes no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -29,6 +29,7 @@ from zope.interface import Attribute, Interface
 from sipproxy.context import Branch, RequestContext, Target
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
     from twisted.internet.defer import Deferred
 
     from sipproxy.config import Config, Section
@@ -58,6 +59,7 @@ __all__ = [
     "IProxyCore",
     "IProxyPlugin",
     "IStateStore",
+    "IStatusProvider",
     "RequestContext",
     "SavedBan",
     "SavedToken",
@@ -271,6 +273,31 @@ class ICredentialStore(Interface):
         """HA1 = H(username:realm:password) in hex for ``algorithm`` ("MD5" or "SHA-256"),
         or None when the user (or that algorithm's secret) is unknown; or a Deferred firing
         with either. Must not block the reactor."""
+
+
+class IStatusProvider(Interface):
+    """What a plugin shows on the admin listener (``[admin]``): its metrics on ``/metrics``
+    and a section of its own in ``/api/status`` (and on the status page). Both are called at
+    scrape or request time, on the reactor thread: read the plugin's live state there (a
+    dict's length, a ``Counter``), rather than counting on the hot path, and return quickly.
+
+    The proxy asks every enabled plugin that provides this interface; a plugin that raises is
+    logged and left out of that answer (the rest of the page and metrics still work).
+    """
+
+    def metrics() -> Iterable[Metric]:
+        """The plugin's metric families, built fresh on each call (``prometheus_client``'s
+        ``CounterMetricFamily``, ``GaugeMetricFamily`` ...), named ``sipproxy_<plugin>_...``
+        in Prometheus conventions (``_total`` for counters, units in the name)."""
+
+    def status() -> Mapping[str, Any] | None:
+        """The plugin's section of ``/api/status``: a JSON-able mapping (``None``: nothing to
+        show), shown under the plugin's entry in ``plugins``. Two keys are taken out of it and
+        merged into the core's lists (see :mod:`sipproxy.admin.status` for their shape):
+        ``"registrations"``, a list of registrations the plugin knows of (e.g. the ``nat``
+        plugin's phones registered at the provider through the proxy), and ``"media"``, a
+        mapping of Call-ID to the list of per-direction media entries of that call (the
+        ``media`` plugin)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -143,6 +143,10 @@ def _build(config: Config, reactor: Any) -> SipProxyService:
     _RestoreBindings(location, state).setServiceParent(top)
     transports.setServiceParent(top)
     _ProxyLifecycle(proxy).setServiceParent(top)
+    if config.admin.enabled:
+        from sipproxy.admin.service import AdminService  # twisted.web, prometheus_client
+
+        AdminService(proxy, config.admin, reactor).setServiceParent(top)
     return top
 
 

@@ -61,10 +61,12 @@ import functools
 import ipaddress
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -75,13 +77,20 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore, IStateStore, SavedToken
+from sipproxy.interfaces import (
+    DROP,
+    IPluginFactory,
+    IProxyCore,
+    IStateStore,
+    IStatusProvider,
+    SavedToken,
+)
 from sipproxy.location import ILocationListener
 from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
 from sipproxy.plugins.topology import HiddenCallId, Hiding, TopologyHider
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
-from sipproxy.refusals import RefusalLog
+from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, ip_address, network, read_section, setting
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
@@ -103,6 +112,11 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
+    #: for a REGISTER: its address-of-record, the token URI the registrar got, and until when
+    #: the registrar's last 2xx granted it (the admin status page shows these)
+    aor: str = ""
+    public_contact: str = ""
+    registered_until: float = 0.0
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -198,6 +212,10 @@ class ContactMap:
         self._evictable.pop(token, None)
         return mapping
 
+    def mappings(self) -> list[ContactMapping]:
+        """Every mapping held now (expired ones until the next purge)."""
+        return list(self._by_token.values())
+
     def restore(self, token: str, contact: str, target: Target, expires_at: float) -> bool:
         """Put back a registration's mapping from before a restart; False (nothing changed)
         when the table is full or knows the token or the Contact and address already."""
@@ -244,7 +262,7 @@ class _Watched:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(ILocationListener)
+@implementer(ILocationListener, IStatusProvider)
 class NatPlugin(Plugin, Service):
     """The ``nat`` plugin (see the module docstring)."""
 
@@ -550,6 +568,9 @@ class NatPlugin(Plugin, Service):
             mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
+            if registration:
+                mapping.aor = message.to.uri.aor()
+                mapping.public_contact = str(new_uri)
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
         message.set_contacts(changed)
 
@@ -635,6 +656,9 @@ class NatPlugin(Plugin, Service):
                 continue
             if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+                mapping = self.contacts.get(user)
+                if mapping is not None:
+                    mapping.registered_until = self.clock.seconds() + seconds
             if self.state is not None:
                 self._save_token(user)
 
@@ -774,6 +798,36 @@ class NatPlugin(Plugin, Service):
         except ParseError:
             return None
         return mapping.contact if mapping is not None else None
+
+    # -- IStatusProvider -----------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Mappings held (registrations' and calls'), phones kept alive, refusals."""
+        mappings = GaugeMetricFamily("sipproxy_nat_mappings", "Contact tokens held, by what"
+                                     " they were made for.", labels=["kind"])
+        held = self.contacts.mappings()
+        registrations = sum(1 for m in held if m.registration)
+        mappings.add_metric(["registration"], registrations)
+        mappings.add_metric(["call"], len(held) - registrations)
+        watched = GaugeMetricFamily("sipproxy_nat_keepalive_bindings", "NATed bindings kept"
+                                    " alive with keepalive requests.")
+        watched.add_metric([], len(self.watched))
+        return [mappings, watched, refusal_metrics(self.name, self.counters)]
+
+    def status(self) -> Mapping[str, Any]:
+        """Counts, and the phones registered at the provider through us (firewall mode: those
+        the provider's last 2xx to their REGISTER still covers)."""
+        now = self.clock.seconds()
+        held = self.contacts.mappings()
+        registrations = [{
+            "aor": m.aor,
+            "contact": m.public_contact,
+            "source": f"{format_host(m.target.host)}:{m.target.port}",
+            "transport": m.target.transport.lower(),
+            "expires_in": int(m.registered_until - now),
+            "user_agent": None,
+        } for m in held if m.registration and m.aor and m.registered_until > now]
+        return {"mappings": len(held), "keepalive_bindings": len(self.watched),
+                "refusals": dict(self.counters), "registrations": registrations}
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------
     def binding_added(self, binding: Any, previous: Any) -> None:
