@@ -371,19 +371,20 @@ class MediaPlugin(Plugin, MultiService):
             return None
         request: Request = ctx.request
         status = response.status
-        call = self.calls.get(response.call_id)
+        call_id = request.call_id  # the response's, unless the nat plugin mapped it already
+        call = self.calls.get(call_id)
         if status >= 300:
             if call is not None:
                 call.pending = None  # the offer was rejected
                 if method == "INVITE" and not request.to.tag and not call.established:
-                    self.end(response.call_id, f"INVITE failed with {status}")
+                    self.end(call_id, f"INVITE failed with {status}")
             return None
         if response.source is None or not has_sdp(response):
             if call is not None and method == "INVITE" and 200 <= status < 300:
                 self._established(call, ctx)
             return None
         if call is None:
-            call = self._call(response.call_id)
+            call = self._call(call_id)
         if method == "INVITE" and 200 <= status < 300:
             self._established(call, ctx)
         source = response.source
@@ -400,7 +401,7 @@ class MediaPlugin(Plugin, MultiService):
         def failed(failure: Failure) -> Any:
             _log.warn("media relay refused the SDP of {status} to {method} of {call_id}: "
                       "{reason}; not forwarded", status=status, method=method,
-                      call_id=response.call_id, reason=failure.getErrorMessage())
+                      call_id=call_id, reason=failure.getErrorMessage())
             if not failure.check(NGError):
                 _log.failure("media plugin", failure)
             return DROP

@@ -46,6 +46,12 @@ restart: it is saved when the registrar's 2xx grants it (and forgotten when it e
 REGISTER removed it), and taken back when the plugin starts, so the provider's calls to it
 reach the phone without a new REGISTER. Tokens of calls are not kept.
 
+Topology hiding (``hide_topology``, on by default in firewall mode): no inside address or
+inside host name (``inside_domains``) in any other byte either: Call-ID, From, To, Refer-To,
+Referred-By, Replaces, every other header and every non-SDP body part are mapped, or removed
+when they cannot be (:mod:`sipproxy.plugins.topology` says which), and mapped back on the way
+in.
+
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
 
@@ -80,8 +86,9 @@ from sipproxy.interfaces import (
     SavedToken,
 )
 from sipproxy.location import ILocationListener
-from sipproxy.message import Request, Response, new_branch, new_tag
+from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.plugins.topology import HiddenCallId, Hiding, TopologyHider
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
 from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, ip_address, network, read_section, setting
@@ -271,6 +278,9 @@ class NatPlugin(Plugin, Service):
         keepalive_failures: int = 3,
         keepalive_method: str = "OPTIONS",
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
+        hide_topology: bool | None = None,
+        inside_domains: Iterable[str] = (),
+        strip_user_agent: bool = False,
     ) -> None:
         self.core = core
         self.clock: IReactorTime = core.clock
@@ -294,6 +304,12 @@ class NatPlugin(Plugin, Service):
         #: firewall mode (listeners of both sides): the network tells inside from outside;
         #: on a public proxy everything is routed outside, and inside_networks alone decides
         self._two_sided = {lst.side for lst in core.listeners} >= {"inside", "outside"}
+        if hide_topology is None:
+            hide_topology = self._two_sided
+        #: firewall mode's topology hiding (None: off)
+        self.topology = TopologyHider(
+            self.clock, self._inside_address, inside_domains, mapping_ttl, max_mappings,
+            strip_user_agent) if hide_topology else None
         if external_address:
             for listener in core.listeners:
                 if listener.side == "outside":
@@ -303,7 +319,7 @@ class NatPlugin(Plugin, Service):
     def startService(self) -> None:
         super().startService()
         self._restore_tokens()
-        self._purge = LoopingCall(self.contacts.purge)
+        self._purge = LoopingCall(self.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
         self.core.location.add_listener(self)
@@ -318,6 +334,12 @@ class NatPlugin(Plugin, Service):
             if loop is not None and loop.running:
                 loop.stop()
         self.core.location.remove_listener(self)
+
+    def purge(self) -> None:
+        """Forget the expired mappings."""
+        self.contacts.purge()
+        if self.topology is not None:
+            self.topology.purge()
 
     # -- registration tokens that survive a restart ([registrar] store) ------------------------
     def _restore_tokens(self) -> None:
@@ -364,6 +386,11 @@ class NatPlugin(Plugin, Service):
         side = self.core.routed_side(host) if self._two_sided else None
         return side == "inside" if side is not None else self.is_inside(host)
 
+    def _inside_address(self, address: str) -> bool:
+        """For topology hiding: an address found in a message is an inside one when it faces
+        the inside (our own outside address on a private network does not)."""
+        return self.faces_inside(address) and self.is_inside(address)
+
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
         else's NAT, e.g. a home office, when ``inside_networks`` names only our LAN)."""
@@ -401,6 +428,8 @@ class NatPlugin(Plugin, Service):
     # -- requests ------------------------------------------------------------------------------
     def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
+        if self.topology is not None and self._side_of_source(request) == "outside":
+            self._reveal_request(ctx)
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
                 self.core.is_local_domain(uri.host):
@@ -472,6 +501,8 @@ class NatPlugin(Plugin, Service):
                     response = request.make_response(503, "Too Many NAT Mappings")
                     response.headers.add("Retry-After", str(FULL_RETRY_AFTER))
                     return response
+        if self.topology is not None and out_side == "outside":
+            self._hide_request(ctx, branch, from_inside)
         return None
 
     def _evicted(self, mapping: ContactMapping) -> None:
@@ -551,6 +582,10 @@ class NatPlugin(Plugin, Service):
         request: Request = ctx.request
         to_side = self._side_of_source(request)
         from_side = branch.listener.side if branch.listener is not None else ""
+        if self.topology is not None and from_side == "outside":
+            self._reveal(response)
+            if "nat_call_id" in branch.data:  # also when its mapping was forgotten meanwhile
+                self._set_call_id(response, request.call_id)
         removed = branch.data.get("nat_rr")
         if removed:
             # our inside-facing entry goes back below our outside one
@@ -663,7 +698,106 @@ class NatPlugin(Plugin, Service):
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
+            requester = self._target_of(ctx.request)
+            if self.topology is not None and requester is not None:
+                outside = ctx.data.get("nat_call_id")
+                entry = None
+                if outside is not None:
+                    self._set_call_id(response, outside)
+                    entry = self.topology.reveal(outside)
+                via = self.core.make_via(requester)
+                listener = self._listener_of(ctx.request)
+                port = via.port or (listener.port if listener is not None else 5060)
+                self.topology.hide_message(
+                    response, Hiding(via.host, self._tokenizer(via.host, port), entry))
         return None
+
+    def dialog_ended(self, dialog: Any, reason: str) -> None:
+        if self.topology is not None:
+            self.topology.dialog_ended(dialog.call_id)
+
+    # -- topology hiding -----------------------------------------------------------------------
+    def _reveal_request(self, ctx: RequestContext) -> None:
+        """A request from the outside: an outside Call-ID of ours (an in-dialog request, a
+        NOTIFY...) becomes the inside one again (the dialog is the inside one's), and the
+        other mapped fields their inside values. The context gets a copy: the transaction
+        keeps the request as it came, so what it answers itself (100 Trying, retransmissions)
+        carries the outside Call-ID."""
+        assert self.topology is not None
+        request: Request = ctx.request
+        outside = request.call_id
+        if self.topology.reveal(outside.strip()) is not None:
+            ctx.request = request = request.copy()
+        entry = self._reveal(request)
+        if entry is None:
+            return
+        ctx.data["nat_call_id"] = outside
+        to_tag = request.to.tag
+        if to_tag:
+            ctx.dialog = self.core.dialogs.find(entry.inside, request.from_.tag, to_tag)
+
+    def _reveal(self, message: Message) -> HiddenCallId | None:
+        """Map what comes from the outside back; the Call-ID's entry (None: not ours)."""
+        assert self.topology is not None
+        return self.topology.reveal_message(message, self._untokenize)
+
+    def _hide_request(self, ctx: RequestContext, branch: Branch, from_inside: bool) -> None:
+        """A request leaving on the outside: its Call-ID hidden when an inside phone made
+        it (a new request from the inside, or a dialog an inside phone started), the rest
+        as :meth:`TopologyHider.hide_message` does."""
+        assert self.topology is not None
+        out: Request = branch.request
+        request: Request = ctx.request
+        outside = ctx.data.get("nat_call_id")
+        entry = None
+        if outside is not None:
+            self._set_call_id(out, outside)
+            entry = self.topology.reveal(outside)
+        elif from_inside:
+            call_id = request.call_id
+            dialog = ctx.dialog
+            if not request.to.tag or self.topology.should_hide(call_id) or (
+                    dialog is not None and dialog.caller_side == "inside"):
+                entry = self.topology.hide_call_id(call_id, self._ttl_of(out))
+                self._set_call_id(out, self.topology.outside_call_id(call_id))
+                branch.data["nat_call_id"] = True
+        via = out.top_via
+        if via is not None and branch.listener is not None:
+            self.topology.hide_message(out, Hiding(via.host, self._tokenizer(
+                via.host, via.port or branch.listener.port), entry))
+
+    @staticmethod
+    def _set_call_id(message: Message, call_id: str) -> None:
+        if message.call_id != call_id:
+            message.headers.set("Call-ID", call_id)
+
+    def _tokenizer(self, host: str, port: int) -> Callable[[str], str | None]:
+        """For Refer-To/Referred-By: a token URI at our ``host:port`` for an inside URI (an
+        INVITE to it reaches that URI's host, as one to a Contact's token does)."""
+
+        def tokenize(uri_text: str) -> str | None:
+            try:
+                uri = parse_uri(uri_text)
+            except ParseError:
+                return None
+            if not uri.is_sip:
+                return None
+            transport = (uri.get_param("transport") or "udp").upper()
+            target = Target(transport, uri.host, uri.port or 5060, uri.host)
+            try:
+                mapping = self.contacts.token_for(uri_text, target, self.mapping_ttl)
+            except ContactMapFull:
+                return None
+            return f"sip:{mapping.token}@{format_host(host)}:{port}"
+
+        return tokenize
+
+    def _untokenize(self, uri_text: str) -> str | None:
+        try:
+            mapping = self._own_mapping(parse_uri(uri_text))
+        except ParseError:
+            return None
+        return mapping.contact if mapping is not None else None
 
     # -- IStatusProvider -----------------------------------------------------------------------
     def metrics(self) -> Iterable[Metric]:
@@ -751,6 +885,14 @@ class NatPlugin(Plugin, Service):
                                       reason="expired")
 
 
+def _domain_name(text: str) -> str:
+    name = text.strip().strip(".").lower()
+    if not name or not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+                            for label in name.split(".")):
+        raise ValueError(f"must be a domain name, got {text!r}")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class NatSettings:
     """``[nat]``: which addresses are private, and how NATed phones are kept reachable."""
@@ -771,7 +913,17 @@ class NatSettings:
     keepalive_method: str = setting(
         "OPTIONS", choices=("OPTIONS", "NOTIFY"), doc="The keepalive request's method.")
     max_mappings: int = setting(
-        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000, doc="Contact mappings kept at most.")
+        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000,
+        doc="Contact mappings (and hidden Call-IDs) kept at most.")
+    hide_topology: bool | None = setting(
+        None, doc="No inside address or name in any header or body that leaves on the outside"
+                  " (default: on in firewall mode, with inside and outside listeners).")
+    inside_domains: tuple[str, ...] = setting(
+        (), parse=_domain_name,
+        doc="Host names at or under these domains are inside ones: hide_topology hides them"
+            " too.")
+    strip_user_agent: bool = setting(
+        False, doc="hide_topology also removes User-Agent and Server from what leaves.")
 
 
 @implementer(IPluginFactory)
@@ -792,6 +944,9 @@ class NatFactory:
             keepalive_failures=s.keepalive_failures,
             keepalive_method=s.keepalive_method,
             max_mappings=s.max_mappings,
+            hide_topology=s.hide_topology,
+            inside_domains=s.inside_domains,
+            strip_user_agent=s.strip_user_agent,
         )
 
 
