@@ -24,7 +24,14 @@ from sipproxy.plugins.nat import TOKEN_PREFIX, factory
 from sipproxy.plugins.topology import HIDDEN_PREFIX, Hiding, TopologyHider
 from sipproxy.testing import answer
 from tests.nat_site import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP
-from tests.test_nat import Net, make_net, phone_request, provider_request, register
+from tests.test_nat import (
+    Net,
+    call_phone,
+    make_net,
+    phone_request,
+    provider_request,
+    register,
+)
 
 NETWORKS = ("192.168.77.0/24", "fd00::/8")
 LAN = re.compile(rb"192\.168\.77\.\d+|fd00:|office\.lan", re.IGNORECASE)
@@ -534,14 +541,7 @@ def test_a_302_from_the_phone_names_a_token_for_the_other_phone_that_reaches_it(
     """A 3xx's Contact names whom to try next: its token leads to that Contact's own address
     (not to where the 302 came from); an outside Contact in a 3xx passes as it is."""
     net = leaky_net()
-    token = register(net)
-    net.new()
-    net.send(provider_request(
-        "INVITE", f"sip:{token}@{OUTSIDE}:5060", "z9hG4bKmv1", call_id="mv-1",
-        from_="<sip:carol@provider.example>;tag=c1", to="<sip:alice@provider.example>",
-        headers=(f"Contact: <sip:carol@{PROVIDER_IP}:5060>",),
-    ), PROVIDER)
-    [invite] = net.requests_to(PHONE.host, "INVITE", PHONE.port)
+    invite = call_phone(net, register(net))
     net.new()
     net.send(answer(invite, 302, "ph1", (f"Contact: <{PHONE2}>, <sip:bob@203.0.113.60>",)),
              PHONE)
@@ -551,7 +551,7 @@ def test_a_302_from_the_phone_names_a_token_for_the_other_phone_that_reaches_it(
     assert token_uri.startswith(f"sip:{TOKEN_PREFIX}") and f"@{OUTSIDE}:5060" in token_uri
     assert outside == "sip:bob@203.0.113.60"
     net.send(provider_request(
-        "INVITE", token_uri, "z9hG4bKmv2", call_id="mv-1", cseq=2,
+        "INVITE", token_uri, "z9hG4bKmv2", call_id=invite.call_id, cseq=2,
         from_="<sip:carol@provider.example>;tag=c1", to="<sip:alice@provider.example>",
     ), PROVIDER)
     [followed] = net.requests_to("192.168.77.11", "INVITE", 5060)

@@ -17,6 +17,7 @@ plugin the SDP. This module does the rest, header by header and body part by bod
 - Refer-To, Referred-By: a URI naming an inside host becomes a ``nat-`` token of the nat
   plugin's (as a Contact does; an INVITE to it reaches that host), back on the way in; a
   ``?Replaces=`` in Refer-To gets its Call-ID mapped as the Call-ID is. Replaces: the same.
+  A Request-URI naming an inside host becomes such a token too.
 - User-Agent, Server: pass, unless ``strip_user_agent`` (or they carry an inside address).
 - Any other header value carrying an inside address or name is removed (Warning, Call-Info,
   Error-Info, Alert-Info, P-Asserted-Identity, Reply-To, unknown headers...); a value of a list
@@ -25,7 +26,8 @@ plugin the SDP. This module does the rest, header by header and body part by bod
   ``uri``, which phones set to the Request-URI; a phone that puts the proxy's inside address
   there shows it).
 - Bodies: a plain SDP body passes (the media plugin's); ``message/sipfrag`` gets the header
-  mapping above (its request line's URI like Refer-To); any other body carrying an inside
+  mapping above (its request line's URI like Refer-To), both ways; a multipart ``boundary``
+  naming an inside address is replaced; any other body carrying an inside
   address is removed; a multipart body is checked part by part (sipfrag parts as above, other
   parts, SDP ones too, removed when they carry one: the media plugin relays only a plain SDP
   body).
