@@ -269,9 +269,8 @@ def test_unregister_with_star_passes_unchanged(net: Net) -> None:
 # ------------------------------------------------------------------------------------------------
 # 2. incoming call
 # ------------------------------------------------------------------------------------------------
-def incoming_call(net: Net) -> tuple[str, Request]:
-    """Provider calls the registered phone, which answers; returns (token, INVITE at phone)."""
-    token = register(net)
+def call_phone(net: Net, token: str) -> Request:
+    """The provider's INVITE to the registered phone's ``token``, as the phone got it."""
     net.new()
     net.send(provider_request(
         "INVITE", f"sip:{token}@{OUTSIDE}:5060", "z9hG4bKin1", call_id="in-1",
@@ -279,6 +278,13 @@ def incoming_call(net: Net) -> tuple[str, Request]:
         headers=(f"Contact: <sip:carol@{PROVIDER_IP}:5060>",),
     ), PROVIDER)
     [invite] = net.requests_to(PHONE.host, "INVITE", PHONE.port)  # where its packets come from
+    return invite
+
+
+def incoming_call(net: Net) -> tuple[str, Request]:
+    """Provider calls the registered phone, which answers; returns (token, INVITE at phone)."""
+    token = register(net)
+    invite = call_phone(net, token)
     assert net.requests_to(PHONE.host, "INVITE", 5060) == []
     assert str(invite.uri) == PHONE_CONTACT
     assert invite.headers.get_all("record-route") == [RR_INSIDE, RR_OUTSIDE]
