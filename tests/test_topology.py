@@ -23,8 +23,14 @@ from sipproxy.message import Request, Response, parse_message
 from sipproxy.plugins.nat import TOKEN_PREFIX, factory
 from sipproxy.plugins.topology import HIDDEN_PREFIX, Hiding, TopologyHider
 from sipproxy.testing import answer
-from tests.nat_site import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP
-from tests.test_nat import (
+from tests.nat_site import (
+    FIREWALL,
+    INSIDE,
+    OUTSIDE,
+    PHONE,
+    PHONE_VIA,
+    PROVIDER,
+    PROVIDER_IP,
     Net,
     call_phone,
     make_net,
