@@ -267,16 +267,21 @@ def test_an_unwritable_file_is_a_config_error(tmp_path: Path) -> None:
 def test_media_counters_per_direction_from_the_relays_statistics() -> None:
     """The relay's reply (as IMediaRelay.query describes it): what came from each party."""
 
-    def stream(packets: int, size: int) -> dict[str, Any]:
-        return {"local port": 30000, "stats": {"packets": packets, "bytes": size, "errors": 0}}
+    def stream(packets: int, size: int, component: str = "RTCP", **lost: int) -> dict[str, Any]:
+        counters = {"packets": packets, "bytes": size, "errors": 0}
+        return {"local port": 30000, "flags": [component],
+                "stats": counters | {k.replace("_", " "): v for k, v in lost.items()}}
 
     stats = {"tags": {
-        "a1": {"tag": "a1", "medias": [{"streams": [stream(500, 86000), stream(5, 400)]}]},
-        "b1": {"tag": "b1", "medias": [{"streams": [stream(490, 84280), stream(4, 320)]}]},
+        "a1": {"tag": "a1", "medias": [{"streams": [stream(500, 86000, "RTP", packets_lost=7),
+                                                    stream(5, 400)]}]},
+        "b1": {"tag": "b1", "medias": [{"streams": [stream(490, 84280, "RTP"),
+                                                    stream(4, 320)]}]},
     }}
+    # the callee's RTP stream has no loss count (the kernel forwarded it; or an NG relay): null
     assert media_counters(stats, "a1", "b1") == {
-        "caller_to_callee": {"packets": 505, "bytes": 86400},
-        "callee_to_caller": {"packets": 494, "bytes": 84600},
+        "caller_to_callee": {"packets": 505, "bytes": 86400, "lost": 7},
+        "callee_to_caller": {"packets": 494, "bytes": 84600, "lost": None},
     }
     assert media_counters({"tags": {}}, "a1", "b1") is None
 
@@ -311,6 +316,6 @@ def test_a_relayed_call_records_what_each_party_sent(tmp_path: Path) -> None:
     [record] = records(path)
     net.run_out()
     assert len(records(path)) == 1
-    assert record["media"] == {"caller_to_callee": {"packets": 3, "bytes": 3 * 162},
-                               "callee_to_caller": {"packets": 1, "bytes": 82}}
+    assert record["media"] == {"caller_to_callee": {"packets": 3, "bytes": 3 * 162, "lost": 0},
+                               "callee_to_caller": {"packets": 1, "bytes": 82, "lost": 0}}
     assert (record["hangup_by"], record["hangup_reason"]) == ("caller", "BYE")

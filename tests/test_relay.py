@@ -104,7 +104,8 @@ class CrossingTests(RelayTestCase):
         a_stream = stats["tags"]["A"]["medias"][0]["streams"][0]
         self.assertEqual(a_stream["endpoint"]["port"], a_real)
         self.assertEqual(a_stream["advertised endpoint"]["port"], 9)
-        self.assertEqual(a_stream["stats"], {"packets": 1, "bytes": len(rtp(1)), "errors": 0})
+        self.assertEqual(a_stream["stats"], {"packets": 1, "bytes": len(rtp(1)), "errors": 0,
+                                              "packets lost": 0})
         self.assertIn("confirmed", a_stream["flags"])
         self.assertEqual(stats["totals"]["RTP"]["packets"], 2)
         self.assertEqual(a_stream["last packet"], 0)  # the Clock's time

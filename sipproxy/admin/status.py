@@ -45,6 +45,10 @@ The contract of the JSON API (``sipproxy.admin.api``), each endpoint a ``GET`` r
         "media": "audio",                     # the m= line's type
         "packets": 1520,                      # relayed so far (userspace + kernel)
         "bytes": 261440,
+        "lost": 3,                            # RTP packets lost on the way to the relay (RFC
+                                              # 3550: expected by sequence number - received,
+                                              # >= 0); null: unknown (the kernel fast path
+                                              # forwarded some: it sees no sequence numbers)
         "path": "userspace",                  # "userspace" | "kernel" (nftables fast path)
         "last_packet_age": 0.02,              # seconds since the last packet; null: none yet
     }

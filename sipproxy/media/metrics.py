@@ -50,13 +50,21 @@ def relay_metrics(engine: RelayEngine) -> Iterator[Metric]:
     octets = CounterMetricFamily(
         "sipproxy_relay_bytes", "UDP payload bytes relayed, by interface (the direction) and"
         " path.", labels=["interface", "path"])
+    lost = CounterMetricFamily(
+        "sipproxy_relay_packets_lost", "RTP packets lost before they reached the relay (RFC"
+        " 3550: expected by sequence number minus received), by interface (the direction);"
+        " userspace path only: the kernel fast path does not see sequence numbers, so streams"
+        " it forwarded have no loss count.", labels=["interface", "path"])
     for interface in engine.interfaces:
         for path in PATHS:
-            n, size = totals.counts.get((interface, path), (0, 0))
+            n, size, n_lost = totals.counts.get((interface, path), (0, 0, 0))
             packets.add_metric([interface, path], n)
             octets.add_metric([interface, path], size)
+            if path == "userspace":
+                lost.add_metric([interface, path], n_lost)
     yield packets
     yield octets
+    yield lost
     used = GaugeMetricFamily("sipproxy_relay_ports_used", "UDP ports the relay holds open, by"
                              " interface.", labels=["interface"])
     free = GaugeMetricFamily("sipproxy_relay_ports_free", "Ports of the range still free, by"

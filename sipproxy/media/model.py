@@ -35,9 +35,14 @@ if TYPE_CHECKING:
     from sipproxy.media.engine import RelayEngine
     from sipproxy.media.offload import StreamOffload
 
-__all__ = ["Call", "Component", "MediaLeg", "Monologue", "PacketStream", "StreamTotals"]
+__all__ = ["MAX_JUMP", "Call", "Component", "MediaLeg", "Monologue", "PacketStream", "StreamTotals"]
 
 Component = Literal["RTP", "RTCP"]
+
+#: A sequence number further than this from the highest one so far starts a new run (the
+#: sender restarted), as RFC 3550 A.1's ``MAX_DROPOUT`` (:meth:`PacketStream.received` has it
+#: inline, with ``2**16 - MAX_JUMP``: a global costs a lookup per packet).
+MAX_JUMP = 3000
 
 
 def _family(address: str) -> str:
@@ -66,10 +71,14 @@ class PacketStream:
         "learned",
         "leg",
         "local_port",
+        "lost_before",
         "no_kernel",
         "offload",
         "packets",
         "port",
+        "seq_base",
+        "seq_max",
+        "seq_received",
     )
 
     def __init__(
@@ -94,6 +103,13 @@ class PacketStream:
         self.offload: StreamOffload | None = None
         #: the kernel path failed or was abandoned for this stream: userspace for good
         self.no_kernel = False
+        #: RTP loss (RFC 3550 A.1): the first and the highest extended sequence number of this
+        #: run (-1: no RTP packet yet), the RTP packets received in it, and what earlier runs
+        #: (before a restart: a jump of more than :data:`MAX_JUMP`) lost
+        self.seq_base = -1
+        self.seq_max = -1
+        self.seq_received = 0
+        self.lost_before = 0
         # per packet: the engine's clock and the socket itself, not Twisted's Port.write
         # (whose address checks cost as much as the forwarding)
         self._now = leg.monologue.call.engine.clock.seconds
@@ -140,10 +156,21 @@ class PacketStream:
         self.packets += 1
         self.bytes += len(data)
         self.last_packet = self._now()
+        is_rtcp = self.component == "RTCP" or (len(data) > 1 and 192 <= data[1] <= 223)
+        if not is_rtcp and len(data) > 11:
+            # RTP loss (see :attr:`lost`), inline: the relay's per-packet cost matters.
+            # delta: how far ahead of the highest sequence number so far (mod 2**16)
+            top = self.seq_max
+            delta = (((data[2] << 8) | data[3]) - top) & 0xFFFF
+            if top < 0 or 3000 < delta < 62536:  # the first, or a jump > MAX_JUMP: restart
+                self._restart((data[2] << 8) | data[3])
+            else:
+                self.seq_received += 1
+                if delta <= 3000:  # ahead (wrapping too); else late or a duplicate
+                    self.seq_max = top + delta
         peer = leg.peer()
         if peer is None:
             return
-        is_rtcp = self.component == "RTCP" or (len(data) > 1 and 192 <= data[1] <= 223)
         out = peer.rtcp if is_rtcp and not peer.rtcp_mux else peer.rtp
         dest = out.endpoint
         if dest is None:
@@ -152,6 +179,28 @@ class PacketStream:
             out._sendto(data, dest)
         except OSError:
             out.errors += 1
+
+    def _restart(self, seq: int) -> None:
+        """The first RTP packet, or the sender restarted: a new run from ``seq``; what the
+        runs before lost stays counted."""
+        self.lost_before = self.lost
+        self.seq_base = self.seq_max = seq
+        self.seq_received = 1
+
+    @property
+    def lost(self) -> int:
+        """RTP packets lost before they got here (RFC 3550 A.3: expected minus received, never
+        negative; late and duplicated packets count as received): as the userspace path saw
+        them, so meaningful only while the kernel forwarded none (see :meth:`lost_known`)."""
+        if self.seq_max < 0:
+            return self.lost_before
+        return self.lost_before + max(
+            0, self.seq_max - self.seq_base + 1 - self.seq_received)
+
+    def lost_known(self) -> int | None:
+        """:attr:`lost`, or None when the kernel fast path forwarded some of the packets (it
+        does not look at sequence numbers)."""
+        return None if self.kernel_packets else self.lost
 
     def stats(self) -> dict[str, int]:
         """Userspace and kernel together."""
@@ -173,6 +222,8 @@ class PacketStream:
         if self.last_packet is not None:
             out["last packet"] = int(self.last_packet)
         out["stats"] = self.stats()
+        if self.component == "RTP" and (lost := self.lost_known()) is not None:
+            out["stats"]["packets lost"] = lost  # absent: unknown (the kernel forwarded)
         out["userspace stats"] = {"packets": self.packets, "bytes": self.bytes}
         out["kernel stats"] = {"packets": self.kernel_packets, "bytes": self.kernel_bytes}
         return out
@@ -392,6 +443,7 @@ class Call:
                     "media": leg.type,
                     "packets": rtp.packets + rtp.kernel_packets,
                     "bytes": rtp.bytes + rtp.kernel_bytes,
+                    "lost": rtp.lost_known(),
                     "path": "kernel" if kernel else "userspace",
                     "last_packet_age": None if rtp.last_packet is None
                     else round(max(0.0, now - rtp.last_packet), 3),
@@ -414,13 +466,16 @@ class Call:
 
 
 class StreamTotals:
-    """Packets and bytes relayed, summed by (interface name, path): the interface is the side
-    of the party that sent them, the path ``"userspace"`` or ``"kernel"``. The engine keeps
-    the totals of the calls that ended; the metrics add the live calls' counts to a copy."""
+    """Packets, bytes and RTP packets lost, summed by (interface name, path): the interface is
+    the side of the party that sent them, the path ``"userspace"`` or ``"kernel"``. Lost counts
+    only under ``"userspace"``, for the streams the kernel forwarded nothing of (it does not see
+    sequence numbers). The engine keeps the totals of the calls that ended; the metrics add the
+    live calls' counts to a copy."""
 
     __slots__ = ("counts",)
 
     def __init__(self) -> None:
+        #: [packets, bytes, lost] by (interface, path)
         self.counts: dict[tuple[str, str], list[int]] = {}
 
     def copy(self) -> StreamTotals:
@@ -434,11 +489,13 @@ class StreamTotals:
         for leg in call.legs():
             interface = leg.monologue.interface.name
             for stream in leg.streams:
-                self._add((interface, "userspace"), stream.packets, stream.bytes)
-                self._add((interface, "kernel"), stream.kernel_packets, stream.kernel_bytes)
+                lost = stream.lost_known() or 0
+                self._add((interface, "userspace"), stream.packets, stream.bytes, lost)
+                self._add((interface, "kernel"), stream.kernel_packets, stream.kernel_bytes, 0)
 
-    def _add(self, key: tuple[str, str], packets: int, size: int) -> None:
+    def _add(self, key: tuple[str, str], packets: int, size: int, lost: int) -> None:
         if packets or size:
-            counts = self.counts.setdefault(key, [0, 0])
+            counts = self.counts.setdefault(key, [0, 0, 0])
             counts[0] += packets
             counts[1] += size
+            counts[2] += lost

@@ -8,8 +8,8 @@ not. When it ends, the ``cdr`` plugin appends one line of JSON to ``[cdr] file``
      "start": "2026-12-05T17:20:01.120Z", "answer": "2026-12-05T17:20:04.310Z",
      "end": "2026-12-05T17:21:10.002Z", "duration": 65.692, "code": 200,
      "hangup_by": "callee", "hangup_reason": "BYE",
-     "media": {"caller_to_callee": {"packets": 3284, "bytes": 564848},
-               "callee_to_caller": {"packets": 3281, "bytes": 564332}}}
+     "media": {"caller_to_callee": {"packets": 3284, "bytes": 564848, "lost": 0},
+               "callee_to_caller": {"packets": 3281, "bytes": 564332, "lost": 2}}}
 
 - ``call_id_inside``/``call_id_outside``: the Call-ID on the messages of that side of the
   proxy: the caller's as its INVITE carried it, the callee's as its responses carried it;
@@ -25,7 +25,9 @@ not. When it ends, the ``cdr`` plugin appends one line of JSON to ``[cdr] file``
   relay ended it for silent media), ``proxy``/``shutdown``, ``proxy``/``"403 Relaying
   denied"`` (an answer of the proxy or of a plugin).
 - ``media``: when the ``media`` plugin relayed the answered call, the relay's final counters per
-  direction (what it received from each party and sent on); ``null`` otherwise (also when the
+  direction (what it received from each party and sent on, and ``lost``: RTP packets lost on
+  the way to it by sequence number, ``null`` where unknown: an NG relay that does not say, or
+  the built-in relay's kernel fast path forwarded them); ``null`` otherwise (also when the
   relay ended the call by itself: its counters went with it).
 
 Writing is one small append (and flush) per call on the reactor thread: that is short enough
@@ -100,7 +102,7 @@ class CallRecord:
     bye_from: str | None = None
     #: dialogs the attempt set up that have not ended yet
     dialogs: int = 0
-    media: dict[str, dict[str, int]] | None = None
+    media: dict[str, dict[str, int | None]] | None = None
     written: bool = False
 
     def as_json(self) -> str:
@@ -124,22 +126,29 @@ class CallRecord:
 
 
 def media_counters(stats: dict[str, Any], caller_tag: str,
-                   callee_tag: str) -> dict[str, dict[str, int]] | None:
+                   callee_tag: str) -> dict[str, dict[str, int | None]] | None:
     """The relay's counters (its ``query`` reply) per direction: what it received from each
-    party's streams (RTP and RTCP) and sent on. None when the reply names neither party."""
+    party's streams (RTP and RTCP) and sent on, and the RTP packets lost on the way to it
+    (``lost``: the streams' ``packets lost``, which the built-in relay gives where it counted
+    them; None when an RTP stream has none). None when the reply names neither party."""
     tags = stats.get("tags")
     if not isinstance(tags, dict) or (caller_tag not in tags and callee_tag not in tags):
         return None
 
-    def received_from(tag: str) -> dict[str, int]:
-        total = {"packets": 0, "bytes": 0}
+    def received_from(tag: str) -> dict[str, int | None]:
+        packets = size = lost = 0
+        known = unknown = False
         party = tags.get(tag)
         for media in party.get("medias", []) if isinstance(party, dict) else []:
             for stream in media.get("streams", []):
                 counters = stream.get("stats", {})
-                for key in total:
-                    total[key] += int(counters.get(key, 0))
-        return total
+                packets += int(counters.get("packets", 0))
+                size += int(counters.get("bytes", 0))
+                if "RTCP" not in stream.get("flags", ()):
+                    n = counters.get("packets lost")
+                    known, unknown = known or n is not None, unknown or n is None
+                    lost += int(n or 0)
+        return {"packets": packets, "bytes": size, "lost": lost if known and not unknown else None}
 
     return {"caller_to_callee": received_from(caller_tag),
             "callee_to_caller": received_from(callee_tag)}

@@ -128,7 +128,8 @@ def test_the_admin_api_shows_the_media_of_a_call_while_it_flows(
         media_net: NatNet, tmp_path: Path) -> None:
     """While the phone plays its 8 s and the provider echoes them, ``/api/calls`` has the call
     with both directions' packets rising through the built-in relay; after the BYE the call is
-    gone and ``/metrics`` has counted the packets by the sender's interface."""
+    gone and ``/metrics`` has counted the packets by the sender's interface; no RTP packet was
+    lost either way (by sequence number)."""
     net = media_net
     config = media_config("builtin")
     config["admin"] = {"address": "127.0.0.1", "port": 8081}
@@ -159,16 +160,21 @@ def test_the_admin_api_shows_the_media_of_a_call_while_it_flows(
         wait_for(lambda: flowing() and all(m["packets"] > first[m["direction"]] + 25
                                            for m in seen[0]["media"]), limit=3.0)
         assert all(m["packets"] > first[m["direction"]] + 25 for m in seen[0]["media"]), seen
+        # the pcap's RTP over veths in order: nothing lost either way, by sequence number
+        assert [m["lost"] for m in seen[0]["media"]] == [0, 0], seen
 
         server, client = pair(uas, uac)
         assert client.ok(1), f"{client.describe()}\n{site.logs()}"
         assert server.ok(1), f"{server.describe()}\n{site.logs()}"
         wait_for(lambda: json.loads(_admin_get(net, "/api/calls"))["calls"] == [], limit=5.0)
         assert json.loads(_admin_get(net, "/api/calls"))["calls"] == []
-        packets = {s.labels["interface"]: s.value
-                   for family in text_string_to_metric_families(_admin_get(net, "/metrics"))
-                   for s in family.samples if s.name == "sipproxy_relay_packets_total"
-                   and s.labels["path"] == "userspace"}
+        samples = [s for family in text_string_to_metric_families(_admin_get(net, "/metrics"))
+                   for s in family.samples if s.labels.get("path") == "userspace"]
+        packets = {s.labels["interface"]: s.value for s in samples
+                   if s.name == "sipproxy_relay_packets_total"}
         assert packets["inside"] > 100 and packets["outside"] > 100, packets
+        lost = {s.labels["interface"]: s.value for s in samples
+                if s.name == "sipproxy_relay_packets_lost_total"}
+        assert lost == {"inside": 0, "outside": 0}, lost
     finally:
         site.stop()

@@ -82,6 +82,8 @@
         el("span", "direction", direction(stream.direction) + " " + (stream.media || "")),
         el("span", "packets num", count(stream.packets) + " packets"),
         el("span", "bytes num", bytes(stream.bytes)),
+        el("span", "lost num", stream.lost === null || stream.lost === undefined
+          ? "lost unknown" : count(stream.lost) + " lost"),
         el("span", "path", stream.path),
         el("span", "age num", stream.last_packet_age === null || stream.last_packet_age === undefined
           ? "no packet yet" : "last " + stream.last_packet_age.toFixed(1) + " s ago"),
