@@ -107,6 +107,10 @@ class RequestContext:
     #: set by a plugin in request_received: send the request there (Request-URI as it is),
     #: skipping the location service, [upstream] and DNS (e.g. NAT: a phone's real address)
     destination: Target | None = None
+    #: when an initial INVITE (no To tag) arrived, by the proxy's clock (set by the core for
+    #: those only, one clock read each; None for every other request): the status page's
+    #: calls not answered yet count their duration from it
+    arrived: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -443,3 +443,69 @@ def test_a_binding_of_the_registrar_is_shown_with_its_source() -> None:
     assert registration["source"] == "[2001:db8::5]:40000"
     assert registration["transport"] == "tcp"
     assert registration["expires_in"] == 100
+
+
+def test_calls_not_answered_yet_are_listed_trying_then_ringing_until_answered_or_failed(
+) -> None:
+    """An INVITE the proxy works on is a call ``trying`` (a 100 only), then ``ringing`` (a 180
+    went to the caller), its duration counted from its arrival by the proxy's clock; answered,
+    it is the dialog's row; refused, it is gone."""
+    harness = ProxyHarness.build(FIREWALL)
+    hold = _HoldAnswers()
+    harness.proxy.set_plugins([*harness.plugins, hold])
+
+    def invite(call_id: str) -> Any:
+        harness.receive(sip_request(
+            "INVITE", "sip:bob@provider.example",
+            via=f"SIP/2.0/UDP {PHONE.host}:5060;rport;branch=z9hG4bK{call_id}",
+            from_="<sip:alice@provider.example>;tag=a1", to="<sip:bob@provider.example>",
+            call_id=call_id, headers=[f"Contact: <sip:alice@{PHONE.host}:5060>"],
+        ), PHONE)
+        return harness.wire.requests_to(PROVIDER_IP, "INVITE")[-1]
+
+    def calls() -> list[tuple[str, str, float]]:
+        shown = StatusModel(harness.proxy).status(["calls"])["calls"]
+        json.dumps(shown)
+        return [(c["call_id"], c["state"], c["duration"]) for c in shown]
+
+    first = invite("c1")
+    harness.advance(1.5)
+    second = invite("c2")
+    harness.advance(0.5)
+    assert calls() == [("c1", "trying", 2.0), ("c2", "trying", 0.5)]
+    [shown, _] = StatusModel(harness.proxy).status(["calls"])["calls"]
+    assert (shown["from"], shown["to"], shown["media"]) == (
+        "sip:alice@provider.example", "sip:bob@provider.example", [])
+    harness.receive(answer(first, 180, "b1", [f"Contact: <sip:bob@{PROVIDER_IP}>"]), PROVIDER)
+    harness.advance(1)
+    assert calls() == [("c1", "ringing", 3.0), ("c2", "trying", 1.5)]
+
+    harness.receive(answer(second, 486, "b2"), PROVIDER)  # refused: gone
+    assert calls() == [("c1", "ringing", 3.0)]
+    harness.receive(answer(first, 200, "b1", [f"Contact: <sip:bob@{PROVIDER_IP}>"]), PROVIDER)
+    assert calls() == [("c1", "answered", 3.0)]  # a plugin still works on the 200
+    hold.held.callback(None)
+    harness.advance(1)
+    assert calls() == [("c1", "established", 1.0)]  # the dialog's row, from the answer on
+
+    invite("c3")  # the caller gives up: gone at its CANCEL
+    assert [c[:2] for c in calls()[1:]] == [("c3", "trying")]
+    harness.receive(sip_request(
+        "CANCEL", "sip:bob@provider.example",
+        via=f"SIP/2.0/UDP {PHONE.host}:5060;rport;branch=z9hG4bKc3",
+        from_="<sip:alice@provider.example>;tag=a1", to="<sip:bob@provider.example>",
+        call_id="c3", cseq=1), PHONE)
+    assert calls()[1:] == []
+
+
+class _HoldAnswers(Plugin):
+    """Holds the first 2xx in ``response_received`` until :attr:`held` fires (as a plugin that
+    asks a media relay first does)."""
+
+    name = "hold"
+
+    def __init__(self) -> None:
+        self.held: defer.Deferred[None] = defer.Deferred()
+
+    def response_received(self, ctx: Any, branch: Any, response: Any) -> Any:
+        return self.held if 200 <= response.status < 300 and not self.held.called else None

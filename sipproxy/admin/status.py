@@ -36,10 +36,17 @@ The contract of the JSON API (``sipproxy.admin.api``), each endpoint a ``GET`` r
         "call_id": "a84b4c76e66710",
         "from": "sip:alice@example.com",      # From URI of the INVITE, without the tag
         "to": "sip:bob@example.com",          # To URI of the INVITE, without the tag
-        "state": "established",               # "established" (a 2xx set up the dialog)
-        "duration": 12.5,                     # seconds since the dialog was set up
+        "state": "established",               # "established": a 2xx set up the dialog;
+                                              # not answered yet (an initial INVITE the
+                                              # proxy is working on): "trying" (no
+                                              # provisional answer beyond 100 sent to the
+                                              # caller), "ringing" (a 101-199, e.g. 180 or
+                                              # 183, was), "answered" (a 2xx arrived, its
+                                              # dialog not set up yet: plugins still at it)
+        "duration": 12.5,                     # seconds since the dialog was set up; not
+                                              # answered yet: since the INVITE arrived
         "media": [Media, ...],                # [] when the proxy relays no media for it
-    }
+    }                                         # (always [] before "established")
     Media = {                                 # one per direction and media line (RTP only)
         "direction": "caller->callee",        # "caller->callee" | "callee->caller"
         "media": "audio",                     # the m= line's type
@@ -91,6 +98,7 @@ from sipproxy.interfaces import IStatusProvider
 from sipproxy.uri import format_host
 
 if TYPE_CHECKING:
+    from sipproxy.context import RequestContext
     from sipproxy.location import Binding
     from sipproxy.proxy import Proxy
 
@@ -195,7 +203,7 @@ class StatusModel:
 
     def calls(self, now: float, snapshot: _Snapshot) -> list[dict[str, Any]]:
         """The dialogs the proxy tracks, oldest first, with their media where a plugin relays
-        it."""
+        it; then the calls not answered yet, oldest first."""
         dialogs = sorted(self.proxy.dialogs, key=lambda d: d.created)
         return [{
             "call_id": d.call_id,
@@ -204,7 +212,29 @@ class StatusModel:
             "state": "established",
             "duration": round(max(0.0, now - d.created), 3),
             "media": snapshot.media.get(d.call_id, []),
-        } for d in dialogs]
+        } for d in dialogs] + [self._attempt(ctx, now) for ctx in self.proxy.calls_in_progress()]
+
+    @staticmethod
+    def _attempt(ctx: RequestContext, now: float) -> dict[str, Any]:
+        """A call not answered yet (see ``state`` in the module docstring)."""
+        request = ctx.request
+        tx = ctx.server_transaction
+        last = tx.last_response if tx is not None else None
+        if any(b.final is not None and 200 <= b.final.status < 300 for b in ctx.branches):
+            state = "answered"
+        elif last is not None and 100 < last.status < 200:
+            state = "ringing"
+        else:
+            state = "trying"
+        return {
+            "call_id": request.call_id,
+            "from": str(request.from_.uri),
+            "to": str(request.to.uri),
+            "state": state,
+            "duration": round(max(0.0, now - ctx.arrived), 3) if ctx.arrived is not None
+            else 0.0,
+            "media": [],
+        }
 
     def bans(self, now: float) -> list[dict[str, Any]]:
         """The flood guard's bans, the one ending last first."""

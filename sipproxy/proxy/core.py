@@ -205,6 +205,8 @@ class Proxy:
                                      {"Retry-After": str(LIMIT_RETRY_AFTER)})
                     return
             ctx = RequestContext(request, tx)
+            if request.method == "INVITE" and not request.to.tag:
+                ctx.arrived = self.clock.seconds()
             self._contexts[tx] = ctx
             tx.call_when_terminated(self.drop_context, tx)
             error = self._validate(request)
@@ -222,6 +224,15 @@ class Proxy:
             _log.failure("handling {request!r}", request=request, call_id=request.call_id,
                          source=request.source)
             responder.answer(tx, request, 500, "Server Internal Error")
+
+    def calls_in_progress(self) -> list[RequestContext]:
+        """The initial INVITEs still waiting for their answer (no final response sent, not
+        cancelled, no dialog yet), the oldest first: a new list, to read (the status page's
+        calls not answered yet), not to change."""
+        waiting = [ctx for ctx in self._contexts.values()
+                   if ctx.arrived is not None and not ctx.final_sent and not ctx.cancelled
+                   and ctx.dialog is None]
+        return sorted(waiting, key=lambda ctx: ctx.arrived or 0.0)
 
     def drop_context(self, tx: ServerTransaction) -> None:
         """Forget the request of ``tx`` (its transaction ended, or nothing will need it)."""

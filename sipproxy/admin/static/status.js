@@ -71,7 +71,8 @@
   function mediaCell(call) {
     const box = el("div", "media");
     if (!call.media || call.media.length === 0) {
-      box.append(el("span", "none", "not relayed"));
+      // not answered yet (trying, ringing, answered): no media to show before the dialog
+      box.append(el("span", "none", call.state === "established" ? "not relayed" : "\u2014"));
       return box;
     }
     for (const stream of call.media) {
