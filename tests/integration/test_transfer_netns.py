@@ -249,3 +249,13 @@ def test_no_byte_on_the_outside_names_an_inside_address(run: Run) -> None:
     assert {"INVITE", "REFER", "NOTIFY", "BYE"} <= methods, describe_packets(run.site.outside())
     leaks = inside_on_the_outside(run.site)
     assert not leaks, "\n\n".join(leaks[:5])
+
+
+def test_the_phones_get_requests_at_their_own_contact(run: Run) -> None:
+    """The NOTIFYs and BYEs from the outside reach the phones addressed to the Contact they
+    gave (the token is the outside's name for it), INVITEs to a token too."""
+    requests = [m for p, m in run.site.lan() if isinstance(m, Request) and p.dst == PHONE_IP]
+    assert {"NOTIFY", "REFER", "INVITE", "BYE"} <= {m.method for m in requests}
+    tokens = [m.start_line() for m in requests
+              if m.uri.is_sip and (m.uri.user or "").startswith(TOKEN_PREFIX)]
+    assert not tokens, tokens
