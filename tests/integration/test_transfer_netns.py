@@ -112,7 +112,7 @@ def transfer_by_phone(site: Site, attended: bool) -> Transfer:
     if attended:
         held = site.phone.start_uac("uac_held.xml", (PHONE_IP, B_PORT), local_port=A2_PORT,
                                     count=1, timeout=SIPP_TIMEOUT, keys={"ruri": refer_to},
-                                    extra_args=["-d", "8000", "-cid_str", "held-%u@%s"])
+                                    extra_args=["-cid_str", "held-%u@%s"])
         refer_to += "?Replaces=" + HELD_REPLACES.replace("@", "%40").replace(";", "%3B") \
             .replace("=", "%3D")
     p1 = site.provider.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
