@@ -22,14 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import pytest
 
 from sipproxy.message import Request
 from sipproxy.plugins.nat import TOKEN_PREFIX
 from sipproxy.plugins.topology import HIDDEN_PREFIX, uri_span
-from tests.integration.support.harness import SippResult
+from tests.integration.support.harness import SippProcess, SippResult
 from tests.integration.support.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, PROVIDER_IP
 from tests.integration.support.rtp import is_rtp, write_rtp_pcap
 from tests.integration.support.sites import (
@@ -97,56 +97,45 @@ def refer_target(refer: Request) -> tuple[str, str | None]:
     return base, None
 
 
-def wait_all(transfer: Transfer, **processes: object) -> None:
+def wait_all(transfer: Transfer, **processes: SippProcess) -> None:
+    """Each process's result by role (bounded waits; the site's stop kills what is left)."""
     for role, process in processes.items():
-        transfer.results[role] = process.wait(SIPP_TIMEOUT + 10)  # type: ignore[attr-defined]
+        transfer.results[role] = process.wait(SIPP_TIMEOUT + 10)
 
 
 def transfer_by_phone(site: Site, attended: bool) -> Transfer:
-    """A (5060) calls P and REFERs it to B (5070), with Replaces when ``attended``."""
+    """A (5060) calls P and REFERs it to B (5070), with Replaces when ``attended``; P's
+    INVITE to the Refer-To it got plays audio."""
     transfer = Transfer(first_frame=len(site.capture.snapshot()))
     b = site.phone.start_uas("uas_replaced.xml", B_PORT, count=2 if attended else 1,
                              timeout=SIPP_TIMEOUT)
     refer_to = f"sip:bob@{PHONE_IP}:{B_PORT}"
-    held = None
+    processes: dict[str, SippProcess] = {}
     if attended:
-        held = site.phone.start_uac("uac_held.xml", (PHONE_IP, B_PORT), local_port=A2_PORT,
-                                    count=1, timeout=SIPP_TIMEOUT, keys={"ruri": refer_to},
-                                    extra_args=["-cid_str", "held-%u@%s"])
-        refer_to += "?Replaces=" + HELD_REPLACES.replace("@", "%40").replace(";", "%3B") \
-            .replace("=", "%3D")
-    p1 = site.provider.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                 extra_args=["-d", TRANSFER_MS])
+        processes["held"] = site.phone.start_uac(
+            "uac_held.xml", (PHONE_IP, B_PORT), local_port=A2_PORT, count=1,
+            timeout=SIPP_TIMEOUT, keys={"ruri": refer_to}, extra_args=["-cid_str", "held-%u@%s"])
+        transfer.calls["b"] = 2
+        refer_to += "?Replaces=" + quote(HELD_REPLACES, safe="")
+    p = site.provider.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                extra_args=["-d", TRANSFER_MS])
     a = site.phone.start_uac("uac_transferor.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
                              timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example",
                                                          "refer_to": f"<{refer_to}>"})
-    try:
-        transfer.refer = wait_refer(site, site.net.wan_if, PROVIDER_IP, transfer.first_frame)
-        target, replaces = refer_target(transfer.refer)
-        if attended:
-            p2 = site.provider.start_uac(
-                "uac_replaces.xml", (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
-                keys={"ruri": target, "caller": "carol", "replaces": replaces or "none"},
-                extra_args=["-d", str(int(TALK * 1000))])
-        else:
-            p2 = site.provider.start_uac(
-                "uac_audio.xml", (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
-                keys={"ruri": target, "caller": "carol"},
-                extra_args=["-d", str(int(TALK * 1000))])
-        processes = {"a": a, "p": p1, "p_invite": p2, "b": b}
-        if held is not None:
-            processes["held"] = held
-            transfer.calls["b"] = 2
-        wait_all(transfer, **processes)
-    finally:
-        for process in (a, p1, b, held):
-            if process is not None and process.running():
-                process.kill()
+    transfer.refer = wait_refer(site, site.net.wan_if, PROVIDER_IP, transfer.first_frame)
+    target, replaces = refer_target(transfer.refer)
+    keys = {"ruri": target, "caller": "carol"}
+    if attended:
+        keys["replaces"] = replaces or "none"
+    p_invite = site.provider.start_uac(
+        "uac_replaces.xml" if attended else "uac_audio.xml", (FW_OUTSIDE, SIP), count=1,
+        timeout=SIPP_TIMEOUT, keys=keys, extra_args=["-d", str(int(TALK * 1000))])
+    wait_all(transfer, a=a, p=p, p_invite=p_invite, b=b, **processes)
     return transfer
 
 
 def transfer_by_provider(site: Site, token: str) -> Transfer:
-    """P (5061) calls A's token and REFERs A to carol; A INVITEs carol from 5064."""
+    """P (5061) calls A's token and REFERs A to carol; A INVITEs carol from 5064, with audio."""
     transfer = Transfer(first_frame=len(site.capture.snapshot()))
     a = site.phone.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
                              extra_args=["-d", TRANSFER_MS])
@@ -157,18 +146,13 @@ def transfer_by_provider(site: Site, token: str) -> Transfer:
     # carol sees one Via (the phone's are hidden): uas_rr's "through a proxy" check is off
     carol = site.provider.start_uas("uas_rr.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
                                     variables={"direct": "1"})
-    try:
-        transfer.refer = wait_refer(site, site.net.lan_if, PHONE_IP, transfer.first_frame)
-        target, _ = refer_target(transfer.refer)
-        a2 = site.phone.start_uac("uac_audio.xml", (FW_INSIDE, SIP), local_port=A2_PORT,
-                                  count=1, timeout=SIPP_TIMEOUT,
-                                  keys={"ruri": target, "caller": "alice"},
-                                  extra_args=["-d", str(int(TALK * 1000))])
-        wait_all(transfer, p=p, a=a, a_invite=a2, carol=carol)
-    finally:
-        for process in (a, p, carol):
-            if process.running():
-                process.kill()
+    transfer.refer = wait_refer(site, site.net.lan_if, PHONE_IP, transfer.first_frame)
+    target, _ = refer_target(transfer.refer)
+    a_invite = site.phone.start_uac("uac_audio.xml", (FW_INSIDE, SIP), local_port=A2_PORT,
+                                    count=1, timeout=SIPP_TIMEOUT,
+                                    keys={"ruri": target, "caller": "alice"},
+                                    extra_args=["-d", str(int(TALK * 1000))])
+    wait_all(transfer, p=p, a=a, a_invite=a_invite, carol=carol)
     return transfer
 
 
