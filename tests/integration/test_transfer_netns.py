@@ -9,11 +9,13 @@ fw's veths captured.
   the relay; A hangs up.
 - attended: A holds a call with B (phone to phone) and a call with P; it REFERs P to B with
   ``?Replaces=`` naming the A-B call; P's INVITE with Replaces reaches B naming the inside
-  Call-ID and tags (B's scenario checks them, else answers 481).
+  Call-ID and tags (B's scenario checks them, else answers 481), and B ends the replaced call
+  with its BYE.
 - by the provider: A registers, P calls it and REFERs it to carol at the provider; A's INVITE
   to carol goes through the proxy, with audio through the relay.
 
-Not one byte on the outside link names an inside address. P's part after the REFER is started
+Not one byte on the outside link names an inside address; requests from the outside reach the
+phones at their own Contact, never at a token. P's part after the REFER is started
 by the test when the REFER shows up in the capture (a sipp call cannot start another one).
 """
 
@@ -46,7 +48,9 @@ from tests.integration.support.sites import (
 pytestmark = [pytest.mark.netns]
 
 B_PORT = 5070
+#: A's second line: the call to B it holds, its INVITE to the transfer target
 A2_PORT = 5064
+#: P's port when it calls (its 5060 is the transfer target's)
 P1_PORT = 5061
 #: seconds of audio the transferred call plays
 TALK = 1.5
