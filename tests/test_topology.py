@@ -338,6 +338,27 @@ def test_a_reinvite_from_the_provider_is_answered_with_the_outside_call_id() -> 
     net.run_out()
 
 
+def test_an_in_dialog_request_from_the_provider_reaches_the_phone_at_its_contact() -> None:
+    """The provider's request to the token of the phone's Contact, in a call whose Call-ID is
+    hidden, goes to the phone with the phone's own Contact as its Request-URI (the token stays
+    outside), as a request in a call with an outside Call-ID does."""
+    net = leaky_net()
+    _, out = call_out(net)
+    net.send(answer(out, 200, "b1", ("Contact: <sip:bob@203.0.113.60>",)), PROVIDER)
+    net.new()
+    assert out.contacts[0].uri.user.startswith(TOKEN_PREFIX)
+    net.send(provider_request(
+        "NOTIFY", str(out.contacts[0].uri), "z9hG4bKthnot", call_id=out.call_id, cseq=7,
+        from_="<sip:bob@provider.example>;tag=b1", to=str(out.from_),
+        headers=("Event: refer", "Subscription-State: active;expires=60"),
+    ), PROVIDER)
+    [(data, notify)] = net.new()
+    assert isinstance(notify, Request) and notify.method == "NOTIFY"
+    assert str(notify.uri) == f"sip:sipp@{PHONE.host}:5064", data.decode()
+    assert notify.call_id == PHONE_CALL_ID
+    net.run_out()
+
+
 def test_the_phone_cancels_and_acks_with_the_outside_call_id() -> None:
     net = leaky_net()
     _, out = call_out(net)

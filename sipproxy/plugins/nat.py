@@ -433,9 +433,9 @@ class NatPlugin(Plugin, Service):
 
     # -- requests ------------------------------------------------------------------------------
     def request_received(self, ctx: RequestContext) -> Any:
+        if self.topology is not None and self._side_of_source(ctx.request) == "outside":
+            self._reveal_request(ctx)  # may give the context a copy: read it after this
         request: Request = ctx.request
-        if self.topology is not None and self._side_of_source(request) == "outside":
-            self._reveal_request(ctx)
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
                 self.core.is_local_domain(uri.host):
