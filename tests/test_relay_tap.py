@@ -214,6 +214,9 @@ def test_relay_process_ping_offer_answer_delete(tmp_path: Path) -> None:
             outside = ("sipproxy_relay_packets_total", (("interface", "outside"),
                                                         ("path", "userspace")))
             assert (metrics[inside], metrics[outside]) == (1, 1)
+            lost = ("sipproxy_relay_packets_lost_total", (("interface", "inside"),
+                                                          ("path", "userspace")))
+            assert metrics[lost] == 0  # (too short to carry an RTP sequence number)
             # a pair per party; both interfaces are on 127.0.0.1, whose range they share
             used = ("sipproxy_relay_ports_used", (("interface", "inside"),))
             assert metrics[used] == 4
