@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sipproxy.media.engine import RelayEngine
-from sipproxy.media.model import MAX_JUMP, Call, PacketStream
+from sipproxy.media.model import MAX_JUMP, Call, PacketStream, StreamTotals
 from sipproxy.media.ports import RelayInterface
 from tests.media_site import UdpClock
 
@@ -93,3 +93,24 @@ def test_lost_is_expected_minus_received_under_reordering(
     # a packet earlier than the first one that arrived is received but not expected
     assert s.lost == max(0, expected - len(arrived))
     assert s.lost <= len(dropped & set(range(count)))
+
+
+def test_a_stream_the_kernel_forwarded_is_left_out_of_the_lost_totals() -> None:
+    """Per direction (the status page) and in the totals (``/metrics``): the userspace stream's
+    loss, null and not summed for the one the kernel forwarded some of."""
+    clock = UdpClock()
+    engine = RelayEngine(clock, clock, [RelayInterface("inside", "127.0.0.1"),
+                                        RelayInterface("outside", "127.0.0.2")], 30000, 30099)
+    call = Call(engine, "c1")
+    caller = call.monologue("a", engine.interfaces["inside"])
+    callee = call.monologue("b", engine.interfaces["outside"])
+    send(caller.leg(0).rtp, 1, 2, 5)
+    send(callee.leg(0).rtp, 1, 4)
+    callee.medias[0].rtp.kernel_packets = 10
+    assert [(m["direction"], m["lost"]) for m in call.directions("a", 0.0)] == [
+        ("caller->callee", 2), ("callee->caller", None)]
+    totals = StreamTotals()
+    totals.add(call)
+    assert totals.counts[("inside", "userspace")][2] == 2
+    assert totals.counts[("outside", "userspace")][2] == 0
+    assert totals.counts[("outside", "kernel")][2] == 0
