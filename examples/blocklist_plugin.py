@@ -32,22 +32,32 @@ Matching is on the number as dialed: the user part of a ``sip:``/``sips:`` URI o
 separators (``-``, ``.``, ``(``, ``)``) removed. No number normalisation is attempted, so list
 every form your phones may dial (``0900``, ``+49900``, ``0049900``). Requests inside a dialog
 (with a To tag) are not screened: the dialog was screened when it was set up.
+
+On the admin listener (``[admin]``), the plugin shows what it blocked: it provides
+:class:`~sipproxy.interfaces.IStatusProvider`, so ``/metrics`` has
+``sipproxy_refusals_total{plugin="blocklist",reason="blocked_prefix"}`` and
+``sipproxy_blocklist_blocked_total{prefix}``, and ``/api/status`` a ``blocklist`` section
+under ``plugins`` (its prefixes and the counts).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from sipproxy.interfaces import IPluginFactory, IProxyCore
+from sipproxy.interfaces import IPluginFactory, IProxyCore, IStatusProvider
 from sipproxy.message import Request, Response, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.refusals import refusal_metrics
 from sipproxy.settings import Section, read_section, setting
 from sipproxy.uri import URI, unescape
 
@@ -97,6 +107,7 @@ def dialed_number(uri: URI) -> str | None:
     return number or None
 
 
+@implementer(IStatusProvider)
 class BlocklistPlugin(Plugin):
     """Answers 403 to screened requests that dial a blocked prefix; marks the others."""
 
@@ -106,8 +117,8 @@ class BlocklistPlugin(Plugin):
         # Longest first, so the Warning names the most specific entry that matched.
         self.prefixes = tuple(sorted(set(prefixes), key=len, reverse=True))
         self.methods = frozenset(methods)
-        self.blocked = 0
-        """How many requests were refused since start (for a status page)."""
+        self.blocked: Counter[str] = Counter()
+        """How many requests were refused since start, by the prefix that matched."""
 
     def blocked_prefix(self, number: str) -> str | None:
         """The configured prefix ``number`` starts with, or None."""
@@ -125,7 +136,7 @@ class BlocklistPlugin(Plugin):
         if prefix is None:
             ctx.data[_SCREENED_KEY] = True
             return None
-        self.blocked += 1
+        self.blocked[prefix] += 1
         source = request.source
         _log.info(
             "blocked {method} to {number} (prefix {prefix}) from {host}",
@@ -135,6 +146,22 @@ class BlocklistPlugin(Plugin):
             host=f"{source.host}:{source.port}" if source is not None else "?",
         )
         return refusal(request, prefix)
+
+    # -- IStatusProvider: read at scrape time, nothing counted but the refusals themselves
+    def metrics(self) -> Iterable[Metric]:
+        """Refusals (with every plugin's), and by prefix."""
+        by_prefix = CounterMetricFamily(
+            "sipproxy_blocklist_blocked", "Requests refused, by the prefix they dialed.",
+            labels=["prefix"])
+        for prefix in self.prefixes:
+            by_prefix.add_metric([prefix], self.blocked[prefix])
+        return [refusal_metrics(self.name, {"blocked_prefix": sum(self.blocked.values())}),
+                by_prefix]
+
+    def status(self) -> Mapping[str, Any]:
+        """The prefixes, and what was blocked."""
+        return {"prefixes": list(self.prefixes), "methods": sorted(self.methods),
+                "blocked": dict(self.blocked)}
 
     def request_forwarding(self, ctx: RequestContext, branch: Branch) -> None:
         # Our header must mean "this proxy screened it": a caller must not be able to forge it.

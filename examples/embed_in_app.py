@@ -13,7 +13,10 @@ Run it in the foreground::
     curl http://127.0.0.1:8080/status.json  # the same as JSON
 
 Without ``SIPPROXY_CONFIG`` the proxy uses a demo config (registrar for ``lan.example`` on
-UDP 127.0.0.1:5060). Environment variables:
+UDP 127.0.0.1:5060, and ``[admin] enabled = false``: the proxy's own admin listener, also on
+port 8080 by default, would take this page's port; an application may as well serve the
+proxy's ``/metrics`` and ``/api`` instead, from ``sipproxy.admin``). A config of your own
+needs ``[admin] enabled = false`` or another ``port`` too. Environment variables:
 
 - ``SIPPROXY_CONFIG``: path of a sipproxy TOML file (e.g. ``examples/sipproxy.toml``);
 - ``STATUS_PORT``: TCP port of the status page (default 8080);
@@ -55,6 +58,9 @@ side = "inside"
 transport = "udp"
 address = "127.0.0.1"
 port = 5060
+
+[admin]
+enabled = false  # this application serves its own status page
 """
 
 

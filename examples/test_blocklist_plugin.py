@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import urllib.request
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.internet import defer
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, threads
 from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
@@ -22,7 +25,7 @@ from examples.blocklist_plugin import (
 )
 from sipproxy.config import Config, ConfigError, Section, parse_config
 from sipproxy.context import Branch, RequestContext
-from sipproxy.interfaces import IPluginFactory, IProxyPlugin
+from sipproxy.interfaces import IPluginFactory, IProxyPlugin, IStatusProvider
 from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import Pipeline, find_factory, load_plugins
 from sipproxy.service import makeService
@@ -107,6 +110,7 @@ class HookTests(unittest.TestCase):
     def test_provides_the_interfaces(self) -> None:
         self.assertTrue(verifyObject(IPluginFactory, factory))
         self.assertTrue(verifyObject(IProxyPlugin, self.plugin))
+        self.assertTrue(verifyObject(IStatusProvider, self.plugin))
         self.assertEqual(self.plugin.name, "blocklist")
 
     def test_blocked_invite_gets_403_with_warning_and_reason(self) -> None:
@@ -126,7 +130,7 @@ class HookTests(unittest.TestCase):
         self.assertEqual(response.call_id, request.call_id)
         self.assertEqual(str(response.cseq), "1 INVITE")
         self.assertEqual(response.headers.get_all("Via"), request.headers.get_all("Via"))
-        self.assertEqual(self.plugin.blocked, 1)
+        self.assertEqual(self.plugin.blocked, {"+19005": 1})
         # the response is a valid SIP message
         again = parse_message(response.to_bytes())
         assert isinstance(again, Response)
@@ -166,7 +170,7 @@ class HookTests(unittest.TestCase):
         )
         self.assertIsNone(result)
         self.assertNotIn(SCREENED_HEADER, self.forwarded(ctx).headers)
-        self.assertEqual(self.plugin.blocked, 0)
+        self.assertEqual(self.plugin.blocked, {})
 
     def test_configured_methods_only(self) -> None:
         plugin = build({"prefixes": ["0900"], "methods": ["INVITE"]})
@@ -394,12 +398,23 @@ def e2e_config(upstream_port: int) -> Config:
         {ENABLE}
         [blocklist]
         prefixes = ["0900", "+1900"]
+        [admin]
+        port = 0  # any free one: /metrics and /api/status show what the plugin blocked
         """,
         "e2e.toml",
     )
     # The config refuses port 0; TransportManager binds it and reports the real port.
     listen = tuple(dataclasses.replace(entry, port=0) for entry in config.listen)
     return dataclasses.replace(config, listen=listen)
+
+
+async def http_get(url: str, timeout: float = 5.0) -> str:
+    """The body of a GET of ``url`` (from the admin listener), within ``timeout`` seconds."""
+    def get() -> str:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return str(response.read().decode())
+
+    return await threads.deferToThread(get)
 
 
 async def drained(proxy: Any, timeout: float = 5.0) -> None:
@@ -465,6 +480,21 @@ class EndToEndTests(unittest.TestCase):
         self.assertEqual(len(invite.vias), 2)
         response = await client.expect(final_response("allowed"))
         self.assertEqual(response.status, 200)
+
+        # the admin listener shows the refusal: in /metrics and in the plugin's /api section
+        admin = service.getServiceNamed("admin")
+        base = f"http://{LOCAL}:{admin.port.getHost().port}"
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(await http_get(base + "/metrics"))
+                   for s in family.samples}
+        self.assertEqual(metrics[("sipproxy_refusals_total",
+                                  (("plugin", "blocklist"), ("reason", "blocked_prefix")))], 1)
+        self.assertEqual(metrics[("sipproxy_blocklist_blocked_total", (("prefix", "+1900"),))], 1)
+        self.assertEqual(metrics[("sipproxy_sip_requests_received_total",
+                                  (("method", "INVITE"),))], 2)
+        status = json.loads(await http_get(base + "/api/status"))
+        [section] = [p["status"] for p in status["plugins"] if p["name"] == "blocklist"]
+        self.assertEqual(section["blocked"], {"+1900": 1})
 
         await drained(proxy)
         self.assertEqual(

@@ -41,6 +41,9 @@ from sipproxy.settings import (
 
 __all__ = [
     "CORE_SECTIONS",
+    "MEMORY_STORE",
+    "SQLITE_STORE",
+    "AdminConfig",
     "Config",
     "ConfigError",
     "DnsConfig",
@@ -61,11 +64,16 @@ Side = Literal["inside", "outside"]
 Transport = Literal["udp", "tcp", "tls"]
 
 CORE_SECTIONS: Final = frozenset(
-    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log"}
+    {"proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log",
+     "admin"}
 )
 """Top-level names the core validates; no plugin may own a section with one of these names."""
 
 _TRANSPORTS: Final = ("udp", "tcp", "tls")
+#: ``[registrar] store`` of the default store: nothing survives a restart
+MEMORY_STORE: Final = "memory"
+#: ``[registrar] store`` prefix of an SQLite file: ``"sqlite:/var/lib/sipproxy/state.db"``
+SQLITE_STORE: Final = "sqlite:"
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
 _TOML_POSITION = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\s*\Z")
 
@@ -156,6 +164,13 @@ def _uri_problem(uri: str) -> str | None:
     if transport is not None and transport.lower() not in _TRANSPORTS:
         return "must have ;transport=udp, tcp or tls (or none)"
     return None
+
+
+def _store(text: str) -> str:
+    if text == MEMORY_STORE or (
+            text.startswith(SQLITE_STORE) and text[len(SQLITE_STORE):].strip()):
+        return text
+    raise ValueError(f'must be "memory" or "sqlite:PATH", got {show(text)}')
 
 
 def _dns_server(text: str) -> tuple[str, int]:
@@ -252,7 +267,8 @@ class UpstreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class RegistrarConfig:
-    """``[registrar]``: expiry limits for REGISTER (seconds); the store is in memory."""
+    """``[registrar]``: expiry limits for REGISTER (seconds), and where state that must
+    survive a restart is kept."""
 
     min_expires: int = setting(60, min=0, doc="Shortest Expires accepted (423 below it).")
     max_expires: int = setting(3600, min=0, doc="Longest Expires granted.")
@@ -261,6 +277,11 @@ class RegistrarConfig:
         10, min=1, max=1000,
         doc="Bindings one address-of-record may have; a REGISTER that would make more gets"
             " 403 Too Many Registered Contacts (refreshes and removals always pass).")
+    store: str = setting(
+        MEMORY_STORE, parse=_store,
+        doc='"memory": bindings, nat registration tokens and bans are lost on restart;'
+            ' "sqlite:PATH": kept in that SQLite file (created if missing) and restored at'
+            ' start.')
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +318,22 @@ class PluginsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``[admin]``: the HTTP listener for operators: ``/metrics`` (Prometheus), ``/api/...``
+    (JSON) and the status page."""
+
+    enabled: bool = setting(True, doc="Serve the admin listener.")
+    address: str = setting(
+        "127.0.0.1", parse=ip_address,
+        doc="IP literal to bind; any address but a loopback one requires token.")
+    port: int = setting(8080, min=0, max=65535, doc="TCP port to bind; 0: any free one.")
+    token: str | None = setting(
+        None, parse=no_control_characters,
+        doc="Secret every request must carry: 'Authorization: Bearer TOKEN', or basic auth"
+            " with TOKEN as the password (any user name).")
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: how the proxy's log (what ``twistd``/``twist`` writes) is written."""
 
@@ -326,6 +363,7 @@ class Config:
     timers: TimerConfig = field(default_factory=TimerConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     plugins: tuple[str, ...] = ()
     """Names of the plugins that run, in pipeline order: the implied ones (see
@@ -391,6 +429,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
     dns = read_section(DnsConfig, _table(root, "dns"))
     plugins = read_section(PluginsConfig, _table(root, "plugins"))
     limits = read_section(LimitsConfig, _table(root, "limits"))
+    admin = _admin(_table(root, "admin"))
     log = read_section(LogConfig, _table(root, "log"))
     config = Config(
         proxy=proxy,
@@ -400,6 +439,7 @@ def _build(doc: dict[str, Any], source: str) -> Config:
         timers=timers,
         dns=dns,
         limits=limits,
+        admin=admin,
         log=log,
         plugins=plugins.enabled,
         sections=MappingProxyType(sections),
@@ -499,6 +539,17 @@ def _registrar(s: Section) -> RegistrarConfig:
             f" got {r.default_expires}",
         )
     return r
+
+
+def _admin(s: Section) -> AdminConfig:
+    admin = read_section(AdminConfig, s)
+    if admin.token == "":
+        raise s.error("token", "must not be empty")
+    loopback = ipaddress.ip_address(admin.address).is_loopback
+    if admin.enabled and admin.token is None and not loopback:
+        raise s.error("token", f"is required to listen on {admin.address}, which is not a"
+                               " loopback address (anyone who reaches it would see every call)")
+    return admin
 
 
 def _timers(s: Section) -> TimerConfig:

@@ -5,8 +5,8 @@ These are the plugin API's data types (re-exported by :mod:`sipproxy.interfaces`
 own state is in typed fields; ``data`` on a context or a branch is a free dict for plugins'
 own state, keyed by names the plugin chooses (prefix them with the plugin's name). Keys the
 built-in plugins use: ``authenticated_user`` (:data:`sipproxy.interfaces.AUTHENTICATED_USER`),
-``tls_peer``, ``tls_next_hop``, ``tls_failure`` (the ``tls`` plugin), ``nat_token`` and, on a
-branch, ``nat_rr`` (the ``nat`` plugin).
+``tls_peer``, ``tls_next_hop``, ``tls_failure`` (the ``tls`` plugin), ``nat_token``,
+``nat_call_id`` and, on a branch, ``nat_rr`` and ``nat_call_id`` (the ``nat`` plugin).
 """
 
 from __future__ import annotations

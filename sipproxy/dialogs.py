@@ -4,7 +4,7 @@ may go)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -86,6 +86,9 @@ class Dialog:
     #: what the proxy saw of the party that sent the INVITE, and of the one that answered it
     caller: Party = field(default_factory=Party)
     callee: Party = field(default_factory=Party)
+    #: the From and To URIs of the INVITE that set the dialog up (for the admin status page)
+    from_uri: str = ""
+    to_uri: str = ""
 
     @property
     def key(self) -> DialogKey:
@@ -116,6 +119,10 @@ class DialogTracker:
 
     def __len__(self) -> int:
         return len(self._dialogs)
+
+    def __iter__(self) -> Iterator[Dialog]:
+        """The dialogs open now (a copy: ending one while iterating is fine)."""
+        return iter(list(self._dialogs.values()))
 
     def find(self, call_id: str, tag_a: str | None, tag_b: str | None) -> Dialog | None:
         if not tag_a or not tag_b:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -130,6 +131,8 @@ class SipResolver:
         self._reactor = reactor
         self.supported = tuple(t.upper() for t in supported)
         self.timeout = timeout
+        #: lookups that gave no answer (NXDOMAIN, SERVFAIL, timeout...) by record type
+        self.failures: Counter[str] = Counter()
         self._retries = _retry_schedule(timeout)
         self._rng = rng if rng is not None else random.Random()
         unknown = [t for t in address_types if t.upper() not in ("A", "AAAA")]
@@ -315,6 +318,7 @@ class SipResolver:
         except CancelledError:
             raise  # our caller was cancelled: stop, do not fall through
         except Exception as e:
+            self.failures[str(dns.QUERY_TYPES.get(record_type, record_type))] += 1
             _log.debug(
                 "{type} lookup for {name} gave no answer: {error!r}",
                 type=dns.QUERY_TYPES.get(record_type, record_type), name=name, error=e,

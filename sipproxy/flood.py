@@ -49,10 +49,12 @@ from typing import TYPE_CHECKING, Any, Final
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from sipproxy.interfaces import SavedBan
 from sipproxy.refusals import RefusalLog
 from sipproxy.settings import network, setting
 
 if TYPE_CHECKING:
+    from sipproxy.interfaces import IStateStore
     from sipproxy.message import Request
 
 __all__ = ["DEFAULT_BLOCKED_USER_AGENTS", "DEFAULT_EXEMPT", "FloodGuard", "LimitsConfig"]
@@ -211,6 +213,7 @@ class FloodGuard:
         self.dialog_count = 0
         # (budget, source) -> (window, times of its last failures)
         self._failures: dict[tuple[str, str], tuple[float, deque[float]]] = {}
+        self._state: IStateStore | None = None  # where bans are saved (keep_bans_in)
 
     @classmethod
     def from_config(cls, clock: IReactorTime, config: LimitsConfig) -> FloodGuard:
@@ -346,11 +349,33 @@ class FloodGuard:
             self.counters["ban_table_full"] += 1
             return
         unban = self.clock.callLater(self.ban_time, self._unban, host)
-        self.banned[host] = _Ban(reason, self._seconds(), unban)
+        now = self._seconds()
+        self.banned[host] = _Ban(reason, now, unban)
         self._buckets.pop(host, None)
+        if self._state is not None:
+            self._state.save_ban(SavedBan(host, reason, now + self.ban_time))
         self.counters["banned"] += 1
         self.log.warn("banned {host} for {ban_time:g} s: {reason}", host=host,
                       ban_time=self.ban_time, reason=reason)
+
+    def keep_bans_in(self, store: IStateStore) -> int:
+        """Bring back the bans ``store`` saved that still run (each ends when it was going to)
+        and save every ban and its end there from now on; a store that is not ``durable``
+        changes nothing. Returns how many bans came back."""
+        if not store.durable:
+            return 0
+        now = self._seconds()
+        restored = 0
+        for saved in store.saved_bans(now):
+            host = saved.host
+            if host in self.banned or self.is_exempt(host) or \
+                    len(self.banned) >= self.max_sources:
+                continue  # exempt since: [limits] changed before the restart
+            unban = self.clock.callLater(saved.until - now, self._unban, host)
+            self.banned[host] = _Ban(saved.reason, now, unban)
+            restored += 1
+        self._state = store
+        return restored
 
     def failed(self, host: str, budget: str, limit: int, window: float) -> bool:
         """One failure of kind ``budget`` (e.g. ``"auth"``: a wrong digest answer) from ``host``.
@@ -395,6 +420,8 @@ class FloodGuard:
         ban = self.banned.pop(host, None)
         if ban is None:
             return
+        if self._state is not None:
+            self._state.delete_ban(host)
         self.counters["unbanned"] += 1
         self.counters["dropped_banned"] += ban.dropped
         self.log.info(
@@ -523,7 +550,7 @@ class FloodGuard:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Cancel every unban timer (the proxy is stopping)."""
+        """Cancel every unban timer (the proxy is stopping; saved bans stay saved)."""
         for ban in self.banned.values():
             if ban.unban.active():
                 ban.unban.cancel()

@@ -20,7 +20,8 @@ Response hooks may return ``None`` (go on) or :data:`DROP` (the response goes no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from zope.interface import Attribute, Interface
@@ -28,10 +29,12 @@ from zope.interface import Attribute, Interface
 from sipproxy.context import Branch, RequestContext, Target
 
 if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
     from twisted.internet.defer import Deferred
 
     from sipproxy.config import Config, Section
     from sipproxy.dialogs import Dialog
+    from sipproxy.location import Binding
     from sipproxy.media.backends import RelayedSdp
     from sipproxy.message import Request, Response, Via
     from sipproxy.transaction import ClientTransaction
@@ -55,7 +58,11 @@ __all__ = [
     "IPluginFactory",
     "IProxyCore",
     "IProxyPlugin",
+    "IStateStore",
+    "IStatusProvider",
     "RequestContext",
+    "SavedBan",
+    "SavedToken",
     "Target",
 ]
 
@@ -160,6 +167,10 @@ class IProxyCore(Interface):
         "The sockets, each with side ('inside'/'outside'), transport, address, port, via_host."
     )
     dialogs = Attribute("The sipproxy.dialogs.DialogTracker.")
+    state = Attribute(
+        "The IStateStore ([registrar] store) where state that must survive a restart is kept; "
+        "its ``durable`` is False for the default, in memory: then there is nothing to save."
+    )
     flood = Attribute(
         "The sipproxy.flood.FloodGuard ([limits]: rate limits and the ban list; failed() is a "
         "failure budget such as wrong passwords), or None when [limits] enabled = false."
@@ -262,3 +273,102 @@ class ICredentialStore(Interface):
         """HA1 = H(username:realm:password) in hex for ``algorithm`` ("MD5" or "SHA-256"),
         or None when the user (or that algorithm's secret) is unknown; or a Deferred firing
         with either. Must not block the reactor."""
+
+
+class IStatusProvider(Interface):
+    """What a plugin shows on the admin listener (``[admin]``): its metrics on ``/metrics``
+    and a section of its own in ``/api/status`` (and on the status page). Both are called at
+    scrape or request time, on the reactor thread: read the plugin's live state there (a
+    dict's length, a ``Counter``), rather than counting on the hot path, and return quickly.
+
+    The proxy asks every enabled plugin that provides this interface; a plugin that raises is
+    logged and left out of that answer (the rest of the page and metrics still work).
+    """
+
+    def metrics() -> Iterable[Metric]:
+        """The plugin's metric families, built fresh on each call (``prometheus_client``'s
+        ``CounterMetricFamily``, ``GaugeMetricFamily`` ...), named ``sipproxy_<plugin>_...``
+        in Prometheus conventions (``_total`` for counters, units in the name)."""
+
+    def status() -> Mapping[str, Any] | None:
+        """The plugin's section of ``/api/status``: a JSON-able mapping (``None``: nothing to
+        show), shown under the plugin's entry in ``plugins``. Two keys are taken out of it and
+        merged into the core's lists (see :mod:`sipproxy.admin.status` for their shape):
+        ``"registrations"``, a list of registrations the plugin knows of (e.g. the ``nat``
+        plugin's phones registered at the provider through the proxy), and ``"media"``, a
+        mapping of Call-ID to the list of per-direction media entries of that call (the
+        ``media`` plugin)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedToken:
+    """A ``nat`` plugin registration token: ``sip:TOKEN@<proxy>`` is what the provider has on
+    file as the Contact of the phone whose Contact is ``contact``, reached at ``target``."""
+
+    token: str
+    contact: str
+    target: Target
+    expires_at: float  # absolute, in the proxy clock's seconds (wall-clock time)
+
+
+@dataclass(frozen=True, slots=True)
+class SavedBan:
+    """A flood guard ban: ``host`` is ignored until ``until`` (the clock's seconds)."""
+
+    host: str
+    reason: str
+    until: float
+
+
+class IStateStore(Interface):
+    """Where the state that must survive a restart is kept (``[registrar] store``): the
+    registrar's bindings, the ``nat`` plugin's registration tokens (what the provider has on
+    file as a phone's Contact) and the flood guard's bans.
+
+    Reading happens once, at start-up, before any listener opens: the store reads what it
+    holds when it is opened (it may block then: the proxy opens it while it builds its
+    service, before the reactor runs), and the ``saved_*`` methods return what of it is still
+    valid at ``now``: expired state is never brought back. Writing happens while the proxy
+    runs and never blocks the reactor: every write returns a ``Deferred`` and writes are
+    applied in the order they were made. A write that fails is logged by the store and its
+    ``Deferred`` fires all the same: while the proxy runs, what it holds in memory is the
+    truth. The built-in stores are ``sipproxy.state.MemoryStateStore`` (the default: nothing
+    survives) and ``sipproxy.sqlite_state.SqliteStateStore``; another (e.g. Redis) provides
+    this interface and nothing else changes. Proxies sharing one store see each other's changes
+    only at their next start: live sharing would need a way for the store to report them.
+    """
+
+    durable = Attribute(
+        "False when nothing outlives the process (the memory store): callers then save "
+        "nothing at all, so the default adds no work to REGISTER handling."
+    )
+
+    def saved_bindings(now: float) -> list[Binding]:
+        """The bindings saved before the start whose ``expires_at`` is after ``now``."""
+
+    def saved_tokens(now: float) -> list[SavedToken]:
+        """The registration tokens saved before the start that expire after ``now``."""
+
+    def saved_bans(now: float) -> list[SavedBan]:
+        """The bans saved before the start that end after ``now``."""
+
+    def save_binding(binding: Binding) -> Deferred[None]:
+        """Keep ``binding`` (a new one, or a refresh of the one with its aor and contact)."""
+
+    def delete_binding(aor: str, contact: str) -> Deferred[None]:
+        """Forget the binding of ``aor`` with ``contact`` (none: nothing happens)."""
+
+    def save_token(token: SavedToken) -> Deferred[None]:
+        """Keep ``token`` (a new one, or a new expiry of the one with its name)."""
+
+    def delete_token(token: str) -> Deferred[None]:
+        """Forget the token named ``token``."""
+
+    def save_ban(ban: SavedBan) -> Deferred[None]:
+        """Keep ``ban`` (replacing a ban of the same host)."""
+
+    def delete_ban(host: str) -> Deferred[None]:
+        """Forget the ban of ``host``."""
+
+    def close() -> Deferred[None]:
+        """Fires once every write made before it is done; later writes are ignored."""

@@ -2,22 +2,37 @@
 
 A scanner sends thousands of requests a minute; logging each refusal would flood the log. A
 :class:`RefusalLog` counts every refusal (``counters``: a ``collections.Counter`` by reason,
-read by a later metrics exporter) and logs at most one line per source address per
-``interval`` seconds of the injected clock; that line says how many refusals from the source
-were not logged since the previous one. Memory is bounded: at most ``max_sources`` sources are
-remembered (expired ones are forgotten first; when all are recent, a new source is still
-counted but logged only in the summary kept under the key ``"*"``).
+exported by :func:`refusal_metrics` on the admin listener's ``/metrics``) and logs at most
+one line per source address per ``interval`` seconds of the injected clock; that line says how
+many refusals from the source were not logged since the previous one. Memory is bounded: at
+most ``max_sources`` sources are remembered (expired ones are forgotten first; when all are
+recent, a new source is still counted but logged only in the summary kept under the key
+``"*"``).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["RefusalLog"]
+__all__ = ["RefusalLog", "refusal_metrics"]
+
+
+def refusal_metrics(plugin: str, counters: Mapping[str, int]) -> CounterMetricFamily:
+    """``sipproxy_refusals_total{plugin, reason}`` for one plugin's refusals (``counters``:
+    reason -> count). Every plugin returns a family of this name from its
+    :meth:`~sipproxy.interfaces.IStatusProvider.metrics`; the admin listener merges them."""
+    family = CounterMetricFamily(
+        "sipproxy_refusals", "Requests, connections or messages refused, by the plugin (core:"
+        " the core and its flood guard) and the reason.", labels=["plugin", "reason"])
+    for reason, n in sorted(counters.items()):
+        family.add_metric([plugin, reason], n)
+    return family
 
 
 class RefusalLog:

@@ -6,15 +6,18 @@ import gc
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from sipproxy.config import Config, ConfigError
 from sipproxy.dns import make_resolver
 from sipproxy.flood import FloodGuard
+from sipproxy.interfaces import IStateStore
 from sipproxy.location import LocationService
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
 from sipproxy.registrar import Registrar
+from sipproxy.state import open_store, restore_bindings
 from sipproxy.transport import TransportManager
 
 __all__ = ["SipProxyService", "makeService", "tune_garbage_collector"]
@@ -46,10 +49,36 @@ class _ProxyLifecycle(Service):
         self.proxy.stop()
 
 
+class _RestoreBindings(Service):
+    """Puts the saved bindings back once the plugins listen to the location service (the
+    ``nat`` plugin keeps NATed ones alive) and before the transports open; at the first start
+    only (what was saved is older than what the location service holds after that)."""
+
+    def __init__(self, location: LocationService, state: IStateStore) -> None:
+        self.location = location
+        self.state: IStateStore | None = state
+
+    def startService(self) -> None:
+        super().startService()
+        if self.state is None:
+            return
+        restored = restore_bindings(self.location, self.state)
+        self.state = None
+        if restored:
+            _log.info("{count} bindings restored", count=restored)
+
+
 class SipProxyService(MultiService):
-    """The proxy's services; ``.proxy`` is the core (plugins, location, transports)."""
+    """The proxy's services; ``.proxy`` is the core (plugins, location, transports).
+    ``.proxy.state`` (``[registrar] store``) is closed once they have all stopped: every
+    write made until then reaches it."""
 
     proxy: Proxy
+
+    def stopService(self) -> Deferred[None]:
+        stopped: Deferred[None] = super().stopService()
+        stopped.addBoth(lambda result: self.proxy.state.close().addCallback(lambda _: result))
+        return stopped
 
 
 def makeService(config: Config, reactor: Any = None) -> SipProxyService:
@@ -69,6 +98,8 @@ def makeService(config: Config, reactor: Any = None) -> SipProxyService:
 def _build(config: Config, reactor: Any) -> SipProxyService:
     top = SipProxyService()
     top.setName("sipproxy")
+    # read once, blocking: we run before the reactor does, and nothing listens yet
+    state = open_store(config.registrar.store, reactor)
     location = LocationService(reactor)
     receiver: list[Proxy] = []
     registrar = Registrar(
@@ -85,13 +116,17 @@ def _build(config: Config, reactor: Any) -> SipProxyService:
     )
     limits = config.limits
     flood = FloodGuard.from_config(reactor, limits) if limits.enabled else None
+    if flood is not None:
+        restored = flood.keep_bans_in(state)
+        if restored:
+            _log.info("{count} bans restored", count=restored)
     transports = TransportManager(
         reactor, lambda message: receiver[0].receive(message), config.listen,
         idle_timeout=limits.idle_timeout, flood=flood,
         message_timeout=limits.message_timeout or None,
     )
     resolver = make_resolver(config.dns.servers, config.dns.timeout, reactor)
-    proxy = Proxy(config, reactor, transports, location, registrar, resolver)
+    proxy = Proxy(config, reactor, transports, location, registrar, resolver, state)
     receiver.append(proxy)
     transports.flows = proxy.flows
     plugins = load_plugins(config, proxy)
@@ -105,8 +140,13 @@ def _build(config: Config, reactor: Any) -> SipProxyService:
     for plugin in plugins:
         if IService.providedBy(plugin):
             plugin.setServiceParent(top)
+    _RestoreBindings(location, state).setServiceParent(top)
     transports.setServiceParent(top)
     _ProxyLifecycle(proxy).setServiceParent(top)
+    if config.admin.enabled:
+        from sipproxy.admin.service import AdminService  # twisted.web, prometheus_client
+
+        AdminService(proxy, config.admin, reactor).setServiceParent(top)
     return top
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sipproxy.config import (
     CORE_SECTIONS,
+    AdminConfig,
     Config,
     ConfigError,
     DnsConfig,
@@ -380,7 +381,7 @@ CASES = [
     (
         "[registrar]\nexpires = 1",
         "registrar.expires: unknown key (expected one of: default_expires, max_contacts,"
-        " max_expires, min_expires)",
+        " max_expires, min_expires, store)",
     ),
     ("[registrar]\nmax_contacts = 0",
      "registrar.max_contacts: must be an integer from 1 to 1000, got 0"),
@@ -675,6 +676,7 @@ CORE_KEYS = [
     ("timers", "t4"),
     ("plugins", "enabled"),
     *(("limits", key) for key in sorted(LimitsConfig.__dataclass_fields__)),
+    *(("admin", key) for key in sorted(AdminConfig.__dataclass_fields__)),
 ]
 
 
@@ -710,7 +712,8 @@ def test_any_listen_value_is_accepted_or_blamed_on_that_key(key: str, value: str
 
 def test_core_section_names() -> None:
     assert {
-        "proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log"
+        "proxy", "listen", "upstream", "registrar", "timers", "dns", "plugins", "limits", "log",
+        "admin",
     } == CORE_SECTIONS
 
 
@@ -861,7 +864,7 @@ def test_the_reference_file_documents_every_key() -> None:
 CORE_TABLES = {
     "proxy": ProxyConfig, "listen": ListenConfig, "upstream": UpstreamConfig,
     "registrar": RegistrarConfig, "timers": TimerConfig, "dns": DnsConfig,
-    "plugins": PluginsConfig, "limits": LimitsConfig, "log": LogConfig,
+    "plugins": PluginsConfig, "limits": LimitsConfig, "log": LogConfig, "admin": AdminConfig,
 }
 
 

@@ -340,8 +340,12 @@ class RealServerTests(RealServerMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_name_that_does_not_exist(self) -> Any:
-        targets = yield self.sip().resolve(f"missing.{ZONE}", None, None, False)
+        resolver = self.sip()
+        targets = yield resolver.resolve(f"missing.{ZONE}", None, None, False)
         self.assertEqual(targets, [])
+        # every lookup that found nothing is counted, by type (for /metrics)
+        self.assertGreaterEqual(resolver.failures["NAPTR"], 1)
+        self.assertGreaterEqual(resolver.failures["A"], 1)
         targets = yield self.sip().resolve(f"missing.{ZONE}", 5060, "tcp", False)
         self.assertEqual(targets, [])
 

@@ -19,6 +19,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from sipproxy.admin.status import StatusModel
 from sipproxy.config import ConfigError, Section, parse_config
 from sipproxy.media.backends import LocalRelay, NGRelay
 from sipproxy.media.ng import NGCommands, NGError, NGTimeout, to_text
@@ -358,6 +359,46 @@ def test_relayed_packets_go_through_the_relay_ports(net: Net) -> None:
     legs[OUTSIDE, port_out].rtp.received(b"\x80\x00rtp-from-bob", PROVIDER_MEDIA)
     assert net.clock.sent[-1] == (INSIDE, port_in, b"\x80\x00rtp-from-bob", PHONE_MEDIA)
     hang_up(net)
+    net.run_out()
+
+
+def test_the_admin_status_and_metrics_show_each_direction_of_a_call(net: Net) -> None:
+    """/api/status's call has the media of each direction as the relay counted it (packets,
+    bytes, path, seconds since the last packet); /metrics counts them by the sender's
+    interface, and still after the call ended."""
+    invite, ok = answered_call(net)
+    _, port_out = media_address(invite)
+    _, port_in = media_address(ok)
+    [call] = net.engine.calls.values()
+    legs = {(leg.rtp.port.interface, leg.rtp.local_port): leg for leg in call.legs()}
+    for _ in range(3):
+        legs[INSIDE, port_in].rtp.received(b"\x80\x00" + b"p" * 160, PHONE_MEDIA)
+    net.advance(2.5)
+    legs[OUTSIDE, port_out].rtp.received(b"\x80\x00" + b"b" * 80, PROVIDER_MEDIA)
+    net.advance(0.5)
+    [shown] = StatusModel(net.proxy).status(["calls"])["calls"]
+    assert (shown["call_id"], shown["from"], shown["to"]) == (
+        "out-1", "sip:alice@provider.example", "sip:bob@provider.example")
+    assert shown["media"] == [
+        {"direction": "caller->callee", "media": "audio", "packets": 3, "bytes": 3 * 162,
+         "path": "userspace", "last_packet_age": 3.0},
+        {"direction": "callee->caller", "media": "audio", "packets": 1, "bytes": 82,
+         "path": "userspace", "last_packet_age": 0.5},
+    ]
+    [section] = [p["status"] for p in StatusModel(net.proxy).status(["plugins"])["plugins"]
+                 if p["name"] == "media"]
+    assert section == {"relay": "builtin", "calls": 1}
+
+    def packets() -> dict[tuple[str, str], float]:
+        return {(s.labels["interface"], s.labels["path"]): s.value
+                for family in net.media.metrics() if family.name == "sipproxy_relay_packets"
+                for s in family.samples}
+
+    assert packets()[("inside", "userspace")] == 3
+    assert packets()[("outside", "userspace")] == 1
+    hang_up(net)
+    assert StatusModel(net.proxy).status(["calls"])["calls"] == []
+    assert packets()[("inside", "userspace")] == 3  # counters never go back
     net.run_out()
 
 

@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.python import usage
 
 from sipproxy.media import bencode, tap
@@ -65,6 +67,7 @@ BAD_OPTIONS = [
     (["--timeout", "0"], "--timeout: must be a number from 1 to 86400, got 0"),
     (["--timeout", "1e9"], "--timeout: must be a number from 1 to 86400, got 1000000000.0"),
     (["--kernel", "true"], '--kernel: must be auto, on or off, got "true"'),
+    (["--metrics", "9101"], '--metrics: must be ADDRESS:PORT, got "9101"'),
 ]
 
 
@@ -111,6 +114,14 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
+def relay_metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The relay's /metrics, parsed with prometheus_client's parser."""
+    with urllib.request.urlopen(f"http://{LOCAL}:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 class NG:
     """A bare NG client on a blocking socket, to test the relay from the outside."""
 
@@ -149,13 +160,17 @@ SDP_A = (
 @pytest.mark.integration
 def test_relay_process_ping_offer_answer_delete(tmp_path: Path) -> None:
     ng_port = free_udp_port()
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        metrics_port = s.getsockname()[1]
     port_min = 43000 + (os.getpid() % 50) * 20
     out, err = tmp_path / "out.log", tmp_path / "err.log"
     with out.open("w") as stdout, err.open("w") as stderr:
         proc = subprocess.Popen(
             [*TWISTD, "-n", "--pidfile=", "sipproxy-relay", "--listen-ng", f"{LOCAL}:{ng_port}",
              "--port-min", str(port_min), "--port-max", str(port_min + 19),
-             "-i", f"inside/{LOCAL}", "-i", f"outside/{LOCAL}"],
+             "-i", f"inside/{LOCAL}", "-i", f"outside/{LOCAL}",
+             "--metrics", f"{LOCAL}:{metrics_port}"],
             cwd=tmp_path, env=run_env(), stdout=stdout, stderr=stderr,
         )
         ng = NG(ng_port)
@@ -191,6 +206,19 @@ def test_relay_process_ping_offer_answer_delete(tmp_path: Path) -> None:
             phone_b.sendto(b"\x80\x00back", (LOCAL, to_b_side))
             assert phone_a.recvfrom(100) == (b"\x80\x00back", (LOCAL, to_a_side))
 
+            # its own /metrics: the session, and each direction's packet by interface and path
+            metrics = relay_metrics(metrics_port)
+            assert metrics[("sipproxy_relay_sessions", ())] == 1
+            inside = ("sipproxy_relay_packets_total", (("interface", "inside"),
+                                                       ("path", "userspace")))
+            outside = ("sipproxy_relay_packets_total", (("interface", "outside"),
+                                                        ("path", "userspace")))
+            assert (metrics[inside], metrics[outside]) == (1, 1)
+            # a pair per party; both interfaces are on 127.0.0.1, whose range they share
+            used = ("sipproxy_relay_ports_used", (("interface", "inside"),))
+            assert metrics[used] == 4
+            assert ("process_cpu_seconds_total", ()) in metrics
+
             listed = ng({"command": "list"})
             assert listed == {b"result": b"ok", b"calls": [b"call-1"]}
             deleted = ng({"command": "delete", "call-id": "call-1", "from-tag": "A"}, tries=3)
@@ -199,6 +227,9 @@ def test_relay_process_ping_offer_answer_delete(tmp_path: Path) -> None:
             assert isinstance(totals, dict)
             assert totals[b"RTP"] == {b"packets": 2, b"bytes": 13, b"errors": 0}
             assert ng({"command": "query", "call-id": "call-1"})[b"result"] == b"error"
+            after = relay_metrics(metrics_port)  # an ended call's packets stay counted
+            assert after[("sipproxy_relay_sessions", ())] == 0
+            assert (after[inside], after[outside]) == (1, 1)
             for port in (to_a_side, to_b_side):  # the ports are closed again
                 for _ in range(50):
                     try:

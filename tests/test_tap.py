@@ -166,6 +166,8 @@ BAD_CONFIGS = [
      "upstream.uri: must have ;transport=udp, tcp or tls"),
     ('[upstream]\nuri = "sips:provider.example"\n',
      'upstream.uri: a TLS upstream needs the tls plugin (add "tls" to plugins.enabled)'),
+    # the admin listener on a public address without a token: anyone could see every call
+    ('[admin]\naddress = "0.0.0.0"\n', "admin.token: is required to listen on 0.0.0.0"),
 ]
 
 

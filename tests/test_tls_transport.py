@@ -244,6 +244,8 @@ class RealTLSTests(unittest.TestCase):
         self.assertIn(expected, str(error))
         self.assertEqual([str(e) for e in self.failures], [str(error)])
         self.assertNotIn(b"OPTIONS", server.received)  # never in clear, never at all
+        # counted for /metrics (sipproxy_tls_handshake_failures_total{reason})
+        self.assertEqual(dict(manager.tls.failures), {"certificate": 1})
 
     def test_wrong_name_fails(self) -> Any:
         return self._refused(certs().wrong_name, "certificate is not for provider.test")

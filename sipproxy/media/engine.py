@@ -17,7 +17,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from sipproxy.media.errors import RelayError, UnknownCall
-from sipproxy.media.model import Call, Monologue, PacketStream
+from sipproxy.media.model import Call, Monologue, PacketStream, StreamTotals
 from sipproxy.media.offer_answer import (
     RelayedMedia,
     SignalOptions,
@@ -76,6 +76,8 @@ class RelayEngine:
         self.silent_timeout = silent_timeout
         self.offer_timeout = offer_timeout
         self.calls: dict[str, Call] = {}
+        #: what the calls that ended relayed (the metrics add the live calls' counts to it)
+        self.ended_totals = StreamTotals()
         self._allocators: dict[str, PortAllocator] = {}
         #: Called with (call_id, reason) when the relay ends a call itself ("timeout",
         #: "shutdown"): the proxy ends the SIP call.
@@ -128,6 +130,16 @@ class RelayEngine:
         if found is None:
             raise RelayError(f"Unknown interface {name!r}")
         return found
+
+    def port_usage(self) -> dict[str, tuple[int, int]]:
+        """Per interface name: (ports the relay holds open, ports of the range still free).
+        Interfaces on one address share its port range, and so its counts."""
+        usage: dict[str, tuple[int, int]] = {}
+        for name, interface in self.interfaces.items():
+            allocator = self.allocator(interface)
+            used = len(allocator.in_use) * 2
+            usage[name] = (used, allocator.pairs * 2 - used)
+        return usage
 
     def open_ports(self) -> int:
         """How many UDP ports the relay holds open."""
@@ -288,6 +300,7 @@ class RelayEngine:
         """Close ``call``; ``report``: tell the ``timeout_observers`` (the relay ended it)."""
         if self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
+            self.ended_totals.add(call)
         waits = call.close()
         if reason == "timeout":
             _log.info("media relay: call {call_id} timed out", call_id=call.call_id)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sipproxy.media.engine import RelayEngine
     from sipproxy.media.offload import StreamOffload
 
-__all__ = ["Call", "Component", "MediaLeg", "Monologue", "PacketStream"]
+__all__ = ["Call", "Component", "MediaLeg", "Monologue", "PacketStream", "StreamTotals"]
 
 Component = Literal["RTP", "RTCP"]
 
@@ -371,6 +371,33 @@ class Call:
             waits.extend(mono.close())
         return waits
 
+    def directions(self, caller_tag: str | None, now: float) -> list[dict[str, Any]]:
+        """Per media line and direction, what the RTP port of the sending party got: the
+        admin status page's ``media`` entries (:mod:`sipproxy.admin.status`). The party
+        ``caller_tag`` (None: the first one the relay heard of) sends ``caller->callee``."""
+        monologues = list(self.monologues.values())
+        if caller_tag is None and monologues:
+            caller_tag = monologues[0].tag
+        result = []
+        for mono in monologues:
+            direction = "caller->callee" if mono.tag == caller_tag else "callee->caller"
+            for index in sorted(mono.medias):
+                leg = mono.medias[index]
+                if leg.closed:
+                    continue
+                rtp = leg.rtp
+                kernel = rtp.offload is not None and rtp.offload.active
+                result.append({
+                    "direction": direction,
+                    "media": leg.type,
+                    "packets": rtp.packets + rtp.kernel_packets,
+                    "bytes": rtp.bytes + rtp.kernel_bytes,
+                    "path": "kernel" if kernel else "userspace",
+                    "last_packet_age": None if rtp.last_packet is None
+                    else round(max(0.0, now - rtp.last_packet), 3),
+                })
+        return sorted(result, key=lambda m: m["direction"] != "caller->callee")
+
     def describe(self) -> dict[str, Any]:
         """The call as an NG ``query`` or ``delete`` reply describes it."""
         totals = {c: {"packets": 0, "bytes": 0, "errors": 0} for c in ("RTP", "RTCP")}
@@ -384,3 +411,34 @@ class Call:
             "tags": {tag: mono.describe() for tag, mono in self.monologues.items()},
             "totals": totals,
         }
+
+
+class StreamTotals:
+    """Packets and bytes relayed, summed by (interface name, path): the interface is the side
+    of the party that sent them, the path ``"userspace"`` or ``"kernel"``. The engine keeps
+    the totals of the calls that ended; the metrics add the live calls' counts to a copy."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], list[int]] = {}
+
+    def copy(self) -> StreamTotals:
+        """An independent copy."""
+        other = StreamTotals()
+        other.counts = {key: list(value) for key, value in self.counts.items()}
+        return other
+
+    def add(self, call: Call) -> None:
+        """Add what every stream of ``call`` relayed."""
+        for leg in call.legs():
+            interface = leg.monologue.interface.name
+            for stream in leg.streams:
+                self._add((interface, "userspace"), stream.packets, stream.bytes)
+                self._add((interface, "kernel"), stream.kernel_packets, stream.kernel_bytes)
+
+    def _add(self, key: tuple[str, str], packets: int, size: int) -> None:
+        if packets or size:
+            counts = self.counts.setdefault(key, [0, 0])
+            counts[0] += packets
+            counts[1] += size

@@ -1,7 +1,13 @@
 """The ``twistd sipproxy-relay`` command line: the media relay on its own, driven over NG.
 
     twistd -n sipproxy-relay --listen-ng 127.0.0.1:2223 --port-min 30000 --port-max 40000 \\
-        --interface inside/192.168.1.1 --interface outside/203.0.113.1 [--kernel auto|on|off]
+        --interface inside/192.168.1.1 --interface outside/203.0.113.1 [--kernel auto|on|off] \\
+        [--metrics 127.0.0.1:9101]
+
+``--metrics ADDRESS:PORT`` serves the relay's Prometheus metrics over HTTP at ``/metrics``
+(:mod:`sipproxy.media.metrics`: sessions, streams and packets by path, ports per interface,
+and the process's): counts only, no call or phone details, and no token (bind it to an address
+only your Prometheus reaches).
 
 A bad option ends the command with one line on stderr naming the option, and exit status 2.
 """
@@ -9,17 +15,27 @@ A bad option ends the command with one line on stderr naming the option, and exi
 from __future__ import annotations
 
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
+from twisted.web.resource import Resource
 
 from sipproxy.media.ports import RelayInterface
-from sipproxy.media.settings import DEFAULT_INTERFACES, RelaySettings, check_port_range
+from sipproxy.media.settings import (
+    DEFAULT_INTERFACES,
+    RelaySettings,
+    check_port_range,
+    parse_address_port,
+)
 from sipproxy.settings import ConfigError, Section, SettingSpec, read_section, settings_of, show
 
-__all__ = ["EXIT_CONFIG_ERROR", "Options", "makeService", "relay_config"]
+if TYPE_CHECKING:
+    from sipproxy.media.service import RelayService
+
+__all__ = ["EXIT_CONFIG_ERROR", "Options", "makeService", "metrics_address", "relay_config"]
 
 EXIT_CONFIG_ERROR = 2
 _PREFIX = "sipproxy-relay"
@@ -57,7 +73,11 @@ class Options(usage.Options):
         "the default, and NG 'direction' names select them (internal/external mean "
         "inside/outside)."
     )
-    optParameters = _parameters()
+    optParameters = [
+        *_parameters(),
+        ["metrics", None, None, "ADDRESS:PORT (HTTP) to serve Prometheus /metrics on (default:"
+                                " none)."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -128,22 +148,61 @@ def _fail(text: str) -> NoReturn:
     raise SystemExit(EXIT_CONFIG_ERROR)
 
 
+def metrics_address(options: usage.Options) -> tuple[str, int] | None:
+    """``--metrics`` as (address, port), None when not given.
+
+    :raises ConfigError: naming ``--metrics``.
+    """
+    text = options["metrics"]
+    if text is None:
+        return None
+    address = parse_address_port(text)
+    if address is None:
+        raise ConfigError.for_key("--metrics", f"must be ADDRESS:PORT, got {show(text)}")
+    return address
+
+
+def _with_metrics(relay: RelayService, address: tuple[str, int]) -> IService:
+    """``relay`` and an HTTP listener of its metrics at ``address``."""
+    from twisted.application.internet import TCPServer
+
+    from sipproxy.admin.metrics import MetricsPage, process_registry
+    from sipproxy.admin.service import QuietSite
+    from sipproxy.media.metrics import RelayCollector
+
+    top = MultiService()
+    relay.setServiceParent(top)
+    root = Resource()
+    root.putChild(b"metrics", MetricsPage(process_registry(RelayCollector(relay.engine))))
+    host, port = address
+    TCPServer(port, QuietSite(root), interface=host).setServiceParent(top)
+    return top
+
+
 def makeService(options: usage.Options) -> IService:
     from sipproxy.media.service import makeRelayService
 
     try:
         config = relay_config(options)
+        metrics = metrics_address(options)
     except ConfigError as e:
         _fail(str(e))
-    service = makeRelayService(config)
-    start = service.startService
+    relay = makeRelayService(config)
+    service = relay if metrics is None else _with_metrics(relay, metrics)
+    # (the metrics' TCPServer binds in privilegedStartService, the relay in startService)
+    service.privilegedStartService = _one_line(  # type: ignore[method-assign]
+        service.privilegedStartService)
+    service.startService = _one_line(service.startService)  # type: ignore[method-assign]
+    return service
 
-    def startService() -> None:
+
+def _one_line(start: Callable[[], None]) -> Callable[[], None]:
+    """``start``, ending the command with one line when a port is taken."""
+    def started() -> None:
         try:
             start()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
             _fail(f"cannot listen on {e.interface or '*'}:{e.port}: {reason}")
 
-    service.startService = startService  # type: ignore[method-assign]
-    return service
+    return started

@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from prometheus_client.metrics_core import Metric
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -67,11 +68,16 @@ from sipproxy.config import Config
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog, Party, uri_address
 from sipproxy.errors import ParseError
-from sipproxy.interfaces import AUTHENTICATED_USER, IImpliedPluginFactory, IProxyCore
+from sipproxy.interfaces import (
+    AUTHENTICATED_USER,
+    IImpliedPluginFactory,
+    IProxyCore,
+    IStatusProvider,
+)
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
 from sipproxy.proxy.routing import next_hop
-from sipproxy.refusals import RefusalLog
+from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, network, read_section, setting
 from sipproxy.uri import URI
 
@@ -98,6 +104,7 @@ def _same_host_as_any(host: str, hosts: Iterable[str]) -> bool:
     return any(_ip(h) == ip for h in hosts)
 
 
+@implementer(IStatusProvider)
 class AclPlugin(Plugin):
     """The ``acl`` plugin (see the module docstring)."""
 
@@ -122,6 +129,16 @@ class AclPlugin(Plugin):
         #: refusals by reason: "acl.relay_denied", "acl.ack_dropped"
         self.counters = self.refusals.counters
         self._classify_host = functools.lru_cache(maxsize=4096)(self._classify_uncached)
+
+    # -- IStatusProvider ---------------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Refusals by reason."""
+        return [refusal_metrics(self.name, self.counters)]
+
+    def status(self) -> Mapping[str, Any]:
+        """Refusals by reason, and the networks that count as inside and trusted."""
+        return {"refusals": dict(self.counters), "inside": [str(n) for n in self.inside],
+                "trusted": [str(n) for n in self.trusted]}
 
     # -- sources ----------------------------------------------------------------------------------
     def _classify_uncached(self, host: str, side: str) -> str:

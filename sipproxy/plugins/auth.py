@@ -69,6 +69,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -89,10 +91,16 @@ from sipproxy.digest import (
     verify_response,
 )
 from sipproxy.errors import ParseError
-from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore, IPluginFactory, IProxyCore
+from sipproxy.interfaces import (
+    AUTHENTICATED_USER,
+    ICredentialStore,
+    IPluginFactory,
+    IProxyCore,
+    IStatusProvider,
+)
 from sipproxy.message import Request, Response
 from sipproxy.pipeline import Plugin
-from sipproxy.refusals import RefusalLog
+from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, network, no_control_characters, read_section, setting
 from sipproxy.uri import URI, unescape
 
@@ -123,6 +131,11 @@ def _user_of(uri: URI) -> str | None:
     return unescape(uri.user)
 
 
+#: what the auth plugin counts that is an outcome, not a refusal
+OUTCOMES: Final = ("auth.ok", "auth.challenged", "auth.stale")
+
+
+@implementer(IStatusProvider)
 class AuthPlugin(Plugin):
     """The ``auth`` plugin (see the module docstring)."""
 
@@ -155,6 +168,20 @@ class AuthPlugin(Plugin):
         self.counters = self.refusals.counters
         self.max_failures = max_failures
         self.window = window
+
+    # -- IStatusProvider ---------------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Outcomes (ok, challenged, stale nonce) and refusals by reason."""
+        outcomes = CounterMetricFamily("sipproxy_auth_outcomes", "Digest checks by outcome"
+                                       " (ok, challenged, stale nonce).", labels=["outcome"])
+        for outcome in OUTCOMES:
+            outcomes.add_metric([outcome.partition(".")[2]], self.counters.get(outcome, 0))
+        refusals = {k: n for k, n in self.counters.items() if k not in OUTCOMES}
+        return [outcomes, refusal_metrics(self.name, refusals)]
+
+    def status(self) -> Mapping[str, Any]:
+        """The realm, outcomes and refusals by reason."""
+        return {"realm": self.realm, "counters": dict(self.counters)}
 
     # -- which requests ---------------------------------------------------------------------------
     def _is_exempt(self, request: Request) -> bool:

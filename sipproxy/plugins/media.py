@@ -57,10 +57,12 @@ Config (``[media]``)::
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -70,8 +72,16 @@ from zope.interface import implementer
 from sipproxy.addressing import WILDCARD_ADDRESSES, is_ip_literal, is_non_public
 from sipproxy.context import Branch, RequestContext
 from sipproxy.dialogs import Dialog
-from sipproxy.interfaces import DROP, MEDIA_STATS, IMediaRelay, IPluginFactory, IProxyCore
+from sipproxy.interfaces import (
+    DROP,
+    MEDIA_STATS,
+    IMediaRelay,
+    IPluginFactory,
+    IProxyCore,
+    IStatusProvider,
+)
 from sipproxy.media.backends import LocalRelay, NGRelay, RelayedSdp
+from sipproxy.media.metrics import relay_metrics
 from sipproxy.media.ng import NGClient, NGError
 from sipproxy.media.offer_answer import MAX_STREAMS
 from sipproxy.media.ports import RelayInterface
@@ -125,6 +135,7 @@ class MediaCall:
             self.relayed.popitem(last=False)
 
 
+@implementer(IStatusProvider)
 class MediaPlugin(Plugin, MultiService):
     """The ``media`` plugin (see the module docstring). ``relay`` is any IMediaRelay;
     ``interface_names`` maps a listener side to the relay's interface name for it."""
@@ -174,6 +185,31 @@ class MediaPlugin(Plugin, MultiService):
         if self.ng_client is not None:
             waits.append(self.ng_client.stop())
         return defer.gatherResults(waits, consumeErrors=True)
+
+    # -- IStatusProvider -----------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Calls with relayed media; the built-in relay's own metrics."""
+        calls = GaugeMetricFamily("sipproxy_media_calls", "Calls whose media goes through the"
+                                  " relay.")
+        calls.add_metric([], len(self.calls))
+        yield calls
+        if self.relay_service is not None:
+            yield from relay_metrics(self.relay_service.engine)
+
+    def status(self) -> Mapping[str, Any]:
+        """The relay, and per call the media of each direction (built-in relay only: an NG
+        relay is not asked on every page refresh)."""
+        media: dict[str, list[dict[str, Any]]] = {}
+        if self.relay_service is not None:
+            engine = self.relay_service.engine
+            now = engine.clock.seconds()
+            for call_id, call in list(self.calls.items()):
+                relayed = engine.calls.get(call_id)
+                if relayed is not None:
+                    caller = call.dialog.caller_tag if call.dialog is not None else None
+                    media[call_id] = relayed.directions(caller, now)
+        return {"relay": "builtin" if self.relay_service is not None else "ng",
+                "calls": len(self.calls), "media": media}
 
     # -- state ---------------------------------------------------------------------------------
     def _call(self, call_id: str) -> MediaCall:
@@ -335,19 +371,20 @@ class MediaPlugin(Plugin, MultiService):
             return None
         request: Request = ctx.request
         status = response.status
-        call = self.calls.get(response.call_id)
+        call_id = request.call_id  # the response's, unless the nat plugin mapped it already
+        call = self.calls.get(call_id)
         if status >= 300:
             if call is not None:
                 call.pending = None  # the offer was rejected
                 if method == "INVITE" and not request.to.tag and not call.established:
-                    self.end(response.call_id, f"INVITE failed with {status}")
+                    self.end(call_id, f"INVITE failed with {status}")
             return None
         if response.source is None or not has_sdp(response):
             if call is not None and method == "INVITE" and 200 <= status < 300:
                 self._established(call, ctx)
             return None
         if call is None:
-            call = self._call(response.call_id)
+            call = self._call(call_id)
         if method == "INVITE" and 200 <= status < 300:
             self._established(call, ctx)
         source = response.source
@@ -364,7 +401,7 @@ class MediaPlugin(Plugin, MultiService):
         def failed(failure: Failure) -> Any:
             _log.warn("media relay refused the SDP of {status} to {method} of {call_id}: "
                       "{reason}; not forwarded", status=status, method=method,
-                      call_id=response.call_id, reason=failure.getErrorMessage())
+                      call_id=call_id, reason=failure.getErrorMessage())
             if not failure.check(NGError):
                 _log.failure("media plugin", failure)
             return DROP

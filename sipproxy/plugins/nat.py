@@ -41,6 +41,17 @@ that reason: RFC 3261 16.7 step 6), and a response that needs one is dropped. Bo
 (``counters["nat.evicted"]``, ``counters["nat.full"]``) and logged at most once per source
 per minute.
 
+With a durable ``[registrar] store`` (``core.state``) a registration's token survives a
+restart: it is saved when the registrar's 2xx grants it (and forgotten when it expires or the
+REGISTER removed it), and taken back when the plugin starts, so the provider's calls to it
+reach the phone without a new REGISTER. Tokens of calls are not kept.
+
+Topology hiding (``hide_topology``, on by default in firewall mode): no inside address or
+inside host name (``inside_domains``) in any other byte either: Call-ID, From, To, Refer-To,
+Referred-By, Replaces, every other header and every non-SDP body part are mapped, or removed
+when they cannot be (:mod:`sipproxy.plugins.topology` says which), and mapped back on the way
+in.
+
 SDP is not touched: that is the media plugin's job. Without it, media needs open ports.
 """
 
@@ -50,10 +61,12 @@ import functools
 import ipaddress
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -64,12 +77,20 @@ from sipproxy.addressing import PRIVATE_NETWORKS, in_networks, is_private
 from sipproxy.context import Branch, RequestContext, Target
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
-from sipproxy.interfaces import DROP, IPluginFactory, IProxyCore
+from sipproxy.interfaces import (
+    DROP,
+    IPluginFactory,
+    IProxyCore,
+    IStateStore,
+    IStatusProvider,
+    SavedToken,
+)
 from sipproxy.location import ILocationListener
-from sipproxy.message import Request, Response, new_branch, new_tag
+from sipproxy.message import Message, Request, Response, new_branch, new_tag
 from sipproxy.pipeline import Plugin
+from sipproxy.plugins.topology import HiddenCallId, Hiding, TopologyHider
 from sipproxy.proxy.record_route import insert_record_routes, remove_uri_values
-from sipproxy.refusals import RefusalLog
+from sipproxy.refusals import RefusalLog, refusal_metrics
 from sipproxy.settings import Section, ip_address, network, read_section, setting
 from sipproxy.uri import NameAddr, format_host, parse_name_addr, parse_uri
 
@@ -91,6 +112,11 @@ class ContactMapping:
     target: Target  # where its packets come from
     expires_at: float
     registration: bool = False  # made for a REGISTER: never evicted to make room
+    #: for a REGISTER: its address-of-record, the token URI the registrar got, and until when
+    #: the registrar's last 2xx granted it (the admin status page shows these)
+    aor: str = ""
+    public_contact: str = ""
+    registered_until: float = 0.0
 
 
 def _registered_address(binding: Any) -> Target | None:
@@ -131,10 +157,12 @@ class ContactMap:
     def __init__(
         self, clock: IReactorTime, max_mappings: int = DEFAULT_MAX_MAPPINGS,
         on_evict: Callable[[ContactMapping], None] | None = None,
+        on_expire: Callable[[ContactMapping], None] | None = None,
     ) -> None:
         self.clock = clock
         self.max_mappings = max_mappings
         self.on_evict = on_evict
+        self.on_expire = on_expire
         self._by_token: dict[str, ContactMapping] = {}
         self._by_contact: dict[tuple[str, Target], str] = {}
         # tokens that may be evicted (not a registration's), least recently used first
@@ -184,6 +212,24 @@ class ContactMap:
         self._evictable.pop(token, None)
         return mapping
 
+    def mappings(self) -> list[ContactMapping]:
+        """Every mapping held now (expired ones until the next purge)."""
+        return list(self._by_token.values())
+
+    def restore(self, token: str, contact: str, target: Target, expires_at: float) -> bool:
+        """Put back a registration's mapping from before a restart; False (nothing changed)
+        when the table is full or knows the token or the Contact and address already."""
+        if len(self._by_token) >= self.max_mappings or token in self._by_token or \
+                (contact, target) in self._by_contact:
+            return False
+        self._by_token[token] = ContactMapping(token, contact, target, expires_at, True)
+        self._by_contact[(contact, target)] = token
+        return True
+
+    def get(self, token: str) -> ContactMapping | None:
+        """The mapping of ``token``, expired or not, without counting it as used."""
+        return self._by_token.get(token)
+
     def lookup(self, token: str) -> ContactMapping | None:
         mapping = self._by_token.get(token)
         if mapping is None or mapping.expires_at < self.clock.seconds():
@@ -199,9 +245,11 @@ class ContactMap:
 
     def purge(self) -> int:
         now = self.clock.seconds()
-        gone = [m.token for m in self._by_token.values() if m.expires_at < now]
-        for token in gone:
-            self._forget(token)
+        gone = [m for m in self._by_token.values() if m.expires_at < now]
+        for mapping in gone:
+            self._forget(mapping.token)
+            if self.on_expire is not None:
+                self.on_expire(mapping)
         return len(gone)
 
 
@@ -214,7 +262,7 @@ class _Watched:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@implementer(ILocationListener)
+@implementer(ILocationListener, IStatusProvider)
 class NatPlugin(Plugin, Service):
     """The ``nat`` plugin (see the module docstring)."""
 
@@ -230,6 +278,9 @@ class NatPlugin(Plugin, Service):
         keepalive_failures: int = 3,
         keepalive_method: str = "OPTIONS",
         max_mappings: int = DEFAULT_MAX_MAPPINGS,
+        hide_topology: bool | None = None,
+        inside_domains: Iterable[str] = (),
+        strip_user_agent: bool = False,
     ) -> None:
         self.core = core
         self.clock: IReactorTime = core.clock
@@ -242,7 +293,9 @@ class NatPlugin(Plugin, Service):
         self.refusals = RefusalLog(self.clock, _log)
         #: evictions and refusals because the token table is full ("nat.evicted", "nat.full")
         self.counters = self.refusals.counters
-        self.contacts = ContactMap(self.clock, max_mappings, self._evicted)
+        self.contacts = ContactMap(self.clock, max_mappings, self._evicted, self._expired)
+        #: where registration tokens are saved to survive a restart (a durable core.state)
+        self.state: IStateStore | None = None
         self._requester = "?"  # the source whose message needs a mapping now (for the log)
         self.watched: dict[tuple[str, str], _Watched] = {}
         self._purge: LoopingCall | None = None
@@ -251,6 +304,12 @@ class NatPlugin(Plugin, Service):
         #: firewall mode (listeners of both sides): the network tells inside from outside;
         #: on a public proxy everything is routed outside, and inside_networks alone decides
         self._two_sided = {lst.side for lst in core.listeners} >= {"inside", "outside"}
+        if hide_topology is None:
+            hide_topology = self._two_sided
+        #: firewall mode's topology hiding (None: off)
+        self.topology = TopologyHider(
+            self.clock, self._inside_address, inside_domains, mapping_ttl, max_mappings,
+            strip_user_agent) if hide_topology else None
         if external_address:
             for listener in core.listeners:
                 if listener.side == "outside":
@@ -259,7 +318,8 @@ class NatPlugin(Plugin, Service):
     # -- service -------------------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
-        self._purge = LoopingCall(self.contacts.purge)
+        self._restore_tokens()
+        self._purge = LoopingCall(self.purge)
         self._purge.clock = self.clock
         self._purge.start(60.0, now=False)
         self.core.location.add_listener(self)
@@ -275,6 +335,42 @@ class NatPlugin(Plugin, Service):
                 loop.stop()
         self.core.location.remove_listener(self)
 
+    def purge(self) -> None:
+        """Forget the expired mappings."""
+        self.contacts.purge()
+        if self.topology is not None:
+            self.topology.purge()
+
+    # -- registration tokens that survive a restart ([registrar] store) ------------------------
+    def _restore_tokens(self) -> None:
+        """Take back the registrations' tokens the provider still has on file (the phones are
+        reached by them without a new REGISTER), and save them from now on."""
+        state = self.core.state
+        if not state.durable:
+            return
+        restored = sum(
+            self.contacts.restore(saved.token, saved.contact, saved.target, saved.expires_at)
+            for saved in state.saved_tokens(self.clock.seconds()))
+        if restored:
+            _log.info("nat: {count} registration tokens restored", count=restored)
+        self.state = state
+
+    def _save_token(self, token: str) -> None:
+        """Save (or, once expired, forget) a registration's token after the registrar's 2xx."""
+        state = self.state
+        mapping = self.contacts.get(token)
+        if state is None or mapping is None or not mapping.registration:
+            return
+        if mapping.expires_at > self.clock.seconds():
+            state.save_token(
+                SavedToken(mapping.token, mapping.contact, mapping.target, mapping.expires_at))
+        else:
+            state.delete_token(mapping.token)
+
+    def _expired(self, mapping: ContactMapping) -> None:
+        if self.state is not None and mapping.registration:
+            self.state.delete_token(mapping.token)
+
     # -- addresses -----------------------------------------------------------------------------
     def _inside_uncached(self, host: str) -> bool:
         return in_networks(host, self.networks)
@@ -289,6 +385,11 @@ class NatPlugin(Plugin, Service):
         outside interface is outside); where it does not say, in ``inside_networks``."""
         side = self.core.routed_side(host) if self._two_sided else None
         return side == "inside" if side is not None else self.is_inside(host)
+
+    def _inside_address(self, address: str) -> bool:
+        """For topology hiding: an address found in a message is an inside one when it faces
+        the inside (our own outside address on a private network does not)."""
+        return self.faces_inside(address) and self.is_inside(address)
 
     def is_private(self, host: str) -> bool:
         """NAT detection: an inside address, or any private one (a phone behind someone
@@ -327,6 +428,8 @@ class NatPlugin(Plugin, Service):
     # -- requests ------------------------------------------------------------------------------
     def request_received(self, ctx: RequestContext) -> Any:
         request: Request = ctx.request
+        if self.topology is not None and self._side_of_source(request) == "outside":
+            self._reveal_request(ctx)
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
                 self.core.is_local_domain(uri.host):
@@ -398,6 +501,8 @@ class NatPlugin(Plugin, Service):
                     response = request.make_response(503, "Too Many NAT Mappings")
                     response.headers.add("Retry-After", str(FULL_RETRY_AFTER))
                     return response
+        if self.topology is not None and out_side == "outside":
+            self._hide_request(ctx, branch, from_inside)
         return None
 
     def _evicted(self, mapping: ContactMapping) -> None:
@@ -463,6 +568,9 @@ class NatPlugin(Plugin, Service):
             mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
+            if registration:
+                mapping.aor = message.to.uri.aor()
+                mapping.public_contact = str(new_uri)
             changed.append(NameAddr(new_uri, contact.display, contact.params.copy(), angle=True))
         message.set_contacts(changed)
 
@@ -474,6 +582,10 @@ class NatPlugin(Plugin, Service):
         request: Request = ctx.request
         to_side = self._side_of_source(request)
         from_side = branch.listener.side if branch.listener is not None else ""
+        if self.topology is not None and from_side == "outside":
+            self._reveal(response)
+            if "nat_call_id" in branch.data:  # also when its mapping was forgotten meanwhile
+                self._set_call_id(response, request.call_id)
         removed = branch.data.get("nat_rr")
         if removed:
             # our inside-facing entry goes back below our outside one
@@ -482,6 +594,8 @@ class NatPlugin(Plugin, Service):
             # a REGISTER response's Contacts are bindings, not the responder's address
             if 200 <= response.status < 300:
                 self._refresh_register_tokens(response)
+                if self.state is not None:
+                    self._refresh_register_tokens(branch.request, removed_only=True)
                 self._restore_register_contacts(response)
             return None
         if "contact" not in response.headers:
@@ -518,20 +632,35 @@ class NatPlugin(Plugin, Service):
                 return listener
         return side[0] if side else None
 
-    def _refresh_register_tokens(self, response: Response) -> None:
+    def _refresh_register_tokens(self, message: Request | Response,
+                                 removed_only: bool = False) -> None:
+        """After a REGISTER's 2xx: each token's mapping lives as long as the registrar keeps
+        its binding (the 2xx's expires). With a durable store also: one the REGISTER removed
+        goes now (``message`` is then the REGISTER we forwarded, ``removed_only``: a registrar
+        lists only the bindings that remain), and each is saved or forgotten there."""
         try:
-            contacts = response.contacts
+            contacts = message.contacts
         except ParseError:
             return
-        default = response.headers.get("expires")
+        default = message.headers.get("expires")
         for contact in contacts:
-            user = contact.uri.user
+            user = contact.uri.user if contact.uri.is_sip else None
             if not user or not user.startswith(TOKEN_PREFIX):
                 continue
             expires = contact.get_param("expires") or default
-            if expires is not None and expires.strip().isdigit():
+            if expires is None or not expires.strip().isdigit():
+                seconds = None
+            else:
                 seconds = int(expires.strip())
+            if removed_only and seconds != 0:
+                continue
+            if seconds is not None:
                 self.contacts.set_ttl(user, seconds + 60.0 if seconds else 0.0)
+                mapping = self.contacts.get(user)
+                if mapping is not None:
+                    mapping.registered_until = self.clock.seconds() + seconds
+            if self.state is not None:
+                self._save_token(user)
 
     def _restore_register_contacts(self, response: Response) -> None:
         """The phone looks for its own Contact in the registrar's answer (RFC 3261 10.2.4):
@@ -569,7 +698,136 @@ class NatPlugin(Plugin, Service):
         if self._side_of_source(ctx.request) == "outside":
             self._remove_inside_values(response, "record-route")
             self._remove_inside_values(response, "path")
+            requester = self._target_of(ctx.request)
+            if self.topology is not None and requester is not None:
+                outside = ctx.data.get("nat_call_id")
+                entry = None
+                if outside is not None:
+                    self._set_call_id(response, outside)
+                    entry = self.topology.reveal(outside)
+                via = self.core.make_via(requester)
+                listener = self._listener_of(ctx.request)
+                port = via.port or (listener.port if listener is not None else 5060)
+                self.topology.hide_message(
+                    response, Hiding(via.host, self._tokenizer(via.host, port), entry))
         return None
+
+    def dialog_ended(self, dialog: Any, reason: str) -> None:
+        if self.topology is not None:
+            self.topology.dialog_ended(dialog.call_id)
+
+    # -- topology hiding -----------------------------------------------------------------------
+    def _reveal_request(self, ctx: RequestContext) -> None:
+        """A request from the outside: an outside Call-ID of ours (an in-dialog request, a
+        NOTIFY...) becomes the inside one again (the dialog is the inside one's), and the
+        other mapped fields their inside values. The context gets a copy: the transaction
+        keeps the request as it came, so what it answers itself (100 Trying, retransmissions)
+        carries the outside Call-ID."""
+        assert self.topology is not None
+        request: Request = ctx.request
+        outside = request.call_id
+        if self.topology.reveal(outside.strip()) is not None:
+            ctx.request = request = request.copy()
+        entry = self._reveal(request)
+        if entry is None:
+            return
+        ctx.data["nat_call_id"] = outside
+        to_tag = request.to.tag
+        if to_tag:
+            ctx.dialog = self.core.dialogs.find(entry.inside, request.from_.tag, to_tag)
+
+    def _reveal(self, message: Message) -> HiddenCallId | None:
+        """Map what comes from the outside back; the Call-ID's entry (None: not ours)."""
+        assert self.topology is not None
+        return self.topology.reveal_message(message, self._untokenize)
+
+    def _hide_request(self, ctx: RequestContext, branch: Branch, from_inside: bool) -> None:
+        """A request leaving on the outside: its Call-ID hidden when an inside phone made
+        it (a new request from the inside, or a dialog an inside phone started), the rest
+        as :meth:`TopologyHider.hide_message` does."""
+        assert self.topology is not None
+        out: Request = branch.request
+        request: Request = ctx.request
+        outside = ctx.data.get("nat_call_id")
+        entry = None
+        if outside is not None:
+            self._set_call_id(out, outside)
+            entry = self.topology.reveal(outside)
+        elif from_inside:
+            call_id = request.call_id
+            dialog = ctx.dialog
+            if not request.to.tag or self.topology.should_hide(call_id) or (
+                    dialog is not None and dialog.caller_side == "inside"):
+                entry = self.topology.hide_call_id(call_id, self._ttl_of(out))
+                self._set_call_id(out, self.topology.outside_call_id(call_id))
+                branch.data["nat_call_id"] = True
+        via = out.top_via
+        if via is not None and branch.listener is not None:
+            self.topology.hide_message(out, Hiding(via.host, self._tokenizer(
+                via.host, via.port or branch.listener.port), entry))
+
+    @staticmethod
+    def _set_call_id(message: Message, call_id: str) -> None:
+        if message.call_id != call_id:
+            message.headers.set("Call-ID", call_id)
+
+    def _tokenizer(self, host: str, port: int) -> Callable[[str], str | None]:
+        """For Refer-To/Referred-By: a token URI at our ``host:port`` for an inside URI (an
+        INVITE to it reaches that URI's host, as one to a Contact's token does)."""
+
+        def tokenize(uri_text: str) -> str | None:
+            try:
+                uri = parse_uri(uri_text)
+            except ParseError:
+                return None
+            if not uri.is_sip:
+                return None
+            transport = (uri.get_param("transport") or "udp").upper()
+            target = Target(transport, uri.host, uri.port or 5060, uri.host)
+            try:
+                mapping = self.contacts.token_for(uri_text, target, self.mapping_ttl)
+            except ContactMapFull:
+                return None
+            return f"sip:{mapping.token}@{format_host(host)}:{port}"
+
+        return tokenize
+
+    def _untokenize(self, uri_text: str) -> str | None:
+        try:
+            mapping = self._own_mapping(parse_uri(uri_text))
+        except ParseError:
+            return None
+        return mapping.contact if mapping is not None else None
+
+    # -- IStatusProvider -----------------------------------------------------------------------
+    def metrics(self) -> Iterable[Metric]:
+        """Mappings held (registrations' and calls'), phones kept alive, refusals."""
+        mappings = GaugeMetricFamily("sipproxy_nat_mappings", "Contact tokens held, by what"
+                                     " they were made for.", labels=["kind"])
+        held = self.contacts.mappings()
+        registrations = sum(1 for m in held if m.registration)
+        mappings.add_metric(["registration"], registrations)
+        mappings.add_metric(["call"], len(held) - registrations)
+        watched = GaugeMetricFamily("sipproxy_nat_keepalive_bindings", "NATed bindings kept"
+                                    " alive with keepalive requests.")
+        watched.add_metric([], len(self.watched))
+        return [mappings, watched, refusal_metrics(self.name, self.counters)]
+
+    def status(self) -> Mapping[str, Any]:
+        """Counts, and the phones registered at the provider through us (firewall mode: those
+        the provider's last 2xx to their REGISTER still covers)."""
+        now = self.clock.seconds()
+        held = self.contacts.mappings()
+        registrations = [{
+            "aor": m.aor,
+            "contact": m.public_contact,
+            "source": f"{format_host(m.target.host)}:{m.target.port}",
+            "transport": m.target.transport.lower(),
+            "expires_in": int(m.registered_until - now),
+            "user_agent": None,
+        } for m in held if m.registration and m.aor and m.registered_until > now]
+        return {"mappings": len(held), "keepalive_bindings": len(self.watched),
+                "refusals": dict(self.counters), "registrations": registrations}
 
     # -- keepalives (public-proxy mode) --------------------------------------------------------
     def binding_added(self, binding: Any, previous: Any) -> None:
@@ -627,6 +885,14 @@ class NatPlugin(Plugin, Service):
                                       reason="expired")
 
 
+def _domain_name(text: str) -> str:
+    name = text.strip().strip(".").lower()
+    if not name or not all(label and len(label) <= 63 and label.replace("-", "").isalnum()
+                            for label in name.split(".")):
+        raise ValueError(f"must be a domain name, got {text!r}")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class NatSettings:
     """``[nat]``: which addresses are private, and how NATed phones are kept reachable."""
@@ -647,7 +913,17 @@ class NatSettings:
     keepalive_method: str = setting(
         "OPTIONS", choices=("OPTIONS", "NOTIFY"), doc="The keepalive request's method.")
     max_mappings: int = setting(
-        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000, doc="Contact mappings kept at most.")
+        DEFAULT_MAX_MAPPINGS, min=1, max=10_000_000,
+        doc="Contact mappings (and hidden Call-IDs) kept at most.")
+    hide_topology: bool | None = setting(
+        None, doc="No inside address or name in any header or body that leaves on the outside"
+                  " (default: on in firewall mode, with inside and outside listeners).")
+    inside_domains: tuple[str, ...] = setting(
+        (), parse=_domain_name,
+        doc="Host names at or under these domains are inside ones: hide_topology hides them"
+            " too.")
+    strip_user_agent: bool = setting(
+        False, doc="hide_topology also removes User-Agent and Server from what leaves.")
 
 
 @implementer(IPluginFactory)
@@ -668,6 +944,9 @@ class NatFactory:
             keepalive_failures=s.keepalive_failures,
             keepalive_method=s.keepalive_method,
             max_mappings=s.max_mappings,
+            hide_topology=s.hide_topology,
+            inside_domains=s.inside_domains,
+            strip_user_agent=s.strip_user_agent,
         )
 
 

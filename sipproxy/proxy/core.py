@@ -19,7 +19,7 @@ from sipproxy.context import RequestContext
 from sipproxy.dialogs import DialogTracker
 from sipproxy.errors import ParseError
 from sipproxy.flows import FlowTracker
-from sipproxy.interfaces import IProxyCore
+from sipproxy.interfaces import IProxyCore, IStateStore
 from sipproxy.message import MAGIC_COOKIE, Message, Request, Response, Via, new_branch
 from sipproxy.pipeline import Pipeline, then
 from sipproxy.proxy.addresses import OwnAddresses
@@ -29,6 +29,7 @@ from sipproxy.proxy.record_route import RouteRecorder, loop_hash
 from sipproxy.proxy.responses import Responder, ensure_to_tag
 from sipproxy.proxy.routing import Router
 from sipproxy.refusals import RefusalLog
+from sipproxy.state import MemoryStateStore
 from sipproxy.transaction import ITransactionUser, TransactionLayer
 from sipproxy.uri import URI, parse_uri
 
@@ -73,8 +74,11 @@ class Proxy:
         location: LocationService,
         registrar: Registrar,
         resolver: SipResolver,
+        state: IStateStore | None = None,
     ) -> None:
         self.config = config
+        #: where state that survives a restart is kept (IProxyCore.state)
+        self.state: IStateStore = state if state is not None else MemoryStateStore()
         self.reactor = reactor
         self.clock = reactor
         self.transports = transports

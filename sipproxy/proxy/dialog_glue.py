@@ -75,6 +75,7 @@ class DialogGlue:
         if new:
             ctx.dialogs_made += 1
             ctx.dialog = dialog
+            dialog.from_uri, dialog.to_uri = str(request.from_.uri), str(request.to.uri)
             caller_routes = self._foreign_routes(request)
             dialog.caller.learn(
                 [source.host] if source is not None else [],

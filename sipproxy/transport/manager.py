@@ -46,6 +46,7 @@ from sipproxy.message import (
     new_tag,
     parse_message,
 )
+from sipproxy.message_counts import MessageCounts
 from sipproxy.settings import Section
 from sipproxy.transaction import ITransportSender
 from sipproxy.transport.certificates import load_certificate_pair
@@ -408,6 +409,8 @@ class TransportManager(Service):
         self.flood = flood
         self.message_timeout = message_timeout
         self.receiver = receiver
+        #: messages received and sent, by method and status code (read by the admin metrics)
+        self.counts = MessageCounts()
         specs = list(listens)
         self.listeners = [Listener(spec) for spec in specs]
         self.sides = DestinationSides(self.listeners, sources or SourceAddresses(reactor))
@@ -524,6 +527,13 @@ class TransportManager(Service):
         transport = proto.transport
         if transport is not None and hasattr(transport, "abortConnection"):
             transport.abortConnection()
+
+    def open_connections(self) -> dict[str, int]:
+        """The TCP and TLS connections open now (accepted and opened), by transport."""
+        counts = {"TCP": 0, "TLS": 0}
+        for proto in list(self._streams):
+            counts[proto.kind] = counts.get(proto.kind, 0) + 1
+        return counts
 
     # -- choosing sockets ------------------------------------------------------------------------
 
@@ -694,6 +704,10 @@ class TransportManager(Service):
         common case: no Deferred made and fired per datagram), else a Deferred as for
         :meth:`send_request`; raises what fails at once.
         """
+        try:
+            self.counts.requests_sent[request.method] += 1
+        except KeyError:
+            self.counts.requests_sent["OTHER"] += 1
         transport = target.transport.upper()
         via = request.top_via
         if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
@@ -746,6 +760,7 @@ class TransportManager(Service):
     ) -> defer.Deferred[None] | None:
         """:meth:`send_response` under :class:`ITransportSender`'s contract, as
         :meth:`transmit_request`: ``None`` once a datagram is handed to the kernel."""
+        self.counts.responses_sent[response.status] += 1
         via = response.top_via
         if via is None:
             raise ValueError("response has no Via")
@@ -1034,6 +1049,12 @@ class TransportManager(Service):
                 if self.flood is not None and not self.flood.screen(message, source.host):
                     return  # a scanner: dropped without an answer
                 stamp_via(message, source)
+                try:
+                    self.counts.requests_received[message.method] += 1
+                except KeyError:
+                    self.counts.requests_received["OTHER"] += 1
+            else:
+                self.counts.responses_received[message.status] += 1
         except ParseError as e:
             if self.flood is not None:
                 self.flood.penalize(source.host, "unparsable")

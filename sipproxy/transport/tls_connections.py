@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,9 @@ class TLSConnections:
         # local ports of our outgoing connections, oldest first: a Route or Via naming one
         # names us (requests the provider sends back over the connection, RFC 5923)
         self._own_ports: dict[int, None] = {}
+        #: failed handshakes by reason ("certificate", "connect", "cancelled" for ours;
+        #: "accepted" for a peer's), for the admin metrics
+        self.failures: Counter[str] = Counter()
 
     # -- protocols ----------------------------------------------------------------------------
     def new_protocol(
@@ -186,6 +190,7 @@ class TLSConnections:
         return proto
 
     def _accept_failed(self, reason: Failure, proto: SIPTLSStreamProtocol) -> None:
+        self.failures["accepted"] += 1
         _log.debug("TLS handshake with {peer} failed: {error}", peer=proto.peer,
                    error=reason.getErrorMessage())
 
@@ -345,6 +350,8 @@ class TLSConnections:
             else:
                 detail = f"cannot connect: {reason.getErrorMessage()}"
             error = TLSConnectError(host, port, flow.server_name, detail)
+        self.failures["cancelled" if flow.stopping else
+                      "certificate" if error.verification else "connect"] += 1
         if flow.quiet:
             _log.info("{error} (reconnecting)", error=str(error))
         else:

@@ -7,15 +7,21 @@ the provider echoes every RTP packet back (``-rtp_echo``). Both use media ports 
 does not forward (UDP 10000-20000), so RTP can only flow through the relay on fw. Halfway the
 phone holds (re-INVITE a=sendonly) and resumes. Packet captures on both of fw's veths show
 what each side got. Three relays, one test each: the relay in the proxy's process, the
-standalone relay (``twist sipproxy-relay``) over NG, and Debian's rtpengine (userspace).
+standalone relay (``twist sipproxy-relay``) over NG, and Debian's rtpengine (userspace). And
+the admin listener's view of such a call: ``/api/calls`` while the media flows, ``/metrics``
+after.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.support.harness import wait_for
 from tests.integration.support.netns import (
@@ -106,3 +112,63 @@ def test_media_through_rtpengine(media_net: NatNet, tmp_path: Path) -> None:
     if reason is not None:
         pytest.skip(reason)
     media_call(media_net, tmp_path, "rtpengine")
+
+
+ADMIN = "http://127.0.0.1:8081"
+
+
+def _admin_get(net: NatNet, path: str) -> str:
+    """GET ``path`` from the proxy's admin listener, inside fw (where it listens)."""
+    fetch = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+             f"'{ADMIN}{path}', timeout=5).read().decode())")
+    return net.fw.run(sys.executable, "-c", fetch, timeout=15).stdout
+
+
+def test_the_admin_api_shows_the_media_of_a_call_while_it_flows(
+        media_net: NatNet, tmp_path: Path) -> None:
+    """While the phone plays its 8 s and the provider echoes them, ``/api/calls`` has the call
+    with both directions' packets rising through the built-in relay; after the BYE the call is
+    gone and ``/metrics`` has counted the packets by the sender's interface."""
+    net = media_net
+    config = media_config("builtin")
+    config["admin"] = {"address": "127.0.0.1", "port": 8081}
+    site = start_site(net, tmp_path, config)
+    seen: list[dict[str, Any]] = []
+
+    def flowing() -> bool:
+        calls = json.loads(_admin_get(net, "/api/calls"))["calls"]
+        seen[:] = calls
+        return len(calls) == 1 and len(calls[0]["media"]) == 2 and all(
+            m["packets"] > 50 and m["last_packet_age"] is not None
+            and m["last_packet_age"] < 1.0 for m in calls[0]["media"])
+
+    try:
+        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
+        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
+                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
+                                   extra_args=["-mp", str(PHONE_RTP)])
+        wait_for(flowing, limit=6.0)
+        assert flowing(), seen
+        [call] = seen
+        assert call["to"] == "sip:bob@provider.example" and call["from"].startswith("sip:caller@")
+        assert call["state"] == "established" and call["duration"] > 0
+        assert [(m["direction"], m["media"], m["path"]) for m in call["media"]] == [
+            ("caller->callee", "audio", "userspace"), ("callee->caller", "audio", "userspace")]
+        first = {m["direction"]: m["packets"] for m in call["media"]}
+        wait_for(lambda: flowing() and all(m["packets"] > first[m["direction"]] + 25
+                                           for m in seen[0]["media"]), limit=3.0)
+        assert all(m["packets"] > first[m["direction"]] + 25 for m in seen[0]["media"]), seen
+
+        server, client = pair(uas, uac)
+        assert client.ok(1), f"{client.describe()}\n{site.logs()}"
+        assert server.ok(1), f"{server.describe()}\n{site.logs()}"
+        wait_for(lambda: json.loads(_admin_get(net, "/api/calls"))["calls"] == [], limit=5.0)
+        assert json.loads(_admin_get(net, "/api/calls"))["calls"] == []
+        packets = {s.labels["interface"]: s.value
+                   for family in text_string_to_metric_families(_admin_get(net, "/metrics"))
+                   for s in family.samples if s.name == "sipproxy_relay_packets_total"
+                   and s.labels["path"] == "userspace"}
+        assert packets["inside"] > 100 and packets["outside"] > 100, packets
+    finally:
+        site.stop()

@@ -59,7 +59,9 @@ pytestmark = [pytest.mark.netns]
 
 
 def key_of(message: Request | Response) -> tuple[str, int, str]:
-    return (message.call_id, message.cseq.number, message.cseq.method)
+    """One transaction's messages on both sides: the From tag (the Call-ID of a call the
+    phone made is another one outside: hide_topology)."""
+    return (message.from_.tag or "", message.cseq.number, message.cseq.method)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,16 +4,21 @@ config file, in a network namespace of its own (so port 5060 is free) that has t
 192.168.77.1 and 203.0.113.1 (the NAT topology's fw; its NAT rules play no part here). Two sipp
 phones in two other namespaces register, each to a different one of the host's addresses, and
 call each other by user name at the other address (the user part is the key). Both calls
-complete through the proxy (Record-Route, BYE through it), and the log has no warning.
+complete through the proxy (Record-Route, BYE through it), and the log has no warning. The
+admin listener, on by default at 127.0.0.1:8080 of the proxy's host, lists both phones where
+they really are and has counted the INVITEs.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.support.harness import SippResult
 from tests.integration.support.netns import (
@@ -84,3 +89,25 @@ def test_no_config_phones_register_and_call_each_other(
     assert "#warn" not in log and "#error" not in log and "#critical" not in log, log
     assert "advertised as the local address toward each peer" in log, log
     assert proxy.running()
+
+    # the admin listener is on by default, on the proxy host's loopback, port 8080
+    registrations = json.loads(_admin_get(net, "/api/registrations"))["registrations"]
+    # (every address of the host is one domain: the registrar keys it as "localhost"; the
+    # source is where sipp sent the REGISTER from)
+    assert {(r["aor"], r["contact"], r["source"].partition(":")[0], r["transport"])
+            for r in registrations} == {
+        ("sip:alice@localhost", f"sip:alice@{PHONE_IP}:{SIP}", PHONE_IP, "udp"),
+        ("sip:bob@localhost", f"sip:bob@{PROVIDER_IP}:{SIP}", PROVIDER_IP, "udp"),
+    }, registrations
+    invites = [s for family in text_string_to_metric_families(_admin_get(net, "/metrics"))
+               for s in family.samples
+               if s.name == "sipproxy_sip_requests_received_total"
+               and s.labels == {"method": "INVITE"}]
+    assert [s.value for s in invites] >= [2.0], invites
+
+
+def _admin_get(net: NatNet, path: str) -> str:
+    """GET ``path`` from http://127.0.0.1:8080 inside the proxy's namespace."""
+    fetch = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+             f"'http://127.0.0.1:8080{path}', timeout=5).read().decode())")
+    return net.fw.run(sys.executable, "-c", fetch, timeout=15).stdout

@@ -233,6 +233,9 @@ class ProxyProcess:
             if self._command is None:
                 # tests send traffic to loopback only: no DNS lookups toward resolv.conf servers
                 config.setdefault("dns", {"servers": []})
+            # many proxies at once: each admin listener (on by default, port 8080) on a port
+            # of its own; a test that reads it names the port ([admin] port = free_port())
+            config.setdefault("admin", {"port": 0})
             self.config_path.write_text(toml_text(config))
         env = dict(os.environ)
         # The checkout first, so `twist` finds this tree's sipproxy and twisted/plugins even
