@@ -284,7 +284,7 @@ def test_media_counters_per_direction_from_the_relays_statistics() -> None:
 def test_a_relayed_call_records_what_each_party_sent(tmp_path: Path) -> None:
     """With the media plugin's relay (the real engine, in-memory ports): the record has the
     packets and bytes the relay got from each party."""
-    from tests.test_media_plugin import (
+    from tests.media_site import (
         MEDIA_FIREWALL,
         PHONE_MEDIA,
         PROVIDER_MEDIA,

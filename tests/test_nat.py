@@ -12,9 +12,7 @@ about what would be on the wire. Timers run on a ``task.Clock``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -28,10 +26,9 @@ from sipproxy.plugins.nat import (
     ContactMap,
     ContactMapFull,
     ContactMapping,
-    NatPlugin,
     factory,
 )
-from sipproxy.testing import ProxyHarness, answer, sip_request
+from sipproxy.testing import answer, sip_request
 from tests.nat_site import (
     FIREWALL,
     INSIDE,
@@ -41,87 +38,21 @@ from tests.nat_site import (
     PHONE_VIA,
     PROVIDER,
     PROVIDER_IP,
+    PUBLIC,
+    REG_HEADERS,
+    RR_INSIDE,
+    RR_OUTSIDE,
+    Net,
+    assert_no_inside_address,
+    call_phone,
+    head,
+    make_net,
+    phone_request,
+    provider_request,
+    register,
+    token_in,
+    vias,
 )
-
-RR_INSIDE = f"<sip:{INSIDE}:5060;lr>"
-RR_OUTSIDE = f"<sip:{OUTSIDE}:5060;lr>"
-LAN = re.compile(rb"192\.168\.\d+\.\d+")
-
-PUBLIC = f"""
-[proxy]
-domains = ["lan.example"]
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
-[plugins]
-enabled = ["nat"]
-
-[nat]
-keepalive_interval = 20
-keepalive_failures = 2
-"""
-
-
-# ------------------------------------------------------------------------------------------------
-# harness
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class Net(ProxyHarness):
-    """sipproxy.testing's proxy with the nat plugin, and what these tests read of the wire."""
-
-    @property
-    def nat(self) -> NatPlugin:
-        return next(p for p in self.plugins if isinstance(p, NatPlugin))
-
-    def send(self, data: bytes | str, source: Source) -> None:
-        self.receive(data, source)
-
-    def received(self, host: str, port: int | None = None) -> list[tuple[bytes, Any]]:
-        """Every datagram (bytes, parsed) sent to ``host`` (and ``port``), oldest first."""
-        return self.wire.received(host, port)
-
-    def new(self) -> list[tuple[bytes, Any]]:
-        """The datagrams sent since the last call, but the 100 Trying (hop by hop)."""
-        return [(data, message) for data, message, _ in self.wire.new()]
-
-    @property
-    def last_to(self) -> tuple[str, int]:
-        """Where the last datagram went, a 100 Trying aside (hop by hop: it leaves after the
-        INVITE was forwarded)."""
-        return next(to for data, to in reversed(self.wire.datagrams)
-                    if not data.startswith(b"SIP/2.0 100 "))
-
-    def requests_to(self, host: str, method: str, port: int | None = None) -> list[Request]:
-        return self.wire.requests_to(host, method, port)
-
-    def responses_to(self, host: str, method: str, port: int | None = None) -> list[Response]:
-        return self.wire.responses_to(host, method, port)
-
-    def nothing_inside(self) -> bool:
-        return not any(LAN.match(h.encode()) for _, (h, _p) in self.wire.datagrams)
-
-    def run_out(self) -> None:
-        """Stop the plugin's loops, run every timer (bounded); nothing may be left."""
-        self.nat.stopService()
-        self.settle(500)
-        assert self.clock.getDelayedCalls() == []
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
-
-
-def make_net(config_text: str = FIREWALL, nat: dict[str, Any] | None = None) -> Net:
-    """A proxy with the nat plugin; from the config's [nat], or built from ``nat`` if given."""
-    # from the config: with an outside socket the core puts acl first (never an open relay)
-    net: Net = Net.build(config_text, plugins=None if nat is None else [])
-    if nat is not None:
-        net.plugins = [factory.build(net.proxy, Section("nat", nat))]
-        net.proxy.set_plugins(net.plugins)
-    net.nat.startService()
-    return net
 
 
 @pytest.fixture
@@ -130,61 +61,6 @@ def net() -> Iterator[Net]:
     yield n
     if n.nat.running:
         n.nat.stopService()
-
-
-# ------------------------------------------------------------------------------------------------
-# message builders and checks
-# ------------------------------------------------------------------------------------------------
-def phone_request(method: str, uri: str, branch: str, **kw: Any) -> bytes:
-    return sip_request(method, uri, via=PHONE_VIA + branch, **kw)
-
-
-def provider_request(method: str, uri: str, branch: str, **kw: Any) -> bytes:
-    return sip_request(method, uri, via=f"SIP/2.0/UDP {PROVIDER_IP}:5060;branch={branch}", **kw)
-
-
-def head(data: bytes) -> bytes:
-    """The start line and headers (SDP is the media plugin's business)."""
-    return data.partition(b"\r\n\r\n")[0]
-
-
-def assert_no_inside_address(data: bytes) -> None:
-    found = LAN.findall(head(data))
-    assert not found, head(data).decode()
-
-
-def token_in(message: Request | Response, host: str = OUTSIDE) -> str:
-    [contact] = message.contacts
-    uri = contact.uri
-    assert uri.user is not None and uri.user.startswith(TOKEN_PREFIX), str(uri)
-    assert (uri.host, uri.port) == (host, 5060), str(uri)
-    return uri.user
-
-
-def vias(message: Request | Response) -> list[str]:
-    return message.headers.get_all("via")
-
-
-REG_HEADERS = (
-    f'Contact: <{PHONE_CONTACT}>;expires=3600;+sip.instance="<urn:uuid:0001>";reg-id=1',
-    "Supported: path, outbound",
-    "Path: <sip:192.168.77.5;lr>",  # an element of the LAN
-)
-
-
-def register(net: Net) -> str:
-    """The phone registers with the provider (no challenge); the token the provider saw."""
-    net.send(phone_request(
-        "REGISTER", "sip:provider.example", "z9hG4bKreg1", call_id="reg-1",
-        from_="<sip:alice@provider.example>;tag=r1", to="<sip:alice@provider.example>",
-        headers=REG_HEADERS,
-    ), PHONE)
-    [out] = net.requests_to(PROVIDER_IP, "REGISTER")
-    token = token_in(out)
-    net.send(answer(out, 200, "p1", (f"Contact: <sip:{token}@{OUTSIDE}:5060>;expires=600",)),
-             PROVIDER)
-    assert [r.status for r in net.responses_to(PHONE.host, "REGISTER")] == [200]
-    return token
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,13 +148,7 @@ def test_unregister_with_star_passes_unchanged(net: Net) -> None:
 def incoming_call(net: Net) -> tuple[str, Request]:
     """Provider calls the registered phone, which answers; returns (token, INVITE at phone)."""
     token = register(net)
-    net.new()
-    net.send(provider_request(
-        "INVITE", f"sip:{token}@{OUTSIDE}:5060", "z9hG4bKin1", call_id="in-1",
-        from_="<sip:carol@provider.example>;tag=c1", to="<sip:alice@provider.example>",
-        headers=(f"Contact: <sip:carol@{PROVIDER_IP}:5060>",),
-    ), PROVIDER)
-    [invite] = net.requests_to(PHONE.host, "INVITE", PHONE.port)  # where its packets come from
+    invite = call_phone(net, token)
     assert net.requests_to(PHONE.host, "INVITE", 5060) == []
     assert str(invite.uri) == PHONE_CONTACT
     assert invite.headers.get_all("record-route") == [RR_INSIDE, RR_OUTSIDE]

@@ -113,3 +113,20 @@ def test_docstrings_are_in_one_dialect(path: Path) -> None:
         if match
     ]
     assert epytext == []
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_test_module_is_imported_as_a_library(path: Path) -> None:
+    """Shared test helpers live in helper modules (tests/*_site.py, tests/integration/support/),
+    so running or deleting one test module never changes another."""
+    tree = ast.parse(path.read_text(), str(path))
+    imported = [
+        name
+        for node in ast.walk(tree)
+        for name in (
+            [node.module or ""] if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        )
+        if name.rpartition(".")[2].startswith("test_")
+    ]
+    assert imported == []

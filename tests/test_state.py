@@ -30,9 +30,18 @@ from sipproxy.service import makeService
 from sipproxy.sqlite_state import SqliteStateStore
 from sipproxy.state import MemoryStateStore, restore_bindings
 from sipproxy.testing import ProxyHarness, answer, sip_request
-from tests.nat_site import FIREWALL, OUTSIDE, PHONE, PHONE_CONTACT, PROVIDER, PROVIDER_IP
+from tests.nat_site import (
+    FIREWALL,
+    OUTSIDE,
+    PHONE,
+    PHONE_CONTACT,
+    PROVIDER,
+    PROVIDER_IP,
+    Net,
+    provider_request,
+    register,
+)
 from tests.proxy_harness import CONFIG as REGISTRAR
-from tests.test_nat import Net, provider_request, register
 
 T = TypeVar("T")
 

@@ -23,8 +23,21 @@ from sipproxy.message import Request, Response, parse_message
 from sipproxy.plugins.nat import TOKEN_PREFIX, factory
 from sipproxy.plugins.topology import HIDDEN_PREFIX, Hiding, TopologyHider
 from sipproxy.testing import answer
-from tests.nat_site import FIREWALL, INSIDE, OUTSIDE, PHONE, PHONE_VIA, PROVIDER, PROVIDER_IP
-from tests.test_nat import Net, make_net, phone_request, provider_request
+from tests.nat_site import (
+    FIREWALL,
+    INSIDE,
+    OUTSIDE,
+    PHONE,
+    PHONE_VIA,
+    PROVIDER,
+    PROVIDER_IP,
+    Net,
+    call_phone,
+    make_net,
+    phone_request,
+    provider_request,
+    register,
+)
 
 NETWORKS = ("192.168.77.0/24", "fd00::/8")
 LAN = re.compile(rb"192\.168\.77\.\d+|fd00:|office\.lan", re.IGNORECASE)
@@ -325,6 +338,27 @@ def test_a_reinvite_from_the_provider_is_answered_with_the_outside_call_id() -> 
     net.run_out()
 
 
+def test_an_in_dialog_request_from_the_provider_reaches_the_phone_at_its_contact() -> None:
+    """The provider's request to the token of the phone's Contact, in a call whose Call-ID is
+    hidden, goes to the phone with the phone's own Contact as its Request-URI (the token stays
+    outside), as a request in a call with an outside Call-ID does."""
+    net = leaky_net()
+    _, out = call_out(net)
+    net.send(answer(out, 200, "b1", ("Contact: <sip:bob@203.0.113.60>",)), PROVIDER)
+    net.new()
+    assert out.contacts[0].uri.user.startswith(TOKEN_PREFIX)
+    net.send(provider_request(
+        "NOTIFY", str(out.contacts[0].uri), "z9hG4bKthnot", call_id=out.call_id, cseq=7,
+        from_="<sip:bob@provider.example>;tag=b1", to=str(out.from_),
+        headers=("Event: refer", "Subscription-State: active;expires=60"),
+    ), PROVIDER)
+    [(data, notify)] = net.new()
+    assert isinstance(notify, Request) and notify.method == "NOTIFY"
+    assert str(notify.uri) == f"sip:sipp@{PHONE.host}:5064", data.decode()
+    assert notify.call_id == PHONE_CALL_ID
+    net.run_out()
+
+
 def test_the_phone_cancels_and_acks_with_the_outside_call_id() -> None:
     net = leaky_net()
     _, out = call_out(net)
@@ -456,4 +490,97 @@ def test_phone_via_is_not_what_the_provider_sees() -> None:
     net = leaky_net()
     data, _ = call_out(net)
     assert PHONE_VIA.encode() not in data
+    net.run_out()
+
+
+def test_the_proxys_own_reply_to_an_in_dialog_request_from_outside_has_the_outside_call_id(
+) -> None:
+    """Answered without the response hooks (``Responder.reply``: no such user here): the
+    answer copies the request as the provider sent it, not the context's mapped copy."""
+    net = leaky_net()
+    _, out = call_out(net)
+    net.send(answer(out, 200, "b1", ("Contact: <sip:bob@203.0.113.60>",)), PROVIDER)
+    net.new()
+    net.send(provider_request(
+        "INFO", f"sip:nobody@{OUTSIDE}:5060", "z9hG4bKthinfo", call_id=out.call_id, cseq=6,
+        from_="<sip:bob@provider.example>;tag=b1", to=str(out.from_),
+    ), PROVIDER)
+    [(data, reply)] = net.new()
+    assert isinstance(reply, Response) and reply.status >= 400
+    assert reply.call_id == out.call_id and str(reply.to).startswith(str(out.from_))
+    assert no_lan(data), data.decode()
+    net.run_out()
+
+
+def test_a_request_uri_naming_the_inside_leaves_as_a_token() -> None:
+    topology, tokens = hider(), Tokens()
+    hiding = Hiding(OUTSIDE, tokens.tokenize)
+    request = parse_message(
+        f"BYE {PHONE2} SIP/2.0\r\nVia: SIP/2.0/UDP {OUTSIDE};branch=z9hG4bKru\r\n"
+        "From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        "Call-ID: ru-1\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n".encode())
+    assert isinstance(request, Request)
+    topology.hide_message(request, hiding)
+    assert no_lan(request.to_bytes())
+    assert tokens.untokenize(str(request.uri)) == PHONE2
+    # an outside one is left alone
+    assert topology.hide_request_uri("sip:bob@203.0.113.60", hiding) == "sip:bob@203.0.113.60"
+
+
+def test_a_sipfrag_from_the_outside_maps_back() -> None:
+    """A NOTIFY for a REFER the provider got: its fragment names our outside Call-ID and
+    a token; the inside phone gets its own Call-ID and the URI the token stands for."""
+    topology, tokens = hider(), Tokens()
+    hidden = topology.outside_call_id(PHONE_CALL_ID)
+    topology.hide_call_id(PHONE_CALL_ID)
+    token = tokens.tokenize(PHONE2)
+    frag = (f"INVITE {token} SIP/2.0\r\nCall-ID: {hidden}\r\n"
+            f"Replaces: {hidden};to-tag=a;from-tag=b\r\n").encode()
+    notify = parse_message(
+        f"NOTIFY sip:x@{OUTSIDE} SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.50;branch=z9hG4bKsf\r\n"
+        f"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n"
+        f"Call-ID: {hidden}\r\nCSeq: 1 NOTIFY\r\nContent-Type: message/sipfrag\r\n"
+        f"Content-Length: {len(frag)}\r\n\r\n".encode() + frag)
+    entry = topology.reveal_message(notify, tokens.untokenize)
+    assert entry is not None and notify.call_id == PHONE_CALL_ID
+    assert notify.body == (f"INVITE {PHONE2} SIP/2.0\r\nCall-ID: {PHONE_CALL_ID}\r\n"
+                           f"Replaces: {PHONE_CALL_ID};to-tag=a;from-tag=b\r\n").encode()
+
+
+def test_a_multipart_boundary_naming_the_inside_is_replaced() -> None:
+    topology = hider()
+    boundary = "192.168.77.10-7f3a"
+    body = (f"--{boundary}\r\nContent-Type: application/pidf+xml\r\n\r\n<presence/>\r\n"
+            f"--{boundary}--\r\n").encode()
+    message = parse_message(with_body(phone_request(
+        "MESSAGE", "sip:bob@provider.example", "z9hG4bKmp", call_id="mp-1", from_=PHONE_FROM,
+        to="<sip:bob@provider.example>"),
+        f'multipart/mixed;boundary="{boundary}"', body))
+    topology.hide_message(message, Hiding(OUTSIDE, Tokens().tokenize))
+    content_type = message.headers.get("content-type") or ""
+    assert no_lan(content_type) and no_lan(message.body), content_type
+    new = content_type.split("boundary=")[1].strip('"')
+    assert message.body == body.replace(boundary.encode(), new.encode())
+    assert b"<presence/>" in message.body
+
+
+def test_a_302_from_the_phone_names_a_token_for_the_other_phone_that_reaches_it() -> None:
+    """A 3xx's Contact names whom to try next: its token leads to that Contact's own address
+    (not to where the 302 came from); an outside Contact in a 3xx passes as it is."""
+    net = leaky_net()
+    invite = call_phone(net, register(net))
+    net.new()
+    net.send(answer(invite, 302, "ph1", (f"Contact: <{PHONE2}>, <sip:bob@203.0.113.60>",)),
+             PHONE)
+    [(data, moved)] = [(d, m) for d, m in net.new() if isinstance(m, Response)]
+    assert moved.status == 302 and no_lan(data), data.decode()
+    token_uri, outside = (str(c.uri) for c in moved.contacts)
+    assert token_uri.startswith(f"sip:{TOKEN_PREFIX}") and f"@{OUTSIDE}:5060" in token_uri
+    assert outside == "sip:bob@203.0.113.60"
+    net.send(provider_request(
+        "INVITE", token_uri, "z9hG4bKmv2", call_id=invite.call_id, cseq=2,
+        from_="<sip:carol@provider.example>;tag=c1", to="<sip:alice@provider.example>",
+    ), PROVIDER)
+    [followed] = net.requests_to("192.168.77.11", "INVITE", 5060)
+    assert str(followed.uri) == PHONE2
     net.run_out()

@@ -25,6 +25,7 @@ from twisted.web.server import Request, Site
 
 from sipproxy.admin.api import ApiResource
 from sipproxy.admin.metrics import MetricsPage, proxy_registry
+from sipproxy.admin.page import page_resource
 from sipproxy.admin.status import StatusModel
 from sipproxy.config import AdminConfig
 
@@ -34,23 +35,12 @@ _log = Logger(namespace="sipproxy.admin")
 
 
 def admin_root(proxy: Any) -> Resource:
-    """The admin site's root: ``/metrics``, ``/api`` and the page at ``/``."""
-    root = Resource()
+    """The admin site's root: the status page at ``/`` (with its files), ``/metrics``, ``/api``."""
+    root = page_resource()
     root.putChild(b"metrics", MetricsPage(proxy_registry(proxy)))
     model = StatusModel(proxy)
     root.putChild(b"api", ApiResource(model))
-    root.putChild(b"", _Index())
     return root
-
-
-class _Index(Resource):
-    """``/`` until the status page is there: where things are."""
-
-    isLeaf = True
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"sipproxy admin: /metrics (Prometheus), /api/status (JSON)\n"
 
 
 class _Unauthorized(Resource):

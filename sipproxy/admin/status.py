@@ -69,11 +69,10 @@ kernel's counters every 2 s, so there ``last_packet_age`` (and the counts) move 
 to ~2 s while media flows: call a direction silent only after ~3 s or more. ``"now"`` and
 the times are the proxy's clock, so a page computes nothing from the browser's clock.
 
-The site (:func:`sipproxy.admin.service.admin_root`) has ``/metrics``, ``/api`` and a plain
-index at ``/`` that the status page replaces (``root.putChild(b"", page)``); with ``[admin]
-token`` every path, ``/`` included, needs the token (a browser asks for it: basic auth with
-the token as the password). A page resource gets the data with
-``StatusModel(proxy).status()`` (the same dict as ``/api/status``).
+The site (:func:`sipproxy.admin.service.admin_root`) is the status page
+(:func:`sipproxy.admin.page.page_resource`: ``/`` and its files) with ``/metrics`` and ``/api``
+put on it; with ``[admin] token`` every path, ``/`` included, needs the token (a browser asks
+for it: basic auth with the token as the password). The page reads ``api/status``.
 """
 
 from __future__ import annotations

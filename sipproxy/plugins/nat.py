@@ -136,6 +136,12 @@ def _registered_address(binding: Any) -> Target | None:
     return Target(source.transport.upper(), source.host, source.port, source.host)
 
 
+def _uri_target(uri: Any) -> Target:
+    """Where a SIP URI itself leads (its host, port and transport)."""
+    transport = (uri.get_param("transport") or "udp").upper()
+    return Target(transport, uri.host, uri.port or 5060, uri.host)
+
+
 def _same_host(a: str, b: str) -> bool:
     try:
         return ipaddress.ip_address(a.strip("[]")) == ipaddress.ip_address(b.strip("[]"))
@@ -427,9 +433,9 @@ class NatPlugin(Plugin, Service):
 
     # -- requests ------------------------------------------------------------------------------
     def request_received(self, ctx: RequestContext) -> Any:
+        if self.topology is not None and self._side_of_source(ctx.request) == "outside":
+            self._reveal_request(ctx)  # may give the context a copy: read it after this
         request: Request = ctx.request
-        if self.topology is not None and self._side_of_source(request) == "outside":
-            self._reveal_request(ctx)
         uri = request.uri
         if uri.is_sip and uri.user and uri.user.startswith(TOKEN_PREFIX) and \
                 self.core.is_local_domain(uri.host):
@@ -543,11 +549,14 @@ class NatPlugin(Plugin, Service):
         return self.mapping_ttl
 
     def _tokenize_contacts(
-        self, message: Request | Response, target: Target, host: str, port: int, transport: str,
-        ttl: float, registration: bool = False,
+        self, message: Request | Response, target: Target | None, host: str, port: int,
+        transport: str, ttl: float, registration: bool = False,
     ) -> None:
         """Replace the Contacts by tokens at ``host:port`` (our socket facing the far side:
-        never a wildcard listener's 0.0.0.0). Raises ContactMapFull (nothing changed then)."""
+        never a wildcard listener's 0.0.0.0), each standing for ``target`` (where the message
+        came from), or with ``target`` None (a 3xx: its Contacts name other parties) for the
+        Contact's own address, and then only a Contact that faces inside. Raises
+        ContactMapFull (nothing changed then)."""
         try:
             contacts = message.contacts
         except ParseError:
@@ -555,17 +564,23 @@ class NatPlugin(Plugin, Service):
         if not contacts or any(not c.uri.is_sip for c in contacts):
             return
         changed = []
-        self._requester = target.host
+        source = message.source
+        self._requester = target.host if target is not None else \
+            source.host if source is not None else ""
         for contact in contacts:
             uri = contact.uri
             if uri.user and uri.user.startswith(TOKEN_PREFIX):
+                changed.append(contact)
+                continue
+            if target is None and not self.faces_inside(uri.host):
                 changed.append(contact)
                 continue
             own_ttl = ttl
             expires = contact.get_param("expires")
             if expires is not None and expires.isdigit():
                 own_ttl = float(expires) + 60.0
-            mapping = self.contacts.token_for(str(uri), target, own_ttl, registration)
+            mapping = self.contacts.token_for(str(uri), target or _uri_target(uri), own_ttl,
+                                              registration)
             tp = "" if transport.upper() == "UDP" else f";transport={transport.lower()}"
             new_uri = parse_uri(f"sip:{mapping.token}@{format_host(host)}:{port}{tp}")
             if registration:
@@ -601,10 +616,14 @@ class NatPlugin(Plugin, Service):
         if "contact" not in response.headers:
             return None
         if (from_side == "inside" and to_side == "outside") or self._natted(response):
-            target = self._target_of(response) or branch.target
+            # a 3xx's Contacts name whom to try next (another phone): each is reached at its
+            # own address, not where the 3xx came from
+            target = None if 300 <= response.status < 400 else \
+                self._target_of(response) or branch.target
             listener = self._listener_of(request)
             requester = self._target_of(request)
-            if target is not None and listener is not None and requester is not None:
+            if listener is not None and requester is not None and (
+                    target is not None or response.status // 100 == 3):
                 # the address the core advertises toward the requester (as in Record-Route)
                 via = self.core.make_via(requester)
                 try:
@@ -782,10 +801,8 @@ class NatPlugin(Plugin, Service):
                 return None
             if not uri.is_sip:
                 return None
-            transport = (uri.get_param("transport") or "udp").upper()
-            target = Target(transport, uri.host, uri.port or 5060, uri.host)
             try:
-                mapping = self.contacts.token_for(uri_text, target, self.mapping_ttl)
+                mapping = self.contacts.token_for(uri_text, _uri_target(uri), self.mapping_ttl)
             except ContactMapFull:
                 return None
             return f"sip:{mapping.token}@{format_host(host)}:{port}"

@@ -17,6 +17,7 @@ plugin the SDP. This module does the rest, header by header and body part by bod
 - Refer-To, Referred-By: a URI naming an inside host becomes a ``nat-`` token of the nat
   plugin's (as a Contact does; an INVITE to it reaches that host), back on the way in; a
   ``?Replaces=`` in Refer-To gets its Call-ID mapped as the Call-ID is. Replaces: the same.
+  A Request-URI naming an inside host becomes such a token too.
 - User-Agent, Server: pass, unless ``strip_user_agent`` (or they carry an inside address).
 - Any other header value carrying an inside address or name is removed (Warning, Call-Info,
   Error-Info, Alert-Info, P-Asserted-Identity, Reply-To, unknown headers...); a value of a list
@@ -25,7 +26,8 @@ plugin the SDP. This module does the rest, header by header and body part by bod
   ``uri``, which phones set to the Request-URI; a phone that puts the proxy's inside address
   there shows it).
 - Bodies: a plain SDP body passes (the media plugin's); ``message/sipfrag`` gets the header
-  mapping above (its request line's URI like Refer-To); any other body carrying an inside
+  mapping above (its request line's URI like Refer-To), both ways; a multipart ``boundary``
+  naming an inside address is replaced; any other body carrying an inside
   address is removed; a multipart body is checked part by part (sipfrag parts as above, other
   parts, SDP ones too, removed when they carry one: the media plugin relays only a plain SDP
   body).
@@ -46,7 +48,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import LIST_HEADERS, Field, Headers, canonical
-from sipproxy.message import Message
+from sipproxy.message import Message, Request
 from sipproxy.uri import format_host, parse_uri, split_header_values
 
 __all__ = ["HIDDEN_PREFIX", "HiddenCallId", "Hiding", "TopologyHider", "uri_span"]
@@ -381,13 +383,57 @@ class TopologyHider:
             fields.append(f)
         if changed:
             message.headers = Headers(fields)  # no parsed view of the old values left
+        if message.body and _kind(message.headers.get("content-type") or "") == \
+                "message/sipfrag":
+            message.body = self._reveal_sipfrag(message.body, untokenize)
         return entry
+
+    def _reveal_sipfrag(self, body: bytes, untokenize: Callable[[str], str | None]) -> bytes:
+        """A fragment from the outside (a NOTIFY for a REFER): its request line's URI, its
+        Call-ID (one of ours), From/To under it, Replaces, Refer-To... mapped back."""
+        text = body.decode("utf-8", "surrogateescape")
+        head, sep, rest = text.partition("\r\n\r\n")
+        lines = _split_lines(head)
+        call_id = next((v.strip() for n, _, v in (line.partition(":") for line in lines[1:])
+                        if canonical(n.strip()) in ("call-id", "i")), "")
+        entry = self.reveal(call_id)
+        out = []
+        for i, line in enumerate(lines):
+            if i == 0 and not line.startswith("SIP/"):
+                parts = line.split(" ")
+                if len(parts) == 3:
+                    line = " ".join([parts[0], self.reveal_uri(parts[1], untokenize), parts[2]])
+            elif i > 0 and ":" in line:
+                name, _, value = line.partition(":")
+                key = canonical(name.strip())
+                new = entry.inside if key == "call-id" and entry is not None else \
+                    self.reveal_field(key, value.strip(), entry, untokenize)
+                if new != value.strip():
+                    line = f"{name}: {new}"
+            out.append(line)
+        return (_CRLF.join(out) + sep + rest).encode("utf-8", "surrogateescape")
+
+    def hide_request_uri(self, uri: str, hiding: Hiding) -> str:
+        """A Request-URI leaving on the outside that names an inside host (a loose-routed
+        request whose next hop is a Route): a token standing for it, as a Contact's (a
+        request to it comes back to that host), else ``user@`` our address."""
+        if not self.leaks(uri):
+            return uri
+        token = hiding.tokenize(uri.partition("?")[0])
+        return token if token is not None and not self.leaks(token) else \
+            self._outside_uri(uri, hiding.host)
 
     def hide_message(self, message: Message, hiding: Hiding) -> None:
         """Map or remove, in place, every header but Call-ID (the caller decides that one: it
         knows which side made it) and the body of a message about to leave on the outside."""
         if hiding.host not in self.own and len(self.own) < MAX_OWN:
             self.own.add(hiding.host)
+        if isinstance(message, Request):
+            uri = str(message.uri)
+            new_uri = self.hide_request_uri(uri, hiding)
+            if new_uri != uri:
+                message.uri = parse_uri(new_uri)
+        self._hide_boundary(message)
         fields = []
         changed = False
         for f in message.headers.fields:
@@ -411,13 +457,26 @@ class TopologyHider:
                 message.body = new_body
 
     # -- bodies ----------------------------------------------------------------------------
+    def _hide_boundary(self, message: Message) -> None:
+        """A multipart boundary naming an inside address (phones make them of anything) is
+        replaced, in Content-Type and in the body's delimiters, by one telling nothing."""
+        content_type = message.headers.get("content-type") or ""
+        boundary = _boundary(content_type) if _kind(content_type).startswith("multipart/") \
+            else None
+        if boundary is None or not self.leaks(boundary.decode("latin-1")):
+            return
+        new = HIDDEN_PREFIX + hmac.new(self._secret, boundary, hashlib.sha256).hexdigest()[:24]
+        message.headers.set("Content-Type", content_type.replace(
+            boundary.decode("latin-1"), new))
+        message.body = message.body.replace(b"--" + boundary, b"--" + new.encode())
+
     def hide_body(
         self, content_type: str, body: bytes, hiding: Hiding, part: bool = False
     ) -> bytes | None:
         """A body on its way out: as it is, mapped, or None (removed). A plain SDP body is
         the media plugin's; an SDP part of a multipart body is not (the media plugin relays
         only a plain one): it is removed when it names the inside, as any other part."""
-        kind = content_type.split(";")[0].strip().lower()
+        kind = _kind(content_type)
         if (kind == "application/sdp" and not part) or not body:
             return body
         if kind == "message/sipfrag":
@@ -471,6 +530,10 @@ class TopologyHider:
         if not kept:
             return None
         return delimiter + delimiter.join([*kept, b"--\r\n"])
+
+
+def _kind(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
 
 
 def _boundary(content_type: str) -> bytes | None:

@@ -66,7 +66,7 @@ class Responder:
         _log.failure("plugin hook for {response!r}", failure, response=response,
                      call_id=response.call_id)
         if final:
-            error = ctx.request.make_response(500)
+            error = self.as_received(ctx).make_response(500)
             ensure_to_tag(error)
             self.add_server(error)
             self.send_response(ctx, error, None, True)
@@ -115,8 +115,10 @@ class Responder:
         self, ctx: RequestContext, status: int, reason: str,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the request at once (no hook runs): validation and routing errors."""
-        response = ctx.request.make_response(status, reason)
+        """Answer the request at once (no hook runs): validation and routing errors. The
+        answer copies Call-ID, From and To from the request as the caller sent it
+        (:meth:`as_received`): no hook maps them back for the caller."""
+        response = self.as_received(ctx).make_response(status, reason)
         ensure_to_tag(response)
         for name, value in (headers or {}).items():
             response.headers.add(name, value)
@@ -125,6 +127,15 @@ class Responder:
         if ctx.server_transaction is not None:
             ctx.server_transaction.respond(response)
             self.release(ctx)
+
+    @staticmethod
+    def as_received(ctx: RequestContext) -> Request:
+        """The request as the caller sent it: its server transaction's. A plugin may have
+        given the context a mapped copy (the ``nat`` plugin's topology hiding puts the inside
+        Call-ID, From and To there); an answer made without the response hooks must not
+        show the caller those."""
+        tx = ctx.server_transaction
+        return tx.request if tx is not None else ctx.request
 
     def release(self, ctx: RequestContext) -> None:
         """Forget a non-INVITE request once it is answered and no branch is left: its

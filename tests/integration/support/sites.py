@@ -7,7 +7,10 @@ address in what leaves).
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ PHONE_CONTACT = f"sip:{USER}@{PHONE_IP}:{SIP}"
 #: the headers that tell the far side where to send something (compact forms included)
 ADDRESS_HEADERS = ("via", "contact", "record-route", "route", "path")
 SIPP_TIMEOUT = 20.0
+#: an inside address as text (the LAN of netns.NatNet)
+LAN_TEXT = re.compile(rb"192\.168\.77\.\d{1,3}")
 
 
 def inside_addresses(message: Request | Response) -> list[str]:
@@ -127,14 +132,33 @@ REGISTER_KEYS = {"user": USER, "domain": "provider.example", "contact": PHONE_CO
                  "expires": "3600"}
 
 
-def register_with_challenge(site: Site) -> tuple[SippResult, SippResult]:
+def register_with_challenge(site: Site, auth_uri: str | None = None
+                            ) -> tuple[SippResult, SippResult]:
+    """The phone registers through the firewall, answering the provider's challenge.
+
+    :param auth_uri: the digest ``uri`` sipp sends (its default: the address it sends to, the
+        proxy's inside one; phones use the Request-URI, ``provider.example``).
+    """
     uas = site.provider.start_uas("uas_register_auth.xml", SIP, count=1, timeout=SIPP_TIMEOUT)
     uac = site.phone.start_uac(
         "register_auth.xml", (FW_INSIDE, SIP), local_port=SIP, count=1, timeout=SIPP_TIMEOUT,
         keys=REGISTER_KEYS, variables={"contact": PHONE_CONTACT},
-        extra_args=["-au", USER, "-ap", PASSWORD],
+        extra_args=["-au", USER, "-ap", PASSWORD,
+                    *(["-auth_uri", auth_uri] if auth_uri is not None else [])],
     )
     return pair(uas, uac)
+
+
+def inside_on_the_outside(site: Site) -> list[str]:
+    """Every frame on fw's outside veth that names an inside address: as its source or
+    destination, or as text anywhere in its payload (empty: none leaks)."""
+    found = []
+    for frame in site.capture.on(site.net.wan_if):
+        text = LAN_TEXT.findall(frame.payload)
+        if inside(frame.src) or inside(frame.dst) or text:
+            found.append(f"{frame.src}:{frame.sport} -> {frame.dst}:{frame.dport} {text}\n"
+                         + frame.payload.decode(errors="replace"))
+    return found
 
 
 def token_seen_by_provider(site: Site) -> str:
@@ -181,3 +205,18 @@ def firewall_example() -> dict[str, object]:
     """examples/firewall.toml as written; only the provider's name is its address here."""
     text = (REPO_ROOT / "examples" / "firewall.toml").read_text()
     return tomllib.loads(text.replace("sip.provider.example", PROVIDER_IP))
+
+
+@contextmanager
+def firewall_site(workdir: Path) -> Iterator[Site]:
+    """A fresh topology with the proxy running :func:`firewall_example`, captures going; all
+    stopped and torn down on the way out (the captured packets stay readable)."""
+    net = NatNet.build()
+    try:
+        site = start_site(net, workdir, firewall_example())
+        try:
+            yield site
+        finally:
+            site.stop()
+    finally:
+        net.close()
