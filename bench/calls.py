@@ -223,15 +223,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=400.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--gc-threshold", metavar="G0,G1,G2",
+                        help="collector thresholds instead of the service's (experiments)")
     args = parser.parse_args(argv)
     from sipproxy.service import tune_garbage_collector
 
     tune_garbage_collector()
+    if args.gc_threshold:
+        gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
+    gc_time = [0.0, 0.0]  # time inside the collector, start of the running collection
+
+    def _gc_timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_time[1] = time.process_time()
+        else:
+            gc_time[0] += time.process_time() - gc_time[1]
+
+    gc.callbacks.append(_gc_timer)
     for _ in range(args.repeat):
         calls = Calls(args.rate)
         for n in range(200):  # warm-up: caches, first-time paths
             calls.call(n)
         calls.cpu = 0.0
+        gc_time[0] = 0.0
         profiler = None
         if args.profile:
             import cProfile
@@ -246,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
             pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
         print(f"{args.calls} calls: {calls.cpu * 1e6 / args.calls:.1f} us CPU per call "
-              f"(proxy only), {len(calls.proxy.transactions)} transactions live", flush=True)
+              f"(proxy only; {gc_time[0] * 1e6 / args.calls:.1f} us in the garbage "
+              f"collector), {len(calls.proxy.transactions)} transactions live", flush=True)
         gc.collect()
     return 0
 

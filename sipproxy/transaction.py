@@ -524,6 +524,10 @@ class ServerTransaction(_Transaction):
             _log.debug("send failed in {tx!r}: {f}", tx=self, f=failure.getErrorMessage())
 
 
+def _ignore_response(response: Response) -> None:
+    """What a terminated client transaction's ``on_response`` becomes."""
+
+
 class ClientTransaction(_Transaction):
     """A request the proxy sends and the responses to it (RFC 3261 17.1, RFC 6026 8.4).
 
@@ -665,9 +669,16 @@ class ClientTransaction(_Transaction):
             self._fail(503)
 
     def _fail(self, status: int) -> None:
+        on_response = self.on_response
         self._terminate()
-        response = self.request.make_response(status)
-        self._deliver(response)
+        self._layer._call_tu(on_response, self.request.make_response(status))
+
+    def _terminate(self) -> None:
+        super()._terminate()
+        # the TU's callback usually holds the TU's state for this request, which holds this
+        # transaction: a reference cycle only the garbage collector would free (about 100
+        # objects a call); a terminated transaction delivers nothing more
+        self.on_response = _ignore_response
 
 
 class TransactionLayer:

@@ -647,6 +647,35 @@ class UDPSocketTests(SocketTestCase):
         data, addr = yield client.received.get()
         self.assertEqual((data, addr), (req.to_bytes(), (LOCAL, listener.port)))
 
+    @defer.inlineCallbacks
+    def test_the_transaction_layers_sender_sends_datagrams_without_a_deferred(self):
+        """``manager.sender`` (what the transaction layer sends through): a datagram to an IP
+        address is sent before the call returns (``None``); a host name waits for its address
+        (a Deferred); what cannot be sent raises at once instead of failing a Deferred."""
+        manager, _ = self.start_manager(listen("outside", "udp"))
+        listener = manager.listeners[0]
+        client, client_port = self.udp_client()
+        req = parse_request(
+            request_bytes(via=f"SIP/2.0/UDP {listener.via_host}:{listener.port};branch=z9hG4bK-s")
+        )
+        self.assertIsNone(manager.sender.send_request(req, Target("UDP", LOCAL, client_port,
+                                                                  None)))
+        data, _ = yield client.received.get()
+        self.assertEqual(data, req.to_bytes())
+        named = manager.sender.send_request(req, Target("UDP", "localhost", client_port, None))
+        self.assertIsInstance(named, defer.Deferred)
+        yield named
+        data, _ = yield client.received.get()
+        self.assertEqual(data, req.to_bytes())
+        via = f"SIP/2.0/UDP {LOCAL}:{client_port};branch=z9hG4bK1"
+        response = parse_message(response_bytes(via))
+        assert isinstance(response, Response)
+        self.assertRaises(ValueError, manager.sender.send_response, response, None)
+        self.assertIsNone(manager.sender.send_response(
+            response, Source("UDP", LOCAL, client_port, LOCAL, listener.port, "outside")))
+        answer, _ = yield client.received.get()
+        self.assertTrue(answer.startswith(b"SIP/2.0 200 "), answer)
+
 
 class DualStackSocketTests(SocketTestCase):
     """A listener on C{::} serves IPv4 peers too (README): they appear as IPv4 addresses, not

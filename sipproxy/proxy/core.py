@@ -87,7 +87,9 @@ class Proxy:
         self.resolver = resolver
         self.pipeline = Pipeline()
         t = config.timers
-        self.transactions = TransactionLayer(reactor, transports, self, t.t1, t.t2, t.t4)
+        # the manager's send path without a Deferred per datagram (test doubles have none)
+        sender = getattr(transports, "sender", transports)
+        self.transactions = TransactionLayer(reactor, sender, self, t.t1, t.t2, t.t4)
         self.dialog_glue = DialogGlue(self)
         self.dialogs = DialogTracker(reactor, self.dialog_glue.dialog_ended)
         self.domains = frozenset(d.lower() for d in config.proxy.domains)

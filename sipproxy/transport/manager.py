@@ -73,6 +73,7 @@ __all__ = [
     "ListenSpec",
     "Listener",
     "ResponseRoute",
+    "TransmittingSender",
     "TransportManager",
     "route_response",
     "stamp_via",
@@ -334,6 +335,17 @@ class _DropLog:
             self._suppressed += 1
 
 
+@implementer(ITransportSender)
+class TransmittingSender:
+    """The manager's send path for the transaction layer, which accepts ``None`` for "sent":
+    :meth:`TransportManager.transmit_request` and :meth:`~TransportManager.transmit_response`
+    under the names :class:`ITransportSender` gives them."""
+
+    def __init__(self, manager: TransportManager) -> None:
+        self.send_request = manager.transmit_request
+        self.send_response = manager.transmit_response
+
+
 # --------------------------------------------------------------------------------------------
 # The manager
 # --------------------------------------------------------------------------------------------
@@ -413,6 +425,8 @@ class TransportManager(Service):
         self.flows: FlowTracker | None = None
         self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
+        #: for the transaction layer: no Deferred per UDP datagram (:class:`TransmittingSender`)
+        self.sender = TransmittingSender(self)
         self._drop_log = _DropLog(self.log, reactor)
         self.tls = TLSConnections(self, reactor, self.pool, self.endpoints,
                                   idle_timeout=idle_timeout, limits=limits,
@@ -677,24 +691,38 @@ class TransportManager(Service):
         TCP reuses any open connection to ``(host, port)``, accepted or opened, else connects
         (bound to the listener's address) and queues the request until connected.
         """
-        done: defer.Deferred[None] = defer.Deferred()
+        try:
+            sent = self.transmit_request(request, target)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None) if sent is None else sent
+
+    def transmit_request(self, request: Request, target: Target) -> defer.Deferred[None] | None:
+        """
+        :meth:`send_request` under :class:`ITransportSender`'s contract, for the transaction
+        layer: ``None`` once a datagram is handed to the kernel (UDP to an IP address, the
+        common case: no Deferred made and fired per datagram), else a Deferred as for
+        :meth:`send_request`; raises what fails at once.
+        """
         try:
             self.counts.requests_sent[request.method] += 1
         except KeyError:
             self.counts.requests_sent["OTHER"] += 1
+        transport = target.transport.upper()
+        via = request.top_via
+        if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
+            switched: defer.Deferred[None] = defer.Deferred()
+            self._send_size_switched(request, target, switched)
+            return switched
+        data = self._serialize(request, transport)
+        listener = self._listener_for_request(request, transport, target)
+        if transport == "UDP":
+            if listener is None or listener.transport != "UDP":
+                raise ConnectionError(f"no UDP listener to send to {target.host}")
+            return self._send_datagram(listener, data, target.host, target.port)
+        done: defer.Deferred[None] = defer.Deferred()
         try:
-            transport = target.transport.upper()
-            via = request.top_via
-            if transport == "UDP" and via is not None and via.transport.upper() == "TCP":
-                self._send_size_switched(request, target, done)
-                return done
-            data = self._serialize(request, transport)
-            listener = self._listener_for_request(request, transport, target)
-            if transport == "UDP":
-                if listener is None or listener.transport != "UDP":
-                    raise ConnectionError(f"no UDP listener to send to {target.host}")
-                self._send_datagram(listener, data, target.host, target.port, done)
-            elif transport == "TCP":
+            if transport == "TCP":
                 side = listener.side if listener is not None else ""
                 bind = listener.bind_host if listener is not None else None
                 self._send_stream(side, bind, data, target.host, target.port, done)
@@ -721,44 +749,59 @@ class TransportManager(Service):
         Never to a broadcast, multicast or unspecified address, and never without
         ``request_source``: a response leaves from the side its request came from.
         """
-        done: defer.Deferred[None] = defer.Deferred()
-        self.counts.responses_sent[response.status] += 1
         try:
-            via = response.top_via
-            if via is None:
-                raise ValueError("response has no Via")
-            if request_source is None:
-                raise ValueError("a response is only sent back where its request came from")
-            route = route_response(via, request_source)
-            data = self._serialize(response, route.transport)
-            side = request_source.side
-            if route.transport == "TLS":
-                self._send_tls_response(side, data, via, route, done)
-                return done
-            if route.transport in RELIABLE_TRANSPORTS:
-                if route.connection is not None:
-                    proto = self._tcp_connection(*route.connection)
-                    if proto is not None:
-                        proto.write(data)
-                        done.callback(None)
-                        return done
-                if route.transport != "TCP":
-                    raise ConnectionError(f"cannot open a {route.transport} connection")
-                listener = self._side_listener(side, "TCP", route.host)
-                bind = listener.bind_host if listener is not None else None
-                self._send_stream(side, bind, data, route.host, route.port, done)
-                return done
-            if _not_unicast(route.host):
-                raise ValueError(f"refusing to send a response to {route.host}")
-            listener = self.listener_for_source(request_source)
-            if listener is None:
-                listener = self._side_listener(side, "UDP", route.host)
-            if listener is None:
-                raise ConnectionError("no UDP listener")
-            self._send_datagram(listener, data, route.host, route.port, done)
+            sent = self.transmit_response(response, request_source)
         except Exception:
-            done.errback()
-        return done
+            return defer.fail()
+        return defer.succeed(None) if sent is None else sent
+
+    def transmit_response(
+        self, response: Response, request_source: Source | None
+    ) -> defer.Deferred[None] | None:
+        """:meth:`send_response` under :class:`ITransportSender`'s contract, as
+        :meth:`transmit_request`: ``None`` once a datagram is handed to the kernel."""
+        self.counts.responses_sent[response.status] += 1
+        via = response.top_via
+        if via is None:
+            raise ValueError("response has no Via")
+        if request_source is None:
+            raise ValueError("a response is only sent back where its request came from")
+        route = route_response(via, request_source)
+        data = self._serialize(response, route.transport)
+        side = request_source.side
+        if route.transport in RELIABLE_TRANSPORTS:
+            done: defer.Deferred[None] = defer.Deferred()
+            try:
+                self._send_reliable_response(side, data, via, route, done)
+            except Exception:
+                done.errback()
+            return done
+        if _not_unicast(route.host):
+            raise ValueError(f"refusing to send a response to {route.host}")
+        listener = self.listener_for_source(request_source)
+        if listener is None:
+            listener = self._side_listener(side, "UDP", route.host)
+        if listener is None:
+            raise ConnectionError("no UDP listener")
+        return self._send_datagram(listener, data, route.host, route.port)
+
+    def _send_reliable_response(
+        self, side: str, data: bytes, via: Via, route: ResponseRoute, done: defer.Deferred[None]
+    ) -> None:
+        if route.transport == "TLS":
+            self._send_tls_response(side, data, via, route, done)
+            return
+        if route.connection is not None:
+            proto = self._tcp_connection(*route.connection)
+            if proto is not None:
+                proto.write(data)
+                done.callback(None)
+                return
+        if route.transport != "TCP":
+            raise ConnectionError(f"cannot open a {route.transport} connection")
+        listener = self._side_listener(side, "TCP", route.host)
+        bind = listener.bind_host if listener is not None else None
+        self._send_stream(side, bind, data, route.host, route.port, done)
 
     def _send_tls_response(
         self, side: str, data: bytes, via: Via, route: ResponseRoute, done: defer.Deferred[None]
@@ -796,8 +839,10 @@ class TransportManager(Service):
         return best
 
     def _send_datagram(
-        self, listener: Listener, data: bytes, host: str, port: int, done: defer.Deferred[None]
-    ) -> None:
+        self, listener: Listener, data: bytes, host: str, port: int
+    ) -> defer.Deferred[None] | None:
+        """Hand a datagram to the kernel: at once to an IP address (``None``), else once
+        ``host`` resolves (a Deferred); raises what fails at once."""
         proto = listener.udp
         if proto is None:
             raise ConnectionError(f"{listener} is not listening")
@@ -806,17 +851,19 @@ class TransportManager(Service):
             if listener.family == socket.AF_INET6 and address_family(host) == socket.AF_INET:
                 address = "::ffff:" + host
             proto.send(data, (address, port))
-            done.callback(None)
-            return
-        resolved: defer.Deferred[str] = self.reactor.resolve(host)
+            return None
+        done: defer.Deferred[None] = defer.Deferred()
 
         def send(ip: str) -> None:
             try:
-                self._send_datagram(listener, data, ip, port, done)
+                self._send_datagram(listener, data, ip, port)
             except Exception:
                 done.errback()
+                return
+            done.callback(None)
 
-        resolved.addCallbacks(send, done.errback)
+        self.reactor.resolve(host).addCallbacks(send, done.errback)
+        return done
 
     def _send_stream(
         self,
