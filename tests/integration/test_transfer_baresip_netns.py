@@ -28,6 +28,8 @@ from tests.integration.support.sites import (
     inside_on_the_outside,
 )
 from tests.integration.test_transfer_netns import (
+    CAROL,
+    CAROL_PORT,
     TALK,
     TRANSFER_MS,
     refer_target,
@@ -35,10 +37,6 @@ from tests.integration.test_transfer_netns import (
 )
 
 pytestmark = [pytest.mark.netns]
-
-CAROL_PORT = 5062
-CAROL = f"sip:carol@{PROVIDER_IP}:{CAROL_PORT}"
-
 
 @dataclass
 class Run:
