@@ -44,7 +44,6 @@ class Run:
     phone: Baresip
     results: dict[str, SippResult]
     refer: Request
-    first_frame: int
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def run(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             for role, process in (("p", p), ("p_invite", p_invite), ("carol", carol)):
                 results[role] = process.wait(SIPP_TIMEOUT + 10)
             site.capture.settle()
-            yield Run(site, phone, results, refer, first_frame)
+            yield Run(site, phone, results, refer)
         finally:
             phone.stop()
 
