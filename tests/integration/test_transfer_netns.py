@@ -11,6 +11,8 @@ fw's veths captured.
   ``?Replaces=`` naming the A-B call; P's INVITE with Replaces reaches B naming the inside
   Call-ID and tags (B's scenario checks them, else answers 481), and B ends the replaced call
   with its BYE.
+- blind to an outside number: A calls P and REFERs it to carol at the provider (5062); the
+  Refer-To reaches P unchanged and P INVITEs carol directly.
 - by the provider: A registers, P calls it and REFERs it to carol at the provider; A's INVITE
   to carol goes through the proxy, with audio through the relay.
 
@@ -59,6 +61,9 @@ TRANSFER_MS = "5000"
 #: the A-B call's Call-ID and tags (uac_held.xml, uas_replaced.xml)
 HELD_CALL_ID = f"held-1@{PHONE_IP}"
 HELD_REPLACES = f"{HELD_CALL_ID};to-tag=heldto1;from-tag=heldfrom1"
+#: an outside transfer target: carol, a second sipp at the provider
+CAROL_PORT = 5062
+CAROL = f"sip:carol@{PROVIDER_IP}:{CAROL_PORT}"
 
 
 @dataclass
@@ -138,6 +143,25 @@ def transfer_by_phone(site: Site, attended: bool) -> Transfer:
     return transfer
 
 
+def transfer_to_outside(site: Site) -> Transfer:
+    """A (5060) calls P and REFERs it to carol at the provider; P INVITEs carol directly."""
+    transfer = Transfer(first_frame=len(site.capture.snapshot()))
+    p = site.provider.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                extra_args=["-d", TRANSFER_MS])
+    carol = site.provider.start_uas("uas_rr.xml", CAROL_PORT, count=1, timeout=SIPP_TIMEOUT,
+                                    variables={"direct": "1"})
+    a = site.phone.start_uac("uac_transferor.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
+                             timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example",
+                                                         "refer_to": f"<{CAROL}>"})
+    transfer.refer = wait_refer(site, site.net.wan_if, PROVIDER_IP, transfer.first_frame)
+    target, _ = refer_target(transfer.refer)
+    p_invite = site.provider.start_uac(
+        "uac_audio.xml", (PROVIDER_IP, CAROL_PORT), count=1, timeout=SIPP_TIMEOUT,
+        keys={"ruri": target, "caller": "bob"}, extra_args=["-d", str(int(TALK * 1000))])
+    wait_all(transfer, a=a, p=p, p_invite=p_invite, carol=carol)
+    return transfer
+
+
 def transfer_by_provider(site: Site, token: str) -> Transfer:
     """P (5061) calls A's token and REFERs A to carol; A INVITEs carol from 5064, with audio."""
     transfer = Transfer(first_frame=len(site.capture.snapshot()))
@@ -174,13 +198,14 @@ def run(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             write_rtp_pcap(sipp.workdir / "audio.pcap", TALK - 0.3)
         transfers["blind"] = transfer_by_phone(site, attended=False)
         transfers["attended"] = transfer_by_phone(site, attended=True)
+        transfers["blind_outside"] = transfer_to_outside(site)
         site.results["register"] = register_with_challenge(site, "provider.example")
         transfers["by_provider"] = transfer_by_provider(site, token_seen_by_provider(site))
         site.capture.settle()
     yield Run(site, transfers)
 
 
-@pytest.mark.parametrize("name", ["blind", "attended", "by_provider"])
+@pytest.mark.parametrize("name", ["blind", "attended", "blind_outside", "by_provider"])
 def test_every_party_of_the_transfer_completes(run: Run, name: str) -> None:
     transfer = run.transfers[name]
     for role, result in transfer.results.items():
@@ -200,6 +225,13 @@ def test_the_refer_to_the_provider_got_names_a_token(run: Run, name: str) -> Non
         call_id, _, tags = replaces.partition(";")
         assert call_id.startswith(HIDDEN_PREFIX) and tags == "to-tag=heldto1;from-tag=heldfrom1"
     assert PHONE_IP not in (refer.headers.get("referred-by") or "")
+
+
+def test_the_refer_to_an_outside_number_reaches_the_provider_unchanged(run: Run) -> None:
+    refer = run.transfers["blind_outside"].refer
+    assert refer is not None
+    assert refer_target(refer) == (CAROL, None), refer.headers.get("refer-to")
+    assert PHONE_IP not in refer.to_bytes().decode(errors="replace")
 
 
 def test_the_attended_transfer_reaches_b_with_the_inside_replaces(run: Run) -> None:
