@@ -15,6 +15,10 @@ fw's veths captured.
   Refer-To reaches P unchanged and P INVITEs carol directly.
 - by the provider: A registers, P calls it and REFERs it to carol at the provider; A's INVITE
   to carol goes through the proxy, with audio through the relay.
+- attended by the provider: P holds a call with carol (outside, no proxy) and a call with A; it
+  REFERs A to carol with ``?Replaces=`` naming the P-carol call; A's INVITE with Replaces
+  reaches carol naming the outside Call-ID and tags unchanged (carol's scenario checks them,
+  else answers 481), and carol ends the replaced call with its BYE.
 
 Not one byte on the outside link names an inside address; requests from the outside reach the
 phones at their own Contact, never at a token. P's part after the REFER is started
@@ -26,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -33,7 +38,7 @@ import pytest
 from sipproxy.message import Request
 from sipproxy.plugins.nat import TOKEN_PREFIX
 from sipproxy.plugins.topology import HIDDEN_PREFIX, uri_span
-from tests.integration.support.harness import SippProcess, SippResult
+from tests.integration.support.harness import SCENARIOS, SippProcess, SippResult
 from tests.integration.support.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, PROVIDER_IP
 from tests.integration.support.rtp import is_rtp, write_rtp_pcap
 from tests.integration.support.sites import (
@@ -64,6 +69,13 @@ HELD_REPLACES = f"{HELD_CALL_ID};to-tag=heldto1;from-tag=heldfrom1"
 #: an outside transfer target: carol, a second sipp at the provider
 CAROL_PORT = 5062
 CAROL = f"sip:carol@{PROVIDER_IP}:{CAROL_PORT}"
+#: carol as the provider names her (the proxy sends every outside request to the provider's
+#: 5060, where she answers)
+CAROL_AT_PROVIDER = "sip:carol@provider.example"
+#: P's line for the call with carol that its attended transfer replaces
+P2_PORT = 5063
+#: the P-carol call's Call-ID and tags, as outside values (uac_held.xml from the provider)
+OUTSIDE_HELD_REPLACES = f"held-1@{PROVIDER_IP};to-tag=heldto1;from-tag=heldfrom1"
 
 
 @dataclass
@@ -170,7 +182,7 @@ def transfer_by_provider(site: Site, token: str) -> Transfer:
     p = site.provider.start_uac(
         "uac_transferor.xml", (FW_OUTSIDE, SIP), local_port=P1_PORT, count=1,
         timeout=SIPP_TIMEOUT, keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}",
-                                    "refer_to": "<sip:carol@provider.example>"})
+                                    "refer_to": f"<{CAROL_AT_PROVIDER}>"})
     # carol sees one Via (the phone's are hidden): uas_rr's "through a proxy" check is off
     carol = site.provider.start_uas("uas_rr.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
                                     variables={"direct": "1"})
@@ -181,6 +193,45 @@ def transfer_by_provider(site: Site, token: str) -> Transfer:
                                     keys={"ruri": target, "caller": "alice"},
                                     extra_args=["-d", str(int(TALK * 1000))])
     wait_all(transfer, p=p, a=a, a_invite=a_invite, carol=carol)
+    return transfer
+
+
+def outside_replaced_scenario(site: Site) -> Path:
+    """uas_replaced.xml for carol: the Replaces it accepts names the held call's outside
+    Call-ID (held-1@<provider>) instead of the inside one."""
+    text = (SCENARIOS / "uas_replaced.xml").read_text()
+    inside, outside = ("held-1@" + ip.replace(".", r"\.") for ip in (PHONE_IP, PROVIDER_IP))
+    assert inside in text
+    path = site.provider.workdir / "uas_replaced_outside.xml"
+    path.write_text(text.replace(inside, outside))
+    return path
+
+
+def attended_by_provider(site: Site, token: str) -> Transfer:
+    """P (5063) holds a call with carol, P (5061) calls A's token and REFERs A to carol with
+    Replaces naming the P-carol call; A INVITEs carol from 5064 with that Replaces."""
+    transfer = Transfer(first_frame=len(site.capture.snapshot()), calls={"carol": 2})
+    carol = site.provider.start_uas(outside_replaced_scenario(site), SIP, count=2,
+                                    timeout=SIPP_TIMEOUT)
+    held = site.provider.start_uac(
+        "uac_held.xml", (PROVIDER_IP, SIP), local_port=P2_PORT, count=1,
+        timeout=SIPP_TIMEOUT, keys={"ruri": CAROL_AT_PROVIDER},
+        extra_args=["-cid_str", "held-%u@%s"])
+    a = site.phone.start_uas("uas_transferee.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                             extra_args=["-d", TRANSFER_MS])
+    refer_to = CAROL_AT_PROVIDER + "?Replaces=" + quote(OUTSIDE_HELD_REPLACES, safe="")
+    p = site.provider.start_uac(
+        "uac_transferor.xml", (FW_OUTSIDE, SIP), local_port=P1_PORT, count=1,
+        timeout=SIPP_TIMEOUT, keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}",
+                                    "refer_to": f"<{refer_to}>"})
+    transfer.refer = wait_refer(site, site.net.lan_if, PHONE_IP, transfer.first_frame)
+    target, replaces = refer_target(transfer.refer)
+    a_invite = site.phone.start_uac(
+        "uac_replaces.xml", (FW_INSIDE, SIP), local_port=A2_PORT, count=1,
+        timeout=SIPP_TIMEOUT, keys={"ruri": target, "caller": "alice",
+                                    "replaces": replaces or "none"},
+        extra_args=["-d", str(int(TALK * 1000))])
+    wait_all(transfer, p=p, held=held, a=a, a_invite=a_invite, carol=carol)
     return transfer
 
 
@@ -200,12 +251,15 @@ def run(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         transfers["attended"] = transfer_by_phone(site, attended=True)
         transfers["blind_outside"] = transfer_to_outside(site)
         site.results["register"] = register_with_challenge(site, "provider.example")
-        transfers["by_provider"] = transfer_by_provider(site, token_seen_by_provider(site))
+        token = token_seen_by_provider(site)
+        transfers["by_provider"] = transfer_by_provider(site, token)
+        transfers["attended_by_provider"] = attended_by_provider(site, token)
         site.capture.settle()
     yield Run(site, transfers)
 
 
-@pytest.mark.parametrize("name", ["blind", "attended", "blind_outside", "by_provider"])
+@pytest.mark.parametrize("name", ["blind", "attended", "blind_outside", "by_provider",
+                                  "attended_by_provider"])
 def test_every_party_of_the_transfer_completes(run: Run, name: str) -> None:
     transfer = run.transfers[name]
     for role, result in transfer.results.items():
@@ -244,6 +298,20 @@ def test_the_attended_transfer_reaches_b_with_the_inside_replaces(run: Run) -> N
     assert [m.headers.get("replaces") for m in invites] == [HELD_REPLACES], \
         describe_packets(site.lan())
     assert transfer.results["b"].ok(2)
+
+
+def test_the_provider_attended_transfer_reaches_carol_with_the_outside_replaces(
+        run: Run) -> None:
+    """A got the REFER naming carol and the outside Call-ID unchanged; A's INVITE left on the
+    outside with the same Replaces (carol's scenario answers 481 otherwise)."""
+    transfer = run.transfers["attended_by_provider"]
+    assert transfer.refer is not None
+    assert refer_target(transfer.refer) == (CAROL_AT_PROVIDER, OUTSIDE_HELD_REPLACES)
+    invites = [m for p, m in run.site.outside() if isinstance(m, Request)
+               and m.method == "INVITE" and p.dst == PROVIDER_IP and p.dport == SIP
+               and "replaces" in m.headers]
+    assert [m.headers.get("replaces") for m in invites] == [OUTSIDE_HELD_REPLACES], \
+        describe_packets(run.site.outside())
 
 
 def _rtp_to(run: Run, name: str, dst: str, interface: str) -> int:
