@@ -18,7 +18,8 @@ fw's veths captured.
 - attended by the provider: P holds a call with carol (outside, no proxy) and a call with A; it
   REFERs A to carol with ``?Replaces=`` naming the P-carol call; A's INVITE with Replaces
   reaches carol naming the outside Call-ID and tags unchanged (carol's scenario checks them,
-  else answers 481), and carol ends the replaced call with its BYE.
+  else answers 481), A plays audio to her through the relay, and carol ends the replaced call
+  with its BYE.
 
 Not one byte on the outside link names an inside address; requests from the outside reach the
 phones at their own Contact, never at a token. P's part after the REFER is started
@@ -310,7 +311,8 @@ def test_the_provider_attended_transfer_reaches_carol_with_the_outside_replaces(
     invites = [m for p, m in run.site.outside() if isinstance(m, Request)
                and m.method == "INVITE" and p.dst == PROVIDER_IP and p.dport == SIP
                and "replaces" in m.headers]
-    assert [m.headers.get("replaces") for m in invites] == [OUTSIDE_HELD_REPLACES], \
+    # a set: the proxy may retransmit it
+    assert {m.headers.get("replaces") for m in invites} == {OUTSIDE_HELD_REPLACES}, \
         describe_packets(run.site.outside())
 
 
@@ -320,11 +322,11 @@ def _rtp_to(run: Run, name: str, dst: str, interface: str) -> int:
                and is_rtp(p))
 
 
-@pytest.mark.parametrize("name", ["blind", "attended", "by_provider"])
+@pytest.mark.parametrize("name", ["blind", "attended", "by_provider", "attended_by_provider"])
 def test_the_transferred_call_has_audio_through_the_relay(run: Run, name: str) -> None:
     """The transferred call's RTP (P to B; A to carol) leaves fw toward its target: sent from
     the relay, the only path (fw's forward chain drops the RTP port range)."""
-    if name == "by_provider":
+    if name.endswith("by_provider"):
         sent = _rtp_to(run, name, PROVIDER_IP, run.site.net.wan_if)
     else:
         sent = _rtp_to(run, name, PHONE_IP, run.site.net.lan_if)
