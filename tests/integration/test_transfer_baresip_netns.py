@@ -27,7 +27,7 @@ from tests.integration.support.sites import (
     firewall_site,
     inside_on_the_outside,
 )
-from tests.integration.test_transfer_netns import (
+from tests.integration.support.transfers import (
     CAROL,
     CAROL_PORT,
     TALK,

@@ -28,17 +28,16 @@ by the test when the REFER shows up in the capture (a sipp call cannot start ano
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import pytest
 
 from sipproxy.message import Request
 from sipproxy.plugins.nat import TOKEN_PREFIX
-from sipproxy.plugins.topology import HIDDEN_PREFIX, uri_span
+from sipproxy.plugins.topology import HIDDEN_PREFIX
 from tests.integration.support.harness import SCENARIOS, SippProcess, SippResult
 from tests.integration.support.netns import FW_INSIDE, FW_OUTSIDE, PHONE_IP, PROVIDER_IP
 from tests.integration.support.rtp import is_rtp, write_rtp_pcap
@@ -52,6 +51,14 @@ from tests.integration.support.sites import (
     register_with_challenge,
     token_seen_by_provider,
 )
+from tests.integration.support.transfers import (
+    CAROL,
+    CAROL_PORT,
+    TALK,
+    TRANSFER_MS,
+    refer_target,
+    wait_refer,
+)
 
 pytestmark = [pytest.mark.netns]
 
@@ -60,16 +67,9 @@ B_PORT = 5070
 A2_PORT = 5064
 #: P's port when it calls (its 5060 is the transfer target's)
 P1_PORT = 5061
-#: seconds of audio the transferred call plays
-TALK = 1.5
-#: how long the transferee waits (ms) between its NOTIFYs: the transferred call's time
-TRANSFER_MS = "5000"
 #: the A-B call's Call-ID and tags (uac_held.xml, uas_replaced.xml)
 HELD_CALL_ID = f"held-1@{PHONE_IP}"
 HELD_REPLACES = f"{HELD_CALL_ID};to-tag=heldto1;from-tag=heldfrom1"
-#: an outside transfer target: carol, a second sipp at the provider
-CAROL_PORT = 5062
-CAROL = f"sip:carol@{PROVIDER_IP}:{CAROL_PORT}"
 #: carol as the provider names her (the proxy sends every outside request to the provider's
 #: 5060, where she answers)
 CAROL_AT_PROVIDER = "sip:carol@provider.example"
@@ -89,34 +89,6 @@ class Transfer:
     calls: dict[str, int] = field(default_factory=dict)
     refer: Request | None = None
     first_frame: int = 0
-
-
-def wait_refer(site: Site, interface: str, dst: str, after: int,
-               limit: float = 10.0) -> Request:
-    """The first REFER sent to ``dst`` on ``interface`` in the capture's frames from
-    ``after`` on (bounded wait)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        for packet in site.capture.snapshot()[after:]:
-            if packet.interface == interface and packet.dst == dst and packet.outgoing:
-                message = packet.sip()
-                if isinstance(message, Request) and message.method == "REFER":
-                    return message
-        time.sleep(0.1)
-    raise AssertionError(f"no REFER reached {dst}\n{describe_packets(site.outside())}\n"
-                         f"{site.logs()}")
-
-
-def refer_target(refer: Request) -> tuple[str, str | None]:
-    """The Refer-To URI without its headers, and its ``Replaces=`` (unescaped) if any."""
-    value = refer.headers.get("refer-to") or ""
-    start, end = uri_span(value)
-    base, _, headers = value[start:end].partition("?")
-    for item in headers.split("&"):
-        name, _, escaped = item.partition("=")
-        if name.lower() == "replaces":
-            return base, unquote(escaped)
-    return base, None
 
 
 def wait_all(transfer: Transfer, **processes: SippProcess) -> None:
