@@ -153,13 +153,33 @@ class SipResolver:
         Fires with ``[]`` (never fails) for names that do not resolve and for transports this
         resolver does not support (sips: with transport=udp, an unsupported transport=...).
         """
+        plan = self._plan(host, port, transport, secure, server_name)
+        if isinstance(plan, list):
+            return succeed(plan)
+        return Deferred.fromCoroutine(self._locate(*plan))
+
+    def resolve_now(
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        server_name: str | None = None,
+    ) -> list[Target] | None:
+        """What :meth:`resolve` fires with, when that needs no DNS lookup (an IP literal, a
+        transport this resolver cannot use); ``None`` when it does. The proxy routes most
+        requests to IP literals: this spares them a Deferred each."""
+        plan = self._plan(host, port, transport, secure, server_name)
+        return plan if isinstance(plan, list) else None
+
+    def _plan(
+        self, host: str, port: int | None, transport: str | None, secure: bool,
+        server_name: str | None,
+    ) -> list[Target] | tuple[str, int | None, str | None, bool, str]:
+        """The targets when no lookup is needed, else the arguments of :meth:`_locate`."""
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         if server_name is not None and server_name.startswith("[") and server_name.endswith("]"):
             server_name = server_name[1:-1]
         name = (server_name or host).rstrip(".")
         if not name:
-            return succeed([])
+            return []
         if transport is not None:
             wanted = self._usable_transport(transport, secure)
             if wanted is None:
@@ -167,16 +187,16 @@ class SipResolver:
                     "cannot reach {host}: transport {transport} not usable (secure={secure})",
                     host=host, transport=transport, secure=secure,
                 )
-                return succeed([])
+                return []
         else:
             wanted = None
         ip = _ip_literal(host)
         if ip is not None:  # 4.1: a numeric IP needs no lookup (nor a coroutine: every request)
             chosen = wanted or self._default_transport(secure)
             if chosen is None:
-                return succeed([])
-            return succeed([Target(chosen, ip, port or DEFAULT_PORTS[chosen], name)])
-        return Deferred.fromCoroutine(self._locate(host, port, wanted, secure, name))
+                return []
+            return [Target(chosen, ip, port or DEFAULT_PORTS[chosen], name)]
+        return host, port, wanted, secure, name
 
     def uri_target(self, uri: URI) -> Deferred[list[Target]]:
         """``resolve`` for a sip:/sips: URI; its maddr parameter, if any, replaces the host."""

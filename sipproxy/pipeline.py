@@ -97,7 +97,8 @@ class Pipeline:
 
     def run(self, hook: str, *args: Any) -> Any:
         """The first non-None result of the hook, or None; a Deferred if a plugin waits."""
-        return self._run_from(self._by_hook[hook], 0, args)
+        calls = self._by_hook[hook]
+        return self._run_from(calls, 0, args) if calls else None
 
     def _run_from(self, calls: list[Callable[..., Any]], start: int, args: tuple[Any, ...]) -> Any:
         for i in range(start, len(calls)):

@@ -196,15 +196,29 @@ class ResolverDouble:
         if ip_of(host) is None:
             targets = list(self.names.get(host.lower(), []))
         else:
-            kind = "TLS" if secure or (transport or "").upper() == "TLS" else \
-                (transport or "UDP").upper()
-            default = 5061 if kind == "TLS" else 5060
-            targets = [Target(kind, host, port or default, server_name or host)]
+            targets = self._literal(host, port, transport, secure, server_name)
         if self.hold:
             d: Deferred[list[Target]] = Deferred()
             self.held.append((d, targets))
             return d
         return succeed(targets)
+
+    def resolve_now(self, host: str, port: int | None, transport: str | None, secure: bool,
+                    server_name: str | None = None) -> list[Target] | None:
+        """An IP literal's target at once (a lookup, counted in :attr:`calls`), unless
+        :attr:`hold`; ``None`` for a name, which goes through :meth:`resolve`."""
+        if self.hold or ip_of(host) is None:
+            return None
+        self.calls.append((host, port, transport, secure))
+        return self._literal(host, port, transport, secure, server_name)
+
+    @staticmethod
+    def _literal(host: str, port: int | None, transport: str | None, secure: bool,
+                 server_name: str | None) -> list[Target]:
+        kind = "TLS" if secure or (transport or "").upper() == "TLS" else \
+            (transport or "UDP").upper()
+        default = 5061 if kind == "TLS" else 5060
+        return [Target(kind, host, port or default, server_name or host)]
 
     def release(self) -> None:
         """Answer every lookup held so far."""

@@ -138,7 +138,14 @@ class NoLookupTests(unittest.TestCase):
 
     def resolved(self, *args: Any) -> list[Target]:
         result: list[Target] = self.successResultOf(self.resolver.resolve(*args))
+        # the proxy's shortcut for these cases (no Deferred) must answer the same
+        self.assertEqual(self.resolver.resolve_now(*args), result)
         return result
+
+    def test_a_name_is_not_resolved_now(self) -> None:
+        """A name needs a lookup: ``resolve_now`` leaves it to ``resolve``."""
+        self.assertIsNone(self.resolver.resolve_now("h1.example.test", None, None, False))
+        self.assertIsNone(self.resolver.resolve_now("h1.example.test", 5060, "udp", False))
 
     def test_ipv4_literal_defaults(self) -> None:
         self.assertEqual(self.resolved("192.0.2.7", None, None, False),

@@ -21,7 +21,7 @@ from sipproxy.errors import ParseError
 from sipproxy.flows import FlowTracker
 from sipproxy.interfaces import IProxyCore, IStateStore
 from sipproxy.message import MAGIC_COOKIE, Message, Request, Response, Via, new_branch
-from sipproxy.pipeline import Pipeline, then
+from sipproxy.pipeline import Pipeline
 from sipproxy.proxy.addresses import OwnAddresses
 from sipproxy.proxy.dialog_glue import DialogGlue
 from sipproxy.proxy.forking import Forker
@@ -216,10 +216,12 @@ class Proxy:
                 responder.reply(ctx, error[0], error[1], error[2])
                 return
             self._find_dialog(ctx)
-            result = then(self.pipeline.run("request_received", ctx),
-                          lambda r: self._after_received(ctx, r))
+            result = self.pipeline.run("request_received", ctx)
             if isinstance(result, Deferred):
+                result.addCallback(lambda r: self._after_received(ctx, r))
                 result.addErrback(responder.hook_failed, ctx)
+            else:
+                self._after_received(ctx, result)
         except ParseError as e:
             responder.answer(tx, request, e.status, e.reason)
         except Exception:
@@ -253,8 +255,11 @@ class Proxy:
             self._find_dialog(ctx)
             result = self.pipeline.run("request_received", ctx)
             # an ACK is never answered: a plugin's Response means "do not forward it"
-            then(result,
-                 lambda r: None if isinstance(r, Response) else self.forker.forward_ack(ctx))
+            if isinstance(result, Deferred):
+                result.addCallback(
+                    lambda r: None if isinstance(r, Response) else self.forker.forward_ack(ctx))
+            elif not isinstance(result, Response):
+                self.forker.forward_ack(ctx)
         except ParseError as e:  # an ACK nobody can route (e.g. a non-SIP URI) is dropped
             _log.debug("dropped {request!r}: {e}", request=request, e=e,
                        call_id=request.call_id, source=request.source)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from sipproxy.context import Branch
 from sipproxy.interfaces import DROP
 from sipproxy.message import MAGIC_COOKIE, Response, new_branch, new_tag
-from sipproxy.pipeline import then
 from sipproxy.proxy.record_route import (
     hide_lower_vias,
     loop_hash,
@@ -23,8 +23,6 @@ from sipproxy.transaction import build_cancel
 from sipproxy.uri import parse_uri
 
 if TYPE_CHECKING:
-    from twisted.python.failure import Failure
-
     from sipproxy.context import RequestContext, Target
     from sipproxy.location import Binding
     from sipproxy.message import Request
@@ -107,13 +105,31 @@ class Forker:
             mf = out.max_forwards
             out.max_forwards = (mf - 1) if mf is not None else core.config.proxy.max_forwards
             if destination is not None:
-                d: Deferred[list[Target]] = succeed([destination])
-            else:
-                d = core.router.resolve(next_hop or core.router.next_hop_uri(out))
-                if next_hop is not None and next_hop is core.upstream:
-                    d.addCallback(self._upstream_resolved)
+                self._resolved_now([destination], ctx, out, binding, upstream=False)
+                continue
+            upstream = next_hop is not None and next_hop is core.upstream
+            hop = next_hop or core.router.next_hop_uri(out)
+            found = core.router.resolve_now(hop)
+            if found is not None:  # no lookup needed (an IP literal): no Deferred either
+                self._resolved_now(found, ctx, out, binding, upstream)
+                continue
+            d = core.router.resolve(hop)
+            if upstream:
+                d.addCallback(self._upstream_resolved)
             d.addCallback(self._resolved, ctx, out, binding)
             d.addErrback(self._resolve_failed, ctx)
+
+    def _resolved_now(
+        self, targets: list[Target], ctx: RequestContext, out: Request, binding: Binding | None,
+        upstream: bool,
+    ) -> None:
+        """:meth:`_resolved` for targets known at once; what fails goes where the lookup's
+        Deferred would send it."""
+        try:
+            self._resolved(self._upstream_resolved(targets) if upstream else targets, ctx, out,
+                           binding)
+        except Exception:
+            self._resolve_failed(Failure(), ctx)
 
     def _resolved(
         self, targets: list[Target], ctx: RequestContext, out: Request, binding: Binding | None
@@ -184,9 +200,11 @@ class Forker:
             result = core.pipeline.run("request_forwarding", ctx, branch)
         except Exception:
             result = fail()
-        sent = then(result, lambda r: self._send_branch(ctx, branch, r))
-        if isinstance(sent, Deferred):
-            sent.addErrback(self._forwarding_failed, ctx, branch)
+        if isinstance(result, Deferred):
+            result.addCallback(lambda r: self._send_branch(ctx, branch, r))
+            result.addErrback(self._forwarding_failed, ctx, branch)
+        else:
+            self._send_branch(ctx, branch, result)
 
     def _forwarding_failed(self, failure: Failure, ctx: RequestContext, branch: Branch) -> None:
         """A request_forwarding hook failed: nothing went out, the branch ends with 500."""
@@ -313,9 +331,11 @@ class Forker:
             result = self.core.pipeline.run("response_received", ctx, branch, response)
         except Exception:
             result = fail()
-        done = then(result, lambda r: self._after_response(ctx, branch, response, r))
-        if isinstance(done, Deferred):
-            done.addErrback(self._response_hook_failed, ctx, branch, response)
+        if isinstance(result, Deferred):
+            result.addCallback(lambda r: self._after_response(ctx, branch, response, r))
+            result.addErrback(self._response_hook_failed, ctx, branch, response)
+        else:
+            self._after_response(ctx, branch, response, result)
 
     def _response_hook_failed(
         self, failure: Failure, ctx: RequestContext, branch: Branch, response: Response
@@ -442,27 +462,42 @@ class Forker:
             hop = out.uri
         else:
             hop = out.uri  # an ACK for a 2xx is in-dialog: its remote target, never [upstream]
-        d = succeed([ctx.destination]) if hop is None and ctx.destination else core.router.resolve(
-            hop or out.uri
-        )
+        found = [ctx.destination] if hop is None and ctx.destination else \
+            core.router.resolve_now(hop or out.uri)
+        if found is None:  # a DNS lookup
+            d = core.router.resolve(hop or out.uri)
+            d.addCallback(self._send_ack, ctx, out, binding)
+            d.addErrback(self._ack_not_sent, request)
+            return
+        try:
+            self._send_ack(found, ctx, out, binding)
+        except Exception:
+            self._ack_not_sent(Failure(), request)
 
-        def send(targets: list[Target]) -> None:
-            if not targets:
+    def _send_ack(self, targets: list[Target], ctx: RequestContext, out: Request,
+                  binding: Binding | None) -> None:
+        if not targets:
+            return
+        core = self.core
+        target = targets[0]
+        listener = core.transports.choose_listener(target)
+        out.push_via(core.recorder.via(target, listener, new_branch()))
+        branch = Branch(out, target, listener, binding=binding)
+
+        def forward(result: Any) -> None:
+            if isinstance(result, Response) or branch.target is None:
                 return
-            target = targets[0]
-            listener = core.transports.choose_listener(target)
-            out.push_via(core.recorder.via(target, listener, new_branch()))
-            branch = Branch(out, target, listener, binding=binding)
+            if branch.hide_vias:
+                hide_lower_vias(out)
+            core.transactions.send_stateless_request(out, branch.target)
 
-            def forward(result: Any) -> None:
-                if isinstance(result, Response) or branch.target is None:
-                    return
-                if branch.hide_vias:
-                    hide_lower_vias(out)
-                core.transactions.send_stateless_request(out, branch.target)
+        result = core.pipeline.run("request_forwarding", ctx, branch)
+        if isinstance(result, Deferred):
+            result.addCallback(forward)
+        else:
+            forward(result)
 
-            then(core.pipeline.run("request_forwarding", ctx, branch), forward)
-
-        d.addCallback(send)
-        d.addErrback(lambda f: _log.info("ACK not forwarded: {f}", f=f.getErrorMessage(),
-                                         call_id=request.call_id, source=request.source))
+    @staticmethod
+    def _ack_not_sent(failure: Failure, request: Request) -> None:
+        _log.info("ACK not forwarded: {f}", f=failure.getErrorMessage(), call_id=request.call_id,
+                  source=request.source)

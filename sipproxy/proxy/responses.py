@@ -10,7 +10,6 @@ from twisted.logger import Logger
 
 from sipproxy.interfaces import DROP
 from sipproxy.message import new_tag
-from sipproxy.pipeline import then
 from sipproxy.transaction import State
 
 if TYPE_CHECKING:
@@ -54,9 +53,11 @@ class Responder:
             result = self.core.pipeline.run("response_forwarding", ctx, response)
         except Exception:
             result = fail()
-        done = then(result, lambda r: self.send_response(ctx, response, r, final))
-        if isinstance(done, Deferred):
-            done.addErrback(self._forwarding_hook_failed, ctx, response, final)
+        if isinstance(result, Deferred):
+            result.addCallback(lambda r: self.send_response(ctx, response, r, final))
+            result.addErrback(self._forwarding_hook_failed, ctx, response, final)
+        else:
+            self.send_response(ctx, response, result, final)
 
     def _forwarding_hook_failed(
         self, failure: Failure, ctx: RequestContext, response: Response, final: bool

@@ -203,11 +203,25 @@ class Router:
     def resolve(self, uri: URI) -> Deferred[list[Target]]:
         """The targets for ``uri`` in the order to try them (RFC 3263); a non-SIP URI raises
         :class:`~sipproxy.errors.ParseError` (416)."""
+        host, server_name = self._lookup_names(uri)
+        return self.resolver.resolve(host, uri.port, uri.transport, uri.secure,
+                                     server_name=server_name)
+
+    def resolve_now(self, uri: URI) -> list[Target] | None:
+        """What :meth:`resolve` fires with, when that needs no DNS lookup (an IP literal);
+        ``None`` when it does."""
+        host, server_name = self._lookup_names(uri)
+        return self.resolver.resolve_now(host, uri.port, uri.transport, uri.secure,
+                                         server_name=server_name)
+
+    @staticmethod
+    def _lookup_names(uri: URI) -> tuple[str, str | None]:
+        """The host to look up for ``uri`` and the name a TLS server must prove (None: that
+        host); raises :class:`~sipproxy.errors.ParseError` (416) for a non-SIP URI."""
         if not uri.is_sip:
             raise ParseError("cannot route a non-SIP URI", 416)
         maddr = uri.get_param("maddr")
         if maddr:
             # a TLS server must prove the URI's host, not the maddr (RFC 5922 section 4)
-            return self.resolver.resolve(maddr, uri.port, uri.transport, uri.secure,
-                                         server_name=uri.host)
-        return self.resolver.resolve(uri.host, uri.port, uri.transport, uri.secure)
+            return maddr, uri.host
+        return uri.host, None
