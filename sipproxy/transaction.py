@@ -290,6 +290,10 @@ class _TimerQueue:
 class _Transaction:
     """Timers and termination, shared by both kinds of transaction."""
 
+    # slots: thousands live at once (most waiting out a timer), each scanned by the collector
+    __slots__ = ("_interval", "_key", "_layer", "_timers", "_waiters", "is_invite",
+                 "last_response", "reliable", "request", "state")
+
     state: State
 
     def __init__(self, layer: TransactionLayer, request: Request, reliable: bool) -> None:
@@ -405,6 +409,8 @@ class ServerTransaction(_Transaction):
     ``respond()`` is the only thing the TU calls. Retransmitted requests never reach the TU:
     they are absorbed or answered with ``last_response``.
     """
+
+    __slots__ = ("_method",)
 
     def __init__(self, layer: TransactionLayer, request: Request, key: _OuterKey) -> None:
         source = request.source
@@ -536,6 +542,8 @@ class ClientTransaction(_Transaction):
     408 and a transport failure as a 503 (``source`` is None on both), as RFC 3261 16.7 and
     16.9 tell a proxy to treat them; the transaction has then already terminated.
     """
+
+    __slots__ = ("ack", "on_response", "provisional_received", "target")
 
     def __init__(
         self,
