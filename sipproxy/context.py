@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["Branch", "RequestContext", "Target"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """One place to send a request: try the targets of a resolution in list order.
 
@@ -45,7 +45,7 @@ class Target:
     server_name: str
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Branch:
     """One outgoing fork of a request (RFC 3261 16.6), given to ``request_forwarding`` and
     ``response_received``.
@@ -84,7 +84,7 @@ class Branch:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestContext:
     """Everything about one request the proxy handles, given to every request and response
     hook. ``data`` is free for plugins' own per-request state."""

@@ -33,7 +33,7 @@ def uri_address(uri: URI) -> Address:
     return host.lower(), uri.port if uri.port is not None else default
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Party:
     """One end of a dialog as the proxy saw it (for the ``acl`` plugin).
 
@@ -66,7 +66,7 @@ def _remember(table: dict[_T, None], items: Iterable[_T]) -> None:
             del table[next(iter(table))]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Dialog:
     """One call leg pair through the proxy. ``data`` is for plugins (media sessions, NAT)."""
 
