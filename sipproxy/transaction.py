@@ -244,10 +244,13 @@ class _TimerQueue:
         self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._run)
 
     def cancelled(self) -> None:
-        """A timer of this queue was cancelled: with none left, nothing stays scheduled."""
+        """A timer of this queue was cancelled. The queue's call stays scheduled, also with no
+        timer left (it then fires once for nothing and is not armed again): most timers are
+        cancelled soon after they start (A and B at the first response, E and F at the
+        final), and cancelling the call and arming a new one for the next timer each time
+        cost more. Once no transaction is left the layer stops every queue, so an idle layer
+        leaves nothing scheduled."""
         self._live -= 1
-        if not self._live:
-            self.stop()
 
     def _run(self) -> None:
         self._call = None
@@ -887,4 +890,7 @@ class TransactionLayer:
                     del slot[tx._method]
                 if not slot:
                     del self._server[tx._key]
+        if not self._client and not self._live_server:
+            for queue in self._queues.values():
+                queue.stop()
 

@@ -769,6 +769,26 @@ def test_client_non_invite_final_and_timer_k(h: Harness) -> None:
     assert h.transport.request_times("MESSAGE") == [0]  # Timer E stopped with the final
 
 
+def test_cancelled_timers_run_nothing_and_end_with_the_last_transaction(h: Harness) -> None:
+    """Timer E and F of a MESSAGE answered at once are cancelled; while another transaction
+    lives their queues may still fire, for nothing (no retransmission, no 408), and once the
+    last transaction ends nothing is left scheduled."""
+    got = Responses()
+    req = outgoing("MESSAGE", branch="z9hG4bKdown1")
+    h.layer.send_request(req, udp_target(), got)
+    h.layer.receive(reply(req, 200))
+    other = outgoing("OPTIONS", branch="z9hG4bKdown2")
+    other_got = Responses()
+    h.layer.send_request(other, udp_target("TCP"), other_got)  # Timer F only
+    h.advance(64 * T1 - STEP)
+    assert got.statuses == [200] and h.transport.request_times("MESSAGE") == [0]
+    assert other_got.statuses == []
+    h.advance(STEP)
+    assert other_got.statuses == [408] and len(h.layer) == 0
+    assert h.clock.getDelayedCalls() == []
+    assert got.statuses == [200] and h.transport.request_times("MESSAGE") == [0]
+
+
 def test_client_non_invite_over_tcp_zero_timer_k(h: Harness) -> None:
     got = Responses()
     req = outgoing("BYE", transport="TCP")
