@@ -389,10 +389,11 @@ class _Transaction:
             else:
                 self._call_waiter(*waiter)
 
-    def _guarded(self, send: Callable[[], object]) -> None:
-        """Send, and route any failure to ``_transport_failed`` on the next reactor turn."""
+    def _guarded(self, send: Callable[..., object], *args: Any) -> None:
+        """``send(*args)``, and route any failure to ``_transport_failed`` on the next reactor
+        turn."""
         try:
-            result = send()
+            result = send(*args)
         except Exception:
             self._layer.clock.callLater(0, self._transport_failed, Failure())
             return
@@ -491,9 +492,7 @@ class ServerTransaction(_Transaction):
     def _resend(self) -> None:
         response = self.last_response
         if response is not None:
-            transport = self._layer.transport
-            source = self.request.source
-            self._guarded(lambda: transport.send_response(response, source))
+            self._guarded(self._layer.transport.send_response, response, self.request.source)
 
     # -- from the network --------------------------------------------------------------------
     def _retransmission(self) -> None:
@@ -584,8 +583,7 @@ class ClientTransaction(_Transaction):
             self._start_timer("F", 64 * t1, self._timeout)
 
     def _send_request(self) -> None:
-        transport, request, target = self._layer.transport, self.request, self.target
-        self._guarded(lambda: transport.send_request(request, target))
+        self._guarded(self._layer.transport.send_request, self.request, self.target)
 
     def _deliver(self, response: Response) -> None:
         self._layer._call_tu(self.on_response, response)
@@ -844,17 +842,19 @@ class TransactionLayer:
 
     def send_stateless_request(self, request: Request, target: Target) -> None:
         """Send without a transaction (an ACK for a 2xx); failures are only logged."""
-        self._stateless(lambda: self.transport.send_request(request, target), request)
+        self._stateless(self.transport.send_request, request, target)
 
     def send_stateless_response(self, response: Response, request_source: Source | None) -> None:
         """Send without a transaction (a 2xx after the INVITE server transaction ended) back
         where its request came from (``request_source``: None for a request made in this
         process); failures are only logged."""
-        self._stateless(lambda: self.transport.send_response(response, request_source), response)
+        self._stateless(self.transport.send_response, response, request_source)
 
-    def _stateless(self, send: Callable[[], Deferred[Any] | None], what: object) -> None:
+    def _stateless(self, send: Callable[[Any, Any], Deferred[Any] | None], what: object,
+                   where: object) -> None:
+        """``send(what, where)``; a failure is only logged."""
         try:
-            result = send()
+            result = send(what, where)
         except Exception as e:
             _log.info("sending {what!r} statelessly failed: {e}", what=what, e=e)
             return
