@@ -83,12 +83,37 @@ class Dialog:
     #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
     flows: list[Flow] = field(default_factory=list)
     _timer: IDelayedCall | None = None
-    #: what the proxy saw of the party that sent the INVITE, and of the one that answered it
-    caller: Party = field(default_factory=Party)
-    callee: Party = field(default_factory=Party)
+    _caller: Party = field(default_factory=Party)
+    _callee: Party = field(default_factory=Party)
     #: the From and To URIs of the INVITE that set the dialog up (for the admin status page)
     from_uri: str = ""
     to_uri: str = ""
+    _pending: Callable[[Dialog], None] | None = field(default=None, repr=False)
+
+    @property
+    def caller(self) -> Party:
+        """What the proxy saw of the party that sent the INVITE."""
+        if self._pending is not None:
+            self._learn_pending()
+        return self._caller
+
+    @property
+    def callee(self) -> Party:
+        """What the proxy saw of the party that answered the INVITE."""
+        if self._pending is not None:
+            self._learn_pending()
+        return self._callee
+
+    def learn_later(self, learn: Callable[[Dialog], None]) -> None:
+        """Run ``learn(dialog)`` (which teaches :attr:`caller` and :attr:`callee`) when either
+        is first read: the messages that set a dialog up are parsed for it only if somebody
+        asks (most calls end without anybody asking)."""
+        self._pending = learn
+
+    def _learn_pending(self) -> None:
+        learn, self._pending = self._pending, None
+        if learn is not None:
+            learn(self)
 
     @property
     def key(self) -> DialogKey:

@@ -170,6 +170,27 @@ def test_a_party_keeps_its_newest_addresses(tracker: DialogTracker) -> None:
     assert dialog.peer_of(dialog.caller) is dialog.callee
 
 
+def test_what_a_dialog_learns_later_comes_before_anything_learnt_after(
+        tracker: DialogTracker) -> None:
+    """The parties are taught what set the dialog up when first read, once, and before
+    whatever is learnt later (a target refresh), so the newest addresses stay the newest."""
+    dialog, _ = tracker.establish("c1", "from", "to")
+    runs: list[Dialog] = []
+
+    def learn(d: Dialog) -> None:
+        runs.append(d)
+        d.caller.learn(["192.0.2.1"], [("192.0.2.1", 5060)])
+        d.callee.learn(["198.51.100.7"], [("198.51.100.7", 5060)])
+
+    dialog.learn_later(learn)
+    assert runs == []
+    dialog.caller.learn(targets=[("192.0.2.1", 6000)])  # a refresh: after what set it up
+    assert runs == [dialog]
+    assert list(dialog.caller.targets) == [("192.0.2.1", 5060), ("192.0.2.1", 6000)]
+    assert dialog.parties_from("198.51.100.7") == [dialog.callee]
+    assert runs == [dialog]
+
+
 def test_uri_address_is_where_a_request_goes() -> None:
     assert uri_address(parse_uri("sip:a@Example.COM")) == ("example.com", 5060)
     assert uri_address(parse_uri("sips:a@example.com")) == ("example.com", 5061)

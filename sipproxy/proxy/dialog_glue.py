@@ -4,35 +4,51 @@ BYE ends it; the flows and flood budget a dialog holds are released when it ends
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from sipproxy.dialogs import Address, Dialog, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.flows import flow_of
+from sipproxy.uri import parse_name_addr
 
 if TYPE_CHECKING:
-    from sipproxy.context import Branch, RequestContext
-    from sipproxy.message import Message, Response
+    from sipproxy.context import Branch, RequestContext, Target
+    from sipproxy.message import Message, Response, Source
     from sipproxy.proxy.core import Proxy
 
 __all__ = ["DialogGlue"]
 
 
-def _contact_addresses(message: Message) -> list[Address]:
+def _contact_addresses(values: list[str]) -> list[Address]:
+    """Where the Contact header values ``values`` send requests (none if one does not
+    parse)."""
     try:
-        return [uri_address(c.uri) for c in message.contacts if c.uri.is_sip]
+        contacts = [parse_name_addr(v, allow_star=True) for v in values]
+        return [uri_address(c.uri) for c in contacts if c.uri.is_sip]
     except ParseError:
         return []
 
 
-def _source_address(message: Message) -> list[Address]:
-    source = message.source
+def _source_address(source: Source | None) -> list[Address]:
     return [] if source is None else [(source.host.lower(), source.port)]
 
 
-def _target_address(branch: Branch) -> list[Address]:
-    target = branch.target
+def _target_address(target: Target | None) -> list[Address]:
     return [] if target is None else [(target.host.lower(), target.port)]
+
+
+class _Heard:
+    """What a message that set up a dialog says of its sender, kept for
+    :meth:`DialogGlue._learn_parties`: its Contact values as text, its Record-Route entries
+    that are not the proxy's own (decided now: the proxy's connections come and go)."""
+
+    __slots__ = ("contacts", "routes", "source")
+
+    def __init__(self, message: Message, routes: list[Address]) -> None:
+        self.contacts = message.headers.get_all("contact")
+        self.routes = routes
+        self.source = message.source
 
 
 class DialogGlue:
@@ -76,14 +92,9 @@ class DialogGlue:
             ctx.dialogs_made += 1
             ctx.dialog = dialog
             dialog.from_uri, dialog.to_uri = str(request.from_.uri), str(request.to.uri)
-            caller_routes = self._foreign_routes(request)
-            dialog.caller.learn(
-                [source.host] if source is not None else [],
-                [*_contact_addresses(request), *_source_address(request)], caller_routes)
-            dialog.callee.learn(
-                [a[0] for a in (*_source_address(response), *_target_address(branch))],
-                [*_contact_addresses(response), *_target_address(branch)],
-                [a for a in self._foreign_routes(response) if a not in caller_routes])
+            dialog.learn_later(functools.partial(
+                self._learn_parties, _Heard(request, self._foreign_routes(request)),
+                _Heard(response, self._foreign_routes(response)), branch.target))
             flows = [f for f in (flow_of(source), flow_of(response.source)) if f is not None]
             if flows:
                 dialog.flows = flows
@@ -93,6 +104,20 @@ class DialogGlue:
                 dialog.flood_source = source.host  # counted until dialog_ended
             core.pipeline.notify("dialog_established", dialog)
         return True
+
+    @staticmethod
+    def _learn_parties(caller: _Heard, callee: _Heard, target: Target | None,
+                       dialog: Dialog) -> None:
+        """Teach the parties of a new dialog what the INVITE (``caller``) and its 2xx
+        (``callee``, answering from where the branch went: ``target``) said of them."""
+        source = caller.source
+        dialog.caller.learn(
+            [source.host] if source is not None else [],
+            [*_contact_addresses(caller.contacts), *_source_address(source)], caller.routes)
+        dialog.callee.learn(
+            [a[0] for a in (*_source_address(callee.source), *_target_address(target))],
+            [*_contact_addresses(callee.contacts), *_target_address(target)],
+            [a for a in callee.routes if a not in caller.routes])
 
     def target_refreshed(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
         """A 2xx to a re-INVITE or UPDATE: the Contacts in it and in the request are the
@@ -108,10 +133,11 @@ class DialogGlue:
             sender = senders[0]
         else:
             sender = dialog.caller if request.from_.tag == dialog.caller_tag else dialog.callee
-        sender.learn(targets=_contact_addresses(request))
+        sender.learn(targets=_contact_addresses(request.headers.get_all("contact")))
         dialog.peer_of(sender).learn(
-            [a[0] for a in _source_address(response)],
-            [*_contact_addresses(response), *_target_address(branch)])
+            [a[0] for a in _source_address(response.source)],
+            [*_contact_addresses(response.headers.get_all("contact")),
+             *_target_address(branch.target)])
 
     def _foreign_routes(self, message: Message) -> list[Address]:
         """The Record-Route entries of ``message`` that are not the proxy's own."""
