@@ -384,10 +384,10 @@ class _Transaction:
         self._layer._forget(self)
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
-            if isinstance(waiter, Deferred):
-                waiter.callback(None)
-            else:
+            if isinstance(waiter, tuple):
                 self._call_waiter(*waiter)
+            else:
+                waiter.callback(None)
 
     def _guarded(self, send: Callable[..., object], *args: Any) -> None:
         """``send(*args)``, and route any failure to ``_transport_failed`` on the next reactor
@@ -397,7 +397,8 @@ class _Transaction:
         except Exception:
             self._layer.clock.callLater(0, self._transport_failed, Failure())
             return
-        if isinstance(result, Deferred):
+        # None first: Deferred is an ABC (Awaitable), so isinstance on it runs Python code
+        if result is not None and isinstance(result, Deferred):
             result.addErrback(self._later_failed)
 
     def _later_failed(self, failure: Failure) -> None:
@@ -643,7 +644,7 @@ class ClientTransaction(_Transaction):
             except Exception as e:
                 _log.info("sending ACK for {tx!r} failed: {e}", tx=self, e=e)
                 return
-            if isinstance(result, Deferred):
+            if result is not None and isinstance(result, Deferred):
                 result.addErrback(lambda f: None)  # a lost ACK is retried on the next final
 
     # -- timers ------------------------------------------------------------------------------
@@ -858,7 +859,7 @@ class TransactionLayer:
         except Exception as e:
             _log.info("sending {what!r} statelessly failed: {e}", what=what, e=e)
             return
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             result.addErrback(
                 lambda f: _log.info("sending {what!r} failed: {f}", what=what,
                                     f=f.getErrorMessage())

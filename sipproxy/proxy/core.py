@@ -217,7 +217,8 @@ class Proxy:
                 return
             self._find_dialog(ctx)
             result = self.pipeline.run("request_received", ctx)
-            if isinstance(result, Deferred):
+            # None first: Deferred is an ABC (Awaitable), so isinstance on it runs Python code
+            if result is not None and isinstance(result, Deferred):
                 result.addCallback(lambda r: self._after_received(ctx, r))
                 result.addErrback(responder.hook_failed, ctx)
             else:
@@ -255,7 +256,7 @@ class Proxy:
             self._find_dialog(ctx)
             result = self.pipeline.run("request_received", ctx)
             # an ACK is never answered: a plugin's Response means "do not forward it"
-            if isinstance(result, Deferred):
+            if result is not None and isinstance(result, Deferred):
                 result.addCallback(
                     lambda r: None if isinstance(r, Response) else self.forker.forward_ack(ctx))
             elif not isinstance(result, Response):

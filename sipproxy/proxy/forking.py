@@ -200,7 +200,7 @@ class Forker:
             result = core.pipeline.run("request_forwarding", ctx, branch)
         except Exception:
             result = fail()
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             result.addCallback(lambda r: self._send_branch(ctx, branch, r))
             result.addErrback(self._forwarding_failed, ctx, branch)
         else:
@@ -331,7 +331,7 @@ class Forker:
             result = self.core.pipeline.run("response_received", ctx, branch, response)
         except Exception:
             result = fail()
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             result.addCallback(lambda r: self._after_response(ctx, branch, response, r))
             result.addErrback(self._response_hook_failed, ctx, branch, response)
         else:
@@ -492,7 +492,7 @@ class Forker:
             core.transactions.send_stateless_request(out, branch.target)
 
         result = core.pipeline.run("request_forwarding", ctx, branch)
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             result.addCallback(forward)
         else:
             forward(result)

@@ -53,7 +53,7 @@ class Responder:
             result = self.core.pipeline.run("response_forwarding", ctx, response)
         except Exception:
             result = fail()
-        if isinstance(result, Deferred):
+        if result is not None and isinstance(result, Deferred):
             result.addCallback(lambda r: self.send_response(ctx, response, r, final))
             result.addErrback(self._forwarding_hook_failed, ctx, response, final)
         else:
