@@ -171,12 +171,13 @@ _OuterKey = tuple[object, ...]
 def _server_key(request: Request) -> tuple[_OuterKey, bool]:
     """(outer key, is RFC 3261 style) of a received request (RFC 3261 17.2.3)."""
     via = request.top_via
-    if via is not None and via.branch and via.branch.startswith(MAGIC_COOKIE):
+    branch = via.branch if via is not None else None
+    if via is not None and branch and branch.startswith(MAGIC_COOKIE):
         # The source address joins the RFC's (branch, sent-by): sent-by is only what the
         # client claims, so a stranger reusing a branch must not hit someone else's transaction.
         source = request.source
         where = (source.host, source.port) if source is not None else None
-        return ("3261", via.branch, via.host.lower(), via.port, where), True
+        return ("3261", branch, via.host.lower(), via.port, where), True
     # RFC 2543: Request-URI, From tag, Call-ID, CSeq number and top Via; the To tag and the
     # method are checked separately because an ACK's To tag is the response's.
     return (
@@ -757,9 +758,8 @@ class TransactionLayer:
 
     def _receive_response(self, response: Response) -> None:
         via = response.top_via
-        tx = None
-        if via is not None and via.branch:
-            tx = self._client.get((via.branch, response.cseq.method))
+        branch = via.branch if via is not None else None
+        tx = self._client.get((branch, response.cseq.method)) if branch else None
         if tx is None:
             self._call_tu(self.tu.stray_response, response)
         else:
@@ -827,15 +827,16 @@ class TransactionLayer:
         if request.method == "ACK":
             raise ValueError("ACK is not sent in a client transaction")
         via = request.top_via
-        if via is None or not via.branch:
+        branch = via.branch if via is not None else None
+        if not branch:
             raise ValueError("the request needs a top Via with a branch")
-        key = (via.branch, request.method)
+        key = (branch, request.method)
         if key in self._client:
             raise ValueError(f"a client transaction for {key} exists already")
         tx = ClientTransaction(self, request, target, on_response, key)
         self._client[key] = tx
         if request.method == "CANCEL":
-            invite = self._client.get((via.branch, "INVITE"))
+            invite = self._client.get((branch, "INVITE"))
             if invite is not None:
                 invite._cancel_sent()
         tx._start()
