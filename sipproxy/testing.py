@@ -287,6 +287,17 @@ class ProxyHarness:
         if self.clock.getDelayedCalls():
             raise AssertionError("timers never stopped")
 
+    def assert_nothing_left(self) -> None:
+        """Check that the proxy keeps no transaction and no request any more (after
+        :meth:`settle`, what has ended must have left nothing behind).
+
+        :raises AssertionError: naming what is left.
+        """
+        transactions = len(self.proxy.transactions)
+        assert transactions == 0, f"{transactions} transactions left"
+        left = self.proxy.requests_in_progress()
+        assert not left, f"requests left: {[ctx.request for ctx in left]}"
+
 
 def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
                 cseq: int = 1, headers: Sequence[str] = ()) -> bytes:

@@ -113,8 +113,7 @@ class Net(ProxyHarness):
         self.nat.stopService()
         self.settle(500)
         assert self.clock.getDelayedCalls() == []
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
+        self.assert_nothing_left()
 
 
 def make_net(config_text: str = FIREWALL, nat: dict[str, Any] | None = None) -> Net:

@@ -122,8 +122,7 @@ class Harness(ProxyHarness):
 
     def assert_no_leaks(self) -> None:
         self.settle()
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
+        self.assert_nothing_left()
 
 
 def make_harness(config_text: str = CONFIG, plugins: list[Any] | None = None) -> Harness:

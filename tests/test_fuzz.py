@@ -183,7 +183,7 @@ def test_whole_receive_path(failures: list[LogEvent]) -> None:
         stack.settle()
         assert not failures, describe(failures)
         assert len(stack.proxy.transactions) == 0
-        assert stack.proxy._contexts == {}
+        assert stack.proxy.requests_in_progress() == []
         assert stack.guard._transactions == {}, stack.guard._transactions
         assert stack.guard._dialogs == {}, stack.guard._dialogs
 

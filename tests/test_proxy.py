@@ -444,7 +444,7 @@ def test_both_2xx_of_a_fork_are_forwarded(h: Harness) -> None:
 
 
 def first_branch(h: Harness) -> Request:
-    ctx = only([c for c in h.proxy._contexts.values() if c.request.method == "INVITE"])
+    ctx = only([c for c in h.proxy.requests_in_progress() if c.request.method == "INVITE"])
     return next(r for r in h.sent("INVITE") if str(r.uri) == str(ctx.branches[0].request.uri))
 
 
