@@ -353,6 +353,15 @@ def test_foreign_domain_goes_to_upstream_host_and_port(h: Harness) -> None:
     ]
 
 
+def test_with_upstream_a_request_uri_naming_an_address_and_port_still_goes_upstream(
+        h: Harness) -> None:
+    """[upstream] is an outbound proxy: the host:port of the Request-URI is its business."""
+    h.receive(invite("sip:carol@192.0.2.80:5090"))
+    out = only(h.sent("INVITE"))
+    assert h.target_of(out) == PROVIDER
+    assert str(out.uri) == "sip:carol@192.0.2.80:5090"
+
+
 def test_foreign_domain_without_upstream_goes_to_the_request_uri() -> None:
     h = make_harness(CONFIG.split("[upstream]")[0])
     h.receive(invite("sip:carol@192.0.2.80:5090"))
