@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from sipproxy.config import parse_config
 from sipproxy.errors import ParseError
@@ -114,19 +114,6 @@ class Stack:
                 return
             self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
         raise AssertionError("timers never stopped")
-
-
-@pytest.fixture
-def failures() -> Any:
-    found: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            found.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield found
-    globalLogPublisher.removeObserver(observe)
 
 
 def describe(events: list[LogEvent]) -> str:

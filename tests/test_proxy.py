@@ -72,20 +72,6 @@ def plugin() -> RecordingPlugin:
     return RecordingPlugin()
 
 
-@pytest.fixture
-def failures() -> Any:
-    """Failures logged while the test runs: a proxy that "never crashes" logs none either."""
-    events: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None:
-            events.append(event)
-
-    globalLogPublisher.addObserver(cast(ILogObserver, observer))
-    yield events
-    globalLogPublisher.removeObserver(cast(ILogObserver, observer))
-
-
 # ------------------------------------------------------------------------------------------------
 # 16.3: validation
 # ------------------------------------------------------------------------------------------------
