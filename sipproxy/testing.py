@@ -13,6 +13,7 @@ from the bytes it would have put on the wire, by destination::
 
 Nothing here opens a socket or asks DNS: :class:`RecordingWire` stands in for the transports
 (:class:`FakeListener` for their listeners) and :class:`ResolverDouble` for the resolver.
+:class:`LocationRecorder` records what the location service tells its listeners.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, Self
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from sipproxy.addressing import in_networks, ip_of
 from sipproxy.config import Config, parse_config
 from sipproxy.context import Target
-from sipproxy.location import LocationService
+from sipproxy.location import Binding, ILocationListener, LocationService, RemovalReason
 from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
@@ -37,6 +39,7 @@ from sipproxy.transport.sides import DestinationSides, SourceAddresses, pick_lis
 
 __all__ = [
     "FakeListener",
+    "LocationRecorder",
     "ProxyHarness",
     "RecordingWire",
     "ResolverDouble",
@@ -211,6 +214,32 @@ class ResolverDouble:
         held, self.held = self.held, []
         for d, targets in held:
             d.callback(targets)
+
+
+@implementer(ILocationListener)
+class LocationRecorder:
+    """
+    An :class:`~sipproxy.location.ILocationListener` that records what it is told.
+
+    :ivar added: ``(binding, previous)`` of every ``binding_added``, in order.
+    :ivar removed: ``(binding, reason)`` of every ``binding_removed``, in order.
+    """
+
+    def __init__(self) -> None:
+        self.added: list[tuple[Binding, Binding | None]] = []
+        self.removed: list[tuple[Binding, RemovalReason]] = []
+
+    def binding_added(self, binding: Binding, previous: Binding | None) -> None:
+        """Record it in :attr:`added`."""
+        self.added.append((binding, previous))
+
+    def binding_removed(self, binding: Binding, reason: RemovalReason) -> None:
+        """Record it in :attr:`removed`."""
+        self.removed.append((binding, reason))
+
+    def removed_contacts(self) -> list[tuple[str, str]]:
+        """``(contact, reason)`` of every binding removed, in order."""
+        return [(binding.contact, reason) for binding, reason in self.removed]
 
 
 @dataclass
