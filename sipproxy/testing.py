@@ -44,6 +44,7 @@ __all__ = [
     "RecordingWire",
     "ResolverDouble",
     "answer",
+    "listen_toml",
     "listeners_for",
     "sip_request",
     "toml_text",
@@ -401,3 +402,22 @@ def toml_text(config: Mapping[str, Any]) -> str:
             out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
             out.append("")
     return "\n".join(out)
+
+
+def listen_toml(*, inside: str | None = None, outside: str | None = None, port: int = 5060,
+                transport: str | None = "udp") -> str:
+    """
+    The ``[[listen]]`` tables of a config written as TOML text (see :func:`toml_text`): a
+    socket on the ``inside`` address, then one on the ``outside`` address, each if given.
+
+    :param port: both sockets' port.
+    :param transport: both sockets' transport; ``None`` leaves the key out (its default).
+    """
+    tables: list[dict[str, Any]] = []
+    for side, address in (("inside", inside), ("outside", outside)):
+        if address is not None:
+            table: dict[str, Any] = {"side": side}
+            if transport is not None:
+                table["transport"] = transport
+            tables.append({**table, "address": address, "port": port})
+    return toml_text({"listen": tables})

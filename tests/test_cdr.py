@@ -17,7 +17,7 @@ import pytest
 from sipproxy.config import ConfigError
 from sipproxy.message import Request
 from sipproxy.plugins.cdr import CdrPlugin, media_counters
-from sipproxy.testing import ProxyHarness, answer, sip_request
+from sipproxy.testing import ProxyHarness, answer, listen_toml, sip_request
 from tests.nat_site import INSIDE, OUTSIDE, PHONE, PROVIDER, PROVIDER_IP
 
 CALLER = "<sip:alice@lan.example>;tag=a1"
@@ -33,15 +33,7 @@ def config(path: Path) -> str:
     return f"""
 [proxy]
 domains = []
-[[listen]]
-side = "inside"
-address = "{INSIDE}"
-port = 5060
-[[listen]]
-side = "outside"
-address = "{OUTSIDE}"
-port = 5060
-[upstream]
+{listen_toml(inside=INSIDE, outside=OUTSIDE, transport=None)}[upstream]
 uri = "sip:{PROVIDER_IP}:5060"
 [plugins]
 enabled = ["cdr"]

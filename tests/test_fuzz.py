@@ -30,32 +30,13 @@ from sipproxy.testing import ResolverDouble
 from sipproxy.transport import TransportManager, stateless_error_response
 from sipproxy.transport.udp import SIPDatagramProtocol
 from tests.fuzzing import chunked, examples, mutated
-from tests.proxy_harness import PROVIDER
+from tests.proxy_harness import CONFIG, PROVIDER
 
 pytestmark = pytest.mark.fuzz
 
 SETTINGS = settings(max_examples=examples(150), deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 
-CONFIG = """
-[proxy]
-domains = ["lan.example"]
-
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "192.168.1.1"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "203.0.113.10"
-port = 5060
-
-[upstream]
-uri = "sip:provider.example:5070;transport=udp"
-"""
 SOURCES = ("192.168.1.20", "192.168.1.21", "198.51.100.7", "203.0.113.99")
 
 

@@ -18,6 +18,7 @@ from sipproxy.testing import (
     RecordingWire,
     ResolverDouble,
     answer,
+    listen_toml,
     sip_request,
     toml_text,
 )
@@ -129,3 +130,13 @@ def test_a_call_waiting_for_its_answer_is_left_until_it_ends() -> None:
     harness.settle()
     assert harness.proxy.requests_in_progress() == []
     harness.assert_nothing_left()
+
+
+def test_listen_toml_reads_as_the_listeners_it_names() -> None:
+    text = "[proxy]\ndomains = []\n" + listen_toml(inside="192.168.1.1", outside="203.0.113.10",
+                                                    port=5070)
+    assert [(lc.side, lc.transport, lc.address, lc.port) for lc in parse_config(text).listen] == [
+        ("inside", "udp", "192.168.1.1", 5070), ("outside", "udp", "203.0.113.10", 5070)]
+    assert "transport" not in listen_toml(outside="203.0.113.10", transport=None)
+    tcp = parse_config(listen_toml(outside="203.0.113.10", transport="tcp"))
+    assert [(lc.side, lc.transport) for lc in tcp.listen] == [("outside", "tcp")]
