@@ -324,9 +324,11 @@ class ProxyHarness:
         :raises AssertionError: naming what is left.
         """
         transactions = len(self.proxy.transactions)
-        assert transactions == 0, f"{transactions} transactions left"
+        if transactions:
+            raise AssertionError(f"{transactions} transactions left")
         left = self.proxy.requests_in_progress()
-        assert not left, f"requests left: {[ctx.request for ctx in left]}"
+        if left:
+            raise AssertionError(f"requests left: {[ctx.request for ctx in left]}")
 
 
 def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
