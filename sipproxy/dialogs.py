@@ -83,8 +83,9 @@ class Dialog:
     #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
     flows: list[Flow] = field(default_factory=list)
     _timer: IDelayedCall | None = None
-    _caller: Party = field(default_factory=Party)
-    _callee: Party = field(default_factory=Party)
+    #: made when first read (a Party is four objects; most dialogs are never asked)
+    _caller: Party | None = None
+    _callee: Party | None = None
     #: the From and To URIs of the INVITE that set the dialog up (for the admin status page)
     from_uri: str = ""
     to_uri: str = ""
@@ -93,16 +94,21 @@ class Dialog:
     @property
     def caller(self) -> Party:
         """What the proxy saw of the party that sent the INVITE."""
-        if self._pending is not None:
-            self._learn_pending()
-        return self._caller
+        return self._party("_caller")
 
     @property
     def callee(self) -> Party:
         """What the proxy saw of the party that answered the INVITE."""
+        return self._party("_callee")
+
+    def _party(self, slot: str) -> Party:
         if self._pending is not None:
             self._learn_pending()
-        return self._callee
+        party: Party | None = getattr(self, slot)
+        if party is None:
+            party = Party()
+            setattr(self, slot, party)
+        return party
 
     def learn_later(self, learn: Callable[[Dialog], None]) -> None:
         """Run ``learn(dialog)`` (which teaches :attr:`caller` and :attr:`callee`) when either
