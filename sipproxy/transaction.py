@@ -57,8 +57,6 @@ __all__ = [
 
 _log = Logger(namespace="sipproxy.transaction")
 
-ResponseCallback = Callable[[Response], None]
-
 
 class ITransportSender(Interface):
     """What the transaction layer needs from the transports (implemented by sipproxy.transport).
@@ -547,19 +545,22 @@ class ClientTransaction(_Transaction):
     16.9 tell a proxy to treat them; the transaction has then already terminated.
     """
 
-    __slots__ = ("ack", "on_response", "provisional_received", "target")
+    __slots__ = ("_tu_args", "ack", "on_response", "provisional_received", "target")
 
     def __init__(
         self,
         layer: TransactionLayer,
         request: Request,
         target: Target,
-        on_response: ResponseCallback,
+        on_response: Callable[..., None],
         key: tuple[str, str],
+        tu_args: tuple[Any, ...] = (),
     ) -> None:
         super().__init__(layer, request, _reliable(target.transport))
         self.target = target
+        #: called as ``on_response(response, *tu_args)``
         self.on_response = on_response
+        self._tu_args = tu_args
         self.provisional_received = False
         self.state = State.CALLING if self.is_invite else State.TRYING
         self._key = key
@@ -588,7 +589,7 @@ class ClientTransaction(_Transaction):
         self._guarded(self._layer.transport.send_request, self.request, self.target)
 
     def _deliver(self, response: Response) -> None:
-        self._layer._call_tu(self.on_response, response)
+        self._layer._call_tu(self.on_response, response, *self._tu_args)
 
     # -- from the network --------------------------------------------------------------------
     def _receive(self, response: Response) -> None:
@@ -680,9 +681,9 @@ class ClientTransaction(_Transaction):
             self._fail(503)
 
     def _fail(self, status: int) -> None:
-        on_response = self.on_response
+        on_response, args = self.on_response, self._tu_args
         self._terminate()
-        self._layer._call_tu(on_response, self.request.make_response(status))
+        self._layer._call_tu(on_response, self.request.make_response(status), *args)
 
     def _terminate(self) -> None:
         super()._terminate()
@@ -690,6 +691,7 @@ class ClientTransaction(_Transaction):
         # transaction: a reference cycle only the garbage collector would free (about 100
         # objects a call); a terminated transaction delivers nothing more
         self.on_response = _ignore_response
+        self._tu_args = ()
 
 
 class TransactionLayer:
@@ -818,9 +820,12 @@ class TransactionLayer:
 
     # -- from the proxy ----------------------------------------------------------------------
     def send_request(
-        self, request: Request, target: Target, on_response: ResponseCallback
+        self, request: Request, target: Target, on_response: Callable[..., None],
+        *args: Any,
     ) -> ClientTransaction:
-        """Start a client transaction. ``request`` already carries the proxy's top Via with a
+        """Start a client transaction, whose responses go to ``on_response(response, *args)``
+        (arguments rather than a closure: no cycle through the caller's state, one call less
+        per response). ``request`` already carries the proxy's top Via with a
         unique branch (``sipproxy.message.new_branch()``); ACK is not a transaction (use
         ``send_stateless_request``). A CANCEL whose branch is that of a live INVITE client
         transaction also arms that INVITE's 64*T1 give-up timer (RFC 3261 9.1)."""
@@ -833,7 +838,7 @@ class TransactionLayer:
         key = (branch, request.method)
         if key in self._client:
             raise ValueError(f"a client transaction for {key} exists already")
-        tx = ClientTransaction(self, request, target, on_response, key)
+        tx = ClientTransaction(self, request, target, on_response, key, args)
         self._client[key] = tx
         if request.method == "CANCEL":
             invite = self._client.get((branch, "INVITE"))

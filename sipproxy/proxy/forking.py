@@ -241,13 +241,12 @@ class Forker:
         if branch.flow_failed is not None:
             branch.flow_failed = None
             # as the transaction layer answers a send that failed: a 503 of our own
-            self._branch_response(ctx, branch, branch.request.make_response(503))
+            self._branch_response(branch.request.make_response(503), ctx, branch)
             return
         self._choose_transport(branch.request, branch.target)
         try:
             branch.transaction = self.core.transactions.send_request(
-                branch.request, branch.target, lambda r: self._branch_response(ctx, branch, r)
-            )
+                branch.request, branch.target, self._branch_response, ctx, branch)
         except Exception:
             _log.failure("sending {req!r}", req=branch.request, call_id=branch.request.call_id)
             branch.final = ctx.request.make_response(500)  # not branch.request: our Via
@@ -279,7 +278,7 @@ class Forker:
             self._cancel_branch(branch)
 
     # -- responses (16.7) ------------------------------------------------------------------------
-    def _branch_response(self, ctx: RequestContext, branch: Branch, response: Response) -> None:
+    def _branch_response(self, response: Response, ctx: RequestContext, branch: Branch) -> None:
         try:
             self._on_branch_response(ctx, branch, response)
         except Exception:
