@@ -89,7 +89,8 @@ class Dialog:
     #: the From and To URIs of the INVITE that set the dialog up (for the admin status page)
     from_uri: str = ""
     to_uri: str = ""
-    _pending: Callable[[Dialog], None] | None = field(default=None, repr=False)
+    #: (learn, its arguments...): see learn_later
+    _pending: tuple[Any, ...] | None = field(default=None, repr=False)
 
     @property
     def caller(self) -> Party:
@@ -110,16 +111,17 @@ class Dialog:
             setattr(self, slot, party)
         return party
 
-    def learn_later(self, learn: Callable[[Dialog], None]) -> None:
-        """Run ``learn(dialog)`` (which teaches :attr:`caller` and :attr:`callee`) when either
-        is first read: the messages that set a dialog up are parsed for it only if somebody
-        asks (most calls end without anybody asking)."""
-        self._pending = learn
+    def learn_later(self, learn: Callable[..., None], *args: Any) -> None:
+        """Run ``learn(dialog, *args)`` (which teaches :attr:`caller` and :attr:`callee`)
+        when either is first read: the messages that set a dialog up are parsed for it only
+        if somebody asks (most calls end without anybody asking). One tuple is kept until
+        then."""
+        self._pending = (learn, *args)
 
     def _learn_pending(self) -> None:
-        learn, self._pending = self._pending, None
-        if learn is not None:
-            learn(self)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[0](self, *pending[1:])
 
     @property
     def key(self) -> DialogKey:

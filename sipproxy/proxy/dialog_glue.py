@@ -4,8 +4,8 @@ BYE ends it; the flows and flood budget a dialog holds are released when it ends
 
 from __future__ import annotations
 
-import functools
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from sipproxy.dialogs import Address, Dialog, uri_address
 from sipproxy.errors import ParseError
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["DialogGlue"]
 
 
-def _contact_addresses(values: list[str]) -> list[Address]:
+def _contact_addresses(values: Sequence[str]) -> list[Address]:
     """Where the Contact header values ``values`` send requests (none if one does not
     parse)."""
     try:
@@ -38,17 +38,15 @@ def _target_address(target: Target | None) -> list[Address]:
     return [] if target is None else [(target.host.lower(), target.port)]
 
 
-class _Heard:
+class _Heard(NamedTuple):
     """What a message that set up a dialog says of its sender, kept for
     :meth:`DialogGlue._learn_parties`: its Contact values as text, its Record-Route entries
-    that are not the proxy's own (decided now: the proxy's connections come and go)."""
+    that are not the proxy's own (decided at once: the proxy's connections come and go).
+    Tuples of strings, which the garbage collector stops tracking."""
 
-    __slots__ = ("contacts", "routes", "source")
-
-    def __init__(self, message: Message, routes: list[Address]) -> None:
-        self.contacts = message.headers.get_all("contact")
-        self.routes = routes
-        self.source = message.source
+    contacts: tuple[str, ...]
+    routes: tuple[Address, ...]
+    source: Source | None
 
 
 class DialogGlue:
@@ -92,9 +90,8 @@ class DialogGlue:
             ctx.dialogs_made += 1
             ctx.dialog = dialog
             dialog.from_uri, dialog.to_uri = str(request.from_.uri), str(request.to.uri)
-            dialog.learn_later(functools.partial(
-                self._learn_parties, _Heard(request, self._foreign_routes(request)),
-                _Heard(response, self._foreign_routes(response)), branch.target))
+            dialog.learn_later(self._learn_parties, self._heard(request), self._heard(response),
+                               branch.target)
             flows = [f for f in (flow_of(source), flow_of(response.source)) if f is not None]
             if flows:
                 dialog.flows = flows
@@ -105,9 +102,13 @@ class DialogGlue:
             core.pipeline.notify("dialog_established", dialog)
         return True
 
+    def _heard(self, message: Message) -> _Heard:
+        return _Heard(tuple(message.headers.get_all("contact")),
+                      tuple(self._foreign_routes(message)), message.source)
+
     @staticmethod
-    def _learn_parties(caller: _Heard, callee: _Heard, target: Target | None,
-                       dialog: Dialog) -> None:
+    def _learn_parties(dialog: Dialog, caller: _Heard, callee: _Heard,
+                       target: Target | None) -> None:
         """Teach the parties of a new dialog what the INVITE (``caller``) and its 2xx
         (``callee``, answering from where the branch went: ``target``) said of them."""
         source = caller.source
