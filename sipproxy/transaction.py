@@ -292,7 +292,7 @@ class _TimerQueue:
 class _Transaction:
     """Timers and termination, shared by both kinds of transaction."""
 
-    # slots: thousands live at once (most waiting out a timer), each scanned by the collector
+    # slots: thousands live at once (most waiting out a timer)
     __slots__ = ("_interval", "_key", "_layer", "_timers", "_waiters", "is_invite",
                  "last_response", "reliable", "request", "state")
 
@@ -824,9 +824,9 @@ class TransactionLayer:
         *args: Any,
     ) -> ClientTransaction:
         """Start a client transaction, whose responses go to ``on_response(response, *args)``
-        (arguments rather than a closure: no cycle through the caller's state, one call less
-        per response). ``request`` already carries the proxy's top Via with a
-        unique branch (``sipproxy.message.new_branch()``); ACK is not a transaction (use
+        (arguments rather than a closure: fewer objects per transaction, one call less per
+        response). ``request`` already carries the proxy's top Via with a unique branch
+        (``sipproxy.message.new_branch()``); ACK is not a transaction (use
         ``send_stateless_request``). A CANCEL whose branch is that of a live INVITE client
         transaction also arms that INVITE's 64*T1 give-up timer (RFC 3261 9.1)."""
         if request.method == "ACK":

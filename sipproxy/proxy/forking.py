@@ -475,6 +475,8 @@ class Forker:
 
     def _send_ack(self, targets: list[Target], ctx: RequestContext, out: Request,
                   binding: Binding | None) -> None:
+        """Send the ACK ``out`` to the first of ``targets``, after the request_forwarding
+        hooks."""
         if not targets:
             return
         core = self.core
