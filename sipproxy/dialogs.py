@@ -82,7 +82,6 @@ class Dialog:
     flood_source: str | None = None
     #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
     flows: list[Flow] = field(default_factory=list)
-    _timer: IDelayedCall | None = None
     #: made when first read (a Party is four objects; most dialogs are never asked)
     _caller: Party | None = None
     _callee: Party | None = None
@@ -148,7 +147,12 @@ class DialogTracker:
         self.clock = clock
         self.on_end = on_end
         self.max_lifetime = max_lifetime
+        #: in the order they were set up, which is the order their lifetimes run out
         self._dialogs: dict[DialogKey, Dialog] = {}
+        # one call for the oldest dialog's lifetime rather than a DelayedCall per dialog
+        # (made and cancelled for nearly every call); ``_due`` is when it was armed for
+        self._expiry: IDelayedCall | None = None
+        self._due = 0.0
 
     def __len__(self) -> int:
         return len(self._dialogs)
@@ -176,7 +180,8 @@ class DialogTracker:
         dialog = Dialog(call_id, caller_tag, callee_tag, self.clock.seconds(), caller_side,
                         callee_side)
         self._dialogs[dialog.key] = dialog
-        dialog._timer = self.clock.callLater(self.max_lifetime, self.end, dialog, "timeout")
+        if self._expiry is None:
+            self._arm(dialog.created + self.max_lifetime)
         return dialog, True
 
     def end(self, dialog: Dialog, reason: str) -> None:
@@ -184,10 +189,30 @@ class DialogTracker:
             return
         dialog.ended = True
         self._dialogs.pop(dialog.key, None)
-        if dialog._timer is not None and dialog._timer.active():
-            dialog._timer.cancel()
-        dialog._timer = None
+        expiry = self._expiry
+        if not self._dialogs and expiry is not None:  # none left: nothing stays scheduled
+            if expiry.active():
+                expiry.cancel()
+            self._expiry = None
         self.on_end(dialog, reason)
+
+    def _arm(self, due: float) -> None:
+        self._due = due
+        self._expiry = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._expire)
+
+    def _expire(self) -> None:
+        """End the dialogs whose lifetime ran out, the oldest first; armed again for the
+        next oldest (the one it was armed for may have ended earlier)."""
+        self._expiry = None
+        limit = max(self.clock.seconds(), self._due)  # not late by a rounding of the delay
+        while self._dialogs:
+            dialog = next(iter(self._dialogs.values()))
+            due = dialog.created + self.max_lifetime
+            if due > limit:
+                if self._expiry is None:  # ending one may have set another up
+                    self._arm(due)
+                return
+            self.end(dialog, "timeout")
 
     def end_all(self, reason: str = "shutdown") -> None:
         for dialog in list(self._dialogs.values()):

@@ -104,6 +104,29 @@ def test_a_dialog_whose_bye_was_lost_times_out(
     assert len(ends.calls) == 1
 
 
+def test_each_dialog_times_out_at_its_own_lifetime(
+    clock: Clock, tracker: DialogTracker, ends: Ends
+) -> None:
+    """Dialogs set up at different times end each at its own time, also when an older one
+    ended first; with none left nothing is scheduled."""
+    first, _ = tracker.establish("c1", "a", "b")
+    clock.advance(100)
+    second, _ = tracker.establish("c2", "a", "b")
+    clock.advance(100)
+    third, _ = tracker.establish("c3", "a", "b")
+    tracker.end(first, "bye")
+    clock.advance(3400)  # the first would have ended now
+    clock.advance(99)
+    assert ends.calls == [(first, "bye")]
+    clock.advance(1)
+    assert ends.calls == [(first, "bye"), (second, "timeout")]
+    clock.advance(99)
+    assert len(ends.calls) == 2
+    clock.advance(1)
+    assert ends.calls[2:] == [(third, "timeout")]
+    assert len(tracker) == 0 and clock.getDelayedCalls() == []
+
+
 def test_default_lifetime_is_hours_not_seconds(clock: Clock, ends: Ends) -> None:
     tracker = DialogTracker(clock, ends)
     tracker.establish("c1", "a", "b")
