@@ -1,0 +1,25 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+
+
+@pytest.fixture
+def failures() -> Iterator[list[LogEvent]]:
+    """Failures logged while the test runs (events with a ``log_failure``): a proxy that
+    "never crashes" logs none either."""
+    found: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_failure") is not None:
+            found.append(event)
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    yield found
+    globalLogPublisher.removeObserver(observer)
