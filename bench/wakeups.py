@@ -90,7 +90,7 @@ def _twisted_server(sock: socket.socket) -> tuple[float, int]:
         echoed[0] += 1
 
     proto = SIPDatagramProtocol(handle)
-    sock.setblocking(False)  # the socket bound before the fork: no datagram is missed
+    sock.setblocking(False)
     reactor.adoptDatagramPort(  # type: ignore[attr-defined]
         sock.fileno(), socket.AF_INET, proto, maxPacketSize=65535)
     reactor.callLater(DEADLINE, reactor.stop)
@@ -103,25 +103,20 @@ def _echo_once(mode: str, datagrams: int, batch: int) -> float:
     """CPU microseconds per datagram of one echo server run."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((LOOPBACK, 0))
-    address = sock.getsockname()
-    ready_r, ready_w = os.pipe()
+    address = sock.getsockname()  # bound before the fork: the kernel queues what comes early
     result_r, result_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the server
         code = 1
         try:
-            os.close(ready_r)
             os.close(result_r)
-            os.write(ready_w, b"1")
             used, echoed = (_raw_server if mode == "raw" else _twisted_server)(sock)
             os.write(result_w, f"{used} {echoed}".encode())
             code = 0
         finally:
             os._exit(code)
-    os.close(ready_w)
     os.close(result_w)
     sock.close()
-    os.read(ready_r, 1)
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.settimeout(5)
     try:
