@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MODULES", "REBUILD", "Build", "loaded", "select"]
+__all__ = ["MODULES", "REBUILD", "Build", "choose", "loaded", "select", "stale"]
 
 #: the modules setup.py compiles
 MODULES = ("sipproxy.uri", "sipproxy.headers", "sipproxy.message")
@@ -51,31 +51,49 @@ class Build:
 _build: Build | None = None
 
 
-def _extension(name: str) -> Path | None:
+def _extension(package_dir: Path, name: str) -> Path | None:
     stem = name.rpartition(".")[2]
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = PACKAGE_DIR / f"{stem}{suffix}"
+        path = package_dir / f"{stem}{suffix}"
         if path.exists():
             return path
     return None
 
 
-def _source(name: str) -> Path:
-    return PACKAGE_DIR / f"{name.rpartition('.')[2]}.py"
+def _source(package_dir: Path, name: str) -> Path:
+    return package_dir / f"{name.rpartition('.')[2]}.py"
 
 
-def _stale() -> str:
-    """Why the compiled build does not match the source beside it ("" when it does)."""
+def stale(package_dir: Path) -> str:
+    """Why the compiled build in ``package_dir`` does not match the source beside it ("" when
+    it does)."""
     try:
-        digests = json.loads((PACKAGE_DIR / MANIFEST).read_text(encoding="utf-8"))
+        digests = json.loads((package_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"{MANIFEST} is missing or unreadable"
     for name in MODULES:
-        path = _source(name)
-        key = path.relative_to(PACKAGE_DIR.parent).as_posix()
+        path = _source(package_dir, name)
+        key = f"{package_dir.name}/{path.name}"
         if digests.get(key) != hashlib.sha256(path.read_bytes()).hexdigest():
             return f"{key} changed since it was compiled"
     return ""
+
+
+def choose(package_dir: Path, pure: bool) -> Build:
+    """What is installed in ``package_dir`` and which build to load (``pure``: the
+    ``SIPPROXY_PURE_PYTHON`` switch)."""
+    present = [_extension(package_dir, name) is not None for name in MODULES]
+    installed = all(present)
+    reason = ""
+    if pure:
+        reason = "SIPPROXY_PURE_PYTHON is set"
+    elif installed:
+        why = stale(package_dir)
+        if why:
+            reason = f"stale build: {why}; rebuild it with '{REBUILD}' (or reinstall)"
+    elif any(present):
+        reason = "only some of the modules are compiled"
+    return Build(installed=installed, compiled=installed and not reason, reason=reason)
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
@@ -86,34 +104,20 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MODULES:
             return None
-        return importlib.util.spec_from_file_location(fullname, _source(fullname))
+        return importlib.util.spec_from_file_location(fullname, _source(PACKAGE_DIR, fullname))
 
 
 def select() -> Build:
     """Decide (once per process) which build is imported; see the module docstring."""
     global _build
-    if _build is not None:
-        return _build
-    installed = all(_extension(name) is not None for name in MODULES)
-    reason = ""
-    if os.environ.get("SIPPROXY_PURE_PYTHON", "") not in ("", "0"):
-        reason = "SIPPROXY_PURE_PYTHON is set"
-    elif installed:
-        stale = _stale()
-        if stale:
-            reason = f"stale build: {stale}"
-            warnings.warn(
-                f"sipproxy: the compiled message layer is not used ({stale}); "
-                f"rebuild it with '{REBUILD}' (or reinstall)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    elif any(_extension(name) is not None for name in MODULES):
-        reason = "only some of the modules are compiled"
-    if reason:
-        if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+    if _build is None:
+        pure = os.environ.get("SIPPROXY_PURE_PYTHON", "") not in ("", "0")
+        _build = choose(PACKAGE_DIR, pure)
+        if _build.reason.startswith("stale"):
+            warnings.warn(f"sipproxy: the compiled message layer is not used ({_build.reason})",
+                          RuntimeWarning, stacklevel=2)
+        if _build.reason and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _SourceFinder())
-    _build = Build(installed=installed, compiled=installed and not reason, reason=reason)
     return _build
 
 
