@@ -23,7 +23,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-#: the compiled modules, in the order mypyc is given them
+#: the compiled modules, in the order mypyc is given them (sipproxy/compiled.py has the same
+#: list and file name: tests/test_compiled.py checks)
 COMPILED = ("sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py")
 #: written beside the compiled modules: the SHA-256 of each source they were compiled from
 #: (sipproxy/compiled.py reads it to refuse a stale build)

@@ -9,6 +9,7 @@ install (mypyc or the C compiler failed) fails the suite instead of passing unno
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -44,6 +45,18 @@ def test_the_build_that_is_loaded() -> None:
         assert not build.compiled
     loaded = compiled.loaded()
     assert loaded == dict.fromkeys(compiled.MODULES, build.compiled), (build, loaded)
+
+
+def test_setup_compiles_the_modules_the_import_checks() -> None:
+    """setup.py cannot import the package it builds: its list is a copy of this one."""
+    names = {}
+    for node in ast.parse((ROOT / "setup.py").read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            names[node.targets[0].id] = ast.literal_eval(node.value) if isinstance(
+                node.value, ast.Constant | ast.Tuple) else None
+    assert names["COMPILED"] == tuple(
+        name.replace(".", "/") + ".py" for name in compiled.MODULES)
+    assert names["MANIFEST"] == compiled.MANIFEST
 
 
 def test_a_bare_rport_reads_as_true_itself() -> None:
