@@ -13,6 +13,7 @@ from the bytes it would have put on the wire, by destination::
 
 Nothing here opens a socket or asks DNS: :class:`RecordingWire` stands in for the transports
 (:class:`FakeListener` for their listeners) and :class:`ResolverDouble` for the resolver.
+:class:`LocationRecorder` records what the location service tells its listeners.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, Self
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
 
 from sipproxy.addressing import in_networks, ip_of
 from sipproxy.config import Config, parse_config
 from sipproxy.context import Target
-from sipproxy.location import LocationService
+from sipproxy.location import Binding, ILocationListener, LocationService, RemovalReason
 from sipproxy.message import Message, Request, Response, Source, parse_message
 from sipproxy.pipeline import load_plugins
 from sipproxy.proxy import Proxy
@@ -37,10 +39,12 @@ from sipproxy.transport.sides import DestinationSides, SourceAddresses, pick_lis
 
 __all__ = [
     "FakeListener",
+    "LocationRecorder",
     "ProxyHarness",
     "RecordingWire",
     "ResolverDouble",
     "answer",
+    "listen_toml",
     "listeners_for",
     "sip_request",
     "toml_text",
@@ -213,6 +217,32 @@ class ResolverDouble:
             d.callback(targets)
 
 
+@implementer(ILocationListener)
+class LocationRecorder:
+    """
+    An :class:`~sipproxy.location.ILocationListener` that records what it is told.
+
+    :ivar added: ``(binding, previous)`` of every ``binding_added``, in order.
+    :ivar removed: ``(binding, reason)`` of every ``binding_removed``, in order.
+    """
+
+    def __init__(self) -> None:
+        self.added: list[tuple[Binding, Binding | None]] = []
+        self.removed: list[tuple[Binding, RemovalReason]] = []
+
+    def binding_added(self, binding: Binding, previous: Binding | None) -> None:
+        """Record it in :attr:`added`."""
+        self.added.append((binding, previous))
+
+    def binding_removed(self, binding: Binding, reason: RemovalReason) -> None:
+        """Record it in :attr:`removed`."""
+        self.removed.append((binding, reason))
+
+    def removed_contacts(self) -> list[tuple[str, str]]:
+        """``(contact, reason)`` of every binding removed, in order."""
+        return [(binding.contact, reason) for binding, reason in self.removed]
+
+
 @dataclass
 class ProxyHarness:
     """
@@ -286,6 +316,19 @@ class ProxyHarness:
             self.clock.advance(max(0.0, min(c.getTime() for c in calls) - self.clock.seconds()))
         if self.clock.getDelayedCalls():
             raise AssertionError("timers never stopped")
+
+    def assert_nothing_left(self) -> None:
+        """Check that the proxy keeps no transaction and no request any more (after
+        :meth:`settle`, what has ended must have left nothing behind).
+
+        :raises AssertionError: naming what is left.
+        """
+        transactions = len(self.proxy.transactions)
+        if transactions:
+            raise AssertionError(f"{transactions} transactions left")
+        left = self.proxy.requests_in_progress()
+        if left:
+            raise AssertionError(f"requests left: {[ctx.request for ctx in left]}")
 
 
 def sip_request(method: str, uri: str, *, via: str, from_: str, to: str, call_id: str,
@@ -361,3 +404,22 @@ def toml_text(config: Mapping[str, Any]) -> str:
             out.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
             out.append("")
     return "\n".join(out)
+
+
+def listen_toml(*, inside: str | None = None, outside: str | None = None, port: int = 5060,
+                transport: str | None = "udp") -> str:
+    """
+    The ``[[listen]]`` tables of a config written as TOML text (see :func:`toml_text`): a
+    socket on the ``inside`` address, then one on the ``outside`` address, each if given.
+
+    :param port: both sockets' port.
+    :param transport: both sockets' transport; ``None`` leaves the key out (its default).
+    """
+    tables: list[dict[str, Any]] = []
+    for side, address in (("inside", inside), ("outside", outside)):
+        if address is not None:
+            table: dict[str, Any] = {"side": side}
+            if transport is not None:
+                table["transport"] = transport
+            tables.append({**table, "address": address, "port": port})
+    return toml_text({"listen": tables})

@@ -19,7 +19,7 @@ from sipproxy.digest import authorization, ha1, parse_challenge
 from sipproxy.flood import FloodGuard
 from sipproxy.message import Response, Source
 from sipproxy.plugins.auth import AuthPlugin
-from sipproxy.testing import ProxyHarness, RecordingWire, listeners_for
+from sipproxy.testing import ProxyHarness, RecordingWire, listen_toml, listeners_for
 from tests.nat_site import INSIDE, OUTSIDE, PROVIDER_IP
 
 DOMAIN = "lan.example"
@@ -47,16 +47,7 @@ def config_text(users: Path, auth: str = "", plugins: str = '["auth"]',
 [proxy]
 domains = {domains}
 
-[[listen]]
-side = "inside"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-address = "{OUTSIDE}"
-port = 5060
-
+{listen_toml(inside=INSIDE, outside=OUTSIDE, transport=None)}
 [upstream]
 uri = "sip:{PROVIDER_IP}:5060"
 

@@ -11,7 +11,7 @@ from typing import Any
 from sipproxy.config import Section
 from sipproxy.message import Request, Response, Source
 from sipproxy.plugins.nat import TOKEN_PREFIX, NatPlugin, factory
-from sipproxy.testing import ProxyHarness, answer, sip_request
+from sipproxy.testing import ProxyHarness, answer, listen_toml, sip_request
 
 INSIDE = "192.168.77.1"
 OUTSIDE = "203.0.113.1"
@@ -25,18 +25,7 @@ FIREWALL = f"""
 domains = []
 user_agent = "sipproxy-test"
 
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
+{listen_toml(inside=INSIDE, outside=OUTSIDE)}
 [upstream]
 uri = "sip:{PROVIDER_IP}:5060"
 
@@ -55,12 +44,7 @@ PUBLIC = f"""
 [proxy]
 domains = ["lan.example"]
 
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
+{listen_toml(outside=OUTSIDE)}
 [plugins]
 enabled = ["nat"]
 
@@ -113,8 +97,7 @@ class Net(ProxyHarness):
         self.nat.stopService()
         self.settle(500)
         assert self.clock.getDelayedCalls() == []
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
+        self.assert_nothing_left()
 
 
 def make_net(config_text: str = FIREWALL, nat: dict[str, Any] | None = None) -> Net:

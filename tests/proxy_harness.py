@@ -9,7 +9,7 @@ from typing import Any
 
 from sipproxy.context import Target
 from sipproxy.message import Message, Request, Response, Source
-from sipproxy.testing import ProxyHarness, ResolverDouble
+from sipproxy.testing import ProxyHarness, ResolverDouble, listen_toml
 
 INSIDE = "192.168.1.1"  # the proxy's inside UDP listener
 OUTSIDE = "203.0.113.10"  # the proxy's outside UDP listener
@@ -23,18 +23,7 @@ CONFIG = f"""
 domains = ["lan.example"]
 user_agent = "sipproxy-test"
 
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "{INSIDE}"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
+{listen_toml(inside=INSIDE, outside=OUTSIDE)}
 [upstream]
 uri = "sip:provider.example:5070;transport=udp"
 """
@@ -122,8 +111,7 @@ class Harness(ProxyHarness):
 
     def assert_no_leaks(self) -> None:
         self.settle()
-        assert len(self.proxy.transactions) == 0
-        assert self.proxy._contexts == {}
+        self.assert_nothing_left()
 
 
 def make_harness(config_text: str = CONFIG, plugins: list[Any] | None = None) -> Harness:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from sipproxy.config import ConfigError
 from sipproxy.message import Request
 from sipproxy.plugins.cdr import CdrPlugin, media_counters
-from sipproxy.testing import ProxyHarness, answer, sip_request
+from sipproxy.testing import ProxyHarness, answer, listen_toml, sip_request
 from tests.nat_site import INSIDE, OUTSIDE, PHONE, PROVIDER, PROVIDER_IP
 
 CALLER = "<sip:alice@lan.example>;tag=a1"
@@ -33,15 +34,7 @@ def config(path: Path) -> str:
     return f"""
 [proxy]
 domains = []
-[[listen]]
-side = "inside"
-address = "{INSIDE}"
-port = 5060
-[[listen]]
-side = "outside"
-address = "{OUTSIDE}"
-port = 5060
-[upstream]
+{listen_toml(inside=INSIDE, outside=OUTSIDE, transport=None)}[upstream]
 uri = "sip:{PROVIDER_IP}:5060"
 [plugins]
 enabled = ["cdr"]
@@ -110,11 +103,19 @@ def cdr_path(tmp_path: Path) -> Path:
     return tmp_path / "cdr.json"
 
 
+def stop_cdr(harness: ProxyHarness) -> None:
+    """Stop the cdr plugin as the service stops it: its file is closed."""
+    for plugin in harness.plugins:
+        if isinstance(plugin, CdrPlugin):
+            plugin.stopService()
+
+
 @pytest.fixture
-def harness(cdr_path: Path) -> ProxyHarness:
+def harness(cdr_path: Path) -> Iterator[ProxyHarness]:
     h = ProxyHarness.build(config(cdr_path))
     h.advance(START)
-    return h
+    yield h
+    stop_cdr(h)
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -219,6 +220,7 @@ def test_a_call_the_proxy_cannot_route_is_recorded_with_its_answer(tmp_path: Pat
     assert record["code"] == refused.status >= 400
     assert record["hangup_by"] == "proxy"
     assert record["to"] == "sip:carol@lan.example" and record["call_id_outside"] is None
+    stop_cdr(h)
 
 
 def test_calls_in_progress_at_shutdown_are_written(harness: ProxyHarness, cdr_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from sipproxy.config import parse_config
 from sipproxy.errors import ParseError
@@ -30,32 +30,13 @@ from sipproxy.testing import ResolverDouble
 from sipproxy.transport import TransportManager, stateless_error_response
 from sipproxy.transport.udp import SIPDatagramProtocol
 from tests.fuzzing import chunked, examples, mutated
-from tests.proxy_harness import PROVIDER
+from tests.proxy_harness import CONFIG, PROVIDER
 
 pytestmark = pytest.mark.fuzz
 
 SETTINGS = settings(max_examples=examples(150), deadline=None, database=None,
                     suppress_health_check=list(HealthCheck))
 
-CONFIG = """
-[proxy]
-domains = ["lan.example"]
-
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "192.168.1.1"
-port = 5060
-
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "203.0.113.10"
-port = 5060
-
-[upstream]
-uri = "sip:provider.example:5070;transport=udp"
-"""
 SOURCES = ("192.168.1.20", "192.168.1.21", "198.51.100.7", "203.0.113.99")
 
 
@@ -116,19 +97,6 @@ class Stack:
         raise AssertionError("timers never stopped")
 
 
-@pytest.fixture
-def failures() -> Any:
-    found: list[LogEvent] = []
-
-    def observe(event: LogEvent) -> None:
-        if "log_failure" in event:
-            found.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield found
-    globalLogPublisher.removeObserver(observe)
-
-
 def describe(events: list[LogEvent]) -> str:
     from twisted.logger import formatEvent
 
@@ -183,7 +151,7 @@ def test_whole_receive_path(failures: list[LogEvent]) -> None:
         stack.settle()
         assert not failures, describe(failures)
         assert len(stack.proxy.transactions) == 0
-        assert stack.proxy._contexts == {}
+        assert stack.proxy.requests_in_progress() == []
         assert stack.guard._transactions == {}, stack.guard._transactions
         assert stack.guard._dialogs == {}, stack.guard._dialogs
 

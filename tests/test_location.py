@@ -19,6 +19,7 @@ from sipproxy.location import (
     RemovalReason,
 )
 from sipproxy.message import Source
+from sipproxy.testing import LocationRecorder
 
 AOR = "sip:alice@example.com"
 
@@ -31,19 +32,6 @@ def binding(
     **kw: object,
 ) -> Binding:
     return Binding(aor=aor, contact=contact, expires_at=expires_at, q=q, **kw)  # type: ignore[arg-type]
-
-
-@implementer(ILocationListener)
-class Recorder:
-    def __init__(self) -> None:
-        self.added: list[tuple[Binding, Binding | None]] = []
-        self.removed: list[tuple[Binding, RemovalReason]] = []
-
-    def binding_added(self, binding: Binding, previous: Binding | None) -> None:
-        self.added.append((binding, previous))
-
-    def binding_removed(self, binding: Binding, reason: RemovalReason) -> None:
-        self.removed.append((binding, reason))
 
 
 @implementer(ILocationListener)
@@ -60,7 +48,7 @@ class Broken:
 
 def test_store_provides_interface() -> None:
     assert verifyObject(ILocationStore, MemoryLocationStore())
-    assert verifyObject(ILocationListener, Recorder())
+    assert verifyObject(ILocationListener, LocationRecorder())
 
 
 def test_binding_is_slotted() -> None:
@@ -170,10 +158,10 @@ def test_ten_thousand_bindings_fit_a_small_memory_budget() -> None:
 # -- LocationService --------------------------------------------------------------------------
 
 
-def make_service(interval: float = 10.0) -> tuple[Clock, LocationService, Recorder]:
+def make_service(interval: float = 10.0) -> tuple[Clock, LocationService, LocationRecorder]:
     clock = Clock()
     service = LocationService(clock, purge_interval=interval)
-    recorder = Recorder()
+    recorder = LocationRecorder()
     service.add_listener(recorder)
     return clock, service, recorder
 

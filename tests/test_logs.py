@@ -15,7 +15,7 @@ from sipproxy.logs import event_as_json_line
 from sipproxy.message import Source
 from sipproxy.pipeline import Pipeline, Plugin
 from sipproxy.tap import makeService
-from sipproxy.testing import ProxyHarness, sip_request
+from sipproxy.testing import ProxyHarness, listen_toml, sip_request
 from tests.nat_site import OUTSIDE, PROVIDER, PROVIDER_IP
 
 
@@ -66,11 +66,7 @@ def test_the_proxy_logs_a_refused_call_with_its_call_id_source_and_plugin() -> N
     config = f"""
 [proxy]
 domains = ["lan.example"]
-[[listen]]
-side = "outside"
-address = "{OUTSIDE}"
-port = 5060
-"""
+{listen_toml(outside=OUTSIDE, transport=None)}"""
     harness = ProxyHarness.build(config)
     events: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(events.append)

@@ -23,7 +23,7 @@ from sipproxy.media.backends import LocalRelay, NGRelay
 from sipproxy.media.ng import NGCommands, NGError, NGTimeout, to_text
 from sipproxy.message import Response, Source
 from sipproxy.plugins.media import factory
-from sipproxy.testing import ProxyHarness
+from sipproxy.testing import ProxyHarness, listen_toml
 from tests.media_site import (
     BOB_CONTACT,
     CALLEE,
@@ -402,12 +402,7 @@ PUBLIC = f"""
 [proxy]
 domains = ["lan.example"]
 
-[[listen]]
-side = "outside"
-transport = "udp"
-address = "{OUTSIDE}"
-port = 5060
-
+{listen_toml(outside=OUTSIDE)}
 [upstream]
 uri = "sip:{PROVIDER_IP}:5060"
 

@@ -7,11 +7,10 @@ test_proxy.py; here the pipeline is driven on its own.
 from __future__ import annotations
 
 from importlib.metadata import EntryPoint
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import ILogObserver, globalLogPublisher
 from zope.interface import implementer
 
 from sipproxy import pipeline as pipeline_module
@@ -59,19 +58,6 @@ class Bare:
 
     def dialog_ended(self, dialog: Any, reason: str) -> None:
         self.calls.append("dialog_ended")
-
-
-@pytest.fixture
-def failures() -> Any:
-    events: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None:
-            events.append(event)
-
-    globalLogPublisher.addObserver(cast(ILogObserver, observer))
-    yield events
-    globalLogPublisher.removeObserver(cast(ILogObserver, observer))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -72,20 +72,6 @@ def plugin() -> RecordingPlugin:
     return RecordingPlugin()
 
 
-@pytest.fixture
-def failures() -> Any:
-    """Failures logged while the test runs: a proxy that "never crashes" logs none either."""
-    events: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("log_failure") is not None:
-            events.append(event)
-
-    globalLogPublisher.addObserver(cast(ILogObserver, observer))
-    yield events
-    globalLogPublisher.removeObserver(cast(ILogObserver, observer))
-
-
 # ------------------------------------------------------------------------------------------------
 # 16.3: validation
 # ------------------------------------------------------------------------------------------------
@@ -353,6 +339,15 @@ def test_foreign_domain_goes_to_upstream_host_and_port(h: Harness) -> None:
     ]
 
 
+def test_with_upstream_a_request_uri_naming_an_address_and_port_still_goes_upstream(
+        h: Harness) -> None:
+    """[upstream] is an outbound proxy: the host:port of the Request-URI is its business."""
+    h.receive(invite("sip:carol@192.0.2.80:5090"))
+    out = only(h.sent("INVITE"))
+    assert h.target_of(out) == PROVIDER
+    assert str(out.uri) == "sip:carol@192.0.2.80:5090"
+
+
 def test_foreign_domain_without_upstream_goes_to_the_request_uri() -> None:
     h = make_harness(CONFIG.split("[upstream]")[0])
     h.receive(invite("sip:carol@192.0.2.80:5090"))
@@ -444,7 +439,7 @@ def test_both_2xx_of_a_fork_are_forwarded(h: Harness) -> None:
 
 
 def first_branch(h: Harness) -> Request:
-    ctx = only([c for c in h.proxy._contexts.values() if c.request.method == "INVITE"])
+    ctx = only([c for c in h.proxy.requests_in_progress() if c.request.method == "INVITE"])
     return next(r for r in h.sent("INVITE") if str(r.uri) == str(ctx.branches[0].request.uri))
 
 

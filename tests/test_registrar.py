@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
-from zope.interface import implementer
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import parse_header_lines
-from sipproxy.location import Binding, ILocationListener, LocationService, RemovalReason
+from sipproxy.location import LocationService
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.registrar import Registrar, aor_of, uri_equal
+from sipproxy.testing import LocationRecorder
 from sipproxy.uri import parse_uri
 
 RFC4475 = Path(__file__).parent / "data" / "rfc4475"
@@ -21,28 +21,12 @@ START = 1_000_000.0
 SOURCE = Source("UDP", "203.0.113.7", 40123, "198.51.100.1", 5060)
 
 
-@implementer(ILocationListener)
-class Recorder:
-    def __init__(self) -> None:
-        self.added: list[tuple[Binding, Binding | None]] = []
-        self.removed: list[tuple[Binding, RemovalReason]] = []
-
-    def binding_added(self, binding: Binding, previous: Binding | None) -> None:
-        self.added.append((binding, previous))
-
-    def binding_removed(self, binding: Binding, reason: RemovalReason) -> None:
-        self.removed.append((binding, reason))
-
-    def removed_contacts(self) -> list[tuple[str, str]]:
-        return [(b.contact, r) for b, r in self.removed]
-
-
 class Env:
     def __init__(self, **kw: int) -> None:
         self.clock = Clock()
         self.clock.advance(START)
         self.location = LocationService(self.clock, purge_interval=10)
-        self.recorder = Recorder()
+        self.recorder = LocationRecorder()
         self.location.add_listener(self.recorder)
         self.registrar = Registrar(self.location, self.clock, ["example.com", "EXAMPLE.net"], **kw)
 

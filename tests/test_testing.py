@@ -1,15 +1,27 @@
 """sipproxy.testing's doubles behave as what they stand in for: the resolver as RFC 3263 has it
-for IP literals, the wire as the transports pick listeners and route stateless responses, and
-a config dict reads as the TOML it stands for."""
+for IP literals, the wire as the transports pick listeners and route stateless responses, a
+config dict reads as the TOML it stands for, and the harness tells a call still going from one
+that left nothing behind."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from sipproxy.config import parse_config
 from sipproxy.context import Target
-from sipproxy.message import Response, parse_message
-from sipproxy.testing import FakeListener, ProxyHarness, RecordingWire, ResolverDouble, toml_text
+from sipproxy.message import Response, Source, parse_message
+from sipproxy.testing import (
+    FakeListener,
+    ProxyHarness,
+    RecordingWire,
+    ResolverDouble,
+    answer,
+    listen_toml,
+    sip_request,
+    toml_text,
+)
 
 INSIDE = FakeListener("inside", "UDP", "192.168.1.1", 5060, "192.168.1.1")
 OUTSIDE = FakeListener("outside", "UDP", "203.0.113.10", 5060, "203.0.113.10")
@@ -96,3 +108,35 @@ def test_a_config_dict_reads_as_its_toml() -> None:
     harness = ProxyHarness.build(config, plugins=[])
     assert [lst.address for lst in harness.wire.listeners] == ["192.168.1.1", "203.0.113.10"]
     assert harness.plugins == []
+
+
+def test_a_call_waiting_for_its_answer_is_left_until_it_ends() -> None:
+    harness = ProxyHarness.build({
+        "proxy": {"domains": []},
+        "listen": [{"side": "inside", "transport": "udp", "address": "192.168.1.1", "port": 5060}],
+        "upstream": {"uri": "sip:192.168.1.50:5060"},
+    }, plugins=[])
+    phone = Source("UDP", "192.168.1.20", 5062, "192.168.1.1", 5060, "inside")
+    harness.receive(sip_request("INVITE", "sip:bob@provider.example",
+                                via="SIP/2.0/UDP 192.168.1.20:5062;branch=z9hG4bK1",
+                                from_="<sip:a@lan.example>;tag=1",
+                                to="<sip:bob@provider.example>", call_id="c1"), phone)
+    assert [ctx.request.method for ctx in harness.proxy.requests_in_progress()] == ["INVITE"]
+    with pytest.raises(AssertionError, match="left"):
+        harness.assert_nothing_left()
+    [out] = harness.wire.requests_to("192.168.1.50", "INVITE")
+    harness.receive(answer(out, 486, "b1"), Source("UDP", "192.168.1.50", 5060, "192.168.1.1",
+                                                   5060, "inside"))
+    harness.settle()
+    assert harness.proxy.requests_in_progress() == []
+    harness.assert_nothing_left()
+
+
+def test_listen_toml_reads_as_the_listeners_it_names() -> None:
+    text = "[proxy]\ndomains = []\n" + listen_toml(inside="192.168.1.1", outside="203.0.113.10",
+                                                    port=5070)
+    assert [(lc.side, lc.transport, lc.address, lc.port) for lc in parse_config(text).listen] == [
+        ("inside", "udp", "192.168.1.1", 5070), ("outside", "udp", "203.0.113.10", 5070)]
+    assert "transport" not in listen_toml(outside="203.0.113.10", transport=None)
+    tcp = parse_config(listen_toml(outside="203.0.113.10", transport="tcp"))
+    assert [(lc.side, lc.transport) for lc in tcp.listen] == [("outside", "tcp")]

@@ -16,7 +16,13 @@ from sipproxy.context import Target
 from sipproxy.message import Request, Response, Source, parse_message
 from sipproxy.plugins.tls import TLSPlugin, factory
 from sipproxy.proxy import Proxy
-from sipproxy.testing import FakeListener, ProxyHarness, RecordingWire, listeners_for
+from sipproxy.testing import (
+    FakeListener,
+    ProxyHarness,
+    RecordingWire,
+    listen_toml,
+    listeners_for,
+)
 from sipproxy.transport.tls import TLSClientPolicy, TLSConnectError
 from tests.tls_certs import make_certificates
 
@@ -30,12 +36,7 @@ CONFIG = f"""
 [proxy]
 domains = ["lan.example"]
 
-[[listen]]
-side = "inside"
-transport = "udp"
-address = "{PROXY_IP}"
-port = 5060
-
+{listen_toml(inside=PROXY_IP)}
 [upstream]
 uri = "sips:provider.test:5061;maddr={PROVIDER_IP}"
 

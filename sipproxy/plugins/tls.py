@@ -52,6 +52,7 @@ from sipproxy.proxy.record_route import (
     record_route_value,
     replace_own_record_routes,
 )
+from sipproxy.proxy.routing import next_hop
 from sipproxy.settings import Section, read_section, setting
 from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.tls import (
@@ -62,7 +63,7 @@ from sipproxy.transport.tls import (
     client_creator_factory,
     load_certificates,
 )
-from sipproxy.uri import URI, format_host, parse_name_addr
+from sipproxy.uri import URI, format_host, parse_name_addr, split_header_values
 
 __all__ = ["TLSPlugin", "TLSSettings", "factory"]
 
@@ -122,7 +123,7 @@ class TLSPlugin(Plugin, Service):
         removes those entries after this hook)."""
         last_own: URI | None = None
         for value in ctx.request.headers.get_all("route"):
-            for part in _split(value):
+            for part in split_header_values(value):
                 try:
                     uri = parse_name_addr(part).uri
                 except ParseError:
@@ -165,8 +166,7 @@ class TLSPlugin(Plugin, Service):
         out_side = branch.listener.side if branch.listener is not None else ""
         if facing is not None and (not facing or not out_side or facing == out_side) and \
                 new.transport.upper() != "TLS":
-            hop = _next_hop(out)
-            port = hop.port if hop is not None and hop.port is not None else 5061
+            port = self._next_hop_port(out)
             new = Target("TLS", new.host, port, new.server_name or new.host)
         dialog = ctx.dialog
         peer = dialog.data.get("tls_peer") if dialog is not None else None
@@ -178,6 +178,16 @@ class TLSPlugin(Plugin, Service):
             self.core.retarget(ctx, branch, new)
         self._fix_record_route(ctx, branch)
         return None
+
+    def _next_hop_port(self, out: Request) -> int:
+        """Where the hop ``out`` is sent toward listens for TLS: the port of its first Route,
+        else of its Request-URI (:func:`~sipproxy.proxy.routing.next_hop`, as the ``acl``
+        plugin finds it), 5061 when that URI names none or the Route does not parse."""
+        try:
+            hop, _routed = next_hop(out, self.core.is_own_uri)
+        except ParseError:
+            return 5061
+        return hop.port if hop.port is not None else 5061
 
     def _fix_record_route(self, ctx: Any, branch: Any) -> None:
         """Our Record-Route entry facing a TLS hop says transport=tls, the other one not."""
@@ -291,22 +301,6 @@ class TLSPlugin(Plugin, Service):
                     lst.via_host not in WILDCARD_ADDRESSES:
                 return format_host(lst.via_host)
         return "sipproxy"
-
-
-def _split(value: str) -> list[str]:
-    from sipproxy.uri import split_header_values
-
-    return split_header_values(value)
-
-
-def _next_hop(out: Request) -> URI | None:
-    route = out.headers.get("route")
-    try:
-        if route is not None:
-            return parse_name_addr(_split(route)[0]).uri
-        return out.uri
-    except ParseError:
-        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -236,6 +236,12 @@ class Proxy:
                    and ctx.dialog is None]
         return sorted(waiting, key=lambda ctx: ctx.arrived or 0.0)
 
+    def requests_in_progress(self) -> list[RequestContext]:
+        """Every request whose context the proxy still keeps (its server transaction has not
+        ended), in arrival order: a new list, to read (tests check that nothing is left
+        behind), not to change."""
+        return list(self._contexts.values())
+
     def drop_context(self, tx: ServerTransaction) -> None:
         """Forget the request of ``tx`` (its transaction ended, or nothing will need it)."""
         ctx = self._contexts.pop(tx, None)

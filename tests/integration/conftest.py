@@ -82,11 +82,8 @@ def netns_ready() -> None:
 @pytest.fixture
 def nat_net(netns_ready: None) -> Iterator[NatNet]:
     """The phone / fw / provider namespaces of netns.NatNet, deleted after the test."""
-    net = NatNet.build()
-    try:
+    with NatNet.build() as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.hookimpl(wrapper=True)

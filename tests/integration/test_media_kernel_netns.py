@@ -75,6 +75,7 @@ from tests.integration.support.relays import (
     open_relay_ports,
     relay_table,
     standalone_relay,
+    start_media_call,
 )
 from tests.integration.support.rtp import (
     callee_scenario,
@@ -93,11 +94,8 @@ def seed_net(netns_ready: None) -> Iterator[NatNet]:
     """The standard topology, fw dropping forwarded UDP to 10000-60000."""
     if not PCAP.exists():
         pytest.skip(f"{PCAP} is missing (Debian package sip-tester)")
-    net = NatNet.build(rtp_ports=SEED_RTP_PORTS)
-    try:
+    with NatNet.build(rtp_ports=SEED_RTP_PORTS) as net:
         yield net
-    finally:
-        net.close()
 
 
 def rtp_stats(reply: dict[str, Any] | None) -> tuple[int, int] | None:
@@ -233,11 +231,7 @@ def test_hold_and_resume_through_the_standalone_relays_kernel_path(seed_net: Nat
     sampler = Sampler(net.fw, SIPP_TIMEOUT)
     try:
         sampler.start()
-        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
-        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
-                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
-                                   extra_args=["-mp", str(PHONE_RTP)])
+        uas, uac = start_media_call(site)
         server, client = pair(uas, uac)
         sampler.finish()
         site.capture.settle()

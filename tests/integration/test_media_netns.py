@@ -25,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.support.harness import wait_for
 from tests.integration.support.netns import (
-    FW_INSIDE,
     RTP_PORTS,
     NatNet,
 )
@@ -41,8 +40,9 @@ from tests.integration.support.relays import (
     rtpengine,
     rtpengine_unavailable,
     standalone_relay,
+    start_media_call,
 )
-from tests.integration.support.sites import SIP, SIPP_TIMEOUT, pair, start_site
+from tests.integration.support.sites import pair, start_site
 
 pytestmark = [pytest.mark.netns]
 
@@ -51,11 +51,8 @@ pytestmark = [pytest.mark.netns]
 def media_net(netns_ready: None) -> Iterator[NatNet]:
     if not PCAP.exists():
         pytest.skip(f"{PCAP} is missing (Debian package sip-tester)")
-    net = NatNet.build()
-    try:
+    with NatNet.build() as net:
         yield net
-    finally:
-        net.close()
 
 
 def media_call(net: NatNet, workdir: Path, relay: str) -> None:
@@ -69,11 +66,7 @@ def media_call(net: NatNet, workdir: Path, relay: str) -> None:
         process = rtpengine(net.fw, workdir).start()
     site = start_site(net, workdir, media_config(relay))
     try:
-        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
-        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
-                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
-                                   extra_args=["-mp", str(PHONE_RTP)])
+        uas, uac = start_media_call(site)
         server, client = pair(uas, uac)
         site.capture.settle()
         logs = site.logs() + (process.log_tail() if process is not None else "") + "\n" + \
@@ -144,11 +137,7 @@ def test_the_admin_api_shows_the_media_of_a_call_while_it_flows(
             and m["last_packet_age"] < 1.0 for m in calls[0]["media"])
 
     try:
-        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                      extra_args=["-rtp_echo", "-mp", str(PROVIDER_RTP)])
-        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
-                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
-                                   extra_args=["-mp", str(PHONE_RTP)])
+        uas, uac = start_media_call(site)
         wait_for(flowing, limit=6.0)
         assert flowing(), seen
         [call] = seen

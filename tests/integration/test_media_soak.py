@@ -66,11 +66,8 @@ LIMIT = 90.0
 @pytest.fixture
 def soak_net(netns_ready: None) -> Iterator[NatNet]:
     """The standard topology, fw dropping forwarded UDP to 10000-60000 (the seed's)."""
-    net = NatNet.build(rtp_ports=SEED_RTP_PORTS)
-    try:
+    with NatNet.build(rtp_ports=SEED_RTP_PORTS) as net:
         yield net
-    finally:
-        net.close()
 
 
 class Sampler(threading.Thread):

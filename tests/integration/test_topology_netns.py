@@ -34,7 +34,7 @@ from tests.integration.support.netns import (
     PROVIDER_IP,
     NatNet,
 )
-from tests.integration.support.relays import MIN_AFTER_RESUME, PCAP, PHONE_RTP, PROVIDER_RTP
+from tests.integration.support.relays import MIN_AFTER_RESUME, PCAP, start_media_call
 from tests.integration.support.rtp import is_rtp
 from tests.integration.support.sites import (
     SIP,
@@ -111,26 +111,6 @@ def exchange(net: NatNet, request: bytes) -> tuple[bytes, bytes]:
         provider.close()
 
 
-def media_call(site: Site, token: str | None) -> Any:
-    """A call with audio whose caller holds and resumes: the phone calls (``token`` None) or
-    the provider calls the phone's ``token``; the callee echoes the caller's RTP."""
-    echo = ["-rtp_echo", "-mp"]
-    if token is None:
-        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                      extra_args=[*echo, str(PROVIDER_RTP)])
-        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
-                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
-                                   extra_args=["-mp", str(PHONE_RTP)])
-    else:
-        uas = site.phone.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
-                                   extra_args=[*echo, str(PHONE_RTP)])
-        uac = site.provider.start_uac(
-            "uac_media.xml", (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
-            keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"},
-            extra_args=["-mp", str(PROVIDER_RTP)])
-    return pair(uas, uac)
-
-
 def provider_redirects(site: Site) -> Any:
     """The provider answers the phone's INVITE 302 (Contact: another provider address); the
     phone's next INVITE goes there and is answered."""
@@ -173,8 +153,8 @@ def run(netns_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         site.results["incoming"] = incoming_call(site, token, "uas_rr.xml", "uac_rr.xml")
         site.results["outgoing"] = outgoing_call(site, "uac_rr.xml", "uas_rr.xml")
         if PCAP.exists():
-            site.results["phone holds"] = media_call(site, None)
-            site.results["provider holds"] = media_call(site, token)
+            site.results["phone holds"] = pair(*start_media_call(site))
+            site.results["provider holds"] = pair(*start_media_call(site, token))
         site.results["provider redirects"] = provider_redirects(site)
         site.results["phone redirects"] = phone_redirects(site, token)
         exchanges.update({

@@ -281,7 +281,8 @@ table ip sipnat {{
 
 @dataclass
 class NatNet:
-    """The standard topology: C{phone} behind the firewall C{fw}, the C{provider} outside."""
+    """The standard topology: C{phone} behind the firewall C{fw}, the C{provider} outside;
+    a context manager that deletes it all (L{close}) at the end of its block."""
 
     topology: Topology
     phone: Namespace
@@ -321,6 +322,12 @@ class NatNet:
 
     def close(self) -> None:
         self.topology.close()
+
+    def __enter__(self) -> NatNet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 # --- the proxy and sipp inside ------------------------------------------------------------------

@@ -31,7 +31,13 @@ from tests.integration.support.netns import (
     inside,
 )
 from tests.integration.support.rtp import is_rtp
-from tests.integration.support.sites import describe_packets, firewall_config
+from tests.integration.support.sites import (
+    SIP,
+    SIPP_TIMEOUT,
+    Site,
+    describe_packets,
+    firewall_config,
+)
 
 PCAP = Path("/usr/share/sip-tester/g711a.pcap")
 RELAY_PORTS = (30000, 30999)
@@ -153,6 +159,29 @@ def media_config(relay: str) -> dict[str, Any]:
     else:
         config["media"] = {"relay": f"ng:127.0.0.1:{NG_PORT}"}
     return config
+
+
+def start_media_call(site: Site, token: str | None = None) -> tuple[Any, Any]:
+    """Start a call with audio whose caller holds and resumes (``uac_media.xml``) and whose
+    callee echoes the caller's RTP (``uas_media.xml``): the phone calls the provider
+    (``token`` None) or the provider calls the phone's nat ``token``. Returns the running
+    sipp processes, ``(uas, uac)`` (:func:`~tests.integration.support.sites.pair` waits for
+    their results)."""
+    echo = ["-rtp_echo", "-mp"]
+    if token is None:
+        uas = site.provider.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                      extra_args=[*echo, str(PROVIDER_RTP)])
+        uac = site.phone.start_uac("uac_media.xml", (FW_INSIDE, SIP), local_port=SIP, count=1,
+                                   timeout=SIPP_TIMEOUT, keys={"ruri": "sip:bob@provider.example"},
+                                   extra_args=["-mp", str(PHONE_RTP)])
+    else:
+        uas = site.phone.start_uas("uas_media.xml", SIP, count=1, timeout=SIPP_TIMEOUT,
+                                   extra_args=[*echo, str(PHONE_RTP)])
+        uac = site.provider.start_uac(
+            "uac_media.xml", (FW_OUTSIDE, SIP), count=1, timeout=SIPP_TIMEOUT,
+            keys={"ruri": f"sip:{token}@{FW_OUTSIDE}:{SIP}"},
+            extra_args=["-mp", str(PROVIDER_RTP)])
+    return uas, uac
 
 
 def sdp_addresses(message: Request | Response) -> list[str]:
