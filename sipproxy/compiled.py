@@ -32,6 +32,7 @@ __all__ = ["MODULES", "REBUILD", "Build", "choose", "loaded", "select", "stale"]
 MODULES = ("sipproxy.uri", "sipproxy.headers", "sipproxy.message")
 #: rebuilds the in-place extensions of a source checkout
 REBUILD = "python3 setup.py build_ext --inplace"
+#: written by setup.py beside the extensions: the SHA-256 of each source they were built from
 MANIFEST = "mypyc-sources.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
