@@ -1,8 +1,10 @@
-"""The build: the message layer compiled with mypyc when it can be, pure Python otherwise.
+"""The build: the message and transaction layers compiled with mypyc when they can be, pure
+Python otherwise.
 
 ``sipproxy/uri.py``, ``headers.py`` and ``message.py`` are compiled into C extensions (the
-proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md) when mypyc
-(``mypy``, a build requirement in pyproject.toml) and a C compiler are available. Without
+proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), and
+``transaction.py`` with them, when mypyc (``mypy`` and its ``mypy-zope`` plugin, build
+requirements in pyproject.toml) and a C compiler are available. Without
 them, with ``SIPPROXY_PURE_PYTHON=1`` in the environment, or when compiling fails for any
 reason, the install goes on with the pure-Python modules: a failed compile is a warning, never
 a failed install. The ``.py`` files are installed either way; ``sipproxy/compiled.py`` decides
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +29,15 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 #: the compiled modules, in the order mypyc is given them (sipproxy/compiled.py has the same
 #: list and file name: tests/test_compiled.py checks)
-COMPILED = ("sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py")
+COMPILED = ("sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py",
+            "sipproxy/transaction.py")
 #: written beside the compiled modules: the SHA-256 of each source they were compiled from
 #: (sipproxy/compiled.py reads it to refuse a stale build)
 MANIFEST = "mypyc-sources.json"
 
 
 def _warn(text: str) -> None:
-    print(f"sipproxy: {text}; installing the pure-Python message layer", file=sys.stderr)
+    print(f"sipproxy: {text}; installing the pure-Python modules", file=sys.stderr)
 
 
 def _digest(path: Path) -> str:
@@ -51,16 +55,26 @@ def mypyc_extensions() -> list[Any]:
         _warn("mypyc (mypy) is not installed")
         return []
     try:
-        # the project's mypy configuration (plugins, file list) is for checking, not compiling
-        return mypycify(
-            ["--config-file=", "--ignore-missing-imports", "--follow-imports=silent",
-             *COMPILED],
-            group_name="sipproxy",
-            opt_level="3",
-        )
-    except (Exception, SystemExit) as e:  # mypyc exits on a type error
-        _warn(f"mypyc could not compile ({type(e).__name__}: {e})")
+        import mypy_zope  # noqa: F401  (the plugin below)
+    except ImportError:
+        _warn("mypy-zope is not installed")
         return []
+    # The project's mypy configuration (file list, strictness) is for checking, not compiling;
+    # only its zope plugin is needed: transaction.py calls twisted's zope interfaces
+    # (IReactorTime, ITransportSender), whose methods mypy alone reads without ``self``.
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "mypyc.ini"
+        config.write_text("[mypy]\nplugins = mypy_zope:plugin\n")
+        try:
+            return mypycify(
+                [f"--config-file={config}", "--ignore-missing-imports",
+                 "--follow-imports=silent", *COMPILED],
+                group_name="sipproxy",
+                opt_level="3",
+            )
+        except (Exception, SystemExit) as e:  # mypyc exits on a type error
+            _warn(f"mypyc could not compile ({type(e).__name__}: {e})")
+            return []
 
 
 class OptionalBuildExt(build_ext):

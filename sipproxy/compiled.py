@@ -1,13 +1,15 @@
-"""Which build of the message layer is loaded: mypyc-compiled, or the pure-Python source.
+"""Which build of the message and transaction layers is loaded: mypyc-compiled, or the
+pure-Python source.
 
-``pip install .`` compiles ``uri``, ``headers`` and ``message`` with mypyc where it can (see
+``pip install .`` compiles ``uri``, ``headers``, ``message`` and ``transaction`` with mypyc
+where it can (see
 setup.py) and leaves their ``.py`` files beside the extensions. Python imports an extension
 before a ``.py`` of the same name, so an extension built from older source would shadow every
 edit to it without a word. :func:`select` (run by ``sipproxy/__init__.py``, before any of these
-modules is imported) therefore loads the compiled modules only when all three are there and were
+modules is imported) therefore loads the compiled modules only when all of them are there and were
 built from exactly the source beside them (the SHA-256 digests setup.py wrote into
 ``mypyc-sources.json``). Otherwise, or with ``SIPPROXY_PURE_PYTHON=1`` in the environment, all
-three come from their ``.py`` files; a stale build also gives a ``RuntimeWarning`` that names
+of them come from their ``.py`` files; a stale build also gives a ``RuntimeWarning`` that names
 the command to rebuild. All or none: compiled modules call each other's classes directly.
 """
 
@@ -29,7 +31,7 @@ from types import ModuleType
 __all__ = ["MODULES", "REBUILD", "Build", "choose", "loaded", "select", "stale"]
 
 #: the modules setup.py compiles
-MODULES = ("sipproxy.uri", "sipproxy.headers", "sipproxy.message")
+MODULES = ("sipproxy.uri", "sipproxy.headers", "sipproxy.message", "sipproxy.transaction")
 #: rebuilds the in-place extensions of a source checkout
 REBUILD = "python3 setup.py build_ext --inplace"
 #: written by setup.py beside the extensions: the SHA-256 of each source they were built from
@@ -41,7 +43,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 class Build:
     """What :func:`select` found and chose."""
 
-    #: the compiled extensions are present (all three)
+    #: the compiled extensions are present (all of them)
     installed: bool
     #: they are the ones imported
     compiled: bool
@@ -98,7 +100,7 @@ def choose(package_dir: Path, pure: bool) -> Build:
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Imports the message layer's modules from their ``.py`` files, extensions or not."""
+    """Imports the compiled modules from their ``.py`` files, extensions or not."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
@@ -115,7 +117,7 @@ def select() -> Build:
         pure = os.environ.get("SIPPROXY_PURE_PYTHON", "") not in ("", "0")
         _build = choose(PACKAGE_DIR, pure)
         if _build.reason.startswith("stale"):
-            warnings.warn(f"sipproxy: the compiled message layer is not used ({_build.reason})",
+            warnings.warn(f"sipproxy: the compiled modules are not used ({_build.reason})",
                           RuntimeWarning, stacklevel=2)
         if _build.reason and not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _SourceFinder())

@@ -34,11 +34,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import Headers
 from sipproxy.message import MAGIC_COOKIE, Request, Response, Source
+
+# defined outside this module, which is compiled with mypyc: mypyc cannot build a zope
+# ``Interface``; imported here, where callers have always found them
+from sipproxy.transaction_interfaces import ITransactionUser, ITransportSender
 
 if TYPE_CHECKING:
     from sipproxy.context import Target
@@ -56,55 +59,6 @@ __all__ = [
 ]
 
 _log = Logger(namespace="sipproxy.transaction")
-
-
-class ITransportSender(Interface):
-    """What the transaction layer needs from the transports (implemented by sipproxy.transport).
-
-    Both methods may raise or return a Deferred whose failure means the message could not be
-    sent (connection refused, TLS handshake failed, ICMP unreachable...). ``None`` or a
-    Deferred that succeeds means "handed to the network"; nothing more is promised.
-    """
-
-    def send_request(request: Request, target: Target) -> Deferred[Any] | None:
-        """Send ``request`` to ``target`` (a resolved next hop: transport, host, port)."""
-
-    def send_response(response: Response, request_source: Source | None) -> Deferred[Any] | None:
-        """Send ``response`` back the way its request came (RFC 3261 18.2.2, RFC 3581).
-
-        ``request_source`` is where the request arrived from (its connection for TCP/TLS, the
-        address and port for UDP with rport, the side to leave from); a response without it
-        (a request made in this process) is not sent.
-        """
-
-
-class ITransactionUser(Interface):
-    """The proxy core as the transaction layer sees it. Exceptions raised here are logged."""
-
-    def request_received(tx: ServerTransaction, request: Request) -> None:
-        """A new request (not a retransmission, not an ACK) created server transaction ``tx``.
-
-        CANCEL gets its own non-INVITE transaction like any other request; the INVITE it
-        cancels is ``TransactionLayer.find_server_transaction_for_cancel(request)``. For INVITE
-        the layer has already sent 100 Trying. Answer with ``tx.respond()``, now or later.
-        """
-
-    def ack_received(request: Request) -> None:
-        """An ACK that no server transaction absorbs: the ACK for a 2xx, to be sent end to end.
-
-        Also called for an ACK that matches an INVITE transaction in the Accepted state
-        (RFC 6026 section 7.1).
-        """
-
-    def stray_response(response: Response) -> None:
-        """A response that matches no client transaction: a transaction-stateful proxy drops
-        it (RFC 6026 section 7.3; 2xx retransmissions reach the TU through the INVITE client
-        transaction's Accepted state, Timer M)."""
-
-    def server_transaction_failed(tx: ServerTransaction, reason: Failure) -> None:
-        """``tx`` terminated without success: Timer H fired (no ACK came for a non-2xx final;
-        ``reason.value`` is a ``TransactionTimeout``) or a response could not be sent (the
-        transport's exception)."""
 
 
 class TransactionTimeout(Exception):
@@ -233,14 +187,17 @@ class _TimerQueue:
     def add(self, timer: _Timer) -> None:
         self._timers.append(timer)
         self._live += 1
-        call = self._call
-        if call is None:
-            self._arm(timer.when)
-        elif timer.when < call.getTime():  # the clock went back: do not fire late
-            call.reset(max(0.0, timer.when - self._clock.seconds()))
+        self._schedule(timer.when)
 
-    def _arm(self, when: float) -> None:
-        self._call = self._clock.callLater(max(0.0, when - self._clock.seconds()), self._run)
+    def _schedule(self, when: float) -> None:
+        """Make the queue's call fire by ``when``: arm it, or bring it forward (the clock went
+        back, so a timer must not fire late)."""
+        call = self._call
+        delay = max(0.0, when - self._clock.seconds())
+        if call is None:
+            self._call = self._clock.callLater(delay, self._run)
+        elif when < call.getTime():
+            call.reset(delay)
 
     def cancelled(self) -> None:
         """A timer of this queue was cancelled. The queue's call stays scheduled, also with no
@@ -274,12 +231,10 @@ class _TimerQueue:
         while timers and timers[0].tx is None:
             timers.popleft()
         if timers:
-            when = timers[0].when
-            call = self._call  # a timer started by one that fired may have armed it
-            if call is None:
-                self._arm(when)
-            elif call.getTime() > when:
-                call.reset(max(0.0, when - now))
+            # in a method of its own: a timer that fired may have armed the call again, which
+            # a read of ``self._call`` here, after setting it to None, would not see (mypy
+            # narrows it to None, and mypyc compiles what mypy infers)
+            self._schedule(timers[0].when)
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
@@ -348,17 +303,19 @@ class _Transaction:
         except Exception:
             _log.failure("on termination: {fn} failed", fn=getattr(fn, "__name__", fn))
 
-    def _start_timer(self, name: str, delay: float, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (a method of this transaction) after ``delay``, unless the transaction
-        has terminated by then; a zero wait (reliable transports) runs it at once."""
+    def _start_timer(self, name: str, delay: float, fn: Callable[[Any], None]) -> None:
+        """Run ``fn(self)`` after ``delay``, unless the transaction has terminated by then; a
+        zero wait (reliable transports) runs it at once. ``fn`` is a method taken from the
+        class (``ClientTransaction._timer_a``), not a bound one: a waiting timer then holds no
+        bound method (one object less for the collector), and a compiled method has no
+        ``__func__`` to unbind it with."""
         self._cancel_timer(name)
         if delay <= 0:
-            fn()
+            fn(self)
             return
         layer = self._layer
         queue = layer.timer_queue(delay)
-        timer = _Timer(self, name, fn.__func__,  # type: ignore[attr-defined]
-                       layer.clock.seconds() + delay, queue)
+        timer = _Timer(self, name, fn, layer.clock.seconds() + delay, queue)
         self._timers[name] = timer
         queue.add(timer)
 
@@ -459,11 +416,11 @@ class ServerTransaction(_Transaction):
                         # gets one copy (a stateless UAS, RFC 3261 8.2.7): a spoofed source
                         # gets one answer per INVITE, not eleven
                         self._interval = self._layer.t1
-                        self._start_timer("G", self._interval, self._timer_g)
-                    self._start_timer("H", 64 * self._layer.t1, self._timer_h)
+                        self._start_timer("G", self._interval, ServerTransaction._timer_g)
+                    self._start_timer("H", 64 * self._layer.t1, ServerTransaction._timer_h)
                 elif status >= 200:
                     self.state = State.ACCEPTED
-                    self._start_timer("L", 64 * self._layer.t1, self._terminate)
+                    self._start_timer("L", 64 * self._layer.t1, ServerTransaction._terminate)
             elif state is State.ACCEPTED and 200 <= status < 300:
                 self._send(response)
             else:
@@ -476,7 +433,7 @@ class ServerTransaction(_Transaction):
             else:
                 self.state = State.COMPLETED
                 self._start_timer("J", 0 if self.reliable else 64 * self._layer.t1,
-                                  self._terminate)
+                                  ServerTransaction._terminate)
         else:
             _log.debug("dropped {status} in {tx!r}", status=status, tx=self)
 
@@ -506,7 +463,8 @@ class ServerTransaction(_Transaction):
             self.state = State.CONFIRMED
             self._cancel_timer("G")
             self._cancel_timer("H")
-            self._start_timer("I", 0 if self.reliable else self._layer.t4, self._terminate)
+            self._start_timer("I", 0 if self.reliable else self._layer.t4,
+                              ServerTransaction._terminate)
         elif self.state is State.ACCEPTED:
             self._layer._call_tu(self._layer.tu.ack_received, ack)
 
@@ -514,7 +472,7 @@ class ServerTransaction(_Transaction):
     def _timer_g(self) -> None:
         self._resend()
         self._interval = min(2 * self._interval, self._layer.t2)
-        self._start_timer("G", self._interval, self._timer_g)
+        self._start_timer("G", self._interval, ServerTransaction._timer_g)
 
     def _timer_h(self) -> None:
         self._terminate()
@@ -578,12 +536,12 @@ class ClientTransaction(_Transaction):
         self._send_request()
         if self.is_invite:
             if not self.reliable:
-                self._start_timer("A", t1, self._timer_a)
-            self._start_timer("B", 64 * t1, self._timeout)
+                self._start_timer("A", t1, ClientTransaction._timer_a)
+            self._start_timer("B", 64 * t1, ClientTransaction._timeout)
         else:
             if not self.reliable:
-                self._start_timer("E", t1, self._timer_e)
-            self._start_timer("F", 64 * t1, self._timeout)
+                self._start_timer("E", t1, ClientTransaction._timer_e)
+            self._start_timer("F", 64 * t1, ClientTransaction._timeout)
 
     def _send_request(self) -> None:
         self._guarded(self._layer.transport.send_request, self.request, self.target)
@@ -609,7 +567,7 @@ class ClientTransaction(_Transaction):
                     self.state = State.ACCEPTED
                     self._deliver(response)
                     self._compact()
-                    self._start_timer("M", 64 * self._layer.t1, self._terminate)
+                    self._start_timer("M", 64 * self._layer.t1, ClientTransaction._terminate)
                 else:
                     self._cancel_timer("cancel")
                     self.state = State.COMPLETED
@@ -618,7 +576,7 @@ class ClientTransaction(_Transaction):
                     self._deliver(response)
                     self._compact()
                     self._start_timer("D", 0 if self.reliable else self._layer.timer_d,
-                                      self._terminate)
+                                      ClientTransaction._terminate)
             elif state is State.COMPLETED and status >= 300:
                 self._send_ack()
             elif state is State.ACCEPTED and 200 <= status < 300:
@@ -636,7 +594,8 @@ class ClientTransaction(_Transaction):
                 self._cancel_timer("F")
                 self._deliver(response)
                 self._compact()
-                self._start_timer("K", 0 if self.reliable else self._layer.t4, self._terminate)
+                self._start_timer("K", 0 if self.reliable else self._layer.t4,
+                                  ClientTransaction._terminate)
 
     def _send_ack(self) -> None:
         ack, transport, target = self.ack, self._layer.transport, self.target
@@ -653,7 +612,7 @@ class ClientTransaction(_Transaction):
     def _timer_a(self) -> None:
         self._send_request()
         self._interval *= 2
-        self._start_timer("A", self._interval, self._timer_a)
+        self._start_timer("A", self._interval, ClientTransaction._timer_a)
 
     def _timer_e(self) -> None:
         self._send_request()
@@ -661,7 +620,7 @@ class ClientTransaction(_Transaction):
             self._interval = self._layer.t2
         else:
             self._interval = min(2 * self._interval, self._layer.t2)
-        self._start_timer("E", self._interval, self._timer_e)
+        self._start_timer("E", self._interval, ClientTransaction._timer_e)
 
     def _timeout(self) -> None:
         self._fail(408)
@@ -669,7 +628,7 @@ class ClientTransaction(_Transaction):
     def _cancel_sent(self) -> None:
         """A CANCEL went out for this INVITE: give up 64*T1 later without a final (RFC 3261 9.1)."""
         if self.state in (State.CALLING, State.PROCEEDING) and "cancel" not in self._timers:
-            self._start_timer("cancel", 64 * self._layer.t1, self._timeout)
+            self._start_timer("cancel", 64 * self._layer.t1, ClientTransaction._timeout)
 
     def _transport_failed(self, failure: Failure) -> None:
         if self.state in (State.CALLING, State.TRYING) or (

@@ -1,7 +1,7 @@
-"""The two builds of the message layer (sipproxy.compiled, setup.py).
+"""The two builds of the message and transaction layers (sipproxy.compiled, setup.py).
 
-When the install compiled ``uri``, ``headers`` and ``message`` with mypyc, the suite runs
-against the compiled modules (asserted here, so CI proves it), and the message-layer tests run
+When the install compiled ``uri``, ``headers``, ``message`` and ``transaction`` with mypyc, the
+suite runs against the compiled modules (asserted here, so CI proves it), and their tests run
 once more in a subprocess against the pure-Python source. A stale build (its source edited since)
 is never loaded. ``scripts/test`` sets ``SIPPROXY_EXPECT_COMPILED=1``: there, a pure-Python
 install (mypyc or the C compiler failed) fails the suite instead of passing unnoticed.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -26,13 +27,14 @@ from sipproxy.message import parse_via
 ROOT = Path(__file__).resolve().parent.parent
 PURE = os.environ.get("SIPPROXY_PURE_PYTHON", "") not in ("", "0")
 #: the tests that run against the pure-Python build too (when the compiled one is in use)
-MESSAGE_LAYER_TESTS = (
+COMPILED_MODULE_TESTS = (
     "tests/test_message.py",
     "tests/test_message_properties.py",
     "tests/test_uri.py",
     "tests/test_framing.py",
     "tests/test_conformance.py",
     "tests/test_compiled.py",
+    "tests/test_transaction.py",
 )
 
 
@@ -40,9 +42,11 @@ def test_the_build_that_is_loaded() -> None:
     build = compiled.select()
     assert "stale" not in build.reason, build.reason
     if os.environ.get("SIPPROXY_EXPECT_COMPILED") == "1" and not PURE:
-        assert build.installed, "the install did not compile the message layer (see setup.py)"
+        assert build.installed, "the install did not compile the modules (see setup.py)"
     if PURE:
         assert not build.compiled
+    for name in compiled.MODULES:
+        importlib.import_module(name)
     loaded = compiled.loaded()
     assert loaded == dict.fromkeys(compiled.MODULES, build.compiled), (build, loaded)
 
@@ -68,7 +72,7 @@ def test_a_bare_rport_reads_as_true_itself() -> None:
 
 
 def _package(tmp_path: Path, extensions: bool = True) -> Path:
-    """A fake installed package: the three sources, (empty) extensions and their manifest."""
+    """A fake installed package: the sources, (empty) extensions and their manifest."""
     package = tmp_path / "sipproxy"
     package.mkdir()
     digests = {}
@@ -143,18 +147,18 @@ def _environment(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(PURE, reason="this run is the pure-Python one")
-def test_the_message_layer_tests_pass_against_the_pure_build_too() -> None:
+def test_the_compiled_modules_tests_pass_against_the_pure_build_too() -> None:
     if not compiled.select().compiled:
-        pytest.skip("the message layer is not compiled here: the suite ran the pure build")
+        pytest.skip("nothing is compiled here: the suite ran the pure build")
     out = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                *MESSAGE_LAYER_TESTS], _environment(SIPPROXY_PURE_PYTHON="1"), ROOT, 600)
+                *COMPILED_MODULE_TESTS], _environment(SIPPROXY_PURE_PYTHON="1"), ROOT, 600)
     assert " passed" in out and "failed" not in out
 
 
 def test_an_edited_module_loads_from_source_with_a_warning(tmp_path: Path) -> None:
     """The real guard, end to end, on a copy of the compiled package with message.py edited."""
     if not compiled.select().compiled:
-        pytest.skip("the message layer is not compiled here")
+        pytest.skip("nothing is compiled here")
     shutil.copytree(compiled.PACKAGE_DIR, tmp_path / "sipproxy",
                     ignore=shutil.ignore_patterns("__pycache__"))
     for shared in compiled.PACKAGE_DIR.parent.glob("sipproxy__mypyc.*"):
@@ -162,7 +166,7 @@ def test_an_edited_module_loads_from_source_with_a_warning(tmp_path: Path) -> No
     with (tmp_path / "sipproxy" / "message.py").open("a") as f:
         f.write("EDITED = True\n")
     script = (
-        "import sipproxy.message, sipproxy.compiled as c;"
+        "import sipproxy.message, sipproxy.transaction, sipproxy.compiled as c;"
         "print(sipproxy.message.EDITED, c.loaded(), c.select().reason)"
     )
     env = _environment(PYTHONPATH=str(tmp_path))
