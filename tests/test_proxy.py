@@ -24,6 +24,7 @@ from sipproxy.interfaces import DROP
 from sipproxy.message import MAGIC_COOKIE, Request, Response, Source, parse_message
 from sipproxy.pipeline import Pipeline, Plugin
 from sipproxy.proxy import TIMER_C
+from sipproxy.transaction import TransactionLayer
 from tests.proxy_harness import (
     ALICE,
     BOB_1,
@@ -1097,6 +1098,20 @@ def test_drop_of_a_final_response_still_ends_the_transaction() -> None:
     assert len(h.finals("INVITE")) == 1
 
 
+class RefusingLayer:
+    """The proxy's transaction layer, except that starting a client transaction raises (a
+    wrapper: the compiled layer's methods cannot be replaced on the instance)."""
+
+    def __init__(self, layer: TransactionLayer) -> None:
+        self.layer = layer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.layer, name)
+
+    def send_request(self, *args: Any) -> Any:
+        raise ValueError("no")
+
+
 def proxy_made_final(scenario: str) -> Response:
     h = make_harness(CONFIG.split("[upstream]")[0])
     h.register("bob", BOB_1)
@@ -1109,10 +1124,7 @@ def proxy_made_final(scenario: str) -> Response:
         h.proxy.set_plugins([Raising("request_forwarding")])
         h.receive(invite())
     elif scenario == "send-failed":
-        def refuse(*args: Any) -> Any:
-            raise ValueError("no")
-
-        h.proxy.transactions.send_request = refuse  # type: ignore[method-assign,assignment]
+        h.proxy.transactions = RefusingLayer(h.proxy.transactions)  # type: ignore[assignment]
         h.receive(invite())
     finals = [r for r in h.replies() if r.status >= 200 and r.cseq.method == "INVITE"]
     assert finals
