@@ -856,8 +856,9 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     head = data[:end].decode("utf-8", "surrogateescape")
     lines = head.split(eol)
     breaks = len(lines) - 1
-    if head.count("\n") != breaks or (eol == "\r\n" and head.count("\r") != breaks):
-        # a lone CR or LF would end a line for some peers and not for others
+    if head.count("\n") != breaks or head.count("\r") != (breaks if eol == "\r\n" else 0):
+        # a lone CR or LF would end a line for some peers and not for others (also a CR in a
+        # header section whose lines end with LF alone)
         raise ParseError("bare CR or LF in the header section", is_response=is_response)
     if _CONTROL.search(head) is not None and not all(map(_controls_quoted, lines)):
         raise ParseError("control character in the header section", is_response=is_response)

@@ -865,6 +865,20 @@ def test_bare_cr_or_lf_in_a_header_is_refused(bad):
     assert info.value.status == 400 and info.value.is_response
 
 
+def test_a_cr_in_a_header_section_of_lf_lines_is_refused():
+    # found by hypothesis: the last CRLF turned into LF LF, so the header section's lines end
+    # with LF and every other line kept its CR, into the To of the ACK
+    data = (
+        b"SIP/2.0 404 Not Found\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        b"From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>\r\n"
+        b"Call-ID: c1\r\nCSeq: 1 INVITE\r\nContent-Length: 0\n\n\r\n"
+    )
+    with pytest.raises(ParseError) as info:
+        parse_message(data)
+    assert info.value.status == 400 and info.value.is_response
+    assert parse_message(data.replace(b"\r\n", b"\n")).to.tag is None  # LF alone is fine
+
+
 @pytest.mark.parametrize("bad", [
     "X-Note: a\x00b",  # issue 11: a NUL was accepted and forwarded
     "Subject: \x07ring",
