@@ -12,7 +12,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Final, cast
 
 from sipproxy.errors import ParseError
 from sipproxy.headers import Field, Headers, canonical, parse_header_lines
@@ -20,14 +20,12 @@ from sipproxy.uri import (
     URI,
     NameAddr,
     Params,
-    Part,
     check_host,
     check_name_addr,
     format_host,
     parse_name_addr,
     parse_params,
     parse_uri,
-    rendered,
     split_header_values,
     strip_brackets,
 )
@@ -149,11 +147,44 @@ class Via:
         self.params = params if params is not None else Params()
         self._raw: str | None = None
 
-    #: setting any of these makes the Via render anew; host (sent-by) is IPv6 w/o brackets
-    protocol: Part[str] = rendered("_protocol")
-    transport: Part[str] = rendered("_transport")
-    host: Part[str] = rendered("_host", normalize=strip_brackets)
-    port: Part[int | None] = rendered("_port")
+    # Setting any of these makes the Via render anew. Plain properties (not a descriptor
+    # factory): mypyc compiles them into native attribute access.
+    @property
+    def protocol(self) -> str:
+        return self._protocol
+
+    @protocol.setter
+    def protocol(self, value: str) -> None:
+        self._protocol = value
+        self._raw = None
+
+    @property
+    def transport(self) -> str:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: str) -> None:
+        self._transport = value
+        self._raw = None
+
+    @property
+    def host(self) -> str:
+        """The sent-by host; an IPv6 address without brackets (given ones are dropped)."""
+        return self._host
+
+    @host.setter
+    def host(self, value: str) -> None:
+        self._host = strip_brackets(value)
+        self._raw = None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @port.setter
+    def port(self, value: int | None) -> None:
+        self._port = value
+        self._raw = None
 
     @classmethod
     def build(
@@ -187,7 +218,9 @@ class Via:
         if "rport" not in self.params:
             return None
         value = self.params.get("rport")
-        return int(value) if value else True
+        if value:
+            return int(value)
+        return cast("int | bool | None", _RPORT_WITHOUT_VALUE)
 
     @property
     def sent_by(self) -> tuple[str, int | None]:
@@ -221,6 +254,12 @@ class Via:
         new = Via(self._transport, self._host, self._port, self.params.copy(), self._protocol)
         new._raw = self._raw
         return new
+
+
+#: ``Via.rport`` of a bare ``;rport``. Typed ``object`` so that the compiled build returns this
+#: very ``True``: mypy folds ``int | bool`` into ``int``, and mypyc then returns a ``bool`` literal
+#: as the int ``1`` (which callers would take for port 1).
+_RPORT_WITHOUT_VALUE: Final[object] = True
 
 
 def parse_via(text: str) -> Via:
@@ -526,13 +565,13 @@ class Message:
         if "content-length" not in self.headers:
             self.headers.add("Content-Length", str(len(self._body)))
 
-    def _copy_into(self, new: Message) -> None:
-        new.headers = self.headers.copy()
-        # the views a forwarded copy reads again at once, copied over (not shared: the copy is
-        # changed on its own) rather than parsed anew from its text
+    def _copy_headers(self) -> Headers:
+        """The headers for a copy, with the views a forwarded copy reads again at once copied
+        over (not shared: the copy is changed on its own) rather than parsed anew."""
+        headers = self.headers.copy()
         cache = self.headers._cache
         if cache:
-            views = new.headers._cache
+            views = headers._cache
             cseq = cache.get("cseq")
             if cseq is not None:
                 views["cseq"] = cseq  # frozen
@@ -543,7 +582,10 @@ class Message:
                 name_addr = cache.get(key)
                 if name_addr is not None:
                     views[key] = cast(NameAddr, name_addr).copy()
-        new._body = self._body
+        return headers
+
+    def _copy_into(self, new: Message) -> None:
+        """What a copy takes over besides its start line, headers and body."""
         new._body_changed = self._body_changed
         new._eol = self._eol
         new.source = self.source
@@ -615,8 +657,24 @@ class Request(Message):
             self._uri = uri
             self._uri_text = str(uri)
 
-    method: Part[str] = rendered("_method", "_start")
-    version: Part[str] = rendered("_version", "_start")
+    # Setting these renders the request line anew.
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, value: str) -> None:
+        self._method = value
+        self._start = None
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
+        self._start = None
 
     @property
     def uri(self) -> URI:
@@ -654,13 +712,12 @@ class Request(Message):
         """Call after changing ``uri`` in place so the start line is rendered anew."""
         self._start = None
 
-    def copy(self) -> Self:
-        new = type(self).__new__(type(self))
+    def copy(self) -> Request:
+        new = Request(self._method, self._uri_text, self._copy_headers(), self._body,
+                      self._version)
         self._copy_into(new)
-        new._method = self._method
-        new._version = self._version
-        new._uri = self._uri.copy() if self._uri is not None else None
-        new._uri_text = self._uri_text
+        if self._uri is not None:
+            new._uri = self._uri.copy()
         new._start = self._start
         return new
 
@@ -710,9 +767,33 @@ class Response(Message):
         self._reason = reason if reason is not None else REASONS.get(status, "Unknown")
         self._version = version
 
-    status: Part[int] = rendered("_status", "_start")
-    reason: Part[str] = rendered("_reason", "_start")
-    version: Part[str] = rendered("_version", "_start")
+    # Setting these renders the status line anew.
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._status = value
+        self._start = None
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+    @reason.setter
+    def reason(self, value: str) -> None:
+        self._reason = value
+        self._start = None
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @version.setter
+    def version(self, value: str) -> None:
+        self._version = value
+        self._start = None
 
     def start_line(self) -> str:
         return f"{self._version} {self._status} {self._reason}"
@@ -722,12 +803,10 @@ class Response(Message):
         self._reason = reason if reason is not None else REASONS.get(status, "Unknown")
         self._start = None
 
-    def copy(self) -> Self:
-        new = type(self).__new__(type(self))
+    def copy(self) -> Response:
+        new = Response(self._status, self._reason, self._copy_headers(), self._body,
+                       self._version)
         self._copy_into(new)
-        new._status = self._status
-        new._reason = self._reason
-        new._version = self._version
         new._start = self._start
         return new
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
-from operator import attrgetter
-from typing import Any, Generic, Self, TypeVar, cast, overload
+from collections.abc import Iterator
+from typing import cast
 from urllib.parse import unquote_to_bytes
 
 from sipproxy.errors import ParseError
@@ -51,39 +50,6 @@ _PARAMS_FAST = re.compile(rf"(?:;{_TOKEN_RE}(?:=(?:{_TOKEN_RE}|\[[0-9A-Fa-f:.]+\
 
 def strip_brackets(host: str) -> str:
     return host[1:-1] if host.startswith("[") else host
-
-
-T = TypeVar("T")
-
-
-class Part(Generic[T]):
-    """How the type checker sees a ``rendered`` attribute (a property at run time)."""
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> Part[T]: ...
-
-    @overload
-    def __get__(self, obj: object, owner: type | None = None) -> T: ...
-
-    def __get__(self, obj: object, owner: type | None = None) -> Any:
-        raise TypeError("a Part is only a type")  # pragma: no cover
-
-    def __set__(self, obj: object, value: T) -> None:
-        raise TypeError("a Part is only a type")  # pragma: no cover
-
-
-def rendered(
-    slot: str, cache: str = "_raw", normalize: Callable[[Any], Any] | None = None
-) -> Any:
-    """A part of a value that caches its own text (URI, Via, a start line), kept in ``slot``:
-    setting it drops the text in ``cache``, so the value renders anew. Reading is a C-level
-    attribute fetch (these are read on every message)."""
-
-    def set_part(obj: Any, value: Any) -> None:
-        setattr(obj, slot, normalize(value) if normalize is not None else value)
-        setattr(obj, cache, None)
-
-    return property(attrgetter(slot), set_part)
 
 
 def unescape(text: str) -> str:
@@ -361,22 +327,53 @@ class URI:
     def secure(self) -> bool:
         return self.scheme.lower() == "sips"
 
-    user: Part[str | None] = rendered("_user")
+    # Setting a part (user, host, port, headers) makes the value render anew. These are plain
+    # properties, not a descriptor factory: mypyc compiles them into native attribute access.
+    @property
+    def user(self) -> str | None:
+        return self._user
+
+    @user.setter
+    def user(self, value: str | None) -> None:
+        self._user = value
+        self._raw = None
 
     @property
     def password(self) -> str | None:
         return self._password
 
-    #: setting any of these parts makes the value render anew; host is IPv6 without brackets
-    host: Part[str] = rendered("_host", normalize=strip_brackets)
-    port: Part[int | None] = rendered("_port")
+    @property
+    def host(self) -> str:
+        """The host; an IPv6 address without brackets (brackets given when setting are dropped)."""
+        return self._host
+
+    @host.setter
+    def host(self, value: str) -> None:
+        self._host = strip_brackets(value)
+        self._raw = None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @port.setter
+    def port(self, value: int | None) -> None:
+        self._port = value
+        self._raw = None
 
     @property
     def params(self) -> Params:
         """The uri-parameters; after changing them in place call ``touch()``."""
         return self._params
 
-    headers: Part[str | None] = rendered("_headers")
+    @property
+    def headers(self) -> str | None:
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: str | None) -> None:
+        self._headers = value
+        self._raw = None
 
     @property
     def opaque(self) -> str | None:
@@ -443,16 +440,9 @@ class URI:
     def __hash__(self) -> int:
         return hash(str(self))
 
-    def copy(self) -> Self:
-        new = type(self).__new__(type(self))
-        new.scheme = self.scheme
-        new._user = self._user
-        new._password = self._password
-        new._host = self._host
-        new._port = self._port
-        new._params = self._params.copy()
-        new._headers = self._headers
-        new._opaque = self._opaque
+    def copy(self) -> URI:
+        new = URI(self.scheme, self._user, self._host, self._port, self._params.copy(),
+                  self._headers, self._password, self._opaque)
         new._raw = self._raw
         return new
 
@@ -709,12 +699,20 @@ class NameAddr:
 
     def copy(self) -> NameAddr:
         uri = self._uri
-        new = NameAddr(uri.copy() if uri is not None else None,  # type: ignore[arg-type]
-                       self._display, self._params.copy(), self.angle)
+        new = NameAddr(_NO_URI if uri is None else uri.copy(), self._display,
+                       self._params.copy(), self.angle)
+        if uri is None:
+            new._uri = None
         new._uri_parts = self._uri_parts  # immutable: shared
         new._raw = self._raw
         new._uri_raw = self._uri_raw  # URI.copy keeps the same raw string object
         return new
+
+
+#: what a name-addr whose URI is still unbuilt (``_uri`` None) is constructed with, then
+#: dropped: ``NameAddr`` is always built through ``__init__`` (mypyc's compiled classes run it
+#: from ``__new__`` too, so filling the slots of a bare ``__new__`` is no shortcut there)
+_NO_URI = URI()
 
 
 def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
@@ -727,20 +725,16 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
     if m is not None:
         display, uri_text, scheme, user, host, port_text, uparams, ptext = m.groups()
         if port_text is None or len(port_text) < 5 or int(port_text) <= 65535:
-            # slots filled here (no __init__: a hot path); the URI is built from _uri_parts
-            na = NameAddr.__new__(NameAddr)
-            na._uri = None
-            na._uri_parts = (uri_text, scheme, user, host, port_text, uparams)
-            na._display = display.rstrip() if display else None
+            # the URI is left unbuilt: built from _uri_parts when first read
             items: list[tuple[str, str | None]] = []
             if ptext:
                 for param in ptext[1:].split(";"):
                     name, eq, value = param.partition("=")
                     items.append((name, value if eq else None))
-            na._params = Params(items)
-            na.angle = True
+            na = NameAddr(_NO_URI, display.rstrip() if display else None, Params(items))
+            na._uri = None
+            na._uri_parts = (uri_text, scheme, user, host, port_text, uparams)
             na._raw = text
-            na._uri_raw = None
             return na
     m = _NA_FAST.match(text)
     if m is not None:

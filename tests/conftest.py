@@ -1,4 +1,4 @@
-"""Fixtures shared by the unit tests."""
+"""Fixtures shared by the unit tests, and which build of the message layer a run tests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from typing import cast
 
 import pytest
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+
+from sipproxy import compiled
+
+
+def pytest_report_header() -> str:
+    """Said at the top of every run: compiled (mypyc) or pure Python (sipproxy.compiled)."""
+    build = compiled.select()
+    kind = "compiled (mypyc)" if build.compiled else "pure Python"
+    return f"sipproxy message layer: {kind}" + (f" ({build.reason})" if build.reason else "")
 
 
 @pytest.fixture
