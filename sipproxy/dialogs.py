@@ -82,7 +82,7 @@ class Dialog:
     flood_source: str | None = None
     #: the TCP/TLS connections the dialog was set up over (see :mod:`sipproxy.flows`)
     flows: list[Flow] = field(default_factory=list)
-    #: made when first read (a Party is four objects; most dialogs are never asked)
+    #: made when first read (most dialogs are never asked)
     _caller: Party | None = None
     _callee: Party | None = None
     #: the From and To URIs of the INVITE that set the dialog up (for the admin status page)
