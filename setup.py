@@ -3,9 +3,9 @@ Python otherwise.
 
 ``sipproxy/uri.py``, ``headers.py`` and ``message.py`` are compiled into C extensions (the
 proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), and
-``transaction.py`` with them (-9 % more in process), when mypyc (``mypy`` and its ``mypy-zope`` plugin, build
-requirements in pyproject.toml) and a C compiler are available. Without
-them, with ``SIPPROXY_PURE_PYTHON=1`` in the environment, or when compiling fails for any
+``transaction.py`` with them (-9 % more in process), when mypyc (``mypy`` and its
+``mypy-zope`` plugin, build requirements in pyproject.toml) and a C compiler are available.
+Without them, with ``SIPPROXY_PURE_PYTHON=1`` in the environment, or when compiling fails for any
 reason, the install goes on with the pure-Python modules: a failed compile is a warning, never
 a failed install. The ``.py`` files are installed either way; ``sipproxy/compiled.py`` decides
 at import which build is loaded.
