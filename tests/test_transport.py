@@ -246,6 +246,50 @@ class TortureDatagramTests(unittest.SynchronousTestCase):
                 self.assertTrue(answer.endswith(b"\r\nContent-Length: 0\r\n\r\n"), path.name)
 
 
+class _SentDatagrams:
+    """A listener's UDP protocol stand-in: records what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+class DatagramPeerTests(unittest.SynchronousTestCase):
+    """A listener remembers its UDP peers' sources: every message still names its own peer,
+    an unparsable request is answered to the peer that sent it, the table stays bounded."""
+
+    def setUp(self) -> None:
+        self.delivered: list[Message] = []
+        self.manager = TransportManager(Clock(), self.delivered.append,
+                                        [listen("inside", "udp", "10.0.0.1", 5060)])
+        self.listener = self.manager.listeners[0]
+        self.udp = _SentDatagrams()
+        self.listener.udp = self.udp  # type: ignore[assignment]
+
+    def test_each_message_names_its_peer_and_errors_go_back_to_it(self) -> None:
+        peers = [("192.0.2.7", 40000), ("192.0.2.8", 40000), ("192.0.2.7", 40002)]
+        bad = request_bytes().replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE")
+        for _ in range(2):
+            for host, port in peers:
+                self.manager._datagram_received(self.listener, request_bytes(), (host, port))
+                self.manager._datagram_received(self.listener, bad, (host, port))
+        self.assertEqual([m.source for m in self.delivered],
+                         [Source("UDP", h, p, "10.0.0.1", 5060, "inside") for h, p in peers] * 2)
+        self.assertEqual([addr for _, addr in self.udp.sent], peers * 2)
+        self.assertTrue(all(data.startswith(b"SIP/2.0 400 ") for data, _ in self.udp.sent))
+
+    def test_a_flood_of_source_ports_does_not_grow_the_table(self) -> None:
+        from sipproxy.transport.manager import PEERS_REMEMBERED
+
+        for port in range(1024, 1024 + PEERS_REMEMBERED + 10):
+            self.manager._datagram_received(self.listener, b"\x00junk", ("192.0.2.7", port))
+        self.assertLessEqual(len(self.listener.peers), PEERS_REMEMBERED)
+        self.manager._datagram_received(self.listener, request_bytes(), ("192.0.2.7", 1024))
+        self.assertEqual(self.delivered[-1].source.port, 1024)
+
+
 # --------------------------------------------------------------------------------------------
 # Listener choice and the RFC 3261 18.1.1 size rule
 # --------------------------------------------------------------------------------------------

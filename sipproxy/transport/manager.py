@@ -52,7 +52,13 @@ from sipproxy.transaction import ITransportSender
 from sipproxy.transport.certificates import load_certificate_pair
 from sipproxy.transport.endpoints import ClientEndpoints, address_family, ip_address
 from sipproxy.transport.pool import ConnectionPool, peer_key, pool_key
-from sipproxy.transport.sides import DestinationSides, Sided, SourceAddresses, pick_listener
+from sipproxy.transport.sides import (
+    DestinationSides,
+    Sided,
+    SourceAddresses,
+    listener_candidates,
+    preferred_listener,
+)
 from sipproxy.transport.tcp import SIPStreamProtocol, unmapped
 from sipproxy.transport.tls import (
     ServerCertificate,
@@ -91,6 +97,10 @@ SIZE_SWITCH_CONNECT_TIMEOUT = 2.0
 """Seconds that TCP connection may take: a phone behind its own NAT drops the SYN silently,
 and its call should not wait the full connect timeout before going over UDP."""
 
+PEERS_REMEMBERED = 4096
+"""UDP peers whose :class:`Source` a listener keeps (:attr:`Listener.peers`)."""
+
+_LOCAL_ADDRESSES_REMEMBERED = 256  # local address and port -> listener(s), remembered at most
 _STOP_GRACE = 2.0  # seconds stopService lets connections flush before aborting them
 
 
@@ -139,20 +149,36 @@ def route_response(via: Via, source: Source | None) -> ResponseRoute:
     # the transport the request really arrived on wins over what its Via claims (a UDP
     # datagram whose Via says TLS is still answered over UDP: RFC 4475 3.3.5)
     transport = source.transport.upper() if source is not None else via.transport.upper()
-    default_port = 5061 if via.transport.upper() in ("TLS", "WSS", "TLS-SCTP") else 5060
-    sent_by_port = via.port if via.port is not None else default_port
-    host = source.host if source is not None else via.received or via.host
     if transport in RELIABLE_TRANSPORTS:
         connection = None
         if source is not None and source.transport.upper() == transport:
             connection = (source.host, source.port)
-        return ResponseRoute(transport, host, sent_by_port, connection)
+        host = source.host if source is not None else via.received or via.host
+        return ResponseRoute(transport, host, _sent_by_port(via), connection)
+    return ResponseRoute(transport, *_datagram_destination(via, source))
+
+
+def _sent_by_port(via: Via) -> int:
+    port = via.port
+    if port is not None:
+        return port
+    return 5061 if via.transport.upper() in ("TLS", "WSS", "TLS-SCTP") else 5060
+
+
+def _datagram_destination(via: Via, source: Source | None) -> tuple[str, int]:
+    """:func:`route_response`'s host and port over an unreliable transport (no
+    :class:`ResponseRoute` made: :meth:`TransportManager.transmit_response` calls it for every
+    response to a datagram)."""
     rport = via.rport
-    if rport is True and source is not None:
-        return ResponseRoute(transport, source.host, source.port)
+    if source is None:
+        host = via.received or via.host
+    elif rport is True:
+        return source.host, source.port
+    else:
+        host = source.host
     if isinstance(rport, int) and not isinstance(rport, bool):
-        return ResponseRoute(transport, host, rport)
-    return ResponseRoute(transport, host, sent_by_port)
+        return host, rport
+    return host, _sent_by_port(via)
 
 
 # Liberal on purpose: LWS inside the Request-URI (RFC 4475 3.1.2.8) still deserves its 400.
@@ -265,6 +291,26 @@ class Listener:
         self.family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
         self.listening_port: IListeningPort | None = None
         self.udp: SIPDatagramProtocol | None = None
+        #: UDP: the :class:`Source` of each peer heard from lately and how to answer it, by the
+        #: address the socket reported (messages from one peer share one immutable Source)
+        self.peers: dict[tuple[str, int], tuple[Source, Callable[[bytes], None]]] = {}
+
+    def remember_peer(
+        self, addr: tuple[str, int], host: str
+    ) -> tuple[Source, Callable[[bytes], None]]:
+        """The source of datagrams from ``addr`` (``host``: its address without an IPv4-mapped
+        prefix) and the function that sends a datagram back there, kept in :attr:`peers`
+        (at most :data:`PEERS_REMEMBERED`: all are forgotten when it is full)."""
+        source = Source("UDP", host, addr[1], self.address, self.port, self.side)
+
+        def reply(answer: bytes) -> None:
+            if self.udp is not None:
+                self.udp.send(answer, addr)
+
+        if len(self.peers) >= PEERS_REMEMBERED:
+            self.peers.clear()
+        peer = self.peers[addr] = (source, reply)
+        return peer
 
     @property
     def bind_host(self) -> str | None:
@@ -424,6 +470,12 @@ class TransportManager(Service):
         self._incoming: OrderedDict[SIPStreamProtocol, None] = OrderedDict()
         self.flows: FlowTracker | None = None
         self._udp_only: dict[tuple[str, int], float] = {}  # target -> until when
+        # what listener_for_source and _listener_for_request found, by the local address and
+        # port asked about (forgotten when a listener's port may change: _listen)
+        self._arrived_on: dict[tuple[str, int], Listener | None] = {}
+        self._named_by: dict[tuple[str, int], list[Listener]] = {}
+        # choose_listener's candidates by transport, side and IP version
+        self._candidates: dict[tuple[str, str | None, int | None], list[Listener]] = {}
         self._lost_waiters: dict[SIPStreamProtocol, list[defer.Deferred[None]]] = {}
         #: for the transaction layer: no Deferred per UDP datagram (:class:`TransmittingSender`)
         self.sender = TransmittingSender(self)
@@ -464,10 +516,11 @@ class TransportManager(Service):
 
     def _listen(self, listener: Listener) -> None:
         interface = "" if listener.address == "0.0.0.0" else listener.address
+        listener.peers.clear()  # their sources name the port, which may change here
+        self._arrived_on.clear()
+        self._named_by.clear()
         if listener.transport == "UDP":
-            proto = SIPDatagramProtocol(
-                lambda data, addr: self._datagram_received(listener, data, addr)
-            )
+            proto = SIPDatagramProtocol(functools.partial(self._datagram_received, listener))
             # a datagram may hold a whole message (64 KiB); Twisted reads 8 KiB by default
             port = self.reactor.listenUDP(listener.port, proto, interface=interface,
                                           maxPacketSize=65535)
@@ -546,7 +599,16 @@ class TransportManager(Service):
         whose interface the kernel routes ``target`` through (:attr:`sides`). The proxy may
         override this method.
         """
-        return pick_listener(self.listeners, self.sides, target, side, transport)
+        wanted = (transport or target.transport).upper()
+        ip = ip_address(target.host)
+        version = ip.version if ip is not None else None
+        key = (wanted, side, version)
+        candidates = self._candidates.get(key)
+        if candidates is None:
+            candidates = listener_candidates(self.listeners, wanted, side, version)
+            self._candidates[key] = candidates  # a few keys: transports x sides x families
+        return preferred_listener(candidates, self.sides,
+                                  target.host if ip is not None else None, side)
 
     # -- connections the proxy opened (RFC 5923 reuse) --------------------------------------
 
@@ -646,15 +708,25 @@ class TransportManager(Service):
             over_tcp.errback()
 
     def listener_for_source(self, source: Source) -> Listener | None:
-        """The listener a message with this source arrived on (UDP), or one of its side."""
+        """The UDP listener a message with this source arrived on (``None``: not UDP, or no
+        listener has that address and port now)."""
+        if source.transport.upper() != "UDP":
+            return None
+        local = (source.local_host, source.local_port)
+        try:
+            return self._arrived_on[local]
+        except KeyError:
+            pass
+        found = None
         for lst in self.listeners:
-            if (
-                lst.transport == source.transport.upper() == "UDP"
-                and lst.port == source.local_port
-                and _same_host(lst.address, source.local_host)
-            ):
-                return lst
-        return None
+            if lst.transport == "UDP" and lst.port == local[1] and _same_host(lst.address,
+                                                                                local[0]):
+                found = lst
+                break
+        if len(self._arrived_on) >= _LOCAL_ADDRESSES_REMEMBERED:
+            self._arrived_on.clear()
+        self._arrived_on[local] = found
+        return found
 
     def _listener_for_request(
         self, request: Request, transport: str, target: Target
@@ -663,17 +735,25 @@ class TransportManager(Service):
         via = request.top_via
         side: str | None = None
         if via is not None:
-            port = via.port if via.port is not None else 5060
-            named = [
-                lst for lst in self.listeners
-                if lst.port == port and _same_host(lst.via_host, via.host)
-            ]
+            named = self._named_listeners(via.host, via.port if via.port is not None else 5060)
             for lst in named:
                 if lst.transport == transport:
                     return lst
             if named:
                 side = named[0].side
         return self.choose_listener(target, side=side, transport=transport)
+
+    def _named_listeners(self, host: str, port: int) -> list[Listener]:
+        """The listeners a Via or Record-Route naming ``host:port`` names."""
+        key = (host, port)
+        named = self._named_by.get(key)
+        if named is None:
+            named = [lst for lst in self.listeners
+                     if lst.port == port and _same_host(lst.via_host, host)]
+            if len(self._named_by) >= _LOCAL_ADDRESSES_REMEMBERED:
+                self._named_by.clear()
+            self._named_by[key] = named
+        return named
 
     # -- ITransportSender ------------------------------------------------------------------------
 
@@ -766,24 +846,27 @@ class TransportManager(Service):
             raise ValueError("response has no Via")
         if request_source is None:
             raise ValueError("a response is only sent back where its request came from")
-        route = route_response(via, request_source)
-        data = self._serialize(response, route.transport)
         side = request_source.side
-        if route.transport in RELIABLE_TRANSPORTS:
+        transport = request_source.transport.upper()
+        if transport in RELIABLE_TRANSPORTS:
+            route = route_response(via, request_source)
+            data = self._serialize(response, transport)
             done: defer.Deferred[None] = defer.Deferred()
             try:
                 self._send_reliable_response(side, data, via, route, done)
             except Exception:
                 done.errback()
             return done
-        if _not_unicast(route.host):
-            raise ValueError(f"refusing to send a response to {route.host}")
+        host, port = _datagram_destination(via, request_source)
+        data = self._serialize(response, transport)
+        if _not_unicast(host):
+            raise ValueError(f"refusing to send a response to {host}")
         listener = self.listener_for_source(request_source)
         if listener is None:
-            listener = self._side_listener(side, "UDP", route.host)
+            listener = self._side_listener(side, "UDP", host)
         if listener is None:
             raise ConnectionError("no UDP listener")
-        return self._send_datagram(listener, data, route.host, route.port)
+        return self._send_datagram(listener, data, host, port)
 
     def _send_reliable_response(
         self, side: str, data: bytes, via: Via, route: ResponseRoute, done: defer.Deferred[None]
@@ -951,18 +1034,18 @@ class TransportManager(Service):
         return proto.outgoing or self._carries_state(proto)
 
     def _datagram_received(self, listener: Listener, data: bytes, addr: tuple[str, int]) -> None:
-        host = unmapped(addr[0]) if listener.family == socket.AF_INET6 else addr[0]
+        peer = listener.peers.get(addr)
+        if peer is not None:
+            host = peer[0].host
+        else:
+            host = unmapped(addr[0]) if listener.family == socket.AF_INET6 else addr[0]
         # before anything else: a banned or flooding source costs a dict lookup or two
         flood = self.flood
         if flood is not None and not flood.allow(host):
             return
-        source = Source("UDP", host, addr[1], listener.address, listener.port, listener.side)
-
-        def reply(answer: bytes) -> None:
-            if listener.udp is not None:
-                listener.udp.send(answer, addr)
-
-        self._dispatch(data, source, reply)
+        if peer is None:
+            peer = listener.remember_peer(addr, host)
+        self._dispatch(data, peer[0], peer[1])
 
     def stream_connected(self, proto: SIPStreamProtocol) -> None:
         self._streams.add(proto)

@@ -34,7 +34,9 @@ __all__ = [
     "Sided",
     "SourceAddresses",
     "kernel_source_address",
+    "listener_candidates",
     "pick_listener",
+    "preferred_listener",
 ]
 
 #: seconds a route lookup is trusted (routes change when a VPN comes up or goes down)
@@ -213,7 +215,18 @@ def pick_listener(
     back to UDP), ``side`` when given, and an address family that fits an IP target. Without
     ``side``, the target's side (:meth:`DestinationSides.side_of`) is preferred.
     """
-    wanted = (transport or target.transport).upper()
+    ip = ip_of(target.host)
+    candidates = listener_candidates(listeners, (transport or target.transport).upper(), side,
+                                     ip.version if ip is not None else None)
+    return preferred_listener(candidates, sides, target.host if ip is not None else None, side)
+
+
+def listener_candidates(
+    listeners: Sequence[L], wanted: str, side: str | None, version: int | None
+) -> list[L]:
+    """:func:`pick_listener`'s candidates, best first, for a target over ``wanted`` (upper
+    case) whose address is of IP ``version`` (``None``: a name). They depend on nothing but
+    the listeners, so a caller may keep them."""
     candidates = [lst for lst in listeners if lst.transport == wanted]
     if wanted == "TLS":
         # outgoing TLS needs no TLS listener: a TCP (else UDP) socket of the side names us
@@ -224,14 +237,21 @@ def pick_listener(
         candidates = [lst for lst in listeners if lst.transport == "UDP"]
     if side is not None:
         candidates = [lst for lst in candidates if lst.side == side]
-    ip = ip_of(target.host)
-    if ip is not None:
-        fitting = [lst for lst in candidates if _version(lst.address) == ip.version]
+    if version is not None:
+        fitting = [lst for lst in candidates if _version(lst.address) == version]
         candidates = fitting or candidates
+    return candidates
+
+
+def preferred_listener(
+    candidates: Sequence[L], sides: DestinationSides, ip_host: str | None, side: str | None
+) -> L | None:
+    """:func:`pick_listener`'s choice among ``candidates``: without ``side``, the first on
+    the side of ``ip_host`` (the target's IP address; ``None`` for a name), else the first."""
     if not candidates:
         return None
-    if side is None and ip is not None:
-        preferred = sides.side_of(target.host)
+    if side is None and ip_host is not None:
+        preferred = sides.side_of(ip_host)
         for lst in candidates:
             if lst.side == preferred:
                 return lst
