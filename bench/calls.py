@@ -22,12 +22,11 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from twisted.internet.base import DelayedCall
-from twisted.internet.interfaces import IReactorTime
 
 from sipproxy.config import parse_config
 from sipproxy.service import makeService
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-threshold", metavar="G0,G1,G2",
                         help="collector thresholds instead of the service's (experiments)")
     args = parser.parse_args(argv)
-    from sipproxy.service import ScheduledCollections, tune_garbage_collector
+    from sipproxy.service import tune_garbage_collector
 
     tune_garbage_collector()
     if args.gc_threshold:
@@ -243,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     gc.callbacks.append(_gc_timer)
     for _ in range(args.repeat):
         calls = Calls(args.rate)
-        if not args.gc_threshold:  # as twistd sipproxy runs it beside the proxy
-            ScheduledCollections(cast(IReactorTime, calls.clock)).startService()
         for n in range(200):  # warm-up: caches, first-time paths
             calls.call(n)
         calls.cpu = 0.0

@@ -7,8 +7,6 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from sipproxy.config import Config, ConfigError
@@ -22,7 +20,7 @@ from sipproxy.registrar import Registrar
 from sipproxy.state import open_store, restore_bindings
 from sipproxy.transport import TransportManager
 
-__all__ = ["ScheduledCollections", "SipProxyService", "makeService", "tune_garbage_collector"]
+__all__ = ["SipProxyService", "makeService", "tune_garbage_collector"]
 
 _log = Logger(namespace="sipproxy.service")
 
@@ -152,68 +150,21 @@ def _build(config: Config, reactor: Any) -> SipProxyService:
     return top
 
 
-#: seconds between the young collections of :class:`ScheduledCollections`
-YOUNG_COLLECTION_INTERVAL = 0.25
-#: seconds between its full collections
-FULL_COLLECTION_INTERVAL = 600.0
-
-
 def tune_garbage_collector() -> None:
     """For a process that is mostly the proxy (``twistd sipproxy``): move what is loaded at
-    start-up out of the collector's way and collect young objects less often (and, while
-    :class:`ScheduledCollections` runs, on its schedule). Embedders may call it too; it only
-    changes thresholds.
+    start-up out of the collector's way and collect young objects less often. Embedders may
+    call it too; it only changes thresholds.
 
     Why: a call's objects are freed by reference counting when its transactions end (no
     cycles on the call path), so the collector finds next to nothing; what it costs is
     scanning the live transactions (kept up to 32 s) over and over. Measured with
     ``bench/calls.py`` (20,000 calls at 400/s), collector time per call: 56-67 us with
     thresholds (20,000, 20, 10), 36-38 with (50,000, 50, 100), 26-29 with (100,000, 50, 10).
+    A young collection then scans at most 100,000 objects (a few ms); full collections stay
+    as rare as before or rarer (every 10 middle ones, and CPython's own rule: only once the
+    objects promoted since the last one reach a quarter of the old generation), so cyclic
+    garbage from elsewhere (failures, plugins) is still bounded.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 10)
-
-
-class ScheduledCollections(Service):
-    """
-    While running: every :data:`YOUNG_COLLECTION_INTERVAL` seconds of ``clock``, collect the
-    objects made since the last time and freeze (:func:`gc.freeze`) the survivors; every
-    :data:`FULL_COLLECTION_INTERVAL` seconds, unfreeze and collect everything instead. It
-    changes what the collector scans and when, not what is freed. ``twistd sipproxy`` runs it
-    beside the proxy; embedders may too.
-
-    Why: a young collection's count is allocations minus deallocations, so at a steady call
-    rate the automatic one comes late and then scans every object made since, the whole live
-    set of transactions (0.1-0.4 s pauses at 400 calls/s), which the next middle and full
-    collections scan again. On this schedule each object is scanned once, while young, and
-    the pauses stay at a few ms. Cyclic garbage is still found: young within the interval,
-    older at the next full collection (before: at a middle or full one, every 50 or 500
-    young ones).
-    """
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self.clock = clock
-        self.full_due = 0.0
-        self.loop = LoopingCall(self.collect)
-        self.loop.clock = clock
-
-    def startService(self) -> None:
-        super().startService()
-        self.full_due = self.clock.seconds() + FULL_COLLECTION_INTERVAL
-        self.loop.start(YOUNG_COLLECTION_INTERVAL, now=False)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self.loop.running:
-            self.loop.stop()
-
-    def collect(self) -> None:
-        """One step of the schedule (the loop calls it)."""
-        if self.clock.seconds() >= self.full_due:
-            self.full_due = self.clock.seconds() + FULL_COLLECTION_INTERVAL
-            gc.unfreeze()
-            gc.collect()
-        else:
-            gc.collect(0)
-        gc.freeze()

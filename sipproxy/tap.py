@@ -37,8 +37,8 @@ def makeService(options: usage.Options) -> IService:
     """Load the config named by the options and build the proxy's service from it."""
     # Imported late: `twistd --help` and option parsing must not import the whole proxy.
     from sipproxy.logs import use_json_log
-    from sipproxy.service import ScheduledCollections, tune_garbage_collector
     from sipproxy.service import makeService as makeProxyService
+    from sipproxy.service import tune_garbage_collector
 
     path = options["config"]
     try:
@@ -52,10 +52,7 @@ def makeService(options: usage.Options) -> IService:
         raise SystemExit(EXIT_CONFIG_ERROR) from None
     if config.log.format == "json":
         use_json_log(service, options)
-    from twisted.internet import reactor  # the one makeProxyService built the proxy on
-
     tune_garbage_collector()
-    ScheduledCollections(reactor).setServiceParent(service)
     _explain_listen_errors(service)
     return service
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.python import usage
 
 from sipproxy import tap
@@ -108,7 +108,7 @@ def fake_service_module(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
 
     def makeService(config: Config) -> IService:
         received.append(config)
-        return MultiService()  # tap adds its collection schedule to it
+        return Service()
 
     monkeypatch.setattr(sipproxy.service, "makeService", makeService)
     monkeypatch.setattr(sipproxy.service, "tune_garbage_collector", lambda: None)
