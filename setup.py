@@ -1,10 +1,11 @@
-"""The build: the message and transaction layers compiled with mypyc when they can be, pure
-Python otherwise.
+"""The build: the message, transaction and proxy core layers compiled with mypyc when they can
+be, pure Python otherwise.
 
 ``sipproxy/uri.py``, ``headers.py`` and ``message.py`` are compiled into C extensions (the
-proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), and
-``transaction.py`` with them (-9 % more in process), when mypyc (``mypy`` and its
-``mypy-zope`` plugin, build requirements in pyproject.toml) and a C compiler are available.
+proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), ``transaction.py``
+with them (-9 % more in process), and the proxy core (``sipproxy/proxy/``, ``context.py``,
+``dialogs.py``, ``pipeline.py``), when mypyc (``mypy`` and its ``mypy-zope`` plugin, build
+requirements in pyproject.toml) and a C compiler are available.
 Without them, with ``SIPPROXY_PURE_PYTHON=1`` in the environment, or when compiling fails for any
 reason, the install goes on with the pure-Python modules: a failed compile is a warning, never
 a failed install. The ``.py`` files are installed either way; ``sipproxy/compiled.py`` decides
@@ -29,8 +30,13 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 #: the compiled modules, in the order mypyc is given them (sipproxy/compiled.py has the same
 #: list and file name: tests/test_compiled.py checks)
-COMPILED = ("sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py",
-            "sipproxy/transaction.py")
+COMPILED = (
+    "sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py", "sipproxy/transaction.py",
+    "sipproxy/context.py", "sipproxy/dialogs.py", "sipproxy/pipeline.py",
+    "sipproxy/proxy/addresses.py", "sipproxy/proxy/record_route.py", "sipproxy/proxy/routing.py",
+    "sipproxy/proxy/responses.py", "sipproxy/proxy/dialog_glue.py", "sipproxy/proxy/forking.py",
+    "sipproxy/proxy/core.py",
+)
 #: written beside the compiled modules: the SHA-256 of each source they were compiled from
 #: (sipproxy/compiled.py reads it to refuse a stale build)
 MANIFEST = "mypyc-sources.json"

@@ -14,14 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# imported at run time, not for type checking only: compiled with mypyc, these dataclasses'
+# fields name the compiled classes, which must be loaded before this module is
+from sipproxy.dialogs import Dialog
+from sipproxy.message import Request, Response, Source
+from sipproxy.transaction import ClientTransaction, ServerTransaction
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
     from twisted.python.failure import Failure
 
-    from sipproxy.dialogs import Dialog
     from sipproxy.location import Binding
-    from sipproxy.message import Request, Response, Source
-    from sipproxy.transaction import ClientTransaction, ServerTransaction
     from sipproxy.transport.manager import Listener
 
 __all__ = ["Branch", "RequestContext", "Target"]

@@ -517,8 +517,13 @@ class Message:
         return n
 
     @max_forwards.setter
-    def max_forwards(self, value: int) -> None:
-        self.headers.set("Max-Forwards", str(value))
+    def max_forwards(self, value: int | None) -> None:
+        # typed as the getter: compiled code (mypyc) passes the value boxed as the getter's
+        # type, which a setter taking ``int`` would misread as a native int
+        if value is None:
+            self.headers.remove("max-forwards")
+        else:
+            self.headers.set("Max-Forwards", str(value))
 
     @property
     def content_length(self) -> int | None:

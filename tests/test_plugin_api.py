@@ -20,6 +20,7 @@ import sipproxy.proxy.record_route
 import sipproxy.proxy.routing
 import sipproxy.settings
 import sipproxy.testing
+from sipproxy import compiled
 from sipproxy.interfaces import IProxyCore, IProxyPlugin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +64,8 @@ def test_every_public_name_of_the_plugin_api_has_a_docstring(module: ModuleType)
         value = getattr(module, name)
         if not (inspect.isclass(value) or inspect.isfunction(value)):
             continue  # constants are documented with #: comments
+        if compiled.loaded().get(value.__module__):
+            continue  # mypyc keeps no docstrings: the pure-Python rerun checks this one
         if not inspect.getdoc(value):
             undocumented.append(name)
         if isinstance(value, InterfaceClass):
