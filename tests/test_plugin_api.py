@@ -15,6 +15,7 @@ from zope.interface.interface import InterfaceClass
 
 import sipproxy.addressing
 import sipproxy.context
+import sipproxy.dialogs
 import sipproxy.interfaces
 import sipproxy.proxy.record_route
 import sipproxy.proxy.routing
@@ -101,6 +102,27 @@ def test_context_types_are_one_and_the_same_wherever_imported() -> None:
     # the core's own state is in typed fields, not in keys of the plugins' ``data``
     fields = {f.name for f in dataclasses.fields(sipproxy.context.Branch)}
     assert {"targets", "binding", "flow_failed", "data"} <= fields
+
+
+@pytest.mark.parametrize("cls", [sipproxy.context.Branch, sipproxy.context.RequestContext,
+                                 sipproxy.dialogs.Dialog], ids=lambda c: c.__name__)
+def test_a_written_out_init_takes_every_field_with_its_default(cls: type) -> None:
+    """These dataclasses write their ``__init__`` out (compiled, the generated one would stay
+    Python): it must take every field, by name, with the field's default."""
+    if compiled.loaded().get(cls.__module__):
+        pytest.skip("compiled, it checks the types given: the pure-Python rerun runs this")
+    fields = dataclasses.fields(cls)
+    required = [f for f in fields if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    given = {f.name: object() for f in fields}
+    made = cls(**given)
+    assert {f.name: getattr(made, f.name) for f in fields} == given
+    bare = cls(*(given[f.name] for f in required))
+    for f in fields:
+        if f not in required:
+            expected = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert getattr(bare, f.name) == expected, f.name
+    assert cls(*(given[f.name] for f in required)).data is not bare.data
 
 
 @pytest.mark.parametrize(
