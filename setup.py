@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def mypyc_extensions() -> list[Any]:
                  "--follow-imports=silent", *COMPILED],
                 group_name="sipproxy",
                 opt_level="3",
+                multi_file=True,
             )
         except (Exception, SystemExit) as e:  # mypyc exits on a type error
             _warn(f"mypyc could not compile ({type(e).__name__}: {e})")
@@ -85,7 +87,22 @@ def mypyc_extensions() -> list[Any]:
 
 class OptionalBuildExt(build_ext):
     """build_ext that falls back to pure Python when the C compiler fails (or is missing), and
-    writes the source digests beside what it built."""
+    writes the source digests beside what it built. The C files of one extension (mypyc
+    writes one per module) are compiled in parallel, one per CPU."""
+
+    def build_extension(self, ext: Any) -> None:
+        compile_one = self.compiler.compile
+
+        def compile_all(sources: list[str], *args: Any, **kwargs: Any) -> list[str]:
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                done = pool.map(lambda source: compile_one([source], *args, **kwargs), sources)
+                return [obj for objects in done for obj in objects]
+
+        self.compiler.compile = compile_all
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_one
 
     def run(self) -> None:
         if not self.extensions:
