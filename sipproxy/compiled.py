@@ -98,15 +98,14 @@ def choose(package_dir: Path, pure: bool) -> Build:
     ``SIPPROXY_PURE_PYTHON`` switch)."""
     present = [_extension(package_dir, name) is not None for name in MODULES]
     installed = all(present)
-    reason = ""
+    why = ""
+    if installed:
+        why = stale(package_dir)
+    elif any(present):  # built before the list grew, or half removed: as stale as an edit
+        why = "only some of the modules are compiled"
+    reason = f"stale build: {why}; rebuild it with '{REBUILD}' (or reinstall)" if why else ""
     if pure:
         reason = "SIPPROXY_PURE_PYTHON is set"
-    elif installed:
-        why = stale(package_dir)
-        if why:
-            reason = f"stale build: {why}; rebuild it with '{REBUILD}' (or reinstall)"
-    elif any(present):
-        reason = "only some of the modules are compiled"
     return Build(installed=installed, compiled=installed and not reason, reason=reason)
 
 
