@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sipproxy.errors import ParseError
@@ -207,6 +209,31 @@ def test_new_branch_and_tag() -> None:
     b1, b2 = new_branch(), new_branch()
     assert b1.startswith(MAGIC_COOKIE) and b1 != b2 and len(b1) > len(MAGIC_COOKIE) + 8
     assert new_tag() != new_tag()
+
+
+def test_tags_and_branches_stay_random_and_unique_across_refills() -> None:
+    # several times the 4 KiB the random bytes are drawn in at once
+    tags = [new_tag() for _ in range(3000)]
+    branches = [new_branch() for _ in range(3000)]
+    assert len(set(tags)) == len(tags) and len(set(branches)) == len(branches)
+    assert all(len(t) == 12 and int(t, 16) >= 0 for t in tags)  # 48 bits, RFC 3261 19.3
+    assert all(len(b) == len(MAGIC_COOKIE) + 16 for b in branches)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_draws_other_branches_than_its_parent() -> None:
+    new_branch()  # the parent holds unused random bytes when it forks
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write_end, " ".join(new_branch() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        child = f.read().decode().split()
+    parent = [new_branch() for _ in range(4)]
+    assert len(child) == 4 and not set(child) & set(parent)
 
 
 # -- push / pop / update Via -----------------------------------------------------------------
