@@ -151,10 +151,12 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Via
 # --------------------------------------------------------------------------------------------
+# possessive quantifiers where what follows cannot continue the run: the same matches as greedy
+# ones, without the backtracking state (see sipproxy.uri)
 _VIA_FAST = re.compile(
-    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) "
-    r"([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
-    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:]+)?)*)\Z"
+    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]++) "
+    r"([A-Za-z0-9\-.]++|\[[0-9A-Fa-f:.]++\])(?::([0-9]{1,5}))?"
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]++(?:=[A-Za-z0-9\-.!%*_+`'~:]++)?)*+)\Z"
 )
 _VIA_SLOW = re.compile(
     r"([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*"
@@ -306,48 +308,55 @@ _RPORT_WITHOUT_VALUE: Final[object] = True
 def parse_via(text: str) -> Via:
     """Parse one via-parm, tolerating the LWS RFC 3261 allows around '/', ';' and '='."""
     m = _VIA_FAST.match(text)
-    if m is not None:
-        transport, host, port_text, ptext = m.groups()
-        params = _fast_params(ptext) if ptext else Params()
-        protocol = SIP_VERSION
-    else:
-        m = _VIA_SLOW.match(text)
-        if m is None:
-            raise ParseError("malformed Via")
-        name, version, transport, host, port_text, ptext = m.groups()
-        if name.upper() != "SIP":
-            raise ParseError("malformed Via")
-        if version != "2.0":
-            raise ParseError("SIP version not supported", 505)
-        protocol = f"{name}/{version}"
-        params = parse_params(ptext or "", "Via")
+    if m is None:
+        return _parse_via_slow(text)
+    # typed, so that the compiled build works on them as str, not as unknown objects
+    transport, host, port_text, ptext = cast(tuple[str, str, "str | None", str], m.groups())
     if host[0] == "[":
         host = check_host(host, "Via")
-    elif m.re is _VIA_SLOW or "-" in host or ".." in host or host[0] == ".":
+    elif "-" in host or ".." in host or host[0] == ".":
         check_host(host, "Via")  # the fast pattern lets through "-x", "a..b", ".a"
+    items: list[tuple[str, str | None]] = []
+    if ptext:
+        for part in ptext[1:].split(";"):
+            name, eq, value = part.partition("=")
+            items.append((name, value) if eq else (name, None))
+    return _via(text, SIP_VERSION, transport, host, port_text, items)
+
+
+def _parse_via_slow(text: str) -> Via:
+    """:func:`parse_via` for what the fast pattern does not take (LWS, other protocols)."""
+    m = _VIA_SLOW.match(text)
+    if m is None:
+        raise ParseError("malformed Via")
+    name, version, transport, host, port_text, ptext = m.groups()
+    if name.upper() != "SIP":
+        raise ParseError("malformed Via")
+    if version != "2.0":
+        raise ParseError("SIP version not supported", 505)
+    items = list(parse_params(ptext or "", "Via"))
+    host = check_host(host, "Via")
+    return _via(text, f"{name}/{version}", transport, host, port_text, items)
+
+
+def _via(text: str, protocol: str, transport: str, host: str, port_text: str | None,
+         items: list[tuple[str, str | None]]) -> Via:
+    """The parsed Via, once its parts are checked (``text``: what it renders as)."""
     port: int | None = None
     if port_text is not None:
         port = int(port_text)
         if port > 65535:
             raise ParseError("bad port in Via")
-    _check_via_params(params)
-    via = Via(transport.upper() if not transport.isupper() else transport, host, port, params,
-              protocol)
+    _check_via_params(items)
+    via = Via(transport if transport.isupper() else transport.upper(), host, port,
+              Params(items), protocol)
     via._raw = text
     return via
 
 
-def _fast_params(ptext: str) -> Params:
-    items: list[tuple[str, str | None]] = []
-    for part in ptext[1:].split(";"):
-        name, eq, value = part.partition("=")
-        items.append((name, value if eq else None))
-    return Params(items)
-
-
-def _check_via_params(params: Params) -> None:
-    for name, value in params:
-        lname = name.lower()
+def _check_via_params(items: list[tuple[str, str | None]]) -> None:
+    for name, value in items:
+        lname = name if name.islower() else name.lower()
         if lname == "rport":
             if value is not None and (
                 not value.isdigit() or not value.isascii() or int(value) > 65535
@@ -401,9 +410,10 @@ _CSEQ_FAST = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
 def _parse_cseq(value: str) -> CSeq:
     m = _CSEQ_FAST.match(value)
     if m is not None:
-        number = int(m.group(1))
+        number_text, method = cast(tuple[str, str], m.groups())
+        number = int(number_text)
         if number <= MAX_UINT32:
-            return CSeq(number, m.group(2))
+            return CSeq(number, method)
     parts = value.split()
     if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
         raise ParseError("malformed CSeq")
