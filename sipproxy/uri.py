@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterator
-from typing import cast
+from typing import Final, cast
 from urllib.parse import unquote_to_bytes
 
 from sipproxy.errors import ParseError
@@ -485,6 +485,12 @@ _NA_FULL = re.compile(
 )
 _UriParts = tuple[str, str, "str | None", str, "str | None", str]
 _NameAddrGroups = tuple["str | None", str, str, "str | None", str, "str | None", str, str]
+#: what a name-addr on the fast path is built from: display name, header parameters, URI parts
+#: (only immutable values: shared by every name-addr built from them)
+_NameAddrParts = tuple["str | None", tuple[tuple[str, "str | None"], ...], _UriParts]
+#: name-addr texts parsed on the fast path, and their parts: every message of a call carries
+#: the same From and (mostly) To, so most of them are parsed once per call, not per message
+_NA_SEEN: dict[str, _NameAddrParts] = {}
 
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _SIP_URI_BASE = rf"{_SCHEME_USER_HOST}(?::{_PORT})?"
@@ -494,10 +500,23 @@ _NA_CHECK = re.compile(
 )
 
 
+#: how many texts each of the memos below holds at most (a full one starts again empty)
+_MEMO_SIZE: Final = 4096
+#: name-addr texts that passed :data:`_NA_CHECK`: a phone sends the same Contact in every
+#: message, so most checks are a set lookup
+_NA_CHECKED: set[str] = set()
+
+
 def check_name_addr(text: str, *, allow_star: bool = False) -> None:
     """Raise ParseError unless ``text`` is a valid name-addr; cheap for the usual shapes."""
+    if text in _NA_CHECKED or text in _NA_SEEN:
+        return
     if _NA_CHECK.match(text) is None:
         parse_name_addr(text, allow_star=allow_star)
+        return
+    if len(_NA_CHECKED) >= _MEMO_SIZE:
+        _NA_CHECKED.clear()
+    _NA_CHECKED.add(text)
 
 
 def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
@@ -728,23 +747,17 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
     In the addr-spec form (no ``<>``) parameters belong to the header, not the URI, and the URI
     may carry no ``?headers`` (RFC 3261 20.10).
     """
-    m = _NA_FULL.match(text)
-    if m is not None:
-        # typed, so that the compiled build works on them as str, not as unknown objects
-        display, uri_text, scheme, user, host, port_text, uparams, ptext = cast(
-            _NameAddrGroups, m.groups())
-        if port_text is None or len(port_text) < 5 or int(port_text) <= 65535:
-            # the URI is left unbuilt: built from _uri_parts when first read
-            items: list[tuple[str, str | None]] = []
-            if ptext:
-                for param in ptext[1:].split(";"):
-                    name, eq, value = param.partition("=")
-                    items.append((name, value if eq else None))
-            na = NameAddr(_NO_URI, display.rstrip() if display else None, Params(items))
-            na._uri = None
-            na._uri_parts = (uri_text, scheme, user, host, port_text, uparams)
-            na._raw = text
-            return na
+    parts = _NA_SEEN.get(text)
+    if parts is None:
+        parts = _name_addr_parts(text)
+    if parts is not None:
+        # the URI is left unbuilt: built from _uri_parts when first read
+        display, items, uri_parts = parts
+        na = NameAddr(_NO_URI, display, Params(list(items)))
+        na._uri = None
+        na._uri_parts = uri_parts
+        na._raw = text
+        return na
     m = _NA_FAST.match(text)
     if m is not None:
         display, uri_text, ptext = m.groups()
@@ -788,6 +801,30 @@ def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
     na._raw = raw.strip()
     na._uri_raw = uri._raw
     return na
+
+
+def _name_addr_parts(text: str) -> _NameAddrParts | None:
+    """The parts of a name-addr in the shape of :data:`_NA_FULL` (remembered in
+    :data:`_NA_SEEN`), or None for any other shape."""
+    m = _NA_FULL.match(text)
+    if m is None:
+        return None
+    # typed, so that the compiled build works on them as str, not as unknown objects
+    display, uri_text, scheme, user, host, port_text, uparams, ptext = cast(
+        _NameAddrGroups, m.groups())
+    if port_text is not None and len(port_text) == 5 and int(port_text) > 65535:
+        return None
+    items: list[tuple[str, str | None]] = []
+    if ptext:
+        for param in ptext[1:].split(";"):
+            name, eq, value = param.partition("=")
+            items.append((name, value if eq else None))
+    parts = (display.rstrip() if display else None, tuple(items),
+             (uri_text, scheme, user, host, port_text, uparams))
+    if len(_NA_SEEN) >= _MEMO_SIZE:
+        _NA_SEEN.clear()
+    _NA_SEEN[text] = parts
+    return parts
 
 
 def _find_unquoted(text: str, ch: str) -> int:
