@@ -87,14 +87,15 @@ class Headers:
     proxy only inspects serializes identically; a changed field keeps the name as it was sent.
     """
 
-    __slots__ = ("_cache", "_fields", "_packed")
+    __slots__ = ("_cache", "_fields", "_packed", "_packed_eol")
 
     def __init__(self, fields: list[Field] | None = None) -> None:
         self._fields: list[Field] | None = fields if fields is not None else []
         # parsed values (Via list, CSeq, ...) keyed by canonical name; dropped on change
         self._cache: dict[str, object] = {}
-        # (rendered header section, line end) while packed (see ``pack``), else None
-        self._packed: tuple[str, str] | None = None
+        # the rendered header section while packed (see ``pack``), else None; its line end
+        self._packed: str | None = None
+        self._packed_eol = "\r\n"
 
     @property
     def fields(self) -> list[Field]:
@@ -110,8 +111,9 @@ class Headers:
         self._packed = None
 
     def _unpack(self) -> list[Field]:
-        assert self._packed is not None
-        text, eol = self._packed
+        text = self._packed
+        assert text is not None
+        eol = self._packed_eol
         self._packed = None
         fields = self._fields = parse_header_lines(text.split(eol), eol)._fields if text else []
         assert fields is not None
@@ -123,9 +125,12 @@ class Headers:
         last response), which then holds no per-line objects for the garbage collector to scan
         and renders at no cost. Reading it parses the text back into the same fields."""
         if self._fields is not None:
-            self._packed = (self.render(eol), eol)
+            self._packed = self.render(eol)
+            self._packed_eol = eol
             self._fields = None
-            self._cache.clear()
+            # a new empty dict, not the old one cleared: CPython's collector tracks a dict only
+            # once it holds a container, so a packed message leaves it nothing to scan
+            self._cache = {}
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -248,8 +253,8 @@ class Headers:
         if fields is None:
             packed = self._packed
             assert packed is not None
-            if packed[1] == eol:
-                return packed[0]
+            if self._packed_eol == eol:
+                return packed
             fields = self._unpack()
         return eol.join([f.raw if f.raw is not None else f"{f.name}: {f.value}"
                          for f in fields])
