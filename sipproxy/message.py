@@ -643,12 +643,18 @@ class Message:
         """The headers for a copy, with the views a forwarded copy reads again at once copied
         over (not shared: the copy is changed on its own) rather than parsed anew."""
         headers = self.headers.copy()
+        self._copy_views(headers)
+        return headers
+
+    def _copy_views(self, headers: Headers) -> None:
+        """Give ``headers`` (a copy of this message's Via, CSeq, From and To fields) copies of
+        the parsed views of those fields."""
         cache = self.headers._cache
         if cache:
             views = headers._cache
             cseq = cache.get("cseq")
             if cseq is not None:
-                views["cseq"] = cseq  # frozen
+                views["cseq"] = cseq  # immutable
             vias = cache.get("via")
             if vias is not None:
                 views["via"] = [via.copy() for via in cast(list[Via], vias)]
@@ -656,7 +662,6 @@ class Message:
                 name_addr = cache.get(key)
                 if name_addr is not None:
                     views[key] = cast(NameAddr, name_addr).copy()
-        return headers
 
     def _copy_into(self, new: Message) -> None:
         """What a copy takes over besides its start line, headers and body."""
@@ -814,7 +819,9 @@ class Request(Message):
             for f in self.headers.fields
             if f.key in _TRANSACTION_KEYS
         ]
-        response = Response(status, reason, Headers(fields))
+        headers = Headers(fields)
+        self._copy_views(headers)  # the transport reads the top Via to send the response
+        response = Response(status, reason, headers)
         response.headers.add("Content-Length", "0")
         return response
 

@@ -687,6 +687,16 @@ def test_make_response_to_tag_left_to_caller() -> None:
     assert parse_message(resp.to_bytes()).to.tag == "srv1"
 
 
+def test_a_response_changes_its_views_without_changing_the_request() -> None:
+    msg = invite()
+    resp = msg.make_response(200)
+    resp.to.tag = "srv1"
+    resp.vias[0].set_param("received", "192.0.2.99")
+    assert msg.to.tag is None and msg.vias[0].received is None
+    assert resp.to.tag == "srv1" and resp.vias[0].received == "192.0.2.99"
+    assert [str(v) for v in resp.vias[1:]] == [str(v) for v in msg.vias[1:]]
+
+
 def test_make_response_keeps_compact_names_and_raw_lines() -> None:
     data = raw("OPTIONS sip:a@b SIP/2.0", "v: SIP/2.0/UDP h ;branch=z9hG4bK1", "t: <sip:a@b>",
                "f: <sip:c@d>;tag=1", "i: x", "CSeq: 1 OPTIONS")
