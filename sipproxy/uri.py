@@ -521,11 +521,13 @@ def check_name_addr(text: str, *, allow_star: bool = False) -> None:
 
 def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
     """Parse a URI; raise ``ParseError`` (400) when a sip/sips URI is malformed."""
-    m = _URI_FAST.match(text)
-    if m is not None:
-        fast = _fast_uri(text, cast(_UriGroups, m.groups()))
-        if fast is not None:
-            return fast
+    parts = _URI_SEEN.get(text)
+    if parts is None:
+        m = _URI_FAST.match(text)
+        if m is not None:
+            parts = _uri_parts(text, cast(_UriGroups, m.groups()))
+    if parts is not None:
+        return _built_uri(text, parts)
     scheme, colon, rest = text.partition(":")
     if not colon or not _SCHEME.match(scheme):
         raise ParseError("bad URI scheme")
@@ -579,18 +581,47 @@ def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
 _UriGroups = tuple[str, "str | None", str, "str | None", str]
 
 
-def _fast_uri(text: str, parts: _UriGroups) -> URI | None:
+#: what a URI in the shape of :data:`_URI_FAST` is built from: scheme, user, host, port,
+#: parameters (immutable values, shared by every URI built from them)
+_UriBuilt = tuple[str, "str | None", str, "int | None", tuple[tuple[str, "str | None"], ...]]
+#: URI texts parsed on the fast path, and their parts: the same Request-URIs and Contact URIs
+#: come back call after call
+_URI_SEEN: dict[str, _UriBuilt] = {}
+
+
+def _fast_uri(text: str, groups: _UriGroups) -> URI | None:
     """The URI from the groups of :data:`_URI_FAST` (scheme, user, host, port, params), or
     None when the port is out of range (the full parser then says why)."""
-    scheme, user, host, port_text, ptext = parts
+    parts = _URI_SEEN.get(text)
+    if parts is None:
+        parts = _uri_parts(text, groups)
+        if parts is None:
+            return None
+    return _built_uri(text, parts)
+
+
+def _uri_parts(text: str, groups: _UriGroups) -> _UriBuilt | None:
+    """The parts of ``text`` from its :data:`_URI_FAST` groups, remembered in
+    :data:`_URI_SEEN`; None when the port is out of range."""
+    scheme, user, host, port_text, ptext = groups
     port = int(port_text) if port_text is not None else None
     if port is not None and port > 65535:
         return None
-    params = Params(
-        [(n, v if eq else None) for n, eq, v in
-         (p.partition("=") for p in ptext[1:].split(";"))]
-    ) if ptext else Params()
-    uri = URI(scheme, user, host, port, params)
+    items: list[tuple[str, str | None]] = []
+    if ptext:
+        for param in ptext[1:].split(";"):
+            name, eq, value = param.partition("=")
+            items.append((name, value if eq else None))
+    parts = (scheme, user, host, port, tuple(items))
+    if len(_URI_SEEN) >= _MEMO_SIZE:
+        _URI_SEEN.clear()
+    _URI_SEEN[text] = parts
+    return parts
+
+
+def _built_uri(text: str, parts: _UriBuilt) -> URI:
+    scheme, user, host, port, items = parts
+    uri = URI(scheme, user, host, port, Params(list(items)))
     uri._raw = text
     return uri
 

@@ -430,3 +430,13 @@ def test_the_same_text_parsed_again_gives_a_name_addr_of_its_own():
     assert again.tag == "7" and again.get_param("x") is None
     assert again.uri.host == "example.com" and again.display == '"Al"'
     assert str(first) == '"Al" <sip:al@other.example.com;transport=udp>;tag=8;x=1'
+
+
+def test_the_same_uri_text_parsed_again_gives_a_uri_of_its_own():
+    text = "sip:bob@example.com:5070;transport=udp"
+    first = parse_uri(text)
+    first.set_param("transport", "tcp")
+    first.host = "other.example.com"
+    again = parse_uri(text)
+    assert again is not first and str(again) == text
+    assert again.transport == "UDP" and again.host == "example.com" and again.port == 5070
