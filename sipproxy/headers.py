@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
 from sipproxy.errors import ParseError
 from sipproxy.uri import split_header_values
@@ -10,7 +11,7 @@ from sipproxy.uri import split_header_values
 __all__ = ["COMPACT_FORMS", "LIST_HEADERS", "Headers", "canonical"]
 
 #: RFC 3261 7.3.3 and later RFCs: compact form -> full name (lower case).
-COMPACT_FORMS: dict[str, str] = {
+COMPACT_FORMS: Final[dict[str, str]] = {
     "a": "accept-contact",
     "b": "referred-by",
     "c": "content-type",
@@ -34,7 +35,7 @@ COMPACT_FORMS: dict[str, str] = {
 }
 
 #: Headers whose values are comma-separated lists (RFC 3261 7.3.1); others are never split.
-LIST_HEADERS = frozenset(
+LIST_HEADERS: Final = frozenset(
     {
         "via", "contact", "route", "record-route", "path", "service-route", "allow",
         "supported", "require", "proxy-require", "unsupported", "accept", "accept-encoding",
@@ -45,9 +46,9 @@ LIST_HEADERS = frozenset(
     }
 )
 
-_canon_cache: dict[str, str] = {}
+_canon_cache: Final[dict[str, str]] = {}
 # header names already checked to be tokens -> (that spelling, shared; lookup key)
-_valid_names: dict[str, tuple[str, str]] = {}
+_valid_names: Final[dict[str, tuple[str, str]]] = {}
 
 
 def canonical(name: str) -> str:
@@ -294,7 +295,7 @@ def parse_header_lines(lines: list[str], eol: str) -> Headers:
     return Headers(fields)
 
 
-_TOKEN_CHARS = frozenset(
+_TOKEN_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 )
 

@@ -48,11 +48,11 @@ __all__ = [
     "parse_message",
 ]
 
-MAGIC_COOKIE = "z9hG4bK"
-SIP_VERSION = "SIP/2.0"
-MAX_UINT32 = 2**32 - 1
+MAGIC_COOKIE: Final = "z9hG4bK"
+SIP_VERSION: Final = "SIP/2.0"
+MAX_UINT32: Final = 2**32 - 1
 
-REASONS: dict[int, str] = {
+REASONS: Final[dict[int, str]] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
     183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
     301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy",
@@ -133,7 +133,7 @@ class Limits:
     max_body: int = 60000
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS: Final = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +153,12 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # possessive quantifiers where what follows cannot continue the run: the same matches as greedy
 # ones, without the backtracking state (see sipproxy.uri)
-_VIA_FAST = re.compile(
+_VIA_FAST: Final = re.compile(
     r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]++) "
     r"([A-Za-z0-9\-.]++|\[[0-9A-Fa-f:.]++\])(?::([0-9]{1,5}))?"
     r"((?:;[A-Za-z0-9\-.!%*_+`'~]++(?:=[A-Za-z0-9\-.!%*_+`'~:]++)?)*+)\Z"
 )
-_VIA_SLOW = re.compile(
+_VIA_SLOW: Final = re.compile(
     r"([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*"
     r"([A-Za-z0-9\-.!%*_+`'~]+)\s+([^\s;:\[]+|\[[^\]]*\])\s*(?::\s*([0-9]+))?\s*(;.*)?\Z",
     re.S,
@@ -404,7 +404,7 @@ class CSeq:
         return f"{self._number} {self._method}"
 
 
-_CSEQ_FAST = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
+_CSEQ_FAST: Final = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
 
 
 def _parse_cseq(value: str) -> CSeq:
@@ -425,7 +425,7 @@ def _parse_cseq(value: str) -> CSeq:
     return CSeq(number, parts[1])
 
 
-_METHOD = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_METHOD: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
 
 def _is_method(text: str) -> bool:
@@ -442,9 +442,9 @@ class KeepAlive(enum.Enum):
     PONG = b"\r\n"
 
 
-_TRANSACTION_KEYS = frozenset(("via", "from", "to", "call-id", "cseq"))
-_SINGLE = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
-_REQUIRED = ("call-id", "cseq", "from", "to")
+_TRANSACTION_KEYS: Final = frozenset(("via", "from", "to", "call-id", "cseq"))
+_SINGLE: Final = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
+_REQUIRED: Final = ("call-id", "cseq", "from", "to")
 
 
 class Message:
@@ -898,7 +898,7 @@ class Response(Message):
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
-_VERSION = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.I)
+_VERSION: Final = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.I)
 
 
 def _check_version(text: str, is_response: bool) -> None:
@@ -987,7 +987,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
 
 #: RFC 3261 25.1: no control character but HTAB (and the CRLFs that end lines) in the header
 #: section, except as the escaped character of a quoted-pair (RFC 4475 3.1.1.2's quoted NUL)
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: the same characters and CR and LF as bytes, for ``bytes.translate``: deleting them from a
 #: header section and comparing lengths is ~3x faster than a regex search of the decoded text
 _CONTROL_CR_LF: Final = bytes((*range(0x09), *range(0x0A, 0x20), 0x7F))
@@ -1047,7 +1047,7 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
 # Stream framing
 # --------------------------------------------------------------------------------------------
 # the value may be folded onto continuation lines (RFC 3261 7.3.1)
-_CL_LINE = re.compile(
+_CL_LINE: Final = re.compile(
     rb"\r\n(?:content-length|l)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.I
 )
 

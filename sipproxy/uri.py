@@ -29,19 +29,19 @@ __all__ = [
     "unescape",
 ]
 
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*\Z")
-_TOKEN = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+\-.]*\Z")
+_TOKEN: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 #: a domain label: letters and digits, hyphens inside
 _LABEL = r"[A-Za-z0-9]++(?:-++[A-Za-z0-9]++)*+"
 #: a hostname (or IPv4 address): labels separated by dots, one optional dot at the end
 _HOSTNAME_RE = rf"{_LABEL}(?:\.{_LABEL})*+\.?"
-_HOSTNAME = re.compile(rf"{_HOSTNAME_RE}\Z")
+_HOSTNAME: Final = re.compile(rf"{_HOSTNAME_RE}\Z")
 # user = 1*( unreserved / escaped / user-unreserved ); password adds ':' handling separately
-_USER = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})+\Z")
-_PASSWORD = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*\Z")
-_PARAMCHARS = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+\Z")
-_HEADERCHARS = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*\Z")
-_WS = re.compile(r"[ \t\r\n]")
+_USER: Final = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]|%[0-9A-Fa-f]{2})+\Z")
+_PASSWORD: Final = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()&=+$,]|%[0-9A-Fa-f]{2})*\Z")
+_PARAMCHARS: Final = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/:&+$]|%[0-9A-Fa-f]{2})+\Z")
+_HEADERCHARS: Final = re.compile(r"(?:[A-Za-z0-9\-_.!~*'()\[\]/?:+$]|%[0-9A-Fa-f]{2})*\Z")
+_WS: Final = re.compile(r"[ \t\r\n]")
 # The fast patterns below use possessive quantifiers (``*+``, ``++``) wherever what follows
 # cannot start with what the quantifier repeats (a token is followed by '=', ';', '>', LWS or
 # the end, never by a token character): they match exactly what the greedy forms match, but sre
@@ -52,8 +52,8 @@ _DISPLAY_RE = rf'(?:"[^"\\]*+"|{_TOKEN_RE}(?:[ \t]++{_TOKEN_RE})*+)[ \t]*+'
 #: header parameters (``;tag=x;lr``)
 _HEADER_PARAMS_RE = rf"(?:;{_TOKEN_RE}(?:={_TOKEN_RE})?)*+"
 # name-addr in its usual shape: optional quoted or token display name, <uri>, token params
-_NA_FAST = re.compile(rf'({_DISPLAY_RE})?<([^<>"\s]++)>({_HEADER_PARAMS_RE})\Z')
-_PARAMS_FAST = re.compile(rf"(?:;{_TOKEN_RE}(?:=(?:{_TOKEN_RE}|\[[0-9A-Fa-f:.]++\]))?)++\Z")
+_NA_FAST: Final = re.compile(rf'({_DISPLAY_RE})?<([^<>"\s]++)>({_HEADER_PARAMS_RE})\Z')
+_PARAMS_FAST: Final = re.compile(rf"(?:;{_TOKEN_RE}(?:=(?:{_TOKEN_RE}|\[[0-9A-Fa-f:.]++\]))?)++\Z")
 
 
 def strip_brackets(host: str) -> str:
@@ -469,7 +469,7 @@ _URI_PARAMS_RE = rf"(?:;{_PCHARS}(?:={_PCHARS})?)*+"
 _SCHEME_USER_HOST = (r"[sS][iI][pP][sS]?:(?:[A-Za-z0-9\-_.!~*'()&=+$,;?/]++@)?"
                      rf"{_HOSTNAME_RE}")
 # The common shape (no escapes, password, IPv6 or headers), checked in one step.
-_URI_FAST = re.compile(
+_URI_FAST: Final = re.compile(
     r"([sS][iI][pP][sS]?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]++)@)?"
     rf"({_HOSTNAME_RE})(?::([0-9]{{1,5}}))?({_URI_PARAMS_RE})\Z"
 )
@@ -477,7 +477,7 @@ _URI_FAST = re.compile(
 
 #: a name-addr in its usual shape whose URI has the shape of :data:`_URI_FAST`, in one step:
 #: display, URI text, the URI's scheme, user, host, port and parameters, header parameters
-_NA_FULL = re.compile(
+_NA_FULL: Final = re.compile(
     rf"({_DISPLAY_RE})?"
     r"<(([sS][iI][pP][sS]?):(?:([A-Za-z0-9\-_.!~*'()&=+$,;?/]++)@)?"
     rf"({_HOSTNAME_RE})(?::([0-9]{{1,5}}))?({_URI_PARAMS_RE}))>"
@@ -490,11 +490,11 @@ _NameAddrGroups = tuple["str | None", str, str, "str | None", str, "str | None",
 _NameAddrParts = tuple["str | None", tuple[tuple[str, "str | None"], ...], _UriParts]
 #: name-addr texts parsed on the fast path, and their parts: every message of a call carries
 #: the same From and (mostly) To, so most of them are parsed once per call, not per message
-_NA_SEEN: dict[str, _NameAddrParts] = {}
+_NA_SEEN: Final[dict[str, _NameAddrParts]] = {}
 
 _PORT = r"(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _SIP_URI_BASE = rf"{_SCHEME_USER_HOST}(?::{_PORT})?"
-_NA_CHECK = re.compile(
+_NA_CHECK: Final = re.compile(
     rf"(?:(?:{_DISPLAY_RE})?<{_SIP_URI_BASE}{_URI_PARAMS_RE}>|{_SIP_URI_BASE})"
     rf"{_HEADER_PARAMS_RE}\Z"
 )
@@ -504,7 +504,7 @@ _NA_CHECK = re.compile(
 _MEMO_SIZE: Final = 4096
 #: name-addr texts that passed :data:`_NA_CHECK`: a phone sends the same Contact in every
 #: message, so most checks are a set lookup
-_NA_CHECKED: set[str] = set()
+_NA_CHECKED: Final[set[str]] = set()
 
 
 def check_name_addr(text: str, *, allow_star: bool = False) -> None:
@@ -586,7 +586,7 @@ _UriGroups = tuple[str, "str | None", str, "str | None", str]
 _UriBuilt = tuple[str, "str | None", str, "int | None", tuple[tuple[str, "str | None"], ...]]
 #: URI texts parsed on the fast path, and their parts: the same Request-URIs and Contact URIs
 #: come back call after call
-_URI_SEEN: dict[str, _UriBuilt] = {}
+_URI_SEEN: Final[dict[str, _UriBuilt]] = {}
 
 
 def _fast_uri(text: str, groups: _UriGroups) -> URI | None:
@@ -769,7 +769,7 @@ class NameAddr:
 #: what a name-addr whose URI is still unbuilt (``_uri`` None) is constructed with, then
 #: dropped: ``NameAddr`` is always built through ``__init__`` (mypyc's compiled classes run it
 #: from ``__new__`` too, so filling the slots of a bare ``__new__`` is no shortcut there)
-_NO_URI = URI()
+_NO_URI: Final = URI()
 
 
 def parse_name_addr(text: str, *, allow_star: bool = False) -> NameAddr:
