@@ -348,15 +348,14 @@ def _via(text: str, protocol: str, transport: str, host: str, port_text: str | N
         if port > 65535:
             raise ParseError("bad port in Via")
     _check_via_params(items)
-    via = Via(transport if transport.isupper() else transport.upper(), host, port,
-              Params(items), protocol)
+    via = Via(transport.upper(), host, port, Params(items), protocol)
     via._raw = text
     return via
 
 
 def _check_via_params(items: list[tuple[str, str | None]]) -> None:
     for name, value in items:
-        lname = name if name.islower() else name.lower()
+        lname = name.lower()
         if lname == "rport":
             if value is not None and (
                 not value.isdigit() or not value.isascii() or int(value) > 65535
