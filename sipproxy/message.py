@@ -951,9 +951,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     if len(head) > limits.max_line and max(map(len, lines)) > limits.max_line:
         raise ParseError("header line too long", 513, is_response=is_response)
     try:
-        msg = _parse_start_line(lines[0], is_response)
-        headers = parse_header_lines(lines[1:], eol)
-        msg.headers = headers
+        msg = _parse_start_line(lines, eol, is_response)
         msg._eol = eol
         single = msg.validate()
         cl_text = single.get("content-length")
@@ -1009,7 +1007,10 @@ def _controls_quoted(line: str) -> bool:
     return True
 
 
-def _parse_start_line(line: str, is_response: bool) -> Request | Response:
+def _parse_start_line(lines: list[str], eol: str, is_response: bool) -> Request | Response:
+    """The message of the start line ``lines[0]``, with the header fields of the lines after it
+    (parsed once the start line is found good, so its errors come first)."""
+    line = lines[0]
     if is_response:
         parts = line.split(" ", 2)
         if len(parts) < 3:
@@ -1021,7 +1022,7 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
         _check_version(version, True)
         if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] not in "123456":
             raise ParseError("bad status code", is_response=True)
-        resp = Response(int(code), reason, version=version)
+        resp = Response(int(code), reason, parse_header_lines(lines[1:], eol), version=version)
         resp._start = line
         return resp
     parts = line.split(" ")
@@ -1035,9 +1036,9 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
     _check_version(version, False)
     if not uri:
         raise ParseError("empty Request-URI")
-    req = Request(method, uri, version=version)
     if uri.startswith("<"):
         raise ParseError("Request-URI in angle brackets")
+    req = Request(method, uri, parse_header_lines(lines[1:], eol), version=version)
     req._start = line
     return req
 
