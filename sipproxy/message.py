@@ -951,7 +951,7 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
     if len(head) > limits.max_line and max(map(len, lines)) > limits.max_line:
         raise ParseError("header line too long", 513, is_response=is_response)
     try:
-        msg = _parse_start_line(lines, eol, is_response)
+        msg = _parse_head(lines, eol, is_response)
         msg._eol = eol
         single = msg.validate()
         cl_text = single.get("content-length")
@@ -1007,7 +1007,7 @@ def _controls_quoted(line: str) -> bool:
     return True
 
 
-def _parse_start_line(lines: list[str], eol: str, is_response: bool) -> Request | Response:
+def _parse_head(lines: list[str], eol: str, is_response: bool) -> Request | Response:
     """The message of the start line ``lines[0]``, with the header fields of the lines after it
     (parsed once the start line is found good, so its errors come first)."""
     line = lines[0]

@@ -607,16 +607,21 @@ def _uri_parts(text: str, groups: _UriGroups) -> _UriBuilt | None:
     port = int(port_text) if port_text is not None else None
     if port is not None and port > 65535:
         return None
+    parts = (scheme, user, host, port, _split_params(ptext))
+    if len(_URI_SEEN) >= _MEMO_SIZE:
+        _URI_SEEN.clear()
+    _URI_SEEN[text] = parts
+    return parts
+
+
+def _split_params(ptext: str) -> tuple[tuple[str, str | None], ...]:
+    """``;a=1;b`` (checked by a fast pattern: no LWS, no quotes) as name-value pairs."""
     items: list[tuple[str, str | None]] = []
     if ptext:
         for param in ptext[1:].split(";"):
             name, eq, value = param.partition("=")
             items.append((name, value if eq else None))
-    parts = (scheme, user, host, port, tuple(items))
-    if len(_URI_SEEN) >= _MEMO_SIZE:
-        _URI_SEEN.clear()
-    _URI_SEEN[text] = parts
-    return parts
+    return tuple(items)
 
 
 def _built_uri(text: str, parts: _UriBuilt) -> URI:
@@ -845,12 +850,7 @@ def _name_addr_parts(text: str) -> _NameAddrParts | None:
         _NameAddrGroups, m.groups())
     if port_text is not None and len(port_text) == 5 and int(port_text) > 65535:
         return None
-    items: list[tuple[str, str | None]] = []
-    if ptext:
-        for param in ptext[1:].split(";"):
-            name, eq, value = param.partition("=")
-            items.append((name, value if eq else None))
-    parts = (display.rstrip() if display else None, tuple(items),
+    parts = (display.rstrip() if display else None, _split_params(ptext),
              (uri_text, scheme, user, host, port_text, uparams))
     if len(_NA_SEEN) >= _MEMO_SIZE:
         _NA_SEEN.clear()
