@@ -1,10 +1,11 @@
-"""The build: the message and transaction layers compiled with mypyc when they can be, pure
-Python otherwise.
+"""The build: the message, transaction and proxy core layers compiled with mypyc when they can
+be, pure Python otherwise.
 
 ``sipproxy/uri.py``, ``headers.py`` and ``message.py`` are compiled into C extensions (the
-proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), and
-``transaction.py`` with them (-9 % more in process), when mypyc (``mypy`` and its
-``mypy-zope`` plugin, build requirements in pyproject.toml) and a C compiler are available.
+proxy's CPU per call -28 % in process, -14 % in bench/cps: bench/README.md), ``transaction.py``
+with them (-9 % more in process), and the proxy core (``sipproxy/proxy/``, ``context.py``,
+``dialogs.py``, ``pipeline.py``), when mypyc (``mypy`` and its ``mypy-zope`` plugin, build
+requirements in pyproject.toml) and a C compiler are available.
 Without them, with ``SIPPROXY_PURE_PYTHON=1`` in the environment, or when compiling fails for any
 reason, the install goes on with the pure-Python modules: a failed compile is a warning, never
 a failed install. The ``.py`` files are installed either way; ``sipproxy/compiled.py`` decides
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,13 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 #: the compiled modules, in the order mypyc is given them (sipproxy/compiled.py has the same
 #: list and file name: tests/test_compiled.py checks)
-COMPILED = ("sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py",
-            "sipproxy/transaction.py")
+COMPILED = (
+    "sipproxy/uri.py", "sipproxy/headers.py", "sipproxy/message.py", "sipproxy/transaction.py",
+    "sipproxy/context.py", "sipproxy/dialogs.py", "sipproxy/pipeline.py",
+    "sipproxy/proxy/addresses.py", "sipproxy/proxy/record_route.py", "sipproxy/proxy/routing.py",
+    "sipproxy/proxy/responses.py", "sipproxy/proxy/dialog_glue.py", "sipproxy/proxy/forking.py",
+    "sipproxy/proxy/core.py",
+)
 #: written beside the compiled modules: the SHA-256 of each source they were compiled from
 #: (sipproxy/compiled.py reads it to refuse a stale build)
 MANIFEST = "mypyc-sources.json"
@@ -71,6 +78,7 @@ def mypyc_extensions() -> list[Any]:
                  "--follow-imports=silent", *COMPILED],
                 group_name="sipproxy",
                 opt_level="3",
+                multi_file=True,
             )
         except (Exception, SystemExit) as e:  # mypyc exits on a type error
             _warn(f"mypyc could not compile ({type(e).__name__}: {e})")
@@ -79,7 +87,22 @@ def mypyc_extensions() -> list[Any]:
 
 class OptionalBuildExt(build_ext):
     """build_ext that falls back to pure Python when the C compiler fails (or is missing), and
-    writes the source digests beside what it built."""
+    writes the source digests beside what it built. The C files of one extension (mypyc
+    writes one per module) are compiled in parallel, one per CPU."""
+
+    def build_extension(self, ext: Any) -> None:
+        compile_one = self.compiler.compile
+
+        def compile_all(sources: list[str], *args: Any, **kwargs: Any) -> list[str]:
+            with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+                done = pool.map(lambda source: compile_one([source], *args, **kwargs), sources)
+                return [obj for objects in done for obj in objects]
+
+        self.compiler.compile = compile_all
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_one
 
     def run(self) -> None:
         if not self.extensions:

@@ -3,7 +3,12 @@
 Parse a typical sipp INVITE with SDP, read Via/CSeq/Call-ID/From/To, replace the top Via,
 serialize: what the proxy does to every request it forwards (its transport layer reads From and
 To of every message it receives).
-Run: python3 bench/parse.py [--seconds N]
+Run: python3 bench/parse.py [--seconds N] [--calls N]
+
+The message layer remembers the From, To, Contact and URI texts it parsed (every message of a
+call repeats them), so one INVITE parsed over and over measures those hits alone; ``--calls N``
+cycles through the INVITEs of N calls instead (each its own branch, From tag and Call-ID; more
+than the 4,096 texts remembered, so each From is parsed anew), as a proxy receives them.
 
 When the sippy package (the SIP stack of the Sippy B2BUA) is importable, the same steps run
 through its parser too, side by side, with the ratio; else that comparison is skipped with a
@@ -14,6 +19,7 @@ package that would hide this repository's).
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from collections.abc import Callable
 
@@ -42,14 +48,20 @@ INVITE = (
 )
 
 
-def one() -> bytes:
-    msg = parse_message(INVITE)
+def one(data: bytes = INVITE) -> bytes:
+    msg = parse_message(data)
     top = msg.top_via
     assert top is not None and top.branch
     _ = (msg.cseq.method, msg.call_id, msg.from_.tag, msg.to.tag)
     msg.pop_via()
     msg.push_via(Via.build("UDP", "127.0.0.1", 5060, "z9hG4bKbench", rport=True))
     return msg.to_bytes()
+
+
+def one_of_calls(calls: int) -> Callable[[], bytes]:
+    """:func:`one` on the INVITEs of ``calls`` calls in turn."""
+    invites = itertools.cycle([INVITE.replace(b"4711", b"%d" % (4711 + n)) for n in range(calls)])
+    return lambda: one(next(invites))
 
 
 def one_sippy() -> Callable[[], bytes] | None:
@@ -93,10 +105,13 @@ def measure(fn: Callable[[], bytes], seconds: float) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--calls", type=int, default=0,
+                    help="cycle through the INVITEs of this many calls (0: one INVITE)")
     args = ap.parse_args()
-    rate, n = measure(one, args.seconds)
+    rate, n = measure(one_of_calls(args.calls) if args.calls else one, args.seconds)
     print(f"sipproxy: parse+inspect+replace Via+serialize: {rate:,.0f} messages/s on one core "
-          f"({1e6 / rate:.1f} us each, {n} messages)")
+          f"({1e6 / rate:.1f} us each, {n} messages"
+          f"{f', INVITEs of {args.calls} calls' if args.calls else ''})")
     other = one_sippy()
     if other is None:
         print("sippy: not installed, comparison skipped (see bench/README.md to install it)")

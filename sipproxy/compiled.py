@@ -1,9 +1,8 @@
-"""Which build of the message and transaction layers is loaded: mypyc-compiled, or the
-pure-Python source.
+"""Which build of the message, transaction and proxy core layers is loaded: mypyc-compiled, or
+the pure-Python source.
 
-``pip install .`` compiles ``uri``, ``headers``, ``message`` and ``transaction`` with mypyc
-where it can (see
-setup.py) and leaves their ``.py`` files beside the extensions. Python imports an extension
+``pip install .`` compiles :data:`MODULES` with mypyc where it can (see setup.py) and leaves
+their ``.py`` files beside the extensions. Python imports an extension
 before a ``.py`` of the same name, so an extension built from older source would shadow every
 edit to it without a word. :func:`select` (run by ``sipproxy/__init__.py``, before any of these
 modules is imported) therefore loads the compiled modules only when all of them are there and were
@@ -31,7 +30,12 @@ from types import ModuleType
 __all__ = ["MODULES", "REBUILD", "Build", "choose", "loaded", "select", "stale"]
 
 #: the modules setup.py compiles
-MODULES = ("sipproxy.uri", "sipproxy.headers", "sipproxy.message", "sipproxy.transaction")
+MODULES = (
+    "sipproxy.uri", "sipproxy.headers", "sipproxy.message", "sipproxy.transaction",
+    "sipproxy.context", "sipproxy.dialogs", "sipproxy.pipeline", "sipproxy.proxy.addresses",
+    "sipproxy.proxy.record_route", "sipproxy.proxy.routing", "sipproxy.proxy.responses",
+    "sipproxy.proxy.dialog_glue", "sipproxy.proxy.forking", "sipproxy.proxy.core",
+)
 #: rebuilds the in-place extensions of a source checkout
 REBUILD = "python3 setup.py build_ext --inplace"
 #: written by setup.py beside the extensions: the SHA-256 of each source they were built from
@@ -54,17 +58,24 @@ class Build:
 _build: Build | None = None
 
 
+def _stem(package_dir: Path, name: str) -> Path:
+    """``sipproxy.proxy.core`` in ``package_dir`` (the ``sipproxy`` directory): its
+    ``proxy/core``."""
+    return package_dir.joinpath(*name.split(".")[1:])
+
+
 def _extension(package_dir: Path, name: str) -> Path | None:
-    stem = name.rpartition(".")[2]
+    stem = _stem(package_dir, name)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = package_dir / f"{stem}{suffix}"
+        path = stem.with_name(stem.name + suffix)
         if path.exists():
             return path
     return None
 
 
 def _source(package_dir: Path, name: str) -> Path:
-    return package_dir / f"{name.rpartition('.')[2]}.py"
+    stem = _stem(package_dir, name)
+    return stem.with_name(stem.name + ".py")
 
 
 def stale(package_dir: Path) -> str:
@@ -76,7 +87,7 @@ def stale(package_dir: Path) -> str:
         return f"{MANIFEST} is missing or unreadable"
     for name in MODULES:
         path = _source(package_dir, name)
-        key = f"{package_dir.name}/{path.name}"
+        key = path.relative_to(package_dir.parent).as_posix()
         if digests.get(key) != hashlib.sha256(path.read_bytes()).hexdigest():
             return f"{key} changed since it was compiled"
     return ""
@@ -87,15 +98,14 @@ def choose(package_dir: Path, pure: bool) -> Build:
     ``SIPPROXY_PURE_PYTHON`` switch)."""
     present = [_extension(package_dir, name) is not None for name in MODULES]
     installed = all(present)
-    reason = ""
+    why = ""
+    if installed:
+        why = stale(package_dir)
+    elif any(present):  # built before the list grew, or half removed: as stale as an edit
+        why = "only some of the modules are compiled"
+    reason = f"stale build: {why}; rebuild it with '{REBUILD}' (or reinstall)" if why else ""
     if pure:
         reason = "SIPPROXY_PURE_PYTHON is set"
-    elif installed:
-        why = stale(package_dir)
-        if why:
-            reason = f"stale build: {why}; rebuild it with '{REBUILD}' (or reinstall)"
-    elif any(present):
-        reason = "only some of the modules are compiled"
     return Build(installed=installed, compiled=installed and not reason, reason=reason)
 
 

@@ -14,14 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# imported at run time, not for type checking only: compiled with mypyc, these dataclasses'
+# fields name the compiled classes, which must be loaded before this module is
+from sipproxy.dialogs import Dialog
+from sipproxy.message import Request, Response, Source
+from sipproxy.transaction import ClientTransaction, ServerTransaction
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
     from twisted.python.failure import Failure
 
-    from sipproxy.dialogs import Dialog
     from sipproxy.location import Binding
-    from sipproxy.message import Request, Response, Source
-    from sipproxy.transaction import ClientTransaction, ServerTransaction
     from sipproxy.transport.manager import Listener
 
 __all__ = ["Branch", "RequestContext", "Target"]
@@ -83,6 +86,30 @@ class Branch:
     #: free for plugins' own per-branch state
     data: dict[str, Any] = field(default_factory=dict)
 
+    def __init__(
+        self, request: Request, target: Target | None, listener: Listener | None,
+        transaction: ClientTransaction | None = None, provisional: bool = False,
+        final: Response | None = None, cancel_pending: bool = False, cancelled: bool = False,
+        timer_c: IDelayedCall | None = None, hide_vias: bool = False,
+        targets: list[Target] | None = None, binding: Binding | None = None,
+        flow_failed: Failure | None = None, data: dict[str, Any] | None = None,
+    ) -> None:
+        # written out, not the dataclass's: compiled (mypyc), the generated one stays Python
+        self.request = request
+        self.target = target
+        self.listener = listener
+        self.transaction = transaction
+        self.provisional = provisional
+        self.final = final
+        self.cancel_pending = cancel_pending
+        self.cancelled = cancelled
+        self.timer_c = timer_c
+        self.hide_vias = hide_vias
+        self.targets = [] if targets is None else targets
+        self.binding = binding
+        self.flow_failed = flow_failed
+        self.data = {} if data is None else data
+
 
 @dataclass(eq=False, slots=True)
 class RequestContext:
@@ -112,6 +139,29 @@ class RequestContext:
     #: calls not answered yet count their duration from it
     arrived: float | None = None
     data: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(
+        self, request: Request, server_transaction: ServerTransaction | None,
+        dialog: Dialog | None = None, branches: list[Branch] | None = None,
+        pending_targets: int = 0, final_sent: bool = False, final_chosen: bool = False,
+        cancelled: bool = False, best_2xx_sent: bool = False, dialogs_made: int = 0,
+        destination: Target | None = None, arrived: float | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        # written out, as Branch's
+        self.request = request
+        self.server_transaction = server_transaction
+        self.dialog = dialog
+        self.branches = [] if branches is None else branches
+        self.pending_targets = pending_targets
+        self.final_sent = final_sent
+        self.final_chosen = final_chosen
+        self.cancelled = cancelled
+        self.best_2xx_sent = best_2xx_sent
+        self.dialogs_made = dialogs_made
+        self.destination = destination
+        self.arrived = arrived
+        self.data = {} if data is None else data
 
     @property
     def source(self) -> Source | None:

@@ -91,6 +91,30 @@ class Dialog:
     #: (learn, its arguments...): see learn_later
     _pending: tuple[Any, ...] | None = field(default=None, repr=False)
 
+    def __init__(
+        self, call_id: str, caller_tag: str, callee_tag: str, created: float,
+        caller_side: str = "", callee_side: str = "", data: dict[str, Any] | None = None,
+        ended: bool = False, flood_source: str | None = None, flows: list[Flow] | None = None,
+        _caller: Party | None = None, _callee: Party | None = None, from_uri: str = "",
+        to_uri: str = "", _pending: tuple[Any, ...] | None = None,
+    ) -> None:
+        # written out, not the dataclass's: compiled (mypyc), the generated one stays Python
+        self.call_id = call_id
+        self.caller_tag = caller_tag
+        self.callee_tag = callee_tag
+        self.created = created
+        self.caller_side = caller_side
+        self.callee_side = callee_side
+        self.data = {} if data is None else data
+        self.ended = ended
+        self.flood_source = flood_source
+        self.flows = [] if flows is None else flows
+        self._caller = _caller
+        self._callee = _callee
+        self.from_uri = from_uri
+        self.to_uri = to_uri
+        self._pending = _pending
+
     @property
     def caller(self) -> Party:
         """What the proxy saw of the party that sent the INVITE."""

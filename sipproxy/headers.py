@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Final
 
 from sipproxy.errors import ParseError
 from sipproxy.uri import split_header_values
@@ -10,7 +11,7 @@ from sipproxy.uri import split_header_values
 __all__ = ["COMPACT_FORMS", "LIST_HEADERS", "Headers", "canonical"]
 
 #: RFC 3261 7.3.3 and later RFCs: compact form -> full name (lower case).
-COMPACT_FORMS: dict[str, str] = {
+COMPACT_FORMS: Final[dict[str, str]] = {
     "a": "accept-contact",
     "b": "referred-by",
     "c": "content-type",
@@ -34,7 +35,7 @@ COMPACT_FORMS: dict[str, str] = {
 }
 
 #: Headers whose values are comma-separated lists (RFC 3261 7.3.1); others are never split.
-LIST_HEADERS = frozenset(
+LIST_HEADERS: Final = frozenset(
     {
         "via", "contact", "route", "record-route", "path", "service-route", "allow",
         "supported", "require", "proxy-require", "unsupported", "accept", "accept-encoding",
@@ -45,9 +46,9 @@ LIST_HEADERS = frozenset(
     }
 )
 
-_canon_cache: dict[str, str] = {}
+_canon_cache: Final[dict[str, str]] = {}
 # header names already checked to be tokens -> (that spelling, shared; lookup key)
-_valid_names: dict[str, tuple[str, str]] = {}
+_valid_names: Final[dict[str, tuple[str, str]]] = {}
 
 
 def canonical(name: str) -> str:
@@ -87,14 +88,15 @@ class Headers:
     proxy only inspects serializes identically; a changed field keeps the name as it was sent.
     """
 
-    __slots__ = ("_cache", "_fields", "_packed")
+    __slots__ = ("_cache", "_fields", "_packed", "_packed_eol")
 
     def __init__(self, fields: list[Field] | None = None) -> None:
         self._fields: list[Field] | None = fields if fields is not None else []
         # parsed values (Via list, CSeq, ...) keyed by canonical name; dropped on change
         self._cache: dict[str, object] = {}
-        # (rendered header section, line end) while packed (see ``pack``), else None
-        self._packed: tuple[str, str] | None = None
+        # the rendered header section while packed (see ``pack``), else None; its line end
+        self._packed: str | None = None
+        self._packed_eol = "\r\n"
 
     @property
     def fields(self) -> list[Field]:
@@ -110,8 +112,9 @@ class Headers:
         self._packed = None
 
     def _unpack(self) -> list[Field]:
-        assert self._packed is not None
-        text, eol = self._packed
+        text = self._packed
+        assert text is not None
+        eol = self._packed_eol
         self._packed = None
         fields = self._fields = parse_header_lines(text.split(eol), eol)._fields if text else []
         assert fields is not None
@@ -123,9 +126,12 @@ class Headers:
         last response), which then holds no per-line objects for the garbage collector to scan
         and renders at no cost. Reading it parses the text back into the same fields."""
         if self._fields is not None:
-            self._packed = (self.render(eol), eol)
+            self._packed = self.render(eol)
+            self._packed_eol = eol
             self._fields = None
-            self._cache.clear()
+            # a new empty dict, not the old one cleared: CPython's collector tracks a dict only
+            # once it holds a container, so a packed message leaves it nothing to scan
+            self._cache = {}
 
     # -- reading -------------------------------------------------------------------------------
     def get(self, name: str, default: str | None = None) -> str | None:
@@ -248,8 +254,8 @@ class Headers:
         if fields is None:
             packed = self._packed
             assert packed is not None
-            if packed[1] == eol:
-                return packed[0]
+            if self._packed_eol == eol:
+                return packed
             fields = self._unpack()
         return eol.join([f.raw if f.raw is not None else f"{f.name}: {f.value}"
                          for f in fields])
@@ -289,7 +295,7 @@ def parse_header_lines(lines: list[str], eol: str) -> Headers:
     return Headers(fields)
 
 
-_TOKEN_CHARS = frozenset(
+_TOKEN_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~"
 )
 

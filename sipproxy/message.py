@@ -48,11 +48,11 @@ __all__ = [
     "parse_message",
 ]
 
-MAGIC_COOKIE = "z9hG4bK"
-SIP_VERSION = "SIP/2.0"
-MAX_UINT32 = 2**32 - 1
+MAGIC_COOKIE: Final = "z9hG4bK"
+SIP_VERSION: Final = "SIP/2.0"
+MAX_UINT32: Final = 2**32 - 1
 
-REASONS: dict[int, str] = {
+REASONS: Final[dict[int, str]] = {
     100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued",
     183: "Session Progress", 200: "OK", 202: "Accepted", 300: "Multiple Choices",
     301: "Moved Permanently", 302: "Moved Temporarily", 305: "Use Proxy",
@@ -73,13 +73,54 @@ REASONS: dict[int, str] = {
 }
 
 
+class _RandomPool:
+    """Random bytes from ``os.urandom``, drawn 4 KiB at a time: one ``getrandom`` system call
+    for hundreds of tags and branches instead of one each. Every byte is handed out once; a
+    forked child starts with an empty pool (see :func:`_forget_random`), so parent and child
+    never share one. Used from the reactor's thread (as the whole message layer is)."""
+
+    __slots__ = ("_bytes", "_pos")
+
+    SIZE: Final = 4096
+
+    def __init__(self) -> None:
+        self._bytes = b""
+        self._pos = 0
+
+    def hex(self, n: int) -> str:
+        """``n`` fresh random bytes, as ``2 * n`` hex digits."""
+        pos = self._pos
+        end = pos + n
+        if end > len(self._bytes):
+            self._bytes = os.urandom(self.SIZE)
+            pos = 0
+            end = n
+        self._pos = end
+        return self._bytes[pos:end].hex()
+
+    def forget(self) -> None:
+        self._bytes = b""
+        self._pos = 0
+
+
+_RANDOM: Final = _RandomPool()
+
+
+def _forget_random() -> None:
+    _RANDOM.forget()
+
+
+os.register_at_fork(after_in_child=_forget_random)
+
+
 def new_branch() -> str:
     """A fresh RFC 3261 branch: the magic cookie and 64 random bits."""
-    return MAGIC_COOKIE + os.urandom(8).hex()
+    return MAGIC_COOKIE + _RANDOM.hex(8)
 
 
 def new_tag() -> str:
-    return os.urandom(6).hex()
+    """A fresh From/To tag: 48 random bits (RFC 3261 19.3 asks for at least 32)."""
+    return _RANDOM.hex(6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +133,7 @@ class Limits:
     max_body: int = 60000
 
 
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS: Final = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +151,14 @@ class Source:
 # --------------------------------------------------------------------------------------------
 # Via
 # --------------------------------------------------------------------------------------------
-_VIA_FAST = re.compile(
-    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]+) "
-    r"([A-Za-z0-9\-.]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?"
-    r"((?:;[A-Za-z0-9\-.!%*_+`'~]+(?:=[A-Za-z0-9\-.!%*_+`'~:]+)?)*)\Z"
+# possessive quantifiers where what follows cannot continue the run: the same matches as greedy
+# ones, without the backtracking state (see sipproxy.uri)
+_VIA_FAST: Final = re.compile(
+    r"SIP/2\.0/([A-Za-z0-9\-.!%*_+`'~]++) "
+    r"([A-Za-z0-9\-.]++|\[[0-9A-Fa-f:.]++\])(?::([0-9]{1,5}))?"
+    r"((?:;[A-Za-z0-9\-.!%*_+`'~]++(?:=[A-Za-z0-9\-.!%*_+`'~:]++)?)*+)\Z"
 )
-_VIA_SLOW = re.compile(
+_VIA_SLOW: Final = re.compile(
     r"([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*([A-Za-z0-9\-.!%*_+`'~]+)\s*/\s*"
     r"([A-Za-z0-9\-.!%*_+`'~]+)\s+([^\s;:\[]+|\[[^\]]*\])\s*(?::\s*([0-9]+))?\s*(;.*)?\Z",
     re.S,
@@ -265,47 +308,53 @@ _RPORT_WITHOUT_VALUE: Final[object] = True
 def parse_via(text: str) -> Via:
     """Parse one via-parm, tolerating the LWS RFC 3261 allows around '/', ';' and '='."""
     m = _VIA_FAST.match(text)
-    if m is not None:
-        transport, host, port_text, ptext = m.groups()
-        params = _fast_params(ptext) if ptext else Params()
-        protocol = SIP_VERSION
-    else:
-        m = _VIA_SLOW.match(text)
-        if m is None:
-            raise ParseError("malformed Via")
-        name, version, transport, host, port_text, ptext = m.groups()
-        if name.upper() != "SIP":
-            raise ParseError("malformed Via")
-        if version != "2.0":
-            raise ParseError("SIP version not supported", 505)
-        protocol = f"{name}/{version}"
-        params = parse_params(ptext or "", "Via")
+    if m is None:
+        return _parse_via_slow(text)
+    # typed, so that the compiled build works on them as str, not as unknown objects
+    transport, host, port_text, ptext = cast(tuple[str, str, "str | None", str], m.groups())
     if host[0] == "[":
         host = check_host(host, "Via")
-    elif m.re is _VIA_SLOW or "-" in host or ".." in host or host[0] == ".":
+    elif "-" in host or ".." in host or host[0] == ".":
         check_host(host, "Via")  # the fast pattern lets through "-x", "a..b", ".a"
+    items: list[tuple[str, str | None]] = []
+    if ptext:
+        for part in ptext[1:].split(";"):
+            name, eq, value = part.partition("=")
+            items.append((name, value) if eq else (name, None))
+    return _via(text, SIP_VERSION, transport, host, port_text, items)
+
+
+def _parse_via_slow(text: str) -> Via:
+    """:func:`parse_via` for what the fast pattern does not take (LWS, other protocols)."""
+    m = _VIA_SLOW.match(text)
+    if m is None:
+        raise ParseError("malformed Via")
+    name, version, transport, host, port_text, ptext = m.groups()
+    if name.upper() != "SIP":
+        raise ParseError("malformed Via")
+    if version != "2.0":
+        raise ParseError("SIP version not supported", 505)
+    items = list(parse_params(ptext or "", "Via"))
+    host = check_host(host, "Via")
+    return _via(text, f"{name}/{version}", transport, host, port_text, items)
+
+
+def _via(text: str, protocol: str, transport: str, host: str, port_text: str | None,
+         items: list[tuple[str, str | None]]) -> Via:
+    """The parsed Via, once its parts are checked (``text``: what it renders as)."""
     port: int | None = None
     if port_text is not None:
         port = int(port_text)
         if port > 65535:
             raise ParseError("bad port in Via")
-    _check_via_params(params)
-    via = Via(transport.upper() if not transport.isupper() else transport, host, port, params,
-              protocol)
+    _check_via_params(items)
+    via = Via(transport.upper(), host, port, Params(items), protocol)
     via._raw = text
     return via
 
 
-def _fast_params(ptext: str) -> Params:
-    items: list[tuple[str, str | None]] = []
-    for part in ptext[1:].split(";"):
-        name, eq, value = part.partition("=")
-        items.append((name, value if eq else None))
-    return Params(items)
-
-
-def _check_via_params(params: Params) -> None:
-    for name, value in params:
+def _check_via_params(items: list[tuple[str, str | None]]) -> None:
+    for name, value in items:
         lname = name.lower()
         if lname == "rport":
             if value is not None and (
@@ -322,24 +371,48 @@ def _check_via_params(params: Params) -> None:
 # --------------------------------------------------------------------------------------------
 # CSeq
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
 class CSeq:
-    number: int
-    method: str
+    """A CSeq value; immutable (a plain class, not a frozen dataclass: that one is built
+    through ``object.__setattr__``, several times slower than native attributes)."""
+
+    __slots__ = ("_method", "_number")
+
+    def __init__(self, number: int, method: str) -> None:
+        self._number = number
+        self._method = method
+
+    @property
+    def number(self) -> int:
+        return self._number
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, CSeq) and self._number == other._number
+                and self._method == other._method)
+
+    def __hash__(self) -> int:
+        return hash((self._number, self._method))
+
+    def __repr__(self) -> str:
+        return f"CSeq(number={self._number!r}, method={self._method!r})"
 
     def __str__(self) -> str:
-        return f"{self.number} {self.method}"
+        return f"{self._number} {self._method}"
 
 
-_CSEQ_FAST = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
+_CSEQ_FAST: Final = re.compile(r"([0-9]{1,10}) ([A-Z]+)\Z")
 
 
 def _parse_cseq(value: str) -> CSeq:
     m = _CSEQ_FAST.match(value)
     if m is not None:
-        number = int(m.group(1))
+        number_text, method = cast(tuple[str, str], m.groups())
+        number = int(number_text)
         if number <= MAX_UINT32:
-            return CSeq(number, m.group(2))
+            return CSeq(number, method)
     parts = value.split()
     if len(parts) != 2 or not parts[0].isdigit() or not parts[0].isascii():
         raise ParseError("malformed CSeq")
@@ -351,7 +424,7 @@ def _parse_cseq(value: str) -> CSeq:
     return CSeq(number, parts[1])
 
 
-_METHOD = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_METHOD: Final = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
 
 
 def _is_method(text: str) -> bool:
@@ -368,9 +441,9 @@ class KeepAlive(enum.Enum):
     PONG = b"\r\n"
 
 
-_TRANSACTION_KEYS = frozenset(("via", "from", "to", "call-id", "cseq"))
-_SINGLE = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
-_REQUIRED = ("call-id", "cseq", "from", "to")
+_TRANSACTION_KEYS: Final = frozenset(("via", "from", "to", "call-id", "cseq"))
+_SINGLE: Final = frozenset(("call-id", "cseq", "from", "to", "max-forwards", "content-length"))
+_REQUIRED: Final = ("call-id", "cseq", "from", "to")
 
 
 class Message:
@@ -517,8 +590,13 @@ class Message:
         return n
 
     @max_forwards.setter
-    def max_forwards(self, value: int) -> None:
-        self.headers.set("Max-Forwards", str(value))
+    def max_forwards(self, value: int | None) -> None:
+        # typed as the getter: compiled code (mypyc) passes the value boxed as the getter's
+        # type, which a setter taking ``int`` would misread as a native int
+        if value is None:
+            self.headers.remove("max-forwards")
+        else:
+            self.headers.set("Max-Forwards", str(value))
 
     @property
     def content_length(self) -> int | None:
@@ -569,12 +647,18 @@ class Message:
         """The headers for a copy, with the views a forwarded copy reads again at once copied
         over (not shared: the copy is changed on its own) rather than parsed anew."""
         headers = self.headers.copy()
+        self._copy_views(headers)
+        return headers
+
+    def _copy_views(self, headers: Headers) -> None:
+        """Give ``headers`` (a copy of this message's Via, CSeq, From and To fields) copies of
+        the parsed views of those fields."""
         cache = self.headers._cache
         if cache:
             views = headers._cache
             cseq = cache.get("cseq")
             if cseq is not None:
-                views["cseq"] = cseq  # frozen
+                views["cseq"] = cseq  # immutable
             vias = cache.get("via")
             if vias is not None:
                 views["via"] = [via.copy() for via in cast(list[Via], vias)]
@@ -582,7 +666,6 @@ class Message:
                 name_addr = cache.get(key)
                 if name_addr is not None:
                     views[key] = cast(NameAddr, name_addr).copy()
-        return headers
 
     def _copy_into(self, new: Message) -> None:
         """What a copy takes over besides its start line, headers and body."""
@@ -740,7 +823,9 @@ class Request(Message):
             for f in self.headers.fields
             if f.key in _TRANSACTION_KEYS
         ]
-        response = Response(status, reason, Headers(fields))
+        headers = Headers(fields)
+        self._copy_views(headers)  # the transport reads the top Via to send the response
+        response = Response(status, reason, headers)
         response.headers.add("Content-Length", "0")
         return response
 
@@ -817,7 +902,7 @@ class Response(Message):
 # --------------------------------------------------------------------------------------------
 # Parsing
 # --------------------------------------------------------------------------------------------
-_VERSION = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.I)
+_VERSION: Final = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.I)
 
 
 def _check_version(text: str, is_response: bool) -> None:
@@ -853,23 +938,25 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
             raise ParseError("no empty line after the headers", is_response=is_response)
     else:
         body_start = end + 4
-    head = data[:end].decode("utf-8", "surrogateescape")
+    raw_head = data[:end]
+    head = raw_head.decode("utf-8", "surrogateescape")
     lines = head.split(eol)
     breaks = len(lines) - 1
-    if head.count("\n") != breaks or head.count("\r") != (breaks if eol == "\r\n" else 0):
-        # a lone CR or LF would end a line for some peers and not for others (also a CR in a
-        # header section whose lines end with LF alone)
-        raise ParseError("bare CR or LF in the header section", is_response=is_response)
-    if _CONTROL.search(head) is not None and not all(map(_controls_quoted, lines)):
-        raise ParseError("control character in the header section", is_response=is_response)
+    # The usual case in one step: the line ends are all the CRs and LFs there are (each LF, or
+    # each CR and each LF, once per break: the split found that many) and no control character.
+    if len(raw_head.translate(None, _CONTROL_CR_LF)) != len(raw_head) - len(eol) * breaks:
+        if head.count("\n") != breaks or head.count("\r") != (breaks if eol == "\r\n" else 0):
+            # a lone CR or LF would end a line for some peers and not for others (also a CR in
+            # a header section whose lines end with LF alone)
+            raise ParseError("bare CR or LF in the header section", is_response=is_response)
+        if not all(map(_controls_quoted, lines)):
+            raise ParseError("control character in the header section", is_response=is_response)
     if len(lines) > limits.max_headers + 1:
         raise ParseError("too many header lines", 513, is_response=is_response)
-    if max(map(len, lines)) > limits.max_line:
+    if len(head) > limits.max_line and max(map(len, lines)) > limits.max_line:
         raise ParseError("header line too long", 513, is_response=is_response)
     try:
-        msg = _parse_start_line(lines[0], is_response)
-        headers = parse_header_lines(lines[1:], eol)
-        msg.headers = headers
+        msg = _parse_head(lines, eol, is_response)
         msg._eol = eol
         single = msg.validate()
         cl_text = single.get("content-length")
@@ -902,7 +989,10 @@ def parse_message(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Request | Res
 
 #: RFC 3261 25.1: no control character but HTAB (and the CRLFs that end lines) in the header
 #: section, except as the escaped character of a quoted-pair (RFC 4475 3.1.1.2's quoted NUL)
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: the same characters and CR and LF as bytes, for ``bytes.translate``: deleting them from a
+#: header section and comparing lengths is ~3x faster than a regex search of the decoded text
+_CONTROL_CR_LF: Final = bytes((*range(0x09), *range(0x0A, 0x20), 0x7F))
 
 
 def _controls_quoted(line: str) -> bool:
@@ -922,7 +1012,10 @@ def _controls_quoted(line: str) -> bool:
     return True
 
 
-def _parse_start_line(line: str, is_response: bool) -> Request | Response:
+def _parse_head(lines: list[str], eol: str, is_response: bool) -> Request | Response:
+    """The message of the start line ``lines[0]``, with the header fields of the lines after it
+    (parsed once the start line is found good, so its errors come first)."""
+    line = lines[0]
     if is_response:
         parts = line.split(" ", 2)
         if len(parts) < 3:
@@ -934,7 +1027,7 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
         _check_version(version, True)
         if len(code) != 3 or not code.isdigit() or not code.isascii() or code[0] not in "123456":
             raise ParseError("bad status code", is_response=True)
-        resp = Response(int(code), reason, version=version)
+        resp = Response(int(code), reason, parse_header_lines(lines[1:], eol), version=version)
         resp._start = line
         return resp
     parts = line.split(" ")
@@ -948,9 +1041,9 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
     _check_version(version, False)
     if not uri:
         raise ParseError("empty Request-URI")
-    req = Request(method, uri, version=version)
     if uri.startswith("<"):
         raise ParseError("Request-URI in angle brackets")
+    req = Request(method, uri, parse_header_lines(lines[1:], eol), version=version)
     req._start = line
     return req
 
@@ -959,7 +1052,7 @@ def _parse_start_line(line: str, is_response: bool) -> Request | Response:
 # Stream framing
 # --------------------------------------------------------------------------------------------
 # the value may be folded onto continuation lines (RFC 3261 7.3.1)
-_CL_LINE = re.compile(
+_CL_LINE: Final = re.compile(
     rb"\r\n(?:content-length|l)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)", re.I
 )
 

@@ -15,6 +15,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from sipproxy.config import ConfigError, parse_config
+from sipproxy.context import Branch, RequestContext
 from sipproxy.credentials import (
     CredentialsFileError,
     FileCredentialStore,
@@ -23,6 +24,7 @@ from sipproxy.credentials import (
 from sipproxy.digest import authorization, ha1, parse_credentials
 from sipproxy.interfaces import AUTHENTICATED_USER, ICredentialStore
 from sipproxy.message import Request, Response, Source
+from sipproxy.pipeline import Plugin
 from sipproxy.plugins import auth as auth_module
 from sipproxy.plugins.auth import AuthPlugin
 from sipproxy.testing import ProxyHarness, answer
@@ -248,14 +250,14 @@ def test_invite_context_carries_the_user(net: Net) -> None:
     value = credentials(r, "bob", "builder", "INVITE", "sip:+15551234@x.example", "MD5",
                         header="Proxy-Authenticate")
     seen: list[Any] = []
-    original = net.proxy.pipeline.run
 
-    def spy(hook: str, *args: Any) -> Any:
-        if hook == "request_forwarding":
-            seen.append(args[0].data.get(AUTHENTICATED_USER))
-        return original(hook, *args)
+    class Spy(Plugin):
+        """After the auth plugin: what the request_forwarding hooks are given."""
 
-    net.proxy.pipeline.run = spy  # type: ignore[method-assign]
+        def request_forwarding(self, ctx: RequestContext, branch: Branch) -> None:
+            seen.append(ctx.data.get(AUTHENTICATED_USER))
+
+    net.proxy.set_plugins([*net.proxy.pipeline.plugins, Spy()])
     invite(net, f"Proxy-Authorization: {value}", from_user="bob", cseq=2)
     assert seen == ["bob"]
 

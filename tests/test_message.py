@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 
 from sipproxy.errors import ParseError
@@ -207,6 +210,31 @@ def test_new_branch_and_tag() -> None:
     b1, b2 = new_branch(), new_branch()
     assert b1.startswith(MAGIC_COOKIE) and b1 != b2 and len(b1) > len(MAGIC_COOKIE) + 8
     assert new_tag() != new_tag()
+
+
+def test_tags_and_branches_stay_random_and_unique_across_refills() -> None:
+    # several times the 4 KiB the random bytes are drawn in at once
+    tags = [new_tag() for _ in range(3000)]
+    branches = [new_branch() for _ in range(3000)]
+    assert len(set(tags)) == len(tags) and len(set(branches)) == len(branches)
+    assert all(len(t) == 12 and int(t, 16) >= 0 for t in tags)  # 48 bits, RFC 3261 19.3
+    assert all(len(b) == len(MAGIC_COOKIE) + 16 for b in branches)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_draws_other_branches_than_its_parent() -> None:
+    new_branch()  # the parent holds unused random bytes when it forks
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write_end, " ".join(new_branch() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as f:
+        child = f.read().decode().split()
+    parent = [new_branch() for _ in range(4)]
+    assert len(child) == 4 and not set(child) & set(parent)
 
 
 # -- push / pop / update Via -----------------------------------------------------------------
@@ -659,6 +687,16 @@ def test_make_response_to_tag_left_to_caller() -> None:
     assert parse_message(resp.to_bytes()).to.tag == "srv1"
 
 
+def test_a_response_changes_its_views_without_changing_the_request() -> None:
+    msg = invite()
+    resp = msg.make_response(200)
+    resp.to.tag = "srv1"
+    resp.vias[0].set_param("received", "192.0.2.99")
+    assert msg.to.tag is None and msg.vias[0].received is None
+    assert resp.to.tag == "srv1" and resp.vias[0].received == "192.0.2.99"
+    assert [str(v) for v in resp.vias[1:]] == [str(v) for v in msg.vias[1:]]
+
+
 def test_make_response_keeps_compact_names_and_raw_lines() -> None:
     data = raw("OPTIONS sip:a@b SIP/2.0", "v: SIP/2.0/UDP h ;branch=z9hG4bK1", "t: <sip:a@b>",
                "f: <sip:c@d>;tag=1", "i: x", "CSeq: 1 OPTIONS")
@@ -850,6 +888,17 @@ def test_compact_keeps_the_bytes():
     assert msg.to_bytes() == data  # odd spacing and folding kept
     assert msg.headers.get("x-folded") == "a b" and msg.to.tag == "2"  # read back on demand
     assert msg.to_bytes() == data
+
+
+def test_a_compacted_message_leaves_the_collector_nothing_to_scan_in_its_headers():
+    # transactions keep their messages compacted for up to 32 s: what the headers then hold
+    # is plain text and an empty dict, which CPython's collector does not track
+    msg = invite()
+    assert msg.vias and msg.from_.tag  # typed views parsed and cached
+    msg.compact()
+    held = [o for o in gc.get_referents(msg.headers) if not isinstance(o, type)]
+    assert held and not any(gc.is_tracked(o) for o in held)
+    assert msg.vias[0].branch == "z9hG4bK776asdhds"  # still read back on demand
 
 
 @pytest.mark.parametrize("bad", [b"To: \r<sip:b@example.com>", b"To: <sip:b@example.com>\nX: 1"])

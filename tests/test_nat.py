@@ -517,8 +517,9 @@ def test_a_wildcard_outside_listener_advertises_the_real_address(
     text = FIREWALL.replace(f'address = "{OUTSIDE}"\nport = 5060',
                             'address = "0.0.0.0"\nport = 5070')
     net = make_net(text)
-    # what the kernel would pick toward the outside (the real one sends no packet either)
-    monkeypatch.setattr(net.proxy.addresses, "local_address_for", lambda remote: OUTSIDE)
+    # what the kernel would pick toward the outside (the real one sends no packet either), as
+    # the proxy's addresses read it (the transports' side rules read ``looked_up``)
+    monkeypatch.setattr(net.proxy.addresses.sources, "source_for", lambda remote: OUTSIDE)
     provider = Source("UDP", PROVIDER_IP, 5060, "0.0.0.0", 5070, "outside")
     net.send(phone_request(
         "REGISTER", "sip:provider.example", "z9hG4bKreg1", call_id="reg-1",

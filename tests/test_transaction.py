@@ -202,7 +202,7 @@ def reparse(message: Request | Response) -> Request | Response:
 
 
 def udp_target(transport: str = "UDP") -> Target:
-    return Target(transport, "198.51.100.7", 5060, None)
+    return Target(transport, "198.51.100.7", 5060, "198.51.100.7")
 
 
 def test_doubles_provide_the_interfaces(h: Harness) -> None:

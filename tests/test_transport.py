@@ -316,31 +316,31 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         )
 
     def test_side_and_transport(self) -> None:
-        inside_tcp = self.manager.choose_listener(Target("TCP", "10.0.0.9", 5060, None))
+        inside_tcp = self.manager.choose_listener(Target("TCP", "10.0.0.9", 5060, "10.0.0.9"))
         assert inside_tcp is not None
         self.assertEqual((inside_tcp.side, inside_tcp.transport), ("inside", "TCP"))
-        out = self.manager.choose_listener(Target("UDP", "198.51.100.1", 5060, None))
+        out = self.manager.choose_listener(Target("UDP", "198.51.100.1", 5060, "198.51.100.1"))
         assert out is not None
         self.assertEqual((out.side, out.via_host, out.port), ("outside", "203.0.113.5", 5060))
         forced = self.manager.choose_listener(
-            Target("UDP", "198.51.100.1", 5060, None), side="inside"
+            Target("UDP", "198.51.100.1", 5060, "198.51.100.1"), side="inside"
         )
         assert forced is not None
         self.assertEqual(forced.side, "inside")
         # no TLS listener: outgoing TLS leaves from (and names) a TCP, else UDP, socket of the
         # side facing the target
-        tls = self.manager.choose_listener(Target("TLS", "198.51.100.1", 5061, None))
+        tls = self.manager.choose_listener(Target("TLS", "198.51.100.1", 5061, "198.51.100.1"))
         assert tls is not None
         self.assertEqual((tls.side, tls.transport), ("outside", "UDP"))
-        tls_in = self.manager.choose_listener(Target("TLS", "10.0.0.9", 5061, None))
+        tls_in = self.manager.choose_listener(Target("TLS", "10.0.0.9", 5061, "10.0.0.9"))
         assert tls_in is not None
         self.assertEqual((tls_in.side, tls_in.transport), ("inside", "TCP"))
 
     def test_large_udp_requests_go_over_tcp(self) -> None:
-        target = Target("UDP", "198.51.100.1", 5060, None)
+        target = Target("UDP", "198.51.100.1", 5060, "198.51.100.1")
         self.assertEqual(self.manager.transport_for(1300, target), "UDP")
         self.assertEqual(self.manager.transport_for(1301, target), "TCP")
-        self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, None)), "TCP")
+        self.assertEqual(self.manager.transport_for(5000, Target("TCP", "h", 1, "h")), "TCP")
 
     def test_a_size_switched_connection_gives_up_after_two_seconds(self) -> None:
         """A phone behind its own NAT drops the SYN: its call must not wait the full connect
@@ -351,7 +351,7 @@ class ChooseListenerTests(unittest.SynchronousTestCase):
         manager.running = True  # no sockets: the memory reactor records the connection attempt
         request = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-s",
                                               body=b"x" * 1400))
-        manager.send_request(request, Target("UDP", "198.51.100.1", 5060, None))
+        manager.send_request(request, Target("UDP", "198.51.100.1", 5060, "198.51.100.1"))
         [(host, port, _, timeout, _)] = reactor.tcpClients
         self.assertEqual((host, port, timeout),
                          ("198.51.100.1", 5060, SIZE_SWITCH_CONNECT_TIMEOUT))
@@ -687,7 +687,7 @@ class UDPSocketTests(SocketTestCase):
         req = parse_request(
             request_bytes(via=f"SIP/2.0/UDP {listener.via_host}:{listener.port};branch=z9hG4bK-s")
         )
-        yield manager.send_request(req, Target("UDP", LOCAL, client_port, None))
+        yield manager.send_request(req, Target("UDP", LOCAL, client_port, LOCAL))
         data, addr = yield client.received.get()
         self.assertEqual((data, addr), (req.to_bytes(), (LOCAL, listener.port)))
 
@@ -703,10 +703,11 @@ class UDPSocketTests(SocketTestCase):
             request_bytes(via=f"SIP/2.0/UDP {listener.via_host}:{listener.port};branch=z9hG4bK-s")
         )
         self.assertIsNone(manager.sender.send_request(req, Target("UDP", LOCAL, client_port,
-                                                                  None)))
+                                                                  LOCAL)))
         data, _ = yield client.received.get()
         self.assertEqual(data, req.to_bytes())
-        named = manager.sender.send_request(req, Target("UDP", "localhost", client_port, None))
+        named = manager.sender.send_request(req, Target("UDP", "localhost", client_port,
+                                                        "localhost"))
         self.assertIsInstance(named, defer.Deferred)
         yield named
         data, _ = yield client.received.get()
@@ -757,7 +758,7 @@ class TCPSocketTests(SocketTestCase):
         b, b_inbox = self.start_manager(listen("inside", "tcp"))
         b_port = b.listeners[0].port
         a_tcp = a.listeners[1]
-        target = Target("TCP", LOCAL, b_port, None)
+        target = Target("TCP", LOCAL, b_port, LOCAL)
         first = parse_request(
             request_bytes(via=f"SIP/2.0/TCP {LOCAL}:{a_tcp.port};branch=z9hG4bK-t1", call_id="t1")
         )
@@ -785,7 +786,8 @@ class TCPSocketTests(SocketTestCase):
 
         # And a request from b to a's peer address reuses the connection b accepted.
         back = parse_request(request_bytes(via=f"SIP/2.0/TCP {LOCAL}:{b_port};branch=z9hG4bK-b"))
-        yield b.send_request(back, Target("TCP", got1.source.host, got1.source.port, None))
+        peer = got1.source.host
+        yield b.send_request(back, Target("TCP", peer, got1.source.port, peer))
         got_back = yield a_inbox.get()
         self.assertEqual(got_back.source.port, b_port)
         self.assertEqual((len(a._streams), len(b._streams)), (1, 1))
@@ -796,7 +798,7 @@ class TCPSocketTests(SocketTestCase):
         b, b_inbox = self.start_manager(listen("inside", "udp"), listen("inside", "tcp"))
         b_tcp = b.listeners[1]
         # The same port number for UDP and TCP is what 18.1.1 assumes; test it with b's TCP port.
-        target = Target("UDP", LOCAL, b_tcp.port, None)
+        target = Target("UDP", LOCAL, b_tcp.port, LOCAL)
         body = b"x" * 1400
         transport = a.transport_for(len(request_bytes(body=body)), target)
         self.assertEqual(transport, "TCP")
@@ -816,7 +818,7 @@ class TCPSocketTests(SocketTestCase):
         request goes over UDP after all, its Via saying UDP, and the next one goes there at once."""
         a, _ = self.start_manager(listen("outside", "udp"), listen("outside", "tcp"))
         b, b_inbox = self.start_manager(listen("inside", "udp"))
-        target = Target("UDP", LOCAL, b.listeners[0].port, None)
+        target = Target("UDP", LOCAL, b.listeners[0].port, LOCAL)
         body = b"x" * 1400
         for n in (1, 2):
             size = len(request_bytes(body=body))
@@ -840,7 +842,7 @@ class TCPSocketTests(SocketTestCase):
         dead = probe.getHost().port
         yield probe.stopListening()
         req = parse_request(request_bytes(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-f"))
-        d = a.send_request(req, Target("TCP", LOCAL, dead, None))
+        d = a.send_request(req, Target("TCP", LOCAL, dead, LOCAL))
         yield self.assertFailure(d, error.ConnectError)
         self.assertEqual(a.pool.opening, 0)
 

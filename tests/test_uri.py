@@ -415,3 +415,28 @@ def test_name_addr_builds_its_uri_when_first_read():
     assert str(twin) == text and twin.uri.user == "bob"  # the copy kept its own parts
     with pytest.raises(ParseError):
         parse_name_addr("<sip:bob@example.com:65536>;tag=1")
+
+
+def test_the_same_text_parsed_again_gives_a_name_addr_of_its_own():
+    # parsed texts are remembered (every message of a call has the same From): what a caller
+    # changes in one parsed name-addr must not show in the next one parsed from that text
+    text = '"Al" <sip:al@example.com;transport=udp>;tag=7;x'
+    first = parse_name_addr(text)
+    first.tag = "8"
+    first.params.set("x", "1")
+    first.uri.host = "other.example.com"
+    again = parse_name_addr(text)
+    assert again is not first and str(again) == text
+    assert again.tag == "7" and again.get_param("x") is None
+    assert again.uri.host == "example.com" and again.display == '"Al"'
+    assert str(first) == '"Al" <sip:al@other.example.com;transport=udp>;tag=8;x=1'
+
+
+def test_the_same_uri_text_parsed_again_gives_a_uri_of_its_own():
+    text = "sip:bob@example.com:5070;transport=udp"
+    first = parse_uri(text)
+    first.set_param("transport", "tcp")
+    first.host = "other.example.com"
+    again = parse_uri(text)
+    assert again is not first and str(again) == text
+    assert again.transport == "UDP" and again.host == "example.com" and again.port == 5070

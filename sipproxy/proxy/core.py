@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from sipproxy.context import RequestContext
 from sipproxy.dialogs import DialogTracker
@@ -56,7 +56,6 @@ SUPPORTED_PROXY_REQUIRE: frozenset[str] = frozenset()
 LIMIT_RETRY_AFTER = 5
 
 
-@implementer(ITransactionUser, IProxyCore)
 class Proxy:
     """The transaction user: every new request, 2xx ACK and stray response comes here.
 
@@ -89,7 +88,9 @@ class Proxy:
         t = config.timers
         # the manager's send path without a Deferred per datagram (test doubles have none)
         sender = getattr(transports, "sender", transports)
-        self.transactions = TransactionLayer(reactor, sender, self, t.t1, t.t2, t.t4)
+        # the cast: mypy-zope learns of classImplements below only after this class
+        self.transactions = TransactionLayer(reactor, sender, cast(ITransactionUser, self),
+                                             t.t1, t.t2, t.t4)
         self.dialog_glue = DialogGlue(self)
         self.dialogs = DialogTracker(reactor, self.dialog_glue.dialog_ended)
         self.domains = frozenset(d.lower() for d in config.proxy.domains)
@@ -405,3 +406,7 @@ class Proxy:
                 branch.timer_c = None
         self.transactions.stop()
         self._contexts.clear()
+
+
+# not @implementer: a class decorator would make the compiled class a plain Python one (mypyc)
+classImplements(Proxy, ITransactionUser, IProxyCore)

@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, NamedTuple
 from sipproxy.dialogs import Address, Dialog, uri_address
 from sipproxy.errors import ParseError
 from sipproxy.flows import flow_of
+
+# at run time: _Heard names Source, a compiled class that must be loaded before this module
+from sipproxy.message import Message, Response, Source
 from sipproxy.uri import parse_name_addr
 
 if TYPE_CHECKING:
     from sipproxy.context import Branch, RequestContext, Target
-    from sipproxy.message import Message, Response, Source
     from sipproxy.proxy.core import Proxy
 
 __all__ = ["DialogGlue"]
