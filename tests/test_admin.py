@@ -509,3 +509,18 @@ class _HoldAnswers(Plugin):
 
     def response_received(self, ctx: Any, branch: Any, response: Any) -> Any:
         return self.held if 200 <= response.status < 300 and not self.held.called else None
+
+
+def test_a_listener_on_every_address_shows_no_fixed_advertised_address() -> None:
+    # It names the local address of the route toward each peer, so "0.0.0.0" would be wrong;
+    # an ``advertise`` given, or a listener on one address, is named as configured.
+    harness = ProxyHarness.build(
+        '[proxy]\ndomains = ["example.com"]\n'
+        '[[listen]]\nside = "inside"\ntransport = "udp"\naddress = "0.0.0.0"\nport = 5060\n'
+        '[[listen]]\nside = "inside"\ntransport = "tcp"\naddress = "0.0.0.0"\nport = 5060\n'
+        'advertise = "192.0.2.7"\n'
+        '[[listen]]\nside = "outside"\ntransport = "udp"\naddress = "192.0.2.8"\nport = 5070\n')
+    listeners = StatusModel(harness.proxy).status(["listeners"])["listeners"]
+    assert [(lst["transport"], lst["address"], lst["advertised"]) for lst in listeners] == [
+        ("udp", "0.0.0.0", None), ("tcp", "0.0.0.0", "192.0.2.7"),
+        ("udp", "192.0.2.8", "192.0.2.8")]

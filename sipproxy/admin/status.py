@@ -65,7 +65,11 @@ The contract of the JSON API (``sipproxy.admin.api``), each endpoint a ``GET`` r
         "time_left": 287.4,                   # seconds until the ban ends
     }
     Listener = {"transport": "udp", "address": "0.0.0.0", "port": 5060,
-                "side": "inside", "advertised": "192.168.1.1"}
+                "side": "inside",
+                "advertised": "192.168.1.1"}      # named in Via and Record-Route; null: chosen
+                                              # per message (a listener on every address
+                                              # without ``advertise``: the local address of
+                                              # the route toward each peer)
     Plugin = {
         "name": "nat",
         "status": {...} | null,               # the plugin's own section (IStatusProvider)
@@ -94,6 +98,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from sipproxy.addressing import WILDCARD_ADDRESSES
 from sipproxy.interfaces import IStatusProvider
 from sipproxy.uri import format_host
 
@@ -255,7 +260,7 @@ class StatusModel:
             "address": lst.address,
             "port": lst.port,
             "side": lst.side,
-            "advertised": lst.via_host,
+            "advertised": None if lst.via_host in WILDCARD_ADDRESSES else lst.via_host,
         } for lst in self.proxy.listeners]
 
     def plugins(self, snapshot: _Snapshot) -> list[dict[str, Any]]:

@@ -99,6 +99,10 @@ def test_no_config_phones_register_and_call_each_other(
         ("sip:alice@localhost", f"sip:alice@{PHONE_IP}:{SIP}", PHONE_IP, "udp"),
         ("sip:bob@localhost", f"sip:bob@{PROVIDER_IP}:{SIP}", PROVIDER_IP, "udp"),
     }, registrations
+    # the status page does not pretend "0.0.0.0" is what the far side sees
+    listeners = json.loads(_admin_get(net, "/api/listeners"))["listeners"]
+    assert listeners and all(lst["address"] in ("0.0.0.0", "::") and lst["advertised"] is None
+                             for lst in listeners), listeners
     invites = [s for family in text_string_to_metric_families(_admin_get(net, "/metrics"))
                for s in family.samples
                if s.name == "sipproxy_sip_requests_received_total"

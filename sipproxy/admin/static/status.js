@@ -105,7 +105,7 @@
     bans: (b) => [b.source, b.reason, duration(b.time_left)],
     listeners: (l) => [
       (l.transport || "").toUpperCase(), hostPort(l.address, l.port), l.side || "\u2014",
-      l.advertised || "\u2014",
+      l.advertised || "the route\u2019s address toward each peer",
     ],
   };
 
