@@ -864,3 +864,13 @@ class TCPSocketTests(SocketTestCase):
         self.assertTrue(answer.startswith(b"SIP/2.0 400 "), answer)
         self.assertIn(b"Call-ID: bad", answer)
         yield client.lost  # the server closes right after answering
+
+
+def test_a_listener_logs_the_address_it_advertises_only_when_it_has_one() -> None:
+    # on every address without ``advertise`` it names the route's address toward each peer
+    assert repr(Listener(listen("inside", "udp", "0.0.0.0", 5060))) == \
+        "<Listener inside UDP 0.0.0.0:5060>"
+    assert repr(Listener(listen("outside", "udp", "0.0.0.0", 5060, "203.0.113.5"))) == \
+        "<Listener outside UDP 0.0.0.0:5060 via 203.0.113.5>"
+    assert repr(Listener(listen("inside", "tcp", "192.0.2.1", 5060))) == \
+        "<Listener inside TCP 192.0.2.1:5060 via 192.0.2.1>"

@@ -318,7 +318,9 @@ class Listener:
         return None if self.address in WILDCARD_ADDRESSES else self.address
 
     def __repr__(self) -> str:
-        where = f"{self.address}:{self.port} via {self.via_host}"
+        where = f"{self.address}:{self.port}"
+        if self.via_host not in WILDCARD_ADDRESSES:  # else: the route's address toward each peer
+            where += f" via {self.via_host}"
         return f"<Listener {self.side} {self.transport} {where}>"
 
 
