@@ -502,6 +502,10 @@ _NA_CHECK: Final = re.compile(
 
 #: how many texts each of the memos below holds at most (a full one starts again empty)
 _MEMO_SIZE: Final = 4096
+#: the longest text the memos keep: longer ones (no phone's From, To or Contact is) are parsed
+#: each time, so a peer sending long distinct values cannot pin _MEMO_SIZE x 8 KiB lines per
+#: memo (~140 MiB over the three before this bound)
+_MEMO_TEXT_MAX: Final = 256
 #: name-addr texts that passed :data:`_NA_CHECK`: a phone sends the same Contact in every
 #: message, so most checks are a set lookup
 _NA_CHECKED: Final[set[str]] = set()
@@ -514,9 +518,10 @@ def check_name_addr(text: str, *, allow_star: bool = False) -> None:
     if _NA_CHECK.match(text) is None:
         parse_name_addr(text, allow_star=allow_star)
         return
-    if len(_NA_CHECKED) >= _MEMO_SIZE:
-        _NA_CHECKED.clear()
-    _NA_CHECKED.add(text)
+    if len(text) <= _MEMO_TEXT_MAX:
+        if len(_NA_CHECKED) >= _MEMO_SIZE:
+            _NA_CHECKED.clear()
+        _NA_CHECKED.add(text)
 
 
 def parse_uri(text: str, *, allow_headers: bool = True) -> URI:
@@ -608,9 +613,10 @@ def _uri_parts(text: str, groups: _UriGroups) -> _UriBuilt | None:
     if port is not None and port > 65535:
         return None
     parts = (scheme, user, host, port, _split_params(ptext))
-    if len(_URI_SEEN) >= _MEMO_SIZE:
-        _URI_SEEN.clear()
-    _URI_SEEN[text] = parts
+    if len(text) <= _MEMO_TEXT_MAX:
+        if len(_URI_SEEN) >= _MEMO_SIZE:
+            _URI_SEEN.clear()
+        _URI_SEEN[text] = parts
     return parts
 
 
@@ -852,9 +858,10 @@ def _name_addr_parts(text: str) -> _NameAddrParts | None:
         return None
     parts = (display.rstrip() if display else None, _split_params(ptext),
              (uri_text, scheme, user, host, port_text, uparams))
-    if len(_NA_SEEN) >= _MEMO_SIZE:
-        _NA_SEEN.clear()
-    _NA_SEEN[text] = parts
+    if len(text) <= _MEMO_TEXT_MAX:
+        if len(_NA_SEEN) >= _MEMO_SIZE:
+            _NA_SEEN.clear()
+        _NA_SEEN[text] = parts
     return parts
 
 

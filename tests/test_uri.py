@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from sipproxy.errors import ParseError
@@ -440,3 +442,21 @@ def test_the_same_uri_text_parsed_again_gives_a_uri_of_its_own():
     again = parse_uri(text)
     assert again is not first and str(again) == text
     assert again.transport == "UDP" and again.host == "example.com" and again.port == 5070
+
+
+def test_long_distinct_values_from_a_peer_do_not_pile_up_in_memory() -> None:
+    # what is parsed is remembered for the next message of the call, but only short texts:
+    # 2,000 distinct 7 KB From and Request-URI values must not stay behind (they took ~70 MiB)
+    pad = "a" * 7000
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(2000):
+            text = f"<sip:u{i}{pad}@example.com>;tag=x{i}"
+            check_name_addr(text)
+            assert parse_name_addr(text).tag == f"x{i}"
+            assert parse_uri(f"sip:v{i}{pad}@example.com").user == f"v{i}{pad}"
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 2 * 2**20, f"{(after - before) / 2**20:.1f} MiB kept"
